@@ -1,0 +1,194 @@
+"""The wire envelope and the framing of byte streams.
+
+Every frame is one MessagePack array whose first element is an integer tag
+naming its kind (a msgspec tagged union of ``array_like`` Structs); see
+``docs/protocol.md`` for the byte-level description.  A user's payload is
+encoded once by msgspec at the publisher and carried as an opaque MessagePack
+``bin`` so that routing never decodes it.
+
+Stream transports (pipes, FIFOs) prefix each frame with its length as a
+4-byte big-endian unsigned integer; :class:`FrameReader` undoes that, however
+the bytes were cut by ``read()``, and refuses a length above the maximum
+before allocating anything.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final, TypeAlias
+
+import msgspec
+
+from .errors import FrameTooLarge, ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "HEADER",
+    "PROTOCOL_VERSION",
+    "Error",
+    "Frame",
+    "FrameReader",
+    "Hello",
+    "Msg",
+    "Ping",
+    "Pong",
+    "Sub",
+    "Unsub",
+    "decode_frame",
+    "encode_frame",
+    "pack",
+]
+
+PROTOCOL_VERSION: Final = 1
+"""Version carried in :class:`Hello`; a peer announcing another one is refused."""
+
+DEFAULT_MAX_FRAME: Final = 64 * 1024 * 1024
+"""Default maximum size of one encoded frame, in bytes (64 MiB)."""
+
+HEADER: Final = struct.Struct(">I")
+"""The length prefix used by stream transports: 4-byte big-endian unsigned."""
+
+
+class Hello(msgspec.Struct, tag=1, array_like=True, frozen=True):
+    """First frame on every link, in both directions."""
+
+    version: int
+    node_id: str
+    pid: int
+    uid: int
+    name: str = ""
+    max_frame: int = DEFAULT_MAX_FRAME
+
+
+class Sub(msgspec.Struct, tag=2, array_like=True, frozen=True):
+    """The sender's side now wants messages matching ``subject`` (in queue group ``queue``)."""
+
+    subject: str
+    queue: str | None = None
+
+
+class Unsub(msgspec.Struct, tag=3, array_like=True, frozen=True):
+    """The sender's side no longer wants ``subject`` (in queue group ``queue``)."""
+
+    subject: str
+    queue: str | None = None
+
+
+class Msg(msgspec.Struct, tag=4, array_like=True, frozen=True, omit_defaults=True):
+    """A published message.
+
+    ``groups`` lists the queue groups the receiving node must deliver this
+    message to (one member each); the sender already chose this link for them.
+    """
+
+    subject: str
+    reply: str | None = None
+    headers: dict[str, str] | None = None
+    payload: bytes = b""
+    groups: tuple[str, ...] = ()
+
+
+class Ping(msgspec.Struct, tag=5, array_like=True, frozen=True):
+    """Liveness and flush probe; the peer answers :class:`Pong` with the same token."""
+
+    token: int
+
+
+class Pong(msgspec.Struct, tag=6, array_like=True, frozen=True):
+    """Answer to :class:`Ping`."""
+
+    token: int
+
+
+class Error(msgspec.Struct, tag=7, array_like=True, frozen=True, omit_defaults=True):
+    """An out-of-band notice: protocol errors before closing, slow-consumer drops, shutdown."""
+
+    code: str
+    message: str = ""
+    subjects: tuple[str, ...] = ()
+    count: int = 0
+
+
+Frame: TypeAlias = Hello | Sub | Unsub | Msg | Ping | Pong | Error
+
+_encoder: Final = msgspec.msgpack.Encoder()
+_decoder: Final = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """Encode one frame (without a length prefix)."""
+    return _encoder.encode(frame)
+
+
+def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
+    """Decode one frame, raising :class:`ProtocolError` on anything malformed."""
+    try:
+        return _decoder.decode(data)  # type: ignore[no-any-return]
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed frame ({len(data)} bytes): {exc}") from None
+
+
+def pack(frame: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Length-prefix one encoded frame for a stream, checking the maximum first."""
+    n = len(frame)
+    if n > max_frame:
+        raise FrameTooLarge(n, max_frame)
+    if n == 0:
+        raise ProtocolError("refusing to send an empty frame")
+    return HEADER.pack(n) + frame
+
+
+class FrameReader:
+    """Reassembles length-prefixed frames from arbitrary chunks of a byte stream.
+
+    ``feed()`` accepts whatever one ``read()`` returned and gives back every
+    frame now complete, in order.  A length above ``max_frame`` (or zero)
+    raises :class:`FrameTooLarge` / :class:`ProtocolError` before any buffer
+    for it is allocated.  After an error the reader is poisoned: the stream
+    can no longer be trusted and its link must close.
+    """
+
+    __slots__ = ("_buf", "_poisoned", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._poisoned: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame (a partial frame)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Consume one chunk; return the frames it completed."""
+        if self._poisoned is not None:
+            raise self._poisoned
+        buf = self._buf
+        buf += data
+        out: list[bytes] = []
+        pos = 0
+        end = len(buf)
+        hsize = HEADER.size
+        while end - pos >= hsize:
+            (n,) = HEADER.unpack_from(buf, pos)
+            if n > self.max_frame or n == 0:
+                err: ProtocolError = (
+                    FrameTooLarge(n, self.max_frame, "announced frame")
+                    if n
+                    else ProtocolError("peer announced an empty frame")
+                )
+                self._poisoned = err
+                raise err
+            if end - pos - hsize < n:
+                break
+            start = pos + hsize
+            out.append(bytes(buf[start : start + n]))
+            pos = start + n
+        if pos:
+            del buf[:pos]
+        return out
+
+    def at_boundary(self) -> bool:
+        """True when no partial frame is pending (end of stream here is clean)."""
+        return not self._buf

@@ -1,0 +1,132 @@
+"""Records of the kernel objects a bus created, kept in its bus directory.
+
+SysV objects outlive the processes that made them.  Every object ipcbus
+creates is written down here (one small msgspec-JSON file per object, under
+``<busdir>/objects/``) with its creator's pid, uid and the pid's start time,
+so that ``ipcbus ls`` can show it and ``ipcbus gc`` can remove it once its
+owner is dead — and never touch an object that is not ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "ObjectKind",
+    "ObjectRecord",
+    "forget_object",
+    "list_records",
+    "pid_start_time",
+    "process_alive",
+    "record_object",
+]
+
+ObjectKind = Literal["msq", "shm", "sem", "fifo", "posix_sem"]
+
+
+class ObjectRecord(msgspec.Struct, frozen=True):
+    """One kernel object created by a bus participant."""
+
+    kind: str
+    ident: str
+    key: int | None = None
+    creator_pid: int = 0
+    creator_uid: int = 0
+    creator_start: int | None = None  # /proc/<pid>/stat starttime, to tell a reused pid
+    created: float = 0.0
+    extra: dict[str, Any] = {}
+
+    @property
+    def creator_alive(self) -> bool:
+        """True while the creating process (the same one, not a reused pid) lives."""
+        return process_alive(self.creator_pid, self.creator_start)
+
+
+_enc = msgspec.json.Encoder()
+_dec = msgspec.json.Decoder(ObjectRecord)
+
+
+def pid_start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of ``pid``, or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int, start_time: int | None = None) -> bool:
+    """Whether ``pid`` exists (and, when given, still has the same start time)."""
+    if pid <= 0:
+        return False
+    st = pid_start_time(pid)
+    if st is None:
+        return False
+    return start_time is None or st == start_time
+
+
+def _path(busdir: Path, kind: str, ident: int | str) -> Path:
+    return Path(busdir) / "objects" / f"{kind}-{ident}.json"
+
+
+def record_object(
+    busdir: Path,
+    kind: ObjectKind,
+    ident: int | str,
+    *,
+    key: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write down that this process created object ``kind``/``ident`` for the bus."""
+    d = Path(busdir) / "objects"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    pid = os.getpid()
+    rec = ObjectRecord(
+        kind=kind,
+        ident=str(ident),
+        key=key,
+        creator_pid=pid,
+        creator_uid=os.getuid(),
+        creator_start=pid_start_time(pid),
+        created=time.time(),
+        extra=extra or {},
+    )
+    p = _path(busdir, kind, ident)
+    tmp = p.with_name(p.name + f".{pid}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(_enc.encode(rec))
+    os.replace(tmp, p)
+    return p
+
+
+def forget_object(busdir: Path, kind: ObjectKind, ident: int | str) -> None:
+    """Remove the record of an object (after removing the object itself)."""
+    with contextlib.suppress(FileNotFoundError):
+        _path(busdir, kind, ident).unlink()
+
+
+def list_records(busdir: Path) -> list[tuple[Path, ObjectRecord | None]]:
+    """Every record file in ``busdir``; ``None`` stands for a corrupted record."""
+    d = Path(busdir) / "objects"
+    out: list[tuple[Path, ObjectRecord | None]] = []
+    if not d.is_dir():
+        return out
+    for p in sorted(d.glob("*.json")):
+        try:
+            out.append((p, _dec.decode(p.read_bytes())))
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            out.append((p, None))
+    return out

@@ -1,0 +1,227 @@
+"""Conformance checks every transport must pass.
+
+:func:`check_link` runs the Link contract against a transport, the way
+``trio.testing.check_one_way_stream`` does for trio streams::
+
+    @contextlib.asynccontextmanager
+    async def make_pair():
+        a, b = ...            # two connected links of your transport
+        try:
+            yield a, b
+        finally:
+            await a.aclose(); await b.aclose()
+
+    await ipcbus.testing.check_link(make_pair)
+
+Each check opens a fresh pair.  A failing check raises ``AssertionError``
+naming the check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import AsyncContextManager
+
+import anyio
+
+from .errors import ConnectionClosed, EndOfStream, FrameTooLarge
+from .transports.base import Link
+
+__all__ = ["LinkPairFactory", "check_link"]
+
+LinkPairFactory = Callable[[], AsyncContextManager[tuple[Link, Link]]]
+"""A zero-argument callable returning an async context manager of two connected links."""
+
+
+def _frame(i: int, size: int) -> bytes:
+    """A frame of ``size`` bytes that encodes its sequence number ``i`` (size >= 1)."""
+    head = i.to_bytes(8, "big")
+    if size <= 8:
+        return head[8 - size :]
+    fill = bytes([i % 251]) * (size - 8)
+    return head + fill
+
+
+async def _check_ordering(make_pair: LinkPairFactory) -> None:
+    async with make_pair() as (a, b):
+        n = 2000
+        async with anyio.create_task_group() as tg:
+
+            async def producer() -> None:
+                for i in range(n):
+                    await a.send(_frame(i, 16 + i % 200))
+
+            tg.start_soon(producer)
+            for i in range(n):
+                got = await b.recv()
+                assert got == _frame(i, 16 + i % 200), f"ordering: frame {i} differs"
+        # and the other direction
+        await b.send(b"pong")
+        assert await a.recv() == b"pong", "ordering: reverse direction"
+
+
+async def _check_sizes(make_pair: LinkPairFactory) -> None:
+    async with make_pair() as (a, b):
+        limit = min(a.max_frame, 64 * 1024 * 1024)
+        sizes = [1, 2, 100, 4095, 4096, 4097, 65536, 1 << 20, limit]
+        sizes = sorted({s for s in sizes if s <= limit})
+        async with anyio.create_task_group() as tg:
+
+            async def producer() -> None:
+                for i, s in enumerate(sizes):
+                    await a.send(_frame(i, s))
+
+            tg.start_soon(producer)
+            for i, s in enumerate(sizes):
+                got = await b.recv()
+                assert len(got) == s, f"sizes: expected a {s}-byte frame, got {len(got)}"
+                assert got == _frame(i, s), f"sizes: the {s}-byte frame arrived corrupted"
+
+
+async def _check_too_large(make_pair: LinkPairFactory) -> None:
+    async with make_pair() as (a, b):
+        big = b"\0" * (a.max_frame + 1)
+        try:
+            a.send_nowait(big)
+        except FrameTooLarge as exc:
+            assert exc.limit == a.max_frame and exc.size == a.max_frame + 1
+        else:
+            raise AssertionError("too large: send_nowait accepted a frame over max_frame")
+        del big
+        await a.send(b"after")  # the link still works
+        assert await b.recv() == b"after", "too large: link unusable after refusing a frame"
+
+
+async def _check_backpressure(make_pair: LinkPairFactory) -> None:
+    async with make_pair() as (a, b):
+        chunk = 64 * 1024
+        cap = 512 * 1024 * 1024  # refuse to buffer more than this without blocking
+        sent = 0
+        blocked = False
+        while sent * chunk < cap:
+            with anyio.move_on_after(0.5) as scope:
+                await a.send(_frame(sent, chunk))
+            if scope.cancelled_caught:
+                blocked = True
+                sent += 1  # a cancelled send queued its frame whole (cancel-safe)
+                break
+            sent += 1
+        assert blocked, f"backpressure: {sent * chunk} bytes sent to a stalled reader never blocked"
+        async with anyio.create_task_group() as tg:
+
+            async def more() -> None:
+                await a.send(_frame(sent, 100))
+
+            tg.start_soon(more)
+            for i in range(sent):
+                got = await b.recv()
+                assert got == _frame(i, chunk), f"backpressure: frame {i} corrupted or lost"
+            assert await b.recv() == _frame(sent, 100), "backpressure: later frame lost"
+
+
+async def _check_peer_close(make_pair: LinkPairFactory) -> None:
+    async with make_pair() as (a, b):
+        for i in range(10):
+            await a.send(_frame(i, 32))
+        await a.aclose()
+        for i in range(10):
+            assert await b.recv() == _frame(i, 32), "peer close: buffered frame lost"
+        with anyio.fail_after(5):
+            try:
+                await b.recv()
+            except EndOfStream:
+                pass
+            else:
+                raise AssertionError("peer close: recv after the peer closed returned a frame")
+    async with make_pair() as (a, b):
+        await b.aclose()
+        with anyio.fail_after(10):
+            try:
+                for i in range(100000):
+                    await a.send(_frame(i, 4096))
+                await a.drain()
+            except ConnectionClosed:
+                pass
+            else:
+                raise AssertionError("peer close: sending to a closed peer never failed")
+
+
+async def _check_close_twice(make_pair: LinkPairFactory) -> None:
+    async with make_pair() as (a, b):
+        await a.aclose()
+        await a.aclose()
+        assert a.closed, "close twice: closed is False after aclose"
+        try:
+            await a.send(b"x")
+        except ConnectionClosed:
+            pass
+        else:
+            raise AssertionError("close twice: send after aclose did not raise ConnectionClosed")
+        try:
+            await a.recv()
+        except ConnectionClosed:
+            pass
+        else:
+            raise AssertionError("close twice: recv after aclose did not raise ConnectionClosed")
+
+
+async def _check_cancel_mid_send(make_pair: LinkPairFactory) -> None:
+    async with make_pair() as (a, b):
+        chunk = 256 * 1024
+        attempted = 0
+        cancelled = 0
+        while cancelled < 3 and attempted < 4096:
+            with anyio.move_on_after(0.2) as scope:
+                await a.send(_frame(attempted, chunk))
+            attempted += 1
+            if scope.cancelled_caught:
+                cancelled += 1
+        assert cancelled, "cancel: a stalled reader never made send block"
+        async with anyio.create_task_group() as tg:
+
+            async def sentinel() -> None:
+                await a.send(_frame(attempted, 10))
+
+            tg.start_soon(sentinel)
+            seen: list[int] = []
+            while True:
+                f = await b.recv()
+                if len(f) == 10:
+                    assert int.from_bytes(f[:8], "big") == attempted, "cancel: sentinel corrupted"
+                    break
+                assert len(f) == chunk, f"cancel: partial frame of {len(f)} bytes delivered"
+                assert f == _frame(int.from_bytes(f[:8], "big"), chunk), "cancel: corrupted frame"
+                seen.append(int.from_bytes(f[:8], "big"))
+        # A cancelled send queued its frame whole, so nothing may be missing.
+        assert seen == list(range(attempted)), (
+            "cancel: frames lost, duplicated or reordered around cancelled sends"
+        )
+
+
+CHECKS = {
+    "ordering": _check_ordering,
+    "sizes": _check_sizes,
+    "too_large": _check_too_large,
+    "backpressure": _check_backpressure,
+    "peer_close": _check_peer_close,
+    "close_twice": _check_close_twice,
+    "cancel_mid_send": _check_cancel_mid_send,
+}
+
+
+async def check_link(make_pair: LinkPairFactory, *, skip: tuple[str, ...] = ()) -> None:
+    """Run every Link conformance check against ``make_pair``.
+
+    ``skip`` names checks to leave out (only for a documented transport
+    limitation).  Raises ``AssertionError`` on the first failure, its
+    message naming the check.
+    """
+    for name, check in CHECKS.items():
+        if name in skip:
+            continue
+        with anyio.fail_after(120):
+            try:
+                await check(make_pair)
+            except AssertionError as exc:
+                raise AssertionError(f"check_link[{name}]: {exc}") from exc
+

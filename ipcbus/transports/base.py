@@ -1,0 +1,159 @@
+"""The Link contract every transport satisfies.
+
+A link is one bidirectional, ordered, reliable channel of whole frames
+between two nodes.  It knows bytes and kernel objects, never subjects.
+
+Sending is split in two so that the reactor can fan a message out to many
+links without awaiting each one:
+
+* :meth:`Link.send_nowait` hands one whole frame to the link's outbound
+  buffer.  It never blocks; the frame is either queued whole or refused
+  (:class:`~ipcbus.errors.FrameTooLarge`, :class:`~ipcbus.errors.ConnectionClosed`).
+* :meth:`Link.wait_writable` awaits until the outbound buffer is back under
+  the low-water mark: this is the backpressure.
+* :meth:`Link.send` is both: queue, then wait if above the high-water mark.
+  Because the frame is queued whole before the wait, cancelling ``send`` can
+  never lose half a frame or duplicate one.
+
+A peer that dies or closes shows as :class:`~ipcbus.errors.EndOfStream` on
+:meth:`Link.recv` (after every frame it sent has been received) and as
+:class:`~ipcbus.errors.ConnectionClosed` on send — never as SIGPIPE, a hang,
+or a partial frame.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from types import TracebackType
+from typing import Any
+
+from ..errors import FrameTooLarge
+from ..frames import DEFAULT_MAX_FRAME
+
+__all__ = ["DEFAULT_HIGH_WATER", "Link", "LinkInfo"]
+
+DEFAULT_HIGH_WATER = 4 * 1024 * 1024
+"""Bytes buffered in user space above which :meth:`Link.send` waits."""
+
+
+@dataclass
+class LinkInfo:
+    """What a link is and what it has carried.  Counters are updated by the link."""
+
+    transport: str
+    peer_pid: int | None = None
+    peer_uid: int | None = None
+    peer_name: str = ""
+    local_pid: int = field(default_factory=os.getpid)
+    since: float = field(default_factory=time.time)
+    msgs_in: int = 0
+    msgs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    objects: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain-dict snapshot, suitable for msgspec/JSON encoding."""
+        return asdict(self)
+
+
+class Link(abc.ABC):
+    """One ordered, reliable, bidirectional channel of whole frames.
+
+    Subclasses own their file descriptors and kernel objects and release
+    them in :meth:`aclose`, which is safe to call more than once.
+    """
+
+    info: LinkInfo
+    max_frame: int = DEFAULT_MAX_FRAME
+    high_water: int = DEFAULT_HIGH_WATER
+
+    # -- sending ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def send_nowait(self, frame: bytes) -> None:
+        """Queue one whole frame for sending; never blocks.
+
+        Raises :class:`~ipcbus.errors.FrameTooLarge` (nothing queued) when
+        ``len(frame) > max_frame`` and :class:`~ipcbus.errors.ConnectionClosed`
+        when the link is closed or broken.
+        """
+
+    @property
+    @abc.abstractmethod
+    def pending_out(self) -> int:
+        """Bytes queued by :meth:`send_nowait` that the kernel has not taken yet."""
+
+    @abc.abstractmethod
+    async def wait_writable(self, threshold: int | None = None) -> None:
+        """Wait until :attr:`pending_out` is at or below ``threshold``.
+
+        ``threshold`` defaults to half the high-water mark; ``0`` waits until
+        everything queued has been handed to the kernel object.  Raises
+        :class:`~ipcbus.errors.ConnectionClosed` if the link breaks while
+        waiting with frames still queued.
+        """
+
+    async def send(self, frame: bytes) -> None:
+        """Queue one frame, then wait while the link is above its high-water mark.
+
+        Cancel-safe: the frame is queued whole before any wait, so a
+        cancelled ``send`` has queued the frame entirely, never partly.
+        """
+        self.send_nowait(frame)
+        if self.pending_out > self.high_water:
+            await self.wait_writable()
+
+    async def drain(self) -> None:
+        """Wait until every queued frame has been handed to the kernel object."""
+        await self.wait_writable(0)
+
+    def check_size(self, frame: bytes | bytearray | memoryview) -> None:
+        """Raise :class:`~ipcbus.errors.FrameTooLarge` if ``frame`` is over ``max_frame``."""
+        if len(frame) > self.max_frame:
+            raise FrameTooLarge(len(frame), self.max_frame)
+
+    # -- receiving -------------------------------------------------------
+
+    @abc.abstractmethod
+    async def recv(self) -> bytes:
+        """Return the next whole frame.
+
+        Raises :class:`~ipcbus.errors.EndOfStream` once the peer has closed and
+        every frame it sent has been returned, :class:`~ipcbus.errors.ProtocolError`
+        on malformed input (the link is then unusable), and
+        :class:`~ipcbus.errors.ConnectionClosed` after :meth:`aclose`.
+        """
+
+    # -- lifetime --------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def closed(self) -> bool:
+        """True once :meth:`aclose` was called or the link broke."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Flush what is queued (briefly), then release every fd and kernel object.
+
+        Idempotent.  The peer sees end of stream after the frames already sent.
+        """
+
+    async def __aenter__(self) -> Link:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        i = self.info
+        state = "closed" if self.closed else "open"
+        return f"<{type(self).__name__} {i.transport} peer_pid={i.peer_pid} {state}>"

@@ -1,0 +1,317 @@
+"""A Link over a pair of non-blocking byte-stream file descriptors.
+
+Both the anonymous-pipe and the FIFO transports end up here: once their
+rendezvous is done they are just one fd to read and one fd to write.
+
+The link owns both fds.  It sets them non-blocking and waits on them through
+the event loop (``add_reader``/``add_writer``), so nothing blocks the loop.
+Like trio's ``_unix_pipes``, closing sets the fd fields to -1 so that a late
+use fails with EBADF instead of touching an fd number the process has since
+reused for something else.
+
+Writes: frames are queued whole (length prefix + body) and flushed on the
+next loop iteration with ``writev``, so every frame queued during one
+iteration leaves in as few system calls as possible.  ``EAGAIN`` means the
+kernel buffer is full: wait for writability.  ``EPIPE`` means the reader is
+gone: Python ignores SIGPIPE, so this surfaces as ``ConnectionClosed``.
+
+Reads: one ``readv`` into a reusable buffer per readiness callback, framed by
+:class:`~ipcbus.frames.FrameReader`.  Reading pauses while more than the
+high-water mark of decoded frames wait for ``recv()``, so a stalled consumer
+fills the kernel pipe and the writer feels backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import os
+from typing import Any
+
+from ..errors import ConnectionClosed, EndOfStream, ProtocolError
+from ..frames import DEFAULT_MAX_FRAME, HEADER, FrameReader
+from .base import DEFAULT_HIGH_WATER, Link, LinkInfo
+
+__all__ = ["FdStreamLink"]
+
+_IOV_MAX = 1024
+_READ_CHUNK = 1 << 20
+_CLOSE_FLUSH_TIMEOUT = 2.0
+
+
+class FdStreamLink(Link):
+    """A :class:`~ipcbus.transports.base.Link` over a read fd and a write fd.
+
+    Must be created inside a running event loop.  The link takes ownership of
+    ``rfd`` and ``wfd`` (they may be the same fd) and closes them.
+    """
+
+    def __init__(
+        self,
+        rfd: int,
+        wfd: int,
+        *,
+        transport: str,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        high_water: int = DEFAULT_HIGH_WATER,
+        peer_pid: int | None = None,
+        peer_uid: int | None = None,
+        peer_name: str = "",
+        objects: dict[str, Any] | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._rfd = rfd
+        self._wfd = wfd
+        os.set_blocking(rfd, False)
+        if wfd != rfd:
+            os.set_blocking(wfd, False)
+        self.max_frame = max_frame
+        self.high_water = high_water
+        self.info = LinkInfo(
+            transport=transport,
+            peer_pid=peer_pid,
+            peer_uid=peer_uid,
+            peer_name=peer_name,
+            objects=dict(objects or {}),
+        )
+        self._framer = FrameReader(max_frame)
+        self._rbuf = bytearray(_READ_CHUNK)
+        self._rq: collections.deque[bytes] = collections.deque()
+        self._rq_bytes = 0
+        self._reading = False
+        self._eof = False
+        self._rerror: BaseException | None = None
+        self._rwaiter: asyncio.Future[None] | None = None
+        self._wq: collections.deque[bytes | memoryview] = collections.deque()
+        self._wq_bytes = 0
+        self._flush_scheduled = False
+        self._writer_added = False
+        self._werror: ConnectionClosed | None = None
+        self._wwaiters: list[asyncio.Future[None]] = []
+        self._closed = False
+        self._resume_reading()
+
+    # -- sending ---------------------------------------------------------
+
+    def send_nowait(self, frame: bytes) -> None:
+        """Queue one whole frame; it leaves on the next loop iteration."""
+        if self._werror is not None:
+            raise self._werror
+        if self._closed:
+            raise ConnectionClosed("link is closed")
+        n = len(frame)
+        self.check_size(frame)
+        if n == 0:
+            raise ProtocolError("refusing to send an empty frame")
+        if n <= 65536:
+            self._wq.append(HEADER.pack(n) + frame)
+        else:  # do not copy large frames: queue header and body separately
+            self._wq.append(HEADER.pack(n))
+            self._wq.append(frame)
+        self._wq_bytes += n + 4
+        self.info.msgs_out += 1
+        self.info.bytes_out += n
+        if not self._flush_scheduled and not self._writer_added:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    @property
+    def pending_out(self) -> int:
+        """Bytes queued in this process, not yet written to the kernel."""
+        return self._wq_bytes
+
+    async def wait_writable(self, threshold: int | None = None) -> None:
+        """Wait until the outbound queue is at or below ``threshold`` bytes."""
+        limit = self.high_water // 2 if threshold is None else threshold
+        while self._wq_bytes > limit:
+            if self._werror is not None:
+                raise self._werror
+            if self._closed:
+                raise ConnectionClosed("link is closed")
+            fut = self._loop.create_future()
+            self._wwaiters.append(fut)
+            try:
+                await fut
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._wwaiters.remove(fut)
+        if self._werror is not None:
+            raise self._werror
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        fd = self._wfd
+        wq = self._wq
+        while wq:
+            if fd < 0:
+                return
+            bufs = list(wq) if len(wq) <= _IOV_MAX else [wq[i] for i in range(_IOV_MAX)]
+            try:
+                n = os.writev(fd, bufs)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                self._write_failed(exc)
+                return
+            self._wq_bytes -= n
+            while n:
+                head = wq[0]
+                hl = len(head)
+                if n >= hl:
+                    wq.popleft()
+                    n -= hl
+                else:
+                    wq[0] = memoryview(head)[n:]
+                    n = 0
+        if wq:
+            if not self._writer_added and fd >= 0:
+                self._loop.add_writer(fd, self._flush)
+                self._writer_added = True
+        elif self._writer_added:
+            self._loop.remove_writer(fd)
+            self._writer_added = False
+        if self._wwaiters:
+            self._wake_writers(None)  # each waiter re-checks its own threshold
+
+    def _write_failed(self, exc: OSError) -> None:
+        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+            msg = f"{self.info.transport} link: the reader is gone (EPIPE)"
+        else:
+            msg = f"{self.info.transport} link: write failed: {exc}"
+        self._werror = ConnectionClosed(msg)
+        self._wq.clear()
+        self._wq_bytes = 0
+        if self._writer_added:
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self._wfd)
+            self._writer_added = False
+        self._wake_writers(self._werror)
+
+    def _wake_writers(self, exc: BaseException | None) -> None:
+        waiters, self._wwaiters = self._wwaiters, []
+        for fut in waiters:
+            if not fut.done():
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
+
+    # -- receiving -------------------------------------------------------
+
+    def _resume_reading(self) -> None:
+        if not self._reading and not self._eof and self._rfd >= 0 and self._rerror is None:
+            self._loop.add_reader(self._rfd, self._on_readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._rfd)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        try:
+            n = os.readv(self._rfd, [self._rbuf])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._rerror = ConnectionClosed(f"{self.info.transport} link: read failed: {exc}")
+            self._pause_reading()
+            self._wake_reader()
+            return
+        if n == 0:
+            self._eof = True
+            self._pause_reading()
+            if not self._framer.at_boundary():
+                self._rerror = ProtocolError(
+                    f"{self.info.transport} link: peer closed in the middle of a frame "
+                    f"({self._framer.buffered} bytes of it received)"
+                )
+            self._wake_reader()
+            return
+        try:
+            frames = self._framer.feed(memoryview(self._rbuf)[:n])
+        except ProtocolError as exc:
+            self._rerror = exc
+            self._pause_reading()
+            self._wake_reader()
+            return
+        if frames:
+            self._rq.extend(frames)
+            self._rq_bytes += sum(map(len, frames))
+            if self._rq_bytes > self.high_water:
+                self._pause_reading()
+            self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        w = self._rwaiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def recv(self) -> bytes:
+        """Return the next whole frame (see :meth:`Link.recv` for what it raises)."""
+        while True:
+            rq = self._rq
+            if rq:
+                frame = rq.popleft()
+                n = len(frame)
+                self._rq_bytes -= n
+                self.info.msgs_in += 1
+                self.info.bytes_in += n
+                if not self._reading and self._rq_bytes <= self.high_water // 2:
+                    self._resume_reading()
+                return frame
+            if self._closed:
+                raise ConnectionClosed("link is closed")
+            if self._rerror is not None:
+                raise self._rerror
+            if self._eof:
+                raise EndOfStream(f"{self.info.transport} link: peer closed")
+            self._rwaiter = self._loop.create_future()
+            try:
+                await self._rwaiter
+            finally:
+                self._rwaiter = None
+
+    # -- lifetime --------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once closed locally or broken for writing."""
+        return self._closed
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever is still queued for writing."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pause_reading()
+        if self._writer_added:
+            self._loop.remove_writer(self._wfd)
+            self._writer_added = False
+        rfd, wfd = self._rfd, self._wfd
+        self._rfd = self._wfd = -1
+        for fd in {rfd, wfd}:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wq.clear()
+        self._wq_bytes = 0
+        closed = ConnectionClosed("link is closed")
+        self._wake_writers(closed)
+        self._wake_reader()
+
+    async def aclose(self) -> None:
+        """Flush queued frames (for at most two seconds), then close both fds."""
+        if self._closed:
+            return
+        try:
+            if self._wq and self._werror is None:
+                with contextlib.suppress(ConnectionClosed, TimeoutError):
+                    async with asyncio.timeout(_CLOSE_FLUSH_TIMEOUT):
+                        await self.drain()
+        finally:
+            self.abort()

@@ -1,0 +1,211 @@
+"""Suite-wide fixtures: both event loops, an isolated bus directory, leak checks.
+
+Every test runs under the default asyncio loop and under uvloop (pytest-asyncio's
+``pytest_asyncio_loop_factories`` hook), except tests marked ``single_loop``.
+
+After each test the ``no_leaks`` fixture checks that the test left no SysV
+message queue, shared-memory segment or semaphore set, no /dev/shm file, no
+FIFO under the bus directory, no thread and no child process behind.  A leak
+fails the test (and is cleaned up, so one leak does not cascade).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    uvloop = None  # type: ignore[assignment]
+
+# One private bus directory for the whole session; tests never touch the user's.
+_BUS_ROOT = tempfile.mkdtemp(prefix="ipcbus-test-")
+os.chmod(_BUS_ROOT, 0o700)
+os.environ["IPCBUS_DIR"] = _BUS_ROOT
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "single_loop: run under uvloop only (heavy multi-process test)")
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {}
+    if item.get_closest_marker("single_loop") is None or uvloop is None:
+        factories["asyncio"] = asyncio.new_event_loop
+    if uvloop is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
+# -- leak checks -------------------------------------------------------------
+
+
+def sysv_objects() -> set[tuple[str, int]]:
+    """Every SysV object on the host as (kind, id), from /proc/sysvipc."""
+    out: set[tuple[str, int]] = set()
+    for kind, col in (("msg", 1), ("shm", 1), ("sem", 1)):
+        try:
+            lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > col:
+                out.add((kind, int(parts[col])))
+    return out
+
+
+def _remove_sysv(kind: str, ident: int) -> None:
+    import sysv_ipc
+
+    with contextlib.suppress(Exception):
+        if kind == "msg":
+            sysv_ipc.remove_message_queue(ident)
+        elif kind == "shm":
+            sysv_ipc.remove_shared_memory(ident)
+        else:
+            sysv_ipc.remove_semaphore(ident)
+
+
+def dev_shm() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
+def fifos_under(root: str) -> set[str]:
+    found: set[str] = set()
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with contextlib.suppress(OSError):
+                if stat.S_ISFIFO(os.lstat(p).st_mode):
+                    found.add(p)
+    return found
+
+
+def children() -> set[int]:
+    pids: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        with contextlib.suppress(OSError):
+            pids.update(int(p) for p in (task / "children").read_text().split())
+    return pids
+
+
+_IGNORED_THREADS = ("AnyIO worker thread", "asyncio_", "ThreadPoolExecutor", "Dummy-")
+
+
+def threads() -> set[threading.Thread]:
+    return {
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.name.startswith(_IGNORED_THREADS)
+    }
+
+
+def _settle(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)  # polling the kernel's tables after the test; not ordering test events
+
+
+@contextlib.contextmanager
+def _host_lock() -> Iterator[None]:
+    """Serialise tests of concurrent pytest sessions on this host.
+
+    SysV objects and /dev/shm are host-wide: a test running in another
+    session at the same time would look like a leak here (and be removed).
+    """
+    import fcntl
+
+    fd = os.open(os.path.join(tempfile.gettempdir(), "ipcbus-tests.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves kernel objects, FIFOs, threads or children behind."""
+    with _host_lock():
+        yield from _leak_checked()
+
+
+def _leak_checked() -> Iterator[None]:
+    before_sysv = sysv_objects()
+    before_shm = dev_shm()
+    before_fifos = fifos_under(_BUS_ROOT)
+    before_kids = children()
+    before_threads = threads()
+    yield
+    problems: list[str] = []
+
+    if not _settle(lambda: not (children() - before_kids)):
+        kids = children() - before_kids
+        problems.append(f"child processes left running: {sorted(kids)}")
+        for pid in kids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+    if not _settle(lambda: not (threads() - before_threads)):
+        problems.append(f"threads left running: {sorted(t.name for t in threads() - before_threads)}")
+    if not _settle(lambda: not (sysv_objects() - before_sysv), 2.0):
+        leaked = sysv_objects() - before_sysv
+        problems.append(f"SysV objects left behind: {sorted(leaked)}")
+        for kind, ident in leaked:
+            _remove_sysv(kind, ident)
+    if not _settle(lambda: not (dev_shm() - before_shm), 2.0):
+        leaked_shm = dev_shm() - before_shm
+        problems.append(f"/dev/shm files left behind: {sorted(leaked_shm)}")
+        for name in leaked_shm:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join("/dev/shm", name))
+    if not _settle(lambda: not (fifos_under(_BUS_ROOT) - before_fifos), 2.0):
+        leaked_f = fifos_under(_BUS_ROOT) - before_fifos
+        problems.append(f"FIFOs left behind: {sorted(leaked_f)}")
+        for p in leaked_f:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+    if problems:
+        pytest.fail("leak check: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def bus_root() -> str:
+    """The session's private bus directory root ($IPCBUS_DIR)."""
+    return _BUS_ROOT
+
+
+@pytest.fixture
+def python() -> str:
+    """The interpreter running the suite (use it to spawn child processes)."""
+    return sys.executable
+
+
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    import shutil
+
+    shutil.rmtree(_BUS_ROOT, ignore_errors=True)
