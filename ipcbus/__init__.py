@@ -1,0 +1,65 @@
+"""ipcbus: an asyncio message bus for processes on one Linux host.
+
+Publish/subscribe and request/reply over msgspec-encoded frames, carried by
+anonymous pipes, FIFOs, System V message queues or shared-memory rings.
+"""
+
+from __future__ import annotations
+
+from .client import Bus, Msg, Service, Subscription
+from .errors import (
+    BadSubject,
+    BusBusy,
+    BusClosed,
+    BusNotFound,
+    ConnectionClosed,
+    EncodeError,
+    EndOfStream,
+    FrameTooLarge,
+    IpcBusError,
+    NoResponders,
+    PermissionRefused,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+    SlowConsumer,
+    WorkerCrashed,
+    WorkerStartError,
+)
+from .frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
+from .node import Node
+from .pool import WorkerPool
+from .transports.base import Link, LinkInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "PROTOCOL_VERSION",
+    "BadSubject",
+    "Bus",
+    "BusBusy",
+    "BusClosed",
+    "BusNotFound",
+    "ConnectionClosed",
+    "EncodeError",
+    "EndOfStream",
+    "FrameTooLarge",
+    "IpcBusError",
+    "Link",
+    "LinkInfo",
+    "Msg",
+    "NoResponders",
+    "Node",
+    "PermissionRefused",
+    "ProtocolError",
+    "RemoteError",
+    "RequestTimeout",
+    "Service",
+    "SlowConsumer",
+    "Subscription",
+    "WorkerCrashed",
+    "WorkerPool",
+    "WorkerStartError",
+    "__version__",
+]

@@ -25,11 +25,11 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "HEADER",
     "PROTOCOL_VERSION",
-    "Error",
     "Frame",
     "FrameReader",
     "Hello",
     "Msg",
+    "Notice",
     "Ping",
     "Pong",
     "Sub",
@@ -100,8 +100,14 @@ class Pong(msgspec.Struct, tag=6, array_like=True, frozen=True):
     token: int
 
 
-class Error(msgspec.Struct, tag=7, array_like=True, frozen=True, omit_defaults=True):
-    """An out-of-band notice: protocol errors before closing, slow-consumer drops, shutdown."""
+class Notice(msgspec.Struct, tag=7, array_like=True, frozen=True, omit_defaults=True):
+    """An out-of-band notice between nodes.
+
+    Codes: ``protocol_error`` (sent before closing a link), ``slow_consumer``
+    (``count`` messages on ``subjects`` were dropped for the receiver),
+    ``shutdown`` (the sender is going away), ``ready`` / ``setup_failed``
+    (a worker's setup function finished or raised).
+    """
 
     code: str
     message: str = ""
@@ -109,7 +115,7 @@ class Error(msgspec.Struct, tag=7, array_like=True, frozen=True, omit_defaults=T
     count: int = 0
 
 
-Frame: TypeAlias = Hello | Sub | Unsub | Msg | Ping | Pong | Error
+Frame: TypeAlias = Hello | Sub | Unsub | Msg | Ping | Pong | Notice
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]

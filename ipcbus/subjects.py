@@ -80,7 +80,7 @@ def _check(subject: object, *, publish: bool) -> str:
     # str.split() with no argument splits on exactly the characters for which
     # str.isspace() is true, in C: one piece as long as the subject means none.
     pieces = subject.split()
-    if len(pieces) != 1:
+    if len(pieces) != 1 or len(pieces[0]) != length:
         index, char = next((i, c) for i, c in enumerate(subject) if c.isspace())
         raise BadSubject(
             subject,
@@ -344,9 +344,29 @@ class SubjectIndex(Generic[T]):
 
     def _lookup(self, subject: str) -> tuple[T, ...]:
         """Walk the trie for a valid subject (the uncached half of :meth:`match`)."""
-        found: dict[T, int] = {}
-        nodes = [self._root]
-        for token in subject.split("."):
+        tokens = subject.split(".")
+        last = len(tokens)
+        node = self._root
+        i = 0
+        # Fast path: while no wildcard branches off, there is a single candidate
+        # node per token, so follow literal children without building lists.
+        while node.star is None and not node.full:
+            if i == last:
+                found = node.items
+                if len(found) > 1:
+                    return tuple(sorted(found, key=self._order.__getitem__))
+                return tuple(found)
+            child = node.children.get(tokens[i])
+            if child is None:
+                return ()
+            node = child
+            i += 1
+        # General case: the set of nodes reached by the tokens so far.
+        found = {}
+        nodes = [node]
+        while i < last:
+            token = tokens[i]
+            i += 1
             following: list[_Node[T]] = []
             for node in nodes:
                 if node.full:  # '>' here matches this token and all after it

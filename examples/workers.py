@@ -1,0 +1,40 @@
+"""Worker-side setup for the worker-pool example: each worker serves `resize` and `echo`.
+
+Run by `examples/worker_pool.py`; a WorkerPool imports it as "examples.workers:setup"
+(or "workers:setup" when started from this directory).
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+import ipcbus
+
+
+class Image(msgspec.Struct):
+    """A toy image: width, height and pixels."""
+
+    width: int
+    height: int
+    pixels: bytes
+
+
+class Resized(msgspec.Struct):
+    """What `resize` answers."""
+
+    width: int
+    height: int
+    worker_pid: int
+
+
+async def setup(bus: ipcbus.Bus) -> None:
+    """Register this worker's services on its bus."""
+
+    def resize(img: Image) -> Resized:
+        return Resized(img.width // 2, img.height // 2, os.getpid())
+
+    await bus.serve("resize", resize, queue="resize")
+    await bus.serve("echo", lambda msg: msg.data, queue="echo")
+    await bus.serve("pid", lambda msg: os.getpid(), queue="pid")

@@ -1,0 +1,531 @@
+"""The client API: :class:`Bus`, :class:`Subscription`, :class:`Msg`, :class:`Service`.
+
+A :class:`Bus` is a handle on this process's node.  Payloads are the user's
+values encoded once with msgspec (MessagePack); ``bytes`` are sent as they
+are.  Nothing here knows about transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+import anyio
+import anyio.abc
+import msgspec
+
+from . import frames as fr
+from .errors import (
+    BusClosed,
+    ConnectionClosed,
+    EncodeError,
+    NoResponders,
+    RemoteError,
+    RequestTimeout,
+    WorkerCrashed,
+)
+from .node import (
+    DEFAULT_MAX_PENDING,
+    DEFAULT_PENDING_BYTES,
+    ERROR_MSG_HEADER,
+    ERROR_TYPE_HEADER,
+    STATUS_HEADER,
+    Node,
+    SubscriptionCore,
+)
+from .subjects import validate_subject
+
+__all__ = ["Bus", "Msg", "Service", "Subscription", "encode_payload"]
+
+T = TypeVar("T")
+log = logging.getLogger("ipcbus.client")
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_payload(data: Any) -> bytes:
+    """Encode a payload: bytes-like as is, anything else with msgspec MessagePack."""
+    if type(data) is bytes:
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    try:
+        return _encoder.encode(data)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(
+            f"cannot encode a payload of type {type(data).__name__}: {exc}; pass bytes, "
+            "a msgspec.Struct, or built-in types msgspec can encode"
+        ) from None
+
+
+class Msg:
+    """A received message: ``subject``, ``data`` (bytes), ``reply``, ``headers``."""
+
+    __slots__ = ("_bus", "data", "headers", "reply", "subject")
+
+    def __init__(
+        self,
+        subject: str,
+        data: bytes,
+        reply: str | None,
+        headers: dict[str, str] | None,
+        bus: Bus | None,
+    ) -> None:
+        self.subject = subject
+        self.data = data
+        self.reply = reply
+        self.headers = headers
+        self._bus = bus
+
+    @overload
+    def decode(self) -> Any: ...
+    @overload
+    def decode(self, type: type[T]) -> T: ...
+    def decode(self, type: Any = Any) -> Any:
+        """Decode the payload (MessagePack) and validate it into ``type``.
+
+        Raises :class:`~ipcbus.errors.EncodeError` if the payload does not
+        decode or does not match ``type``.
+        """
+        try:
+            return msgspec.msgpack.decode(self.data, type=type)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise EncodeError(f"payload on {self.subject!r} does not decode as {type}: {exc}") from None
+
+    async def respond(self, data: Any = b"", *, headers: dict[str, str] | None = None) -> None:
+        """Publish ``data`` to this message's reply subject."""
+        if self.reply is None:
+            raise ValueError(f"message on {self.subject!r} has no reply subject to respond to")
+        if self._bus is None:
+            raise BusClosed("message is not attached to a bus")
+        await self._bus.publish(self.reply, data, headers=headers)
+
+    def __repr__(self) -> str:
+        return f"<Msg {self.subject!r} {len(self.data)} B reply={self.reply!r}>"
+
+
+class Subscription:
+    """A subscription: an async iterator of :class:`Msg` and an async context manager.
+
+    When messages arrive faster than they are read, at most ``max_pending``
+    wait here; beyond that the overflow policy drops (``drop_new`` keeps the
+    oldest, ``drop_old`` the newest), counts the loss in ``stats()`` and
+    raises :class:`~ipcbus.errors.SlowConsumer` from the next read.  Reading
+    again continues with the messages that were kept.
+    """
+
+    def __init__(self, bus: Bus, core: SubscriptionCore) -> None:
+        self._bus = bus
+        self._core = core
+
+    @property
+    def subject(self) -> str:
+        """The subscribed pattern."""
+        return self._core.subject
+
+    @property
+    def queue(self) -> str | None:
+        """The queue group, if any."""
+        return self._core.queue
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet read."""
+        return len(self._core.pending)
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped for this subscription since it started."""
+        return self._core.dropped_total
+
+    def _wrap(self, m: fr.Msg) -> Msg:
+        return Msg(m.subject, m.payload, m.reply, m.headers, self._bus)
+
+    async def next(self, timeout: float | None = None) -> Msg:
+        """The next message; ``TimeoutError`` after ``timeout`` seconds.
+
+        Cancel-safe: a cancelled or timed-out ``next()`` takes no message, so
+        none is lost or duplicated.  Raises :class:`~ipcbus.errors.BusClosed`
+        once the subscription is closed and drained.
+        """
+        if timeout is None:
+            m = await self._core.get()
+        else:
+            with anyio.fail_after(timeout):
+                m = await self._core.get()
+        if m is None:
+            raise BusClosed(f"subscription to {self.subject!r} is closed")
+        return self._wrap(m)
+
+    def __aiter__(self) -> AsyncIterator[Msg]:
+        return self
+
+    async def __anext__(self) -> Msg:
+        m = await self._core.get()
+        if m is None:
+            raise StopAsyncIteration
+        return self._wrap(m)
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving; messages already pending can still be read."""
+        self._bus._node.unsubscribe(self._core)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.unsubscribe()
+
+    def __repr__(self) -> str:
+        q = f" queue={self.queue!r}" if self.queue else ""
+        return f"<Subscription {self.subject!r}{q} pending={self.pending}>"
+
+
+Handler = Callable[..., Any]
+
+
+class Service:
+    """A running request handler created by :meth:`Bus.serve`.
+
+    A handler takes the :class:`Msg`, or — when its first parameter is
+    annotated with another type — the request decoded and validated into that
+    type.  Its return value is the reply (bytes as is, anything else encoded
+    with msgspec).  A handler that raises, a request that does not validate
+    and a reply that cannot be encoded all go back to the requester as
+    :class:`~ipcbus.errors.RemoteError`; the service keeps serving.
+    """
+
+    def __init__(self, bus: Bus, sub: Subscription, handler: Handler, concurrency: int) -> None:
+        self._bus = bus
+        self.subscription = sub
+        self.handler = handler
+        self.handled = 0
+        self.errors = 0
+        self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004
+        )
+        self._arg_type = _request_type(handler)
+        self._limiter = anyio.Semaphore(concurrency)
+        self._done = anyio.Event()
+        self._active = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    @property
+    def subject(self) -> str:
+        """The subject served."""
+        return self.subscription.subject
+
+    async def _run(self) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                while True:
+                    try:
+                        m = await self.subscription.next()
+                    except BusClosed:
+                        break
+                    except Exception as exc:  # SlowConsumer: requests were lost; keep serving
+                        log.warning("service %r: %s", self.subject, exc)
+                        continue
+                    if self._is_async:
+                        await self._limiter.acquire()
+                        self._enter()
+                        tg.start_soon(self._handle_async, m)
+                    else:
+                        self._enter()
+                        try:
+                            await self._handle_sync(m)
+                        finally:
+                            self._leave()
+        finally:
+            self._done.set()
+
+    def _enter(self) -> None:
+        self._active += 1
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+
+    def _leave(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    def _arg(self, m: Msg) -> Any:
+        if self._arg_type is None:
+            return m
+        return msgspec.msgpack.decode(m.data, type=self._arg_type)
+
+    async def _handle_sync(self, m: Msg) -> None:
+        try:
+            result = self.handler(self._arg(m))
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            await self._reply_error(m, exc)
+            return
+        await self._reply(m, result)
+
+    async def _handle_async(self, m: Msg) -> None:
+        try:
+            try:
+                result = await self.handler(self._arg(m))
+            except Exception as exc:
+                await self._reply_error(m, exc)
+                return
+            await self._reply(m, result)
+        finally:
+            self._limiter.release()
+            self._leave()
+
+    async def _reply(self, m: Msg, result: Any) -> None:
+        self.handled += 1
+        if m.reply is None:
+            return
+        try:
+            payload = encode_payload(result)
+        except EncodeError as exc:
+            await self._reply_error(m, exc)
+            return
+        try:
+            await self._bus._node.publish(m.reply, payload)
+        except ConnectionClosed:
+            pass
+
+    async def _reply_error(self, m: Msg, exc: BaseException) -> None:
+        self.errors += 1
+        name = type(exc).__name__
+        if isinstance(exc, msgspec.ValidationError | msgspec.DecodeError):
+            name = "ValidationError"
+        log.debug("service %r: handler raised %s: %s", self.subject, name, exc)
+        if m.reply is None:
+            log.warning("service %r: handler raised %s: %s", self.subject, name, exc)
+            return
+        headers = {ERROR_TYPE_HEADER: name, ERROR_MSG_HEADER: str(exc)[:4000]}
+        try:
+            await self._bus._node.publish(m.reply, b"", headers=headers)
+        except ConnectionClosed:
+            pass
+
+    async def drain(self) -> None:
+        """Stop taking requests and wait for the ones being handled."""
+        await self.subscription.unsubscribe()
+        await self._done.wait()
+        await self._idle.wait()
+
+    async def stop(self) -> None:
+        """Stop serving (requests already received are still answered)."""
+        await self.drain()
+
+
+def _request_type(handler: Handler) -> Any:
+    """The type the handler's first parameter is annotated with, unless it is Msg/Any."""
+    try:
+        sig = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())
+    if not params:
+        raise TypeError(f"handler {handler!r} must take one argument (the request)")
+    first = params[0]
+    ann: Any = first.annotation
+    if ann is inspect.Parameter.empty:
+        return None
+    if isinstance(ann, str):
+        target = handler if inspect.isfunction(handler) else getattr(handler, "__call__", handler)  # noqa: B004
+        try:
+            hints = typing.get_type_hints(target)
+        except Exception:
+            return None
+        ann = hints.get(first.name, None)
+    if ann is None or ann is Any or ann is Msg:
+        return None
+    return ann
+
+
+class Bus:
+    """A process's handle on the bus: publish, subscribe, request, serve.
+
+    Obtain one from :func:`ipcbus.connect`, from a :class:`~ipcbus.Hub`
+    (``hub.bus``), from a :class:`~ipcbus.WorkerPool` (``pool.bus``), or in a
+    worker's ``setup(bus)``.
+    """
+
+    def __init__(self, node: Node, *, owns_node: bool = False) -> None:
+        self._node = node
+        self._owns_node = owns_node
+        self._services: list[Service] = []
+        self._closed = False
+        self.error_for_closed: type[ConnectionClosed] = ConnectionClosed
+
+    @property
+    def node(self) -> Node:
+        """The reactor underneath (for transports and tools)."""
+        return self._node
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` was called."""
+        return self._closed or self._node.closed
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise BusClosed("bus is closed")
+
+    async def publish(
+        self,
+        subject: str,
+        data: Any = b"",
+        *,
+        headers: dict[str, str] | None = None,
+        reply: str | None = None,
+    ) -> None:
+        """Publish ``data`` on ``subject``.
+
+        Waits while an outbound link is above its high-water mark
+        (backpressure); never drops.  Raises
+        :class:`~ipcbus.errors.BadSubject`, :class:`~ipcbus.errors.EncodeError`
+        or :class:`~ipcbus.errors.FrameTooLarge` before sending anything.
+        """
+        self._check_open()
+        validate_subject(subject)
+        if reply is not None:
+            validate_subject(reply)
+        await self._node.publish(subject, encode_payload(data), reply=reply, headers=headers)
+
+    async def subscribe(
+        self,
+        subject: str,
+        *,
+        queue: str | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        pending_bytes: int = DEFAULT_PENDING_BYTES,
+        overflow: str = "drop_new",
+    ) -> Subscription:
+        """Subscribe to ``subject`` (``*`` and ``>`` wildcards), optionally in a queue group."""
+        self._check_open()
+        core = self._node.subscribe(
+            subject,
+            queue=queue,
+            max_pending=max_pending,
+            pending_bytes=pending_bytes,
+            overflow=overflow,
+        )
+        return Subscription(self, core)
+
+    async def request(
+        self,
+        subject: str,
+        data: Any = b"",
+        *,
+        timeout: float = 1.0,
+        headers: dict[str, str] | None = None,
+    ) -> Msg:
+        """Send a request and return the first reply.
+
+        Raises :class:`~ipcbus.errors.NoResponders` at once when nobody serves
+        ``subject``, :class:`~ipcbus.errors.RequestTimeout` after ``timeout``,
+        :class:`~ipcbus.errors.RemoteError` when the handler raised, and
+        :class:`~ipcbus.errors.ConnectionClosed` (or
+        :class:`~ipcbus.errors.WorkerCrashed`) when the responder's link
+        closed while the request was in flight.
+        """
+        self._check_open()
+        validate_subject(subject)
+        payload = encode_payload(data)
+        node = self._node
+        if not node.has_interest(subject):
+            raise NoResponders(subject)
+        token, reply = node.new_reply_subject()
+        fut: asyncio.Future[fr.Msg] = asyncio.get_running_loop().create_future()
+        futures = node.inbox.futures
+        futures[token] = fut
+        try:
+            await node.publish(subject, payload, reply=reply, headers=headers)
+            try:
+                with anyio.fail_after(timeout):
+                    m = await fut
+            except TimeoutError:
+                raise RequestTimeout(subject, timeout) from None
+        finally:
+            del futures[token]
+        h = m.headers
+        if h:
+            status = h.get(STATUS_HEADER)
+            if status == "no-responders":
+                raise NoResponders(subject)
+            if status == "closed":
+                kind = h.get(ERROR_TYPE_HEADER, "ConnectionClosed")
+                exc_type = WorkerCrashed if kind == "WorkerCrashed" else ConnectionClosed
+                raise exc_type(
+                    f"request on {subject!r} failed: {h.get(ERROR_MSG_HEADER, 'responder gone')}"
+                )
+            if ERROR_TYPE_HEADER in h:
+                raise RemoteError(h[ERROR_TYPE_HEADER], h.get(ERROR_MSG_HEADER, ""), subject)
+        return Msg(m.subject, m.payload, m.reply, m.headers, self)
+
+    async def serve(
+        self,
+        subject: str,
+        handler: Callable[[Any], Any] | Callable[[Any], Awaitable[Any]],
+        *,
+        queue: str | None = None,
+        concurrency: int = 64,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> Service:
+        """Answer requests on ``subject`` with ``handler`` (see :class:`Service`)."""
+        self._check_open()
+        sub = await self.subscribe(subject, queue=queue, max_pending=max_pending)
+        svc = Service(self, sub, handler, concurrency)
+        self._services.append(svc)
+        self._node.task_group.start_soon(svc._run, name=f"ipcbus-serve-{subject}")
+        return svc
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every directly linked peer has processed what was sent."""
+        self._check_open()
+        await self._node.flush(timeout)
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Stop services (finishing requests they already took), flush, then close."""
+        if self.closed:
+            return
+        with anyio.move_on_after(timeout):
+            for svc in list(self._services):
+                await svc.drain()
+            await self._node.flush(timeout)
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the bus (and its node, if this bus owns it).  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for svc in self._services:
+            await svc.subscription.unsubscribe()
+        if self._owns_node:
+            await self._node.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: msgs/bytes in and out, pending, dropped, per subscription and per link."""
+        return self._node.stats()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,876 @@
+"""The reactor: links, interest, routing, inboxes, flow control.
+
+Every process runs one :class:`Node`.  A hub is a node that accepts links; a
+worker pool's parent is a node whose links go to its children.  Nodes form a
+tree, and routing is the same everywhere:
+
+* **Interest.**  A node tells each link which ``(pattern, queue)`` keys its
+  side wants: its own subscriptions plus everything learned from its *other*
+  links.  Counts are kept per key, so a ``Sub``/``Unsub`` frame crosses a
+  link only when the answer for that link changes.  A message crosses a link
+  only where someone wants it.
+* **Queue groups.**  The node where a message enters (its publisher's node)
+  picks exactly one member of each matching group among its local
+  subscriptions and its links, preferring the least busy.  When it picks a
+  link, the ``groups`` field of the frame tells the next node that it is now
+  responsible for that group; a node never delivers to a group it was not
+  handed, so each message reaches exactly one member of each group.
+* **Request/reply.**  A request is a message with a reply subject in the
+  requester's inbox (``_INBOX.<node id>.<token>``).  A node that forwards a
+  request over a link remembers it until a reply passes back; if that link
+  dies first, the requester gets a ``closed`` status reply at once
+  (``ConnectionClosed``, or ``WorkerCrashed`` for a pool worker) instead of
+  waiting for the timeout.  A request that reaches a node with nowhere to go
+  is answered with a ``no-responders`` status.
+* **Flow control.**  Local publishing awaits when a link is above its
+  high-water mark.  Forwarding never waits (one slow link must not stall the
+  others): above ``outbound_limit`` the message is dropped *for that link
+  only*, counted, and reported to its peer with a ``slow_consumer`` notice,
+  which surfaces as :class:`~ipcbus.errors.SlowConsumer` in the affected
+  subscriptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+
+from . import frames as fr
+from .errors import (
+    BusClosed,
+    ConnectionClosed,
+    EndOfStream,
+    FrameTooLarge,
+    ProtocolError,
+    SlowConsumer,
+)
+from .subjects import SubjectIndex, validate_pattern, validate_subject
+from .transports.base import Link
+
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "DEFAULT_OUTBOUND_LIMIT",
+    "INBOX_PREFIX",
+    "STATUS_HEADER",
+    "LinkState",
+    "Node",
+    "SubscriptionCore",
+]
+
+log = logging.getLogger("ipcbus.node")
+
+INBOX_PREFIX: Final = "_INBOX."
+STATUS_HEADER: Final = "ipcbus-status"
+ERROR_TYPE_HEADER: Final = "ipcbus-error"
+ERROR_MSG_HEADER: Final = "ipcbus-error-message"
+DEFAULT_MAX_PENDING: Final = 65536
+DEFAULT_PENDING_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_OUTBOUND_LIMIT: Final = 64 * 1024 * 1024
+_INFLIGHT_CAP: Final = 65536
+_HELLO_TIMEOUT: Final = 10.0
+
+_encode = fr.encode_frame
+_MsgFrame = fr.Msg
+
+Key = tuple[str, str | None]
+
+
+class SubscriptionCore:
+    """The node-side state of one local subscription (the client wraps it)."""
+
+    __slots__ = (
+        "_closed",
+        "_pending_bytes",
+        "_waiter",
+        "delivered",
+        "dropped",
+        "dropped_total",
+        "last_pick",
+        "max_pending",
+        "node",
+        "overflow",
+        "pending",
+        "pending_bytes_limit",
+        "queue",
+        "sid",
+        "subject",
+    )
+
+    def __init__(
+        self,
+        node: Node,
+        sid: int,
+        subject: str,
+        queue: str | None,
+        max_pending: int,
+        pending_bytes_limit: int,
+        overflow: str,
+    ) -> None:
+        self.node = node
+        self.sid = sid
+        self.subject = subject
+        self.queue = queue
+        self.max_pending = max_pending
+        self.pending_bytes_limit = pending_bytes_limit
+        self.overflow = overflow
+        self.pending: collections.deque[fr.Msg] = collections.deque()
+        self._pending_bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self.dropped = 0  # not yet reported to the reader
+        self.dropped_total = 0
+        self.delivered = 0
+        self.last_pick = 0
+        self._closed = False
+
+    def deliver(self, m: fr.Msg) -> None:
+        """Queue one message for the reader, applying the overflow policy."""
+        if self._closed:
+            return
+        n = len(m.payload)
+        if len(self.pending) >= self.max_pending or (
+            self._pending_bytes + n > self.pending_bytes_limit and self.pending
+        ):
+            self.dropped += 1
+            self.dropped_total += 1
+            self.node.dropped += 1
+            if self.overflow == "drop_old":
+                old = self.pending.popleft()
+                self._pending_bytes -= len(old.payload)
+            else:
+                self._wake()
+                return
+        self.pending.append(m)
+        self._pending_bytes += n
+        self.delivered += 1
+        self._wake()
+
+    def note_remote_drop(self, count: int) -> None:
+        """A hub dropped ``count`` messages for this node that may have been ours."""
+        self.dropped += count
+        self.dropped_total += count
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def get(self) -> fr.Msg | None:
+        """Next message; ``None`` once closed and drained.  Raises SlowConsumer once per loss."""
+        while True:
+            if self.dropped:
+                n, self.dropped = self.dropped, 0
+                raise SlowConsumer(self.subject, n)
+            if self.pending:
+                m = self.pending.popleft()
+                self._pending_bytes -= len(m.payload)
+                return m
+            if self._closed:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def close(self) -> None:
+        """Stop accepting messages; the reader drains what is pending, then ends."""
+        self._closed = True
+        self._wake()
+
+    @property
+    def closed(self) -> bool:
+        """True once closed."""
+        return self._closed
+
+
+class _Inbox(SubscriptionCore):
+    """The node's single inbox subscription: replies resolve request futures."""
+
+    __slots__ = ("futures", "prefix_len")
+
+    def __init__(self, node: Node, subject: str) -> None:
+        super().__init__(node, 0, subject, None, 1, 1, "drop_new")
+        self.futures: dict[str, asyncio.Future[fr.Msg]] = {}
+        self.prefix_len = len(subject) - 1  # strip the trailing '*'
+
+    def deliver(self, m: fr.Msg) -> None:
+        fut = self.futures.get(m.subject[self.prefix_len :])
+        if fut is not None and not fut.done():  # first reply wins
+            fut.set_result(m)
+
+
+class LinkState:
+    """A link as the node sees it: peer identity, interest, in-flight requests, counters."""
+
+    def __init__(self, node: Node, link: Link, name: str, crash_error: str) -> None:
+        self.node = node
+        self.link = link
+        self.name = name
+        self.crash_error = crash_error
+        self.peer: fr.Hello | None = None
+        self.ready = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.remote_keys: set[Key] = set()
+        self.inflight: dict[str, None] = {}
+        self.dropped = 0
+        self.dropped_unreported = 0
+        self.dropped_subjects: dict[str, None] = {}
+        self.slow_events = 0
+        self.last_pick = 0
+        self.close_reason = ""
+        self.notices: collections.deque[fr.Notice] = collections.deque(maxlen=100)
+        self.pongs: dict[int, asyncio.Future[None]] = {}
+        self.on_notice: Callable[[fr.Notice], None] | None = None
+
+    @property
+    def busy(self) -> int:
+        """How loaded this link is, for least-busy queue-group selection."""
+        return len(self.inflight) * 65536 + self.link.pending_out
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and identity of this link."""
+        d = self.link.info.as_dict()
+        d.update(
+            name=self.name,
+            peer_node=self.peer.node_id if self.peer else None,
+            peer_name=self.peer.name if self.peer else d.get("peer_name", ""),
+            pending_out=self.link.pending_out,
+            dropped=self.dropped,
+            slow_consumer_events=self.slow_events,
+            inflight_requests=len(self.inflight),
+            interest=sorted(f"{s}" + (f" [{q}]" if q else "") for s, q in self.remote_keys),
+        )
+        if self.peer is not None:
+            d["peer_pid"] = d.get("peer_pid") or self.peer.pid
+            d["peer_uid"] = d.get("peer_uid") if d.get("peer_uid") is not None else self.peer.uid
+        return d
+
+
+class Node:
+    """One process's reactor.  Use as an async context manager.
+
+    ``outbound_limit`` bounds the bytes queued toward one link by forwarding
+    before messages for that link are dropped (and reported); local
+    publishers are never dropped, they wait instead.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "",
+        max_frame: int = fr.DEFAULT_MAX_FRAME,
+        outbound_limit: int = DEFAULT_OUTBOUND_LIMIT,
+    ) -> None:
+        self.node_id = secrets.token_hex(6)
+        self.name = name
+        self.max_frame = max_frame
+        self.outbound_limit = outbound_limit
+        self.links: list[LinkState] = []
+        self._local: SubjectIndex[SubscriptionCore] = SubjectIndex()
+        self._remote: SubjectIndex[tuple[LinkState, str | None]] = SubjectIndex()
+        self._local_counts: dict[Key, int] = {}
+        self._subs: dict[int, SubscriptionCore] = {}
+        self._totals: dict[Key, int] = {}
+        self._reply_routes: dict[str, set[LinkState]] = {}
+        self._sids = itertools.count(1)
+        self._tokens = itertools.count(1)
+        self._rr = 0
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closed = False
+        self.started = time.time()
+        self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
+        self.dropped = 0
+        self.on_link_closed: list[Callable[[LinkState], None]] = []
+        self.inbox = _Inbox(self, f"{INBOX_PREFIX}{self.node_id}.*")
+
+    # -- lifetime ----------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        self._tg_cm = anyio.create_task_group()
+        self._tg = await self._tg_cm.__aenter__()
+        self._add_local(self.inbox)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        await self.aclose()
+        return await self._tg_cm.__aexit__(exc_type, exc, tb)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` started."""
+        return self._closed
+
+    @property
+    def task_group(self) -> anyio.abc.TaskGroup:
+        """The task group owning the node's background tasks."""
+        if self._tg is None:
+            raise BusClosed("node is not started")
+        return self._tg
+
+    async def aclose(self) -> None:
+        """Close every link and end every subscription.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for ls in list(self.links):
+            with contextlib.suppress(Exception):
+                ls.link.send_nowait(_encode(fr.Notice("shutdown", "node closing")))
+        with anyio.CancelScope(shield=True):
+            for ls in list(self.links):
+                with contextlib.suppress(Exception):
+                    await ls.link.aclose()
+        for sub in list(self._subs.values()):
+            sub.close()
+        for fut in list(self.inbox.futures.values()):
+            if not fut.done():
+                fut.set_exception(BusClosed("bus closed while waiting for a reply"))
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    # -- links ---------------------------------------------------------------
+
+    def hello(self) -> fr.Hello:
+        """The Hello frame this node sends on every new link."""
+        return fr.Hello(
+            version=fr.PROTOCOL_VERSION,
+            node_id=self.node_id,
+            pid=os.getpid(),
+            uid=os.getuid(),
+            name=self.name,
+            max_frame=self.max_frame,
+        )
+
+    async def add_link(
+        self, link: Link, *, name: str = "", crash_error: str = "ConnectionClosed", wait: bool = True
+    ) -> LinkState:
+        """Attach a link: exchange Hello, share interest, start routing its frames.
+
+        With ``wait`` (the default) returns once the peer's Hello arrived;
+        raises :class:`ProtocolError` or :class:`ConnectionClosed` if it does
+        not (the link is then closed).
+        """
+        if self._closed:
+            await link.aclose()
+            raise BusClosed("node is closed")
+        ls = LinkState(self, link, name, crash_error)
+        link.send_nowait(_encode(self.hello()))
+        self.links.append(ls)
+        for key, total in self._totals.items():
+            if total > 0:
+                link.send_nowait(_encode(fr.Sub(key[0], key[1])))
+        self.task_group.start_soon(self._run_link, ls, name=f"ipcbus-link-{name}")
+        if wait:
+            with anyio.move_on_after(_HELLO_TIMEOUT):
+                await _first_of(ls.ready, ls.closed)
+            if not ls.ready.is_set():
+                if not ls.closed.is_set():
+                    await self._drop_link(ls, "no hello from peer")
+                raise ConnectionClosed(
+                    f"link {name or link.info.transport!r} closed before the handshake: "
+                    f"{ls.close_reason or 'no hello'}"
+                )
+        return ls
+
+    async def _run_link(self, ls: LinkState) -> None:
+        link = ls.link
+        reason = "closed"
+        try:
+            raw = await link.recv()
+            hello = fr.decode_frame(raw)
+            if not isinstance(hello, fr.Hello):
+                raise ProtocolError(f"expected hello as the first frame, got {type(hello).__name__}")
+            if hello.version != fr.PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"peer speaks protocol version {hello.version}, this node speaks "
+                    f"{fr.PROTOCOL_VERSION}; upgrade the older side"
+                )
+            ls.peer = hello
+            if link.info.peer_pid is None:
+                link.info.peer_pid = hello.pid
+            if link.info.peer_uid is None:
+                link.info.peer_uid = hello.uid
+            if not link.info.peer_name:
+                link.info.peer_name = hello.name
+            ls.ready.set()
+            recv = link.recv
+            handle_msg = self._on_msg
+            decode = fr.decode_frame
+            while True:
+                raw = await recv()
+                frame = decode(raw)
+                if type(frame) is _MsgFrame:
+                    self.msgs_in += 1
+                    self.bytes_in += len(frame.payload)
+                    handle_msg(frame, raw, ls)
+                else:
+                    self._on_control(frame, ls)
+        except EndOfStream:
+            reason = "peer closed"
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("link %s (pid %s): %s; closing it", ls.name, link.info.peer_pid, exc)
+            with contextlib.suppress(Exception):
+                link.send_nowait(_encode(fr.Notice("protocol_error", str(exc)[:1000])))
+        except ConnectionClosed as exc:
+            reason = f"connection closed: {exc}"
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._drop_link(ls, reason)
+
+    async def _drop_link(self, ls: LinkState, reason: str) -> None:
+        if ls.closed.is_set():
+            return
+        ls.close_reason = reason
+        ls.closed.set()
+        if ls in self.links:
+            self.links.remove(ls)
+        for key in list(ls.remote_keys):
+            self._remote_unsub(ls, key)
+        for fut in ls.pongs.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed(f"link closed: {reason}"))
+        # Requests in flight over this link will never be answered through it.
+        for reply in list(ls.inflight):
+            routes = self._reply_routes.get(reply)
+            if routes is None:
+                continue
+            routes.discard(ls)
+            if not routes:
+                del self._reply_routes[reply]
+                self._route(
+                    fr.Msg(
+                        reply,
+                        headers={
+                            STATUS_HEADER: "closed",
+                            ERROR_TYPE_HEADER: ls.crash_error,
+                            ERROR_MSG_HEADER: f"the responder's link closed ({reason})",
+                        },
+                    ),
+                    None,
+                    None,
+                )
+        ls.inflight.clear()
+        log.info(
+            "link %s closed (transport %s, peer pid %s): %s",
+            ls.name,
+            ls.link.info.transport,
+            ls.link.info.peer_pid,
+            reason,
+        )
+        await ls.link.aclose()
+        for cb in list(self.on_link_closed):
+            cb(ls)
+
+    # -- interest ------------------------------------------------------------
+
+    def _announce(self, key: Key, old_total: int, new_total: int, origin: LinkState | None) -> None:
+        """Send Sub/Unsub to each link whose view of ``key`` changed."""
+        sub = unsub = None
+        for ls in self.links:
+            if ls is origin:
+                continue
+            has = 1 if key in ls.remote_keys else 0
+            before, after = old_total - has, new_total - has
+            try:
+                if before == 0 and after > 0:
+                    sub = sub or _encode(fr.Sub(key[0], key[1]))
+                    ls.link.send_nowait(sub)
+                elif before > 0 and after == 0:
+                    unsub = unsub or _encode(fr.Unsub(key[0], key[1]))
+                    ls.link.send_nowait(unsub)
+            except ConnectionClosed:
+                pass
+
+    def _bump(self, key: Key, delta: int, origin: LinkState | None) -> None:
+        old = self._totals.get(key, 0)
+        new = old + delta
+        if new:
+            self._totals[key] = new
+        else:
+            self._totals.pop(key, None)
+        self._announce(key, old, new, origin)
+
+    def _add_local(self, sub: SubscriptionCore) -> None:
+        self._local.add(sub.subject, sub)
+        key = (sub.subject, sub.queue)
+        self._local_counts[key] = self._local_counts.get(key, 0) + 1
+        self._bump(key, 1, None)
+
+    def _remove_local(self, sub: SubscriptionCore) -> None:
+        if not self._local.remove(sub.subject, sub):
+            return
+        key = (sub.subject, sub.queue)
+        c = self._local_counts.get(key, 0) - 1
+        if c > 0:
+            self._local_counts[key] = c
+        else:
+            self._local_counts.pop(key, None)
+        self._bump(key, -1, None)
+
+    def _remote_sub(self, ls: LinkState, key: Key) -> None:
+        if key in ls.remote_keys:
+            return
+        validate_pattern(key[0])
+        ls.remote_keys.add(key)
+        self._remote.add(key[0], (ls, key[1]))
+        self._bump(key, 1, ls)
+
+    def _remote_unsub(self, ls: LinkState, key: Key) -> None:
+        if key not in ls.remote_keys:
+            return
+        ls.remote_keys.discard(key)
+        self._remote.remove(key[0], (ls, key[1]))
+        self._bump(key, -1, ls)
+
+    # -- subscriptions -------------------------------------------------------
+
+    def subscribe(
+        self,
+        subject: str,
+        *,
+        queue: str | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        pending_bytes: int = DEFAULT_PENDING_BYTES,
+        overflow: str = "drop_new",
+    ) -> SubscriptionCore:
+        """Register a local subscription and announce the interest on every link."""
+        if self._closed:
+            raise BusClosed("bus is closed")
+        validate_pattern(subject)
+        if queue is not None:
+            validate_subject(queue)
+        if overflow not in ("drop_new", "drop_old"):
+            raise ValueError(f"overflow must be 'drop_new' or 'drop_old', not {overflow!r}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
+        sub = SubscriptionCore(
+            self, next(self._sids), subject, queue, max_pending, pending_bytes, overflow
+        )
+        self._add_local(sub)
+        self._subs[sub.sid] = sub
+        return sub
+
+    def unsubscribe(self, sub: SubscriptionCore) -> None:
+        """Remove a local subscription; its reader drains what is pending."""
+        self._remove_local(sub)
+        self._subs.pop(sub.sid, None)
+        sub.close()
+
+    def has_interest(self, subject: str) -> bool:
+        """Whether anyone (here or across a link) wants ``subject``."""
+        return self._local.has_match(subject) or self._remote.has_match(subject)
+
+    # -- routing -------------------------------------------------------------
+
+    def _on_msg(self, m: fr.Msg, raw: bytes, origin: LinkState) -> None:
+        self._route(m, raw, origin)
+
+    def _route(self, m: fr.Msg, raw: bytes | None, origin: LinkState | None) -> int:
+        """Deliver ``m`` locally and forward it; return how many destinations took it."""
+        subject = m.subject
+        routes = self._reply_routes
+        if routes and subject in routes:
+            for ls in routes.pop(subject):
+                ls.inflight.pop(subject, None)
+        locals_ = self._local.match(subject)
+        remotes = self._remote.match(subject)
+        if not locals_ and not remotes:
+            if origin is not None and m.reply is not None:
+                self._no_responders(m)
+            return 0
+        groups_in = m.groups
+        candidates: dict[str, list[SubscriptionCore | LinkState]] | None = None
+        count = 0
+        for sub in locals_:
+            q = sub.queue
+            if q is None:
+                sub.deliver(m)
+                count += 1
+            elif origin is None or q in groups_in:
+                if candidates is None:
+                    candidates = {}
+                candidates.setdefault(q, []).append(sub)
+        plain: dict[LinkState, None] = {}
+        for ls, q in remotes:
+            if ls is origin:
+                continue
+            if q is None:
+                plain[ls] = None
+            elif origin is None or q in groups_in:
+                if candidates is None:
+                    candidates = {}
+                candidates.setdefault(q, []).append(ls)
+        link_groups: dict[LinkState, list[str]] | None = None
+        if candidates:
+            for q, cands in candidates.items():
+                pick = self._pick(cands)
+                if isinstance(pick, LinkState):
+                    if link_groups is None:
+                        link_groups = {}
+                    link_groups.setdefault(pick, []).append(q)
+                else:
+                    pick.deliver(m)
+                    count += 1
+        targets: list[LinkState] = list(plain)
+        if link_groups:
+            targets.extend(ls for ls in link_groups if ls not in plain)
+        if not targets:
+            if count == 0 and origin is not None and m.reply is not None:
+                self._no_responders(m)
+            return count
+        plain_frame: bytes | None = raw if (raw is not None and not groups_in) else None
+        reply = m.reply
+        for ls in targets:
+            gs = link_groups.get(ls) if link_groups else None
+            if gs:
+                frame = _encode(
+                    fr.Msg(m.subject, m.reply, m.headers, m.payload, tuple(sorted(gs)))
+                )
+            else:
+                if plain_frame is None:
+                    plain_frame = _encode(
+                        fr.Msg(m.subject, m.reply, m.headers, m.payload)
+                        if groups_in
+                        else m
+                    )
+                frame = plain_frame
+            if self._forward(ls, frame, subject, origin is not None):
+                count += 1
+                if reply is not None and not reply.startswith(self.inbox.subject[:-1]):
+                    self._track(ls, reply)
+        if count == 0 and origin is not None and reply is not None:
+            self._no_responders(m)
+        return count
+
+    def _pick(self, cands: list[SubscriptionCore | LinkState]) -> SubscriptionCore | LinkState:
+        """Least busy member; among equals, the one picked longest ago (round robin)."""
+        self._rr += 1
+        if len(cands) == 1:
+            best = cands[0]
+        else:
+            best = min(cands, key=_load)
+        best.last_pick = self._rr
+        return best
+
+    def _forward(self, ls: LinkState, frame: bytes, subject: str, forwarded: bool) -> bool:
+        link = ls.link
+        if forwarded and link.pending_out > self.outbound_limit:
+            # Slow link: drop for this link only, count, report when it catches up.
+            ls.dropped += 1
+            self.dropped += 1
+            if not ls.dropped_unreported:
+                ls.slow_events += 1
+                log.warning(
+                    "slow consumer: link %s (pid %s) has %d bytes queued; dropping its messages",
+                    ls.name,
+                    link.info.peer_pid,
+                    link.pending_out,
+                )
+            ls.dropped_unreported += 1
+            if len(ls.dropped_subjects) < 64:
+                ls.dropped_subjects[subject] = None
+            return False
+        try:
+            if ls.dropped_unreported:
+                link.send_nowait(
+                    _encode(
+                        fr.Notice(
+                            "slow_consumer",
+                            f"{ls.dropped_unreported} message(s) dropped: link too slow",
+                            tuple(ls.dropped_subjects),
+                            ls.dropped_unreported,
+                        )
+                    )
+                )
+                ls.dropped_unreported = 0
+                ls.dropped_subjects.clear()
+            link.send_nowait(frame)
+        except ConnectionClosed:
+            return False
+        except FrameTooLarge:
+            log.warning("message on %r too large for link %s; not forwarded", subject, ls.name)
+            return False
+        self.msgs_out += 1
+        return True
+
+    def _track(self, ls: LinkState, reply: str) -> None:
+        ls.inflight[reply] = None
+        self._reply_routes.setdefault(reply, set()).add(ls)
+        if len(ls.inflight) > _INFLIGHT_CAP:  # requester gave up long ago
+            old = next(iter(ls.inflight))
+            del ls.inflight[old]
+            r = self._reply_routes.get(old)
+            if r is not None:
+                r.discard(ls)
+                if not r:
+                    del self._reply_routes[old]
+
+    def _no_responders(self, m: fr.Msg) -> None:
+        assert m.reply is not None
+        if m.headers and STATUS_HEADER in m.headers:
+            return  # never answer a status with a status
+        self._route(fr.Msg(m.reply, headers={STATUS_HEADER: "no-responders"}), None, None)
+
+    def _on_control(self, frame: fr.Frame, ls: LinkState) -> None:
+        t = type(frame)
+        if t is fr.Sub:
+            assert isinstance(frame, fr.Sub)
+            self._remote_sub(ls, (frame.subject, frame.queue))
+        elif t is fr.Unsub:
+            assert isinstance(frame, fr.Unsub)
+            self._remote_unsub(ls, (frame.subject, frame.queue))
+        elif t is fr.Ping:
+            assert isinstance(frame, fr.Ping)
+            ls.link.send_nowait(_encode(fr.Pong(frame.token)))
+        elif t is fr.Pong:
+            assert isinstance(frame, fr.Pong)
+            fut = ls.pongs.pop(frame.token, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif t is fr.Notice:
+            assert isinstance(frame, fr.Notice)
+            ls.notices.append(frame)
+            if frame.code == "slow_consumer":
+                subs: dict[SubscriptionCore, None] = {}
+                for s in frame.subjects:
+                    for sub in self._local.match(s):
+                        subs[sub] = None
+                for sub in subs:
+                    if sub is not self.inbox:
+                        sub.note_remote_drop(frame.count)
+                self.dropped += frame.count
+            elif frame.code == "protocol_error":
+                log.warning("peer %s reports a protocol error: %s", ls.name, frame.message)
+            if ls.on_notice is not None:
+                ls.on_notice(frame)
+        elif t is fr.Hello:
+            raise ProtocolError("unexpected second hello on an established link")
+
+    # -- publishing ----------------------------------------------------------
+
+    def publish_nowait(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        reply: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> int:
+        """Route a message published here without waiting; returns destinations reached."""
+        if self._closed:
+            raise BusClosed("bus is closed")
+        m = fr.Msg(subject, reply, headers, payload)
+        if len(payload) + len(subject) + 64 > self.max_frame:
+            size = len(_encode(m))
+            if size > self.max_frame:
+                raise FrameTooLarge(size, self.max_frame, "message")
+        self.bytes_out += len(payload)
+        return self._route(m, None, None)
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        reply: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> int:
+        """Route a message published here; wait while a link is above its high-water mark."""
+        n = self.publish_nowait(subject, payload, reply=reply, headers=headers)
+        for ls in self.links:
+            link = ls.link
+            if link.pending_out > link.high_water:
+                with contextlib.suppress(ConnectionClosed):
+                    await link.wait_writable()
+        return n
+
+    def new_reply_subject(self) -> tuple[str, str]:
+        """A fresh (token, reply subject) in this node's inbox."""
+        token = format(next(self._tokens), "x")
+        return token, self.inbox.subject[:-1] + token
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every link's peer has processed everything sent so far."""
+        futs: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
+        for ls in list(self.links):
+            if ls.closed.is_set():
+                continue
+            token = next(self._tokens)
+            fut: asyncio.Future[None] = loop.create_future()
+            ls.pongs[token] = fut
+            try:
+                ls.link.send_nowait(_encode(fr.Ping(token)))
+            except ConnectionClosed:
+                ls.pongs.pop(token, None)
+                continue
+            futs.append(fut)
+        if futs:
+            with anyio.fail_after(timeout):
+                await asyncio.gather(*futs, return_exceptions=True)
+
+    # -- introspection -------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the node and each link."""
+        subs = list(self._subs.values())
+        return {
+            "node_id": self.node_id,
+            "name": self.name,
+            "pid": os.getpid(),
+            "uptime": time.time() - self.started,
+            "msgs_in": self.msgs_in,
+            "msgs_out": self.msgs_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "pending": sum(len(s.pending) for s in subs),
+            "dropped": self.dropped,
+            "subscriptions": [
+                {
+                    "sid": s.sid,
+                    "subject": s.subject,
+                    "queue": s.queue,
+                    "pending": len(s.pending),
+                    "delivered": s.delivered,
+                    "dropped": s.dropped_total,
+                }
+                for s in subs
+            ],
+            "links": [ls.stats() for ls in self.links],
+        }
+
+
+def _load(c: SubscriptionCore | LinkState) -> tuple[int, int]:
+    if isinstance(c, LinkState):
+        return (len(c.inflight) + c.link.pending_out // 65536, c.last_pick)
+    return (len(c.pending) // 16, c.last_pick)
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def wait(ev: asyncio.Event) -> None:
+            await ev.wait()
+            tg.cancel_scope.cancel()
+
+        for ev in events:
+            tg.start_soon(wait, ev)
+

@@ -1,0 +1,330 @@
+"""WorkerPool: child processes connected to this process's node by anonymous pipes.
+
+Each worker is a fresh interpreter (``python -m ipcbus.worker``; no fork of a
+running event loop, nothing pickled) that receives its two pipe ends by
+inheritance, builds its own node and :class:`~ipcbus.Bus`, and runs the
+user's ``async def setup(bus)`` given as ``"module:function"``.  When setup
+returns, the worker tells the parent it is ready; if setup raises, it sends
+the error and exits, and :class:`WorkerPool` start fails with
+:class:`~ipcbus.errors.WorkerStartError`.
+
+A worker that dies is noticed at once (end of stream on its pipe): requests
+in flight to it fail with :class:`~ipcbus.errors.WorkerCrashed`, and it is
+restarted with exponential backoff.  A worker that dies again before its
+setup finishes is not restarted forever: after ``max_start_failures``
+consecutive failures it is reported (``pool.errors``, the log) and left down.
+A worker whose parent dies sees end of stream and exits: no orphans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from . import frames as fr
+from .client import Bus
+from .errors import BusClosed, ConnectionClosed, WorkerStartError
+from .node import LinkState, Node
+from .transports.pipe import ChildPipes
+
+__all__ = ["WorkerPool"]
+
+log = logging.getLogger("ipcbus.pool")
+
+_START_TIMEOUT = 30.0
+_STOP_TIMEOUT = 5.0
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    link: LinkState | None = None
+    starts: int = 0
+    start_failures: int = 0
+    crashes: int = 0
+    started_at: float = 0.0
+    state: str = "starting"
+    last_error: str = ""
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class WorkerPool:
+    """A pool of worker processes on this process's node.
+
+    ``target`` is ``"module:function"``, an ``async def setup(bus)`` that
+    registers the worker's services and subscriptions.  Use as an async
+    context manager; ``pool.bus`` publishes, subscribes and requests across
+    every worker.  Requests to a service the workers serve in one queue group
+    go to the least busy worker.
+
+    ``transport`` is ``"pipe"`` (anonymous pipes, the default).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        workers: int = 4,
+        *,
+        name: str = "pool",
+        transport: str = "pipe",
+        max_frame: int = fr.DEFAULT_MAX_FRAME,
+        max_start_failures: int = 3,
+        restart_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if ":" not in target:
+            raise ValueError(f"target must be 'module:function', not {target!r}")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        if transport != "pipe":
+            raise ValueError(f"unknown pool transport {transport!r}; use 'pipe'")
+        self.target = target
+        self.size = workers
+        self.name = name
+        self.transport = transport
+        self.max_frame = max_frame
+        self.max_start_failures = max_start_failures
+        self.restart_backoff = restart_backoff
+        self.max_backoff = max_backoff
+        self.python = python or sys.executable
+        self.env = env
+        self.errors: list[str] = []
+        self._workers = [_Worker(i) for i in range(workers)]
+        self._node: Node | None = None
+        self._bus: Bus | None = None
+        self._closing = False
+        self._tg_cm: Any = None
+
+    @property
+    def bus(self) -> Bus:
+        """The parent's bus: publish, subscribe, request across the workers."""
+        if self._bus is None:
+            raise BusClosed("the pool is not started; use `async with WorkerPool(...)`")
+        return self._bus
+
+    @property
+    def pids(self) -> list[int]:
+        """Pids of the workers currently running."""
+        return [w.proc.pid for w in self._workers if w.proc is not None and w.state == "ready"]
+
+    def stats(self) -> dict[str, Any]:
+        """Per-worker state, restarts and crashes, plus the node's counters."""
+        return {
+            "workers": [
+                {
+                    "index": w.index,
+                    "pid": w.proc.pid if w.proc else None,
+                    "state": w.state,
+                    "starts": w.starts,
+                    "crashes": w.crashes,
+                    "last_error": w.last_error,
+                }
+                for w in self._workers
+            ],
+            "errors": list(self.errors),
+            "node": self._node.stats() if self._node else None,
+        }
+
+    async def __aenter__(self) -> WorkerPool:
+        self._node = Node(name=self.name, max_frame=self.max_frame)
+        await self._node.__aenter__()
+        self._bus = Bus(self._node)
+        self._node.on_link_closed.append(self._on_link_closed)
+        try:
+            with anyio.fail_after(_START_TIMEOUT):
+                async with anyio.create_task_group() as tg:
+                    for w in self._workers:
+                        tg.start_soon(self._start, w)
+        except BaseException as exc:
+            await self._shutdown()
+            await self._node.__aexit__(type(exc), exc, exc.__traceback__)
+            if isinstance(exc, TimeoutError):
+                raise WorkerStartError(
+                    f"workers did not finish setup within {_START_TIMEOUT:g} s"
+                ) from None
+            if isinstance(exc, BaseExceptionGroup):
+                first = exc.exceptions[0]
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from None
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._shutdown()
+        assert self._node is not None
+        await self._node.__aexit__(exc_type, exc, tb)
+
+    async def _spawn(self, w: _Worker) -> None:
+        """Start worker ``w`` and wait until its setup finished (or failed)."""
+        assert self._node is not None
+        pipes = ChildPipes.create()
+        w.ready = asyncio.Event()
+        w.exited = asyncio.Event()
+        w.state = "starting"
+        w.starts += 1
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.python,
+                "-m",
+                "ipcbus.worker",
+                str(pipes.child_r),
+                str(pipes.child_w),
+                self.target,
+                f"{self.name}-{w.index}",
+                str(self.max_frame),
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=pipes.child_fds,
+                env=self.env,
+            )
+        except BaseException:
+            pipes.close()
+            raise
+        w.proc = proc
+        w.started_at = time.monotonic()
+        link = pipes.parent_link(peer_pid=proc.pid, max_frame=self.max_frame)
+        self._node.task_group.start_soon(self._reap, w, proc)
+        failure: list[str] = []
+
+        def on_notice(n: fr.Notice) -> None:
+            if n.code == "ready":
+                w.ready.set()
+            elif n.code == "setup_failed":
+                failure.append(n.message)
+                w.ready.set()
+
+        try:
+            ls = await self._node.add_link(
+                link, name=f"worker-{w.index}", crash_error="WorkerCrashed", wait=False
+            )
+        except BusClosed:
+            raise
+        ls.on_notice = on_notice
+        w.link = ls
+        async with anyio.create_task_group() as tg:
+
+            async def wait_ready() -> None:
+                await w.ready.wait()
+                tg.cancel_scope.cancel()
+
+            async def wait_closed() -> None:
+                await ls.closed.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait_ready)
+            tg.start_soon(wait_closed)
+        if failure or not w.ready.is_set():
+            if not failure:
+                await w.exited.wait()
+            reason = failure[0] if failure else f"worker exited with code {proc.returncode}"
+            w.state = "failed"
+            w.last_error = reason
+            raise WorkerStartError(
+                f"worker {w.index} of pool {self.name!r} failed to start {self.target!r}: {reason}"
+            )
+        w.state = "ready"
+        w.start_failures = 0
+        log.info("pool %s: worker %d ready (pid %d)", self.name, w.index, proc.pid)
+
+    async def _start(self, w: _Worker) -> None:
+        await self._spawn(w)
+
+    async def _reap(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
+        with anyio.CancelScope(shield=self._closing):
+            await proc.wait()
+        w.exited.set()
+
+    def _on_link_closed(self, ls: LinkState) -> None:
+        for w in self._workers:
+            if w.link is ls:
+                w.link = None
+                if self._closing or w.state != "ready":
+                    return
+                w.state = "crashed"
+                w.crashes += 1
+                log.warning(
+                    "pool %s: worker %d (pid %s) died: %s; restarting",
+                    self.name,
+                    w.index,
+                    w.proc.pid if w.proc else "?",
+                    ls.close_reason,
+                )
+                assert self._node is not None
+                self._node.task_group.start_soon(self._restart, w)
+                return
+
+    async def _restart(self, w: _Worker) -> None:
+        delay = self.restart_backoff
+        while not self._closing:
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
+                await w.exited.wait()
+            await anyio.sleep(delay)  # backoff between restarts, not event ordering
+            if self._closing:
+                return
+            try:
+                await self._spawn(w)
+                return
+            except (WorkerStartError, ConnectionClosed, OSError) as exc:
+                w.start_failures += 1
+                if w.start_failures >= self.max_start_failures:
+                    msg = (
+                        f"worker {w.index} of pool {self.name!r} failed to restart "
+                        f"{w.start_failures} times; giving up: {exc}"
+                    )
+                    w.state = "failed"
+                    self.errors.append(msg)
+                    log.error("%s", msg)
+                    return
+                delay = min(delay * 2, self.max_backoff)
+
+    async def _shutdown(self) -> None:
+        """Drain in-flight requests, close every link, wait for the children."""
+        if self._closing:
+            return
+        self._closing = True
+        node = self._node
+        with anyio.CancelScope(shield=True):
+            if node is not None:
+                with anyio.move_on_after(_STOP_TIMEOUT):
+                    while any(ls.inflight for ls in node.links):
+                        await anyio.sleep(0.01)  # polling in-flight counts during shutdown only
+                for w in self._workers:
+                    if w.link is not None:
+                        with contextlib.suppress(Exception):
+                            await w.link.link.aclose()
+            for w in self._workers:
+                proc = w.proc
+                if proc is None:
+                    continue
+                with anyio.move_on_after(_STOP_TIMEOUT):
+                    await w.exited.wait() if w.exited is not None else proc.wait()
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
+            if node is not None:
+                await node.aclose()
+
+
+def _child_env() -> dict[str, str]:
+    return dict(os.environ)
