@@ -156,7 +156,7 @@ class Subscription:
         if timeout is None:
             m = await self._core.get()
         else:
-            with anyio.fail_after(timeout):
+            async with asyncio.timeout(timeout):
                 m = await self._core.get()
         if m is None:
             raise BusClosed(f"subscription to {self.subject!r} is closed")
@@ -452,7 +452,8 @@ class Bus:
         try:
             await node.publish(subject, payload, reply=reply, headers=headers)
             try:
-                with anyio.fail_after(timeout):
+                # asyncio.timeout: a fraction of the cost of a cancel scope, on the hot path.
+                async with asyncio.timeout(timeout):
                     m = await fut
             except TimeoutError:
                 raise RequestTimeout(subject, timeout) from None

@@ -289,6 +289,8 @@ class Node:
         self._tokens = itertools.count(1)
         self._rr = 0
         self._tg: anyio.abc.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
         self._closed = False
         self.started = time.time()
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
@@ -298,20 +300,45 @@ class Node:
 
     # -- lifetime ----------------------------------------------------------
 
-    async def __aenter__(self) -> Node:
-        self._tg_cm = anyio.create_task_group()
-        self._tg = await self._tg_cm.__aenter__()
+    async def start(self) -> Node:
+        """Start the node's runner task, which owns its task group.
+
+        The task group lives in a runner task of its own, so a node started
+        by ``bus = await ipcbus.connect()`` can be closed later from any task.
+        """
+        if self._runner is not None:
+            return self
+        started = asyncio.Event()
+        self._runner = asyncio.get_running_loop().create_task(
+            self._run(started), name=f"ipcbus-node-{self.name or self.node_id}"
+        )
+        await started.wait()
         self._add_local(self.inbox)
         return self
+
+    async def _run(self, started: asyncio.Event) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                started.set()
+                await self._stop.wait()
+                tg.cancel_scope.cancel()
+        except Exception:  # a background task failed unexpectedly: the node is unusable
+            log.exception("node %s: background task failed; closing the node", self.name)
+            self._closed = True
+        finally:
+            started.set()
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
 
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
+    ) -> None:
         await self.aclose()
-        return await self._tg_cm.__aexit__(exc_type, exc, tb)
 
     @property
     def closed(self) -> bool:
@@ -321,8 +348,8 @@ class Node:
     @property
     def task_group(self) -> anyio.abc.TaskGroup:
         """The task group owning the node's background tasks."""
-        if self._tg is None:
-            raise BusClosed("node is not started")
+        if self._tg is None or self._stop.is_set():
+            raise BusClosed("node is not running")
         return self._tg
 
     async def aclose(self) -> None:
@@ -342,8 +369,10 @@ class Node:
         for fut in list(self.inbox.futures.values()):
             if not fut.done():
                 fut.set_exception(BusClosed("bus closed while waiting for a reply"))
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+        self._stop.set()
+        if self._runner is not None:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([self._runner])
 
     # -- links ---------------------------------------------------------------
 
@@ -654,7 +683,7 @@ class Node:
                 frame = plain_frame
             if self._forward(ls, frame, subject, origin is not None):
                 count += 1
-                if reply is not None and not reply.startswith(self.inbox.subject[:-1]):
+                if reply is not None:
                     self._track(ls, reply)
         if count == 0 and origin is not None and reply is not None:
             self._no_responders(m)

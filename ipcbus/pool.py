@@ -140,7 +140,7 @@ class WorkerPool:
 
     async def __aenter__(self) -> WorkerPool:
         self._node = Node(name=self.name, max_frame=self.max_frame)
-        await self._node.__aenter__()
+        await self._node.start()
         self._bus = Bus(self._node)
         self._node.on_link_closed.append(self._on_link_closed)
         try:
@@ -150,7 +150,7 @@ class WorkerPool:
                         tg.start_soon(self._start, w)
         except BaseException as exc:
             await self._shutdown()
-            await self._node.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._node.aclose()
             if isinstance(exc, TimeoutError):
                 raise WorkerStartError(
                     f"workers did not finish setup within {_START_TIMEOUT:g} s"
@@ -171,7 +171,7 @@ class WorkerPool:
     ) -> None:
         await self._shutdown()
         assert self._node is not None
-        await self._node.__aexit__(exc_type, exc, tb)
+        await self._node.aclose()
 
     async def _spawn(self, w: _Worker) -> None:
         """Start worker ``w`` and wait until its setup finished (or failed)."""

@@ -46,7 +46,6 @@ from ipcbus.bench.workloads import (
     peer_say,
     peer_wait,
     rate_metrics,
-    run_async,
     scratch_dir,
     stream_metrics,
 )

@@ -66,6 +66,7 @@ import msgspec
 
 __all__ = [
     "DRIVERS",
+    "Budget",
     "WORKLOADS",
     "Metrics",
     "Outcome",
@@ -74,6 +75,7 @@ __all__ = [
     "Unavailable",
     "driver_for",
     "echo_setup",
+    "fanout_metrics",
     "latency_metrics",
     "main",
     "now_ns",
@@ -81,6 +83,7 @@ __all__ = [
     "peer_wait",
     "rate_metrics",
     "run_async",
+    "run_inflight",
     "sink_setup",
     "stream_metrics",
 ]
@@ -122,8 +125,47 @@ class Params(msgspec.Struct, kw_only=True, frozen=True):
     """Worker processes (W4)."""
     pinned: bool = False
     """Run every process of the measurement on one CPU."""
+    duration: float = 0.0
+    """If > 0: stop starting new messages/requests after this many seconds
+    (``count`` is then a cap).  Rates use what was really done."""
     timeout: float = 120.0
     """Seconds any single wait may take before the measurement fails."""
+
+    def budget(self) -> Budget:
+        """A fresh :class:`Budget` for the timed loop (start it right before the loop)."""
+        return Budget(self.count, self.duration, every=1 if self.size >= 4096 else 16)
+
+
+class Budget:
+    """At most ``count`` operations, and none started after ``duration`` seconds.
+
+    ``for _ in budget:`` or ``while budget.take():``; ``budget.used`` is how
+    many were started.  The clock is read every ``every`` operations so the
+    check costs nothing measurable on small messages.
+    """
+
+    __slots__ = ("deadline", "every", "left", "used")
+
+    def __init__(self, count: int, duration: float = 0.0, every: int = 16) -> None:
+        self.left = count
+        self.used = 0
+        self.every = max(1, every)
+        self.deadline = now_ns() + int(duration * 1e9) if duration > 0 else 0
+
+    def take(self) -> bool:
+        """Claim one more operation; False once the count or the time is used up."""
+        if self.left <= 0:
+            return False
+        if self.deadline and self.used % self.every == 0 and now_ns() >= self.deadline:
+            self.left = 0
+            return False
+        self.left -= 1
+        self.used += 1
+        return True
+
+    def __iter__(self) -> Iterator[int]:
+        while self.take():
+            yield self.used
 
 
 class Outcome(msgspec.Struct, omit_defaults=True):
@@ -179,6 +221,15 @@ def latency_metrics(samples_ns: Sequence[int]) -> Metrics:
         "mean_us": total / len(ordered) / 1e3,
         "req_s": len(ordered) / (total / 1e9),
     }
+
+
+async def run_inflight(
+    worker: Callable[[Budget], Awaitable[None]], budget: Budget, inflight: int
+) -> None:
+    """Run ``inflight`` copies of ``worker`` sharing one budget; fail as soon as one fails."""
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(max(1, inflight)):
+            tg.create_task(worker(budget))
 
 
 def run_async(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -263,10 +314,14 @@ class Peer:
             code = self.proc.wait()
             raise PeerFailed(f"peer {self.target} exited (code {code}) before saying {tag!r}")
         word, _, rest = line.decode().partition(" ")
+        data = cast(dict[str, Any], decode(rest) if rest.strip() else {})
+        if word == "unavailable":
+            raise Unavailable(str(data.get("reason", "")))
+        if word == "error":
+            raise PeerFailed(f"peer {self.target}: {data.get('reason', '')}")
         if word != tag:
             raise PeerFailed(f"peer {self.target} said {line.decode().strip()!r}, wanted {tag!r}")
-        data = decode(rest) if rest.strip() else {}
-        return cast(dict[str, Any], data)
+        return data
 
     async def aexpect(self, tag: str, timeout: float = 120.0) -> dict[str, Any]:
         """:meth:`expect` without blocking the event loop (the read runs in a thread)."""
@@ -395,14 +450,15 @@ async def _bus_stream(bus: Any, p: Params) -> Metrics:
         await bus.publish("bench.stream", payload)
     await bus.publish("bench.stream", b"")
     await done.next(timeout=p.timeout)
+    budget = p.budget()
     t0 = now_ns()
-    for _ in range(p.count):
+    for _ in budget:
         await bus.publish("bench.stream", payload)
     await bus.publish("bench.stream", b"")
     mark = decode((await done.next(timeout=p.timeout)).data)
-    if mark["n"] != p.count:
-        raise RuntimeError(f"sink counted {mark['n']} messages, {p.count} were sent")
-    return stream_metrics(p.count, p.size, t0, mark["t"])
+    if mark["n"] != budget.used:
+        raise RuntimeError(f"sink counted {mark['n']} messages, {budget.used} were sent")
+    return stream_metrics(budget.used, p.size, t0, mark["t"])
 
 
 async def _bus_sequential(bus: Any, p: Params, subject: str = "bench.echo") -> Metrics:
@@ -410,33 +466,29 @@ async def _bus_sequential(bus: Any, p: Params, subject: str = "bench.echo") -> M
     payload = b"x" * p.size
     for _ in range(p.warmup):
         await bus.request(subject, payload, timeout=p.timeout)
-    samples = [0] * p.count
-    for i in range(p.count):
+    samples: list[int] = []
+    for _ in p.budget():
         t = now_ns()
         await bus.request(subject, payload, timeout=p.timeout)
-        samples[i] = now_ns() - t
+        samples.append(now_ns() - t)
     return latency_metrics(samples)
 
 
 async def _bus_inflight(bus: Any, p: Params, subject: str = "bench.echo") -> Metrics:
-    """W2x/W4: ``p.inflight`` coroutines issue ``p.count`` requests between them."""
+    """W2x/W4: ``p.inflight`` coroutines share the request budget."""
     payload = b"x" * p.size
 
-    async def worker(n: int) -> None:
-        for _ in range(n):
+    async def worker(budget: Budget) -> None:
+        while budget.take():
             rep = await bus.request(subject, payload, timeout=p.timeout)
             if len(rep.data) != p.size:
                 raise RuntimeError(f"echo returned {len(rep.data)} bytes, sent {p.size}")
 
-    async def spread(total: int) -> None:
-        k = max(1, p.inflight)
-        share, extra = divmod(total, k)
-        await asyncio.gather(*(worker(share + (i < extra)) for i in range(k)))
-
-    await spread(min(p.warmup, p.count))
+    await run_inflight(worker, Budget(min(p.warmup, p.count)), p.inflight)
+    budget = p.budget()
     t0 = now_ns()
-    await spread(p.count)
-    return rate_metrics(p.count, t0, now_ns())
+    await run_inflight(worker, budget, p.inflight)
+    return rate_metrics(budget.used, t0, now_ns())
 
 
 async def ipcbus_pipe_w1(p: Params) -> Metrics:
@@ -458,6 +510,27 @@ async def ipcbus_pipe_w2x(p: Params) -> Metrics:
     ipcbus = _ipcbus("WorkerPool")
     async with ipcbus.WorkerPool(f"{MODULE}:echo_setup", workers=1) as pool:
         return await _bus_inflight(pool.bus, p)
+
+
+def _shm_pool(ipcbus: ModuleType, setup: str) -> Any:
+    try:
+        return ipcbus.WorkerPool(setup, workers=1, transport="shm")
+    except (TypeError, ValueError) as exc:
+        raise Unavailable(f"WorkerPool(transport='shm') not supported yet ({exc})") from exc
+
+
+async def ipcbus_pool_shm_w1(p: Params) -> Metrics:
+    """W1 through a one-worker pool whose link is shared memory (direct, no hub)."""
+    ipcbus = _ipcbus("WorkerPool")
+    async with _shm_pool(ipcbus, f"{MODULE}:sink_setup") as pool:
+        return await _bus_stream(pool.bus, p)
+
+
+async def ipcbus_pool_shm_w2(p: Params) -> Metrics:
+    """W2 sequential request/reply to a one-worker shared-memory pool."""
+    ipcbus = _ipcbus("WorkerPool")
+    async with _shm_pool(ipcbus, f"{MODULE}:echo_setup") as pool:
+        return await _bus_sequential(pool.bus, p)
 
 
 async def ipcbus_pool_w4(p: Params) -> Metrics:
@@ -526,23 +599,25 @@ async def hub_sink_peer(args: dict[str, Any]) -> None:
 
 
 async def hub_pub_peer(args: dict[str, Any]) -> None:
-    """Peer: publish warmup + marker, wait for ``go``, then count + marker."""
+    """Peer: publish warmup + marker, wait for ``go``, then the budget + marker."""
     bus = await _connect(args)
+    p = msgspec.convert(args["params"], Params)
     try:
         for i in range(args["sinks"]):
-            await _wait_for_responder(bus, f"bench.ping.{i}", args["timeout"])
-        payload = b"x" * args["size"]
-        for _ in range(args["warmup"]):
+            await _wait_for_responder(bus, f"bench.ping.{i}", p.timeout)
+        payload = b"x" * p.size
+        for _ in range(p.warmup):
             await bus.publish("bench.stream", payload)
         await bus.publish("bench.stream", b"")
         await bus.flush()
         await apeer_wait("go")
+        budget = p.budget()
         t0 = now_ns()
-        for _ in range(args["count"]):
+        for _ in budget:
             await bus.publish("bench.stream", payload)
         await bus.publish("bench.stream", b"")
         await bus.flush()
-        peer_say("started", t=t0)
+        peer_say("started", t=t0, sent=budget.used)
         await apeer_wait("bye")
     finally:
         await bus.aclose()
@@ -591,33 +666,35 @@ async def _hub_fanout(p: Params, transport: str, sinks: int) -> Metrics:
                     await s.aexpect("ready", p.timeout)
                 pub = Peer(
                     f"{MODULE}:hub_pub_peer",
-                    {**base, "sinks": sinks, "size": p.size, "count": p.count,
-                     "warmup": p.warmup},
+                    {**base, "sinks": sinks, "params": msgspec.to_builtins(p)},
                     env=env,
                 )
                 peers.append(pub)
                 for s in subs:
                     await s.aexpect("mark", p.timeout)
                 pub.tell("go")
-                t0 = (await pub.aexpect("started", p.timeout))["t"]
+                started = await pub.aexpect("started", p.timeout)
                 marks = [await s.aexpect("mark", p.timeout) for s in subs]
             finally:
                 for peer in peers:
                     with contextlib.suppress(OSError, ValueError):
                         peer.tell("bye")
                 await asyncio.gather(*(peer.aclose() for peer in peers))
-    return _fanout_metrics(p, sinks, t0, marks)
+    m = fanout_metrics(started["sent"], started["t"], marks)
+    if sinks == 1:
+        m.update(stream_metrics(int(marks[0]["n"]), p.size, started["t"], int(marks[0]["t"])))
+    return m
 
 
-def _fanout_metrics(p: Params, sinks: int, t0: int, marks: list[dict[str, Any]]) -> Metrics:
-    """Delivered messages per second over all sinks, plus the fraction lost."""
+def fanout_metrics(sent: int, t0: int, marks: Sequence[dict[str, Any]]) -> Metrics:
+    """W3: messages delivered per second over all sinks, and the fraction lost.
+
+    ``marks`` are the sinks' reports (``n`` received, ``t`` last arrival).
+    """
     got = sum(int(m["n"]) for m in marks)
     t1 = max(int(m["t"]) for m in marks)
     secs = max(t1 - t0, 1) / 1e9
-    m = {"delivered_s": got / secs, "loss": 1 - got / (p.count * sinks), "secs": secs}
-    if sinks == 1:
-        m.update(stream_metrics(got, p.size, t0, t1))
-    return m
+    return {"delivered_s": got / secs, "loss": 1 - got / max(1, sent * len(marks)), "secs": secs}
 
 
 async def _hub_request(p: Params, transport: str) -> Metrics:
@@ -805,10 +882,11 @@ def _local_memcpy(p: Params) -> Metrics:
     dst = memoryview(bytearray(p.size))
     for _ in range(p.warmup):
         dst[:] = src
+    budget = p.budget()
     t0 = now_ns()
-    for _ in range(p.count):
+    for _ in budget:
         dst[:] = src
-    return stream_metrics(p.count, p.size, t0, now_ns())
+    return stream_metrics(budget.used, p.size, t0, now_ns())
 
 
 # ---------------------------------------------------------------------------
@@ -831,6 +909,7 @@ DRIVERS: dict[tuple[str, str], str] = {
     ("W1", "ipcbus hub+fifo"): f"{_W}:hub_fifo_w1",
     ("W1", "ipcbus hub+sysv"): f"{_W}:hub_sysv_w1",
     ("W1", "ipcbus hub+shm"): f"{_W}:hub_shm_w1",
+    ("W1", "ipcbus pool+shm"): f"{_W}:ipcbus_pool_shm_w1",
     # W2 sequential request/reply
     ("W2", "os.pipe"): f"{_B}:pipe_w2",
     ("W2", "mp.Pipe"): f"{_B}:mp_w2",
@@ -842,6 +921,7 @@ DRIVERS: dict[tuple[str, str], str] = {
     ("W2", "ipcbus hub+fifo"): f"{_W}:hub_fifo_w2",
     ("W2", "ipcbus hub+sysv"): f"{_W}:hub_sysv_w2",
     ("W2", "ipcbus hub+shm"): f"{_W}:hub_shm_w2",
+    ("W2", "ipcbus pool+shm"): f"{_W}:ipcbus_pool_shm_w2",
     # W2 with many requests in flight
     ("W2x", "uvloop unix"): f"{_B}:unix_w2x",
     ("W2x", "zmq DEALER/ROUTER"): f"{_B}:zmq_w2x",
@@ -929,7 +1009,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.buffer.write(b"\n" + encode(out) + b"\n")
         sys.stdout.flush()
         return 0
-    _call(_resolve(ns.target), decode(ns.args))
+    try:
+        _call(_resolve(ns.target), decode(ns.args))
+    except Unavailable as exc:
+        peer_say("unavailable", reason=str(exc))
+        return 0
+    except Exception as exc:
+        # Tell the driver why (it is waiting for a line), and keep the traceback.
+        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            peer_say("error", reason=f"{type(exc).__name__}: {exc}")
+        return 1
     return 0
 
 

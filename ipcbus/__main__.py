@@ -1,0 +1,5 @@
+"""``python -m ipcbus``: the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,834 @@
+"""The benchmark runner behind ``make bench`` / ``python -m ipcbus.bench``.
+
+It plans every measurement (table x row x size x pinning x repeat), runs each
+one as a fresh driver process (``python -m ipcbus.bench.workloads run ...``,
+see :mod:`ipcbus.bench.workloads`), collects the JSON each prints, and shows
+one table per workload: medians over the repeats with their spread (min-max),
+unpinned and pinned side by side, a ratio against the table's baseline
+measured in the same run, and the issue's target next to the rows that have
+one.
+
+Repeats are interleaved (repeat 1 of everything, then repeat 2...) so that a
+noisy minute on the machine spreads over every row instead of sinking one.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from ipcbus.bench.workloads import DRIVERS, MODULE, Outcome, Params
+
+__all__ = [
+    "TABLES",
+    "TARGETS",
+    "BenchTable",
+    "Job",
+    "RowResult",
+    "Target",
+    "cli",
+    "main",
+    "plan",
+    "run_jobs",
+]
+
+KiB = 1024
+MiB = 1024 * 1024
+
+# ---------------------------------------------------------------------------
+# What is measured
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from the issues: ``impl``'s ``metric`` vs ``baseline``'s, same size and run."""
+
+    table: str
+    impl: str
+    size: int
+    metric: str
+    baseline: str
+    op: str  # ">=" (higher is better) or "<=" (lower is better)
+    ratio: float
+    issue: int
+
+    def label(self) -> str:
+        """``"≥ 1.0x mp.Pipe"``."""
+        sign = "≥" if self.op == ">=" else "≤"
+        return f"target {sign} {self.ratio:g}x {self.baseline}"
+
+    def met(self, ratio: float) -> bool:
+        """Whether a measured ratio meets the target."""
+        return ratio >= self.ratio if self.op == ">=" else ratio <= self.ratio
+
+
+@dataclass(frozen=True)
+class BenchTable:
+    """One printed table: a workload, its rows, its baseline and how many messages."""
+
+    key: str
+    workload: str
+    title: str
+    metric: str
+    extra: tuple[str, ...]
+    higher_is_better: bool
+    baseline: str
+    rows: tuple[tuple[str, tuple[int, ...]], ...]
+    count: Callable[[int, str, bool], int]
+    """``count(size, impl, quick)``: messages or requests per measurement."""
+    inflight: int = 1
+
+    def params(self, size: int, impl: str, quick: bool, pinned: bool) -> Params:
+        """The :class:`Params` of one measurement."""
+        n = self.count(size, impl, quick)
+        return Params(
+            size=size,
+            count=n,
+            warmup=max(2, min(200, n // 10)),
+            inflight=self.inflight,
+            pinned=pinned,
+        )
+
+
+def _w1_count(size: int, impl: str, quick: bool) -> int:
+    # About 256 MiB per measurement for big frames, 200k messages for small.
+    n = min(200_000, max(16, 256 * MiB // size))
+    if impl == "memcpy":
+        n *= 4  # in-process copies are too quick to time otherwise
+    return max(8, n // 3) if quick else n
+
+
+def _w2_count(size: int, impl: str, quick: bool) -> int:
+    n = 3_000 if impl == "NATS" else 10_000
+    return n // 3 if quick else n
+
+
+def _w2x_count(size: int, impl: str, quick: bool) -> int:
+    n = 20_000 if impl == "NATS" else 50_000
+    return n // 3 if quick else n
+
+
+def _w3_count(size: int, impl: str, quick: bool) -> int:
+    return 30_000 if quick else 100_000
+
+
+def _w4_count(size: int, impl: str, quick: bool) -> int:
+    return 5_000 if quick else 20_000
+
+
+_SMALL = (64, KiB, 64 * KiB)
+_ALL = (64, KiB, 64 * KiB, MiB, 16 * MiB)
+_BIG = (64 * KiB, MiB, 16 * MiB)
+
+TABLES: tuple[BenchTable, ...] = (
+    BenchTable(
+        key="W1",
+        workload="W1",
+        title="W1 one-way stream, parent -> child",
+        metric="msgs_s",
+        extra=("mb_s",),
+        higher_is_better=True,
+        baseline="mp.Pipe",
+        rows=(
+            ("os.pipe", _ALL),
+            ("mp.Pipe", _ALL),
+            ("uvloop unix", _SMALL),
+            ("zmq PUSH/PULL", _ALL),
+            ("sysv_ipc raw", _SMALL),
+            ("memcpy", _BIG),
+            ("shm raw", _BIG),
+            ("ipcbus pipe", _ALL),
+            ("ipcbus hub+fifo", (64, 64 * KiB)),
+            ("ipcbus hub+sysv", _SMALL),
+            ("ipcbus pool+shm", (64, 64 * KiB, MiB, 16 * MiB)),
+            ("ipcbus hub+shm", _BIG),
+        ),
+        count=_w1_count,
+    ),
+    BenchTable(
+        key="W2",
+        workload="W2",
+        title="W2 request/reply 64 B, sequential",
+        metric="p50_us",
+        extra=("p99_us",),
+        higher_is_better=False,
+        baseline="mp.Pipe",
+        rows=(
+            ("os.pipe", (64,)),
+            ("mp.Pipe", (64,)),
+            ("uvloop unix", (64,)),
+            ("zmq REQ/REP", (64,)),
+            ("NATS", (64,)),
+            ("sysv_ipc raw", (64,)),
+            ("ipcbus pipe", (64,)),
+            ("ipcbus hub+fifo", (64,)),
+            ("ipcbus hub+sysv", (64,)),
+            ("ipcbus pool+shm", (64,)),
+            ("ipcbus hub+shm", (64,)),
+        ),
+        count=_w2_count,
+    ),
+    BenchTable(
+        key="W2x",
+        workload="W2x",
+        title="W2 request/reply 64 B, 32 in flight",
+        metric="req_s",
+        extra=(),
+        higher_is_better=True,
+        baseline="uvloop unix",
+        rows=(
+            ("uvloop unix", (64,)),
+            ("zmq DEALER/ROUTER", (64,)),
+            ("NATS", (64,)),
+            ("ipcbus pipe", (64,)),
+            ("ipcbus hub+fifo", (64,)),
+        ),
+        count=_w2x_count,
+        inflight=32,
+    ),
+    BenchTable(
+        key="W3",
+        workload="W3",
+        title="W3 fan-out 64 B, 1 publisher -> 3 subscriber processes (delivered)",
+        metric="delivered_s",
+        extra=("loss",),
+        higher_is_better=True,
+        baseline="NATS",
+        rows=(
+            ("NATS", (64,)),
+            ("zmq PUB/SUB", (64,)),
+            ("ipcbus hub+fifo", (64,)),
+            ("ipcbus hub+sysv", (64,)),
+            ("ipcbus hub+shm", (64,)),
+        ),
+        count=_w3_count,
+    ),
+    BenchTable(
+        key="W4",
+        workload="W4",
+        title="W4 worker pool, 2 workers, echo 64 B, 64 in flight",
+        metric="req_s",
+        extra=(),
+        higher_is_better=True,
+        baseline="ProcessPoolExecutor",
+        rows=(("ProcessPoolExecutor", (64,)), ("ipcbus pool", (64,))),
+        count=_w4_count,
+        inflight=64,
+    ),
+)
+"""Every table ``make bench`` prints, in order."""
+
+TARGETS: tuple[Target, ...] = (
+    # issue 2 (core: pipe transport, pool)
+    Target("W1", "ipcbus pipe", 64, "msgs_s", "mp.Pipe", ">=", 1.0, 2),
+    Target("W2", "ipcbus pipe", 64, "p50_us", "mp.Pipe", "<=", 1.5, 2),
+    Target("W2x", "ipcbus pipe", 64, "req_s", "uvloop unix", ">=", 1.0, 2),
+    Target("W4", "ipcbus pool", 64, "req_s", "ProcessPoolExecutor", ">=", 10.0, 2),
+    # issue 3 (hub + FIFO)
+    Target("W3", "ipcbus hub+fifo", 64, "delivered_s", "NATS", ">=", 1.0, 3),
+    Target("W2", "ipcbus hub+fifo", 64, "p50_us", "NATS", "<=", 0.5, 3),
+    # issue 4 (SysV)
+    Target("W2", "ipcbus hub+sysv", 64, "p50_us", "sysv_ipc raw", "<=", 1.3, 4),
+    Target("W1", "ipcbus hub+sysv", KiB, "msgs_s", "sysv_ipc raw", ">=", 0.7, 4),
+    # issue 5 (shared memory): direct shm link vs the pipe transport and pyzmq
+    Target("W1", "ipcbus pool+shm", MiB, "mb_s", "zmq PUSH/PULL", ">=", 1.5, 5),
+    Target("W1", "ipcbus pool+shm", MiB, "mb_s", "ipcbus pipe", ">=", 2.0, 5),
+    Target("W1", "ipcbus pool+shm", 64, "msgs_s", "ipcbus pipe", ">=", 0.8, 5),
+)
+"""The performance targets of issues 2-5, each a ratio measured in one run."""
+
+
+# ---------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One measurement: one fresh driver process."""
+
+    table: BenchTable
+    impl: str
+    size: int
+    pinned: bool
+    repeat: int
+    params: Params
+
+    @property
+    def cell(self) -> tuple[str, str, int, bool]:
+        """The result cell this job contributes a sample to."""
+        return (self.table.key, self.impl, self.size, self.pinned)
+
+    def describe(self) -> str:
+        """Short text for the progress line."""
+        pin = "pinned" if self.pinned else "unpinned"
+        return f"{self.table.key} {fmt_size(self.size)} {self.impl} ({pin}, #{self.repeat + 1})"
+
+
+@dataclass
+class RowResult:
+    """The samples of one (table, impl, size, pinning) cell."""
+
+    table: str
+    impl: str
+    size: int
+    pinned: bool
+    runs: list[dict[str, float]] = field(default_factory=list)
+    status: str = "pending"
+    reason: str = ""
+    errors: int = 0
+
+    def median(self, metric: str) -> float | None:
+        """Median of ``metric`` over the successful runs."""
+        vals = [r[metric] for r in self.runs if metric in r]
+        return statistics.median(vals) if vals else None
+
+    def spread(self, metric: str) -> tuple[float, float] | None:
+        """(min, max) of ``metric`` over the successful runs."""
+        vals = [r[metric] for r in self.runs if metric in r]
+        return (min(vals), max(vals)) if vals else None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for ``--json``."""
+        metrics = sorted({k for r in self.runs for k in r})
+        return {
+            "table": self.table,
+            "impl": self.impl,
+            "size": self.size,
+            "pinned": self.pinned,
+            "status": self.status,
+            "reason": self.reason,
+            "runs": self.runs,
+            "median": {m: self.median(m) for m in metrics},
+            "min": {m: s[0] for m in metrics if (s := self.spread(m))},
+            "max": {m: s[1] for m in metrics if (s := self.spread(m))},
+        }
+
+
+def plan(
+    tables: Sequence[BenchTable],
+    *,
+    repeats: int,
+    quick: bool,
+    pinnings: Sequence[bool],
+    impl_filter: Sequence[str] = (),
+) -> list[Job]:
+    """Every measurement, repeats interleaved (all of repeat 1, then repeat 2...)."""
+    jobs: list[Job] = []
+    for rep in range(repeats):
+        for table in tables:
+            for impl, sizes in table.rows:
+                if (table.workload, impl) not in DRIVERS:
+                    raise KeyError(f"table {table.key} lists {impl!r}, which has no driver")
+                wanted = impl == table.baseline or _baseline_of_target(table, impl)
+                if impl_filter and not wanted and not any(
+                    f.lower() in impl.lower() for f in impl_filter
+                ):
+                    continue
+                for size in sizes:
+                    for pinned in pinnings:
+                        p = table.params(size, impl, quick, pinned)
+                        jobs.append(Job(table, impl, size, pinned, rep, p))
+    return jobs
+
+
+def _baseline_of_target(table: BenchTable, impl: str) -> bool:
+    return any(t.table == table.key and t.baseline == impl for t in TARGETS)
+
+
+def _child_env() -> dict[str, str]:
+    """The environment for drivers: this package importable from any cwd."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_one(job: Job, *, timeout: float, env: dict[str, str]) -> tuple[Outcome, str]:
+    """Run one driver process; return its outcome and the tail of its stderr.
+
+    The driver gets its own session, so on a timeout the whole measurement
+    (driver, peers, servers) is killed as one process group.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        MODULE,
+        "run",
+        job.table.workload,
+        job.impl,
+        msgspec.json.encode(job.params).decode(),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        return Outcome("error", reason=f"timed out after {timeout:g} s"), err.decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+            proc.wait()
+    # A driver can also leave peers behind when it crashes: end its group.
+    _kill_group(proc, quiet=True)
+    tail = err.decode(errors="replace")[-2000:]
+    lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+    if not lines:
+        last = tail.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        return Outcome("error", reason=f"driver printed nothing: {last[0]}"), tail
+    try:
+        return msgspec.json.decode(lines[-1], type=Outcome), tail
+    except msgspec.DecodeError:
+        return Outcome("error", reason=f"driver printed {lines[-1][:200]!r}"), tail
+
+
+def _kill_group(proc: subprocess.Popen[bytes], quiet: bool = False) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        if not quiet:
+            proc.kill()
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    console: Console,
+    *,
+    timeout: float = 300.0,
+) -> dict[tuple[str, str, int, bool], RowResult]:
+    """Run every job with a rich progress display; collect the results by cell.
+
+    An implementation that reports itself unavailable is not tried again
+    (for any size or pinning); a cell that failed twice is skipped from then on.
+    """
+    results: dict[tuple[str, str, int, bool], RowResult] = {}
+    unavailable: dict[tuple[str, str], str] = {}
+    env = _child_env()
+    for job in jobs:
+        results.setdefault(job.cell, RowResult(job.table.key, job.impl, job.size, job.pinned))
+    progress = Progress(
+        TextColumn("[bold]{task.description}", justify="left"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("benchmarks", total=len(jobs))
+        for job in jobs:
+            res = results[job.cell]
+            key = (job.table.key, job.impl)
+            if key in unavailable:
+                res.status, res.reason = "unavailable", unavailable[key]
+                progress.advance(task)
+                continue
+            if res.errors >= 2:
+                progress.advance(task)
+                continue
+            progress.update(task, description=job.describe())
+            outcome, tail = run_one(job, timeout=timeout, env=env)
+            if outcome.status == "ok":
+                res.runs.append(outcome.metrics)
+                res.status = "ok"
+            elif outcome.status == "unavailable":
+                unavailable[key] = outcome.reason
+                res.status, res.reason = "unavailable", outcome.reason
+            else:
+                res.errors += 1
+                if res.status != "ok":
+                    res.status = "error"
+                res.reason = outcome.reason
+                console.log(f"[red]{job.describe()}: {outcome.reason}")
+                if tail.strip():
+                    console.log(Text(tail.strip()[-800:], style="dim"))
+            progress.advance(task)
+    # Cells skipped after their implementation turned out unavailable.
+    for res in results.values():
+        key = (res.table, res.impl)
+        if key in unavailable and not res.runs:
+            res.status, res.reason = "unavailable", unavailable[key]
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Printing
+# ---------------------------------------------------------------------------
+
+
+def fmt_size(n: int) -> str:
+    """64 B, 1 KiB, 64 KiB, 1 MiB..."""
+    if n >= MiB and n % MiB == 0:
+        return f"{n // MiB} MiB"
+    if n >= KiB and n % KiB == 0:
+        return f"{n // KiB} KiB"
+    return f"{n} B"
+
+
+def fmt_num(x: float | None, metric: str = "") -> str:
+    """Human figures: 1.36M, 158k, 313 (µs), 2.1% (loss)."""
+    if x is None:
+        return "-"
+    if metric == "loss":
+        return f"{x * 100:.1f}%"
+    if metric.endswith("_us"):
+        return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def fmt_range(r: tuple[float, float] | None, metric: str) -> str:
+    """``min..max`` of the repeats."""
+    if r is None:
+        return ""
+    return f"{fmt_num(r[0], metric)}..{fmt_num(r[1], metric)}"
+
+
+METRIC_LABELS = {
+    "msgs_s": "msgs/s",
+    "mb_s": "MB/s",
+    "p50_us": "p50 µs",
+    "p99_us": "p99 µs",
+    "req_s": "req/s",
+    "delivered_s": "delivered/s",
+    "loss": "loss",
+}
+
+
+def ratio(
+    results: dict[tuple[str, str, int, bool], RowResult],
+    table: str,
+    impl: str,
+    base: str,
+    size: int,
+    pinned: bool,
+    metric: str,
+) -> float | None:
+    """``impl``'s median over ``base``'s median for one cell (None if either is missing)."""
+    a = results.get((table, impl, size, pinned))
+    b = results.get((table, base, size, pinned))
+    if a is None or b is None:
+        return None
+    ma, mb = a.median(metric), b.median(metric)
+    if ma is None or mb is None or mb == 0:
+        return None
+    return ma / mb
+
+
+def render_table(
+    table: BenchTable,
+    results: dict[tuple[str, str, int, bool], RowResult],
+    pinnings: Sequence[bool],
+) -> Table | None:
+    """The rich table of one workload (None when nothing of it ran)."""
+    rows = [
+        (impl, size)
+        for impl, sizes in table.rows
+        for size in sizes
+        if any((table.key, impl, size, p) in results for p in pinnings)
+    ]
+    if not rows:
+        return None
+    better = "higher is better" if table.higher_is_better else "lower is better"
+    t = Table(
+        title=f"{table.title}  [dim]({better}; median of repeats, range min..max)",
+        title_justify="left",
+        show_lines=False,
+        header_style="bold",
+    )
+    t.add_column("size", justify="right", no_wrap=True)
+    t.add_column("implementation", no_wrap=True)
+    for pinned in pinnings:
+        tag = "pinned" if pinned else "unpinned"
+        t.add_column(f"{METRIC_LABELS[table.metric]}\n{tag}", justify="right", no_wrap=True)
+        t.add_column("range", justify="right", style="dim", no_wrap=True)
+        for m in table.extra:
+            t.add_column(f"{METRIC_LABELS[m]}\n{tag}", justify="right", no_wrap=True)
+        t.add_column(f"vs\n{table.baseline}", justify="right", no_wrap=True)
+    t.add_column("target (unpinned / pinned)")
+    last_size: int | None = None
+    for impl, size in rows:
+        if last_size is not None and size != last_size:
+            t.add_section()
+        last_size = size
+        cells: list[str | Text] = [fmt_size(size), _impl_label(impl, table)]
+        note = ""
+        for pinned in pinnings:
+            res = results.get((table.key, impl, size, pinned))
+            if res is None or not res.runs:
+                width = 3 + len(table.extra)
+                if res is not None and res.status in ("unavailable", "error"):
+                    note = f"{res.status}: {res.reason}"
+                cells.extend(["-"] * width)
+                continue
+            cells.append(fmt_num(res.median(table.metric), table.metric))
+            cells.append(fmt_range(res.spread(table.metric), table.metric))
+            for m in table.extra:
+                cells.append(fmt_num(res.median(m), m))
+            r = ratio(results, table.key, impl, table.baseline, size, pinned, table.metric)
+            cells.append("" if r is None else f"{r:.2f}x")
+        targets = [x for x in TARGETS if (x.table, x.impl, x.size) == (table.key, impl, size)]
+        if note:
+            cells.append(Text(note, style="yellow"))
+        else:
+            cells.append(_targets_cell(targets, results, pinnings))
+        t.add_row(*cells)
+    return t
+
+
+def _impl_label(impl: str, table: BenchTable) -> Text:
+    if impl == table.baseline:
+        return Text(f"{impl} (baseline)", style="bold")
+    if impl.startswith("ipcbus"):
+        return Text(impl, style="cyan")
+    return Text(impl)
+
+
+def _targets_cell(
+    targets: Iterable[Target],
+    results: dict[tuple[str, str, int, bool], RowResult],
+    pinnings: Sequence[bool],
+) -> Text:
+    out = Text()
+    for tgt in targets:
+        if out:
+            out.append("\n")
+        out.append(tgt.label() + ": ")
+        parts = []
+        for pinned in pinnings:
+            r = ratio(results, tgt.table, tgt.impl, tgt.baseline, tgt.size, pinned, tgt.metric)
+            parts.append(r)
+        for i, r in enumerate(parts):
+            if i:
+                out.append(" / ")
+            if r is None:
+                out.append("n/a", style="dim")
+            else:
+                ok = tgt.met(r)
+                out.append(f"{r:.2f}x {'✓' if ok else '✗'}", style="green" if ok else "red")
+    return out
+
+
+def target_report(
+    results: dict[tuple[str, str, int, bool], RowResult], pinnings: Sequence[bool]
+) -> list[dict[str, Any]]:
+    """Each target with its measured ratios (for ``--json``)."""
+    out = []
+    for tgt in TARGETS:
+        entry: dict[str, Any] = {
+            "issue": tgt.issue,
+            "table": tgt.table,
+            "impl": tgt.impl,
+            "size": tgt.size,
+            "metric": tgt.metric,
+            "baseline": tgt.baseline,
+            "op": tgt.op,
+            "ratio": tgt.ratio,
+        }
+        for pinned in pinnings:
+            r = ratio(results, tgt.table, tgt.impl, tgt.baseline, tgt.size, pinned, tgt.metric)
+            tag = "pinned" if pinned else "unpinned"
+            entry[f"measured_{tag}"] = r
+            entry[f"met_{tag}"] = None if r is None else tgt.met(r)
+        out.append(entry)
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import uvloop
+
+        uv = str(getattr(uvloop, "__version__", "?"))
+    except ImportError:
+        uv = "not installed"
+    return {
+        "cpus": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "uvloop": uv,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _select(only: str | None) -> list[BenchTable]:
+    if not only:
+        return list(TABLES)
+    wanted = [w.strip().upper() for w in only.split(",") if w.strip()]
+    known = {t.key.upper() for t in TABLES}
+    for w in wanted:
+        if not any(k.startswith(w) for k in known):
+            raise click.BadParameter(
+                f"{w!r} names no workload; choose from {', '.join(t.key for t in TABLES)}",
+                param_hint="--only",
+            )
+    return [t for t in TABLES if any(t.key.upper().startswith(w) for w in wanted)]
+
+
+@click.command(name="bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quick", is_flag=True, help="3 repeats and smaller counts (about 3 minutes).")
+@click.option(
+    "--repeats",
+    type=click.IntRange(1, 100),
+    default=None,
+    help="Runs per measurement; medians are reported.  [default: 5, --quick: 3]",
+)
+@click.option(
+    "--only",
+    metavar="W1,W2,...",
+    help="Only these workloads (W2 covers both W2 tables, W2x only the in-flight one).",
+)
+@click.option(
+    "--impl",
+    "impls",
+    multiple=True,
+    metavar="TEXT",
+    help="Only implementations whose name contains TEXT (repeatable); "
+    "each table's baseline always runs.",
+)
+@click.option(
+    "--pin",
+    type=click.Choice(["both", "pinned", "unpinned"]),
+    default="both",
+    show_default=True,
+    help="Run unpinned, pinned (every process on one CPU), or both as separate columns.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Also write every sample, median, spread and target ratio to this file.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1.0),
+    default=300.0,
+    show_default=True,
+    help="Seconds before one measurement is killed (with all its processes).",
+)
+@click.option("--list", "list_only", is_flag=True, help="List the planned rows and exit.")
+def cli(
+    quick: bool,
+    repeats: int | None,
+    only: str | None,
+    impls: tuple[str, ...],
+    pin: str,
+    json_path: Path | None,
+    timeout: float,
+    list_only: bool,
+) -> None:
+    """Benchmark ipcbus against raw pipes, multiprocessing, asyncio, pyzmq and NATS.
+
+    Every measurement runs in fresh processes; results are medians over the
+    repeats, with the baseline ratio and the project's target beside each row.
+    """
+    console = Console()
+    tables = _select(only)
+    reps = repeats if repeats is not None else (3 if quick else 5)
+    pinnings = {"both": (False, True), "pinned": (True,), "unpinned": (False,)}[pin]
+    jobs = plan(tables, repeats=reps, quick=quick, pinnings=pinnings, impl_filter=impls)
+    if list_only:
+        seen = set()
+        for job in jobs:
+            key = (job.table.key, job.impl, job.size)
+            if key not in seen:
+                seen.add(key)
+                console.print(
+                    f"{job.table.key:4} {fmt_size(job.size):>7}  {job.impl:22} "
+                    f"count={job.params.count}"
+                )
+        console.print(f"{len(jobs)} measurements")
+        return
+    info = machine_info()
+    console.print(
+        f"[bold]ipcbus benchmarks[/]: {info['cpus']} CPUs ({info['cpu_model'] or 'unknown'}), "
+        f"Linux {info['kernel']}, Python {info['python']}, uvloop {info['uvloop']}; "
+        f"{reps} repeats{' (quick)' if quick else ''}, {len(jobs)} measurements"
+    )
+    started = time.monotonic()
+    interrupted = False
+    try:
+        results = run_jobs(jobs, console, timeout=timeout)
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        interrupted = True
+        results = {}
+    elapsed = time.monotonic() - started
+    for table in tables:
+        rendered = render_table(table, results, pinnings)
+        if rendered is not None:
+            console.print()
+            console.print(rendered)
+    console.print(
+        f"\n[dim]{elapsed:.0f} s. Pinned: every process of a measurement on one CPU "
+        "(sched_setaffinity, inherited by children). Ratios: medians of the same run.[/]"
+    )
+    if json_path is not None:
+        doc = {
+            "machine": info,
+            "settings": {"quick": quick, "repeats": reps, "pin": pin, "only": only,
+                         "elapsed_s": elapsed},
+            "rows": [r.to_json() for r in results.values()],
+            "targets": target_report(results, pinnings),
+        }
+        json_path.write_bytes(msgspec.json.format(msgspec.json.encode(doc)))
+        console.print(f"[dim]wrote {json_path}[/]")
+    if interrupted:
+        raise SystemExit(130)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the click command (``python -m ipcbus.bench``)."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="python -m ipcbus.bench")
+

@@ -1,0 +1,258 @@
+"""``ipcbus.connect()``: join a hub's bus over a transport.
+
+``bus = await ipcbus.connect("orders", transport="fifo")`` or
+``async with ipcbus.connect("orders") as bus: ...``.
+
+With ``autostart=True`` a missing hub is started as a daemon
+(``ipcbus hub NAME --daemon``, which returns once the hub serves; when
+several clients race, the pid-file lock lets exactly one hub win and the
+others find it).  With ``reconnect=True`` a lost hub is waited for and the
+node re-announces its subscriptions on the new link, so they survive a hub
+restart; requests in flight when the hub died still fail with
+``ConnectionClosed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import subprocess
+import sys
+from collections.abc import Generator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from . import frames as fr
+from .busdir import BusDir
+from .client import Bus
+from .errors import BusNotFound, ConnectionClosed, IpcBusError
+from .node import LinkState, Node
+from .transports.base import Link
+
+__all__ = ["ClientBus", "connect", "open_link"]
+
+log = logging.getLogger("ipcbus.connect")
+
+TRANSPORTS = ("fifo", "sysv", "shm")
+_AUTOSTART_TIMEOUT = 15.0
+
+
+async def open_link(
+    busdir: BusDir,
+    transport: str,
+    *,
+    name: str,
+    max_frame: int,
+    options: dict[str, Any] | None = None,
+) -> Link:
+    """Knock on the bus's door and return a link to its hub (``BusNotFound`` if none)."""
+    hub_pid = busdir.hub_pid()
+    if hub_pid is None:
+        raise BusNotFound(busdir.name, str(busdir.path))
+    opts = dict(options or {})
+    if transport == "fifo":
+        from .transports.fifo import connect_fifo
+
+        return await connect_fifo(
+            busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts
+        )
+    if transport == "sysv":
+        from .transports.sysv import connect_sysv
+
+        return await connect_sysv(
+            busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts
+        )
+    if transport == "shm":
+        from .transports.shm import connect_shm
+
+        return await connect_shm(
+            busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts
+        )
+    raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
+
+
+class ClientBus(Bus):
+    """A :class:`~ipcbus.Bus` connected to a hub (what :func:`connect` returns)."""
+
+    def __init__(
+        self,
+        node: Node,
+        busdir: BusDir,
+        transport: str,
+        *,
+        name: str,
+        reconnect: bool,
+        options: dict[str, Any],
+    ) -> None:
+        super().__init__(node, owns_node=True)
+        self.busdir = busdir
+        self.transport = transport
+        self.name = name
+        self.reconnect = reconnect
+        self._options = options
+        self.hub_link: LinkState | None = None
+        self._lost = ""
+        self.reconnects = 0
+        self._connected = asyncio.Event()
+
+    def _check_open(self) -> None:
+        super()._check_open()
+        if self.hub_link is None or self.hub_link.closed.is_set():
+            raise ConnectionClosed(
+                f"not connected to the hub of bus {self.busdir.name!r}"
+                + (f": {self._lost}" if self._lost else "")
+                + ("; reconnecting" if self.reconnect else "")
+            )
+
+    async def _attach(self) -> None:
+        link = await open_link(
+            self.busdir,
+            self.transport,
+            name=self.name,
+            max_frame=self._node.max_frame,
+            options=self._options,
+        )
+        self.hub_link = await self._node.add_link(link, name="hub")
+        self._connected.set()
+
+    def _on_link_closed(self, ls: LinkState) -> None:
+        if ls is not self.hub_link or self.closed:
+            return
+        self._lost = f"hub link closed ({ls.close_reason})"
+        self._connected = asyncio.Event()
+        if self.reconnect:
+            log.warning("bus %s: %s; reconnecting", self.busdir.name, self._lost)
+            self._node.task_group.start_soon(self._reconnect_loop, name="ipcbus-reconnect")
+        else:
+            log.warning("bus %s: %s", self.busdir.name, self._lost)
+            self._node.task_group.start_soon(self._node.aclose)
+
+    async def _reconnect_loop(self) -> None:
+        delay = 0.05
+        while not self.closed:
+            try:
+                await self._attach()
+            except (IpcBusError, OSError) as exc:
+                log.debug("reconnect to %s failed: %s", self.busdir.name, exc)
+                await anyio.sleep(delay)  # retry backoff while the hub is down
+                delay = min(delay * 2, 1.0)
+                continue
+            self.reconnects += 1
+            self._lost = ""
+            log.info("bus %s: reconnected", self.busdir.name)
+            return
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        """Wait until the link to the hub is up (after a reconnect)."""
+        with anyio.fail_after(timeout):
+            await self._connected.wait()
+
+
+async def _autostart(busdir: BusDir, group: str | int | None) -> None:
+    """Start a hub daemon for the bus and return once a hub serves it."""
+    cmd = [sys.executable, "-m", "ipcbus", "hub", busdir.name, "--daemon"]
+    if group is not None:
+        cmd += ["--group", str(group)]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(_AUTOSTART_TIMEOUT):
+            _out, err = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise BusNotFound(busdir.name, str(busdir.path)) from None
+    # Exit code 0: our daemon serves.  BusBusy (another racer won): also fine.
+    if busdir.hub_pid() is None:
+        raise IpcBusError(
+            f"could not start a hub for bus {busdir.name!r}: "
+            f"{err.decode(errors='replace').strip() or f'exit code {proc.returncode}'}"
+        )
+
+
+async def _connect(
+    bus: str,
+    transport: str,
+    name: str,
+    autostart: bool,
+    reconnect: bool,
+    max_frame: int,
+    root: Path | str | None,
+    group: str | int | None,
+    options: dict[str, Any],
+) -> ClientBus:
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
+    busdir = BusDir(bus, root=Path(root) if root is not None else None)
+    if busdir.hub_pid() is None:
+        if not autostart:
+            raise BusNotFound(bus, str(busdir.path))
+        await _autostart(busdir, group)
+    node = Node(name=name or f"client-{transport}", max_frame=max_frame)
+    await node.start()
+    client = ClientBus(
+        node, busdir, transport, name=node.name, reconnect=reconnect, options=options
+    )
+    node.on_link_closed.append(client._on_link_closed)
+    try:
+        await client._attach()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await node.aclose()
+        raise
+    return client
+
+
+class _Connecting:
+    """What :func:`connect` returns: await it, or use it as an async context manager."""
+
+    def __init__(self, *args: Any) -> None:
+        self._args = args
+        self._bus: ClientBus | None = None
+
+    def __await__(self) -> Generator[Any, None, ClientBus]:
+        return _connect(*self._args).__await__()
+
+    async def __aenter__(self) -> ClientBus:
+        self._bus = await _connect(*self._args)
+        return self._bus
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._bus is not None:
+            await self._bus.aclose()
+
+
+def connect(
+    bus: str = "default",
+    *,
+    transport: str = "fifo",
+    name: str = "",
+    autostart: bool = False,
+    reconnect: bool = False,
+    max_frame: int = fr.DEFAULT_MAX_FRAME,
+    root: Path | str | None = None,
+    group: str | int | None = None,
+    **transport_options: Any,
+) -> _Connecting:
+    """Connect to the hub of ``bus`` over ``transport`` (``"fifo"``, ``"sysv"`` or ``"shm"``).
+
+    Await the result (``bus = await connect(...)``) or use it as an async
+    context manager.  Raises :class:`~ipcbus.errors.BusNotFound` (naming the
+    command that starts a hub) when no hub serves the bus, unless
+    ``autostart`` is set.  ``transport_options`` go to the transport (for
+    example ``ring_size=`` for shm).
+    """
+    return _Connecting(
+        bus, transport, name, autostart, reconnect, max_frame, root, group, transport_options
+    )

@@ -1,0 +1,231 @@
+"""Garbage collection of what crashed bus participants left behind.
+
+SysV objects survive the processes that made them.  ``collect()`` walks a
+bus directory's records (:mod:`ipcbus.records`) and removes an object only
+when all of these hold:
+
+* the record parses (a corrupted record is reported and skipped);
+* its creator is dead — the pid *and* its start time, so a reused pid is
+  never mistaken for the creator;
+* the object still exists with the recorded id, is owned by this uid, and
+  was created no earlier than the record says (a different object that
+  reused the id is left alone);
+* for a segment, nobody is still attached (``nattch`` 0, or only dead pids).
+
+Then it removes the stale pid file and door FIFO of a dead hub.  It never
+touches anything owned by another user.  ``/proc/sysvipc`` supplies the
+``IPC_STAT`` fields (owner, creator, ctime, depth) without attaching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .records import ObjectRecord, list_records, process_alive
+
+__all__ = ["Finding", "collect", "scan", "sysv_table"]
+
+log = logging.getLogger("ipcbus.gc")
+
+_CTIME_SLACK = 5.0
+
+_COLUMNS = {
+    "msg": [
+        "key", "msqid", "perms", "cbytes", "qnum", "lspid", "lrpid",
+        "uid", "gid", "cuid", "cgid", "stime", "rtime", "ctime",
+    ],
+    "shm": [
+        "key", "shmid", "perms", "size", "cpid", "lpid", "nattch",
+        "uid", "gid", "cuid", "cgid", "atime", "dtime", "ctime",
+    ],
+    "sem": ["key", "semid", "perms", "nsems", "uid", "gid", "cuid", "cgid", "otime", "ctime"],
+}  # fmt: skip
+
+_KIND_TABLE = {"msq": "msg", "shm": "shm", "sem": "sem"}
+
+
+def sysv_table(kind: str) -> dict[int, dict[str, int]]:
+    """``/proc/sysvipc/<kind>`` (``msg``, ``shm`` or ``sem``) as ``{id: fields}``."""
+    cols = _COLUMNS[kind]
+    out: dict[int, dict[str, int]] = {}
+    try:
+        lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split()
+        try:
+            row = {c: int(v, 8) if c == "perms" else int(v) for c, v in zip(cols, parts, strict=False)}
+        except ValueError:
+            continue
+        out[row[cols[1]]] = row
+    return out
+
+
+@dataclass
+class Finding:
+    """One thing gc looked at: what, the verdict, and why."""
+
+    what: str
+    action: str  # "remove", "removed", "skip", "keep"
+    reason: str
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        return f"{self.action:8} {self.what}: {self.reason}"
+
+
+def _remove_sysv(kind: str, ident: int) -> None:
+    import sysv_ipc
+
+    if kind == "msq":
+        sysv_ipc.remove_message_queue(ident)
+    elif kind == "shm":
+        sysv_ipc.remove_shared_memory(ident)
+    else:
+        sysv_ipc.remove_semaphore(ident)
+
+
+def _judge(rec: ObjectRecord, tables: dict[str, dict[int, dict[str, int]]]) -> tuple[str, str]:
+    """("remove"|"skip"|"keep"|"forget", reason) for one record."""
+    uid = os.getuid()
+    if rec.creator_uid != uid:
+        return "skip", f"recorded by uid {rec.creator_uid}, not ours ({uid})"
+    if rec.creator_alive:
+        return "keep", f"creator pid {rec.creator_pid} is alive"
+    if rec.kind in _KIND_TABLE:
+        try:
+            ident = int(rec.ident)
+        except ValueError:
+            return "skip", f"record names a non-numeric id {rec.ident!r}"
+        row = tables[_KIND_TABLE[rec.kind]].get(ident)
+        if row is None:
+            return "forget", "object no longer exists"
+        if row["uid"] != uid or row["cuid"] != uid:
+            return "skip", f"object {ident} belongs to uid {row['uid']} (creator {row['cuid']})"
+        if rec.key is not None and rec.key != 0 and row["key"] != rec.key:
+            return "skip", f"object {ident} has key {row['key']:#x}, record says {rec.key:#x}"
+        if row["ctime"] + _CTIME_SLACK < rec.created:
+            return "skip", f"object {ident} is older than the record: the id was reused"
+        if rec.kind == "shm" and row["nattch"] > 0:
+            alive = [p for p in (row["cpid"], row["lpid"]) if process_alive(p)]
+            if alive:
+                return "keep", f"segment {ident} still attached (nattch {row['nattch']})"
+        return "remove", f"creator pid {rec.creator_pid} is dead"
+    if rec.kind == "fifo":
+        p = Path(rec.ident)
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            return "forget", "FIFO no longer exists"
+        if not stat.S_ISFIFO(st.st_mode):
+            return "skip", f"{p} is not a FIFO"
+        if st.st_uid != uid:
+            return "skip", f"{p} belongs to uid {st.st_uid}"
+        return "remove", f"creator pid {rec.creator_pid} is dead"
+    return "skip", f"unknown object kind {rec.kind!r}"
+
+
+def scan(busdir: Path) -> list[tuple[Finding, ObjectRecord | None]]:
+    """Judge every record of one bus directory without changing anything."""
+    tables = {k: sysv_table(k) for k in ("msg", "shm", "sem")}
+    out: list[tuple[Finding, ObjectRecord | None]] = []
+    for path, rec in list_records(busdir):
+        if rec is None:
+            out.append((Finding(path.name, "skip", "corrupted record (left in place)", path), None))
+            continue
+        verdict, reason = _judge(rec, tables)
+        out.append((Finding(f"{rec.kind} {rec.ident}", verdict, reason, path), rec))
+    return out
+
+
+def collect(busdir: Path, *, dry_run: bool = False) -> list[Finding]:
+    """Remove the dead objects of one bus directory; return what was found and done."""
+    busdir = Path(busdir)
+    findings: list[Finding] = []
+    for finding, rec in scan(busdir):
+        if finding.action in ("remove", "forget") and rec is not None:
+            if dry_run:
+                findings.append(finding)
+                continue
+            try:
+                if finding.action == "remove":
+                    if rec.kind == "fifo":
+                        Path(rec.ident).unlink()
+                    else:
+                        _remove_sysv(rec.kind, int(rec.ident))
+                    finding.action = "removed"
+                else:
+                    finding.action = "forgot"
+                if finding.path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        finding.path.unlink()
+                log.info("gc %s: %s", busdir.name, finding)
+            except Exception as exc:  # an object vanishing under us is fine; report the rest
+                finding.action = "skip"
+                finding.reason = f"removal failed: {exc}"
+        findings.append(finding)
+    from .busdir import stale_fifos
+
+    for fifo in stale_fifos(busdir):
+        try:
+            owner = fifo.lstat().st_uid
+        except FileNotFoundError:
+            continue
+        if owner != os.getuid():
+            findings.append(Finding(f"fifo {fifo.name}", "skip", f"owned by uid {owner}", fifo))
+            continue
+        findings.append(_remove_file(fifo, "FIFO of a dead client", dry_run))
+    findings.extend(_stale_hub_files(busdir, dry_run))
+    return findings
+
+
+def _stale_hub_files(busdir: Path, dry_run: bool) -> list[Finding]:
+    """The pid file and door FIFO of a hub that is no longer alive."""
+    out: list[Finding] = []
+    pidfile = busdir / "hub.pid"
+    door = busdir / "door"
+    try:
+        text = pidfile.read_text().split()
+    except (FileNotFoundError, NotADirectoryError):
+        text = None
+    except OSError:
+        return out
+    if text is not None:
+        try:
+            pid = int(text[0])
+            start = int(text[1]) if len(text) > 1 else None
+        except (ValueError, IndexError):
+            pid, start = 0, None
+        if pid and process_alive(pid, start):
+            return out
+        out.append(_remove_file(pidfile, "stale hub pid file", dry_run))
+    try:
+        st = door.lstat()
+    except FileNotFoundError:
+        return out
+    if stat.S_ISFIFO(st.st_mode) and st.st_uid == os.getuid() and text is not None:
+        out.append(_remove_file(door, "stale door FIFO", dry_run))
+    return out
+
+
+def _remove_file(p: Path, what: str, dry_run: bool) -> Finding:
+    if dry_run:
+        return Finding(f"{what} {p.name}", "remove", "its owner is dead", p)
+    with contextlib.suppress(FileNotFoundError):
+        p.unlink()
+    return Finding(f"{what} {p.name}", "removed", "its owner is dead", p)
+
+
+def describe(findings: list[Finding]) -> list[dict[str, Any]]:
+    """Findings as plain dicts (for JSON output)."""
+    return [
+        {"what": f.what, "action": f.action, "reason": f.reason, "path": str(f.path or "")}
+        for f in findings
+    ]

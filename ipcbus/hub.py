@@ -1,0 +1,285 @@
+"""The hub: a node that accepts links from unrelated processes on one bus.
+
+A hub owns its bus directory (an exclusive lock on the pid file means one hub
+per bus), a door FIFO where clients knock, and one acceptor per transport
+(FIFO pairs, a SysV message queue, shared-memory rings).  Every accepted
+link joins the hub's node, which routes exactly as any node does.
+
+The hub answers ``$SYS.stats`` (everything ``ipcbus ls`` shows),
+``$SYS.links`` and ``$SYS.subs`` with msgspec-encoded replies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import anyio
+
+from . import frames as fr
+from .busdir import BusDir
+from .client import Bus
+from .errors import IpcBusError
+from .node import DEFAULT_OUTBOUND_LIMIT, LinkState, Node
+from .transports.base import Link
+from .transports.door import Door, Knock
+
+__all__ = ["ALL_TRANSPORTS", "Hub"]
+
+log = logging.getLogger("ipcbus.hub")
+
+ALL_TRANSPORTS = ("fifo", "sysv", "shm")
+
+
+class _Acceptor(Protocol):
+    async def __aenter__(self) -> Any: ...
+    async def __aexit__(self, *exc: Any) -> Any: ...
+    async def accept(self, knock: Knock) -> Link: ...
+
+
+def _acceptor(transport: str, path: Path, mode: int, gid: int | None, max_frame: int) -> _Acceptor:
+    if transport == "fifo":
+        from .transports.fifo import FifoAcceptor
+
+        return FifoAcceptor(path, mode=mode, gid=gid, max_frame=max_frame)
+    if transport == "sysv":
+        from .transports.sysv import SysvAcceptor
+
+        return SysvAcceptor(path, mode=mode, gid=gid, max_frame=max_frame)
+    if transport == "shm":
+        from .transports.shm import ShmAcceptor
+
+        return ShmAcceptor(path, mode=mode, gid=gid, max_frame=max_frame)
+    raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(ALL_TRANSPORTS)}")
+
+
+def _resolve_gid(group: str | int | None) -> int | None:
+    if group is None:
+        return None
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"no such group {group!r}; pass an existing group name or gid") from None
+
+
+class Hub:
+    """A bus daemon, embeddable in any asyncio program::
+
+        async with ipcbus.Hub("orders") as hub:
+            await hub.bus.publish("orders.new", {...})   # the hub's own bus
+            await hub.wait_closed()                       # serve until aclose()
+
+    ``group`` opens the bus to a Unix group (directory 0770, objects 0660);
+    otherwise only the owner may connect.  ``transports`` limits which
+    transports are accepted.  ``outbound_limit`` bounds the bytes queued
+    toward one slow client before its messages are dropped and reported.
+    """
+
+    def __init__(
+        self,
+        name: str = "default",
+        *,
+        group: str | int | None = None,
+        root: Path | str | None = None,
+        transports: tuple[str, ...] = ALL_TRANSPORTS,
+        max_frame: int = fr.DEFAULT_MAX_FRAME,
+        outbound_limit: int = DEFAULT_OUTBOUND_LIMIT,
+    ) -> None:
+        for t in transports:
+            if t not in ALL_TRANSPORTS:
+                raise ValueError(f"unknown transport {t!r}; choose from {', '.join(ALL_TRANSPORTS)}")
+        self.name = name
+        self.gid = _resolve_gid(group)
+        self.busdir = BusDir(name, root=Path(root) if root is not None else None, group=self.gid)
+        self.transports = tuple(transports)
+        self.max_frame = max_frame
+        self.node = Node(name=f"hub:{name}", max_frame=max_frame, outbound_limit=outbound_limit)
+        self.bus = Bus(self.node)
+        self.started = 0.0
+        self.accepted = 0
+        self.refused = 0
+        self._stack = contextlib.AsyncExitStack()
+        self._closed = anyio.Event()
+        self._closing = False
+        self._acceptors: dict[str, _Acceptor] = {}
+
+    @property
+    def path(self) -> Path:
+        """The bus directory."""
+        return self.busdir.path
+
+    async def __aenter__(self) -> Hub:
+        try:
+            await self._start()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        self.busdir.ensure()
+        lock = self.busdir.lock_hub()
+        self._stack.callback(self.busdir.cleanup)
+        self._stack.callback(lock.release)
+        with contextlib.suppress(Exception):
+            from .gc import collect
+
+            removed = collect(self.busdir.path, dry_run=False)
+            for item in removed:
+                log.info("hub %s: removed stale %s", self.name, item)
+        mode = 0o660 if self.gid is not None else 0o600
+        for t in self.transports:
+            acc = _acceptor(t, self.busdir.path, mode, self.gid, self.max_frame)
+            await self._stack.enter_async_context(acc)
+            self._acceptors[t] = acc
+        # Exit order (LIFO): door, then the node (clients told, links closed),
+        # then the acceptors (kernel objects removed), then the directory and lock.
+        await self.node.start()
+        self._stack.push_async_callback(self.node.aclose)
+        door = Door(self.busdir.path, mode=mode, gid=self.gid)
+        await self._stack.enter_async_context(door)
+        self.started = time.time()
+        self.node.task_group.start_soon(self._accept_loop, door, name="ipcbus-hub-door")
+        await self.bus.serve("$SYS.stats", lambda _m: self.stats())
+        await self.bus.serve("$SYS.links", lambda _m: self.node.stats()["links"])
+        await self.bus.serve("$SYS.subs", lambda _m: self._subscriptions())
+        log.info(
+            "hub %s serving %s (pid %d, transports %s)",
+            self.name,
+            self.busdir.path,
+            os.getpid(),
+            ",".join(self.transports),
+        )
+
+    async def _accept_loop(self, door: Door) -> None:
+        async for knock in door.knocks():
+            self.node.task_group.start_soon(self._accept, knock, name="ipcbus-hub-accept")
+
+    async def _accept(self, knock: Knock) -> None:
+        acc = self._acceptors.get(knock.transport)
+        who = f"{knock.name or 'client'}(pid {knock.pid})"
+        if acc is None:
+            self.refused += 1
+            log.warning(
+                "hub %s: refused %s: transport %r is not enabled on this hub (enabled: %s)",
+                self.name,
+                who,
+                knock.transport,
+                ",".join(self.transports),
+            )
+            return
+        if knock.version != fr.PROTOCOL_VERSION:
+            self.refused += 1
+            log.warning(
+                "hub %s: refused %s: protocol version %s, hub speaks %s",
+                self.name,
+                who,
+                knock.version,
+                fr.PROTOCOL_VERSION,
+            )
+            return
+        try:
+            link = await acc.accept(knock)
+        except (IpcBusError, OSError, ValueError) as exc:
+            self.refused += 1
+            log.warning("hub %s: refused %s over %s: %s", self.name, who, knock.transport, exc)
+            return
+        if self._closing:
+            await link.aclose()
+            return
+        try:
+            await self.node.add_link(link, name=who)
+        except IpcBusError as exc:
+            self.refused += 1
+            log.warning("hub %s: link to %s failed during the handshake: %s", self.name, who, exc)
+            return
+        self.accepted += 1
+        log.info("hub %s: connected %s over %s", self.name, who, knock.transport)
+
+    def _subscriptions(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for ls in self.node.links:
+            for subject, queue in sorted(ls.remote_keys, key=lambda k: (k[0], k[1] or "")):
+                if subject.startswith("_INBOX."):
+                    continue
+                out.append(
+                    {
+                        "link": ls.name,
+                        "pid": ls.link.info.peer_pid,
+                        "subject": subject,
+                        "queue": queue,
+                    }
+                )
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """What ``ipcbus ls`` shows: hub, links, subscriptions, kernel objects."""
+        from .records import list_records
+
+        objects: list[dict[str, Any]] = []
+        for path, rec in list_records(self.busdir.path):
+            objects.append(
+                {"file": path.name, "record": None}
+                if rec is None
+                else {
+                    "kind": rec.kind,
+                    "ident": rec.ident,
+                    "key": rec.key,
+                    "creator_pid": rec.creator_pid,
+                    "creator_alive": rec.creator_alive,
+                    **rec.extra,
+                }
+            )
+        node = self.node.stats()
+        return {
+            "bus": self.name,
+            "directory": str(self.busdir.path),
+            "hub_pid": os.getpid(),
+            "uptime": time.time() - self.started if self.started else 0.0,
+            "transports": list(self.transports),
+            "accepted": self.accepted,
+            "refused": self.refused,
+            "node": {k: v for k, v in node.items() if k != "links"},
+            "links": node["links"],
+            "subscriptions": self._subscriptions(),
+            "objects": objects,
+        }
+
+    @property
+    def links(self) -> list[LinkState]:
+        """The links currently connected."""
+        return list(self.node.links)
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`aclose` (e.g. from a signal handler) finished."""
+        await self._closed.wait()
+
+    async def aclose(self) -> None:
+        """Stop accepting, tell clients, drain, remove the FIFOs and records.  Idempotent."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._stack.aclose()
+        finally:
+            self._closed.set()
+            log.info("hub %s stopped", self.name)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,176 @@
+"""What ``ipcbus ls`` and ``ipcbus gc`` do, as functions the CLI and tests call."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from .busdir import BusDir, bus_root
+from .errors import IpcBusError
+from .gc import collect, scan, sysv_table
+
+__all__ = ["gc_command", "list_bus", "render_ls"]
+
+
+def _objects_from_records(busdir: Path) -> list[dict[str, Any]]:
+    tables = {k: sysv_table(k) for k in ("msg", "shm", "sem")}
+    out: list[dict[str, Any]] = []
+    for finding, rec in scan(busdir):
+        if rec is None:
+            out.append({"kind": "?", "ident": finding.what, "state": finding.reason})
+            continue
+        row: dict[str, Any] = {
+            "kind": rec.kind,
+            "ident": rec.ident,
+            "key": rec.key,
+            "creator_pid": rec.creator_pid,
+            "creator_alive": rec.creator_alive,
+            "state": f"{finding.action}: {finding.reason}",
+        }
+        table = {"msq": "msg", "shm": "shm", "sem": "sem"}.get(rec.kind)
+        if table is not None and rec.ident.isdigit():
+            st = tables[table].get(int(rec.ident))
+            if st is not None:
+                row["mode"] = oct(st["perms"] & 0o777)
+                row["owner_uid"] = st["uid"]
+                if table == "msg":
+                    row["messages"] = st["qnum"]
+                    row["bytes"] = st["cbytes"]
+                elif table == "shm":
+                    row["nattch"] = st["nattch"]
+                    row["size"] = st["size"]
+                else:
+                    row["nsems"] = st["nsems"]
+        out.append(row)
+    return out
+
+
+async def list_bus(name: str) -> dict[str, Any]:
+    """Everything known about bus ``name``: from its live hub, else from the records."""
+    from .connect import connect
+
+    bd = BusDir(name)
+    info: dict[str, Any] = {"bus": name, "directory": str(bd.path), "hub": None}
+    if bd.hub_pid() is not None:
+        try:
+            async with connect(name, transport="fifo", name="ipcbus-ls") as bus:
+                rep = await bus.request("$SYS.stats", timeout=5.0)
+                stats = rep.decode(dict[str, Any])
+        except IpcBusError as exc:
+            info["error"] = f"hub did not answer: {exc}"
+        else:
+            info["hub"] = {
+                "pid": stats["hub_pid"],
+                "uptime": stats["uptime"],
+                "transports": stats["transports"],
+                "accepted": stats["accepted"],
+                "refused": stats["refused"],
+                "dropped": stats["node"]["dropped"],
+            }
+            info["links"] = [lk for lk in stats["links"] if lk.get("peer_name") != "ipcbus-ls"]
+            info["subscriptions"] = stats["subscriptions"]
+    info["objects"] = _objects_from_records(bd.path) if bd.path.is_dir() else []
+    return info
+
+
+def render_ls(info: dict[str, Any]) -> None:
+    """Print ``list_bus`` output as tables (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    hub = info.get("hub")
+    if hub is None and not info.get("objects"):
+        console.print(
+            f"bus {info['bus']!r}: no hub is running and no records in {info['directory']}; "
+            f"start one with `ipcbus hub {info['bus']}`"
+        )
+        return
+    if hub is None:
+        console.print(f"bus {info['bus']!r}: no hub running ({info['directory']})")
+        if info.get("error"):
+            console.print(info["error"])
+    else:
+        console.print(
+            f"bus {info['bus']!r}: hub pid {hub['pid']}, up {hub['uptime']:.0f} s, "
+            f"transports {','.join(hub['transports'])}, accepted {hub['accepted']}, "
+            f"refused {hub['refused']}, dropped {hub['dropped']}"
+        )
+        t = Table(title="links")
+        for col in ("transport", "peer pid", "uid", "name", "since", "msgs in/out",
+                    "bytes in/out", "pending", "dropped", "slow"):  # fmt: skip
+            t.add_column(col)
+        for lk in info.get("links", []):
+            t.add_row(
+                str(lk.get("transport")),
+                str(lk.get("peer_pid")),
+                str(lk.get("peer_uid")),
+                str(lk.get("peer_name") or lk.get("name")),
+                time.strftime("%H:%M:%S", time.localtime(lk.get("since", 0))),
+                f"{lk.get('msgs_in', 0)}/{lk.get('msgs_out', 0)}",
+                f"{lk.get('bytes_in', 0)}/{lk.get('bytes_out', 0)}",
+                str(lk.get("pending_out", 0)),
+                str(lk.get("dropped", 0)),
+                str(lk.get("slow_consumer_events", 0)),
+            )
+        console.print(t)
+        s = Table(title="subscriptions")
+        for col in ("subject", "queue", "link", "pid"):
+            s.add_column(col)
+        for sub in info.get("subscriptions", []):
+            s.add_row(sub["subject"], sub.get("queue") or "", sub["link"], str(sub["pid"]))
+        console.print(s)
+    o = Table(title="kernel objects")
+    for col in ("kind", "id", "key", "mode", "owner", "creator", "depth / nattch", "state"):
+        o.add_column(col)
+    for obj in info.get("objects", []):
+        depth = ""
+        if "messages" in obj:
+            depth = f"{obj['messages']} msgs, {obj['bytes']} B"
+        elif "nattch" in obj:
+            depth = f"nattch {obj['nattch']}, {obj['size']} B"
+        elif "nsems" in obj:
+            depth = f"{obj['nsems']} sems"
+        key = obj.get("key")
+        o.add_row(
+            str(obj.get("kind")),
+            str(obj.get("ident")),
+            f"{key:#x}" if isinstance(key, int) else "",
+            str(obj.get("mode", "")),
+            str(obj.get("owner_uid", "")),
+            f"{obj.get('creator_pid', '')}" + (" (alive)" if obj.get("creator_alive") else ""),
+            depth,
+            str(obj.get("state", "")),
+        )
+    console.print(o)
+
+
+def gc_command(bus: str | None, all_buses: bool, dry_run: bool) -> int:
+    """Run gc on one bus or all; print findings; return the exit code."""
+    from rich.console import Console
+
+    console = Console()
+    if all_buses:
+        root = bus_root()
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+    else:
+        assert bus is not None
+        names = [bus]
+    total = 0
+    for name in names:
+        bd = BusDir(name)
+        if not bd.path.is_dir():
+            console.print(f"bus {name!r}: no directory at {bd.path}; nothing to collect")
+            continue
+        findings = collect(bd.path, dry_run=dry_run)
+        for f in findings:
+            console.print(f"{name}: {f}")
+            total += f.action in ("removed", "remove")
+        if not findings:
+            console.print(f"{name}: nothing to collect")
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"gc: {verb} {total} object(s)")
+    return 0
+
+
