@@ -6,7 +6,9 @@ anonymous pipes, FIFOs, System V message queues or shared-memory rings.
 
 from __future__ import annotations
 
+from .busdir import BadBusName
 from .client import Bus, Msg, Service, Subscription
+from .connect import ClientBus, connect
 from .errors import (
     BadSubject,
     BusBusy,
@@ -27,6 +29,7 @@ from .errors import (
     WorkerStartError,
 )
 from .frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
+from .hub import Hub
 from .node import Node
 from .pool import WorkerPool
 from .transports.base import Link, LinkInfo
@@ -36,15 +39,18 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "PROTOCOL_VERSION",
+    "BadBusName",
     "BadSubject",
     "Bus",
     "BusBusy",
     "BusClosed",
     "BusNotFound",
+    "ClientBus",
     "ConnectionClosed",
     "EncodeError",
     "EndOfStream",
     "FrameTooLarge",
+    "Hub",
     "IpcBusError",
     "Link",
     "LinkInfo",
@@ -62,4 +68,5 @@ __all__ = [
     "WorkerPool",
     "WorkerStartError",
     "__version__",
+    "connect",
 ]

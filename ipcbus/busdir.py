@@ -550,7 +550,9 @@ class BusDir:
                     f"hold the hub lock; if it is not a hub, remove {self.pidfile}"
                 )
             log.warning(
-                "bus %r: hub pid %d died without cleaning up; recovering its pid file", self.name, pid
+                "bus %r: hub pid %d died without cleaning up; recovering its pid file",
+                self.name,
+                pid,
             )
         try:
             st = os.lstat(self.door)
@@ -560,7 +562,9 @@ class BusDir:
             if not stat.S_ISFIFO(st.st_mode):
                 raise PermissionRefused(f"{self.door} is not a FIFO; remove it")
             try:
-                probe = os.open(self.door, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+                probe = os.open(
+                    self.door, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+                )
             except OSError as exc:
                 if exc.errno != errno.ENXIO:
                     raise

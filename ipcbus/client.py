@@ -63,6 +63,16 @@ def encode_payload(data: Any) -> bytes:
         ) from None
 
 
+def _check_headers(headers: Any) -> None:
+    """Headers are a ``dict[str, str]``; refuse anything else before it reaches the wire."""
+    if not isinstance(headers, dict) or not all(
+        type(k) is str and type(v) is str for k, v in headers.items()
+    ):
+        raise EncodeError(
+            f"headers must be a dict of str to str, not {headers!r}; convert the values to str"
+        )
+
+
 class Msg:
     """A received message: ``subject``, ``data`` (bytes), ``reply``, ``headers``."""
 
@@ -400,6 +410,8 @@ class Bus:
         validate_subject(subject)
         if reply is not None:
             validate_subject(reply)
+        if headers is not None:
+            _check_headers(headers)
         await self._node.publish(subject, encode_payload(data), reply=reply, headers=headers)
 
     async def subscribe(
@@ -441,6 +453,8 @@ class Bus:
         """
         self._check_open()
         validate_subject(subject)
+        if headers is not None:
+            _check_headers(headers)
         payload = encode_payload(data)
         node = self._node
         if not node.has_interest(subject):

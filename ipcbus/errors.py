@@ -11,9 +11,9 @@ from __future__ import annotations
 
 __all__ = [
     "BadSubject",
+    "BusBusy",
     "BusClosed",
     "BusNotFound",
-    "BusBusy",
     "ConnectionClosed",
     "EncodeError",
     "EndOfStream",

@@ -118,7 +118,7 @@ class Notice(msgspec.Struct, tag=7, array_like=True, frozen=True, omit_defaults=
 Frame: TypeAlias = Hello | Sub | Unsub | Msg | Ping | Pong | Notice
 
 _encoder: Final = msgspec.msgpack.Encoder()
-_decoder: Final = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
+_decoder: Final = msgspec.msgpack.Decoder(Frame)
 
 
 def encode_frame(frame: Frame) -> bytes:
@@ -130,7 +130,7 @@ def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
     """Decode one frame, raising :class:`ProtocolError` on anything malformed."""
     try:
         return _decoder.decode(data)  # type: ignore[no-any-return]
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed frame ({len(data)} bytes): {exc}") from None
 
 

@@ -49,6 +49,7 @@ import anyio.abc
 
 from . import frames as fr
 from .errors import (
+    BadSubject,
     BusClosed,
     ConnectionClosed,
     EndOfStream,
@@ -80,6 +81,7 @@ DEFAULT_PENDING_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_OUTBOUND_LIMIT: Final = 64 * 1024 * 1024
 _INFLIGHT_CAP: Final = 65536
 _HELLO_TIMEOUT: Final = 10.0
+_READ_SHARE: Final = 256 * 1024  # bytes read from one link before yielding
 
 _encode = fr.encode_frame
 _MsgFrame = fr.Msg
@@ -285,6 +287,8 @@ class Node:
         self._subs: dict[int, SubscriptionCore] = {}
         self._totals: dict[Key, int] = {}
         self._reply_routes: dict[str, set[LinkState]] = {}
+        self._inbox_links: dict[str, LinkState] = {}
+        self._wild_inbox = 0
         self._sids = itertools.count(1)
         self._tokens = itertools.count(1)
         self._rr = 0
@@ -442,18 +446,34 @@ class Node:
             recv = link.recv
             handle_msg = self._on_msg
             decode = fr.decode_frame
+            # Fairness: recv() does not suspend while frames are buffered, so a busy
+            # link could be drained for megabytes in one loop iteration, queueing all
+            # of it toward the other links before their writes get a chance to run
+            # (and tripping outbound_limit for peers that are not slow at all).
+            # Yield to the loop after every `share` bytes read.
+            share = max(4096, min(self.outbound_limit // 4, _READ_SHARE))
+            budget = share
             while True:
                 raw = await recv()
+                budget -= len(raw)
+                if budget <= 0:
+                    budget = share
+                    await asyncio.sleep(0)
                 frame = decode(raw)
-                if type(frame) is _MsgFrame:
-                    self.msgs_in += 1
-                    self.bytes_in += len(frame.payload)
-                    handle_msg(frame, raw, ls)
-                else:
-                    self._on_control(frame, ls)
+                try:
+                    if type(frame) is _MsgFrame:
+                        self.msgs_in += 1
+                        self.bytes_in += len(frame.payload)
+                        handle_msg(frame, raw, ls)
+                    else:
+                        self._on_control(frame, ls)
+                except BadSubject as exc:
+                    raise ProtocolError(f"peer sent an invalid subject: {exc}") from None
         except EndOfStream:
             reason = "peer closed"
-        except ProtocolError as exc:
+        except (ProtocolError, BadSubject) as exc:
+            # BadSubject: the peer sent an invalid subject in a Sub or Msg frame;
+            # that is a protocol error on this link, not a failure of the node.
             reason = f"protocol error: {exc}"
             log.warning("link %s (pid %s): %s; closing it", ls.name, link.info.peer_pid, exc)
             with contextlib.suppress(Exception):
@@ -537,7 +557,33 @@ class Node:
             self._totals.pop(key, None)
         self._announce(key, old, new, origin)
 
+    # Replies travel on unique inbox subjects, which would miss every match
+    # cache.  While no wildcard pattern could match an inbox subject, they are
+    # routed by the node id in the subject alone (one dict lookup).
+    def _inbox_interest(self, pattern: str, queue: str | None, delta: int, ls: LinkState | None) -> None:
+        if pattern == self.inbox.subject and ls is None:
+            return
+        parts = pattern.split(".")
+        if (
+            ls is not None
+            and queue is None
+            and len(parts) == 3
+            and parts[0] == "_INBOX"
+            and parts[2] == "*"
+            and parts[1] not in ("*", ">")
+        ):
+            nid = parts[1]
+            if delta > 0 and nid not in self._inbox_links:
+                self._inbox_links[nid] = ls
+                return
+            if delta < 0 and self._inbox_links.get(nid) is ls:
+                del self._inbox_links[nid]
+                return
+        if parts[0] in ("*", ">", "_INBOX"):
+            self._wild_inbox += delta
+
     def _add_local(self, sub: SubscriptionCore) -> None:
+        self._inbox_interest(sub.subject, sub.queue, 1, None)
         self._local.add(sub.subject, sub)
         key = (sub.subject, sub.queue)
         self._local_counts[key] = self._local_counts.get(key, 0) + 1
@@ -546,6 +592,7 @@ class Node:
     def _remove_local(self, sub: SubscriptionCore) -> None:
         if not self._local.remove(sub.subject, sub):
             return
+        self._inbox_interest(sub.subject, sub.queue, -1, None)
         key = (sub.subject, sub.queue)
         c = self._local_counts.get(key, 0) - 1
         if c > 0:
@@ -559,6 +606,7 @@ class Node:
             return
         validate_pattern(key[0])
         ls.remote_keys.add(key)
+        self._inbox_interest(key[0], key[1], 1, ls)
         self._remote.add(key[0], (ls, key[1]))
         self._bump(key, 1, ls)
 
@@ -566,6 +614,7 @@ class Node:
         if key not in ls.remote_keys:
             return
         ls.remote_keys.discard(key)
+        self._inbox_interest(key[0], key[1], -1, ls)
         self._remote.remove(key[0], (ls, key[1]))
         self._bump(key, -1, ls)
 
@@ -610,6 +659,10 @@ class Node:
     # -- routing -------------------------------------------------------------
 
     def _on_msg(self, m: fr.Msg, raw: bytes, origin: LinkState) -> None:
+        if m.reply is not None:
+            # A bad reply subject would only blow up later, in whoever answers
+            # (a service's publish): refuse it here, as a protocol error on this link.
+            validate_subject(m.reply)
         self._route(m, raw, origin)
 
     def _route(self, m: fr.Msg, raw: bytes | None, origin: LinkState | None) -> int:
@@ -619,6 +672,21 @@ class Node:
         if routes and subject in routes:
             for ls in routes.pop(subject):
                 ls.inflight.pop(subject, None)
+        if not self._wild_inbox and subject.startswith("_INBOX.") and not m.groups:
+            dot = subject.find(".", 7)
+            if dot > 0 and subject.find(".", dot + 1) < 0:
+                nid = subject[7:dot]
+                if nid == self.node_id:
+                    self.inbox.deliver(m)
+                    return 1
+                target = self._inbox_links.get(nid)
+                if target is not None and target is not origin:
+                    frame = raw if raw is not None else _encode(m)
+                    if self._forward(target, frame, subject, origin is not None):
+                        if m.reply is not None:
+                            self._track(target, m.reply)
+                        return 1
+                    return 0
         locals_ = self._local.match(subject)
         remotes = self._remote.match(subject)
         if not locals_ and not remotes:
@@ -692,10 +760,7 @@ class Node:
     def _pick(self, cands: list[SubscriptionCore | LinkState]) -> SubscriptionCore | LinkState:
         """Least busy member; among equals, the one picked longest ago (round robin)."""
         self._rr += 1
-        if len(cands) == 1:
-            best = cands[0]
-        else:
-            best = min(cands, key=_load)
+        best = cands[0] if len(cands) == 1 else min(cands, key=_load)
         best.last_pick = self._rr
         return best
 
@@ -713,24 +778,17 @@ class Node:
                     link.info.peer_pid,
                     link.pending_out,
                 )
+                # Report the loss once the link has room again, even if no further
+                # message for it ever comes (otherwise the subscriber would never know).
+                with contextlib.suppress(BusClosed):
+                    self.task_group.start_soon(self._report_drops, ls)
             ls.dropped_unreported += 1
             if len(ls.dropped_subjects) < 64:
                 ls.dropped_subjects[subject] = None
             return False
         try:
             if ls.dropped_unreported:
-                link.send_nowait(
-                    _encode(
-                        fr.Notice(
-                            "slow_consumer",
-                            f"{ls.dropped_unreported} message(s) dropped: link too slow",
-                            tuple(ls.dropped_subjects),
-                            ls.dropped_unreported,
-                        )
-                    )
-                )
-                ls.dropped_unreported = 0
-                ls.dropped_subjects.clear()
+                self._send_drop_notice(ls)
             link.send_nowait(frame)
         except ConnectionClosed:
             return False
@@ -739,6 +797,28 @@ class Node:
             return False
         self.msgs_out += 1
         return True
+
+    def _send_drop_notice(self, ls: LinkState) -> None:
+        """Tell the peer how many messages were dropped for it (``slow_consumer`` notice)."""
+        ls.link.send_nowait(
+            _encode(
+                fr.Notice(
+                    "slow_consumer",
+                    f"{ls.dropped_unreported} message(s) dropped: link too slow",
+                    tuple(ls.dropped_subjects),
+                    ls.dropped_unreported,
+                )
+            )
+        )
+        ls.dropped_unreported = 0
+        ls.dropped_subjects.clear()
+
+    async def _report_drops(self, ls: LinkState) -> None:
+        """Wait until a slow link is back under half its limit, then report its drops."""
+        with contextlib.suppress(ConnectionClosed):
+            await ls.link.wait_writable(self.outbound_limit // 2)
+            if ls.dropped_unreported and not ls.closed.is_set():
+                self._send_drop_notice(ls)
 
     def _track(self, ls: LinkState, reply: str) -> None:
         ls.inflight[reply] = None

@@ -275,9 +275,15 @@ class WorkerPool:
         delay = self.restart_backoff
         while not self._closing:
             if w.proc is not None and w.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    w.proc.kill()
-                await w.exited.wait()
+                # Usually the link closed because the worker died: let the child
+                # watcher reap it first (killing a dead, unreaped child would reap
+                # it behind asyncio's back).  Kill only one that is still running.
+                with anyio.move_on_after(1.0):
+                    await w.exited.wait()
+                if not w.exited.is_set():
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.kill()
+                    await w.exited.wait()
             await anyio.sleep(delay)  # backoff between restarts, not event ordering
             if self._closing:
                 return

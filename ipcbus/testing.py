@@ -20,7 +20,7 @@ naming the check.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import AsyncContextManager
+from contextlib import AbstractAsyncContextManager
 
 import anyio
 
@@ -29,7 +29,7 @@ from .transports.base import Link
 
 __all__ = ["LinkPairFactory", "check_link"]
 
-LinkPairFactory = Callable[[], AsyncContextManager[tuple[Link, Link]]]
+LinkPairFactory = Callable[[], AbstractAsyncContextManager[tuple[Link, Link]]]
 """A zero-argument callable returning an async context manager of two connected links."""
 
 
@@ -147,7 +147,7 @@ async def _check_peer_close(make_pair: LinkPairFactory) -> None:
 
 
 async def _check_close_twice(make_pair: LinkPairFactory) -> None:
-    async with make_pair() as (a, b):
+    async with make_pair() as (a, _b):
         await a.aclose()
         await a.aclose()
         assert a.closed, "close twice: closed is False after aclose"

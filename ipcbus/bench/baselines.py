@@ -35,17 +35,20 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ipcbus.bench.workloads import (
+    Budget,
     Metrics,
     Params,
     Peer,
     Unavailable,
     decode,
     encode,
+    fanout_metrics,
     latency_metrics,
     now_ns,
     peer_say,
     peer_wait,
     rate_metrics,
+    run_inflight,
     scratch_dir,
     stream_metrics,
 )
@@ -132,15 +135,16 @@ def pipe_w1(p: Params) -> Metrics:
             _pipe_send(w, payload)
         _pipe_send(w, b"")
         peer.expect("mark")
+        budget = p.budget()
         t0 = now_ns()
-        for _ in range(p.count):
+        for _ in budget:
             _pipe_send(w, payload)
         _pipe_send(w, b"")
         mark = peer.expect("mark")
     finally:
         os.close(w)
         peer.close()
-    return stream_metrics(mark["n"], p.size, t0, mark["t"])
+    return stream_metrics(int(mark["n"]), p.size, t0, int(mark["t"]))
 
 
 def pipe_echo_peer(args: dict[str, Any]) -> None:
@@ -163,12 +167,12 @@ def pipe_w2(p: Params) -> Metrics:
         for _ in range(p.warmup):
             _pipe_send(w1, payload)
             _pipe_recv(r2)
-        samples = [0] * p.count
-        for i in range(p.count):
+        samples: list[int] = []
+        for _ in p.budget():
             t = now_ns()
             _pipe_send(w1, payload)
             _pipe_recv(r2)
-            samples[i] = now_ns() - t
+            samples.append(now_ns() - t)
     finally:
         os.close(w1)
         os.close(r2)
@@ -220,15 +224,16 @@ def mp_w1(p: Params) -> Metrics:
             conn.send_bytes(payload)
         conn.send_bytes(b"")
         conn.recv_bytes()
+        budget = p.budget()
         t0 = now_ns()
-        for _ in range(p.count):
+        for _ in budget:
             conn.send_bytes(payload)
         conn.send_bytes(b"")
         mark = decode(conn.recv_bytes())
     finally:
         conn.close()
         proc.join(10)
-    return stream_metrics(mark["n"], p.size, t0, mark["t"])
+    return stream_metrics(int(mark["n"]), p.size, t0, int(mark["t"]))
 
 
 def mp_w2(p: Params) -> Metrics:
@@ -239,12 +244,12 @@ def mp_w2(p: Params) -> Metrics:
         for _ in range(p.warmup):
             conn.send_bytes(payload)
             conn.recv_bytes()
-        samples = [0] * p.count
-        for i in range(p.count):
+        samples: list[int] = []
+        for _ in p.budget():
             t = now_ns()
             conn.send_bytes(payload)
             conn.recv_bytes()
-            samples[i] = now_ns() - t
+            samples.append(now_ns() - t)
     finally:
         conn.close()
         proc.join(10)
@@ -324,14 +329,15 @@ async def unix_w1(p: Params) -> Metrics:
             await writer.drain()
         writer.write(_HDR.pack(0))
         await peer.aexpect("mark")
+        budget = p.budget()
         t0 = now_ns()
-        for _ in range(p.count):
+        for _ in budget:
             writer.write(payload)
             await writer.drain()
         writer.write(_HDR.pack(0))
         await writer.drain()
         mark = await peer.aexpect("mark")
-    return stream_metrics(mark["n"], p.size, t0, mark["t"])
+    return stream_metrics(int(mark["n"]), p.size, t0, int(mark["t"]))
 
 
 async def unix_w2(p: Params) -> Metrics:
@@ -342,13 +348,13 @@ async def unix_w2(p: Params) -> Metrics:
             writer.write(frame)
             await writer.drain()
             await _read_frame(reader)
-        samples = [0] * p.count
-        for i in range(p.count):
+        samples: list[int] = []
+        for _ in p.budget():
             t = now_ns()
             writer.write(frame)
             await writer.drain()
             await _read_frame(reader)
-            samples[i] = now_ns() - t
+            samples.append(now_ns() - t)
     return latency_metrics(samples)
 
 
@@ -368,9 +374,9 @@ async def unix_w2x(p: Params) -> Metrics:
                 if fut is not None and not fut.done():
                     fut.set_result(data)
 
-        async def client(n: int) -> None:
+        async def client(budget: Budget) -> None:
             nonlocal next_id
-            for _ in range(n):
+            while budget.take():
                 rid = next_id = (next_id + 1) & 0xFFFFFFFF
                 fut = loop.create_future()
                 pending[rid] = fut
@@ -379,21 +385,18 @@ async def unix_w2x(p: Params) -> Metrics:
                 await writer.drain()
                 await fut
 
-        async def spread(total: int) -> None:
-            share, extra = divmod(total, p.inflight)
-            await asyncio.gather(*(client(share + (i < extra)) for i in range(p.inflight)))
-
         rtask = asyncio.create_task(read_replies())
         try:
-            await spread(min(p.warmup, p.count))
+            await run_inflight(client, Budget(min(p.warmup, p.count)), p.inflight)
+            budget = p.budget()
             t0 = now_ns()
-            await spread(p.count)
+            await run_inflight(client, budget, p.inflight)
             t1 = now_ns()
         finally:
             rtask.cancel()
             with contextlib.suppress(asyncio.CancelledError, asyncio.IncompleteReadError):
                 await rtask
-    return rate_metrics(p.count, t0, t1)
+    return rate_metrics(budget.used, t0, t1)
 
 
 # ---------------------------------------------------------------------------
@@ -439,8 +442,9 @@ def zmq_w1(p: Params) -> Metrics:
                 s.send(payload)
             s.send(b"")
             peer.expect("mark")
+            budget = p.budget()
             t0 = now_ns()
-            for _ in range(p.count):
+            for _ in budget:
                 s.send(payload)
             s.send(b"")
             mark = peer.expect("mark")
@@ -448,7 +452,7 @@ def zmq_w1(p: Params) -> Metrics:
             peer.close()
             s.close(linger=0)
             ctx.term()
-    return stream_metrics(mark["n"], p.size, t0, mark["t"])
+    return stream_metrics(int(mark["n"]), p.size, t0, int(mark["t"]))
 
 
 def zmq_rep_peer(args: dict[str, Any]) -> None:
@@ -510,12 +514,12 @@ def zmq_w2(p: Params) -> Metrics:
         for _ in range(p.warmup):
             s.send(payload)
             s.recv()
-        samples = [0] * p.count
-        for i in range(p.count):
+        samples: list[int] = []
+        for _ in p.budget():
             t = now_ns()
             s.send(payload)
             s.recv()
-            samples[i] = now_ns() - t
+            samples.append(now_ns() - t)
     return latency_metrics(samples)
 
 
@@ -524,23 +528,24 @@ def zmq_w2x(p: Params) -> Metrics:
     with _zmq_server("DEALER", router=True) as (s, _peer):
         payload = b"x" * p.size
 
-        def window(total: int) -> None:
-            sent = got = 0
-            while sent < min(p.inflight, total):
+        def window(budget: Budget) -> None:
+            outstanding = 0
+            while outstanding < p.inflight and budget.take():
                 s.send(payload)
-                sent += 1
-            while got < total:
+                outstanding += 1
+            while outstanding:
                 s.recv()
-                got += 1
-                if sent < total:
+                outstanding -= 1
+                if budget.take():
                     s.send(payload)
-                    sent += 1
+                    outstanding += 1
 
-        window(min(p.warmup, p.count))
+        window(Budget(min(p.warmup, p.count)))
+        budget = p.budget()
         t0 = now_ns()
-        window(p.count)
+        window(budget)
         t1 = now_ns()
-    return rate_metrics(p.count, t0, t1)
+    return rate_metrics(budget.used, t0, t1)
 
 
 def zmq_sub_peer(args: dict[str, Any]) -> None:
@@ -588,8 +593,9 @@ def zmq_w3(p: Params) -> Metrics:
             s.send(b"")
             for peer in peers:
                 peer.expect("mark")
+            budget = p.budget()
             t0 = now_ns()
-            for _ in range(p.count):
+            for _ in budget:
                 s.send(payload)
             s.send(b"")
             marks = [peer.expect("mark") for peer in peers]
@@ -598,14 +604,7 @@ def zmq_w3(p: Params) -> Metrics:
                 peer.close()
             s.close(linger=0)
             ctx.term()
-    return _fanout(p, t0, marks)
-
-
-def _fanout(p: Params, t0: int, marks: list[dict[str, Any]]) -> Metrics:
-    got = sum(int(m["n"]) for m in marks)
-    t1 = max(int(m["t"]) for m in marks)
-    secs = max(t1 - t0, 1) / 1e9
-    return {"delivered_s": got / secs, "loss": 1 - got / (p.count * len(marks)), "secs": secs}
+    return fanout_metrics(budget.used, t0, marks)
 
 
 # ---------------------------------------------------------------------------
@@ -734,11 +733,11 @@ async def nats_w2(p: Params) -> Metrics:
         payload = b"x" * p.size
         for _ in range(p.warmup):
             await nc.request("bench.echo", payload, timeout=p.timeout)
-        samples = [0] * p.count
-        for i in range(p.count):
+        samples: list[int] = []
+        for _ in p.budget():
             t = now_ns()
             await nc.request("bench.echo", payload, timeout=p.timeout)
-            samples[i] = now_ns() - t
+            samples.append(now_ns() - t)
     return latency_metrics(samples)
 
 
@@ -747,19 +746,16 @@ async def nats_w2x(p: Params) -> Metrics:
     async with _nats_session("nats_echo_peer", 1) as (nc, _peers):
         payload = b"x" * p.size
 
-        async def client(n: int) -> None:
-            for _ in range(n):
+        async def client(budget: Budget) -> None:
+            while budget.take():
                 await nc.request("bench.echo", payload, timeout=p.timeout)
 
-        async def spread(total: int) -> None:
-            share, extra = divmod(total, p.inflight)
-            await asyncio.gather(*(client(share + (i < extra)) for i in range(p.inflight)))
-
-        await spread(min(p.warmup, p.count))
+        await run_inflight(client, Budget(min(p.warmup, p.count)), p.inflight)
+        budget = p.budget()
         t0 = now_ns()
-        await spread(p.count)
+        await run_inflight(client, budget, p.inflight)
         t1 = now_ns()
-    return rate_metrics(p.count, t0, t1)
+    return rate_metrics(budget.used, t0, t1)
 
 
 async def nats_w3(p: Params) -> Metrics:
@@ -772,13 +768,14 @@ async def nats_w3(p: Params) -> Metrics:
         await nc.flush()
         for pr in peers:
             await pr.aexpect("mark")
+        budget = p.budget()
         t0 = now_ns()
-        for _ in range(p.count):
+        for _ in budget:
             await nc.publish("bench.fan", payload)
         await nc.publish("bench.fan", b"")
         await nc.flush()
         marks = [await pr.aexpect("mark", p.timeout) for pr in peers]
-    return _fanout(p, t0, marks)
+    return fanout_metrics(budget.used, t0, marks)
 
 
 # ---------------------------------------------------------------------------
@@ -800,10 +797,10 @@ def ppe_w4(p: Params) -> Metrics:
         # Start every worker before the clock runs.
         list(ex.map(echo_task, [payload] * (p.workers * 4)))
 
-        def batch(total: int) -> None:
+        def batch(budget: Budget) -> None:
             slots = threading.Semaphore(p.inflight)
             finished = threading.Event()
-            left = [total]
+            left = [1]  # one hold for the submitting loop itself
             lock = threading.Lock()
             errors: list[BaseException] = []
 
@@ -817,16 +814,23 @@ def ppe_w4(p: Params) -> Metrics:
                     if left[0] == 0:
                         finished.set()
 
-            for _ in range(total):
+            for _ in budget:
                 slots.acquire()
+                with lock:
+                    left[0] += 1
                 ex.submit(echo_task, payload).add_done_callback(done)
+            with lock:
+                left[0] -= 1  # release the loop's own hold
+                if left[0] == 0:
+                    finished.set()
             finished.wait(p.timeout * 4)
             if errors:
                 raise errors[0]
 
-        batch(min(p.warmup, p.count))
+        batch(Budget(min(p.warmup, p.count)))
+        budget = p.budget()
         t0 = now_ns()
-        batch(p.count)
+        batch(budget)
         t1 = now_ns()
-    return rate_metrics(p.count, t0, t1)
+    return rate_metrics(budget.used, t0, t1)
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import click
 import msgspec
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -99,7 +100,10 @@ class BenchTable:
     baseline: str
     rows: tuple[tuple[str, tuple[int, ...]], ...]
     count: Callable[[int, str, bool], int]
-    """``count(size, impl, quick)``: messages or requests per measurement."""
+    """``count(size, impl, quick)``: messages or requests per measurement (a cap
+    when ``duration`` is set)."""
+    duration: tuple[float, float] = (0.0, 0.0)
+    """Seconds of timed sending per measurement: (default run, ``--quick``); 0 = exact count."""
     inflight: int = 1
 
     def params(self, size: int, impl: str, quick: bool, pinned: bool) -> Params:
@@ -108,32 +112,30 @@ class BenchTable:
         return Params(
             size=size,
             count=n,
-            warmup=max(2, min(200, n // 10)),
+            warmup=max(2, min(200, n // 10, 64 * MiB // size)),
             inflight=self.inflight,
             pinned=pinned,
+            duration=self.duration[1] if quick else self.duration[0],
         )
 
 
+# W1-W3 are timed (``duration``); their counts are only caps.
+
+
 def _w1_count(size: int, impl: str, quick: bool) -> int:
-    # About 256 MiB per measurement for big frames, 200k messages for small.
-    n = min(200_000, max(16, 256 * MiB // size))
-    if impl == "memcpy":
-        n *= 4  # in-process copies are too quick to time otherwise
-    return max(8, n // 3) if quick else n
+    return min(2_000_000, max(16, 4096 * MiB // size))
 
 
 def _w2_count(size: int, impl: str, quick: bool) -> int:
-    n = 3_000 if impl == "NATS" else 10_000
-    return n // 3 if quick else n
+    return 20_000
 
 
 def _w2x_count(size: int, impl: str, quick: bool) -> int:
-    n = 20_000 if impl == "NATS" else 50_000
-    return n // 3 if quick else n
+    return 200_000
 
 
 def _w3_count(size: int, impl: str, quick: bool) -> int:
-    return 30_000 if quick else 100_000
+    return 1_000_000
 
 
 def _w4_count(size: int, impl: str, quick: bool) -> int:
@@ -168,6 +170,7 @@ TABLES: tuple[BenchTable, ...] = (
             ("ipcbus hub+shm", _BIG),
         ),
         count=_w1_count,
+        duration=(0.3, 0.15),
     ),
     BenchTable(
         key="W2",
@@ -191,6 +194,7 @@ TABLES: tuple[BenchTable, ...] = (
             ("ipcbus hub+shm", (64,)),
         ),
         count=_w2_count,
+        duration=(1.0, 0.4),
     ),
     BenchTable(
         key="W2x",
@@ -208,6 +212,7 @@ TABLES: tuple[BenchTable, ...] = (
             ("ipcbus hub+fifo", (64,)),
         ),
         count=_w2x_count,
+        duration=(0.5, 0.25),
         inflight=32,
     ),
     BenchTable(
@@ -226,6 +231,7 @@ TABLES: tuple[BenchTable, ...] = (
             ("ipcbus hub+shm", (64,)),
         ),
         count=_w3_count,
+        duration=(0.5, 0.25),
     ),
     BenchTable(
         key="W4",
@@ -329,6 +335,10 @@ class RowResult:
         }
 
 
+Results = dict[tuple[str, str, int, bool], RowResult]
+"""Samples by cell: (table key, implementation, size, pinned)."""
+
+
 def plan(
     tables: Sequence[BenchTable],
     *,
@@ -428,13 +438,13 @@ def run_jobs(
     console: Console,
     *,
     timeout: float = 300.0,
-) -> dict[tuple[str, str, int, bool], RowResult]:
+) -> Results:
     """Run every job with a rich progress display; collect the results by cell.
 
     An implementation that reports itself unavailable is not tried again
     (for any size or pinning); a cell that failed twice is skipped from then on.
     """
-    results: dict[tuple[str, str, int, bool], RowResult] = {}
+    results: Results = {}
     unavailable: dict[tuple[str, str], str] = {}
     env = _child_env()
     for job in jobs:
@@ -499,6 +509,13 @@ def fmt_size(n: int) -> str:
     return f"{n} B"
 
 
+def _unit(x: float) -> tuple[float, str]:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return div, suffix
+    return 1.0, ""
+
+
 def fmt_num(x: float | None, metric: str = "") -> str:
     """Human figures: 1.36M, 158k, 313 (µs), 2.1% (loss)."""
     if x is None:
@@ -507,17 +524,19 @@ def fmt_num(x: float | None, metric: str = "") -> str:
         return f"{x * 100:.1f}%"
     if metric.endswith("_us"):
         return f"{x:.1f}" if x < 100 else f"{x:.0f}"
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suffix}"
-    return f"{x:.3g}"
+    div, suffix = _unit(x)
+    return f"{x / div:.3g}{suffix}"
 
 
 def fmt_range(r: tuple[float, float] | None, metric: str) -> str:
-    """``min..max`` of the repeats."""
+    """``min-max`` of the repeats, in one unit: ``1.21-1.42M``, ``81-95`` (µs)."""
     if r is None:
         return ""
-    return f"{fmt_num(r[0], metric)}..{fmt_num(r[1], metric)}"
+    lo, hi = r
+    if metric == "loss" or metric.endswith("_us"):
+        return f"{fmt_num(lo, metric)}-{fmt_num(hi, metric)}"
+    div, suffix = _unit(hi)
+    return f"{lo / div:.3g}-{hi / div:.3g}{suffix}"
 
 
 METRIC_LABELS = {
@@ -526,13 +545,12 @@ METRIC_LABELS = {
     "p50_us": "p50 µs",
     "p99_us": "p99 µs",
     "req_s": "req/s",
-    "delivered_s": "delivered/s",
+    "delivered_s": "deliv/s",
     "loss": "loss",
 }
 
-
 def ratio(
-    results: dict[tuple[str, str, int, bool], RowResult],
+    results: Results,
     table: str,
     impl: str,
     base: str,
@@ -551,12 +569,12 @@ def ratio(
     return ma / mb
 
 
-def render_table(
-    table: BenchTable,
-    results: dict[tuple[str, str, int, bool], RowResult],
-    pinnings: Sequence[bool],
-) -> Table | None:
-    """The rich table of one workload (None when nothing of it ran)."""
+def render_table(table: BenchTable, results: Results, pinnings: Sequence[bool]) -> Table | None:
+    """The rich table of one workload (None when nothing of it ran).
+
+    Per pinning: the median, the min-max range over the repeats, the extra
+    figures, and the ratio to the table's baseline; then the targets.
+    """
     rows = [
         (impl, size)
         for impl, sizes in table.rows
@@ -567,9 +585,10 @@ def render_table(
         return None
     better = "higher is better" if table.higher_is_better else "lower is better"
     t = Table(
-        title=f"{table.title}  [dim]({better}; median of repeats, range min..max)",
+        title=f"[bold]{table.title}[/]  [dim]({METRIC_LABELS[table.metric]}: {better})",
         title_justify="left",
-        show_lines=False,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
         header_style="bold",
     )
     t.add_column("size", justify="right", no_wrap=True)
@@ -577,11 +596,12 @@ def render_table(
     for pinned in pinnings:
         tag = "pinned" if pinned else "unpinned"
         t.add_column(f"{METRIC_LABELS[table.metric]}\n{tag}", justify="right", no_wrap=True)
-        t.add_column("range", justify="right", style="dim", no_wrap=True)
+        t.add_column("\nrange", justify="right", style="dim", no_wrap=True)
         for m in table.extra:
             t.add_column(f"{METRIC_LABELS[m]}\n{tag}", justify="right", no_wrap=True)
-        t.add_column(f"vs\n{table.baseline}", justify="right", no_wrap=True)
-    t.add_column("target (unpinned / pinned)")
+        t.add_column(f"vs base\n{tag}", justify="right", no_wrap=True)
+    both = " / ".join("pinned" if p else "unpinned" for p in pinnings)
+    t.add_column(f"target\n({both})")
     last_size: int | None = None
     for impl, size in rows:
         if last_size is not None and size != last_size:
@@ -592,51 +612,44 @@ def render_table(
         for pinned in pinnings:
             res = results.get((table.key, impl, size, pinned))
             if res is None or not res.runs:
-                width = 3 + len(table.extra)
                 if res is not None and res.status in ("unavailable", "error"):
                     note = f"{res.status}: {res.reason}"
-                cells.extend(["-"] * width)
+                cells.extend(["-"] * (3 + len(table.extra)))
                 continue
             cells.append(fmt_num(res.median(table.metric), table.metric))
             cells.append(fmt_range(res.spread(table.metric), table.metric))
-            for m in table.extra:
-                cells.append(fmt_num(res.median(m), m))
+            cells.extend(fmt_num(res.median(m), m) for m in table.extra)
             r = ratio(results, table.key, impl, table.baseline, size, pinned, table.metric)
             cells.append("" if r is None else f"{r:.2f}x")
         targets = [x for x in TARGETS if (x.table, x.impl, x.size) == (table.key, impl, size)]
         if note:
-            cells.append(Text(note, style="yellow"))
+            cells.append(Text(note[:120], style="yellow"))
         else:
             cells.append(_targets_cell(targets, results, pinnings))
         t.add_row(*cells)
+    t.caption = f"vs base: ratio to {table.baseline} (same size, same pinning, same run)"
+    t.caption_justify = "left"
     return t
 
 
 def _impl_label(impl: str, table: BenchTable) -> Text:
     if impl == table.baseline:
-        return Text(f"{impl} (baseline)", style="bold")
+        return Text(f"{impl} (base)", style="bold")
     if impl.startswith("ipcbus"):
         return Text(impl, style="cyan")
     return Text(impl)
 
 
-def _targets_cell(
-    targets: Iterable[Target],
-    results: dict[tuple[str, str, int, bool], RowResult],
-    pinnings: Sequence[bool],
-) -> Text:
+def _targets_cell(targets: Iterable[Target], results: Results, pinnings: Sequence[bool]) -> Text:
     out = Text()
     for tgt in targets:
         if out:
             out.append("\n")
         out.append(tgt.label() + ": ")
-        parts = []
-        for pinned in pinnings:
-            r = ratio(results, tgt.table, tgt.impl, tgt.baseline, tgt.size, pinned, tgt.metric)
-            parts.append(r)
-        for i, r in enumerate(parts):
+        for i, pinned in enumerate(pinnings):
             if i:
                 out.append(" / ")
+            r = ratio(results, tgt.table, tgt.impl, tgt.baseline, tgt.size, pinned, tgt.metric)
             if r is None:
                 out.append("n/a", style="dim")
             else:
@@ -645,9 +658,44 @@ def _targets_cell(
     return out
 
 
-def target_report(
-    results: dict[tuple[str, str, int, bool], RowResult], pinnings: Sequence[bool]
-) -> list[dict[str, Any]]:
+def render_targets(results: Results, pinnings: Sequence[bool], keys: Iterable[str]) -> Table:
+    """One table of every target of the selected workloads, met or not."""
+    t = Table(
+        title="[bold]Targets from the issues[/] (ratios of medians, same run)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        header_style="bold",
+    )
+    for col in ("issue", "workload", "size", "implementation", "metric", "target"):
+        t.add_column(col, no_wrap=True)
+    for pinned in pinnings:
+        t.add_column("pinned" if pinned else "unpinned", justify="right", no_wrap=True)
+    wanted = set(keys)
+    for tgt in TARGETS:
+        if tgt.table not in wanted:
+            continue
+        cells: list[str | Text] = [
+            f"#{tgt.issue}",
+            tgt.table,
+            fmt_size(tgt.size),
+            tgt.impl,
+            METRIC_LABELS[tgt.metric],
+            tgt.label().removeprefix("target "),
+        ]
+        for pinned in pinnings:
+            r = ratio(results, tgt.table, tgt.impl, tgt.baseline, tgt.size, pinned, tgt.metric)
+            if r is None:
+                cells.append(Text("n/a", style="dim"))
+            else:
+                ok = tgt.met(r)
+                cells.append(Text(f"{r:.2f}x {'✓' if ok else '✗'}",
+                                  style="green" if ok else "red"))
+        t.add_row(*cells)
+    return t
+
+
+def target_report(results: Results, pinnings: Sequence[bool]) -> list[dict[str, Any]]:
     """Each target with its measured ratios (for ``--json``)."""
     out = []
     for tgt in TARGETS:
@@ -775,6 +823,8 @@ def cli(
     repeats, with the baseline ratio and the project's target beside each row.
     """
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)  # logs and CI: do not squeeze the tables to 80 columns
     tables = _select(only)
     reps = repeats if repeats is not None else (3 if quick else 5)
     pinnings = {"both": (False, True), "pinned": (True,), "unpinned": (False,)}[pin]
@@ -810,6 +860,8 @@ def cli(
         if rendered is not None:
             console.print()
             console.print(rendered)
+    console.print()
+    console.print(render_targets(results, pinnings, [t.key for t in tables]))
     console.print(
         f"\n[dim]{elapsed:.0f} s. Pinned: every process of a measurement on one CPU "
         "(sched_setaffinity, inherited by children). Ratios: medians of the same run.[/]"

@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from types import ModuleType
 from typing import Any, NoReturn, TypeAlias, cast
 
@@ -66,8 +66,8 @@ import msgspec
 
 __all__ = [
     "DRIVERS",
-    "Budget",
     "WORKLOADS",
+    "Budget",
     "Metrics",
     "Outcome",
     "Params",
@@ -224,7 +224,7 @@ def latency_metrics(samples_ns: Sequence[int]) -> Metrics:
 
 
 async def run_inflight(
-    worker: Callable[[Budget], Awaitable[None]], budget: Budget, inflight: int
+    worker: Callable[[Budget], Coroutine[Any, Any, None]], budget: Budget, inflight: int
 ) -> None:
     """Run ``inflight`` copies of ``worker`` sharing one budget; fail as soon as one fails."""
     async with asyncio.TaskGroup() as tg:
@@ -560,7 +560,28 @@ def _bus_env() -> Iterator[dict[str, str]]:
 
 async def _connect(args: dict[str, Any]) -> Any:
     ipcbus = _ipcbus("connect")
-    return await ipcbus.connect(args["bus"], transport=args["transport"])
+    try:
+        return await ipcbus.connect(args["bus"], transport=args["transport"])
+    except ImportError as exc:
+        raise Unavailable(f"transport {args['transport']!r} not available yet ({exc})") from exc
+
+
+@contextlib.asynccontextmanager
+async def _hub(name: str, transport: str) -> AsyncIterator[Any]:
+    """An embedded hub that accepts only ``transport`` (Unavailable if it cannot)."""
+    ipcbus = _ipcbus("Hub", "connect")
+    try:
+        hub = ipcbus.Hub(name, transports=(transport,))
+    except TypeError:
+        hub = ipcbus.Hub(name)
+    try:
+        await hub.__aenter__()
+    except ImportError as exc:
+        raise Unavailable(f"transport {transport!r} not available yet ({exc})") from exc
+    try:
+        yield hub
+    finally:
+        await hub.__aexit__(None, None, None)
 
 
 async def _wait_for_responder(bus: Any, subject: str, timeout: float) -> None:
@@ -652,10 +673,9 @@ async def hub_req_peer(args: dict[str, Any]) -> None:
 
 
 async def _hub_fanout(p: Params, transport: str, sinks: int) -> Metrics:
-    ipcbus = _ipcbus("Hub", "connect")
     with _bus_env() as env:
         name = f"bench{os.getpid()}"
-        async with ipcbus.Hub(name):
+        async with _hub(name, transport):
             base = {"bus": name, "transport": transport, "timeout": p.timeout}
             subs = [
                 Peer(f"{MODULE}:hub_sink_peer", {**base, "id": i}, env=env) for i in range(sinks)
@@ -698,10 +718,9 @@ def fanout_metrics(sent: int, t0: int, marks: Sequence[dict[str, Any]]) -> Metri
 
 
 async def _hub_request(p: Params, transport: str) -> Metrics:
-    ipcbus = _ipcbus("Hub", "connect")
     with _bus_env() as env:
         name = f"bench{os.getpid()}"
-        async with ipcbus.Hub(name):
+        async with _hub(name, transport):
             base = {"bus": name, "transport": transport, "timeout": p.timeout}
             peers = [Peer(f"{MODULE}:hub_echo_peer", base, env=env)]
             try:

@@ -378,14 +378,18 @@ async def admit(knock: Knock, acceptors: Mapping[str, Acceptor]) -> Link | None:
     if knock.version != PROTOCOL_VERSION:
         log.warning(
             "refused knock from %s: protocol version %d, this hub speaks %d",
-            who, knock.version, PROTOCOL_VERSION,
+            who,
+            knock.version,
+            PROTOCOL_VERSION,
         )
         return None
     acceptor = acceptors.get(knock.transport)
     if acceptor is None:
         log.warning(
             "refused knock from %s: unknown transport %r (this hub accepts %s)",
-            who, knock.transport, ", ".join(sorted(acceptors)) or "nothing",
+            who,
+            knock.transport,
+            ", ".join(sorted(acceptors)) or "nothing",
         )
         return None
     try:

@@ -1,0 +1,123 @@
+"""A worker pool: typed requests, load balancing, and a worker crash with recovery.
+
+The workers run ``examples.workers:setup`` (services ``resize``, ``echo`` and
+``pid``, each in a queue group) plus one more service defined here, ``hold``,
+which stands for a long job: it tells the parent which worker holds it, then
+never returns. The parent
+
+1. sends a typed ``resize`` request;
+2. sends 300 concurrent ``pid`` requests and counts which worker answered
+   each: the queue group spreads them over the least busy workers;
+3. sends a ``hold`` request, SIGKILLs the worker that holds it, and gets
+   ``WorkerCrashed`` at once (not a timeout);
+4. waits for the pool to restart that worker, and shows the new worker
+   taking requests.
+
+Run it from the repository root::
+
+    python examples/worker_pool.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # so that `examples.workers` imports from any directory
+
+import ipcbus  # noqa: E402
+from examples import workers  # noqa: E402
+from examples.workers import Image, Resized  # noqa: E402
+
+WORKERS = 3
+
+
+async def setup(bus: ipcbus.Bus) -> None:
+    """Runs in each worker: the services of examples/workers.py, plus `hold`."""
+    await workers.setup(bus)
+
+    async def hold(msg: ipcbus.Msg) -> None:
+        await bus.publish("holding", os.getpid())  # tell the parent who holds the job
+        await asyncio.Event().wait()  # a job that never ends: the parent kills us
+
+    await bus.serve("hold", hold, queue="hold")
+
+
+def worker_env() -> dict[str, str]:
+    """Our environment with the repository root on PYTHONPATH (workers import `examples.*`)."""
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+async def spread(pool: ipcbus.WorkerPool, n: int) -> Counter[int]:
+    """Send ``n`` concurrent `pid` requests; count the answers per worker pid."""
+    replies = await asyncio.gather(*(pool.bus.request("pid", timeout=5) for _ in range(n)))
+    return Counter(r.decode(int) for r in replies)
+
+
+async def wait_until_ready(pool: ipcbus.WorkerPool, timeout: float = 8.0) -> None:
+    """Wait until every worker of the pool is up again."""
+    deadline = time.monotonic() + timeout
+    while len(pool.pids) < pool.size:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pool did not recover within {timeout} s: {pool.stats()['workers']}")
+        await asyncio.sleep(0.05)  # the pool has no "worker restarted" event: poll its state
+
+
+async def main() -> int:
+    """Run the four steps; check each."""
+    ok = True
+    async with ipcbus.WorkerPool("examples.worker_pool:setup", workers=WORKERS, env=worker_env()) as pool:
+        bus = pool.bus
+        before = set(pool.pids)
+        print(f"pool up: workers {sorted(before)}")
+
+        # 1. A typed request.
+        reply = await bus.request("resize", Image(640, 480, bytes(64)), timeout=5)
+        resized = reply.decode(Resized)
+        print(f"resize 640x480 -> {resized.width}x{resized.height} by worker {resized.worker_pid}")
+        ok &= (resized.width, resized.height) == (320, 240)
+
+        # 2. Load balancing over the queue group "pid".
+        counts = await spread(pool, 300)
+        print(f"300 requests spread over the workers: {dict(sorted(counts.items()))}")
+        ok &= set(counts) == before
+
+        # 3. A worker dies in the middle of a request.
+        holding = await bus.subscribe("holding")
+        job = asyncio.create_task(bus.request("hold", timeout=30))
+        victim = (await holding.next(timeout=5)).decode(int)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        try:
+            await job
+            print("the held request returned?!")
+            ok = False
+        except ipcbus.WorkerCrashed as exc:
+            ms = (time.monotonic() - killed_at) * 1000
+            print(f"killed worker {victim}: WorkerCrashed after {ms:.1f} ms: {exc}")
+
+        # 4. The pool restarts it; the new worker takes requests.
+        await wait_until_ready(pool)
+        after = set(pool.pids)
+        (restarted,) = after - before
+        print(f"worker {victim} was replaced by worker {restarted}")
+        counts = await spread(pool, 300)
+        print(f"300 more requests: {dict(sorted(counts.items()))}")
+        ok &= victim not in counts and restarted in counts
+        crashes = sum(w["crashes"] for w in pool.stats()["workers"])
+        print(f"crashes seen by the pool: {crashes}")
+        ok &= crashes == 1
+
+    print("all steps as expected:", "yes" if ok else "NO")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

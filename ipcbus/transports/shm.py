@@ -1,0 +1,1524 @@
+"""The shared-memory transport: two ring buffers in one SysV segment.
+
+A link is one SysV shared-memory segment that both processes map, holding a
+4 KiB header and two single-producer/single-consumer rings, one per
+direction.  A frame is copied once into the ring (``memoryview`` slice
+assignment) and once out of it (``bytes`` of a slice); the kernel copies
+nothing.  ``docs/transports/shm.md`` describes the layout and the protocol
+byte by byte; the short version:
+
+* The ring holds *records*: an 8-byte header ``<II`` (tag, length) and the
+  payload, padded to 8 bytes.  A frame up to half the ring is one ``FRAME``
+  record, contiguous (a ``PAD`` record skips the end of the ring when it
+  would not fit).  A larger frame is streamed: ``BEGIN`` (its total length),
+  then ``PIECE`` records; the reader assembles it and delivers it whole.
+  ``EOF`` ends the stream; ``ATTACHED`` tells the creator its peer is in.
+* Four POSIX named semaphores guard the rings, counting records: for each
+  ring, ``items`` (the writer posts one per record it publishes, the reader
+  takes one per record it reads) and ``space`` (the reader posts one per
+  record it is done with, the writer takes them to reuse the room).  All
+  information crosses between the processes through a post/wait pair,
+  which is a release/acquire pair: a reader only touches bytes whose
+  publication it has taken a token for, a writer only overwrites bytes
+  whose release it has taken a token for.  That is the whole memory-ordering
+  argument; the head/tail counters in the header are written for
+  diagnostics and bounds checks only.
+* glibc's POSIX semaphores are futex based: a post is one atomic add and
+  enters the kernel only when the other side sleeps.  So the "doorbell only
+  when the peer sleeps" comes for free, with the futex protocol's proof.
+* The loop cannot poll a semaphore.  A waiter thread per direction, armed by
+  the loop only when it found nothing to do, blocks in ``sem_wait`` (the GIL
+  released) and hands the token to the loop with one
+  ``call_soon_threadsafe``.  Closing posts the semaphore the thread sleeps on
+  and joins it: no timeouts, no polling.
+* Crash safety: the segment is marked ``IPC_RMID`` and the semaphore names
+  are unlinked as soon as the peer has attached, so the kernel frees
+  everything when the last process detaches, however it dies.  The peer's
+  death is seen through a ``pidfd`` watched by the event loop.  Counting
+  semaphores are not locks: a process killed between two operations leaves
+  nothing held (no ``SEM_UNDO`` needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import io
+import logging
+import os
+import queue
+import secrets
+import stat
+import struct
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import posix_ipc
+import sysv_ipc
+
+from .. import records
+from ..errors import (
+    ConnectionClosed,
+    EndOfStream,
+    FrameTooLarge,
+    IpcBusError,
+    PermissionRefused,
+    ProtocolError,
+)
+from ..frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
+from .base import DEFAULT_HIGH_WATER, Link, LinkInfo
+
+if TYPE_CHECKING:
+    from .door import Knock
+
+__all__ = [
+    "DEFAULT_RING_SIZE",
+    "HEADER_SIZE",
+    "LAYOUT_VERSION",
+    "MAGIC",
+    "ShmAcceptor",
+    "ShmLink",
+    "connect_shm",
+]
+
+log = logging.getLogger("ipcbus.shm")
+
+# -- layout ------------------------------------------------------------------
+
+MAGIC: Final = b"IPCBSHM\0"
+"""First 8 bytes of every ipcbus shared-memory segment."""
+LAYOUT_VERSION: Final = 1
+"""Version of the segment layout and ring protocol described in docs/transports/shm.md."""
+HEADER_SIZE: Final = 4096
+"""Bytes before the first ring (one page)."""
+DEFAULT_RING_SIZE: Final = 4 * 1024 * 1024
+"""Bytes per direction.  Holds three 1 MiB frames at once, so a 1 MiB stream never stalls
+on the ring (the writer fills one while the reader empties another); see the docs."""
+MIN_RING_SIZE: Final = 4096
+MAX_RING_SIZE: Final = 1 << 30
+
+# Header fields (little-endian).  Counters sit on their own 64-byte lines so
+# that the two processes do not bounce one cache line between them.
+_OFF_MAGIC = 0  # 8s
+_OFF_VERSION = 8  # u32 layout version
+_OFF_HDRSIZE = 12  # u32 header size
+_OFF_RING0 = 16  # u64 ring 0 size (creator -> attacher)
+_OFF_RING1 = 24  # u64 ring 1 size (attacher -> creator)
+_OFF_MAXFRAME = 32  # u64 creator's max frame
+_OFF_CPID = 40  # u32 creator pid
+_OFF_APID = 44  # u32 attacher pid (0 until attached)
+_OFF_CFLAGS = 48  # u32 creator flags
+_OFF_AFLAGS = 52  # u32 attacher flags
+_OFF_NONCE = 56  # 16 random bytes, also in the params handed to the attacher
+_OFF_HEAD0 = 128  # u64 bytes ever written into ring 0 (by the creator)
+_OFF_TAIL0 = 192  # u64 bytes ever consumed from ring 0 (by the attacher)
+_OFF_HEAD1 = 256  # u64 ring 1 head (written by the attacher)
+_OFF_TAIL1 = 320  # u64 ring 1 tail (written by the creator)
+_NONCE_LEN = 16
+
+_FLAG_ATTACHED: Final = 1
+_FLAG_CLOSED: Final = 2
+
+# Record tags.
+_FRAME: Final = 1  # a whole frame of `length` bytes follows
+_BEGIN: Final = 2  # a streamed frame of `length` bytes starts; PIECE records follow
+_PIECE: Final = 3  # `length` bytes of the streamed frame
+_PAD: Final = 4  # skip to the end of the ring (`length` = bytes skipped after this header)
+_EOF: Final = 5  # the writer closed the link
+_ATTACHED: Final = 6  # first record from the attacher: its pid is in the header
+_TAG_NAMES: Final = {1: "FRAME", 2: "BEGIN", 3: "PIECE", 4: "PAD", 5: "EOF", 6: "ATTACHED"}
+
+_REC = struct.Struct("<II")  # record header: tag, length
+_REC_SIZE: Final = 8
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_MAX_LEN: Final = 0xFFFFFFFF
+
+_RX_BATCH: Final = 512  # records moved from the ring to the inbox per pump
+_CLOSE_FLUSH_TIMEOUT: Final = 2.0
+_SEM_DIR: Final = "/dev/shm"
+
+# The segment is created with shmget(2) directly: sysv_ipc's constructor
+# memsets the whole new segment (touching and committing every page, ~6 ms
+# and 8 MiB of RSS per default link); the kernel already zero-fills lazily.
+_libc = ctypes.CDLL(None, use_errno=True)
+_shmget = _libc.shmget
+_shmget.argtypes = (ctypes.c_int, ctypes.c_size_t, ctypes.c_int)
+_shmget.restype = ctypes.c_int
+_IPC_PRIVATE: Final = 0
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _sem_path(name: str) -> str:
+    """Where glibc keeps the POSIX named semaphore ``name``."""
+    return f"{_SEM_DIR}/sem.{name.lstrip('/')}"
+
+
+def _shm_create(size: int, mode: int) -> int:
+    """``shmget(IPC_PRIVATE, size, IPC_CREAT | IPC_EXCL | mode)``; returns the id."""
+    shmid = int(_shmget(_IPC_PRIVATE, size, sysv_ipc.IPC_CREAT | sysv_ipc.IPC_EXCL | mode))
+    if shmid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"shmget of {size} bytes failed: {os.strerror(err)}")
+    return shmid
+
+
+def _shm_stat(shmid: int) -> dict[str, int] | None:
+    """The row of ``/proc/sysvipc/shm`` for ``shmid`` (None if no such segment).
+
+    Read before attaching, so that a foreign segment is refused without our
+    ``shmat`` touching it (its nattch, lpid, atime).
+    """
+    try:
+        with open("/proc/sysvipc/shm") as f:
+            names = f.readline().split()
+            for line in f:
+                parts = line.split()
+                if len(parts) == len(names) and parts[1] == str(shmid):
+                    row = {k: int(v) for k, v in zip(names, parts, strict=True) if k != "perms"}
+                    row["perms"] = int(parts[names.index("perms")], 8)
+                    return row
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _bus_mode(busdir: Path | None) -> tuple[int, int | None]:
+    """(mode, gid) for objects of the bus in ``busdir``: 0660 + its group if shared, else 0600."""
+    if busdir is None:
+        return 0o600, None
+    try:
+        st = os.stat(busdir)
+    except OSError:
+        return 0o600, None
+    if st.st_mode & 0o060:
+        return 0o660, st.st_gid
+    return 0o600, None
+
+
+def _check_mode(mode: int) -> int:
+    if mode & ~0o660 or (mode & 0o600) != 0o600:
+        raise ValueError(
+            f"mode {mode:#o} is not allowed for shared-memory links: use 0o600 (private) "
+            "or 0o660 (a group bus); the owner needs read and write, others nothing"
+        )
+    return mode
+
+
+# -- the waiter thread -------------------------------------------------------
+
+
+class _SemWaiter:
+    """A thread that, when armed, blocks in ``sem_wait`` and hands the token to the loop.
+
+    The event loop cannot poll a semaphore, so this thread does the blocking
+    (posix_ipc releases the GIL inside ``sem_wait``).  The loop arms it only
+    after finding nothing to do by itself (``sem_trywait``), so while traffic
+    flows the thread sleeps in a ``SimpleQueue`` and costs nothing.  Each
+    armed wait delivers exactly one token through ``call_soon_threadsafe``.
+
+    Stopping is deterministic: if the thread sits in (or is about to enter)
+    ``sem_wait``, :meth:`signal_stop` posts the semaphore once to wake it;
+    the token it takes is then ignored.  :meth:`join` awaits its exit.
+    """
+
+    def __init__(self, sem: Any, name: str, on_token: Callable[[], None]) -> None:
+        self._sem = sem
+        self._name = name
+        self._on_token = on_token
+        self._q: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._exited: asyncio.Future[None] | None = None
+        self.armed = False
+        self.stopping = False
+
+    def arm(self) -> None:
+        """Have the thread wait for one token (no-op if it already does)."""
+        if self.armed or self.stopping:
+            return
+        if self._thread is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self._exited = loop.create_future()
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self.armed = True
+        self._q.put(True)
+
+    def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            while self._q.get():
+                while True:
+                    try:
+                        self._sem.acquire()  # blocks with the GIL released
+                        break
+                    except posix_ipc.SignalError:  # EINTR: a signal hit this thread
+                        continue
+                try:
+                    loop.call_soon_threadsafe(self._deliver)
+                except RuntimeError:  # the loop is closed; nobody to tell
+                    return
+        finally:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._set_exited)
+
+    def _deliver(self) -> None:
+        self.armed = False
+        if not self.stopping:
+            self._on_token()
+
+    def _set_exited(self) -> None:
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(None)
+
+    def signal_stop(self) -> None:
+        """Make the thread exit soon: wake it if it waits, then tell it to stop."""
+        if self.stopping:
+            return
+        self.stopping = True
+        if self._thread is None:
+            return
+        if self.armed:
+            # It is in sem_wait, or will be before it reads the stop below:
+            # one post wakes it exactly once.  The link no longer counts tokens.
+            self._sem.release()
+        self._q.put(False)
+
+    async def join(self) -> None:
+        """Stop the thread and wait until it has exited (idempotent)."""
+        self.signal_stop()
+        t = self._thread
+        if t is None:
+            return
+        if self._exited is not None:
+            await asyncio.shield(self._exited)
+        t.join()
+
+
+# -- the link ----------------------------------------------------------------
+
+
+class ShmLink(Link):
+    """A link over one shared-memory segment: two rings guarded by POSIX semaphores.
+
+    Build one with :meth:`create` (the side that owns the kernel objects) and
+    :meth:`attach` (the peer), or through :func:`connect_shm` /
+    :class:`ShmAcceptor` on a bus.  Frames sent before the peer attaches wait
+    in the ring.
+    """
+
+    def __init__(
+        self,
+        *,
+        shm: Any,
+        creator: bool,
+        ring0: int,
+        ring1: int,
+        sems: tuple[Any, Any, Any, Any],
+        sem_names: tuple[str, str, str, str],
+        busdir: Path | None,
+        recorded: bool,
+        max_frame: int,
+        peer_pid: int | None,
+        peer_uid: int | None,
+    ) -> None:
+        self._shm = shm
+        self._mv: memoryview | None = memoryview(shm)
+        self._creator = creator
+        self._busdir = busdir
+        self._recorded = recorded
+        self._sems = sems
+        self._sem_names = sem_names
+        self.max_frame = max_frame
+        self.high_water = DEFAULT_HIGH_WATER
+        self.info = LinkInfo(
+            transport="shm",
+            peer_pid=peer_pid,
+            peer_uid=peer_uid,
+            objects={
+                "shmid": shm.id,
+                "ring_size": ring0 if creator else ring1,
+                "role": "creator" if creator else "attacher",
+                "sems": list(sem_names),
+            },
+        )
+        items0, space0, items1, space1 = sems
+        base0 = HEADER_SIZE
+        base1 = HEADER_SIZE + ring0
+        if creator:
+            self._tx = (base0, ring0, _OFF_HEAD0, _OFF_TAIL0)
+            self._rx = (base1, ring1, _OFF_HEAD1, _OFF_TAIL1)
+            self._tx_items, self._tx_space, self._rx_items, self._rx_space = sems
+            self._my_flags_off, self._peer_flags_off = _OFF_CFLAGS, _OFF_AFLAGS
+        else:
+            self._tx = (base1, ring1, _OFF_HEAD1, _OFF_TAIL1)
+            self._rx = (base0, ring0, _OFF_HEAD0, _OFF_TAIL0)
+            self._tx_items, self._tx_space = items1, space1
+            self._rx_items, self._rx_space = items0, space0
+            self._my_flags_off, self._peer_flags_off = _OFF_AFLAGS, _OFF_CFLAGS
+        tx_size = self._tx[1]
+        self._contig_max = tx_size // 2  # records up to this size are never split
+        self._piece_max = max(_REC_SIZE * 8, tx_size // 4)
+        self._piece_min = max(_REC_SIZE, min(64 * 1024, tx_size // 8))
+
+        # sending
+        self._txq: collections.deque[bytes] = collections.deque()
+        self._tx_off = -1  # bytes of txq[0] already in the ring; -1: not started
+        self._pending = 0
+        self._tx_head = 0
+        self._tx_tail = 0
+        self._tx_inflight: collections.deque[int] = collections.deque()  # record sizes
+        self._tx_error: ConnectionClosed | None = None
+        self._tx_broken = False  # the tx ring itself is untrustworthy (no EOF on close)
+        self._wwaiters: list[tuple[int, asyncio.Future[None]]] = []
+        # receiving
+        self._rx_pos = 0
+        self._rx_tokens = 0
+        self._inbox: collections.deque[bytes] = collections.deque()
+        self._asm: io.BytesIO | None = None
+        self._asm_left = 0
+        self._asm_total = 0
+        self._rx_end: IpcBusError | None = None
+        self._rx_fut: asyncio.Future[None] | None = None
+        # lifetime
+        self._attached = not creator
+        self._expected_peer: int | None = None
+        self._peer_dead = False
+        self._pidfd = -1
+        self._watched_pid: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._close_task: asyncio.Task[None] | None = None
+        self._rx_waiter = _SemWaiter(self._rx_items, "ipcbus-shm-rx", self._on_rx_token)
+        self._tx_waiter = _SemWaiter(self._tx_space, "ipcbus-shm-tx", self._on_tx_token)
+
+    # -- construction ------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        busdir: Path | None,
+        *,
+        ring_size: int = DEFAULT_RING_SIZE,
+        mode: int = 0o600,
+        gid: int | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> tuple[ShmLink, dict[str, int | str]]:
+        """Create a segment and its four semaphores; return the link and the peer's params.
+
+        Hand ``params`` to the peer by any channel (argv, a pipe, a knock);
+        it calls :meth:`attach`.  When ``busdir`` is given, every object is
+        recorded there (for ``ipcbus ls`` / ``ipcbus gc``) until the peer has
+        attached, at which point none of them can leak any more.
+        ``mode`` is 0o600, or 0o660 with ``gid`` for a group bus.
+        """
+        _check_mode(mode)
+        if not isinstance(ring_size, int) or ring_size % 4096 or not (
+            MIN_RING_SIZE <= ring_size <= MAX_RING_SIZE
+        ):
+            raise ValueError(
+                f"ring_size {ring_size!r} must be a multiple of 4096 between "
+                f"{MIN_RING_SIZE} and {MAX_RING_SIZE} bytes"
+            )
+        if not 1 <= max_frame <= _MAX_LEN:
+            raise ValueError(f"max_frame must be between 1 and {_MAX_LEN} bytes, not {max_frame}")
+        busdir = Path(busdir) if busdir is not None else None
+        size = HEADER_SIZE + 2 * ring_size
+        nonce = secrets.token_bytes(_NONCE_LEN)
+        token = secrets.token_hex(6)
+        names = tuple(f"/ipcbus.{os.getpid()}.{token}.{i}" for i in range(4))
+        shmid = -1
+        shm: Any = None
+        sems: list[Any] = []
+        recorded = False
+        try:
+            shmid = _shm_create(size, mode)
+            if busdir is not None:
+                records.record_object(
+                    busdir, "shm", shmid, extra={"size": size, "sems": list(names)}
+                )
+                recorded = True
+            shm = sysv_ipc.attach(shmid)
+            if gid is not None:
+                shm.gid = gid  # IPC_SET
+            for name in names:
+                sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode, 0)
+                sems.append(sem)
+                path = _sem_path(name)
+                if busdir is not None:
+                    records.record_object(busdir, "posix_sem", name, extra={"path": path})
+                # sem_open applies the umask; set exactly the mode (and group) asked for.
+                if gid is not None:
+                    os.chown(path, -1, gid)
+                os.chmod(path, mode)
+            with memoryview(shm) as mv:
+                struct.pack_into("<IIQQQII", mv, _OFF_VERSION, LAYOUT_VERSION, HEADER_SIZE,
+                                 ring_size, ring_size, max_frame, os.getpid(), 0)
+                mv[_OFF_NONCE : _OFF_NONCE + _NONCE_LEN] = nonce
+                mv[_OFF_MAGIC : _OFF_MAGIC + 8] = MAGIC  # last: a half-made header has no magic
+        except BaseException:
+            for name, sem in zip(names, sems, strict=False):
+                with contextlib.suppress(posix_ipc.Error):
+                    sem.unlink()
+                with contextlib.suppress(posix_ipc.Error):
+                    sem.close()
+                if busdir is not None:
+                    records.forget_object(busdir, "posix_sem", name)
+            if shm is not None:
+                with contextlib.suppress(sysv_ipc.Error):
+                    shm.detach()
+            if shmid >= 0:
+                with contextlib.suppress(sysv_ipc.Error):
+                    sysv_ipc.remove_shared_memory(shmid)
+                if busdir is not None:
+                    records.forget_object(busdir, "shm", shmid)
+            raise
+        link = cls(
+            shm=shm,
+            creator=True,
+            ring0=ring_size,
+            ring1=ring_size,
+            sems=(sems[0], sems[1], sems[2], sems[3]),
+            sem_names=(names[0], names[1], names[2], names[3]),
+            busdir=busdir,
+            recorded=recorded,
+            max_frame=max_frame,
+            peer_pid=None,
+            peer_uid=None,
+        )
+        params: dict[str, int | str] = {
+            "layout": LAYOUT_VERSION,
+            "shmid": shmid,
+            "size": size,
+            "ring0": ring_size,
+            "ring1": ring_size,
+            "nonce": nonce.hex(),
+            "sem0": names[0],
+            "sem1": names[1],
+            "sem2": names[2],
+            "sem3": names[3],
+        }
+        return link, params
+
+    @classmethod
+    async def attach(
+        cls,
+        params: Mapping[str, int | str],
+        *,
+        peer_pid: int,
+        peer_uid: int | None = None,
+        busdir: Path | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> ShmLink:
+        """Attach to a segment made by :meth:`create` in process ``peer_pid``.
+
+        Verifies, before trusting a byte of it, that the segment was created by
+        ``peer_pid`` and is owned by ``peer_uid`` (default: our uid) and not
+        open to other users (:class:`~ipcbus.errors.PermissionRefused`), that
+        it is the segment announced (nonce, size) and that its header is an
+        ipcbus header of this layout version (:class:`~ipcbus.errors.ProtocolError`).
+        Then it unlinks the semaphores, marks the segment ``IPC_RMID`` (both
+        sides are attached: from now on nothing can leak) and tells the
+        creator with an ``ATTACHED`` record.
+        """
+        if not 1 <= max_frame <= _MAX_LEN:
+            raise ValueError(f"max_frame must be between 1 and {_MAX_LEN} bytes, not {max_frame}")
+        want_uid = os.getuid() if peer_uid is None else peer_uid
+        p = _parse_params(params)
+        shmid = p.shmid
+        row = _shm_stat(shmid)
+        if row is None:
+            raise ConnectionClosed(
+                f"shared-memory segment {shmid} does not exist (its creator, pid {peer_pid}, "
+                "gave up or died); connect again"
+            )
+        _check_segment_row(row, shmid, p.size, peer_pid, want_uid)
+        try:
+            shm = sysv_ipc.attach(shmid)
+        except sysv_ipc.PermissionsError as exc:
+            raise PermissionRefused(f"may not attach shared-memory segment {shmid}: {exc}") from None
+        except sysv_ipc.ExistentialError:
+            raise ConnectionClosed(f"shared-memory segment {shmid} vanished while attaching") from None
+        sems: list[Any] = []
+        mv: memoryview | None = None
+        try:
+            # Re-check through the attached id: the row above could describe a
+            # segment that was removed and its id reused in between.
+            _check_segment_row(
+                {"uid": shm.uid, "cuid": shm.cuid, "cpid": shm.creator_pid,
+                 "perms": shm.mode & 0o777, "size": shm.size},
+                shmid, p.size, peer_pid, want_uid,
+            )
+            mv = memoryview(shm)
+            _check_header(mv, p, peer_pid)
+            for name in p.sem_names:
+                _check_sem_file(name, want_uid)
+                try:
+                    sems.append(posix_ipc.Semaphore(name))
+                except posix_ipc.ExistentialError:
+                    raise ConnectionClosed(
+                        f"semaphore {name} of segment {shmid} does not exist (its creator "
+                        "gave up or died); connect again"
+                    ) from None
+                except posix_ipc.PermissionsError as exc:
+                    raise PermissionRefused(f"may not open semaphore {name}: {exc}") from None
+            if shm.number_attached < 2:
+                # The creator detached: it closed or died, and will never come back.
+                # The objects are verified ipcbus objects of that uid: remove them.
+                for name in p.sem_names:
+                    with contextlib.suppress(posix_ipc.Error):
+                        posix_ipc.unlink_semaphore(name)
+                with contextlib.suppress(sysv_ipc.Error):
+                    shm.remove()
+                raise ConnectionClosed(
+                    f"the creator of shared-memory segment {shmid} (pid {peer_pid}) "
+                    "has already detached from it; connect again"
+                )
+            # Both sides are attached.  Unlink the semaphore names and mark the
+            # segment for removal now: each lives on while someone maps it, and
+            # the kernel frees it when the last process goes, however it dies.
+            for name in p.sem_names:
+                with contextlib.suppress(posix_ipc.ExistentialError):
+                    posix_ipc.unlink_semaphore(name)
+            shm.remove()
+            _U32.pack_into(mv, _OFF_APID, os.getpid())
+            _U32.pack_into(mv, _OFF_AFLAGS, _FLAG_ATTACHED)
+            mv.release()
+            mv = None
+        except BaseException:
+            if mv is not None:
+                mv.release()
+            for sem in sems:
+                with contextlib.suppress(posix_ipc.Error):
+                    sem.close()
+            with contextlib.suppress(sysv_ipc.Error):
+                shm.detach()
+            raise
+        link = cls(
+            shm=shm,
+            creator=False,
+            ring0=p.ring0,
+            ring1=p.ring1,
+            sems=(sems[0], sems[1], sems[2], sems[3]),
+            sem_names=p.sem_names,
+            busdir=busdir,
+            recorded=False,
+            max_frame=max_frame,
+            peer_pid=peer_pid,
+            peer_uid=want_uid,
+        )
+        link._loop = asyncio.get_running_loop()
+        # Tell the creator who we are; the first record of our ring.
+        link._put(_ATTACHED, b"", 0, 0)
+        link._commit(1)
+        link._watch_peer(peer_pid)
+        return link
+
+    async def wait_attached(self, peer_pid: int | None = None) -> None:
+        """On the creating side, wait until the peer has attached (no-op on the attacher).
+
+        With ``peer_pid`` (when the creator knows who will attach, e.g. a
+        worker it spawned), the wait fails with
+        :class:`~ipcbus.errors.ConnectionClosed` as soon as that process
+        exits, and an attacher with another pid is refused
+        (:class:`~ipcbus.errors.PermissionRefused`).  Bound the wait with a
+        timeout (``asyncio.timeout``): a peer that never attaches is not
+        otherwise detected.  :meth:`recv` also completes the attachment.
+        """
+        if peer_pid is not None and not self._attached:
+            self._expected_peer = peer_pid
+            self._watch_peer(peer_pid)
+        while not self._attached:
+            if self._closed:
+                raise ConnectionClosed("link is closed")
+            if self._rx_end is not None:
+                if isinstance(self._rx_end, PermissionRefused | ProtocolError):
+                    raise self._rx_end
+                raise ConnectionClosed(f"the peer went away before attaching: {self._rx_end}")
+            self._pump_rx(1)
+            if not self._attached and self._rx_end is None:
+                await self._wait_rx()
+        if peer_pid is not None and self.info.peer_pid != peer_pid:
+            raise PermissionRefused(
+                f"shm link attached by pid {self.info.peer_pid}, expected pid {peer_pid}"
+            )
+
+    # -- sending -----------------------------------------------------------
+
+    def send_nowait(self, frame: bytes) -> None:
+        """Queue one whole frame; what fits is copied into the ring at once."""
+        if self._tx_error is not None:
+            raise self._tx_error
+        if self._closed:
+            raise ConnectionClosed("link is closed")
+        n = len(frame)
+        if n > self.max_frame:
+            raise FrameTooLarge(n, self.max_frame)
+        if n == 0:
+            raise ProtocolError("refusing to send an empty frame")
+        mv = self._mv
+        assert mv is not None
+        if _U32.unpack_from(mv, self._peer_flags_off)[0] & _FLAG_CLOSED:
+            err = ConnectionClosed("shm link: the peer closed the link")
+            self._set_tx_error(err)
+            raise err
+        if type(frame) is not bytes:
+            frame = bytes(frame)  # a snapshot: the caller may reuse its buffer
+        self.info.msgs_out += 1
+        self.info.bytes_out += n
+        self._txq.append(frame)
+        self._pending += n
+        if len(self._txq) == 1:
+            self._pump_tx()
+
+    @property
+    def pending_out(self) -> int:
+        """Bytes queued by :meth:`send_nowait` and not yet copied into the ring."""
+        return self._pending
+
+    async def wait_writable(self, threshold: int | None = None) -> None:
+        """Wait until :attr:`pending_out` is at or below ``threshold`` (default: half high water)."""
+        limit = self.high_water // 2 if threshold is None else threshold
+        while self._pending > limit:
+            if self._tx_error is not None:
+                raise self._tx_error
+            if self._closed:
+                raise ConnectionClosed("link is closed")
+            loop = self._get_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            entry = (limit, fut)
+            self._wwaiters.append(entry)
+            try:
+                await fut
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._wwaiters.remove(entry)
+        if self._tx_error is not None:
+            raise self._tx_error
+
+    async def drain(self) -> None:
+        """Wait until every queued frame has been copied into the ring."""
+        await self.wait_writable(0)
+
+    def _pump_tx(self) -> None:
+        """Copy queued frames into the ring while it has room; arm the waiter if it has not."""
+        txq = self._txq
+        posted = 0
+        try:
+            while txq:
+                frame = txq[0]
+                n = len(frame)
+                if self._tx_off < 0:
+                    rec = _REC_SIZE + _align8(n)
+                    if rec <= self._contig_max:
+                        size = self._tx[1]
+                        room = size - self._tx_head % size
+                        if not self._reserve(rec if rec <= room else room + rec):
+                            break
+                        if rec > room:
+                            self._put(_PAD, b"", 0, room - _REC_SIZE)
+                            posted += 1
+                        self._put(_FRAME, frame, 0, n)
+                        posted += 1
+                        txq.popleft()
+                        self._pending -= n
+                        continue
+                    if not self._reserve(_REC_SIZE):
+                        break
+                    self._put(_BEGIN, b"", 0, n)
+                    posted += 1
+                    self._tx_off = 0
+                off = self._tx_off
+                while off < n:
+                    size = self._tx[1]
+                    room = size - self._tx_head % size
+                    left = n - off
+                    least = min(left, self._piece_min)
+                    if room - _REC_SIZE < least:
+                        # Too little contiguous room for a useful piece: wrap.
+                        if not self._reserve(room):
+                            break
+                        self._put(_PAD, b"", 0, room - _REC_SIZE)
+                        posted += 1
+                        continue
+                    free = self._free()
+                    if free - _REC_SIZE < least:
+                        self._reclaim()
+                        free = self._free()
+                        if free - _REC_SIZE < least:
+                            break
+                    piece = min(left, self._piece_max, room - _REC_SIZE, free - _REC_SIZE)
+                    self._put(_PIECE, frame, off, piece)
+                    posted += 1
+                    off += piece
+                    self._pending -= piece
+                self._tx_off = off
+                if off < n:
+                    break
+                txq.popleft()
+                self._tx_off = -1
+        except ProtocolError as exc:
+            self._fail(exc, tx_broken=True)
+        except ConnectionClosed as exc:  # the peer closed while we reclaimed room
+            self._set_tx_error(exc)
+        finally:
+            if posted:
+                self._commit(posted)
+        if txq and self._tx_error is None:
+            self._tx_waiter.arm()
+        if self._wwaiters:
+            self._wake_writers()
+
+    def _free(self) -> int:
+        # Room left, minus one record header always kept for the EOF record.
+        return self._tx[1] - (self._tx_head - self._tx_tail) - _REC_SIZE
+
+    def _reserve(self, need: int) -> bool:
+        if self._free() >= need:
+            return True
+        self._reclaim()
+        return self._free() >= need
+
+    def _reclaim(self) -> None:
+        """Take the space tokens the reader has posted (never blocks)."""
+        sem = self._tx_space
+        k = 0
+        for _ in range(sem.value):
+            try:
+                sem.acquire(0)
+            except posix_ipc.BusyError:  # our waiter thread took it first
+                break
+            k += 1
+        if k:
+            self._released(k)
+
+    def _released(self, k: int) -> None:
+        """The reader is done with the ``k`` oldest records: their room is ours again."""
+        mv = self._mv
+        assert mv is not None
+        if _U32.unpack_from(mv, self._peer_flags_off)[0] & _FLAG_CLOSED:
+            # A closing peer posts our space semaphore to wake us: not a real release.
+            raise ConnectionClosed("shm link: the peer closed the link")
+        inflight = self._tx_inflight
+        if k > len(inflight):
+            raise ProtocolError(
+                f"shm link: the peer released {k} records but only {len(inflight)} are in "
+                "the ring; it is not following the ring protocol"
+            )
+        tail = self._tx_tail
+        for _ in range(k):
+            tail += inflight.popleft()
+        seen = _U64.unpack_from(mv, self._tx[3])[0]
+        if not tail <= seen <= self._tx_head:
+            raise ProtocolError(
+                f"shm link: the ring's tail counter ({seen}) is outside [{tail}, {self._tx_head}]: "
+                "the peer scribbled on the segment"
+            )
+        self._tx_tail = tail
+
+    def _put(self, tag: int, frame: bytes, off: int, n: int) -> None:
+        """Write one record at the head (the caller reserved its room and commits it)."""
+        mv = self._mv
+        assert mv is not None
+        base, size, _h, _t = self._tx
+        at = base + self._tx_head % size
+        _REC.pack_into(mv, at, tag, n)
+        if tag == _FRAME:
+            mv[at + _REC_SIZE : at + _REC_SIZE + n] = frame
+        elif tag == _PIECE:
+            with memoryview(frame) as fv:
+                mv[at + _REC_SIZE : at + _REC_SIZE + n] = fv[off : off + n]
+        rec = size - self._tx_head % size if tag == _PAD else _REC_SIZE + (
+            _align8(n) if tag in (_FRAME, _PIECE) else 0
+        )
+        self._tx_head += rec
+        self._tx_inflight.append(rec)
+
+    def _commit(self, k: int) -> None:
+        """Publish ``k`` records: store the head counter, then post one token per record."""
+        mv = self._mv
+        assert mv is not None
+        _U64.pack_into(mv, self._tx[2], self._tx_head)
+        post = self._tx_items.release
+        for _ in range(k):
+            post()  # release: everything written above is visible to whoever takes it
+
+    def _on_tx_token(self) -> None:
+        """The waiter thread took one space token for us."""
+        if self._closed or self._tx_error is not None:
+            return
+        try:
+            self._released(1)
+        except ConnectionClosed as exc:
+            self._set_tx_error(exc)
+            return
+        except ProtocolError as exc:
+            self._fail(exc, tx_broken=True)
+            return
+        self._pump_tx()
+
+    def _set_tx_error(self, exc: ConnectionClosed) -> None:
+        if self._tx_error is None:
+            self._tx_error = exc
+        self._txq.clear()
+        self._pending = 0
+        self._tx_off = -1
+        self._tx_waiter.signal_stop()
+        self._wake_writers()
+
+    def _wake_writers(self) -> None:
+        pending = self._pending
+        broken = self._tx_error is not None or self._closed
+        keep: list[tuple[int, asyncio.Future[None]]] = []
+        for limit, fut in self._wwaiters:
+            if broken or pending <= limit:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((limit, fut))
+        self._wwaiters = keep
+
+    # -- receiving ---------------------------------------------------------
+
+    async def recv(self) -> bytes:
+        """Return the next whole frame (see :meth:`Link.recv` for what it raises)."""
+        inbox = self._inbox
+        while True:
+            if inbox:
+                frame = inbox.popleft()
+                self.info.msgs_in += 1
+                self.info.bytes_in += len(frame)
+                return frame
+            if self._closed:
+                raise ConnectionClosed("link is closed")
+            if self._rx_end is not None:
+                raise self._rx_end
+            self._pump_rx(_RX_BATCH)
+            if not inbox and self._rx_end is None:
+                await self._wait_rx()
+
+    async def _wait_rx(self) -> None:
+        """Sleep until the waiter thread brings a token (or the link ends)."""
+        fut: asyncio.Future[None] = self._get_loop().create_future()
+        self._rx_fut = fut
+        self._rx_waiter.arm()
+        try:
+            await fut
+        finally:
+            self._rx_fut = None
+
+    def _on_rx_token(self) -> None:
+        self._rx_tokens += 1
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        fut = self._rx_fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _pump_rx(self, budget: int) -> None:
+        """Move up to ``budget`` published records from the ring to the inbox."""
+        if self._rx_end is not None or self._closed or self._peer_dead:
+            return
+        sem = self._rx_items
+        tokens = self._rx_tokens
+        want = budget - tokens
+        if want > 0:
+            for _ in range(min(want, sem.value)):
+                try:
+                    sem.acquire(0)  # acquire: the record's bytes are now visible to us
+                except posix_ipc.BusyError:  # the waiter thread took it
+                    break
+                tokens += 1
+        self._rx_tokens = tokens
+        if not tokens:
+            return
+        mv = self._mv
+        assert mv is not None
+        done = 0
+        try:
+            head = _U64.unpack_from(mv, self._rx[2])[0]
+            self._check_head(head)
+            while done < tokens and self._rx_end is None:
+                self._consume(mv, head)
+                done += 1
+        except (ProtocolError, PermissionRefused) as exc:
+            self._fail(exc)
+        finally:
+            self._rx_tokens = tokens - done
+            if done and self._mv is not None:
+                _U64.pack_into(mv, self._rx[3], self._rx_pos)
+                post = self._rx_space.release
+                for _ in range(done):
+                    post()  # release: we are done reading those records
+
+    def _check_head(self, head: int) -> None:
+        pos = self._rx_pos
+        if not pos <= head <= pos + self._rx[1]:
+            raise ProtocolError(
+                f"shm link: the ring's head counter ({head}) is outside [{pos}, "
+                f"{pos + self._rx[1]}]: the peer scribbled on the segment"
+            )
+
+    def _consume(self, mv: memoryview, head: int) -> None:
+        """Read one record at the tail; deliver a frame when one is complete."""
+        base, size, _h, _t = self._rx
+        pos = self._rx_pos % size
+        room = size - pos
+        at = base + pos
+        tag, n = _REC.unpack_from(mv, at)
+        if tag == _FRAME or tag == _PIECE:
+            rec = _REC_SIZE + _align8(n)
+        elif tag == _PAD:
+            rec = room
+            if n != room - _REC_SIZE:
+                raise ProtocolError(
+                    f"shm link: PAD record of {n} bytes at ring offset {pos} does not reach "
+                    "the end of the ring"
+                )
+        elif tag in (_BEGIN, _EOF, _ATTACHED):
+            rec = _REC_SIZE
+        else:
+            raise ProtocolError(
+                f"shm link: unknown record tag {tag} at ring offset {pos}: the ring is corrupted"
+            )
+        if rec > room:
+            raise ProtocolError(
+                f"shm link: {_TAG_NAMES[tag]} record of {n} bytes at ring offset {pos} runs "
+                f"past the end of the {size}-byte ring"
+            )
+        if self._rx_pos + rec > head:
+            raise ProtocolError(
+                f"shm link: {_TAG_NAMES[tag]} record at ring offset {pos} ends past the "
+                f"ring's head counter ({head}): the peer scribbled on the segment"
+            )
+        asm = self._asm
+        if tag == _FRAME:
+            if asm is not None:
+                raise ProtocolError("shm link: a whole frame in the middle of a streamed frame")
+            if n > self.max_frame:
+                raise FrameTooLarge(n, self.max_frame, "announced frame")
+            if n == 0:
+                raise ProtocolError("shm link: peer sent an empty frame")
+            with mv[at + _REC_SIZE : at + _REC_SIZE + n] as view:
+                self._inbox.append(bytes(view))
+        elif tag == _PIECE:
+            if asm is None:
+                raise ProtocolError("shm link: a PIECE record outside a streamed frame")
+            if n == 0 or n > self._asm_left:
+                raise ProtocolError(
+                    f"shm link: a PIECE of {n} bytes where {self._asm_left} were expected"
+                )
+            with mv[at + _REC_SIZE : at + _REC_SIZE + n] as view:
+                asm.write(view)
+            self._asm_left -= n
+            if not self._asm_left:
+                self._inbox.append(asm.getvalue())  # no copy: BytesIO hands over its buffer
+                self._asm = None
+        elif tag == _BEGIN:
+            if asm is not None:
+                raise ProtocolError("shm link: a BEGIN record in the middle of a streamed frame")
+            if n > self.max_frame:
+                raise FrameTooLarge(n, self.max_frame, "announced frame")
+            if n == 0:
+                raise ProtocolError("shm link: peer announced an empty frame")
+            self._asm = io.BytesIO()
+            self._asm_left = self._asm_total = n
+        elif tag == _EOF:
+            if asm is not None:
+                self._rx_end = ConnectionClosed(self._partial_msg("closed the link"))
+                self._asm = None
+            else:
+                self._rx_end = EndOfStream("shm link: the peer closed the link")
+            self._set_tx_error(ConnectionClosed("shm link: the peer closed the link"))
+        elif tag == _ATTACHED:
+            self._rx_pos += rec  # consumed even if the attacher is refused below
+            self._on_attached()
+            return
+        self._rx_pos += rec
+
+    def _partial_msg(self, what: str) -> str:
+        got = self._asm_total - self._asm_left
+        return (
+            f"shm link: the peer {what} in the middle of a {self._asm_total}-byte frame "
+            f"({got} bytes of it received); the partial frame was discarded"
+        )
+
+    def _on_attached(self) -> None:
+        mv = self._mv
+        assert mv is not None
+        if not self._creator or self._attached:
+            raise ProtocolError("shm link: unexpected ATTACHED record")
+        apid = _U32.unpack_from(mv, _OFF_APID)[0]
+        if self._expected_peer is not None and apid != self._expected_peer:
+            raise PermissionRefused(
+                f"shm link attached by pid {apid}, expected pid {self._expected_peer}"
+            )
+        self._attached = True
+        self.info.peer_pid = apid
+        with contextlib.suppress(OSError):
+            self.info.peer_uid = os.stat(f"/proc/{apid}").st_uid
+        # The attacher has unlinked the semaphores and marked the segment
+        # IPC_RMID.  Do both again in case the peer is not this module
+        # (IPC_RMID is idempotent while we are attached; a name is only
+        # unlinked if it still exists and is ours).
+        with contextlib.suppress(sysv_ipc.Error):
+            self._shm.remove()
+        for name in self._sem_names:
+            path = _sem_path(name)
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_uid == os.getuid():
+                    os.unlink(path)
+        self._forget_records()
+        if self._watched_pid != apid:
+            self._unwatch_peer()
+            self._watch_peer(apid)
+
+    # -- peer death, failure -------------------------------------------------
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _watch_peer(self, pid: int) -> None:
+        """Watch ``pid`` with a pidfd: it turns readable when the process exits."""
+        if self._pidfd >= 0 or self._closed:
+            return
+        loop = self._get_loop()
+        self._watched_pid = pid
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            loop.call_soon(self._on_peer_exit)
+            return
+        except OSError as exc:  # pragma: no cover - kernels before 5.3
+            log.warning("shm link: cannot watch peer pid %d (%s); its death will go unnoticed",
+                        pid, exc)
+            return
+        self._pidfd = fd
+        loop.add_reader(fd, self._on_peer_exit)
+        # A pidfd opened after the pid was reused would watch the wrong process:
+        # an attached peer must still be attached.
+        if self._attached and self._shm.number_attached < 2:
+            loop.call_soon(self._on_peer_exit)
+
+    def _unwatch_peer(self) -> None:
+        fd = self._pidfd
+        if fd >= 0:
+            self._pidfd = -1
+            with contextlib.suppress(Exception):
+                self._get_loop().remove_reader(fd)
+            os.close(fd)
+
+    def _on_peer_exit(self) -> None:
+        """The peer process exited: deliver what it finished writing, then end."""
+        self._unwatch_peer()
+        if self._closed or self._peer_dead:
+            return
+        self._peer_dead = True
+        pid = self._watched_pid
+        if self._rx_end is None and self._mv is not None:
+            # The dead writer's head counter is final and everything it wrote
+            # before it is visible now (its exit and our pidfd wake-up are
+            # full barriers): read up to it, tokens or not.
+            try:
+                mv = self._mv
+                head = _U64.unpack_from(mv, self._rx[2])[0]
+                self._check_head(head)
+                while self._rx_pos < head and self._rx_end is None:
+                    self._consume(mv, head)
+            except (ProtocolError, PermissionRefused) as exc:
+                self._rx_end = exc
+        self._rx_tokens = 0
+        if self._rx_end is None:
+            if self._asm is not None:
+                self._rx_end = ConnectionClosed(self._partial_msg(f"(pid {pid}) died"))
+                self._asm = None
+            else:
+                self._rx_end = EndOfStream(f"shm link: the peer (pid {pid}) exited")
+        self._set_tx_error(ConnectionClosed(f"shm link: the peer (pid {pid}) exited"))
+        self._rx_waiter.signal_stop()
+        self._wake_reader()
+
+    def _fail(self, exc: IpcBusError, *, tx_broken: bool = False) -> None:
+        """The peer broke the protocol: end the link (recv raises ``exc``)."""
+        log.warning("shm link (peer pid %s): %s", self.info.peer_pid, exc)
+        if self._rx_end is None or isinstance(self._rx_end, EndOfStream):
+            self._rx_end = exc
+        self._tx_broken = self._tx_broken or tx_broken
+        self._rx_tokens = 0
+        self._set_tx_error(ConnectionClosed(f"shm link failed: {exc}"))
+        self._rx_waiter.signal_stop()
+        self._announce_close()
+        self._wake_reader()
+
+    def _announce_close(self) -> None:
+        """Tell the peer we are gone: CLOSED flag, EOF record, wake its writer."""
+        mv = self._mv
+        if mv is None or self._peer_dead:
+            return
+        flags = _U32.unpack_from(mv, self._my_flags_off)[0]
+        if flags & _FLAG_CLOSED:
+            return
+        _U32.pack_into(mv, self._my_flags_off, flags | _FLAG_CLOSED)
+        if not self._tx_broken:
+            # One record header is always kept free for this EOF (see _free).
+            self._put(_EOF, b"", 0, 0)
+            self._commit(1)
+        # A writer blocked on the ring we read waits on its space semaphore:
+        # post it; it sees our CLOSED flag (stored above, so visible to it).
+        self._rx_space.release()
+
+    # -- lifetime --------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` was called or the link ended (peer gone, protocol error)."""
+        return self._closed or self._rx_end is not None
+
+    @property
+    def attached(self) -> bool:
+        """True once both processes have the segment mapped (always True on the attacher)."""
+        return self._attached
+
+    async def aclose(self) -> None:
+        """Flush queued frames (for at most two seconds), end the stream, release everything.
+
+        The peer receives every frame already in the ring, then
+        :class:`~ipcbus.errors.EndOfStream`.  Idempotent; safe to cancel (the
+        release finishes in the background).
+        """
+        if self._close_task is None:
+            if self._txq and self._tx_error is None and not self._closed:
+                with contextlib.suppress(ConnectionClosed, TimeoutError):
+                    async with asyncio.timeout(_CLOSE_FLUSH_TIMEOUT):
+                        await self.drain()
+            if self._close_task is None:
+                self._shutdown()
+                self._close_task = self._get_loop().create_task(self._teardown())
+        await asyncio.shield(self._close_task)
+
+    def _shutdown(self) -> None:
+        """Synchronous half of closing: signal the peer and our threads, wake every waiter."""
+        self._closed = True
+        self._txq.clear()
+        self._pending = 0
+        if self._tx_off >= 0:
+            self._tx_off = -1  # a half-streamed frame: the peer sees EOF mid-frame
+        self._unwatch_peer()
+        self._announce_close()
+        self._rx_waiter.signal_stop()
+        self._tx_waiter.signal_stop()
+        self._wake_reader()
+        self._wake_writers()
+
+    async def _teardown(self) -> None:
+        await self._rx_waiter.join()
+        await self._tx_waiter.join()
+        # No thread is inside sem_wait any more: closing the semaphores is safe.
+        self._release_objects()
+
+    def _release_objects(self) -> None:
+        if self._creator and not self._attached:
+            # The peer never attached: the objects are still ours to remove.
+            with contextlib.suppress(sysv_ipc.Error):
+                self._shm.remove()
+            for name in self._sem_names:
+                with contextlib.suppress(posix_ipc.Error):
+                    posix_ipc.unlink_semaphore(name)
+        for sem in self._sems:
+            with contextlib.suppress(posix_ipc.Error):
+                sem.close()
+        mv = self._mv
+        if mv is not None:
+            self._mv = None
+            # Detaching under a live view would leave it pointing at unmapped
+            # memory (a segfault on use): release ours, and refuse to detach
+            # if anything still holds a view of the segment.
+            try:
+                mv.release()
+            except BufferError:  # pragma: no cover - a bug in this module
+                log.error("shm link: a view of the segment is still alive; not detaching")
+            else:
+                with contextlib.suppress(sysv_ipc.Error):
+                    self._shm.detach()
+        self._forget_records()
+
+    def _forget_records(self) -> None:
+        if self._recorded and self._busdir is not None:
+            self._recorded = False
+            records.forget_object(self._busdir, "shm", self._shm.id)
+            for name in self._sem_names:
+                records.forget_object(self._busdir, "posix_sem", name)
+
+    def __del__(self) -> None:
+        if getattr(self, "_mv", None) is not None and not getattr(self, "_closed", True):
+            warnings.warn(
+                f"unclosed {self!r}: call aclose() (its segment and semaphores are still mapped)",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+
+# -- attach-time validation ----------------------------------------------------
+
+
+class _Params:
+    __slots__ = ("nonce", "ring0", "ring1", "sem_names", "shmid", "size")
+
+    def __init__(
+        self, shmid: int, size: int, ring0: int, ring1: int, nonce: bytes,
+        sem_names: tuple[str, str, str, str],
+    ) -> None:
+        self.shmid = shmid
+        self.size = size
+        self.ring0 = ring0
+        self.ring1 = ring1
+        self.nonce = nonce
+        self.sem_names = sem_names
+
+
+def _parse_params(params: Mapping[str, int | str]) -> _Params:
+    def get_int(key: str) -> int:
+        v = params.get(key)
+        if type(v) is not int:
+            raise ProtocolError(f"shm link params: {key!r} must be an integer, got {v!r}")
+        return v
+
+    def get_str(key: str) -> str:
+        v = params.get(key)
+        if type(v) is not str:
+            raise ProtocolError(f"shm link params: {key!r} must be a string, got {v!r}")
+        return v
+
+    layout = get_int("layout")
+    if layout != LAYOUT_VERSION:
+        raise ProtocolError(
+            f"shm link params announce layout version {layout}; this ipcbus speaks "
+            f"version {LAYOUT_VERSION}: upgrade the older side"
+        )
+    shmid, size, ring0, ring1 = (get_int(k) for k in ("shmid", "size", "ring0", "ring1"))
+    for key, ring in (("ring0", ring0), ("ring1", ring1)):
+        if ring % 4096 or not MIN_RING_SIZE <= ring <= MAX_RING_SIZE:
+            raise ProtocolError(f"shm link params: {key} = {ring} is not a valid ring size")
+    if shmid < 0 or size != HEADER_SIZE + ring0 + ring1:
+        raise ProtocolError(
+            f"shm link params: size {size} != {HEADER_SIZE} + ring0 + ring1, or bad shmid {shmid}"
+        )
+    try:
+        nonce = bytes.fromhex(get_str("nonce"))
+    except ValueError:
+        raise ProtocolError("shm link params: 'nonce' is not hexadecimal") from None
+    if len(nonce) != _NONCE_LEN:
+        raise ProtocolError(f"shm link params: 'nonce' must be {_NONCE_LEN} bytes")
+    names = tuple(get_str(f"sem{i}") for i in range(4))
+    for name in names:
+        if not name.startswith("/ipcbus.") or "/" in name[1:] or len(name) > 200:
+            raise ProtocolError(f"shm link params: {name!r} is not an ipcbus semaphore name")
+    return _Params(shmid, size, ring0, ring1, nonce, (names[0], names[1], names[2], names[3]))
+
+
+def _check_segment_row(
+    row: Mapping[str, int], shmid: int, size: int, peer_pid: int, uid: int
+) -> None:
+    if row["uid"] != uid or row["cuid"] != uid:
+        raise PermissionRefused(
+            f"shared-memory segment {shmid} belongs to uid {row['uid']} (created by uid "
+            f"{row['cuid']}), not to the peer's uid {uid}; refusing it"
+        )
+    if row["cpid"] != peer_pid:
+        raise PermissionRefused(
+            f"shared-memory segment {shmid} was created by pid {row['cpid']}, not by the "
+            f"peer (pid {peer_pid}); refusing it"
+        )
+    if row["perms"] & 0o007:
+        raise PermissionRefused(
+            f"shared-memory segment {shmid} is open to every user (mode {row['perms']:#o}); "
+            "refusing it"
+        )
+    if row["size"] != size:
+        raise PermissionRefused(
+            f"shared-memory segment {shmid} has {row['size']} bytes, not the {size} announced: "
+            "it is not the segment the peer made; refusing it"
+        )
+
+
+def _check_header(mv: memoryview, p: _Params, peer_pid: int) -> None:
+    magic = bytes(mv[_OFF_MAGIC : _OFF_MAGIC + 8])
+    if magic != MAGIC:
+        raise ProtocolError(
+            f"shared-memory segment {p.shmid} has no ipcbus header (magic {magic!r}, "
+            f"expected {MAGIC!r}): corrupted, or not an ipcbus link"
+        )
+    version, hdr, r0, r1, _maxf, cpid, apid = struct.unpack_from("<IIQQQII", mv, _OFF_VERSION)
+    if version != LAYOUT_VERSION:
+        raise ProtocolError(
+            f"shared-memory segment {p.shmid} has layout version {version}; this ipcbus "
+            f"speaks version {LAYOUT_VERSION}: upgrade the older side"
+        )
+    if hdr != HEADER_SIZE or r0 != p.ring0 or r1 != p.ring1:
+        raise ProtocolError(
+            f"shared-memory segment {p.shmid}: header says header {hdr} B and rings "
+            f"{r0}/{r1} B, the params {HEADER_SIZE}/{p.ring0}/{p.ring1}: corrupted header"
+        )
+    if bytes(mv[_OFF_NONCE : _OFF_NONCE + _NONCE_LEN]) != p.nonce:
+        raise PermissionRefused(
+            f"shared-memory segment {p.shmid} does not carry the nonce announced: it is not "
+            "the segment the peer made; refusing it"
+        )
+    if cpid != peer_pid:
+        raise ProtocolError(
+            f"shared-memory segment {p.shmid}: header names creator pid {cpid}, "
+            f"the kernel says {peer_pid}: corrupted header"
+        )
+    flags = _U32.unpack_from(mv, _OFF_AFLAGS)[0]
+    if apid or flags & _FLAG_ATTACHED:
+        raise PermissionRefused(
+            f"shared-memory segment {p.shmid} is already attached by pid {apid}; "
+            "a link has exactly two ends"
+        )
+
+
+def _check_sem_file(name: str, uid: int) -> None:
+    path = _sem_path(name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ConnectionClosed(
+            f"semaphore {name} does not exist (its creator gave up or died); connect again"
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise PermissionRefused(f"{path} is not a regular file; refusing it")
+    if st.st_uid != uid:
+        raise PermissionRefused(
+            f"semaphore {name} belongs to uid {st.st_uid}, not to the peer's uid {uid}; "
+            "refusing it"
+        )
+    if st.st_mode & 0o007:
+        raise PermissionRefused(
+            f"semaphore {name} is open to every user (mode {st.st_mode & 0o777:#o}); refusing it"
+        )
+
+
+# -- the bus rendezvous ---------------------------------------------------------
+
+
+class ShmAcceptor:
+    """Hub side of the shm transport: attaches to the segments clients announce.
+
+    The hub owns no kernel object for this transport: each client creates its
+    link's segment and semaphores and knocks with their ids; :meth:`accept`
+    verifies them against the kernel (creator pid and uid) and attaches.
+    """
+
+    def __init__(
+        self,
+        busdir: Path,
+        *,
+        mode: int = 0o600,
+        gid: int | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.busdir = Path(busdir)
+        self.mode = _check_mode(mode)
+        self.gid = gid
+        self.max_frame = max_frame
+
+    async def __aenter__(self) -> ShmAcceptor:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def accept(self, knock: Knock) -> ShmLink:
+        """Validate a client's knock and attach to its link (refusals raise, never hang)."""
+        if knock.transport != "shm":
+            raise ProtocolError(f"knock for transport {knock.transport!r} sent to the shm acceptor")
+        if knock.version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"client pid {knock.pid} speaks protocol version {knock.version}, this hub "
+                f"{PROTOCOL_VERSION}; upgrade the older side"
+            )
+        if self.gid is None and knock.uid != os.getuid():
+            raise PermissionRefused(
+                f"client pid {knock.pid} claims uid {knock.uid}, but this bus is private to "
+                f"uid {os.getuid()}"
+            )
+        link = await ShmLink.attach(
+            knock.params,
+            peer_pid=knock.pid,
+            peer_uid=knock.uid,
+            busdir=self.busdir,
+            max_frame=self.max_frame,
+        )
+        link.info.peer_name = knock.name
+        return link
+
+
+async def connect_shm(
+    busdir: Path,
+    *,
+    hub_pid: int,
+    name: str = "",
+    max_frame: int = DEFAULT_MAX_FRAME,
+    send_knock: Callable[[Knock], None] | None = None,
+    ring_size: int = DEFAULT_RING_SIZE,
+    attach_timeout: float = 10.0,
+) -> ShmLink:
+    """Client side: create a link's segment and semaphores, knock, wait for the hub to attach.
+
+    The objects get mode 0600, or 0660 with the bus's group when its folder
+    is group-accessible.  Raises :class:`~ipcbus.transports.door.HandshakeTimeout`
+    if the hub has not attached within ``attach_timeout`` seconds (it refused
+    the knock: see its log), :class:`~ipcbus.errors.ConnectionClosed` if it
+    exits meanwhile.  Everything created is removed on failure.
+    """
+    from .door import HandshakeTimeout, Knock
+    from .door import send_knock as door_send_knock
+
+    busdir = Path(busdir)
+    mode, gid = _bus_mode(busdir)
+    link, params = ShmLink.create(busdir, ring_size=ring_size, mode=mode, gid=gid,
+                                  max_frame=max_frame)
+    try:
+        knock = Knock(
+            version=PROTOCOL_VERSION,
+            transport="shm",
+            pid=os.getpid(),
+            uid=os.getuid(),
+            name=name,
+            params=params,
+        )
+        if send_knock is None:
+            door_send_knock(busdir, knock)
+        else:
+            send_knock(knock)
+        try:
+            async with asyncio.timeout(attach_timeout):
+                await link.wait_attached(peer_pid=hub_pid)
+        except TimeoutError:
+            raise HandshakeTimeout(
+                f"the hub (pid {hub_pid}) of {busdir} did not attach to the shm link within "
+                f"{attach_timeout:g} s; it refused the knock (see its log) or is overloaded"
+            ) from None
+    except BaseException:
+        await link.aclose()
+        raise
+    return link

@@ -1,0 +1,1953 @@
+"""The System V message-queue transport.
+
+Layout (see ``docs/transports/sysv.md`` for the why and the byte-level format)
+------------------------------------------------------------------------------
+* **The bus queue** — one per bus, created by the hub (:class:`SysvAcceptor`)
+  with ``IPC_CREAT | IPC_EXCL`` and mode 0600 (0660 with a group), keyed by
+  ``ftok()`` on ``<busdir>/sysv.key``.  It carries every client's traffic *to
+  the hub*: ``mtype`` 1, the sender's address in a 16-byte header, so the
+  fragments of different clients can interleave freely and are reassembled
+  per sender.  One hub thread drains it, always.
+* **A client queue** — one per client, created by the client (random key,
+  ``IPC_EXCL``, 0600/0660) and named in its knock.  It carries the hub's
+  traffic *to that client*: data has ``mtype`` = the client's address (>= 256),
+  control messages use the reserved types 1..255 (1 ACK, 2 ABORT, 3 NUDGE).
+  The client's thread receives with ``msgrcv(type=-address)``: the kernel
+  hands it control messages first (lowest type), then data — selective receive.
+
+Why a queue per client for the hub->client direction: a queue's capacity
+(``msgmnb``, 16 KiB here) is shared by everything in it.  If clients read
+their type from one shared queue, a client that stops reading (a stopped
+process, a C client that reads when it likes) would pin its messages in the
+shared queue until it filled, and every ``msgsnd`` on the bus would block.
+With one inbound queue per reader, a reader that stalls fills only its own
+queue: the hub's sends to it wait in a per-link sender thread, other links
+flow.  The bus queue is drained by the hub alone, which never stops reading;
+it bounds what it buffers per client with credit (a window of bytes, returned
+with zero-length ACK messages, which fit even in a full queue).
+
+Threads, and why: a SysV queue has no file descriptor, so it cannot be
+polled by the event loop.  Each receiving side runs one thread blocked in
+``msgrcv`` (``sysv_ipc`` releases the GIL), which drains whatever else is
+queued without blocking and hands the batch to the loop with one
+``call_soon_threadsafe``.  Sends are ``IPC_NOWAIT`` from the loop; only when
+the destination is full (``EAGAIN``) does a per-link sender thread take over
+and block in ``msgsnd`` until the backlog is gone.  Threads are woken
+deterministically — by removing their queue (``EIDRM``) or by a zero-length
+message of a type they wait for — and joined on close.
+
+Peer death: ``os.pidfd_open(peer)`` watched by the loop.  The hub then sends
+itself a zero-length marker through the bus queue so that everything the
+dead client sent before dying is processed first (FIFO), drops a partial
+frame, and removes the client's queue (purging what it never read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import sysv_ipc
+
+from ..errors import (
+    BusBusy,
+    BusNotFound,
+    ConnectionClosed,
+    EndOfStream,
+    FrameTooLarge,
+    IpcBusError,
+    PermissionRefused,
+    ProtocolError,
+)
+from ..frames import DEFAULT_MAX_FRAME, HEADER, PROTOCOL_VERSION
+from ..records import forget_object, list_records, record_object
+from ..sysv import (
+    MSGTYPE_MAX,
+    QueueExists,
+    QueueNotFound,
+    QueueStat,
+    open_handle,
+    proc_msg_table,
+    queue_stat,
+    read_limits,
+)
+from .base import DEFAULT_HIGH_WATER, Link, LinkInfo
+from .door import Knock
+
+__all__ = [
+    "CONTROL_MAX",
+    "DEFAULT_CREDIT_UNIT",
+    "DEFAULT_WINDOW",
+    "FTOK_PROJ",
+    "HUB_ADDRESS",
+    "KEY_FILE",
+    "MIN_CLIENT_ADDRESS",
+    "MSG_HEADER",
+    "SysvAcceptor",
+    "SysvLink",
+    "bus_key",
+    "connect_sysv",
+]
+
+log = logging.getLogger("ipcbus.transports.sysv")
+
+# -- wire constants (docs/transports/sysv.md, "Byte-level format") -----------
+
+WIRE_VERSION: Final = 1
+MSG_HEADER: Final = struct.Struct("!BBBBIII")
+"""The 16-byte header of every data message: version, kind, flags, 0, sender, seq, total."""
+_HDR: Final = MSG_HEADER.size
+_U32: Final = struct.Struct("!I")
+_WELCOME: Final = struct.Struct("!IIII")  # msg_size, window, credit_unit, max_frame
+
+KIND_FRAMES: Final = 1  # body: n x (u32 length, bytes) whole frames; total = n
+KIND_FRAGMENT: Final = 2  # body: a slice of one frame; total = frame length on the first
+KIND_WELCOME: Final = 3  # hub -> client, seq 0: the link's parameters
+KIND_REFUSE: Final = 4  # hub -> client, seq 0: why the knock was refused (UTF-8)
+KIND_BYE: Final = 5  # either way: the sender closed the link after its last frame
+_KIND_NAMES: Final = {1: "FRAMES", 2: "FRAGMENT", 3: "WELCOME", 4: "REFUSE", 5: "BYE"}
+FLAG_FIRST: Final = 1
+FLAG_LAST: Final = 2
+
+HUB_ADDRESS: Final = 1
+"""The hub's address in message headers, and the ``mtype`` of data sent to the hub."""
+MIN_CLIENT_ADDRESS: Final = 256
+"""Client addresses (their data ``mtype``) start here; 1..255 are reserved for control."""
+CONTROL_MAX: Final = 255
+"""Highest reserved control type."""
+
+# Bus queue types.
+T_TO_HUB: Final = 1
+T_MARK: Final = 2  # zero-length, sent by the hub to itself (ordering marker)
+# Client queue types (all below any client address, so msgrcv(-address) sees them first).
+T_ACK: Final = 1  # zero-length: the hub consumed another credit_unit bytes
+T_ABORT: Final = 2  # the hub dropped the link; optional UTF-8 reason
+T_NUDGE: Final = 3  # zero-length, sent by the client to itself (wake its thread)
+
+REFUSE_PERMISSION: Final = 1
+REFUSE_PROTOCOL: Final = 2
+REFUSE_BUSY: Final = 3
+
+KEY_FILE: Final = "sysv.key"
+"""File in the bus directory whose ``ftok()`` gives the bus queue's key."""
+FTOK_PROJ: Final = 0x53
+"""``ftok`` project id ('S')."""
+
+DEFAULT_WINDOW: Final = 512 * 1024
+"""Bytes a client may have sent to the hub and not yet had acknowledged."""
+DEFAULT_CREDIT_UNIT: Final = 32 * 1024
+"""Bytes acknowledged by one zero-length ACK message."""
+_RX_PAUSE: Final = 1 << 20  # a client stops draining its queue above this many buffered bytes
+_BATCH_MSGS: Final = 256  # at most this many messages per hand-off to the loop
+_BATCH_BYTES: Final = 1 << 20
+_FLUSH_TIMEOUT: Final = 2.0  # aclose(): how long queued frames may take to leave
+_JOIN_TIMEOUT: Final = 5.0
+_CONNECT_TIMEOUT: Final = 10.0
+
+_addresses = itertools.count()
+
+
+def _next_address() -> int:
+    """A client address unique on this host while the process lives (pid-derived)."""
+    return MIN_CLIENT_ADDRESS + ((os.getpid() << 6) | (next(_addresses) & 63))
+
+
+def bus_key(busdir: Path) -> int:
+    """The bus queue's key: ``ftok(<busdir>/sysv.key, 'S')``.
+
+    Raises :class:`~ipcbus.errors.BusNotFound` if the key file is missing.
+    """
+    path = Path(busdir) / KEY_FILE
+    try:
+        return int(sysv_ipc.ftok(str(path), FTOK_PROJ, silence_warning=True))
+    except (OSError, sysv_ipc.Error):
+        raise BusNotFound(Path(busdir).name, str(Path(busdir).parent)) from None
+
+
+def _proc_uid(pid: int) -> int:
+    """The real owner uid of a live process (raises FileNotFoundError if it is gone)."""
+    return os.stat(f"/proc/{pid}").st_uid
+
+
+def _describe(st: QueueStat) -> str:
+    return (
+        f"id {st.id}, key {st.key:#x}, owner uid {st.uid}, creator uid {st.cuid}, "
+        f"mode {st.mode:03o}, {st.messages} message(s)"
+    )
+
+
+def _try_raise_capacity(q: sysv_ipc.MessageQueue, want: int | None) -> int:
+    """Ask for a ``msg_qbytes`` of ``want`` bytes; keep the default where not permitted.
+
+    Above ``kernel.msgmnb`` the kernel wants CAP_SYS_RESOURCE (EPERM
+    otherwise): that is the normal case for users, not an error.
+    """
+    if want is not None and want > q.max_size:
+        try:
+            q.max_size = want
+        except sysv_ipc.PermissionsError:
+            log.debug(
+                "queue %d keeps msg_qbytes=%d: raising it to %d needs CAP_SYS_RESOURCE "
+                "(raise kernel.msgmnb with sysctl instead)", q.id, q.max_size, want,
+            )
+    return int(q.max_size)
+
+
+class _PidWatch:
+    """Calls ``callback`` once when process ``pid`` exits (a pidfd watched by the loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pid: int, callback: Callable[[], None]):
+        self._loop = loop
+        self._callback = callback
+        self._fd = os.pidfd_open(pid)  # ProcessLookupError if already gone
+        loop.add_reader(self._fd, self._fire)
+
+    def _fire(self) -> None:
+        self.close()
+        self._callback()
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(fd)
+            os.close(fd)
+
+
+class _TxThread:
+    """Blocking ``msgsnd`` to one queue, used only while that queue is full.
+
+    The loop sends with ``IPC_NOWAIT``; on ``EAGAIN`` it hands the rest of
+    its messages here and keeps handing them over (``active``) until this
+    thread has sent them all, so order is kept.  Progress is reported to the
+    loop only when it asked (``want_progress``): one wake-up per crossing of
+    the level a waiting writer needs, not one per message.
+    """
+
+    def __init__(
+        self,
+        q: sysv_ipc.MessageQueue,
+        mtype: int,
+        loop: asyncio.AbstractEventLoop,
+        on_progress: Callable[[], None],
+        on_error: Callable[[BaseException], None],
+        name: str,
+    ) -> None:
+        self._q = q
+        self._type = mtype
+        self._loop = loop
+        self._on_progress = on_progress
+        self._on_error = on_error
+        self._cond = threading.Condition()
+        self._items: collections.deque[bytes] = collections.deque()
+        self.pending = 0
+        self.active = False
+        self.blocked = False
+        self._notify_below = -1
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, msgs: Iterable[bytes], nbytes: int) -> None:
+        with self._cond:
+            self._items.extend(msgs)
+            self.pending += nbytes
+            self.active = True
+            self._cond.notify()
+
+    def want_progress(self, below: int) -> bool:
+        """Ask for a call to ``on_progress`` once ``pending <= below``; False if already so."""
+        with self._cond:
+            if self.pending <= below:
+                return False
+            self._notify_below = below
+            return True
+
+    def stop(self) -> None:
+        """Stop after the current ``msgsnd``; anything not yet sent is abandoned."""
+        with self._cond:
+            self._stop = True
+            self._items.clear()
+            self.pending = 0
+            self.active = False
+            self._cond.notify()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _run(self) -> None:
+        q, t, cond, items = self._q, self._type, self._cond, self._items
+        while True:
+            with cond:
+                while not items and not self._stop:
+                    cond.wait()
+                if self._stop:
+                    return
+                m = items[0]
+                self.blocked = True
+            try:
+                q.send(m, True, t)  # blocks while the queue is full; GIL released
+            except sysv_ipc.ExistentialError:
+                self._call(self._on_error, ConnectionClosed(
+                    f"SysV queue id {q.id} was removed while sending to it"))
+                return
+            except sysv_ipc.PermissionsError:
+                self._call(self._on_error, PermissionRefused(
+                    f"lost write permission on SysV queue id {q.id}"))
+                return
+            except sysv_ipc.Error:
+                continue  # EINTR ("signaled while waiting"): retry the same message
+            finally:
+                self.blocked = False
+            with cond:
+                if self._stop:
+                    return
+                items.popleft()
+                self.pending -= len(m)
+                if not items:
+                    self.active = False
+                fire = self._notify_below >= 0 and self.pending <= self._notify_below
+                if fire:
+                    self._notify_below = -1
+            if fire:
+                self._call(self._on_progress)
+
+
+class SysvLink(Link):
+    """One link over SysV message queues (either side); see the module docstring.
+
+    Created by :func:`connect_sysv` (client side) or
+    :meth:`SysvAcceptor.accept` (hub side), never directly.
+    """
+
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        out_q: sysv_ipc.MessageQueue,
+        out_type: int,
+        sender: int,
+        peer_address: int,
+        msg_size: int,
+        max_frame: int,
+        high_water: int,
+        window: int | None,
+        info: LinkInfo,
+    ) -> None:
+        self._loop = loop
+        self._out_q = out_q
+        self._out_type = out_type
+        self._sender = sender
+        self._peer_address = peer_address
+        self._msg_size = msg_size
+        self.max_frame = max_frame
+        self.high_water = high_water
+        self.info = info
+        # outbound
+        self._seq_out = 0
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._frames_bytes = 0
+        self._frag_off = 0
+        self._msgs: collections.deque[bytes] = collections.deque()
+        self._msgs_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._window = window  # None: no credit (the receiver throttles through the kernel)
+        self._unacked = 0
+        self._tx: _TxThread | None = None
+        self._writers: list[tuple[int, asyncio.Future[None]]] = []
+        # inbound
+        self._seq_in = 0
+        self._partial: list[bytes] | None = None
+        self._partial_total = 0
+        self._partial_got = 0
+        self._rx: collections.deque[bytes] = collections.deque()
+        self._rx_held = 0
+        self._rx_waiter: asyncio.Future[None] | None = None
+        self._rx_end: BaseException | None = None
+        # lifetime
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._peer_gone = False  # BYE received, aborted, or dead: do not send a BYE
+
+    # -- sending ---------------------------------------------------------
+
+    @property
+    def pending_out(self) -> int:
+        """Bytes queued by :meth:`send_nowait` that the kernel has not taken yet."""
+        tx = self._tx
+        return self._frames_bytes + self._msgs_bytes + (tx.pending if tx is not None else 0)
+
+    def send_nowait(self, frame: bytes) -> None:
+        """Queue one whole frame; it leaves now if the link is idle, else on the next tick."""
+        if self._closed:
+            raise ConnectionClosed("this link is closed")
+        if self._broken is not None:
+            raise ConnectionClosed(f"link broken: {self._broken}") from self._broken
+        n = len(frame)
+        if n > self.max_frame:
+            raise FrameTooLarge(n, self.max_frame)
+        if n == 0:
+            raise ProtocolError("refusing to send an empty frame")
+        if not isinstance(frame, bytes):
+            frame = bytes(frame)
+        self._frames.append(frame)
+        self._frames_bytes += n
+        if self._flush_handle is None:
+            # Idle: send this frame right away (lowest latency), and coalesce the
+            # frames queued during the rest of this loop iteration into batches.
+            self._flush_handle = self._loop.call_soon(self._flush_tick)
+            self._flush()
+
+    def _flush_tick(self) -> None:
+        self._flush_handle = None
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._broken is not None:
+            return
+        if self._frames:
+            self._build()
+        if self._msgs:
+            self._pump()
+        if self._writers:
+            self._check_writers()
+
+    def _next_seq(self) -> int:
+        s = self._seq_out
+        self._seq_out = (s + 1) & 0xFFFFFFFF
+        return s
+
+    def _build(self) -> None:
+        """Turn queued frames into messages: batches of whole frames, or fragments."""
+        frames = self._frames
+        cap = self._msg_size - _HDR
+        window = self._window
+        sender = self._sender
+        info = self.info
+        pack_len = HEADER.pack
+        while frames:
+            avail = (window - self._unacked) if window is not None else 1 << 62
+            f = frames[0]
+            off = self._frag_off
+            if off == 0 and len(f) + 4 <= cap:
+                room = min(cap, avail - _HDR)
+                if room < len(f) + 4:
+                    break  # wait for credit
+                parts: list[bytes] = [b""]
+                used = 0
+                n = 0
+                while frames:
+                    g = frames[0]
+                    need = len(g) + 4
+                    if need > room - used:
+                        break
+                    parts.append(pack_len(len(g)))
+                    parts.append(g)
+                    used += need
+                    n += 1
+                    frames.popleft()
+                parts[0] = MSG_HEADER.pack(
+                    WIRE_VERSION, KIND_FRAMES, 0, 0, sender, self._next_seq(), n
+                )
+                m = b"".join(parts)
+                payload = used - 4 * n
+                self._frames_bytes -= payload
+                info.msgs_out += n
+                info.bytes_out += payload
+            else:
+                remaining = len(f) - off
+                chunk = min(cap, remaining)
+                if avail - _HDR < chunk:
+                    break  # wait for credit (fragments always go full-size)
+                flags = (FLAG_FIRST if off == 0 else 0) | (FLAG_LAST if chunk == remaining else 0)
+                hdr = MSG_HEADER.pack(
+                    WIRE_VERSION, KIND_FRAGMENT, flags, 0, sender, self._next_seq(),
+                    len(f) if off == 0 else 0,
+                )
+                m = b"".join((hdr, memoryview(f)[off : off + chunk]))
+                self._frames_bytes -= chunk
+                if flags & FLAG_LAST:
+                    frames.popleft()
+                    self._frag_off = 0
+                    info.msgs_out += 1
+                    info.bytes_out += len(f)
+                else:
+                    self._frag_off = off + chunk
+            if window is not None:
+                self._unacked += len(m)
+            self._msgs.append(m)
+            self._msgs_bytes += len(m)
+
+    def _pump(self) -> None:
+        """Hand built messages to the kernel: IPC_NOWAIT here, the sender thread once full."""
+        msgs = self._msgs
+        tx = self._tx
+        if tx is not None and tx.active:
+            tx.put(msgs, self._msgs_bytes)
+            msgs.clear()
+            self._msgs_bytes = 0
+            return
+        send = self._out_q.send
+        t = self._out_type
+        try:
+            while msgs:
+                m = msgs[0]
+                send(m, False, t)
+                msgs.popleft()
+                self._msgs_bytes -= len(m)
+        except sysv_ipc.BusyError:
+            # The destination queue is full: from now on (until the backlog is
+            # gone) a thread blocks in msgsnd for us, so the loop never does.
+            if tx is None:
+                tx = self._tx = _TxThread(
+                    self._out_q, t, self._loop, self._on_tx_progress, self._on_tx_error,
+                    name=f"ipcbus-sysv-tx-{self._sender}-to-{self._peer_address}",
+                )
+            tx.put(msgs, self._msgs_bytes)
+            msgs.clear()
+            self._msgs_bytes = 0
+        except sysv_ipc.ExistentialError:
+            self._on_out_removed()
+        except sysv_ipc.PermissionsError:
+            self._break(PermissionRefused(f"no write permission on SysV queue id {self._out_q.id}"))
+
+    def _on_out_removed(self) -> None:
+        self._peer_gone = True
+        exc = ConnectionClosed(
+            f"the peer's SysV queue (id {self._out_q.id}) is gone: the peer closed, "
+            "or someone removed it (ipcrm)"
+        )
+        self._break(exc)
+        self._end(exc)
+
+    def _on_tx_progress(self) -> None:
+        if self._frames:
+            self._flush()
+        self._check_writers()
+
+    def _on_tx_error(self, exc: BaseException) -> None:
+        if isinstance(exc, ConnectionClosed):
+            self._on_out_removed()
+        else:
+            self._break(exc)
+
+    def _check_writers(self) -> None:
+        """Wake the writers whose level was reached; re-arm the sender thread for the rest."""
+        if not self._writers:
+            return
+        pending = self.pending_out
+        keep: list[tuple[int, asyncio.Future[None]]] = []
+        for level, fut in self._writers:
+            if fut.done():
+                continue
+            if pending <= level:
+                fut.set_result(None)
+            else:
+                keep.append((level, fut))
+        self._writers = keep
+        tx = self._tx
+        if keep and tx is not None and tx.active:
+            loop_side = self._frames_bytes + self._msgs_bytes
+            lowest = min(level for level, _ in keep)
+            if not tx.want_progress(max(0, lowest - loop_side)):
+                # Already there (raced with the thread): look again on the next tick.
+                self._loop.call_soon(self._check_writers)
+
+    async def _wait_level(self, level: int) -> None:
+        while True:
+            if self._broken is not None:
+                raise ConnectionClosed(f"link broken: {self._broken}") from self._broken
+            if self.pending_out <= level:
+                return
+            fut = self._loop.create_future()
+            self._writers.append((level, fut))
+            self._check_writers()
+            await fut
+
+    async def wait_writable(self, threshold: int | None = None) -> None:
+        """Wait until :attr:`pending_out` is at most ``threshold`` (default: half the high water).
+
+        Raises :class:`~ipcbus.errors.ConnectionClosed` if the link is or
+        becomes broken (queued frames can then no longer leave).
+        """
+        await self._wait_level(self.high_water // 2 if threshold is None else threshold)
+
+    async def drain(self) -> None:
+        """Wait until every queued frame has been handed to the kernel queue."""
+        await self._wait_level(0)
+
+    def _break(self, exc: BaseException) -> None:
+        """The outbound side can no longer deliver: drop what is queued, fail the writers."""
+        if self._broken is not None:
+            return
+        self._broken = exc
+        self._frames.clear()
+        self._frames_bytes = 0
+        self._frag_off = 0
+        self._msgs.clear()
+        self._msgs_bytes = 0
+        if self._tx is not None:
+            self._tx.stop()
+        for _, fut in self._writers:
+            if not fut.done():
+                fut.set_result(None)  # _wait_level raises ConnectionClosed
+        self._writers = []
+
+    # -- receiving -------------------------------------------------------
+
+    def _rx_data(self, data: bytes) -> int:
+        """Process one data message from the peer; return the frame bytes it completed.
+
+        Raises :class:`~ipcbus.errors.ProtocolError` (the link is then dead).
+        """
+        if len(data) < _HDR:
+            raise ProtocolError(
+                f"malformed message of {len(data)} bytes: shorter than the {_HDR}-byte header"
+            )
+        ver, kind, flags, _zero, sender, seq, total = MSG_HEADER.unpack_from(data)
+        if ver != WIRE_VERSION:
+            raise ProtocolError(f"message header version {ver}, expected {WIRE_VERSION}")
+        if sender != self._peer_address:
+            raise ProtocolError(
+                f"message claims sender address {sender}, this link's peer is {self._peer_address}"
+            )
+        if seq != self._seq_in:
+            raise ProtocolError(
+                f"message sequence gap from address {sender}: expected #{self._seq_in}, "
+                f"got #{seq} (a message was lost, purged or injected)"
+            )
+        self._seq_in = (seq + 1) & 0xFFFFFFFF
+        if kind == KIND_FRAMES:
+            return self._rx_frames(data, total)
+        if kind == KIND_FRAGMENT:
+            return self._rx_fragment(data, flags, total)
+        if kind == KIND_BYE:
+            self._on_peer_bye()
+            return 0
+        return self._rx_other(kind, flags, total, data)
+
+    def _rx_other(self, kind: int, flags: int, total: int, data: bytes) -> int:
+        raise ProtocolError(f"unexpected message kind {_KIND_NAMES.get(kind, kind)} on this link")
+
+    def _rx_frames(self, data: bytes, n: int) -> int:
+        if self._partial is not None:
+            raise ProtocolError(
+                f"whole frames arrived while a fragmented frame was incomplete "
+                f"({self._partial_got} of {self._partial_total} bytes)"
+            )
+        pos = _HDR
+        end = len(data)
+        mf = self.max_frame
+        rx = self._rx
+        unpack = HEADER.unpack_from
+        got = 0
+        for _ in range(n):
+            if pos + 4 > end:
+                raise ProtocolError("FRAMES message truncated: a frame length is missing")
+            (ln,) = unpack(data, pos)
+            pos += 4
+            if ln == 0:
+                raise ProtocolError("FRAMES message holds an empty frame")
+            if ln > mf:
+                raise FrameTooLarge(ln, mf, "announced frame")
+            if pos + ln > end:
+                raise ProtocolError(
+                    f"FRAMES message truncated: a {ln}-byte frame with {end - pos} bytes left"
+                )
+            rx.append(data[pos : pos + ln])
+            pos += ln
+            got += ln
+        if pos != end:
+            raise ProtocolError(f"FRAMES message has {end - pos} trailing bytes after {n} frames")
+        self._rx_held += got
+        return got
+
+    def _rx_fragment(self, data: bytes, flags: int, total: int) -> int:
+        chunk = data[_HDR:]
+        if flags & FLAG_FIRST:
+            if self._partial is not None:
+                raise ProtocolError(
+                    f"a new fragmented frame began while the previous one was incomplete "
+                    f"({self._partial_got} of {self._partial_total} bytes)"
+                )
+            if total == 0:
+                raise ProtocolError("first fragment announces an empty frame")
+            if total > self.max_frame:
+                # Refused at the first fragment, before reassembling anything.
+                raise FrameTooLarge(total, self.max_frame, "announced frame")
+            self._partial = [chunk]
+            self._partial_total = total
+            self._partial_got = len(chunk)
+        else:
+            if self._partial is None:
+                raise ProtocolError("continuation fragment without a first fragment")
+            self._partial.append(chunk)
+            self._partial_got += len(chunk)
+        if self._partial_got > self._partial_total:
+            raise ProtocolError(
+                f"fragments overflow their frame: {self._partial_got} bytes for an announced "
+                f"{self._partial_total}"
+            )
+        if flags & FLAG_LAST:
+            if self._partial_got != self._partial_total:
+                raise ProtocolError(
+                    f"last fragment ends the frame at {self._partial_got} of "
+                    f"{self._partial_total} announced bytes"
+                )
+            frame = b"".join(self._partial)
+            self._partial = None
+            self._rx.append(frame)
+            self._rx_held += len(frame)
+            return len(frame)
+        return 0
+
+    def _drop_partial(self, why: str) -> None:
+        if self._partial is not None:
+            log.info(
+                "%r: dropped an incomplete frame (%d of %d bytes): %s",
+                self, self._partial_got, self._partial_total, why,
+            )
+            self._partial = None
+
+    def _on_peer_bye(self) -> None:
+        self._peer_gone = True
+        self._drop_partial("the peer closed mid-frame")
+        self._end(EndOfStream("the peer closed the link"))
+        self._break(ConnectionClosed("the peer closed the link"))
+
+    def _end(self, exc: BaseException) -> None:
+        """No more frames will arrive: recv raises ``exc`` once the buffered ones are read."""
+        if self._rx_end is None:
+            self._rx_end = exc
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        w = self._rx_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _consumed(self) -> None:
+        """Hook: a frame left the receive buffer (credit and pause accounting)."""
+
+    async def recv(self) -> bytes:
+        """Return the next whole frame (see :meth:`Link.recv` for what it raises)."""
+        while True:
+            if self._closed:
+                raise ConnectionClosed("this link is closed")
+            rx = self._rx
+            if rx:
+                f = rx.popleft()
+                n = len(f)
+                self._rx_held -= n
+                info = self.info
+                info.msgs_in += 1
+                info.bytes_in += n
+                self._consumed()
+                return f
+            if self._rx_end is not None:
+                raise self._rx_end
+            fut = self._loop.create_future()
+            self._rx_waiter = fut
+            try:
+                await fut
+            finally:
+                self._rx_waiter = None
+
+    # -- lifetime --------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` was called or the link broke."""
+        return self._closed or self._broken is not None
+
+    def _bye_message(self) -> bytes:
+        return MSG_HEADER.pack(WIRE_VERSION, KIND_BYE, 0, 0, self._sender, self._next_seq(), 0)
+
+    async def _flush_and_bye(self) -> None:
+        """Best effort, bounded: let queued frames leave, then say BYE after them."""
+        if self._broken is not None or self._peer_gone:
+            return
+        try:
+            async with asyncio.timeout(_FLUSH_TIMEOUT):
+                await self.drain()
+                self._msgs.append(self._bye_message())
+                self._msgs_bytes += _HDR
+                self._pump()
+                await self.drain()
+        except (TimeoutError, ConnectionClosed):
+            pass
+
+    def _fail_waiters(self) -> None:
+        for _, fut in self._writers:
+            if not fut.done():
+                fut.set_result(None)
+        self._writers = []
+        self._wake_reader()
+
+    def _stop_tx(self, unblock: Callable[[], None]) -> None:
+        """Stop the sender thread; if it is stuck in msgsnd, ``unblock`` frees it, then join."""
+        tx = self._tx
+        if tx is None:
+            return
+        tx.stop()
+        if tx.blocked:
+            unblock()
+        if not tx.join(_JOIN_TIMEOUT):
+            log.warning(
+                "%r: the sender thread is still blocked in msgsnd on queue %d after %.0f s "
+                "(its reader is stopped); leaving it", self, self._out_q.id, _JOIN_TIMEOUT,
+            )
+
+    def __repr__(self) -> str:
+        i = self.info
+        state = "closed" if self.closed else "open"
+        return (
+            f"<{type(self).__name__} sysv {self._sender}->{self._peer_address} "
+            f"peer_pid={i.peer_pid} {state}>"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Client side
+# ---------------------------------------------------------------------------
+
+
+class _ClientLink(SysvLink):
+    """The client's end: sends to the bus queue (credit-gated), receives on its own queue."""
+
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        busdir: Path,
+        bus_q: sysv_ipc.MessageQueue,
+        own_q: sysv_ipc.MessageQueue,
+        address: int,
+        hub_pid: int,
+        hub_uid: int,
+        msg_size: int,
+        max_frame: int,
+        high_water: int,
+    ) -> None:
+        super().__init__(
+            loop=loop,
+            out_q=bus_q,
+            out_type=T_TO_HUB,
+            sender=address,
+            peer_address=HUB_ADDRESS,
+            msg_size=msg_size,
+            max_frame=max_frame,
+            high_water=high_water,
+            window=0,  # nothing leaves before the hub's WELCOME grants a window
+            info=LinkInfo(
+                transport="sysv",
+                peer_pid=hub_pid,
+                peer_uid=hub_uid,
+                peer_name="hub",
+                objects={"bus_queue": bus_q.id, "queue": own_q.id, "key": own_q.key,
+                         "address": address},
+            ),
+        )
+        self._busdir = busdir
+        self._own_q = own_q
+        self._own_id = own_q.id
+        self._address = address
+        self._hub_pid = hub_pid
+        self._credit_unit = 0
+        self._welcome: asyncio.Future[None] = loop.create_future()
+        # receiver-thread state (see _rx_run for who writes what)
+        self._paused = False
+        self._nudged = False
+        self._stopping = False
+        self._rx_delivered = 0  # written by the thread
+        self._rx_processed = 0  # written by the loop
+        self._hub_watch: _PidWatch | None = None
+        self._rx_thread = threading.Thread(
+            target=self._rx_run, name=f"ipcbus-sysv-rx-{address}", daemon=True
+        )
+        self._torn_down = False
+
+    def _start(self) -> None:
+        self._rx_thread.start()
+        try:
+            self._hub_watch = _PidWatch(self._loop, self._hub_pid, self._on_hub_exit)
+        except ProcessLookupError:
+            self._on_hub_exit()
+
+    # -- the receiver thread ---------------------------------------------
+
+    def _buffered(self) -> int:
+        return self._rx_delivered - self._rx_processed + self._rx_held
+
+    def _rx_run(self) -> None:
+        """Thread body: drain our queue in batches, pausing (control only) when the app lags.
+
+        Shared state is plain attributes, each written by one side only (the
+        GIL makes each read and write atomic): the thread writes
+        ``_rx_delivered``, ``_paused``, ``_nudged=False``; the loop writes
+        ``_rx_processed``, ``_rx_held``, ``_nudged=True``, ``_stopping``.
+        """
+        q = self._own_q
+        loop = self._loop
+        while True:
+            want = -CONTROL_MAX if self._paused else -self._address
+            try:
+                first = q.receive(True, want)
+            except sysv_ipc.ExistentialError:
+                self._deliver(loop, [], True)
+                return
+            except sysv_ipc.Error:
+                continue  # EINTR
+            batch = [first]
+            nbytes = len(first[0])
+            removed = False
+            nudged = first[1] == T_NUDGE
+            while len(batch) < _BATCH_MSGS and nbytes < _BATCH_BYTES:
+                try:
+                    m = q.receive(False, want)
+                except sysv_ipc.BusyError:
+                    break
+                except sysv_ipc.ExistentialError:
+                    removed = True
+                    break
+                batch.append(m)
+                nbytes += len(m[0])
+                nudged = nudged or m[1] == T_NUDGE
+            self._rx_delivered += nbytes
+            if not self._deliver(loop, batch, removed) or removed or self._stopping:
+                return
+            if nudged:
+                self._nudged = False
+            # Pause when the application lags: receive only control messages
+            # (ACK, ABORT, NUDGE), so our queue fills and the hub feels it.
+            if self._buffered() > _RX_PAUSE:
+                self._paused = True
+                if self._buffered() <= _RX_PAUSE:  # the loop caught up meanwhile
+                    self._paused = False
+            else:
+                self._paused = False
+
+    def _deliver(
+        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[bytes, int]], removed: bool
+    ) -> bool:
+        try:
+            loop.call_soon_threadsafe(self._on_rx_batch, batch, removed)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
+    # -- the loop side of receiving ----------------------------------------
+
+    def _on_rx_batch(self, batch: list[tuple[bytes, int]], removed: bool) -> None:
+        credit = 0
+        processed = 0
+        address = self._address
+        for data, t in batch:
+            processed += len(data)
+            if self._rx_end is not None:
+                continue  # the link ended: drain and drop
+            if t == address:
+                if not data:
+                    # Our own end marker, queued after everything the dead hub sent.
+                    self._drop_partial("the hub exited mid-frame")
+                    self._end(EndOfStream(f"the hub (pid {self._hub_pid}) exited"))
+                    continue
+                try:
+                    self._rx_data(data)
+                except ProtocolError as exc:
+                    self._fatal(exc)
+            elif t == T_ACK:
+                credit += 1
+            elif t == T_ABORT:
+                reason = data.decode("utf-8", "replace") if data else "no reason given"
+                self._peer_gone = True
+                aborted = ConnectionClosed(f"the hub aborted this link: {reason}")
+                self._drop_partial("aborted")
+                self._break(aborted)
+                self._end(aborted)
+            elif t == T_NUDGE:
+                pass  # handled by the thread
+            else:
+                log.warning(
+                    "%r: discarded a message of unknown type %d (%d bytes) on queue %d; "
+                    "only the hub may write to a client's queue",
+                    self, t, len(data), self._own_id,
+                )
+        self._rx_processed += processed
+        if credit and self._broken is None:
+            self._unacked = max(0, self._unacked - credit * self._credit_unit)
+            if self._frames:
+                self._flush()
+        if removed and self._rx_end is None and not self._closed:
+            gone = ConnectionClosed(
+                f"this client's SysV queue (id {self._own_id}) was removed (ipcrm?)"
+            )
+            self._break(gone)
+            self._end(gone)
+        if not self._welcome.done() and self._rx_end is not None:
+            self._welcome.set_exception(self._rx_end)
+        self._wake_reader()
+
+    def _rx_other(self, kind: int, flags: int, total: int, data: bytes) -> int:
+        if kind == KIND_WELCOME and not self._welcome.done():
+            if len(data) != _HDR + _WELCOME.size:
+                raise ProtocolError(f"WELCOME of {len(data)} bytes, expected {_HDR + _WELCOME.size}")
+            msg_size, window, unit, hub_max = _WELCOME.unpack_from(data, _HDR)
+            if not (msg_size >= _HDR + 64 and unit > 0 and window >= 2 * msg_size + unit):
+                raise ProtocolError(
+                    f"WELCOME with unusable parameters: msg_size={msg_size} window={window} "
+                    f"credit_unit={unit}"
+                )
+            self._msg_size = min(self._msg_size, msg_size)
+            self._window = window
+            self._credit_unit = unit
+            self.max_frame = min(self.max_frame, hub_max)
+            self._welcome.set_result(None)
+            if self._frames:
+                self._flush()
+            return 0
+        if kind == KIND_REFUSE and not self._welcome.done():
+            reason = data[_HDR:].decode("utf-8", "replace")
+            self._peer_gone = True
+            exc: IpcBusError
+            if total == REFUSE_PERMISSION:
+                exc = PermissionRefused(f"the hub refused this client: {reason}")
+            elif total == REFUSE_BUSY:
+                exc = BusBusy(f"the hub refused this client: {reason}")
+            else:
+                exc = ProtocolError(f"the hub refused this client: {reason}")
+            self._break(exc)
+            self._end(exc)
+            return 0
+        return super()._rx_other(kind, flags, total, data)
+
+    def _fatal(self, exc: ProtocolError) -> None:
+        log.warning("%r: protocol error from the hub, closing the link: %s", self, exc)
+        self._drop_partial("protocol error")
+        self._break(ConnectionClosed(f"link closed after a protocol error: {exc}"))
+        self._end(exc)
+
+    def _consumed(self) -> None:
+        if self._paused and not self._nudged and self._buffered() <= _RX_PAUSE // 2:
+            self._nudged = True
+            self._nudge()
+
+    def _nudge(self) -> None:
+        # Zero-length: it fits even in a full queue (the kernel counts bytes and
+        # messages; a 0-byte message adds no bytes).
+        with contextlib.suppress(sysv_ipc.Error):
+            self._own_q.send(b"", False, T_NUDGE)
+
+    def _on_hub_exit(self) -> None:
+        """The hub's pidfd fired: end the stream after whatever it sent before dying."""
+        self._hub_watch = None
+        self._peer_gone = True
+        self._break(ConnectionClosed(f"the hub (pid {self._hub_pid}) exited"))
+        try:
+            # A zero-length message of our own data type goes behind every data
+            # message the hub queued (FIFO within a type): the thread reaches it
+            # only after delivering them all.
+            self._own_q.send(b"", False, self._address)
+        except sysv_ipc.Error:
+            self._drop_partial("the hub exited")
+            self._end(EndOfStream(f"the hub (pid {self._hub_pid}) exited"))
+        if not self._welcome.done():
+            self._welcome.set_exception(
+                BusNotFound(self._busdir.name, str(self._busdir.parent))
+            )
+            self._welcome.exception()
+
+    async def _wait_welcome(self, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._welcome)
+        except TimeoutError:
+            raise ConnectionClosed(
+                f"the hub of bus {self._busdir.name!r} did not answer this client's knock "
+                f"within {timeout:g} s"
+            ) from None
+
+    # -- closing ---------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Flush (briefly), say BYE, remove this client's queue, join the threads."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._welcome.done() and not self._welcome.cancelled() and \
+                    self._welcome.exception() is None:
+                await self._flush_and_bye()
+        finally:
+            self._teardown()
+
+    def _unblock_bus_send(self) -> None:
+        """Free our sender thread stuck in msgsnd on a full bus queue whose hub died.
+
+        A dead hub's queue holds only garbage: drain it (IPC_NOWAIT) so the
+        blocked msgsnd gets room.  While the hub lives it drains the queue
+        itself, so nothing is needed.
+        """
+        if not self._peer_gone:
+            return
+        with contextlib.suppress(sysv_ipc.Error):
+            while True:
+                self._out_q.receive(False, 0)
+
+    def _teardown(self) -> None:
+        if self._torn_down:
+            return
+        self._torn_down = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._hub_watch is not None:
+            self._hub_watch.close()
+            self._hub_watch = None
+        self._break(ConnectionClosed("this link is closed"))
+        self._stopping = True
+        # Removing our queue wakes the receiver thread (EIDRM) and discards
+        # whatever the hub sent that we will never read.
+        with contextlib.suppress(sysv_ipc.Error):
+            self._own_q.remove()
+        forget_object(self._busdir, "msq", self._own_id)
+        if self._rx_thread.is_alive():
+            self._rx_thread.join(_JOIN_TIMEOUT)
+        self._stop_tx(self._unblock_bus_send)
+        self._fail_waiters()
+
+
+async def connect_sysv(
+    busdir: Path,
+    *,
+    hub_pid: int,
+    name: str = "",
+    max_frame: int = DEFAULT_MAX_FRAME,
+    send_knock: Callable[[Knock], None] | None = None,
+    mode: int = 0o600,
+    gid: int | None = None,
+    high_water: int = DEFAULT_HIGH_WATER,
+    queue_bytes: int | None = None,
+    timeout: float = _CONNECT_TIMEOUT,
+) -> Link:
+    """Join the bus in ``busdir`` over SysV message queues; return the link once usable.
+
+    Opens the bus queue (key ``ftok(<busdir>/sysv.key)``), checks it belongs
+    to the hub's uid, creates this client's own queue (mode ``mode``, group
+    ``gid``), knocks (``send_knock``, by default through the bus's door), and
+    waits up to ``timeout`` seconds for the hub's WELCOME.
+
+    Raises :class:`~ipcbus.errors.BusNotFound` (no such bus or hub),
+    :class:`~ipcbus.errors.PermissionRefused` (the bus queue is not the
+    hub's, or its mode denies us, or the hub refused us),
+    :class:`~ipcbus.errors.ProtocolError` (the hub refused the knock) and
+    :class:`~ipcbus.errors.ConnectionClosed` (no answer in time).
+    """
+    busdir = Path(busdir)
+    loop = asyncio.get_running_loop()
+    if mode & 0o007 or mode & ~0o777:
+        raise ValueError(f"mode {mode:#o}: a client queue must not be open to other users")
+    limits = read_limits()
+    key = bus_key(busdir)
+    try:
+        hub_uid = _proc_uid(hub_pid)
+    except FileNotFoundError:
+        raise BusNotFound(busdir.name, str(busdir.parent)) from None
+    try:
+        bus_q, size = open_handle(key, 0, 0o600, limits.msgmax)
+    except QueueNotFound:
+        raise BusNotFound(busdir.name, str(busdir.parent)) from None
+    except PermissionRefused as exc:
+        raise PermissionRefused(
+            f"bus {busdir.name!r}: you (uid {os.getuid()}) may not use its SysV queue "
+            f"(key {key:#x}): {exc}"
+        ) from None
+    st = queue_stat(bus_q)
+    if st.uid != hub_uid or st.cuid != hub_uid:
+        raise PermissionRefused(
+            f"bus {busdir.name!r}: its SysV queue ({_describe(st)}) does not belong to the "
+            f"hub's uid {hub_uid}; refusing to send frames to it"
+        )
+    own_q, own_size = open_handle(None, sysv_ipc.IPC_CREX, 0o600, limits.msgmax)
+    link: _ClientLink | None = None
+    try:
+        if gid is not None:
+            own_q.gid = gid
+        if mode != 0o600:
+            own_q.mode = mode
+        _try_raise_capacity(own_q, queue_bytes)
+        address = _next_address()
+        record_object(
+            busdir, "msq", own_q.id, key=own_q.key,
+            extra={"role": "client", "address": address, "hub_pid": hub_pid, "name": name},
+        )
+        link = _ClientLink(
+            loop=loop, busdir=busdir, bus_q=bus_q, own_q=own_q, address=address,
+            hub_pid=hub_pid, hub_uid=hub_uid, msg_size=min(size, own_size),
+            max_frame=max_frame, high_water=high_water,
+        )
+        link._start()
+        knock = Knock(
+            version=PROTOCOL_VERSION,
+            transport="sysv",
+            pid=os.getpid(),
+            uid=os.getuid(),
+            name=name,
+            params={
+                "key": own_q.key,
+                "msqid": own_q.id,
+                "address": address,
+                "msg_size": min(size, own_size),
+                "max_frame": max_frame,
+            },
+        )
+        if send_knock is None:
+            from .door import send_knock as door_send_knock
+
+            door_send_knock(busdir, knock)
+        else:
+            send_knock(knock)
+        await link._wait_welcome(timeout)
+    except BaseException:
+        if link is not None:
+            await link.aclose()
+        else:
+            with contextlib.suppress(sysv_ipc.Error):
+                own_q.remove()
+            forget_object(busdir, "msq", own_q.id)
+        raise
+    return link
+
+
+# ---------------------------------------------------------------------------
+# Hub side
+# ---------------------------------------------------------------------------
+
+
+class _HubLink(SysvLink):
+    """The hub's end of one client: sends to the client's queue, fed by the bus-queue thread."""
+
+    def __init__(
+        self,
+        *,
+        acceptor: SysvAcceptor,
+        client_q: sysv_ipc.MessageQueue,
+        address: int,
+        pid: int,
+        uid: int,
+        name: str,
+        msg_size: int,
+        max_frame: int,
+        window: int,
+        credit_unit: int,
+    ) -> None:
+        assert acceptor._loop is not None and acceptor._q is not None
+        super().__init__(
+            loop=acceptor._loop,
+            out_q=client_q,
+            out_type=address,
+            sender=HUB_ADDRESS,
+            peer_address=address,
+            msg_size=msg_size,
+            max_frame=max_frame,
+            high_water=acceptor.high_water,
+            window=None,  # the client's queue throttles us (its reader stops draining)
+            info=LinkInfo(
+                transport="sysv",
+                peer_pid=pid,
+                peer_uid=uid,
+                peer_name=name,
+                objects={"bus_queue": acceptor._q.id, "queue": client_q.id,
+                         "key": client_q.key, "address": address},
+            ),
+        )
+        self._acceptor = acceptor
+        self._client_id = client_q.id
+        self._pid = pid
+        self._credit_window = window
+        self._credit_unit = credit_unit
+        self._absorbed = 0  # bytes of client messages processed
+        self._acked = 0  # bytes acknowledged with ACKs
+        self._watch: _PidWatch | None = None
+        self._torn_down = False
+        self._purged = False
+
+    # -- receiving (fed by SysvAcceptor._on_batch) ------------------------
+
+    def _feed(self, data: bytes) -> None:
+        if self._rx_end is not None:
+            return
+        try:
+            self._rx_data(data)
+        except ProtocolError as exc:
+            self._fatal(exc)
+            return
+        self._absorbed += len(data)
+
+    def _after_batch(self) -> None:
+        self._send_acks()
+        self._wake_reader()
+
+    def _consumed(self) -> None:
+        if self._absorbed - self._acked >= self._credit_unit:
+            self._send_acks()
+
+    def _send_acks(self) -> None:
+        """Return credit to the client, unless its frames pile up unread here.
+
+        Credit is withheld while more than half a window of whole frames
+        waits for recv(): then the client's sends wait (backpressure) instead
+        of this process buffering without bound.
+        """
+        unit = self._credit_unit
+        if self._rx_held > self._credit_window // 2 or self._broken is not None:
+            return
+        q = self._out_q
+        while self._absorbed - self._acked >= unit:
+            try:
+                q.send(b"", False, T_ACK)  # zero-length: fits even in a full queue
+            except sysv_ipc.BusyError:
+                return
+            except sysv_ipc.ExistentialError:
+                self._on_out_removed()
+                return
+            except sysv_ipc.Error:
+                return
+            self._acked += unit
+
+    def _rx_other(self, kind: int, flags: int, total: int, data: bytes) -> int:
+        raise ProtocolError(
+            f"client sent a {_KIND_NAMES.get(kind, f'kind-{kind}')} message; "
+            "clients send FRAMES, FRAGMENT and BYE only"
+        )
+
+    def _fatal(self, exc: ProtocolError) -> None:
+        log.warning(
+            "bus %s: protocol error from client pid %d (address %d), closing its link: %s",
+            self._acceptor.busdir.name, self._pid, self._peer_address, exc,
+        )
+        self._drop_partial("protocol error")
+        self._abort(f"protocol error: {exc}")
+        self._end(exc)
+
+    def _abort(self, reason: str) -> None:
+        """Tell the client its link is gone (ABORT), and stop sending to it."""
+        if not self._peer_gone:
+            body = reason.encode()[: self._msg_size]
+            try:
+                self._out_q.send(body, False, T_ABORT)
+            except sysv_ipc.BusyError:
+                with contextlib.suppress(sysv_ipc.Error):
+                    self._out_q.send(b"", False, T_ABORT)  # zero-length always fits
+            except sysv_ipc.Error:
+                pass
+        self._peer_gone = True
+        self._break(ConnectionClosed(f"link aborted: {reason}"))
+
+    def _on_peer_exit(self) -> None:
+        """The client died (processed after everything it sent, via the bus-queue marker)."""
+        self._peer_gone = True
+        self._drop_partial(f"client pid {self._pid} died mid-frame")
+        self._end(EndOfStream(f"the client (pid {self._pid}) exited"))
+        self._break(ConnectionClosed(f"the client (pid {self._pid}) exited"))
+        self._purge()
+
+    def _purge(self) -> None:
+        """Remove a dead client's queue: what it never read is discarded, its record forgotten."""
+        if self._purged:
+            return
+        self._purged = True
+        try:
+            self._out_q.remove()
+        except sysv_ipc.ExistentialError:
+            pass
+        except sysv_ipc.PermissionsError:
+            log.info(
+                "bus %s: may not remove dead client pid %d's queue %d (another uid); "
+                "`ipcbus gc` will", self._acceptor.busdir.name, self._pid, self._client_id,
+            )
+            return
+        forget_object(self._acceptor.busdir, "msq", self._client_id)
+
+    # -- closing ---------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Flush (briefly), say BYE to the client, join the sender thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._flush_and_bye()
+        finally:
+            self._teardown()
+
+    def _unblock_client_send(self) -> None:
+        """Free our sender thread stuck in msgsnd on a client queue nobody reads.
+
+        The client stopped reading past the flush timeout.  Removing its
+        queue (allowed when it runs as our uid) wakes the thread with EIDRM
+        and the client's own thread too (it sees ConnectionClosed).  For
+        another uid, take our own messages back (msgrcv of its data type)
+        until msgsnd has room, then ABORT.
+        """
+        try:
+            self._out_q.remove()
+            self._purged = True
+            return
+        except sysv_ipc.PermissionsError:
+            pass
+        except sysv_ipc.Error:
+            return
+        with contextlib.suppress(sysv_ipc.Error):
+            for _ in range(1 << 16):
+                self._out_q.receive(False, self._peer_address)
+        with contextlib.suppress(sysv_ipc.Error):
+            self._out_q.send(b"", False, T_ABORT)
+
+    def _teardown(self) -> None:
+        if self._torn_down:
+            return
+        self._torn_down = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        self._acceptor._unregister(self)
+        self._break(ConnectionClosed("this link is closed"))
+        self._stop_tx(self._unblock_client_send)
+        if self._peer_gone and not _pid_alive(self._pid):
+            self._purge()
+        self._fail_waiters()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still "exists"; treat it as dead.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _int_param(knock: Knock, name: str, default: int | None = None) -> int:
+    v = knock.params.get(name, default)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ProtocolError(
+            f"sysv knock from pid {knock.pid}: params[{name!r}] must be an integer, got {v!r}"
+        )
+    return v
+
+
+class SysvAcceptor:
+    """The hub side of the SysV transport: owns the bus queue and accepts clients.
+
+    An async context manager.  On entry it creates ``<busdir>/sysv.key``
+    (if missing) and the bus queue (``IPC_CREAT | IPC_EXCL``, mode ``mode``,
+    group ``gid``), after removing a stale queue left by a dead hub of this
+    bus (found through the bus directory's records).  A queue with the bus's
+    key that this bus did not create, or that belongs to another uid than
+    ``expected_uid`` (default: ours), is refused with
+    :class:`~ipcbus.errors.PermissionRefused` and left alone.  On exit every
+    link is closed and the bus queue removed.
+
+    If someone removes the bus queue under load (``ipcrm -q``), every link
+    ends with :class:`~ipcbus.errors.ConnectionClosed` (clients are told with
+    ABORT) and the acceptor recreates the queue so new clients can join.
+    """
+
+    def __init__(
+        self,
+        busdir: Path,
+        *,
+        mode: int = 0o600,
+        gid: int | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        expected_uid: int | None = None,
+        high_water: int = DEFAULT_HIGH_WATER,
+        window: int = DEFAULT_WINDOW,
+        credit_unit: int = DEFAULT_CREDIT_UNIT,
+        queue_bytes: int | None = None,
+    ) -> None:
+        if mode & 0o007 or mode & ~0o777:
+            raise ValueError(f"bus queue mode {mode:#o} must not grant access to other users")
+        if credit_unit <= 0 or window < 4 * credit_unit:
+            raise ValueError("window must be at least 4 credit units")
+        self.busdir = Path(busdir)
+        self.mode = mode
+        self.gid = gid
+        self.max_frame = max_frame
+        self.expected_uid = os.getuid() if expected_uid is None else expected_uid
+        self.high_water = high_water
+        self.window = window
+        self.credit_unit = credit_unit
+        self.queue_bytes = queue_bytes
+        self.garbage = 0
+        """Messages discarded because they could not be attributed to a link."""
+        self.recreated = 0
+        """How many times the bus queue was recreated after being removed under us."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._q: sysv_ipc.MessageQueue | None = None
+        self._key = 0
+        self._msgmax = 0
+        self._threads: list[threading.Thread] = []
+        self._links: dict[int, _HubLink] = {}
+        self._gone: collections.deque[int] = collections.deque(maxlen=1024)
+        self._marks: collections.deque[Callable[[], None]] = collections.deque()
+        self._closing = False
+        self._failed: BaseException | None = None
+
+    # -- properties -------------------------------------------------------
+
+    @property
+    def queue_id(self) -> int:
+        """The bus queue's id (``ipcs -q``)."""
+        if self._q is None:
+            raise ConnectionClosed("the SysV acceptor is not open")
+        return int(self._q.id)
+
+    @property
+    def key(self) -> int:
+        """The bus queue's key."""
+        return self._key
+
+    @property
+    def links(self) -> list[Link]:
+        """The live links, one per client."""
+        return list(self._links.values())
+
+    def stat(self) -> QueueStat:
+        """``IPC_STAT`` of the bus queue."""
+        if self._q is None:
+            raise ConnectionClosed("the SysV acceptor is not open")
+        return queue_stat(self._q)
+
+    # -- lifetime ---------------------------------------------------------
+
+    async def __aenter__(self) -> SysvAcceptor:
+        self._loop = asyncio.get_running_loop()
+        self._msgmax = read_limits().msgmax
+        self._ensure_key_file()
+        self._key = bus_key(self.busdir)
+        self._clean_stale_records()
+        self._create_queue()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _ensure_key_file(self) -> None:
+        path = self.busdir / KEY_FILE
+        self.busdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PermissionRefused(f"{path} is a symbolic link; refusing it") from None
+            raise
+        os.close(fd)
+
+    def _clean_stale_records(self) -> None:
+        """Remove SysV queues recorded in this bus directory whose creator is dead."""
+        table = proc_msg_table()
+        for _path, rec in list_records(self.busdir):
+            if rec is None or rec.kind != "msq":
+                continue
+            role = rec.extra.get("role")
+            if rec.creator_alive:
+                if role == "bus":
+                    raise BusBusy(
+                        f"bus {self.busdir.name!r}: its SysV queue {rec.ident} belongs to a "
+                        f"live hub (pid {rec.creator_pid}); stop that hub first"
+                    )
+                continue
+            try:
+                ident = int(rec.ident)
+            except ValueError:
+                continue
+            row = table.get(ident)
+            if row is not None and row["key"] == rec.key and row["cuid"] == rec.creator_uid:
+                with contextlib.suppress(sysv_ipc.Error):
+                    sysv_ipc.remove_message_queue(ident)
+                log.info(
+                    "bus %s: removed stale SysV queue %d (%s of dead pid %d, %d message(s))",
+                    self.busdir.name, ident, role, rec.creator_pid, row["qnum"],
+                )
+            forget_object(self.busdir, "msq", rec.ident)
+
+    def _create_queue(self) -> None:
+        key = self._key
+        try:
+            # 0600 at first whatever the final mode: never wider than intended.
+            q, _size = open_handle(key, sysv_ipc.IPC_CREX, 0o600, self._msgmax)
+        except QueueExists:
+            self._refuse_existing(key)
+            raise  # pragma: no cover - _refuse_existing always raises
+        try:
+            if self.gid is not None:
+                q.gid = self.gid
+            if self.mode != 0o600:
+                q.mode = self.mode
+            _try_raise_capacity(q, self.queue_bytes)
+            record_object(
+                self.busdir, "msq", q.id, key=key, extra={"role": "bus", "mode": self.mode}
+            )
+        except BaseException:
+            with contextlib.suppress(sysv_ipc.Error):
+                q.remove()
+            raise
+        self._q = q
+        t = threading.Thread(
+            target=self._rx_run, args=(q,), name=f"ipcbus-sysv-hub-rx-{q.id}", daemon=True
+        )
+        self._threads.append(t)
+        t.start()
+
+    def _refuse_existing(self, key: int) -> None:
+        """A queue with our key exists and no live record explains it: never take it over."""
+        try:
+            q, _ = open_handle(key, 0, 0o600, self._msgmax)
+            st = queue_stat(q)
+        except PermissionRefused as exc:
+            raise PermissionRefused(
+                f"bus {self.busdir.name!r}: a SysV queue with this bus's key {key:#x} already "
+                f"exists and we may not even inspect it ({exc}); it belongs to someone else. "
+                "Use another bus directory"
+            ) from None
+        except QueueNotFound:
+            raise QueueExists(f"SysV queue key {key:#x} appeared and vanished; retry") from None
+        if st.uid != self.expected_uid or st.cuid != self.expected_uid:
+            who = f"uid {st.uid} (created by uid {st.cuid})"
+            raise PermissionRefused(
+                f"bus {self.busdir.name!r}: a SysV queue with this bus's key already exists "
+                f"({_describe(st)}) and belongs to {who}, not to uid {self.expected_uid}; "
+                "ipcbus will not take over another user's queue. Use another bus directory"
+            )
+        raise PermissionRefused(
+            f"bus {self.busdir.name!r}: a SysV queue with this bus's key already exists "
+            f"({_describe(st)}) but this bus directory has no record of creating it; "
+            f"ipcbus will not take it over. If it is a leftover of yours, remove it with "
+            f"`ipcrm -q {st.id}`"
+        )
+
+    async def aclose(self) -> None:
+        """Close every link (BYE to each client), remove the bus queue, join the thread."""
+        if self._closing:
+            return
+        self._closing = True
+        links = list(self._links.values())
+        if links:
+            await asyncio.gather(*(lk.aclose() for lk in links), return_exceptions=True)
+        q, self._q = self._q, None
+        if q is not None:
+            with contextlib.suppress(sysv_ipc.Error):
+                q.remove()  # wakes the receiver thread (EIDRM)
+            forget_object(self.busdir, "msq", q.id)
+        for t in self._threads:
+            t.join(_JOIN_TIMEOUT)
+        self._threads.clear()
+
+    # -- the bus-queue thread and its batches -------------------------------
+
+    def _rx_run(self, q: sysv_ipc.MessageQueue) -> None:
+        """Thread body: drain the bus queue (every type, FIFO) and hand batches to the loop."""
+        loop = self._loop
+        assert loop is not None
+        while True:
+            try:
+                first = q.receive(True, 0)
+            except sysv_ipc.ExistentialError:
+                self._deliver(loop, q, [], True)
+                return
+            except sysv_ipc.Error:
+                continue  # EINTR
+            batch = [first]
+            nbytes = len(first[0])
+            removed = False
+            while len(batch) < _BATCH_MSGS and nbytes < _BATCH_BYTES:
+                try:
+                    m = q.receive(False, 0)
+                except sysv_ipc.BusyError:
+                    break
+                except sysv_ipc.ExistentialError:
+                    removed = True
+                    break
+                batch.append(m)
+                nbytes += len(m[0])
+            if not self._deliver(loop, q, batch, removed) or removed:
+                return
+
+    def _deliver(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        q: sysv_ipc.MessageQueue,
+        batch: list[tuple[bytes, int]],
+        removed: bool,
+    ) -> bool:
+        try:
+            loop.call_soon_threadsafe(self._on_batch, q, batch, removed)
+        except RuntimeError:
+            return False
+        return True
+
+    def _garbage(self, what: str) -> None:
+        self.garbage += 1
+        log.warning("bus %s: discarded %s; other links keep running", self.busdir.name, what)
+
+    def _on_batch(
+        self, q: sysv_ipc.MessageQueue, batch: list[tuple[bytes, int]], removed: bool
+    ) -> None:
+        links = self._links
+        touched: set[_HubLink] = set()
+        sender_at = _U32.unpack_from
+        for data, t in batch:
+            if t == T_TO_HUB:
+                if len(data) < _HDR:
+                    self._garbage(
+                        f"a malformed message of {len(data)} bytes (shorter than the "
+                        f"{_HDR}-byte header)"
+                    )
+                    continue
+                (sender,) = sender_at(data, 4)
+                link = links.get(sender)
+                if link is None:
+                    if sender not in self._gone:
+                        self._garbage(f"a message from unknown sender address {sender}")
+                    continue
+                link._feed(data)
+                touched.add(link)
+            elif t == T_MARK and not data and self._marks:
+                self._marks.popleft()()
+            else:
+                self._garbage(
+                    f"a message of unknown type {t} ({len(data)} bytes): the bus queue "
+                    f"carries type {T_TO_HUB} (to the hub) only"
+                )
+        for link in touched:
+            link._after_batch()
+        if removed:
+            self._on_queue_removed(q)
+
+    def _mark(self, action: Callable[[], None]) -> None:
+        """Run ``action`` after every message now in the bus queue has been processed."""
+        q = self._q
+        self._marks.append(action)
+        try:
+            if q is None:
+                raise sysv_ipc.ExistentialError("closed")
+            q.send(b"", False, T_MARK)  # zero-length: fits even in a full queue
+        except sysv_ipc.Error:
+            self._marks.remove(action)
+            action()
+
+    def _on_queue_removed(self, q: sysv_ipc.MessageQueue) -> None:
+        current = self._q
+        if self._closing or current is None or q is not current:
+            return
+        links = list(self._links.values())
+        qid = int(current.id)
+        log.error(
+            "bus %s: the bus SysV queue %d was removed by someone else (ipcrm?); "
+            "ending %d link(s) with ConnectionClosed and recreating the queue",
+            self.busdir.name, qid, len(links),
+        )
+        forget_object(self.busdir, "msq", qid)
+        self._q = None
+        self._marks.clear()
+        for link in links:
+            link._abort("the bus queue was removed (ipcrm?)")
+            link._end(ConnectionClosed(
+                f"bus {self.busdir.name!r}: the bus SysV queue was removed (ipcrm?)"))
+        try:
+            self._create_queue()
+            self.recreated += 1
+        except (IpcBusError, OSError, sysv_ipc.Error) as exc:
+            self._failed = exc
+            log.error("bus %s: could not recreate the bus queue: %s", self.busdir.name, exc)
+
+    # -- accepting --------------------------------------------------------
+
+    def _unregister(self, link: _HubLink) -> None:
+        if self._links.get(link._peer_address) is link:
+            del self._links[link._peer_address]
+            self._gone.append(link._peer_address)
+
+    async def accept(self, knock: Knock) -> Link:
+        """Validate a client's knock, answer it with WELCOME, and return the hub-side link.
+
+        Refusals raise :class:`~ipcbus.errors.PermissionRefused` (wrong uid,
+        a queue of another user or open to everyone) or
+        :class:`~ipcbus.errors.ProtocolError` (malformed parameters, address
+        in use), and are also sent to the client (REFUSE) when its queue can
+        be reached, so its ``connect`` fails at once with the same reason.
+        """
+        loop = self._loop
+        if loop is None or self._q is None or self._closing:
+            raise ConnectionClosed(
+                "the SysV acceptor is not open"
+                + (f" (its queue could not be recreated: {self._failed})" if self._failed else "")
+            )
+        if knock.transport != "sysv":
+            raise ProtocolError(f"knock for transport {knock.transport!r} given to the sysv acceptor")
+        if knock.version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"knock from pid {knock.pid}: protocol version {knock.version}, "
+                f"this hub speaks {PROTOCOL_VERSION}"
+            )
+        key = _int_param(knock, "key")
+        msqid = _int_param(knock, "msqid")
+        address = _int_param(knock, "address")
+        msg_size = _int_param(knock, "msg_size", self._msgmax)
+        client_max = _int_param(knock, "max_frame", DEFAULT_MAX_FRAME)
+        pid = knock.pid
+        try:
+            real_uid = _proc_uid(pid)
+        except FileNotFoundError:
+            raise ProtocolError(f"the knocking process {pid} no longer exists") from None
+        try:
+            cq, _ = open_handle(key, 0, 0o600, self._msgmax)
+        except QueueNotFound:
+            raise ProtocolError(
+                f"knock from pid {pid} names SysV queue key {key:#x}, but no such queue exists"
+            ) from None
+        except PermissionRefused as exc:
+            raise PermissionRefused(
+                f"knock from pid {pid}: may not open its SysV queue (key {key:#x}): {exc}"
+            ) from None
+        try:
+            self._validate(knock, cq, real_uid, msqid, address, msg_size, client_max)
+        except IpcBusError as exc:
+            if cq.id == msqid:
+                self._refuse(cq, exc, address)
+            raise
+        link = _HubLink(
+            acceptor=self,
+            client_q=cq,
+            address=address,
+            pid=pid,
+            uid=real_uid,
+            name=knock.name,
+            msg_size=min(self._msgmax, msg_size),
+            max_frame=min(self.max_frame, client_max),
+            window=self.window,
+            credit_unit=self.credit_unit,
+        )
+        try:
+            link._watch = _PidWatch(loop, pid, lambda: self._mark(link._on_peer_exit))
+        except ProcessLookupError:
+            raise ProtocolError(f"the knocking process {pid} exited") from None
+        welcome = MSG_HEADER.pack(
+            WIRE_VERSION, KIND_WELCOME, 0, 0, HUB_ADDRESS, link._next_seq(), 0
+        ) + _WELCOME.pack(link._msg_size, self.window, self.credit_unit,
+                          min(self.max_frame, 0xFFFFFFFF))
+        try:
+            cq.send(welcome, False, address)
+        except sysv_ipc.Error as exc:
+            link._watch.close()
+            raise ConnectionClosed(f"could not answer pid {pid}'s knock: {exc}") from None
+        self._links[address] = link
+        return link
+
+    def _validate(
+        self,
+        knock: Knock,
+        cq: sysv_ipc.MessageQueue,
+        real_uid: int,
+        msqid: int,
+        address: int,
+        msg_size: int,
+        client_max: int,
+    ) -> None:
+        pid = knock.pid
+        if real_uid != knock.uid:
+            raise PermissionRefused(
+                f"knock from pid {pid} claims uid {knock.uid}, but that process runs as uid {real_uid}"
+            )
+        if real_uid != self.expected_uid and self.gid is None:
+            raise PermissionRefused(
+                f"uid {real_uid} (pid {pid}) may not join: this bus is private to uid "
+                f"{self.expected_uid} (start the hub with a group to share it)"
+            )
+        if cq.id != msqid:
+            raise ProtocolError(
+                f"knock from pid {pid}: key {cq.key:#x} is queue id {cq.id}, not {msqid} as claimed"
+            )
+        st = queue_stat(cq)
+        if st.uid != real_uid or st.cuid != real_uid:
+            raise PermissionRefused(
+                f"knock from pid {pid} (uid {real_uid}) names a SysV queue that is not its own "
+                f"({_describe(st)}); refusing to hijack another user's queue"
+            )
+        if st.mode & 0o007:
+            raise PermissionRefused(
+                f"knock from pid {pid}: its queue has mode {st.mode:03o}, which lets every user "
+                "inject frames; create it 0600 (0660 for a group bus)"
+            )
+        if st.messages:
+            raise ProtocolError(
+                f"knock from pid {pid}: its queue {st.id} already holds {st.messages} message(s); "
+                "a client must knock with a fresh queue"
+            )
+        if not MIN_CLIENT_ADDRESS <= address <= MSGTYPE_MAX:
+            raise ProtocolError(
+                f"knock from pid {pid}: address {address} outside {MIN_CLIENT_ADDRESS}..{MSGTYPE_MAX}"
+            )
+        if address in self._links:
+            other = self._links[address].info.peer_pid
+            raise BusBusy(f"knock from pid {pid}: address {address} is in use by pid {other}")
+        if msg_size < _HDR + 64:
+            raise ProtocolError(f"knock from pid {pid}: msg_size {msg_size} is too small")
+        if client_max <= 0:
+            raise ProtocolError(f"knock from pid {pid}: max_frame {client_max} is not positive")
+
+    @staticmethod
+    def _refuse(cq: sysv_ipc.MessageQueue, exc: IpcBusError, address: int) -> None:
+        """Best effort: tell the client why (REFUSE), so its connect fails at once."""
+        if not MIN_CLIENT_ADDRESS <= address <= MSGTYPE_MAX:
+            return  # its thread waits for types <= its address: no type reaches it
+        code = (
+            REFUSE_PERMISSION if isinstance(exc, PermissionRefused)
+            else REFUSE_BUSY if isinstance(exc, BusBusy)
+            else REFUSE_PROTOCOL
+        )
+        body = str(exc).encode()[:2048]
+        msg = MSG_HEADER.pack(WIRE_VERSION, KIND_REFUSE, 0, 0, HUB_ADDRESS, 0, code) + body
+        with contextlib.suppress(sysv_ipc.Error):
+            cq.send(msg, False, address)
+
+    def __repr__(self) -> str:
+        qid = self._q.id if self._q is not None else None
+        return f"<SysvAcceptor {self.busdir} queue={qid} links={len(self._links)}>"
+

@@ -1,0 +1,692 @@
+"""The client API: Bus, Subscription, Msg, Service — errors, cancellation, flow control, lifetime.
+
+Most tests use two nodes in this process, ``client`` and ``server``, joined
+by an anonymous-pipe link (``pipe_pair``), so that every payload really goes
+through encoding, framing and a kernel pipe; a few run on one node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+import ipcbus
+from ipcbus import frames as fr
+from ipcbus.client import Bus, Msg
+from ipcbus.errors import (
+    BadSubject,
+    BusClosed,
+    EncodeError,
+    EndOfStream,
+    FrameTooLarge,
+    NoResponders,
+    RemoteError,
+    RequestTimeout,
+    SlowConsumer,
+)
+from ipcbus.node import Node
+from ipcbus.transports.memory import memory_pair
+from ipcbus.transports.pipe import pipe_pair
+
+
+class Point(msgspec.Struct):
+    """A typed request."""
+
+    x: int
+    y: int
+
+
+class Sum(msgspec.Struct):
+    """A typed reply."""
+
+    total: int
+    by: str
+
+
+@contextlib.asynccontextmanager
+async def pair(**node_kw: Any) -> AsyncIterator[tuple[Bus, Bus]]:
+    """(client bus, server bus): two nodes joined by a pipe link, owning their nodes."""
+    async with Node(name="client", **node_kw) as cn, Node(name="server", **node_kw) as sn:
+        a, b = pipe_pair(max_frame=cn.max_frame)
+        ls = await cn.add_link(a, name="server", wait=False)
+        await sn.add_link(b, name="client")
+        await ls.ready.wait()
+        client, server = Bus(cn, owns_node=True), Bus(sn, owns_node=True)
+        yield client, server
+        await client.aclose()
+        await server.aclose()
+
+
+async def settle(*buses: Bus) -> None:
+    """Interest and messages sent so far have been processed by the direct peers."""
+    for _ in range(2):
+        for b in buses:
+            if not b.closed:
+                await b.flush()
+
+
+# -- services ----------------------------------------------------------------------
+
+
+async def test_handler_that_raises_gives_remote_error_and_keeps_serving() -> None:
+    async with pair() as (client, server):
+
+        def sync_handler(m: Msg) -> bytes:
+            if m.data == b"boom":
+                raise KeyError("no such thing")
+            return m.data.upper()
+
+        async def async_handler(m: Msg) -> bytes:
+            await asyncio.sleep(0)
+            if m.data == b"boom":
+                raise RuntimeError("async boom")
+            return m.data[::-1]
+
+        svc1 = await server.serve("sync", sync_handler)
+        svc2 = await server.serve("async", async_handler)
+        await settle(client, server)
+        for _ in range(3):
+            with pytest.raises(RemoteError) as info:
+                await client.request("sync", b"boom", timeout=5)
+            assert info.value.type_name == "KeyError"
+            assert "no such thing" in info.value.message
+            assert info.value.subject == "sync"
+            assert "KeyError" in str(info.value)
+            assert (await client.request("sync", b"ok", timeout=5)).data == b"OK"
+            with pytest.raises(RemoteError) as info:
+                await client.request("async", b"boom", timeout=5)
+            assert (info.value.type_name, info.value.message) == ("RuntimeError", "async boom")
+            assert (await client.request("async", b"abc", timeout=5)).data == b"cba"
+        assert svc1.errors == 3 and svc2.errors == 3
+        assert svc1.handled == 3 and svc2.handled == 3
+
+
+async def test_typed_handler_validates_and_keeps_serving() -> None:
+    async with pair() as (client, server):
+
+        def add(p: Point) -> Sum:
+            return Sum(p.x + p.y, "add")
+
+        await server.serve("add", add)
+        await settle(client, server)
+        rep = await client.request("add", Point(2, 3), timeout=5)
+        assert rep.decode(Sum) == Sum(5, "add")
+        # a dict with the same fields validates too
+        assert (await client.request("add", {"x": 1, "y": 1}, timeout=5)).decode(Sum).total == 2
+        for bad in [{"x": "two", "y": 3}, {"x": 1}, [1, 2, 3], b"\xc1not msgpack"]:
+            with pytest.raises(RemoteError) as info:
+                await client.request("add", bad, timeout=5)
+            assert info.value.type_name == "ValidationError"
+            assert info.value.message
+        assert (await client.request("add", Point(10, 20), timeout=5)).decode(Sum).total == 30
+
+
+async def test_typed_handler_with_string_annotations_and_builtin_types() -> None:
+    async with pair() as (client, server):
+
+        async def total(xs: list[int]) -> int:
+            return sum(xs)
+
+        await server.serve("total", total)
+        await settle(client, server)
+        assert (await client.request("total", [1, 2, 3], timeout=5)).decode(int) == 6
+        with pytest.raises(RemoteError, match="ValidationError"):
+            await client.request("total", ["a"], timeout=5)
+
+
+async def test_handler_returning_unencodable_gives_remote_error() -> None:
+    async with pair() as (client, server):
+        await server.serve("bad", lambda m: object())
+        await server.serve("good", lambda m: {"ok": True})
+        await settle(client, server)
+        with pytest.raises(RemoteError) as info:
+            await client.request("bad", timeout=5)
+        assert info.value.type_name == "EncodeError"
+        assert "object" in info.value.message
+        assert (await client.request("good", timeout=5)).decode() == {"ok": True}
+        with pytest.raises(RemoteError):
+            await client.request("bad", timeout=5)
+
+
+async def test_handler_returning_a_reply_over_max_frame_gives_remote_error() -> None:
+    async with pair(max_frame=64 * 1024) as (client, server):
+        await server.serve("huge", lambda m: b"\0" * (128 * 1024))
+        await server.serve("echo", lambda m: m.data)
+        await settle(client, server)
+        with pytest.raises(RemoteError) as info:
+            await client.request("huge", timeout=5)
+        assert info.value.type_name == "FrameTooLarge"
+        assert (await client.request("echo", b"x", timeout=5)).data == b"x"
+        assert not server.closed
+
+
+async def test_sync_and_async_handlers_may_return_bytes_or_values() -> None:
+    async with pair() as (client, server):
+        await server.serve("b", lambda m: b"raw")
+        await server.serve("v", lambda m: [1, "two", None])
+        await server.serve("none", lambda m: None)
+        await settle(client, server)
+        assert (await client.request("b", timeout=5)).data == b"raw"
+        assert (await client.request("v", timeout=5)).decode() == [1, "two", None]
+        assert (await client.request("none", timeout=5)).decode() is None
+
+
+# -- bad input ------------------------------------------------------------------------
+
+
+async def test_unencodable_payload_raises_encode_error_and_sends_nothing() -> None:
+    async with pair() as (client, server):
+        sub = await server.subscribe("x")
+        await server.serve("svc", lambda m: b"")
+        await settle(client, server)
+        (link,) = client.node.links
+        before = link.link.info.msgs_out
+        for bad in [object(), {1, 2}, {"k": object()}, lambda: 0]:
+            with pytest.raises(EncodeError) as info:
+                await client.publish("x", bad)
+            assert type(bad).__name__ in str(info.value)
+            with pytest.raises(EncodeError):
+                await client.request("svc", bad, timeout=5)
+            assert isinstance(info.value, TypeError)
+        assert link.link.info.msgs_out == before
+        await client.publish("x", {"fine": [1, 2]})
+        assert (await sub.next(timeout=5)).decode() == {"fine": [1, 2]}
+
+
+BAD_SUBJECTS = ["", "a..b", ".a", "a.", "a.>.b", ">.a", "a b", "a\tb", " a", "a\n", "a.\u00a0.b"]
+WILDCARD_SUBJECTS = ["a.*", "*", ">", "a.>", "*.b"]
+
+
+@pytest.mark.parametrize("subject", BAD_SUBJECTS + WILDCARD_SUBJECTS)
+async def test_bad_subject_on_publish_and_request(subject: str) -> None:
+    async with Node() as node:
+        bus = Bus(node)
+        with pytest.raises(BadSubject) as info:
+            await bus.publish(subject, b"x")
+        assert info.value.subject == subject and info.value.reason
+        assert isinstance(info.value, ValueError)
+        with pytest.raises(BadSubject):
+            await bus.request(subject, b"x", timeout=5)
+        with pytest.raises(BadSubject):
+            await bus.publish("ok", b"x", reply=subject)
+        assert node.msgs_out == 0
+
+
+@pytest.mark.parametrize("subject", BAD_SUBJECTS)
+async def test_bad_subject_on_subscribe_and_serve(subject: str) -> None:
+    async with Node() as node:
+        bus = Bus(node)
+        with pytest.raises(BadSubject):
+            await bus.subscribe(subject)
+        with pytest.raises(BadSubject):
+            await bus.serve(subject, lambda m: b"")
+        with pytest.raises(BadSubject):
+            await bus.subscribe("ok", queue=subject or "a..b")
+        assert node.stats()["subscriptions"] == []
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject"), [("a.*", "a.b"), ("*", "a"), (">", "a.b.c"), ("a.>", "a.b"), ("*.b.>", "x.b.c")]
+)
+async def test_wildcards_are_fine_in_subscriptions(pattern: str, subject: str) -> None:
+    async with Node() as node:
+        bus = Bus(node)
+        async with await bus.subscribe(pattern) as sub:
+            await bus.publish(subject, b"1")
+            assert (await sub.next(timeout=5)).subject == subject
+
+
+async def test_bad_subject_type_is_refused() -> None:
+    async with Node() as node:
+        with pytest.raises(BadSubject, match="must be a str"):
+            await Bus(node).publish(b"bytes-subject", b"x")  # type: ignore[arg-type]
+
+
+async def test_frame_over_max_on_publish_raises_before_sending() -> None:
+    async with pair(max_frame=32 * 1024) as (client, server):
+        sub = await server.subscribe("big")
+        await settle(client, server)
+        (link,) = client.node.links
+        before = link.link.info.msgs_out
+        with pytest.raises(FrameTooLarge) as info:
+            await client.publish("big", b"\0" * (40 * 1024))
+        assert info.value.limit == 32 * 1024
+        with pytest.raises(FrameTooLarge):
+            await client.request("big", b"\0" * (40 * 1024), timeout=5)
+        assert link.link.info.msgs_out == before
+        assert not client.node.inbox.futures
+        await client.publish("big", b"fits")
+        assert (await sub.next(timeout=5)).data == b"fits"
+
+
+# -- request/reply outcomes ---------------------------------------------------------------
+
+
+async def test_no_responders_is_immediate_not_a_timeout() -> None:
+    async with pair() as (client, server):
+        with pytest.raises(NoResponders) as info:
+            await client.request("nobody", b"?", timeout=30)
+        assert not isinstance(info.value, TimeoutError)
+        assert info.value.subject == "nobody"
+        with pytest.raises(NoResponders):
+            await server.request("nobody.either", timeout=30)
+
+
+async def test_request_timeout_is_a_timeout_error() -> None:
+    async with Node() as node:
+        bus = Bus(node)
+        sub = await bus.subscribe("deaf")
+        with pytest.raises(TimeoutError) as info:
+            await bus.request("deaf", b"hi", timeout=0.05)
+        assert isinstance(info.value, RequestTimeout)
+        assert isinstance(info.value, ipcbus.IpcBusError)
+        assert (await sub.next(timeout=5)).data == b"hi"
+        assert not node.inbox.futures
+
+
+async def test_first_reply_wins() -> None:
+    async with pair() as (client, server):
+        await server.serve("race", lambda m: b"server")
+        await client.serve("race", lambda m: b"local")
+        await settle(client, server)
+        rep = await client.request("race", timeout=5)
+        assert rep.data in (b"server", b"local")
+        await settle(client, server)
+        assert not client.node.inbox.futures
+
+
+# -- Msg ---------------------------------------------------------------------------------
+
+
+async def test_msg_decode_and_respond() -> None:
+    async with pair() as (client, server):
+        sub = await server.subscribe("pt")
+        await settle(client, server)
+
+        async def responder() -> None:
+            m = await sub.next(timeout=5)
+            p = m.decode(Point)
+            assert p == Point(1, 2)
+            assert m.subject == "pt" and m.reply is not None and m.headers == {"h": "v"}
+            await m.respond(Sum(p.x + p.y, "respond"), headers={"r": "1"})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(responder)
+            rep = await client.request("pt", Point(1, 2), timeout=5, headers={"h": "v"})
+        assert rep.decode(Sum) == Sum(3, "respond")
+        assert rep.headers == {"r": "1"}
+        assert rep.decode() == {"total": 3, "by": "respond"}
+        with pytest.raises(EncodeError) as info:
+            rep.decode(Point)
+        assert "Point" in str(info.value)
+        with pytest.raises(EncodeError):
+            Msg("s", b"\xc1", None, None, None).decode()
+
+        await client.publish("pt", Point(0, 0))
+        m = await sub.next(timeout=5)
+        with pytest.raises(ValueError, match="no reply subject"):
+            await m.respond(b"to nobody")
+        assert "pt" in repr(m)
+
+
+# -- subscriptions ---------------------------------------------------------------------------
+
+
+async def test_subscription_iterator_and_context_manager() -> None:
+    async with pair() as (client, server):
+        async with await server.subscribe("it.>") as sub:
+            assert sub.subject == "it.>" and sub.queue is None
+            await settle(client, server)
+            for i in range(5):
+                await client.publish(f"it.{i}", i)
+            got = []
+            async for m in sub:
+                got.append(m.decode(int))
+                if len(got) == 5:
+                    break
+            assert got == [0, 1, 2, 3, 4]
+            await client.publish("it.last", b"still pending at exit")
+            await settle(client, server)
+            assert sub.pending == 1
+        # unsubscribed on exit: pending messages can still be read, then the iterator ends
+        assert [m.data async for m in sub] == [b"still pending at exit"]
+        with pytest.raises(BusClosed):
+            await sub.next(timeout=5)
+        await settle(client, server)
+        assert not client.node.has_interest("it.x")
+
+
+async def test_next_timeout_takes_nothing() -> None:
+    async with Node() as node:
+        bus = Bus(node)
+        sub = await bus.subscribe("t")
+        with pytest.raises(TimeoutError):
+            await sub.next(timeout=0.01)
+        await bus.publish("t", b"1")
+        assert (await sub.next(timeout=5)).data == b"1"
+
+
+async def test_slow_subscriber_drop_new() -> None:
+    async with pair() as (client, server):
+        sub = await server.subscribe("fast", max_pending=5)
+        other = await server.subscribe("fast")
+        await settle(client, server)
+        for i in range(20):
+            await client.publish("fast", i)
+        await settle(client, server)
+        assert sub.pending == 5
+        with pytest.raises(SlowConsumer) as info:
+            await sub.next(timeout=5)
+        assert info.value.dropped == 15 and info.value.subject == "fast"
+        assert sub.dropped == 15
+        st = server.stats()
+        assert st["dropped"] == 15
+        (row,) = [s for s in st["subscriptions"] if s["sid"] == sub._core.sid]
+        assert row["dropped"] == 15 and row["pending"] == 5
+        # the kept (oldest) messages, then later ones, all delivered; no second error
+        assert [(await sub.next(timeout=5)).decode(int) for _ in range(5)] == [0, 1, 2, 3, 4]
+        await client.publish("fast", 99)
+        assert (await sub.next(timeout=5)).decode(int) == 99
+        # another subscription on the same subject lost nothing
+        assert [(await other.next(timeout=5)).decode(int) for _ in range(21)] == [*range(20), 99]
+
+
+async def test_slow_subscriber_drop_old() -> None:
+    async with Node() as node:
+        bus = Bus(node)
+        sub = await bus.subscribe("s", max_pending=3, overflow="drop_old")
+        for i in range(10):
+            await bus.publish("s", i)
+        with pytest.raises(SlowConsumer) as info:
+            await sub.next()
+        assert info.value.dropped == 7
+        assert [(await sub.next()).decode(int) for _ in range(3)] == [7, 8, 9]
+        assert bus.stats()["dropped"] == 7
+
+
+async def test_pending_bytes_limit() -> None:
+    async with Node() as node:
+        bus = Bus(node)
+        sub = await bus.subscribe("s", pending_bytes=10_000)
+        for _ in range(5):
+            await bus.publish("s", b"\0" * 4000)
+        with pytest.raises(SlowConsumer) as info:
+            await sub.next()
+        assert info.value.dropped == 3
+        assert sub.pending == 2
+
+
+async def test_bad_subscription_options() -> None:
+    async with Node() as node:
+        bus = Bus(node)
+        with pytest.raises(ValueError, match="max_pending"):
+            await bus.subscribe("s", max_pending=0)
+        with pytest.raises(ValueError, match="overflow"):
+            await bus.subscribe("s", overflow="block")
+
+
+# -- cancellation ------------------------------------------------------------------------------
+
+
+async def test_cancelled_next_after_wakeup_loses_nothing() -> None:
+    """The message arrives and the waiting next() is cancelled before it resumes."""
+    async with Node() as node:
+        bus = Bus(node)
+        sub = await bus.subscribe("c")
+        for i in range(20):
+            task = asyncio.ensure_future(sub.next())
+            await asyncio.sleep(0)  # the task is now waiting inside next()
+            assert not task.done()
+            await bus.publish("c", i)  # wakes it ...
+            task.cancel()  # ... and cancels it before it runs
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert (await sub.next(timeout=5)).decode(int) == i
+        assert sub.pending == 0
+
+
+async def test_next_cancelled_at_random_loses_and_duplicates_nothing() -> None:
+    async with pair() as (client, server):
+        sub = await server.subscribe("stream")
+        await settle(client, server)
+        n = 2000
+        rng = random.Random(1234)
+
+        async def produce() -> None:
+            for i in range(n):
+                await client.publish("stream", i)
+                if i % 7 == 0:
+                    await asyncio.sleep(0)
+
+        got: list[int] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            with anyio.fail_after(30):
+                while len(got) < n:
+                    with anyio.move_on_after(rng.choice([0, 0, 1e-5, 1e-4, 1e-3])):
+                        got.append((await sub.next()).decode(int))
+                    with contextlib.suppress(TimeoutError):
+                        got.append((await sub.next(timeout=rng.choice([0, 1e-5]))).decode(int))
+        assert got == list(range(n))
+
+
+async def test_cancelled_request_does_not_disturb_later_ones() -> None:
+    async with pair() as (client, server):
+        gate = asyncio.Event()
+        entered = asyncio.Event()
+        handled: list[int] = []
+
+        async def handler(n: int) -> int:
+            handled.append(n)
+            if n == 0:
+                entered.set()
+                await gate.wait()
+            return n * 10
+
+        await server.serve("slow", handler)
+        await settle(client, server)
+        task = asyncio.ensure_future(client.request("slow", 0, timeout=30))
+        await entered.wait()  # the request is in the handler
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not client.node.inbox.futures, "the cancelled request left its future behind"
+        gate.set()  # the late reply comes back and must be ignored
+        for i in range(1, 20):
+            assert (await client.request("slow", i, timeout=5)).decode(int) == i * 10
+        # cancel during the publish itself (before the request left) too
+        for i in range(20, 30):
+            t = asyncio.ensure_future(client.request("slow", i, timeout=5))
+            t.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await t
+        assert (await client.request("slow", 99, timeout=5)).decode(int) == 990
+        assert not client.node.inbox.futures
+        assert handled[:20] == list(range(20))
+
+
+async def test_cancelled_publish_under_backpressure_loses_and_duplicates_nothing() -> None:
+    """A peer that does not read: publish blocks; cancelling it keeps the message exactly once."""
+    async with Node(name="pub") as node:
+        bus = Bus(node)
+        a, raw = memory_pair(capacity=16 * 1024, high_water=32 * 1024)
+        ls = await node.add_link(a, name="raw", wait=False)
+        raw.send_nowait(
+            fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION, "raw", os.getpid(), os.getuid()))
+        )
+        raw.send_nowait(fr.encode_frame(fr.Sub("bp")))
+        # read the node's hello and interest, then stop reading
+        with anyio.fail_after(5):
+            while not ls.ready.is_set() or not node.has_interest("bp"):
+                fr.decode_frame(await raw.recv())
+        payload = b"\0" * 4096
+        seq = 0
+        cancelled = 0
+        while cancelled < 3 and seq < 10_000:
+            t = asyncio.ensure_future(bus.publish("bp", seq.to_bytes(4, "big") + payload))
+            for _ in range(3):
+                await asyncio.sleep(0)  # let it run until it blocks (or completes)
+            seq += 1
+            if not t.done():
+                t.cancel()
+                cancelled += 1
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            else:
+                t.result()
+        assert cancelled == 3, "publish never blocked on a stalled peer"
+        later = asyncio.ensure_future(bus.publish("bp", b"\xff\xff\xff\xffend"))
+        got: list[int] = []
+        with anyio.fail_after(20):
+            while True:
+                f = fr.decode_frame(await raw.recv())
+                if isinstance(f, fr.Msg):
+                    if f.payload.endswith(b"end"):
+                        break
+                    got.append(int.from_bytes(f.payload[:4], "big"))
+        await later
+        assert got == list(range(seq)), "messages lost or duplicated around cancelled publishes"
+        await raw.aclose()
+
+
+# -- flush, drain, close ------------------------------------------------------------------------
+
+
+async def test_flush_means_the_peer_processed_everything() -> None:
+    async with pair() as (client, server):
+        sub = await server.subscribe("f")
+        await client.flush()  # no-op is fine too
+        await settle(client, server)
+        for i in range(500):
+            await client.publish("f", i)
+        await client.flush()
+        assert sub.pending == 500
+    async with Node() as lonely:
+        await Bus(lonely).flush()  # no links: returns at once
+
+
+async def test_drain_finishes_requests_in_progress_then_closes() -> None:
+    async with pair() as (client, server):
+        entered = asyncio.Event()
+        release = asyncio.Event()
+
+        async def slow(m: Msg) -> bytes:
+            entered.set()
+            await release.wait()
+            return b"done"
+
+        await server.serve("work", slow)
+        await settle(client, server)
+        req = asyncio.ensure_future(client.request("work", timeout=30))
+        await entered.wait()
+        drain = asyncio.ensure_future(server.drain())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not drain.done(), "drain returned while a request was being handled"
+        assert not req.done()
+        release.set()
+        assert (await req).data == b"done"
+        with anyio.fail_after(10):
+            await drain
+        assert server.closed
+        await server.drain()  # again: nothing to do
+        # the server went away: nobody serves "work" any more
+        with anyio.fail_after(10):
+            while client.node.links:
+                await client.flush()
+        with pytest.raises(NoResponders):
+            await client.request("work", timeout=30)
+
+
+async def test_aclose_is_idempotent_and_ends_everything() -> None:
+    async with pair() as (client, server):
+        sub = await client.subscribe("s")
+        await server.serve("svc", lambda m: b"")
+        await settle(client, server)
+        never = await server.subscribe("never")
+        await settle(client, server)
+        req = asyncio.ensure_future(client.request("never", timeout=30))
+        await never.next(timeout=5)
+        await client.aclose()
+        await client.aclose()
+        assert client.closed
+        with pytest.raises(BusClosed):
+            await req
+        with pytest.raises(BusClosed):
+            await client.publish("s", b"x")
+        with pytest.raises(BusClosed):
+            await client.subscribe("s")
+        with pytest.raises(BusClosed):
+            await client.request("svc", timeout=5)
+        with pytest.raises(BusClosed):
+            await client.serve("x", lambda m: b"")
+        with pytest.raises(BusClosed):
+            await client.flush()
+        with pytest.raises(BusClosed):
+            await sub.next(timeout=5)
+        assert [m async for m in sub] == []
+        await client.drain()  # closed already: nothing to do
+        assert not client.node.links
+        assert isinstance(BusClosed("x"), ipcbus.ConnectionClosed)
+
+
+async def test_peer_sees_end_of_stream_after_close() -> None:
+    async with Node() as node:
+        a, raw = memory_pair()
+        await node.add_link(a, wait=False)
+        bus = Bus(node, owns_node=True)
+        await bus.aclose()
+        frames = []
+        with anyio.fail_after(5):
+            while True:
+                try:
+                    frames.append(fr.decode_frame(await raw.recv()))
+                except EndOfStream:
+                    break
+        assert isinstance(frames[0], fr.Hello)
+        assert fr.Notice("shutdown", "node closing") in frames
+        await raw.aclose()
+
+
+# -- stats -----------------------------------------------------------------------------------------
+
+
+async def test_stats_fields() -> None:
+    async with pair() as (client, server):
+        sub = await server.subscribe("st.*", queue="g")
+        await settle(client, server)
+        for _ in range(3):
+            await client.publish("st.x", b"12345")
+        await settle(client, server)
+        cs, ss = client.stats(), server.stats()
+        for st in (cs, ss):
+            for key in ("node_id", "name", "pid", "uptime", "msgs_in", "msgs_out", "bytes_in",
+                        "bytes_out", "pending", "dropped", "subscriptions", "links"):
+                assert key in st, key
+            assert st["pid"] == os.getpid()
+            (link,) = st["links"]
+            for key in ("transport", "peer_pid", "peer_uid", "msgs_in", "msgs_out", "bytes_in",
+                        "bytes_out", "pending_out", "dropped", "slow_consumer_events",
+                        "inflight_requests", "interest", "peer_node", "peer_name"):
+                assert key in link, key
+            assert link["transport"] == "pipe"
+        assert cs["msgs_out"] == 3 and cs["bytes_out"] == 15
+        assert ss["msgs_in"] == 3 and ss["bytes_in"] == 15
+        assert ss["pending"] == 3
+        (row,) = [s for s in ss["subscriptions"] if s["sid"] == sub._core.sid]
+        assert row == {
+            "sid": sub._core.sid, "subject": "st.*", "queue": "g", "pending": 3,
+            "delivered": 3, "dropped": 0,
+        }
+        assert cs["links"][0]["peer_node"] == ss["node_id"]
+        assert cs["links"][0]["peer_name"] == "server"
+        assert "st.* [g]" in cs["links"][0]["interest"]
+        msgspec.json.encode(cs)  # plain data, encodable

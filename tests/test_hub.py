@@ -1,0 +1,629 @@
+"""The hub and connect(): unrelated client processes on one bus, and what goes wrong.
+
+Clients are ``tests.hub_client`` children (started with
+``asyncio.create_subprocess_exec``), driven by JSON lines; a hub is embedded
+in the test process (``Hub(...)``) or runs as a child (``python -m ipcbus hub
+NAME``) when the test kills it.  Events are ordered by the children's output
+lines, ``flush()`` round trips, the hub's link-closed callbacks and pidfds,
+never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import re
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ipcbus
+from ipcbus.busdir import BadBusName, BusDir
+from ipcbus.errors import (
+    BusBusy,
+    BusNotFound,
+    ConnectionClosed,
+    NoResponders,
+    RemoteError,
+)
+from ipcbus.node import LinkState
+
+try:
+    from hub_client import REPO, Peer, peers, spawn
+except ImportError:  # pragma: no cover - tests/ imported as a package
+    from tests.hub_client import REPO, Peer, peers, spawn
+
+FIFO_ONLY = ("fifo",)
+
+
+def _have(*modules: str) -> bool:
+    import importlib
+
+    try:
+        for m in modules:
+            importlib.import_module(m)
+    except ImportError:
+        return False
+    return True
+
+
+HAVE_SYSV_SHM = _have("ipcbus.transports.sysv", "ipcbus.transports.shm")
+needs_sysv_shm = pytest.mark.skipif(
+    not HAVE_SYSV_SHM,
+    reason="ipcbus.transports.sysv / ipcbus.transports.shm are not written yet; "
+    "the default hub (and so autostart) serves fifo, sysv and shm",
+)
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def bus_name() -> str:
+    """A bus name no other test uses."""
+    return f"t{os.getpid()}-{next(_names)}"
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+class LinkWatch:
+    """Records the links a hub's node drops: peer pid -> close reason, awaitable."""
+
+    def __init__(self, hub: ipcbus.Hub) -> None:
+        self.closed: dict[int | None, str] = {}
+        self._changed = asyncio.Event()
+        hub.node.on_link_closed.append(self._on_closed)
+
+    def _on_closed(self, ls: LinkState) -> None:
+        self.closed[ls.link.info.peer_pid] = ls.close_reason
+        self._changed.set()
+
+    async def wait(self, pid: int, timeout: float = 15.0) -> str:
+        async with asyncio.timeout(timeout):
+            while pid not in self.closed:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.closed[pid]
+
+
+def sub_pids(hub: ipcbus.Hub) -> dict[int, set[tuple[str, str | None]]]:
+    """The hub's subscriptions, by client pid."""
+    out: dict[int, set[tuple[str, str | None]]] = {}
+    for s in hub.stats()["subscriptions"]:
+        out.setdefault(s["pid"], set()).add((s["subject"], s["queue"]))
+    return out
+
+
+def link_of(stats: dict[str, Any], pid: int) -> dict[str, Any]:
+    """The link entry of ``pid`` in hub stats."""
+    for lk in stats["links"]:
+        if lk.get("peer_pid") == pid:
+            return dict(lk)
+    raise AssertionError(f"no link for pid {pid} in {stats['links']}")
+
+
+def client_fifos(path: Path, pid: int | None = None) -> list[str]:
+    """Client FIFO names in a bus folder (of ``pid``, or of anyone)."""
+    pat = re.compile(rf"fifo-{pid if pid is not None else '[0-9]+'}-")
+    return [n for n in os.listdir(path) if pat.match(n)]
+
+
+async def wait_gone(pid: int, timeout: float = 15.0) -> None:
+    """Wait until process ``pid`` (our child or not) has exited: a pidfd turns readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        async with asyncio.timeout(timeout):
+            await fut
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def wait_stopped(pid: int) -> None:
+    """Wait until our child ``pid`` is stopped (SIGSTOP delivered), without reaping it."""
+    await asyncio.to_thread(os.waitid, os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
+
+
+class HubProc:
+    """``python -m ipcbus hub NAME`` as a child process (foreground)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, err: Any) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.err = err
+
+    def stderr(self) -> str:
+        self.err.seek(0)
+        return str(self.err.read().decode(errors="replace"))
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise AssertionError(f"hub pid {self.pid} ignored signal {sig}: {self.stderr()}") from None
+
+
+async def start_hub(name: str, transports: str = "fifo") -> HubProc:
+    """Start a hub child and wait for its "serving" line."""
+    err = tempfile.TemporaryFile()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ipcbus", "hub", name, "--transports", transports,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=REPO,
+    )  # fmt: skip
+    hp = HubProc(proc, err)
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(15):
+            line = await proc.stdout.readline()
+    except BaseException:
+        await hp.stop(signal.SIGKILL)
+        raise
+    if b"serving" not in line:
+        await hp.stop(signal.SIGKILL)
+        raise AssertionError(f"hub did not start: {line!r} {hp.stderr()}")
+    return hp
+
+
+@contextlib.asynccontextmanager
+async def hub_proc(name: str, transports: str = "fifo") -> AsyncIterator[HubProc]:
+    hp = await start_hub(name, transports)
+    try:
+        yield hp
+    finally:
+        await hp.stop()
+        hp.err.close()
+
+
+# -- embedded hub, client processes over FIFOs ---------------------------------------
+
+
+@pytest.mark.single_loop
+async def test_fanout_queue_groups_and_requests_across_processes(bus_name: str) -> None:
+    async with ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub, peers(bus_name, 2) as (a, b):
+        for p, svc in ((a, "svc.a"), (b, "svc.b")):
+            await p.call("sub", name="fan", subject="fan.>")
+            await p.call("sub", name="work", subject="work", queue="g")
+            await p.call("serve", subject=svc, mode="pid" if p is a else "echo")
+            await p.call("serve", subject="grp", queue="q", mode="pid")
+        local = await hub.bus.subscribe("fan.>")
+        await hub.bus.flush()
+
+        subs = sub_pids(hub)
+        assert subs[a.pid] == {("fan.>", None), ("work", "g"), ("svc.a", None), ("grp", "q")}
+        assert subs[b.pid] == {("fan.>", None), ("work", "g"), ("svc.b", None), ("grp", "q")}
+
+        # Fan-out: B publishes, every subscriber (B itself, A, the hub) gets every message.
+        await b.call("pub", subject="fan.news", data={"n": 1}, count=50)
+        for p in (a, b):
+            got = await p.call("count", name="fan")
+            assert got["delivered"] == 50, got
+        assert [(await local.next(timeout=5)).decode() for _ in range(50)] == [{"n": 1}] * 50
+
+        # Queue group across processes: each message reaches exactly one member.
+        await a.call("pub", subject="work", data="job", count=100)
+        na = (await a.call("count", name="work"))["delivered"]
+        nb = (await b.call("count", name="work"))["delivered"]
+        assert na + nb == 100 and na > 0 and nb > 0, (na, nb)
+
+        # Request/reply across processes, both ways.
+        assert (await a.call("req", subject="svc.b", data={"x": [1, 2]}))["data"] == {"x": [1, 2]}
+        assert (await b.call("req", subject="svc.a"))["data"] == a.pid
+        # A queue group of responders in two processes shares the requests.
+        pids = {(await hub.bus.request("grp", timeout=5)).decode() for _ in range(20)}
+        assert pids == {a.pid, b.pid}
+        # Errors cross processes too.
+        with pytest.raises(NoResponders):
+            await hub.bus.request("nobody.here", timeout=5)
+        await a.call("serve", subject="bad", mode="raise")
+        with pytest.raises(RemoteError, match="ValueError"):
+            await hub.bus.request("bad", "x", timeout=5)
+        await b.send("req", subject="bad", data="y")
+        err = await b.answer("req")
+        assert err["ev"] == "error" and err["type"] == "RemoteError" and "refusing" in err["msg"]
+
+
+async def test_connect_in_process_pub_sub_request(bus_name: str) -> None:
+    """connect() as an awaitable and as a context manager, both in this process."""
+    async with ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub:
+        bus = await ipcbus.connect(bus_name, name="plain")
+        try:
+            assert isinstance(bus, ipcbus.ClientBus) and bus.transport == "fifo"
+            async with ipcbus.connect(bus_name) as other:
+                await other.serve("add", lambda m: sum(m.decode(list[int])))
+                sub = await other.subscribe("t.*")
+                await other.flush()
+                await bus.publish("t.one", b"raw bytes")
+                assert (await sub.next(timeout=5)).data == b"raw bytes"
+                assert (await bus.request("add", [1, 2, 3], timeout=5)).decode() == 6
+                names = {lk["peer_name"] for lk in hub.stats()["links"]}
+                assert "plain" in names
+            assert bus.stats()["links"][0]["peer_pid"] == os.getpid()
+        finally:
+            await bus.aclose()
+        await bus.aclose()  # twice is fine
+
+
+# -- connect() without a hub, autostart --------------------------------------------
+
+
+async def test_connect_without_hub_names_the_command(bus_name: str) -> None:
+    with pytest.raises(BusNotFound) as ei:
+        await ipcbus.connect(bus_name)
+    assert f"ipcbus hub {bus_name}" in str(ei.value)
+    assert ei.value.bus == bus_name
+    with pytest.raises(BusNotFound):
+        async with ipcbus.connect(bus_name, transport="fifo"):
+            pass
+
+
+async def test_connect_bad_arguments(bus_name: str) -> None:
+    with pytest.raises(ValueError, match="unknown transport 'tcp'"):
+        await ipcbus.connect(bus_name, transport="tcp")
+    with pytest.raises(ValueError, match="unknown transport 'tcp'"):
+        ipcbus.Hub(bus_name, transports=("fifo", "tcp"))
+
+
+@pytest.mark.parametrize("bad", ["a/b", "..", "x..y", "../etc", "", "-x", "a" * 65, "sp ace"])
+async def test_bad_bus_names(bad: str) -> None:
+    with pytest.raises(BadBusName) as ei:
+        ipcbus.Hub(bad)
+    assert "invalid bus name" in str(ei.value)
+    with pytest.raises(BadBusName):
+        await ipcbus.connect(bad)
+
+
+async def _stop_daemon(name: str) -> None:
+    pid = BusDir(name).hub_pid()
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    await wait_gone(pid)
+
+
+@needs_sysv_shm
+@pytest.mark.single_loop
+async def test_autostart_starts_one_daemon_and_sigterm_stops_it(bus_name: str) -> None:
+    bd = BusDir(bus_name)
+    try:
+        async with ipcbus.connect(bus_name, autostart=True) as bus:
+            pid = bd.hub_pid()
+            assert pid is not None and pid != os.getpid()
+            stats = (await bus.request("$SYS.stats", timeout=5)).decode()
+            assert stats["hub_pid"] == pid
+            # A second autostart finds the running hub and starts nothing.
+            async with ipcbus.connect(bus_name, autostart=True) as again:
+                assert bd.hub_pid() == pid
+                await again.flush()
+            # SIGTERM: the client sees a clean close, the daemon removes its files.
+            watch = asyncio.Event()
+            bus.node.on_link_closed.append(lambda ls: watch.set())
+            os.kill(pid, signal.SIGTERM)
+            await wait_gone(pid)
+            async with asyncio.timeout(10):
+                await watch.wait()
+            assert bus.hub_link is not None
+            assert bus.hub_link.close_reason == "peer closed"
+            assert any(n.code == "shutdown" for n in bus.hub_link.notices)
+            assert not bd.pidfile.exists() and not bd.door.exists()
+            with pytest.raises(ConnectionClosed):
+                await bus.publish("x", 1)
+    finally:
+        await _stop_daemon(bus_name)
+
+
+@needs_sysv_shm
+@pytest.mark.single_loop
+async def test_ten_clients_racing_autostart_get_one_hub(bus_name: str) -> None:
+    started: list[Peer] = []
+    try:
+        for _ in range(10):
+            started.append(await spawn(bus_name, "--autostart", "--wait-go", connected=False))
+        for p in started:  # all at once
+            assert p.proc.stdin is not None
+            p.proc.stdin.write(b"go\n")
+        for p in started:
+            await p.proc.stdin.drain()  # type: ignore[union-attr]
+        infos = [await p.expect("connected", timeout=30) for p in started]
+        hubs = {i["hub_pid"] for i in infos}
+        assert len(hubs) == 1, infos
+        for p in started:
+            got = await p.call("hub_stats")
+            assert got["hub_pid"] in hubs
+        # Exactly one hub process serves the bus.
+        serving = [
+            pid for pid in _pids_with_cmdline("ipcbus", "hub", bus_name) if pid not in {p.pid for p in started}
+        ]
+        assert serving == list(hubs), serving
+    finally:
+        for p in started:
+            await p.quit()
+        await _stop_daemon(bus_name)
+    assert not BusDir(bus_name).pidfile.exists()
+
+
+def _pids_with_cmdline(*parts: str) -> list[int]:
+    out: list[int] = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in args]
+        if all(p in words for p in parts):
+            out.append(int(d))
+    return out
+
+
+# -- a client dies --------------------------------------------------------------------
+
+
+@pytest.mark.single_loop
+async def test_sigkilled_client_is_forgotten(bus_name: str) -> None:
+    async with ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub, peers(bus_name, 3) as (k, q, b):
+        watch = LinkWatch(hub)
+        await k.call("sub", name="fan", subject="fan.>")
+        await k.call("sub", name="work", subject="work", queue="g")
+        await k.call("serve", subject="slow", mode="block")
+        await b.call("sub", name="work", subject="work", queue="g")
+        assert sub_pids(hub)[k.pid] == {("fan.>", None), ("work", "g"), ("slow", None)}
+
+        # A request in flight to K when K dies fails at once with ConnectionClosed.
+        await q.send("req", subject="slow", data="please", timeout=60)
+        await k.expect("request", subject="slow")
+        k.signal(signal.SIGKILL)
+        assert await k.proc.wait() == -signal.SIGKILL
+        err = await q.answer("req", timeout=30)
+        assert err["ev"] == "error" and err["type"] == "ConnectionClosed", err
+        assert "closed" in err["msg"]
+
+        reason = await watch.wait(k.pid)
+        assert reason == "peer closed"
+        assert k.pid not in sub_pids(hub)
+        assert all(lk["peer_pid"] != k.pid for lk in hub.stats()["links"])
+        assert client_fifos(hub.path, k.pid) == []
+        # Its queue-group membership went with it: B now gets every job.
+        await q.call("pub", subject="work", data=1, count=20)
+        assert (await b.call("count", name="work"))["delivered"] == 20
+        # And nobody serves "slow" any more.
+        await q.send("req", subject="slow")
+        assert (await q.answer("req"))["type"] == "NoResponders"
+
+
+# -- the hub dies -----------------------------------------------------------------------
+
+
+@pytest.mark.single_loop
+async def test_hub_sigkill_clients_see_closed_and_reconnect(bus_name: str) -> None:
+    bd = BusDir(bus_name)
+    h1 = await start_hub(bus_name)
+    try:
+        async with peers(bus_name, 1, "--reconnect") as (r,), peers(bus_name, 1) as (plain,):
+            await r.call("sub", name="r", subject="r.x")
+            await r.call("serve", subject="blocked", mode="block")
+            client = await ipcbus.connect(bus_name)
+            try:
+                req = asyncio.create_task(client.request("blocked", timeout=60))
+                await r.expect("request", subject="blocked")
+                await h1.stop(signal.SIGKILL)
+                # In flight: ConnectionClosed at once, not a timeout.
+                with pytest.raises(ConnectionClosed):
+                    await req
+                with pytest.raises(ConnectionClosed):
+                    await client.publish("r.x", 1)
+            finally:
+                await client.aclose()
+            for p in (r, plain):
+                closed = await p.expect("closed")
+                assert closed["reason"] != ""
+            await plain.send("pub", subject="r.x")
+            assert (await plain.answer("pub"))["type"] in ("ConnectionClosed", "BusClosed")
+            await r.send("pub", subject="r.x")
+            err = await r.answer("pub")
+            assert err["type"] == "ConnectionClosed" and "reconnecting" in err["msg"]
+
+            # The dead hub left its pid file and door; the next hub recovers them.
+            assert bd.pidfile.exists() and bd.door.exists() and bd.hub_pid() is None
+            h2 = await start_hub(bus_name)
+            try:
+                assert (await r.call("wait_connected"))["reconnects"] == 1
+                async with peers(bus_name, 1) as (pub,):
+                    await pub.call("pub", subject="r.x", data="again", count=3)
+                    assert (await r.call("count", name="r"))["delivered"] == 3
+                    await pub.send("req", subject="blocked", timeout=0.2)
+                    # The service came back with the reconnect (it blocks: a timeout).
+                    assert (await pub.answer("req"))["type"] == "RequestTimeout"
+            finally:
+                assert await h2.stop() == 0
+                h2.err.close()
+            assert not bd.pidfile.exists() and not bd.door.exists()
+    finally:
+        await h1.stop(signal.SIGKILL)
+        h1.err.close()
+
+
+@pytest.mark.single_loop
+async def test_stale_pidfile_and_door_of_killed_hub_are_recovered(bus_name: str) -> None:
+    bd = BusDir(bus_name)
+    h1 = await start_hub(bus_name)
+    await h1.stop(signal.SIGKILL)
+    h1.err.close()
+    assert bd.pidfile.exists() and bd.door.exists()
+    assert bd.hub_pid() is None
+    with pytest.raises(BusNotFound):
+        await ipcbus.connect(bus_name)
+    async with ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub:
+        assert bd.hub_pid() == os.getpid()
+        async with ipcbus.connect(bus_name) as bus:
+            await hub.bus.serve("ping", lambda m: "pong")
+            await hub.bus.flush()
+            assert (await bus.request("ping", timeout=5)).decode() == "pong"
+    assert not bd.pidfile.exists() and not bd.door.exists()
+
+
+@pytest.mark.single_loop
+async def test_sigterm_hub_closes_clients_cleanly_and_cleans_up(bus_name: str) -> None:
+    bd = BusDir(bus_name)
+    hp = await start_hub(bus_name)
+    try:
+        async with peers(bus_name, 2) as (a, b):
+            await a.call("sub", name="s", subject="s")
+            await b.call("pub", subject="s", count=5)
+            assert (await a.call("count", name="s"))["delivered"] == 5
+            assert await hp.stop(signal.SIGTERM) == 0
+            for p in (a, b):
+                closed = await p.expect("closed")
+                assert closed["reason"] == "peer closed", closed
+                assert "shutdown" in closed["notices"], closed
+            assert not bd.pidfile.exists()
+            assert not bd.door.exists()
+            assert client_fifos(bd.path) == []
+            with pytest.raises(BusNotFound):
+                await ipcbus.connect(bus_name)
+    finally:
+        await hp.stop(signal.SIGKILL)
+        hp.err.close()
+
+
+# -- a slow subscriber -----------------------------------------------------------------
+
+
+@pytest.mark.single_loop
+async def test_stopped_subscriber_does_not_stall_others(bus_name: str) -> None:
+    size, batch, batches = 1024, 256, 16  # 4 MiB in all: > the FIFO (1 MiB) + outbound_limit
+    async with (
+        ipcbus.Hub(bus_name, transports=FIFO_ONLY, outbound_limit=64 * 1024) as hub,
+        peers(bus_name, 3) as (fast, slow, pub),
+    ):
+        for p in (fast, slow):
+            await p.call("sub", name="load", subject="load")
+        slow.signal(signal.SIGSTOP)
+        await wait_stopped(slow.pid)
+        total = 0
+        for _ in range(batches):
+            await pub.call("pub", subject="load", size=size, count=batch)
+            total += batch
+            # The fast one keeps up with every batch while the slow one is stopped.
+            assert (await fast.call("wait_count", name="load", n=total))["received"] == total
+        stats = hub.stats()
+        slow_link, fast_link = link_of(stats, slow.pid), link_of(stats, fast.pid)
+        assert slow_link["dropped"] > 0 and slow_link["slow_consumer_events"] >= 1, slow_link
+        assert fast_link["dropped"] == 0 and fast_link["slow_consumer_events"] == 0
+        assert stats["node"]["dropped"] >= slow_link["dropped"]
+
+        # `ipcbus ls --json` shows the same, asked over the bus.
+        ls = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ipcbus", "ls", "--bus", bus_name, "--json",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        )  # fmt: skip
+        out, err = await ls.communicate()
+        assert ls.returncode == 0, err
+        import json
+
+        info = json.loads(out)
+        shown = link_of(info, slow.pid)
+        assert shown["dropped"] > 0 and shown["slow_consumer_events"] >= 1
+        assert info["hub"]["dropped"] > 0
+
+        # Once it runs again it catches up, and learns what it lost.
+        slow.signal(signal.SIGCONT)
+        await slow.call("flush")
+        await pub.call("pub", subject="load", size=size, count=1)
+        ev = await slow.expect("slow", sub="load")
+        assert ev["dropped"] > 0
+        got = await slow.call("count", name="load")
+        assert got["received"] + got["slow"] >= total  # each message read or counted lost
+        assert got["received"] < total + 1
+
+
+# -- bad input ----------------------------------------------------------------------
+
+
+async def test_second_hub_for_a_bus_is_refused(bus_name: str) -> None:
+    async with ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub:
+        with pytest.raises(BusBusy) as ei:
+            async with ipcbus.Hub(bus_name, transports=FIFO_ONLY):
+                pass
+        assert str(os.getpid()) in str(ei.value) and bus_name in str(ei.value)
+        # The first hub keeps serving, its files intact.
+        assert BusDir(bus_name).hub_pid() == os.getpid()
+        async with ipcbus.connect(bus_name) as bus:
+            await hub.bus.serve("alive", lambda m: True)
+            await hub.bus.flush()
+            assert (await bus.request("alive", timeout=5)).decode() is True
+
+
+@pytest.mark.single_loop
+async def test_garbage_frames_close_only_that_link(bus_name: str) -> None:
+    async with ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub, peers(bus_name, 3) as (bad, a, b):
+        watch = LinkWatch(hub)
+        await a.call("serve", subject="echo")
+        await bad.call("sub", name="x", subject="x")
+        # 0xc1 is never valid MessagePack: a well-framed frame of garbage.
+        await bad.call("garbage", hex=b"\xc1 this is not a frame".hex())
+        reason = await watch.wait(bad.pid)
+        assert reason.startswith("protocol error"), reason
+        closed = await bad.expect("closed")
+        assert "protocol_error" in closed["notices"], closed
+        assert bad.pid not in sub_pids(hub)
+        # Everyone else is unaffected, and the hub keeps accepting.
+        assert (await b.call("req", subject="echo", data="still here"))["data"] == "still here"
+        async with peers(bus_name, 1) as (c,):
+            assert (await c.call("req", subject="echo", data=1))["data"] == 1
+        # A frame whose length prefix is absurd is a protocol error too.
+        async with peers(bus_name, 1) as (d,):
+            await d.call("raw", hex="7fffffff00")  # 2 GiB announced, 64 MiB allowed
+            assert (await watch.wait(d.pid)).startswith("protocol error")
+        assert (await b.call("req", subject="echo", data=2))["data"] == 2
+
+
+# -- the default hub: every transport ------------------------------------------------
+
+
+@needs_sysv_shm
+@pytest.mark.single_loop
+async def test_default_hub_serves_sysv_and_shm(bus_name: str) -> None:
+    async with ipcbus.Hub(bus_name) as hub:
+        assert hub.transports == ("fifo", "sysv", "shm")
+        async with (
+            ipcbus.connect(bus_name, transport="sysv") as sv,
+            ipcbus.connect(bus_name, transport="shm") as sh,
+            ipcbus.connect(bus_name, transport="fifo") as ff,
+        ):
+            await sv.serve("sysv.echo", lambda m: m.data)
+            await sh.serve("shm.echo", lambda m: m.data)
+            subs = [await b.subscribe("all.>") for b in (sv, sh, ff)]
+            for b in (sv, sh, ff):
+                await b.flush()
+            await ff.publish("all.hello", {"from": "fifo"})
+            for s in subs:
+                assert (await s.next(timeout=5)).decode() == {"from": "fifo"}
+            assert (await ff.request("sysv.echo", b"via sysv", timeout=5)).data == b"via sysv"
+            assert (await sv.request("shm.echo", b"x" * 100_000, timeout=5)).data == b"x" * 100_000
+            transports = sorted(lk["transport"] for lk in hub.stats()["links"])
+            assert transports == ["fifo", "shm", "sysv"]
+        async with peers(bus_name, 1, "--transport", "sysv") as (p1,), peers(
+            bus_name, 1, "--transport", "shm"
+        ) as (p2,):
+            await p1.call("serve", subject="p1", mode="pid")
+            assert (await p2.call("req", subject="p1"))["data"] == p1.pid

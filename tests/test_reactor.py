@@ -1,0 +1,657 @@
+"""The reactor across nodes: two or three Nodes in this process, linked by memory and pipe links.
+
+The usual shape is a tree ``A - hub - B`` (sometimes with a third leaf
+``C`` on the hub).  Interest travels as Sub/Unsub frames, so before
+publishing a test *settles* the tree: every node flushes (ping/pong) in
+turn, twice, which proves that every frame sent before has been processed
+two hops away.  Nothing here sleeps to order events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+import pytest
+
+from ipcbus import frames as fr
+from ipcbus.client import Bus, Msg, Subscription
+from ipcbus.errors import (
+    ConnectionClosed,
+    EndOfStream,
+    FrameTooLarge,
+    NoResponders,
+    RequestTimeout,
+    SlowConsumer,
+)
+from ipcbus.node import LinkState, Node
+from ipcbus.transports.base import Link
+from ipcbus.transports.memory import memory_pair
+from ipcbus.transports.pipe import pipe_pair
+
+KINDS = ["memory", "pipe"]
+
+
+def make_pair(kind: str, **kw: int) -> tuple[Link, Link]:
+    """Two connected links of ``kind`` in this process."""
+    if kind == "memory":
+        return memory_pair(**kw)
+    return pipe_pair(**kw)
+
+
+async def connect(x: Node, y: Node, kind: str, **kw: int) -> tuple[LinkState, LinkState]:
+    """Link two nodes; returns (x's view of the link, y's view)."""
+    a, b = make_pair(kind, **kw)
+    return await connect_links(x, y, a, b)
+
+
+async def connect_links(x: Node, y: Node, a: Link, b: Link) -> tuple[LinkState, LinkState]:
+    """Attach ``a`` to ``x`` and ``b`` to ``y`` and wait for both handshakes."""
+    lx = await x.add_link(a, name=y.name, wait=False)
+    ly = await y.add_link(b, name=x.name)
+    with anyio.fail_after(10):
+        await lx.ready.wait()
+    return lx, ly
+
+
+async def settle(*nodes: Node) -> None:
+    """Every frame sent so far has been processed up to two hops away."""
+    for _ in range(2):
+        for n in nodes:
+            await n.flush()
+
+
+@dataclass
+class Tree:
+    """A - hub - B (and C on the hub when asked), with the buses and link views."""
+
+    a: Bus
+    hub: Bus
+    b: Bus
+    c: Bus | None
+    a_hub: LinkState  # A's link to the hub
+    hub_a: LinkState
+    hub_b: LinkState
+    b_hub: LinkState
+    hub_c: LinkState | None
+
+    @property
+    def nodes(self) -> list[Node]:
+        out = [self.a.node, self.hub.node, self.b.node]
+        if self.c is not None:
+            out.append(self.c.node)
+        return out
+
+    async def settle(self) -> None:
+        await settle(*self.nodes)
+
+
+@contextlib.asynccontextmanager
+async def tree(
+    kind: str, *, with_c: bool = False, hub_kw: dict[str, int] | None = None, **link_kw: int
+) -> AsyncIterator[Tree]:
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(Node(name="A"))
+        hub = await stack.enter_async_context(Node(name="hub", **(hub_kw or {})))
+        b = await stack.enter_async_context(Node(name="B"))
+        a_hub, hub_a = await connect(a, hub, kind, **link_kw)
+        hub_b, b_hub = await connect(hub, b, kind, **link_kw)
+        cbus = None
+        hub_c = None
+        if with_c:
+            c = await stack.enter_async_context(Node(name="C"))
+            hub_c, _ = await connect(hub, c, kind, **link_kw)
+            cbus = Bus(c)
+        yield Tree(Bus(a), Bus(hub), Bus(b), cbus, a_hub, hub_a, hub_b, b_hub, hub_c)
+
+
+async def drain_sub(sub: Subscription, n: int, timeout: float = 10) -> list[bytes]:
+    """Read exactly ``n`` messages."""
+    with anyio.fail_after(timeout):
+        return [(await sub.next()).data for _ in range(n)]
+
+
+# -- pub/sub and interest --------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_wildcards_across_three_nodes(kind: str) -> None:
+    async with tree(kind) as t:
+        b_star = await t.b.subscribe("orders.*.created")
+        b_tail = await t.b.subscribe("orders.>")
+        a_eu = await t.a.subscribe("orders.eu.*")
+        hub_exact = await t.hub.subscribe("orders.eu.created")
+        b_other = await t.b.subscribe("invoices.>")
+        await t.settle()
+        for subject in ["orders.eu.created", "orders.us.created", "orders.eu.x.y", "orders", "x"]:
+            await t.a.publish(subject, subject.encode())
+        await t.settle()
+        for subject in ["orders.eu.deleted", "orders.us.created"]:
+            await t.b.publish(subject, subject.encode())
+        await t.settle()
+        assert await drain_sub(b_star, 3) == [b"orders.eu.created", b"orders.us.created", b"orders.us.created"]
+        assert await drain_sub(b_tail, 5) == [
+            b"orders.eu.created",
+            b"orders.us.created",
+            b"orders.eu.x.y",
+            b"orders.eu.deleted",
+            b"orders.us.created",
+        ]
+        assert await drain_sub(a_eu, 2) == [b"orders.eu.created", b"orders.eu.deleted"]
+        assert await drain_sub(hub_exact, 1) == [b"orders.eu.created"]
+        for sub in (b_star, b_tail, a_eu, hub_exact, b_other):
+            assert sub.pending == 0, f"{sub} got more than it matches"
+
+
+def _out(ls: LinkState) -> int:
+    return ls.link.info.msgs_out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_messages_only_cross_links_where_someone_wants_them(kind: str) -> None:
+    async with tree(kind) as t:
+        to_b = await t.b.subscribe("to.b")
+        at_hub = await t.hub.subscribe("hub.only")
+        await t.settle()
+        assert t.a.node.has_interest("to.b") and t.a.node.has_interest("hub.only")
+        assert not t.a.node.has_interest("to.none")
+
+        a0, ha0, hb0 = _out(t.a_hub), _out(t.hub_a), _out(t.hub_b)
+        for i in range(5):
+            await t.a.publish("to.b", b"%d" % i)
+            await t.a.publish("to.none", b"x")  # nobody: stays in A
+        assert _out(t.a_hub) - a0 == 5
+        await drain_sub(to_b, 5)
+        assert _out(t.hub_b) - hb0 == 5
+        assert _out(t.hub_a) - ha0 == 0  # nothing went back towards the publisher
+
+        hb0 = _out(t.hub_b)
+        await t.a.publish("hub.only", b"h")
+        await drain_sub(at_hub, 1)
+        assert _out(t.hub_b) - hb0 == 0, "hub-only message crossed to B"
+
+        # B's messages to nobody stay in B; the hub's never go to A
+        b0, ha0 = _out(t.b_hub), _out(t.hub_a)
+        await t.b.publish("to.none", b"x")
+        await t.hub.publish("to.b", b"from hub")
+        assert _out(t.b_hub) - b0 == 0
+        assert _out(t.hub_a) - ha0 == 0
+        assert (await to_b.next(timeout=5)).data == b"from hub"
+
+        # unsubscribe propagates: A stops sending
+        await to_b.unsubscribe()
+        await t.settle()
+        assert not t.a.node.has_interest("to.b")
+        a0 = _out(t.a_hub)
+        await t.a.publish("to.b", b"late")
+        assert _out(t.a_hub) - a0 == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_interest_is_counted_per_key(kind: str) -> None:
+    """Two subscriptions with the same pattern send one Sub; the Unsub waits for the last."""
+    async with tree(kind) as t:
+        s1 = await t.b.subscribe("k.>")
+        s2 = await t.b.subscribe("k.>")
+        await t.settle()
+        (hub_b,) = [ls for ls in t.hub.stats()["links"] if ls["peer_name"] == "B"]
+        interest = [k for k in hub_b["interest"] if not k.startswith("_INBOX.")]
+        assert interest == ["k.>"]
+        assert f"_INBOX.{t.b.node.node_id}.*" in hub_b["interest"]
+        await s1.unsubscribe()
+        await t.settle()
+        assert t.a.node.has_interest("k.x")
+        await t.a.publish("k.x", b"1")
+        assert (await s2.next(timeout=5)).data == b"1"
+        await s2.unsubscribe()
+        await t.settle()
+        assert not t.a.node.has_interest("k.x")
+        assert not t.hub.node.has_interest("k.x")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_late_link_learns_existing_interest(kind: str) -> None:
+    async with Node(name="x") as x, Node(name="y") as y:
+        sub = await Bus(x).subscribe("early.*")
+        await connect(x, y, kind)
+        await settle(x, y)
+        assert y.has_interest("early.bird")
+        await Bus(y).publish("early.bird", b"worm")
+        assert (await sub.next(timeout=5)).data == b"worm"
+
+
+# -- queue groups ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_queue_groups_exactly_once_per_group(kind: str) -> None:
+    async with tree(kind, with_c=True) as t:
+        assert t.c is not None
+        workers = [
+            await t.a.subscribe("jobs.*", queue="workers"),
+            await t.hub.subscribe("jobs.*", queue="workers"),
+            await t.b.subscribe("jobs.*", queue="workers"),
+            await t.b.subscribe("jobs.*", queue="workers"),
+            await t.c.subscribe("jobs.>", queue="workers"),
+        ]
+        audit = [
+            await t.hub.subscribe("jobs.>", queue="audit"),
+            await t.b.subscribe("jobs.*", queue="audit"),
+        ]
+        plain = await t.c.subscribe("jobs.*")
+        await t.settle()
+        n = 120
+        publishers = [t.a, t.hub, t.b, t.c]
+        for i in range(n):
+            await publishers[i % 4].publish(f"jobs.{i}", b"%d" % i)
+        await t.settle()
+
+        async def collect(subs: list[Subscription]) -> list[collections.Counter[int]]:
+            per_member: list[collections.Counter[int]] = [collections.Counter() for _ in subs]
+            total = 0
+            with anyio.fail_after(10):
+                while total < n:
+                    progressed = False
+                    for k, s in enumerate(subs):
+                        while s.pending:
+                            per_member[k][int((await s.next()).data)] += 1
+                            total += 1
+                            progressed = True
+                    if not progressed:
+                        await settle(*t.nodes)
+            await settle(*t.nodes)
+            assert all(s.pending == 0 for s in subs), "a group got more than n messages"
+            return per_member
+
+        for name, group in (("workers", workers), ("audit", audit)):
+            members = await collect(group)
+            union: collections.Counter[int] = collections.Counter()
+            for m in members:
+                union.update(m)
+            assert union == collections.Counter(range(n)), f"{name}: not exactly once"
+            used = sum(1 for m in members if m)
+            assert used >= 2, f"{name}: messages were not split ({[sum(m.values()) for m in members]})"
+        # a plain subscriber gets everything (order is per publisher, not global)
+        assert sorted(int(x) for x in await drain_sub(plain, n)) == list(range(n))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_queue_group_members_local_and_remote_share_the_load(kind: str) -> None:
+    async with tree(kind) as t:
+        local = await t.a.subscribe("q", queue="g")
+        remote = await t.b.subscribe("q", queue="g")
+        await t.settle()
+        for i in range(60):
+            await t.a.publish("q", b"%d" % i)
+        await t.settle()
+        got_local = [int(m) for m in await drain_sub(local, local.pending)]
+        with anyio.fail_after(10):
+            got_remote = [int((await remote.next()).data) for _ in range(60 - len(got_local))]
+        assert sorted(got_local + got_remote) == list(range(60))
+        assert got_local and got_remote
+
+
+# -- request / reply across the tree ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_request_reply_across_the_tree(kind: str) -> None:
+    async with tree(kind) as t:
+        await t.b.serve("math.double", lambda x: x * 2)  # untyped: gets the Msg
+
+        def double(x: int) -> int:
+            return x * 2
+
+        await t.b.serve("math.twice", double)
+        await t.settle()
+        rep = await t.a.request("math.twice", 21, timeout=5)
+        assert rep.decode(int) == 42
+        # the requester's reply does not leave traces
+        assert not t.a.node.inbox.futures
+        for ls in (t.hub_a, t.hub_b, t.a_hub):
+            assert not ls.inflight
+        # 50 concurrent requests, each gets its own answer
+        results: dict[int, int] = {}
+
+        async def one(i: int) -> None:
+            results[i] = (await t.a.request("math.twice", i, timeout=5)).decode(int)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(one, i)
+        assert results == {i: 2 * i for i in range(50)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_no_responders_far_away(kind: str) -> None:
+    """Interest known at A, gone at B by the time the request arrives: NoResponders, no timeout."""
+    async with tree(kind) as t:
+        sub = await t.b.subscribe("svc")
+        await t.settle()
+        await sub.unsubscribe()  # the Unsub is still on its way
+        assert t.a.node.has_interest("svc")
+        with pytest.raises(NoResponders) as info:
+            await t.a.request("svc", b"?", timeout=30)
+        assert info.value.subject == "svc"
+        assert not t.a.node.inbox.futures
+        with pytest.raises(NoResponders):
+            await t.a.request("nobody.at.all", timeout=30)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_request_timeout_is_a_timeout_error(kind: str) -> None:
+    async with tree(kind) as t:
+        silent = await t.b.subscribe("silent")  # takes requests, never answers
+        await t.settle()
+        with pytest.raises(TimeoutError) as info:
+            await t.a.request("silent", b"hello?", timeout=0.2)
+        assert isinstance(info.value, RequestTimeout)
+        assert info.value.subject == "silent" and info.value.timeout == 0.2
+        assert (await silent.next(timeout=5)).data == b"hello?"
+        assert not t.a.node.inbox.futures
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_requests_in_flight_fail_at_once_when_the_link_closes(kind: str) -> None:
+    async with tree(kind) as t:
+        started = asyncio.Event()
+        never = asyncio.Event()
+
+        async def stuck(m: Msg) -> bytes:
+            started.set()
+            await never.wait()
+            return b""
+
+        await t.b.serve("stuck", stuck)
+        await t.settle()
+
+        async def close_b_link() -> None:
+            await started.wait()
+            await t.b_hub.link.aclose()  # B's side goes away
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(close_b_link)
+            with pytest.raises(ConnectionClosed) as info:
+                await t.a.request("stuck", b"", timeout=30)
+        assert not isinstance(info.value, RequestTimeout)
+        assert "closed" in str(info.value)
+        never.set()
+        # the tree without B still answers for what it has
+        await t.hub.serve("alive", lambda m: b"yes")
+        await t.settle()
+        assert (await t.a.request("alive", timeout=5)).data == b"yes"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_direct_request_fails_when_its_link_closes(kind: str) -> None:
+    """The requester's own node tracks its requests too (no hub in between)."""
+    async with Node(name="x") as x, Node(name="y") as y:
+        lx, ly = await connect(x, y, kind)
+        got = asyncio.Event()
+        sub = await Bus(y).subscribe("slow")
+        await settle(x, y)
+
+        async def kill_when_received() -> None:
+            await sub.next(timeout=10)
+            got.set()
+            await ly.link.aclose()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kill_when_received)
+            with pytest.raises(ConnectionClosed):
+                await Bus(x).request("slow", b"", timeout=30)
+        assert got.is_set()
+
+
+# -- frames over the limit ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_frame_over_max_on_send_sends_nothing(kind: str) -> None:
+    async with Node(name="x", max_frame=64 * 1024) as x, Node(name="y", max_frame=64 * 1024) as y:
+        lx, _ = await connect(x, y, kind, max_frame=64 * 1024)
+        sub = await Bus(y).subscribe("big")
+        await settle(x, y)
+        out0 = _out(lx)
+        with pytest.raises(FrameTooLarge) as info:
+            await Bus(x).publish("big", b"\0" * (64 * 1024))
+        assert info.value.limit == 64 * 1024 and info.value.size > 64 * 1024
+        assert _out(lx) == out0, "something was sent"
+        await Bus(x).publish("big", b"small")
+        assert (await sub.next(timeout=5)).data == b"small"
+        assert sub.pending == 0
+
+
+async def test_hub_does_not_forward_a_message_too_large_for_the_next_link() -> None:
+    """Hub accepts a big frame from A, B's link has a smaller max: dropped for B only."""
+    async with Node(name="A") as a, Node(name="hub") as hub, Node(name="B") as b, Node(name="C") as c:
+        await connect(a, hub, "memory")
+        la, lb = memory_pair(max_frame=1024)
+        await connect_links(hub, b, la, lb)
+        await connect(hub, c, "memory")
+        sb = await Bus(b).subscribe("x")
+        sc = await Bus(c).subscribe("x")
+        await settle(a, hub, b, c)
+        await Bus(a).publish("x", b"\1" * 4096)
+        await Bus(a).publish("x", b"small")
+        assert [m for m in await drain_sub(sc, 2)] == [b"\1" * 4096, b"small"]
+        assert (await sb.next(timeout=5)).data == b"small"
+
+
+# -- hostile peers --------------------------------------------------------------------
+
+
+async def _hello(link: Link, name: str = "raw") -> None:
+    link.send_nowait(
+        fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION, name, os.getpid(), os.getuid(), name))
+    )
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"\xc1",  # never-used msgpack byte
+        b"garbage!",
+        fr.encode_frame(fr.Msg("a.b", payload=b"xyz"))[:-2],  # truncated frame
+        b"\x92\x63\x00",  # unknown tag
+        fr.encode_frame(fr.Sub("a..b")),  # invalid subject in a Sub
+        fr.encode_frame(fr.Msg("a.*", payload=b"x")),  # wildcard in a published subject
+        fr.encode_frame(fr.Msg("", payload=b"x")),  # empty subject
+        fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION, "again", 1, 1)),  # second hello
+    ],
+    ids=["c1", "garbage", "truncated", "tag", "bad-sub", "wild-pub", "empty-pub", "hello2"],
+)
+async def test_bad_frames_close_only_that_link(junk: bytes) -> None:
+    async with tree("memory") as t:
+        sub = await t.b.subscribe("ok.>")
+        await t.settle()
+        x, raw = memory_pair()
+        ls = await t.hub.node.add_link(x, name="evil", wait=False)
+        await _hello(raw)
+        await raw.send(fr.encode_frame(fr.Sub("ok.>")))
+        await raw.send(junk)
+        with anyio.fail_after(10):
+            await ls.closed.wait()
+        assert "protocol error" in ls.close_reason, ls.close_reason
+        frames: list[fr.Frame] = []
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    frames.append(fr.decode_frame(await raw.recv()))
+                except EndOfStream:
+                    break
+        assert any(isinstance(f, fr.Notice) and f.code == "protocol_error" for f in frames)
+        await raw.aclose()
+        # the rest of the tree works
+        assert not t.hub.node.closed
+        await t.a.publish("ok.go", b"1")
+        assert (await sub.next(timeout=5)).data == b"1"
+        await t.b.serve("svc", lambda m: b"fine")
+        await t.settle()
+        assert (await t.a.request("svc", timeout=5)).data == b"fine"
+
+
+async def test_truncated_frame_on_a_pipe_then_eof_is_a_protocol_error() -> None:
+    async with Node(name="n") as node:
+        down_r, down_w = os.pipe2(os.O_CLOEXEC)
+        up_r, up_w = os.pipe2(os.O_CLOEXEC)
+        from ipcbus.transports.pipe import PipeLink
+
+        ls = await node.add_link(PipeLink(up_r, down_w), name="cut", wait=False)
+        os.close(down_r)
+        hello = fr.Hello(fr.PROTOCOL_VERSION, "cut", os.getpid(), os.getuid())
+        os.write(up_w, fr.pack(fr.encode_frame(hello)) + fr.HEADER.pack(100) + b"only ten b")
+        os.close(up_w)
+        with anyio.fail_after(10):
+            await ls.closed.wait()
+        assert "protocol error" in ls.close_reason
+        assert "middle of a frame" in ls.close_reason
+
+
+# -- flow control at a hub --------------------------------------------------------------
+
+
+class GatedLink(Link):
+    """Wraps a link; while the gate is shut, recv() does not read (a peer that stopped reading)."""
+
+    def __init__(self, inner: Link) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.max_frame = inner.max_frame
+        self.high_water = inner.high_water
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    def send_nowait(self, frame: bytes) -> None:
+        self.inner.send_nowait(frame)
+
+    @property
+    def pending_out(self) -> int:
+        return self.inner.pending_out
+
+    async def wait_writable(self, threshold: int | None = None) -> None:
+        await self.inner.wait_writable(threshold)
+
+    async def recv(self) -> bytes:
+        await self.gate.wait()
+        return await self.inner.recv()
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_hub_drops_for_a_slow_link_only_and_reports_it(kind: str) -> None:
+    limit = 64 * 1024
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(Node(name="A"))
+        hub = await stack.enter_async_context(Node(name="hub", outbound_limit=limit))
+        b = await stack.enter_async_context(Node(name="B"))
+        c = await stack.enter_async_context(Node(name="C"))
+        await connect(a, hub, kind)
+        x, y = make_pair(kind)
+        gated = GatedLink(y)
+        hub_b, _ = await connect_links(hub, b, x, gated)
+        await connect(hub, c, kind)
+        sb = await Bus(b).subscribe("feed.*")
+        sc = await Bus(c).subscribe("feed.*")
+        await settle(a, hub, b, c)
+
+        gated.gate.clear()  # B stops reading
+        payload = b"\7" * 16384
+        n = 400  # 6.4 MB: far more than the pipe/memory buffer plus the hub's limit
+        for i in range(n):
+            await Bus(a).publish(f"feed.{i}", payload)
+        # C gets every message
+        got_c = 0
+        with anyio.fail_after(20):
+            while got_c < n:
+                m = await sc.next()
+                assert m.subject == f"feed.{got_c}"
+                got_c += 1
+        st = hub.stats()
+        (link_b,) = [ls for ls in st["links"] if ls["peer_name"] == "B"]
+        (link_c,) = [ls for ls in st["links"] if ls["peer_name"] == "C"]
+        assert link_b["dropped"] > 0 and link_b["slow_consumer_events"] >= 1
+        assert link_c["dropped"] == 0
+        assert st["dropped"] == link_b["dropped"]
+        dropped = link_b["dropped"]
+
+        gated.gate.set()  # B reads again; no further traffic is needed for the report
+        seen: list[int] = []
+        reported = 0
+        with anyio.fail_after(20):
+            while len(seen) + reported < n:
+                try:
+                    seen.append(int((await sb.next()).subject.split(".")[1]))
+                except SlowConsumer as exc:
+                    assert exc.subject == "feed.*"
+                    reported += exc.dropped
+        assert reported == dropped
+        assert seen == sorted(seen) and len(set(seen)) == len(seen)
+        assert Bus(b).stats()["dropped"] >= dropped
+        (bsub,) = [s for s in Bus(b).stats()["subscriptions"] if s["subject"] == "feed.*"]
+        assert bsub["dropped"] == dropped
+        # and later messages flow again
+        await Bus(a).publish("feed.last", b"end")
+        assert (await sb.next(timeout=5)).data == b"end"
+        assert (await sc.next(timeout=5)).data == b"end"
+        assert hub_b.dropped == dropped
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_local_publish_waits_instead_of_dropping(kind: str) -> None:
+    """Backpressure: publishing towards a stalled peer blocks; nothing is dropped."""
+    async with Node(name="x") as x, Node(name="y") as y:
+        a, b = make_pair(kind, high_water=64 * 1024)
+        gated = GatedLink(b)
+        lx, _ = await connect_links(x, y, a, gated)
+        sub = await Bus(y).subscribe("bp")
+        await settle(x, y)
+        gated.gate.clear()
+        sent = 0
+        blocked = False
+        payload = b"\0" * 8192
+        while sent < 100_000:
+            task = asyncio.ensure_future(Bus(x).publish("bp", payload))
+            for _ in range(5):
+                await asyncio.sleep(0)  # let the publish run; it blocks once above high water
+            sent += 1
+            if not task.done():
+                blocked = True
+                gated.gate.set()
+                await task
+                break
+            task.result()
+        assert blocked, "publish never waited for a stalled peer"
+        with anyio.fail_after(20):
+            for _ in range(sent):
+                await sub.next()
+        assert x.dropped == 0 and lx.dropped == 0
+
+
+@pytest.mark.parametrize("reply", ["a..b", "_INBOX.x.*", "has space", ""])
+async def test_bad_reply_subject_from_a_peer_closes_only_that_link(reply: str) -> None:
+    """A request whose reply subject is invalid must not reach (and break) a service."""
+    async with tree("memory") as t:
+        await t.hub.serve("svc", lambda m: b"fine")
+        await t.settle()
+        x, raw = memory_pair()
+        ls = await t.hub.node.add_link(x, name="evil", wait=False)
+        await _hello(raw)
+        await raw.send(fr.encode_frame(fr.Msg("svc", reply=reply, payload=b"x")))
+        with anyio.fail_after(10):
+            await ls.closed.wait()
+        assert "protocol error" in ls.close_reason, ls.close_reason
+        await raw.aclose()
+        assert not t.hub.node.closed
+        assert (await t.a.request("svc", timeout=5)).data == b"fine"
