@@ -30,6 +30,7 @@ from .errors import (
 )
 from .frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 from .hub import Hub
+from .transports.door import DoorFull, HandshakeTimeout
 from .node import Node
 from .pool import WorkerPool
 from .transports.base import Link, LinkInfo
@@ -47,9 +48,11 @@ __all__ = [
     "BusNotFound",
     "ClientBus",
     "ConnectionClosed",
+    "DoorFull",
     "EncodeError",
     "EndOfStream",
     "FrameTooLarge",
+    "HandshakeTimeout",
     "Hub",
     "IpcBusError",
     "Link",

@@ -232,13 +232,11 @@ def check_bus_path(
     if not group_bus:
         if st.st_uid != euid:
             raise PermissionRefused(
-                f"bus folder {path} belongs to {_who(st.st_uid)}, not to you ({_who(euid)}); "
-                "refusing it"
+                f"bus folder {path} belongs to {_who(st.st_uid)}, not to you ({_who(euid)}); refusing it"
             )
         if mode & 0o077:
             raise PermissionRefused(
-                f"bus folder {path} has mode {mode:04o}; expected 0700. "
-                f"Run `chmod 700 {path}` or remove it"
+                f"bus folder {path} has mode {mode:04o}; expected 0700. Run `chmod 700 {path}` or remove it"
             )
         return st
     if gid is not None and st.st_gid != gid:
@@ -253,8 +251,7 @@ def check_bus_path(
         )
     if st.st_uid != euid and st.st_gid not in _my_groups() and euid != 0:
         raise PermissionRefused(
-            f"bus {name!r} is shared with group {st.st_gid}, which you ({_who(euid)}) "
-            "are not a member of"
+            f"bus {name!r} is shared with group {st.st_gid}, which you ({_who(euid)}) are not a member of"
         )
     return st
 
@@ -380,9 +377,7 @@ class BusDir:
     verifies an existing one.
     """
 
-    def __init__(
-        self, name: str, *, root: Path | None = None, group: str | int | None = None
-    ) -> None:
+    def __init__(self, name: str, *, root: Path | None = None, group: str | int | None = None) -> None:
         self.name = validate_bus_name(name)
         self.gid = resolve_group(group)
         if root is None:
@@ -562,9 +557,7 @@ class BusDir:
             if not stat.S_ISFIFO(st.st_mode):
                 raise PermissionRefused(f"{self.door} is not a FIFO; remove it")
             try:
-                probe = os.open(
-                    self.door, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-                )
+                probe = os.open(self.door, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError as exc:
                 if exc.errno != errno.ENXIO:
                     raise

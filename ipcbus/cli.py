@@ -5,7 +5,7 @@ Built on click.  Exit codes are stable and documented in docs/cli.md:
 ==  ===========================================================
 0   success
 1   error (a clear message on stderr)
-2   usage error (bad option or argument)
+2   usage error (bad option or argument, invalid bus name or subject)
 3   no hub serves the bus (``BusNotFound``)
 4   request timed out
 5   no responders for the request's subject
@@ -25,12 +25,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 import msgspec
 
+from .busdir import BadBusName
 from .errors import (
+    BadSubject,
     BusBusy,
     BusNotFound,
     ConnectionClosed,
@@ -45,6 +47,8 @@ __all__ = ["EXIT_CODES", "main"]
 T = TypeVar("T")
 
 EXIT_CODES: dict[type[BaseException], int] = {
+    BadBusName: 2,
+    BadSubject: 2,
     BusNotFound: 3,
     RequestTimeout: 4,
     NoResponders: 5,
@@ -76,17 +80,19 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
             return asyncio.run(coro_fn())
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    except IpcBusError as exc:
-        code = 1
-        for etype, c in EXIT_CODES.items():
-            if isinstance(exc, etype):
-                code = c
-                break
-        click.echo(f"ipcbus: {exc}", err=True)
-        raise SystemExit(code) from None
-    except (ValueError, OSError) as exc:
-        click.echo(f"ipcbus: {exc}", err=True)
-        raise SystemExit(1) from None
+    except (IpcBusError, ValueError, OSError) as exc:
+        _fail(exc)
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    """Print ``exc`` on stderr and exit with its code from :data:`EXIT_CODES` (else 1)."""
+    code = 1
+    for etype, c in EXIT_CODES.items():
+        if isinstance(exc, etype):
+            code = c
+            break
+    click.echo(f"ipcbus: {exc}", err=True)
+    raise SystemExit(code) from None
 
 
 def _payload(data: str, raw: bool) -> bytes:
@@ -101,6 +107,16 @@ def _payload(data: str, raw: bool) -> bytes:
             param_hint="DATA",
         ) from None
     return msgspec.msgpack.encode(value)
+
+
+def _check_subject(subject: str, *, pattern: bool = False) -> None:
+    """Reject a bad SUBJECT as a usage error before connecting (a pattern may use wildcards)."""
+    from .subjects import validate_pattern, validate_subject
+
+    try:
+        (validate_pattern if pattern else validate_subject)(subject)
+    except BadSubject as exc:
+        raise click.BadParameter(str(exc), param_hint="SUBJECT") from None
 
 
 def render_payload(data: bytes) -> str:
@@ -163,6 +179,12 @@ def _daemonize() -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+    # Close every other inherited fd.  A parent that spawned us without
+    # close_fds (uvloop's subprocess does not close them) may have passed the
+    # write end of the pipe it reads our stderr from: holding it open forever
+    # would make that parent wait for an EOF that never comes.
+    os.closerange(3, w)
+    os.closerange(w + 1, os.sysconf("SC_OPEN_MAX"))
     return w
 
 
@@ -178,8 +200,15 @@ def _daemonize() -> int:
 )
 def hub(name: str, daemon: bool, group: str | None, transports: str) -> None:
     """Serve bus NAME until SIGTERM/SIGINT (foreground unless --daemon)."""
-    from .hub import Hub
+    from .hub import ALL_TRANSPORTS, Hub
 
+    chosen = tuple(t for t in transports.split(",") if t)
+    bad = [t for t in chosen if t not in ALL_TRANSPORTS]
+    if bad or not chosen:
+        raise click.BadParameter(
+            f"{transports!r}: choose one or more of {','.join(ALL_TRANSPORTS)}, comma-separated",
+            param_hint="--transports",
+        )
     ready_fd = _daemonize() if daemon else -1
 
     def tell(word: str) -> None:
@@ -192,7 +221,7 @@ def hub(name: str, daemon: bool, group: str | None, transports: str) -> None:
 
     async def serve() -> None:
         try:
-            h = Hub(name, group=group, transports=tuple(t for t in transports.split(",") if t))
+            h = Hub(name, group=group, transports=chosen)
             await h.__aenter__()
         except BusBusy as exc:
             tell(f"busy {exc}")
@@ -227,6 +256,7 @@ def pub(subject: str, data: str, raw: bool, bus_name: str, transport: str) -> No
     """Publish DATA (JSON, or bytes with --raw) on SUBJECT."""
     from .connect import connect
 
+    _check_subject(subject)
     payload = _payload(data, raw)
 
     async def go() -> None:
@@ -246,6 +276,8 @@ def pub(subject: str, data: str, raw: bool, bus_name: str, transport: str) -> No
 def sub(subject: str, count: int, queue: str | None, bus_name: str, transport: str) -> None:
     """Print each message on SUBJECT (wildcards allowed) until Ctrl-C or --count."""
     from .connect import connect
+
+    _check_subject(subject, pattern=True)
 
     async def go() -> None:
         async with connect(bus_name, transport=transport, name="ipcbus-sub") as bus:
@@ -273,6 +305,7 @@ def req(subject: str, data: str, raw: bool, timeout: float, bus_name: str, trans
     """Send a request with DATA to SUBJECT and print the reply."""
     from .connect import connect
 
+    _check_subject(subject)
     payload = _payload(data, raw)
 
     async def go() -> None:
@@ -295,6 +328,8 @@ def reply(
 ) -> None:
     """A toy responder: answer requests on SUBJECT (echo, or --data)."""
     from .connect import connect
+
+    _check_subject(subject, pattern=True)
 
     fixed = _payload(data, False) if data is not None else None
 
@@ -349,7 +384,10 @@ def gc(bus_name: str | None, all_buses: bool, dry_run: bool) -> None:
 
     if not bus_name and not all_buses:
         raise click.UsageError("name a bus with --bus NAME, or pass --all")
-    code = gc_command(bus_name, all_buses, dry_run)
+    try:
+        code = gc_command(bus_name, all_buses, dry_run)
+    except (IpcBusError, OSError) as exc:  # a bad bus name, an untrusted directory
+        _fail(exc)
     raise SystemExit(code)
 
 

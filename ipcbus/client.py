@@ -24,6 +24,7 @@ from .errors import (
     BusClosed,
     ConnectionClosed,
     EncodeError,
+    FrameTooLarge,
     NoResponders,
     RemoteError,
     RequestTimeout,
@@ -308,6 +309,8 @@ class Service:
             return
         try:
             await self._bus._node.publish(m.reply, payload)
+        except FrameTooLarge as exc:  # the reply is over max_frame: tell the requester
+            await self._reply_error(m, exc)
         except ConnectionClosed:
             pass
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Generator
@@ -168,12 +169,41 @@ async def _autostart(busdir: BusDir, group: str | int | None) -> None:
             proc.kill()
         await proc.wait()
         raise BusNotFound(busdir.name, str(busdir.path)) from None
-    # Exit code 0: our daemon serves.  BusBusy (another racer won): also fine.
-    if busdir.hub_pid() is None:
+    # Exit code 0: our daemon serves.  BusBusy (another racer won): also fine,
+    # but the winner may hold the lock without having opened its door yet.
+    if not await _wait_serving(busdir, _AUTOSTART_TIMEOUT):
         raise IpcBusError(
             f"could not start a hub for bus {busdir.name!r}: "
             f"{err.decode(errors='replace').strip() or f'exit code {proc.returncode}'}"
         )
+
+
+def _door_open(busdir: BusDir) -> bool:
+    """Whether someone reads the bus's door FIFO (a non-blocking open for writing succeeds)."""
+    try:
+        fd = os.open(busdir.door, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # ENOENT: no door yet; ENXIO: nobody reads it
+        return False
+    os.close(fd)
+    return True
+
+
+async def _wait_serving(busdir: BusDir, timeout: float) -> bool:
+    """Wait until a live hub reads the door; False if no hub holds the bus or time runs out.
+
+    A FIFO gives no event when its reader arrives, so this polls with backoff;
+    a hub is normally ready before the first retry.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    delay = 0.002
+    while busdir.hub_pid() is not None:
+        if _door_open(busdir):
+            return True
+        if asyncio.get_running_loop().time() + delay > deadline:
+            return False
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return False
 
 
 async def _connect(

@@ -66,10 +66,12 @@ async def _pool_part(workers: int, requests: int) -> None:
         for i in range(1000):
             await bus.publish(f"news.item.{i % 10}", {"i": i})
         await bus.flush()
-        counts = []
-        for _ in range(workers):
-            rep = await bus.request("stats.news", timeout=5)
-            counts.append(rep.decode())
+        # Ask every worker (a plain subscription, not a queue group) and collect
+        # all the answers on our own reply subject.
+        answers = await bus.subscribe("demo.counts")
+        await bus.publish("stats.news", reply="demo.counts")
+        counts = [(await answers.next(timeout=5)).decode() for _ in range(workers)]
+        await answers.unsubscribe()
         print(f"   fan-out: 1000 messages published; each worker saw: {counts}")
         lat: list[float] = []
         for _ in range(500):
@@ -99,7 +101,7 @@ async def _spawn(role: str, bus: str) -> asyncio.subprocess.Process:
 
 
 async def _hub_part() -> None:
-    name = f"demo-{os.getpid()}"
+    name = "demo"
     print(f"== hub {name!r} in this process; client processes join over fifo, sysv and shm")
     async with ipcbus.Hub(name) as hub:
         reports = await hub.bus.subscribe("demo.report")

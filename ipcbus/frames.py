@@ -151,7 +151,9 @@ class FrameReader:
     frame now complete, in order.  A length above ``max_frame`` (or zero)
     raises :class:`FrameTooLarge` / :class:`ProtocolError` before any buffer
     for it is allocated.  After an error the reader is poisoned: the stream
-    can no longer be trusted and its link must close.
+    can no longer be trusted and its link must close.  Frames completed before
+    a bad header in the same chunk are still returned (the peer sent them
+    first); the error is then in :attr:`error` and raised by the next ``feed()``.
     """
 
     __slots__ = ("_buf", "_poisoned", "max_frame")
@@ -160,6 +162,11 @@ class FrameReader:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._poisoned: ProtocolError | None = None
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The error that poisoned this reader, or None while the stream is sound."""
+        return self._poisoned
 
     @property
     def buffered(self) -> int:
@@ -185,6 +192,12 @@ class FrameReader:
                     else ProtocolError("peer announced an empty frame")
                 )
                 self._poisoned = err
+                if out:
+                    # Hand over the good frames that came before the bad header (the
+                    # peer sent them first); the error is raised by the next feed()
+                    # and is visible at once as `error`.
+                    del buf[:pos]
+                    return out
                 raise err
             if end - pos - hsize < n:
                 break

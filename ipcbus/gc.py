@@ -118,6 +118,19 @@ def _judge(rec: ObjectRecord, tables: dict[str, dict[int, dict[str, int]]]) -> t
             if alive:
                 return "keep", f"segment {ident} still attached (nattch {row['nattch']})"
         return "remove", f"creator pid {rec.creator_pid} is dead"
+    if rec.kind == "posix_sem":
+        name = rec.ident.lstrip("/")
+        if not name or "/" in name:
+            return "skip", f"record names an odd semaphore {rec.ident!r}"
+        try:
+            st = os.lstat(f"/dev/shm/sem.{name}")
+        except FileNotFoundError:
+            return "forget", "semaphore no longer exists"
+        if st.st_uid != uid:
+            return "skip", f"semaphore {name} belongs to uid {st.st_uid}"
+        if st.st_ctime + _CTIME_SLACK < rec.created:
+            return "skip", f"semaphore {name} is older than the record: the name was reused"
+        return "remove", f"creator pid {rec.creator_pid} is dead"
     if rec.kind == "fifo":
         p = Path(rec.ident)
         try:
@@ -158,6 +171,10 @@ def collect(busdir: Path, *, dry_run: bool = False) -> list[Finding]:
                 if finding.action == "remove":
                     if rec.kind == "fifo":
                         Path(rec.ident).unlink()
+                    elif rec.kind == "posix_sem":
+                        import posix_ipc
+
+                        posix_ipc.unlink_semaphore("/" + rec.ident.lstrip("/"))
                     else:
                         _remove_sysv(rec.kind, int(rec.ident))
                     finding.action = "removed"

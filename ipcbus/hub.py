@@ -16,6 +16,7 @@ import grp
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -24,9 +25,16 @@ import anyio
 
 from . import frames as fr
 from .busdir import BusDir
-from .client import Bus
-from .errors import IpcBusError
-from .node import DEFAULT_OUTBOUND_LIMIT, LinkState, Node
+from .client import Bus, encode_payload
+from .errors import IpcBusError, SlowConsumer
+from .node import (
+    DEFAULT_OUTBOUND_LIMIT,
+    ERROR_MSG_HEADER,
+    ERROR_TYPE_HEADER,
+    LinkState,
+    Node,
+    SubscriptionCore,
+)
 from .transports.base import Link
 from .transports.door import Door, Knock
 
@@ -149,9 +157,13 @@ class Hub:
         await self._stack.enter_async_context(door)
         self.started = time.time()
         self.node.task_group.start_soon(self._accept_loop, door, name="ipcbus-hub-door")
-        await self.bus.serve("$SYS.stats", lambda _m: self.stats())
-        await self.bus.serve("$SYS.links", lambda _m: self.node.stats()["links"])
-        await self.bus.serve("$SYS.subs", lambda _m: self._subscriptions())
+        for subject, answer in (
+            ("$SYS.stats", self.stats),
+            ("$SYS.links", lambda: self.node.stats()["links"]),
+            ("$SYS.subs", self._subscriptions),
+        ):
+            core = self.node.subscribe(subject)
+            self.node.task_group.start_soon(self._serve_sys, core, answer, name=f"ipcbus-hub-{subject}")
         log.info(
             "hub %s serving %s (pid %d, transports %s)",
             self.name,
@@ -159,6 +171,32 @@ class Hub:
             os.getpid(),
             ",".join(self.transports),
         )
+
+    async def _serve_sys(self, core: SubscriptionCore, answer: Callable[[], Any]) -> None:
+        """Answer the requests of one ``$SYS`` subscription, never waiting on a link.
+
+        Not ``Bus.serve``: a service replies with ``Node.publish``, which waits
+        while *any* link is above its high-water mark, so one stopped client
+        would stall the hub's ``$SYS`` replies (and ``ipcbus ls``) for everyone.
+        A reply goes to one requester only: queue it with ``publish_nowait``.
+        """
+        while True:
+            try:
+                m = await core.get()
+            except SlowConsumer:
+                continue
+            if m is None:
+                return
+            if m.reply is None:
+                continue
+            headers: dict[str, str] | None = None
+            try:
+                payload = encode_payload(answer())
+            except Exception as exc:  # report it to the requester as RemoteError
+                payload = b""
+                headers = {ERROR_TYPE_HEADER: type(exc).__name__, ERROR_MSG_HEADER: str(exc)}
+            with contextlib.suppress(IpcBusError):
+                self.node.publish_nowait(m.reply, payload, headers=headers)
 
     async def _accept_loop(self, door: Door) -> None:
         async for knock in door.knocks():

@@ -78,7 +78,9 @@ def process_alive(pid: int, start_time: int | None = None) -> bool:
 
 
 def _path(busdir: Path, kind: str, ident: int | str) -> Path:
-    return Path(busdir) / "objects" / f"{kind}-{ident}.json"
+    # POSIX object names start with '/': keep file names flat and unambiguous.
+    safe = str(ident).replace("%", "%25").replace("/", "%2F")
+    return Path(busdir) / "objects" / f"{kind}-{safe}.json"
 
 
 def record_object(

@@ -454,7 +454,8 @@ class MessageQueue:
             self._q.send(data, False, type)
         except sysv_ipc.BusyError:
             return False
-        except sysv_ipc.ExistentialError:
+        except (sysv_ipc.ExistentialError, OSError):
+            # msgsnd on a removed id: EINVAL, raised by sysv_ipc as a plain OSError.
             raise ConnectionClosed(f"SysV queue id {self.id} was removed") from None
         except sysv_ipc.PermissionsError:
             raise PermissionRefused(f"no write permission on SysV queue id {self.id}") from None
@@ -514,12 +515,27 @@ class MessageQueue:
         Raises :class:`~ipcbus.errors.ConnectionClosed` if the queue is
         removed while waiting.  Cancel-safe: see the module docstring.
         """
-        m = self.try_receive(type)
+        m = self._take_stash(type)
         if m is not None:
             return m
-        op = _Op(False, type, asyncio.get_running_loop().create_future())
+        # A receive of the same type that was cancelled may still be waiting in
+        # the kernel (or may just have taken a message): adopt it rather than
+        # race it with a second thread.
+        op = next(
+            (o for o in self._ops
+             if not o.is_send and o.abandoned and o.type == type and not o.woken),
+            None,
+        )
+        if op is not None:
+            op.abandoned = False
+        else:
+            m = self.try_receive(type)
+            if m is not None:
+                return m
+            op = _Op(False, type, asyncio.get_running_loop().create_future())
+            self._start(op, None)
         try:
-            msg: Message = await asyncio.shield(self._start(op, None))
+            msg: Message = await asyncio.shield(op.future)
             return msg
         except asyncio.CancelledError:
             op.abandoned = True
@@ -550,7 +566,7 @@ class MessageQueue:
                 self._q.send(data, True, op.type)
             else:
                 result = Message(*self._q.receive(True, op.type))
-        except sysv_ipc.ExistentialError:
+        except (sysv_ipc.ExistentialError, OSError):
             error = ConnectionClosed(f"SysV queue id {self.id} was removed while waiting")
         except sysv_ipc.PermissionsError:
             error = PermissionRefused(f"permission denied on SysV queue id {self.id}")
@@ -570,7 +586,7 @@ class MessageQueue:
             elif self._closed:
                 # Nobody can receive it from this object any more: put it back in
                 # the queue (at the tail of its type) rather than lose it.
-                with contextlib.suppress(sysv_ipc.Error):
+                with contextlib.suppress(sysv_ipc.Error, OSError):
                     self._q.send(msg.data, False, msg.type)
             else:
                 self._stash.append(msg)
@@ -628,11 +644,11 @@ class MessageQueue:
             if not op.is_send and not op.future.done():
                 op.abandoned = True
                 op.woken = True
-                with contextlib.suppress(sysv_ipc.Error):
+                with contextlib.suppress(sysv_ipc.Error, OSError):
                     self._q.send(b"", False, self._wake_type(op.type))
         await self._wait_ops()
         for m in self._stash:
-            with contextlib.suppress(sysv_ipc.Error):
+            with contextlib.suppress(sysv_ipc.Error, OSError):
                 self._q.send(m.data, False, m.type)
         self._stash.clear()
 

@@ -354,7 +354,7 @@ class Peer:
 async def spawn(bus: str, *args: str, connected: bool = True) -> Peer:
     """Start a ``tests.hub_client`` for ``bus``; with ``connected``, wait until it is linked."""
     # stderr goes to a file, never a pipe: a child that logs a lot must not block on it.
-    err = tempfile.TemporaryFile()
+    err = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the Peer, closed when it is reaped
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -387,6 +387,23 @@ async def peers(bus: str, n: int, *args: str) -> AsyncIterator[list[Peer]]:
     finally:
         for p in started:
             await p.quit()
+
+
+async def wait_gone(pid: int, timeout: float = 15.0) -> None:
+    """Wait until process ``pid`` (our child or not) has exited: a pidfd turns readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        async with asyncio.timeout(timeout):
+            await fut
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ check that only that link closes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -140,7 +141,7 @@ def test_stream_random_chunkings(frames: list[fr.Frame], cuts: list[int]) -> Non
     points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
     reader = fr.FrameReader()
     got: list[bytes] = []
-    for lo, hi in zip(points, points[1:], strict=False):
+    for lo, hi in itertools.pairwise(points):
         got += reader.feed(memoryview(stream)[lo:hi])
     assert got == bodies
     assert reader.at_boundary()
@@ -218,12 +219,20 @@ def test_pack_checks_the_maximum_before_writing() -> None:
     assert fr.pack(b"x" * 100, max_frame=100)[:4] == fr.HEADER.pack(100)
 
 
-def test_frame_before_bad_header_in_same_chunk() -> None:
-    """A good frame followed by a bad header in one chunk: the error wins, the reader poisons."""
-    good = fr.pack(fr.encode_frame(fr.Ping(1)))
+def test_frames_before_a_bad_header_in_the_same_chunk_are_kept() -> None:
+    """Good frames, then a bad header, in one read: the frames first, then the error."""
+    good = [fr.pack(fr.encode_frame(fr.Ping(i))) for i in range(3)]
+    reader = fr.FrameReader(max_frame=1000)
+    got = reader.feed(b"".join(good) + fr.HEADER.pack(5000) + b"junk")
+    assert got == [g[4:] for g in good]
+    assert isinstance(reader.error, FrameTooLarge) and reader.error.size == 5000
+    with pytest.raises(FrameTooLarge):
+        reader.feed(b"")
+    # no good frame before it: raised at once
     reader = fr.FrameReader(max_frame=1000)
     with pytest.raises(FrameTooLarge):
-        reader.feed(good + fr.HEADER.pack(5000))
+        reader.feed(fr.HEADER.pack(5000))
+    assert reader.error is not None
 
 
 def test_wrong_kind_and_truncated_frames_are_protocol_errors() -> None:
@@ -289,11 +298,16 @@ async def test_huge_announced_length_on_a_pipe_closes_only_that_link() -> None:
         up_r, up_w = os.pipe2(os.O_CLOEXEC)
         link = PipeLink(up_r, down_w)
         ls = await node.add_link(link, name="liar", wait=False)
+        sub = await bus.subscribe("before")
         try:
             hello = fr.Hello(fr.PROTOCOL_VERSION, "liar", os.getpid(), os.getuid(), "liar")
-            os.write(up_w, fr.pack(fr.encode_frame(hello)) + fr.HEADER.pack(2**31) + b"xx")
+            good = fr.encode_frame(hello), fr.encode_frame(fr.Msg("before", payload=b"sent first"))
+            # one write: two good frames, then the lie
+            os.write(up_w, b"".join(map(fr.pack, good)) + fr.HEADER.pack(2**31) + b"xx")
             with anyio.fail_after(10):
                 await ls.closed.wait()
+            # the frames sent before the bad header were not lost
+            assert (await sub.next(timeout=5)).data == b"sent first"
             assert "protocol error" in ls.close_reason
             assert "2147483648" in ls.close_reason
             # what the node said before closing: its hello, then the protocol-error notice
@@ -301,8 +315,9 @@ async def test_huge_announced_length_on_a_pipe_closes_only_that_link() -> None:
             down_r = up_w = -1
             got = await _read_until_eof(reader)
             await reader.aclose()
-            assert got[-1] == fr.Notice("protocol_error", got[-1].message)  # type: ignore[union-attr]
-            assert "exceeds the maximum frame size" in got[-1].message  # type: ignore[union-attr]
+            last = got[-1]
+            assert isinstance(last, fr.Notice) and last.code == "protocol_error"
+            assert "exceeds the maximum frame size" in last.message
             rep = await bus.request("echo", b"ok", timeout=5)
             assert rep.data == b"ok"
         finally:

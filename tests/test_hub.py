@@ -36,9 +36,9 @@ from ipcbus.errors import (
 from ipcbus.node import LinkState
 
 try:
-    from hub_client import REPO, Peer, peers, spawn
+    from hub_client import REPO, Peer, peers, spawn, wait_gone
 except ImportError:  # pragma: no cover - tests/ imported as a package
-    from tests.hub_client import REPO, Peer, peers, spawn
+    from tests.hub_client import REPO, Peer, peers, spawn, wait_gone
 
 FIFO_ONLY = ("fifo",)
 
@@ -115,23 +115,6 @@ def client_fifos(path: Path, pid: int | None = None) -> list[str]:
     return [n for n in os.listdir(path) if pat.match(n)]
 
 
-async def wait_gone(pid: int, timeout: float = 15.0) -> None:
-    """Wait until process ``pid`` (our child or not) has exited: a pidfd turns readable."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        async with asyncio.timeout(timeout):
-            await fut
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
 async def wait_stopped(pid: int) -> None:
     """Wait until our child ``pid`` is stopped (SIGSTOP delivered), without reaping it."""
     await asyncio.to_thread(os.waitid, os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
@@ -164,7 +147,7 @@ class HubProc:
 
 async def start_hub(name: str, transports: str = "fifo") -> HubProc:
     """Start a hub child and wait for its "serving" line."""
-    err = tempfile.TemporaryFile()
+    err = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the HubProc, closed after stop()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ipcbus", "hub", name, "--transports", transports,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=REPO,
@@ -349,9 +332,8 @@ async def test_ten_clients_racing_autostart_get_one_hub(bus_name: str) -> None:
             got = await p.call("hub_stats")
             assert got["hub_pid"] in hubs
         # Exactly one hub process serves the bus.
-        serving = [
-            pid for pid in _pids_with_cmdline("ipcbus", "hub", bus_name) if pid not in {p.pid for p in started}
-        ]
+        clients = {p.pid for p in started}
+        serving = [pid for pid in _pids_with_cmdline("ipcbus", "hub", bus_name) if pid not in clients]
         assert serving == list(hubs), serving
     finally:
         for p in started:
@@ -554,6 +536,25 @@ async def test_stopped_subscriber_does_not_stall_others(bus_name: str) -> None:
         got = await slow.call("count", name="load")
         assert got["received"] + got["slow"] >= total  # each message read or counted lost
         assert got["received"] < total + 1
+
+
+@pytest.mark.single_loop
+async def test_stopped_client_does_not_stall_hub_services(bus_name: str) -> None:
+    """Above its high-water mark (default 4 MiB), a stopped client's link must not
+    hold up the hub's own ``$SYS`` replies, nor requests between other clients."""
+    async with ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub, peers(bus_name, 3) as (fast, slow, pub):
+        await fast.call("serve", subject="echo")
+        await slow.call("sub", name="load", subject="load")
+        slow.signal(signal.SIGSTOP)
+        await wait_stopped(slow.pid)
+        await pub.call("pub", subject="load", size=1 << 20, count=8)
+        slow_link = link_of(hub.stats(), slow.pid)
+        assert slow_link["pending_out"] > 4 * 1024 * 1024, slow_link
+        for _ in range(3):
+            assert (await pub.call("hub_stats", timeout=10))["hub_pid"] == os.getpid()
+            assert (await pub.call("req", subject="echo", data="ok", timeout=10))["data"] == "ok"
+        slow.signal(signal.SIGCONT)
+        assert (await slow.call("wait_count", name="load", n=8, timeout=30))["received"] == 8
 
 
 # -- bad input ----------------------------------------------------------------------

@@ -134,7 +134,11 @@ async def test_wildcards_across_three_nodes(kind: str) -> None:
         for subject in ["orders.eu.deleted", "orders.us.created"]:
             await t.b.publish(subject, subject.encode())
         await t.settle()
-        assert await drain_sub(b_star, 3) == [b"orders.eu.created", b"orders.us.created", b"orders.us.created"]
+        assert await drain_sub(b_star, 3) == [
+            b"orders.eu.created",
+            b"orders.us.created",
+            b"orders.us.created",
+        ]
         assert await drain_sub(b_tail, 5) == [
             b"orders.eu.created",
             b"orders.us.created",
@@ -391,7 +395,7 @@ async def test_requests_in_flight_fail_at_once_when_the_link_closes(kind: str) -
 async def test_direct_request_fails_when_its_link_closes(kind: str) -> None:
     """The requester's own node tracks its requests too (no hub in between)."""
     async with Node(name="x") as x, Node(name="y") as y:
-        lx, ly = await connect(x, y, kind)
+        _, ly = await connect(x, y, kind)
         got = asyncio.Event()
         sub = await Bus(y).subscribe("slow")
         await settle(x, y)
@@ -447,9 +451,7 @@ async def test_hub_does_not_forward_a_message_too_large_for_the_next_link() -> N
 
 
 async def _hello(link: Link, name: str = "raw") -> None:
-    link.send_nowait(
-        fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION, name, os.getpid(), os.getuid(), name))
-    )
+    link.send_nowait(fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION, name, os.getpid(), os.getuid(), name)))
 
 
 @pytest.mark.parametrize(

@@ -88,8 +88,22 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Row:
+    """One implementation in a table, at the payload sizes it is measured at."""
+
+    impl: str
+    sizes: tuple[int, ...] = (64,)
+    quick: tuple[int, ...] | None = None
+    """Sizes measured under ``--quick`` (None: the same as ``sizes``; () skips the row)."""
+
+    def sizes_for(self, quick: bool) -> tuple[int, ...]:
+        """The sizes measured in this run."""
+        return self.quick if quick and self.quick is not None else self.sizes
+
+
+@dataclass(frozen=True)
 class BenchTable:
-    """One printed table: a workload, its rows, its baseline and how many messages."""
+    """One printed table: a workload, its rows, its baseline(s) and how long to measure."""
 
     key: str
     workload: str
@@ -97,18 +111,27 @@ class BenchTable:
     metric: str
     extra: tuple[str, ...]
     higher_is_better: bool
-    baseline: str
-    rows: tuple[tuple[str, tuple[int, ...]], ...]
-    count: Callable[[int, str, bool], int]
-    """``count(size, impl, quick)``: messages or requests per measurement (a cap
-    when ``duration`` is set)."""
+    baselines: tuple[tuple[int, str], ...]
+    """``(from_size, impl)``: the ratio column's reference for sizes >= from_size."""
+    rows: tuple[Row, ...]
+    count: Callable[[int, bool], int]
+    """``count(size, quick)``: messages or requests per measurement (a cap when
+    ``duration`` is set)."""
     duration: tuple[float, float] = (0.0, 0.0)
     """Seconds of timed sending per measurement: (default run, ``--quick``); 0 = exact count."""
     inflight: int = 1
 
-    def params(self, size: int, impl: str, quick: bool, pinned: bool) -> Params:
+    def baseline_for(self, size: int) -> str:
+        """The implementation the ratio column compares against at ``size``."""
+        base = self.baselines[0][1]
+        for start, impl in self.baselines:
+            if size >= start:
+                base = impl
+        return base
+
+    def params(self, size: int, quick: bool, pinned: bool) -> Params:
         """The :class:`Params` of one measurement."""
-        n = self.count(size, impl, quick)
+        n = self.count(size, quick)
         return Params(
             size=size,
             count=n,
@@ -119,32 +142,9 @@ class BenchTable:
         )
 
 
-# W1-W3 are timed (``duration``); their counts are only caps.
-
-
-def _w1_count(size: int, impl: str, quick: bool) -> int:
-    return min(2_000_000, max(16, 4096 * MiB // size))
-
-
-def _w2_count(size: int, impl: str, quick: bool) -> int:
-    return 20_000
-
-
-def _w2x_count(size: int, impl: str, quick: bool) -> int:
-    return 200_000
-
-
-def _w3_count(size: int, impl: str, quick: bool) -> int:
-    return 1_000_000
-
-
-def _w4_count(size: int, impl: str, quick: bool) -> int:
-    return 5_000 if quick else 20_000
-
-
+# W1-W3 are timed (``duration``): their counts are only caps.  W4 is the
+# issue's fixed 20,000 requests.
 _SMALL = (64, KiB, 64 * KiB)
-_ALL = (64, KiB, 64 * KiB, MiB, 16 * MiB)
-_BIG = (64 * KiB, MiB, 16 * MiB)
 
 TABLES: tuple[BenchTable, ...] = (
     BenchTable(
@@ -154,23 +154,24 @@ TABLES: tuple[BenchTable, ...] = (
         metric="msgs_s",
         extra=("mb_s",),
         higher_is_better=True,
-        baseline="mp.Pipe",
+        baselines=((0, "mp.Pipe"), (MiB, "zmq PUSH/PULL")),
         rows=(
-            ("os.pipe", _ALL),
-            ("mp.Pipe", _ALL),
-            ("uvloop unix", _SMALL),
-            ("zmq PUSH/PULL", _ALL),
-            ("sysv_ipc raw", _SMALL),
-            ("memcpy", _BIG),
-            ("shm raw", _BIG),
-            ("ipcbus pipe", _ALL),
-            ("ipcbus hub+fifo", (64, 64 * KiB)),
-            ("ipcbus hub+sysv", _SMALL),
-            ("ipcbus pool+shm", (64, 64 * KiB, MiB, 16 * MiB)),
-            ("ipcbus hub+shm", _BIG),
+            Row("os.pipe", (64, KiB, 64 * KiB, MiB)),
+            Row("mp.Pipe", _SMALL),
+            Row("uvloop unix", _SMALL, quick=(64, KiB)),
+            Row("zmq PUSH/PULL", (64, KiB, 64 * KiB, MiB, 16 * MiB), quick=(64, KiB, MiB)),
+            Row("sysv_ipc raw", _SMALL, quick=(KiB,)),
+            Row("memcpy", (64 * KiB, MiB, 16 * MiB), quick=(MiB,)),
+            Row("shm link (raw)", (64, 64 * KiB, MiB, 16 * MiB), quick=(64, MiB)),
+            Row("pipe link (raw)", (64, MiB), quick=()),
+            Row("ipcbus pipe", (64, KiB, 64 * KiB, MiB, 16 * MiB), quick=(64, KiB, 64 * KiB, MiB)),
+            Row("ipcbus hub+fifo", (64, 64 * KiB), quick=(64,)),
+            Row("ipcbus hub+sysv", _SMALL, quick=(KiB,)),
+            Row("ipcbus pool+shm", (64, 64 * KiB, MiB, 16 * MiB), quick=(64, MiB)),
+            Row("ipcbus hub+shm", (64 * KiB, MiB), quick=(MiB,)),
         ),
-        count=_w1_count,
-        duration=(0.3, 0.15),
+        count=lambda size, quick: min(2_000_000, max(16, 4096 * MiB // size)),
+        duration=(0.25, 0.1),
     ),
     BenchTable(
         key="W2",
@@ -179,22 +180,23 @@ TABLES: tuple[BenchTable, ...] = (
         metric="p50_us",
         extra=("p99_us",),
         higher_is_better=False,
-        baseline="mp.Pipe",
+        baselines=((0, "mp.Pipe"),),
         rows=(
-            ("os.pipe", (64,)),
-            ("mp.Pipe", (64,)),
-            ("uvloop unix", (64,)),
-            ("zmq REQ/REP", (64,)),
-            ("NATS", (64,)),
-            ("sysv_ipc raw", (64,)),
-            ("ipcbus pipe", (64,)),
-            ("ipcbus hub+fifo", (64,)),
-            ("ipcbus hub+sysv", (64,)),
-            ("ipcbus pool+shm", (64,)),
-            ("ipcbus hub+shm", (64,)),
+            Row("os.pipe"),
+            Row("mp.Pipe"),
+            Row("uvloop unix"),
+            Row("zmq REQ/REP"),
+            Row("NATS"),
+            Row("sysv_ipc raw"),
+            Row("shm link (raw)"),
+            Row("ipcbus pipe"),
+            Row("ipcbus hub+fifo"),
+            Row("ipcbus hub+sysv"),
+            Row("ipcbus pool+shm"),
+            Row("ipcbus hub+shm"),
         ),
-        count=_w2_count,
-        duration=(1.0, 0.4),
+        count=lambda size, quick: 20_000,
+        duration=(0.5, 0.25),
     ),
     BenchTable(
         key="W2x",
@@ -203,16 +205,16 @@ TABLES: tuple[BenchTable, ...] = (
         metric="req_s",
         extra=(),
         higher_is_better=True,
-        baseline="uvloop unix",
+        baselines=((0, "uvloop unix"),),
         rows=(
-            ("uvloop unix", (64,)),
-            ("zmq DEALER/ROUTER", (64,)),
-            ("NATS", (64,)),
-            ("ipcbus pipe", (64,)),
-            ("ipcbus hub+fifo", (64,)),
+            Row("uvloop unix"),
+            Row("zmq DEALER/ROUTER"),
+            Row("NATS"),
+            Row("ipcbus pipe"),
+            Row("ipcbus hub+fifo"),
         ),
-        count=_w2x_count,
-        duration=(0.5, 0.25),
+        count=lambda size, quick: 200_000,
+        duration=(0.4, 0.2),
         inflight=32,
     ),
     BenchTable(
@@ -222,16 +224,16 @@ TABLES: tuple[BenchTable, ...] = (
         metric="delivered_s",
         extra=("loss",),
         higher_is_better=True,
-        baseline="NATS",
+        baselines=((0, "NATS"),),
         rows=(
-            ("NATS", (64,)),
-            ("zmq PUB/SUB", (64,)),
-            ("ipcbus hub+fifo", (64,)),
-            ("ipcbus hub+sysv", (64,)),
-            ("ipcbus hub+shm", (64,)),
+            Row("NATS"),
+            Row("zmq PUB/SUB"),
+            Row("ipcbus hub+fifo"),
+            Row("ipcbus hub+sysv", quick=()),
+            Row("ipcbus hub+shm", quick=()),
         ),
-        count=_w3_count,
-        duration=(0.5, 0.25),
+        count=lambda size, quick: 1_000_000,
+        duration=(0.4, 0.15),
     ),
     BenchTable(
         key="W4",
@@ -240,9 +242,9 @@ TABLES: tuple[BenchTable, ...] = (
         metric="req_s",
         extra=(),
         higher_is_better=True,
-        baseline="ProcessPoolExecutor",
-        rows=(("ProcessPoolExecutor", (64,)), ("ipcbus pool", (64,))),
-        count=_w4_count,
+        baselines=((0, "ProcessPoolExecutor"),),
+        rows=(Row("ProcessPoolExecutor"), Row("ipcbus pool")),
+        count=lambda size, quick: 3_000 if quick else 20_000,
         inflight=64,
     ),
 )
@@ -307,6 +309,10 @@ class RowResult:
     status: str = "pending"
     reason: str = ""
     errors: int = 0
+    stderr: str = ""
+    """The tail of the driver's stderr at the last error (for ``--json``)."""
+    wall: float = 0.0
+    """Seconds spent on this cell, process start-up and tear-down included."""
 
     def median(self, metric: str) -> float | None:
         """Median of ``metric`` over the successful runs."""
@@ -328,7 +334,9 @@ class RowResult:
             "pinned": self.pinned,
             "status": self.status,
             "reason": self.reason,
+            "stderr": self.stderr,
             "runs": self.runs,
+            "wall_s": round(self.wall, 3),
             "median": {m: self.median(m) for m in metrics},
             "min": {m: s[0] for m in metrics if (s := self.spread(m))},
             "max": {m: s[1] for m in metrics if (s := self.spread(m))},
@@ -351,23 +359,25 @@ def plan(
     jobs: list[Job] = []
     for rep in range(repeats):
         for table in tables:
-            for impl, sizes in table.rows:
-                if (table.workload, impl) not in DRIVERS:
-                    raise KeyError(f"table {table.key} lists {impl!r}, which has no driver")
-                wanted = impl == table.baseline or _baseline_of_target(table, impl)
-                if impl_filter and not wanted and not any(
-                    f.lower() in impl.lower() for f in impl_filter
+            for row in table.rows:
+                if (table.workload, row.impl) not in DRIVERS:
+                    raise KeyError(f"table {table.key} lists {row.impl!r}, which has no driver")
+                if impl_filter and not _is_reference(table, row.impl) and not any(
+                    f.lower() in row.impl.lower() for f in impl_filter
                 ):
                     continue
-                for size in sizes:
+                for size in row.sizes_for(quick):
                     for pinned in pinnings:
-                        p = table.params(size, impl, quick, pinned)
-                        jobs.append(Job(table, impl, size, pinned, rep, p))
+                        p = table.params(size, quick, pinned)
+                        jobs.append(Job(table, row.impl, size, pinned, rep, p))
     return jobs
 
 
-def _baseline_of_target(table: BenchTable, impl: str) -> bool:
-    return any(t.table == table.key and t.baseline == impl for t in TARGETS)
+def _is_reference(table: BenchTable, impl: str) -> bool:
+    """Whether ``impl`` is a baseline of ``table`` or of one of its targets."""
+    return any(b == impl for _, b in table.baselines) or any(
+        t.table == table.key and t.baseline == impl for t in TARGETS
+    )
 
 
 def _child_env() -> dict[str, str]:
@@ -438,6 +448,7 @@ def run_jobs(
     console: Console,
     *,
     timeout: float = 300.0,
+    verbose: bool = False,
 ) -> Results:
     """Run every job with a rich progress display; collect the results by cell.
 
@@ -471,7 +482,9 @@ def run_jobs(
                 progress.advance(task)
                 continue
             progress.update(task, description=job.describe())
+            t_job = time.monotonic()
             outcome, tail = run_one(job, timeout=timeout, env=env)
+            res.wall += time.monotonic() - t_job
             if outcome.status == "ok":
                 res.runs.append(outcome.metrics)
                 res.status = "ok"
@@ -483,9 +496,10 @@ def run_jobs(
                 if res.status != "ok":
                     res.status = "error"
                 res.reason = outcome.reason
-                console.log(f"[red]{job.describe()}: {outcome.reason}")
-                if tail.strip():
-                    console.log(Text(tail.strip()[-800:], style="dim"))
+                res.stderr = tail
+                console.log(Text(f"{job.describe()}: {outcome.reason}"[:300], style="red"))
+                if verbose and tail.strip():
+                    console.log(Text(tail.strip()[-1500:], style="dim"))
             progress.advance(task)
     # Cells skipped after their implementation turned out unavailable.
     for res in results.values():
@@ -575,12 +589,12 @@ def render_table(table: BenchTable, results: Results, pinnings: Sequence[bool]) 
     Per pinning: the median, the min-max range over the repeats, the extra
     figures, and the ratio to the table's baseline; then the targets.
     """
-    rows = [
-        (impl, size)
-        for impl, sizes in table.rows
-        for size in sizes
-        if any((table.key, impl, size, p) in results for p in pinnings)
-    ]
+    # Grouped by size (a section each), rows in table order within a size.
+    order = {row.impl: i for i, row in enumerate(table.rows)}
+    rows = sorted(
+        {(impl, size) for (key, impl, size, p) in results if key == table.key and p in pinnings},
+        key=lambda r: (r[1], order.get(r[0], 99)),
+    )
     if not rows:
         return None
     better = "higher is better" if table.higher_is_better else "lower is better"
@@ -607,7 +621,7 @@ def render_table(table: BenchTable, results: Results, pinnings: Sequence[bool]) 
         if last_size is not None and size != last_size:
             t.add_section()
         last_size = size
-        cells: list[str | Text] = [fmt_size(size), _impl_label(impl, table)]
+        cells: list[str | Text] = [fmt_size(size), _impl_label(impl, table, size)]
         note = ""
         for pinned in pinnings:
             res = results.get((table.key, impl, size, pinned))
@@ -619,7 +633,8 @@ def render_table(table: BenchTable, results: Results, pinnings: Sequence[bool]) 
             cells.append(fmt_num(res.median(table.metric), table.metric))
             cells.append(fmt_range(res.spread(table.metric), table.metric))
             cells.extend(fmt_num(res.median(m), m) for m in table.extra)
-            r = ratio(results, table.key, impl, table.baseline, size, pinned, table.metric)
+            base = table.baseline_for(size)
+            r = ratio(results, table.key, impl, base, size, pinned, table.metric)
             cells.append("" if r is None else f"{r:.2f}x")
         targets = [x for x in TARGETS if (x.table, x.impl, x.size) == (table.key, impl, size)]
         if note:
@@ -627,13 +642,16 @@ def render_table(table: BenchTable, results: Results, pinnings: Sequence[bool]) 
         else:
             cells.append(_targets_cell(targets, results, pinnings))
         t.add_row(*cells)
-    t.caption = f"vs base: ratio to {table.baseline} (same size, same pinning, same run)"
+    bases = ", ".join(
+        f"{b}" + (f" from {fmt_size(start)}" if start else "") for start, b in table.baselines
+    )
+    t.caption = f"vs base: ratio to {bases} (same size, same pinning, same run)"
     t.caption_justify = "left"
     return t
 
 
-def _impl_label(impl: str, table: BenchTable) -> Text:
-    if impl == table.baseline:
+def _impl_label(impl: str, table: BenchTable, size: int) -> Text:
+    if impl == table.baseline_for(size):
         return Text(f"{impl} (base)", style="bold")
     if impl.startswith("ipcbus"):
         return Text(impl, style="cyan")
@@ -807,6 +825,7 @@ def _select(only: str | None) -> list[BenchTable]:
     help="Seconds before one measurement is killed (with all its processes).",
 )
 @click.option("--list", "list_only", is_flag=True, help="List the planned rows and exit.")
+@click.option("-v", "--verbose", is_flag=True, help="Show the stderr of failed measurements.")
 def cli(
     quick: bool,
     repeats: int | None,
@@ -816,6 +835,7 @@ def cli(
     json_path: Path | None,
     timeout: float,
     list_only: bool,
+    verbose: bool,
 ) -> None:
     """Benchmark ipcbus against raw pipes, multiprocessing, asyncio, pyzmq and NATS.
 
@@ -850,7 +870,7 @@ def cli(
     started = time.monotonic()
     interrupted = False
     try:
-        results = run_jobs(jobs, console, timeout=timeout)
+        results = run_jobs(jobs, console, timeout=timeout, verbose=verbose)
     except KeyboardInterrupt:  # pragma: no cover - interactive
         interrupted = True
         results = {}

@@ -186,6 +186,16 @@ class Unavailable(Exception):
 # ---------------------------------------------------------------------------
 
 
+_TRACE = bool(os.environ.get("IPCBUS_BENCH_TRACE"))
+_T0 = time.monotonic()
+
+
+def trace(what: str) -> None:
+    """With ``IPCBUS_BENCH_TRACE=1``: print a timestamped phase to stderr (tuning aid)."""
+    if _TRACE:
+        print(f"[{os.getpid()} {time.monotonic() - _T0:7.3f}] {what}", file=sys.stderr)
+
+
 def now_ns() -> int:
     """``CLOCK_MONOTONIC`` in nanoseconds: one clock for every process on the host."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -675,31 +685,39 @@ async def hub_req_peer(args: dict[str, Any]) -> None:
 async def _hub_fanout(p: Params, transport: str, sinks: int) -> Metrics:
     with _bus_env() as env:
         name = f"bench{os.getpid()}"
+        trace("hub starting")
         async with _hub(name, transport):
+            trace("hub up")
             base = {"bus": name, "transport": transport, "timeout": p.timeout}
+            # All start at once; the publisher pings every sink before it sends.
             subs = [
                 Peer(f"{MODULE}:hub_sink_peer", {**base, "id": i}, env=env) for i in range(sinks)
             ]
-            peers = list(subs)
+            pub = Peer(
+                f"{MODULE}:hub_pub_peer",
+                {**base, "sinks": sinks, "params": msgspec.to_builtins(p)},
+                env=env,
+            )
+            peers = [*subs, pub]
             try:
                 for s in subs:
                     await s.aexpect("ready", p.timeout)
-                pub = Peer(
-                    f"{MODULE}:hub_pub_peer",
-                    {**base, "sinks": sinks, "params": msgspec.to_builtins(p)},
-                    env=env,
-                )
-                peers.append(pub)
+                trace("sinks ready")
                 for s in subs:
                     await s.aexpect("mark", p.timeout)
+                trace("warm")
                 pub.tell("go")
                 started = await pub.aexpect("started", p.timeout)
+                trace("sent")
                 marks = [await s.aexpect("mark", p.timeout) for s in subs]
+                trace("received")
             finally:
                 for peer in peers:
                     with contextlib.suppress(OSError, ValueError):
                         peer.tell("bye")
                 await asyncio.gather(*(peer.aclose() for peer in peers))
+                trace("peers closed")
+        trace("hub closed")
     m = fanout_metrics(started["sent"], started["t"], marks)
     if sinks == 1:
         m.update(stream_metrics(int(marks[0]["n"]), p.size, started["t"], int(marks[0]["t"])))
@@ -796,15 +814,31 @@ def _plugin(module: str, candidates: Sequence[str]) -> Callable[..., Any]:
     raise Unavailable(f"ipcbus.bench.{module} has none of: {', '.join(candidates)}")
 
 
-def _plugin_call(fn: Callable[..., Any], p: Params) -> Any:
+def _plugin_count(p: Params, kind: str, bytes_s: float = 4e9, msgs_s: float = 500e3) -> int:
+    """A count for a plug-in that knows no ``duration``: about ``p.duration`` of work.
+
+    Estimated from a typical rate (``bytes_s``/``msgs_s`` for streams, 60 µs
+    per round trip for latency), capped by ``p.count``.
+    """
+    if p.duration <= 0:
+        return p.count
+    rate = 1 / 60e-6 if kind == "latency" else min(msgs_s, bytes_s / max(p.size, 1))
+    return int(max(8, min(p.count, p.duration * rate)))
+
+
+def _plugin_call(
+    fn: Callable[..., Any], p: Params, kind: str, *, bytes_s: float = 4e9, **extra: Any
+) -> Any:
     """Call a plug-in function, passing size/count/pinned under the names it declares."""
     sig = inspect.signature(fn)
     kwargs: dict[str, Any] = {}
     for name in sig.parameters:
-        if name in _SIZE_NAMES:
+        if name in extra:
+            kwargs[name] = extra[name]
+        elif name in _SIZE_NAMES:
             kwargs[name] = p.size
         elif name in _COUNT_NAMES:
-            kwargs[name] = p.count
+            kwargs[name] = _plugin_count(p, kind, bytes_s)
         elif name in ("pinned", "pin"):
             kwargs[name] = p.pinned
         elif name == "warmup":
@@ -866,7 +900,7 @@ def _plugin_metrics(result: Any, p: Params, kind: str) -> Metrics:
 def sysv_raw_w1(p: Params) -> Metrics:
     """W1 raw ``sysv_ipc`` one-way stream, from :mod:`ipcbus.bench.sysv_raw`."""
     fn = _plugin("sysv_raw", ("w1", "stream", "one_way", "oneway", "bench_stream", "run_stream"))
-    return _plugin_metrics(_plugin_call(fn, p), p, "stream")
+    return _plugin_metrics(_plugin_call(fn, p, "stream"), p, "stream")
 
 
 def sysv_raw_w2(p: Params) -> Metrics:
@@ -874,13 +908,27 @@ def sysv_raw_w2(p: Params) -> Metrics:
     fn = _plugin(
         "sysv_raw", ("w2", "pingpong", "ping_pong", "request_reply", "bench_pingpong", "latency")
     )
-    return _plugin_metrics(_plugin_call(fn, p), p, "latency")
+    return _plugin_metrics(_plugin_call(fn, p, "latency"), p, "latency")
 
 
 def shm_raw_w1(p: Params) -> Metrics:
-    """W1 raw shared-memory copy between processes, from :mod:`ipcbus.bench.shm_raw`."""
+    """W1 through a bare shared-memory Link (no node), from :mod:`ipcbus.bench.shm_raw`."""
     fn = _plugin("shm_raw", ("w1", "stream", "shm_stream", "one_way", "bench_stream"))
-    return _plugin_metrics(_plugin_call(fn, p), p, "stream")
+    return _plugin_metrics(_plugin_call(fn, p, "stream", transport="shm"), p, "stream")
+
+
+def pipe_link_w1(p: Params) -> Metrics:
+    """W1 through a bare anonymous-pipe Link (no node), with ``shm_raw.w1``'s driver."""
+    fn = _plugin("shm_raw", ("w1",))
+    if "transport" not in inspect.signature(fn).parameters:
+        raise Unavailable("ipcbus.bench.shm_raw.w1 takes no transport= argument")
+    return _plugin_metrics(_plugin_call(fn, p, "stream", transport="pipe"), p, "stream")
+
+
+def shm_raw_w2(p: Params) -> Metrics:
+    """W2 ping-pong through a bare shared-memory Link, from :mod:`ipcbus.bench.shm_raw`."""
+    fn = _plugin("shm_raw", ("w2", "pingpong", "ping_pong"))
+    return _plugin_metrics(_plugin_call(fn, p, "latency", transport="shm"), p, "latency")
 
 
 def memcpy_w1(p: Params) -> Metrics:
@@ -893,7 +941,7 @@ def memcpy_w1(p: Params) -> Metrics:
         fn = _plugin("shm_raw", ("memcpy", "inprocess_memcpy", "in_process_memcpy", "copy"))
     except Unavailable:
         return _local_memcpy(p)
-    return _plugin_metrics(_plugin_call(fn, p), p, "stream")
+    return _plugin_metrics(_plugin_call(fn, p, "stream", bytes_s=16e9), p, "stream")
 
 
 def _local_memcpy(p: Params) -> Metrics:
@@ -922,7 +970,8 @@ DRIVERS: dict[tuple[str, str], str] = {
     ("W1", "uvloop unix"): f"{_B}:unix_w1",
     ("W1", "zmq PUSH/PULL"): f"{_B}:zmq_w1",
     ("W1", "sysv_ipc raw"): f"{_W}:sysv_raw_w1",
-    ("W1", "shm raw"): f"{_W}:shm_raw_w1",
+    ("W1", "shm link (raw)"): f"{_W}:shm_raw_w1",
+    ("W1", "pipe link (raw)"): f"{_W}:pipe_link_w1",
     ("W1", "memcpy"): f"{_W}:memcpy_w1",
     ("W1", "ipcbus pipe"): f"{_W}:ipcbus_pipe_w1",
     ("W1", "ipcbus hub+fifo"): f"{_W}:hub_fifo_w1",
@@ -936,6 +985,7 @@ DRIVERS: dict[tuple[str, str], str] = {
     ("W2", "zmq REQ/REP"): f"{_B}:zmq_w2",
     ("W2", "NATS"): f"{_B}:nats_w2",
     ("W2", "sysv_ipc raw"): f"{_W}:sysv_raw_w2",
+    ("W2", "shm link (raw)"): f"{_W}:shm_raw_w2",
     ("W2", "ipcbus pipe"): f"{_W}:ipcbus_pipe_w2",
     ("W2", "ipcbus hub+fifo"): f"{_W}:hub_fifo_w2",
     ("W2", "ipcbus hub+sysv"): f"{_W}:hub_sysv_w2",

@@ -241,8 +241,7 @@ class FifoAcceptor:
         raw = knock.params.get(kind)
         if not isinstance(raw, str) or not raw:
             raise ProtocolError(
-                f"a fifo knock must name its FIFOs in params 'c2h' and 'h2c' (strings); "
-                f"got {kind}={raw!r}"
+                f"a fifo knock must name its FIFOs in params 'c2h' and 'h2c' (strings); got {kind}={raw!r}"
             )
         parent, name = os.path.split(raw)
         if os.path.realpath(parent or ".") != self._real:
@@ -284,8 +283,7 @@ class FifoAcceptor:
                 )
         if st.st_uid != knock.uid:
             raise PermissionRefused(
-                f"{kind} FIFO {path} belongs to {_who(st.st_uid)}, but the knock claims "
-                f"uid {knock.uid}"
+                f"{kind} FIFO {path} belongs to {_who(st.st_uid)}, but the knock claims uid {knock.uid}"
             )
 
     def _lstat(self, name: str, kind: str, knock: Knock) -> os.stat_result:
@@ -303,9 +301,7 @@ class FifoAcceptor:
         self._check_owner(st, name, kind, knock)
         return st
 
-    def _check_opened(
-        self, fd: int, before: os.stat_result, name: str, kind: str, knock: Knock
-    ) -> None:
+    def _check_opened(self, fd: int, before: os.stat_result, name: str, kind: str, knock: Knock) -> None:
         # fstat on the fd we hold: whatever happened to the path since lstat,
         # this is the file we will use (no time-of-check/time-of-use gap).
         st = os.fstat(fd)
@@ -351,7 +347,9 @@ class FifoAcceptor:
             delay = min(delay * 2, 0.05)
 
     def _unlink_if_same(self, name: str, st: os.stat_result) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        # Called from ``finally``: never raise (a missing file was unlinked by
+        # the client already; EBADF means the acceptor was closed meanwhile).
+        with contextlib.suppress(OSError):
             if _same(os.stat(name, dir_fd=self._dirfd, follow_symlinks=False), st):
                 os.unlink(name, dir_fd=self._dirfd)
 
@@ -401,9 +399,7 @@ class FifoAcceptor:
             # Exactly one byte: frames the client sends next stay in the pipe.
             byte = os.read(rfd, 1)
             if not byte:
-                raise ConnectionClosed(
-                    f"client pid {knock.pid} closed its FIFOs during the handshake"
-                )
+                raise ConnectionClosed(f"client pid {knock.pid} closed its FIFOs during the handshake")
             if byte != ACK:
                 raise ProtocolError(
                     f"client pid {knock.pid} answered the handshake with {byte!r}, not {ACK!r}"

@@ -7,7 +7,7 @@ assignment) and once out of it (``bytes`` of a slice); the kernel copies
 nothing.  ``docs/transports/shm.md`` describes the layout and the protocol
 byte by byte; the short version:
 
-* The ring holds *records*: an 8-byte header ``<II`` (tag, length) and the
+* The ring holds *records*: an 8-byte header (u32 tag, u32 length) and the
   payload, padded to 8 bytes.  A frame up to half the ring is one ``FRAME``
   record, contiguous (a ``PAD`` record skips the end of the ring when it
   would not fit).  A larger frame is streamed: ``BEGIN`` (its total length),
@@ -103,7 +103,8 @@ on the ring (the writer fills one while the reader empties another); see the doc
 MIN_RING_SIZE: Final = 4096
 MAX_RING_SIZE: Final = 1 << 30
 
-# Header fields (little-endian).  Counters sit on their own 64-byte lines so
+# Header fields, in the host's byte order (both ends share the host; little
+# endian on x86-64 and arm64).  Counters sit on their own 64-byte lines so
 # that the two processes do not bounce one cache line between them.
 _OFF_MAGIC = 0  # 8s
 _OFF_VERSION = 8  # u32 layout version
@@ -133,15 +134,18 @@ _PAD: Final = 4  # skip to the end of the ring (`length` = bytes skipped after t
 _EOF: Final = 5  # the writer closed the link
 _ATTACHED: Final = 6  # first record from the attacher: its pid is in the header
 _TAG_NAMES: Final = {1: "FRAME", 2: "BEGIN", 3: "PIECE", 4: "PAD", 5: "EOF", 6: "ATTACHED"}
+_KIND: Final = 0xFF  # the record kind is the tag's low byte
+_END: Final = 0x100  # flag: last record of a committed batch (the reader returns its token)
+_FRAME_END: Final = _FRAME | _END
 
-_REC = struct.Struct("<II")  # record header: tag, length
+_REC = struct.Struct("=II")  # record header: tag, length
 _REC_SIZE: Final = 8
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
 _MAX_LEN: Final = 0xFFFFFFFF
 
-_RX_BATCH: Final = 512  # records moved from the ring to the inbox per pump
-_CLOSE_FLUSH_TIMEOUT: Final = 2.0
+_RX_BATCH: Final = 512  # records moved from the ring to the inbox per pump...
+_RX_BYTES: Final = 256 * 1024  # ...or bytes: copy out little ahead of recv(), give room back
+# early, and keep few large frames alive at once (glibc then reuses their memory instead of
+# trimming it and faulting fresh pages in for the next one: measured 3x slower at 1 MiB)
 _SEM_DIR: Final = "/dev/shm"
 
 # The segment is created with shmget(2) directly: sysv_ipc's constructor
@@ -161,6 +165,12 @@ def _align8(n: int) -> int:
 def _sem_path(name: str) -> str:
     """Where glibc keeps the POSIX named semaphore ``name``."""
     return f"{_SEM_DIR}/sem.{name.lstrip('/')}"
+
+
+def _sem_ident(name: str) -> str:
+    """How a semaphore is named in the bus records: its name without the leading slash
+    (the file is ``/dev/shm/sem.<ident>``)."""
+    return name.lstrip("/")
 
 
 def _shm_create(size: int, mode: int) -> int:
@@ -335,6 +345,13 @@ class ShmLink(Link):
     ) -> None:
         self._shm = shm
         self._mv: memoryview | None = memoryview(shm)
+        # Fields the peer may read while we write them go through views cast
+        # to "Q"/"I": CPython stores such an item with one memcpy of its size,
+        # a single aligned store.  struct.pack_into is NOT usable for them: it
+        # zero-fills the field before writing it (measured: a reader in the
+        # other process sees 0 about one time in ten).
+        self._hq: memoryview | None = self._mv[:HEADER_SIZE].cast("Q")
+        self._hi: memoryview | None = self._mv[:HEADER_SIZE].cast("I")
         self._creator = creator
         self._busdir = busdir
         self._recorded = recorded
@@ -342,6 +359,8 @@ class ShmLink(Link):
         self._sem_names = sem_names
         self.max_frame = max_frame
         self.high_water = DEFAULT_HIGH_WATER
+        self.close_timeout = 2.0
+        """Seconds :meth:`aclose` waits for queued frames to fit in the ring."""
         self.info = LinkInfo(
             transport="shm",
             peer_pid=peer_pid,
@@ -357,28 +376,37 @@ class ShmLink(Link):
         base0 = HEADER_SIZE
         base1 = HEADER_SIZE + ring0
         if creator:
-            self._tx = (base0, ring0, _OFF_HEAD0, _OFF_TAIL0)
-            self._rx = (base1, ring1, _OFF_HEAD1, _OFF_TAIL1)
+            # ring offset in the segment, ring size, head and tail (indices into _hq)
+            self._tx_base, self._tx_size = base0, ring0
+            self._tx_hi, self._tx_ti = _OFF_HEAD0 // 8, _OFF_TAIL0 // 8
+            self._rx_base, self._rx_size = base1, ring1
+            self._rx_hi, self._rx_ti = _OFF_HEAD1 // 8, _OFF_TAIL1 // 8
             self._tx_items, self._tx_space, self._rx_items, self._rx_space = sems
-            self._my_flags_off, self._peer_flags_off = _OFF_CFLAGS, _OFF_AFLAGS
+            self._my_flags, self._peer_flags = _OFF_CFLAGS // 4, _OFF_AFLAGS // 4
         else:
-            self._tx = (base1, ring1, _OFF_HEAD1, _OFF_TAIL1)
-            self._rx = (base0, ring0, _OFF_HEAD0, _OFF_TAIL0)
+            self._tx_base, self._tx_size = base1, ring1
+            self._tx_hi, self._tx_ti = _OFF_HEAD1 // 8, _OFF_TAIL1 // 8
+            self._rx_base, self._rx_size = base0, ring0
+            self._rx_hi, self._rx_ti = _OFF_HEAD0 // 8, _OFF_TAIL0 // 8
             self._tx_items, self._tx_space = items1, space1
             self._rx_items, self._rx_space = items0, space0
-            self._my_flags_off, self._peer_flags_off = _OFF_AFLAGS, _OFF_CFLAGS
-        tx_size = self._tx[1]
+            self._my_flags, self._peer_flags = _OFF_AFLAGS // 4, _OFF_CFLAGS // 4
+        tx_size = self._tx_size
         self._contig_max = tx_size // 2  # records up to this size are never split
         self._piece_max = max(_REC_SIZE * 8, tx_size // 4)
         self._piece_min = max(_REC_SIZE, min(64 * 1024, tx_size // 8))
+        self._batch_max = max(_REC_SIZE * 8, tx_size // 8)  # commit once a batch is this big
 
         # sending
         self._txq: collections.deque[bytes] = collections.deque()
         self._tx_off = -1  # bytes of txq[0] already in the ring; -1: not started
         self._pending = 0
         self._tx_head = 0
-        self._tx_tail = 0
-        self._tx_inflight: collections.deque[int] = collections.deque()  # record sizes
+        self._tx_tail = 0  # end of the batches the reader has released
+        self._tx_committed = 0  # head at the last commit
+        self._last_at = -1  # where the last record written starts (gets _END on commit)
+        self._commit_scheduled = False
+        self._tx_inflight: collections.deque[int] = collections.deque()  # committed batch sizes
         self._tx_error: ConnectionClosed | None = None
         self._tx_broken = False  # the tx ring itself is untrustworthy (no EOF on close)
         self._wwaiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -386,7 +414,13 @@ class ShmLink(Link):
         self._rx_pos = 0
         self._rx_tokens = 0
         self._inbox: collections.deque[bytes] = collections.deque()
+        # A streamed frame in progress: up to half the ring, we keep views of its
+        # pieces in the ring (holding back their batches) and join them with one
+        # copy at the end; a larger frame is copied piece by piece into a BytesIO.
+        self._streaming = False
         self._asm: io.BytesIO | None = None
+        self._asm_views: list[memoryview] | None = None
+        self._held = 0  # batches not given back while their pieces are viewed
         self._asm_left = 0
         self._asm_total = 0
         self._rx_end: IpcBusError | None = None
@@ -457,13 +491,14 @@ class ShmLink(Link):
                 sems.append(sem)
                 path = _sem_path(name)
                 if busdir is not None:
-                    records.record_object(busdir, "posix_sem", name, extra={"path": path})
+                    records.record_object(busdir, "posix_sem", _sem_ident(name),
+                                          extra={"name": name, "path": path})
                 # sem_open applies the umask; set exactly the mode (and group) asked for.
                 if gid is not None:
                     os.chown(path, -1, gid)
                 os.chmod(path, mode)
             with memoryview(shm) as mv:
-                struct.pack_into("<IIQQQII", mv, _OFF_VERSION, LAYOUT_VERSION, HEADER_SIZE,
+                struct.pack_into("=IIQQQII", mv, _OFF_VERSION, LAYOUT_VERSION, HEADER_SIZE,
                                  ring_size, ring_size, max_frame, os.getpid(), 0)
                 mv[_OFF_NONCE : _OFF_NONCE + _NONCE_LEN] = nonce
                 mv[_OFF_MAGIC : _OFF_MAGIC + 8] = MAGIC  # last: a half-made header has no magic
@@ -474,7 +509,7 @@ class ShmLink(Link):
                 with contextlib.suppress(posix_ipc.Error):
                     sem.close()
                 if busdir is not None:
-                    records.forget_object(busdir, "posix_sem", name)
+                    records.forget_object(busdir, "posix_sem", _sem_ident(name))
             if shm is not None:
                 with contextlib.suppress(sysv_ipc.Error):
                     shm.detach()
@@ -592,8 +627,9 @@ class ShmLink(Link):
                 with contextlib.suppress(posix_ipc.ExistentialError):
                     posix_ipc.unlink_semaphore(name)
             shm.remove()
-            _U32.pack_into(mv, _OFF_APID, os.getpid())
-            _U32.pack_into(mv, _OFF_AFLAGS, _FLAG_ATTACHED)
+            with mv[:HEADER_SIZE] as hdr, hdr.cast("I") as hi:
+                hi[_OFF_APID // 4] = os.getpid()
+                hi[_OFF_AFLAGS // 4] = _FLAG_ATTACHED
             mv.release()
             mv = None
         except BaseException:
@@ -621,7 +657,7 @@ class ShmLink(Link):
         link._loop = asyncio.get_running_loop()
         # Tell the creator who we are; the first record of our ring.
         link._put(_ATTACHED, b"", 0, 0)
-        link._commit(1)
+        link._commit()
         link._watch_peer(peer_pid)
         return link
 
@@ -655,6 +691,12 @@ class ShmLink(Link):
             )
 
     # -- sending -----------------------------------------------------------
+    #
+    # Records are written into the ring at once and published in *batches*:
+    # a commit marks the batch's last record with _END, stores the head
+    # counter and posts the items semaphore once.  A batch is committed at
+    # the end of the loop iteration that started it (call_soon), as soon as
+    # it holds ring/8 bytes, and before the writer waits for room.
 
     def send_nowait(self, frame: bytes) -> None:
         """Queue one whole frame; what fits is copied into the ring at once."""
@@ -665,18 +707,37 @@ class ShmLink(Link):
         n = len(frame)
         if n > self.max_frame:
             raise FrameTooLarge(n, self.max_frame)
-        if n == 0:
+        if not n:
             raise ProtocolError("refusing to send an empty frame")
-        mv = self._mv
-        assert mv is not None
-        if _U32.unpack_from(mv, self._peer_flags_off)[0] & _FLAG_CLOSED:
-            err = ConnectionClosed("shm link: the peer closed the link")
-            self._set_tx_error(err)
-            raise err
         if type(frame) is not bytes:
             frame = bytes(frame)  # a snapshot: the caller may reuse its buffer
-        self.info.msgs_out += 1
-        self.info.bytes_out += n
+        info = self.info
+        info.msgs_out += 1
+        info.bytes_out += n
+        if not self._txq:
+            # Fast path: a frame that fits contiguously goes straight into the ring.
+            rec = (n + 15) & -8  # header + payload padded to 8
+            size = self._tx_size
+            head = self._tx_head
+            pos = head % size
+            if (
+                rec <= size - pos
+                and rec <= self._contig_max
+                and rec <= size - (head - self._tx_tail) - _REC_SIZE
+            ):
+                mv = self._mv
+                assert mv is not None
+                at = self._tx_base + pos
+                _REC.pack_into(mv, at, _FRAME, n)
+                mv[at + _REC_SIZE : at + _REC_SIZE + n] = frame
+                self._tx_head = head = head + rec
+                self._last_at = at
+                if head - self._tx_committed >= self._batch_max:
+                    self._commit()
+                elif not self._commit_scheduled:
+                    self._commit_scheduled = True
+                    (self._loop or self._get_loop()).call_soon(self._commit_soon)
+                return
         self._txq.append(frame)
         self._pending += n
         if len(self._txq) == 1:
@@ -695,8 +756,7 @@ class ShmLink(Link):
                 raise self._tx_error
             if self._closed:
                 raise ConnectionClosed("link is closed")
-            loop = self._get_loop()
-            fut: asyncio.Future[None] = loop.create_future()
+            fut: asyncio.Future[None] = self._get_loop().create_future()
             entry = (limit, fut)
             self._wwaiters.append(entry)
             try:
@@ -704,6 +764,8 @@ class ShmLink(Link):
             finally:
                 with contextlib.suppress(ValueError):
                     self._wwaiters.remove(entry)
+            if self._closed:  # closing dropped the queue: it was not sent
+                raise ConnectionClosed("link is closed")
         if self._tx_error is not None:
             raise self._tx_error
 
@@ -714,34 +776,31 @@ class ShmLink(Link):
     def _pump_tx(self) -> None:
         """Copy queued frames into the ring while it has room; arm the waiter if it has not."""
         txq = self._txq
-        posted = 0
+        size = self._tx_size
         try:
+            if self._peer_closed():
+                raise ConnectionClosed("shm link: the peer closed the link")
             while txq:
                 frame = txq[0]
                 n = len(frame)
                 if self._tx_off < 0:
                     rec = _REC_SIZE + _align8(n)
-                    if rec <= self._contig_max:
-                        size = self._tx[1]
-                        room = size - self._tx_head % size
-                        if not self._reserve(rec if rec <= room else room + rec):
+                    if rec <= self._contig_max and rec <= size - self._tx_head % size:
+                        if not self._reserve(rec):
                             break
-                        if rec > room:
-                            self._put(_PAD, b"", 0, room - _REC_SIZE)
-                            posted += 1
                         self._put(_FRAME, frame, 0, n)
-                        posted += 1
                         txq.popleft()
                         self._pending -= n
                         continue
+                    # Larger than half the ring, or it would wrap: stream it in
+                    # pieces (no padding wasted; up to half the ring the reader
+                    # still copies it out only once).
                     if not self._reserve(_REC_SIZE):
                         break
                     self._put(_BEGIN, b"", 0, n)
-                    posted += 1
                     self._tx_off = 0
                 off = self._tx_off
                 while off < n:
-                    size = self._tx[1]
                     room = size - self._tx_head % size
                     left = n - off
                     least = min(left, self._piece_min)
@@ -750,17 +809,12 @@ class ShmLink(Link):
                         if not self._reserve(room):
                             break
                         self._put(_PAD, b"", 0, room - _REC_SIZE)
-                        posted += 1
                         continue
-                    free = self._free()
-                    if free - _REC_SIZE < least:
-                        self._reclaim()
-                        free = self._free()
-                        if free - _REC_SIZE < least:
-                            break
-                    piece = min(left, self._piece_max, room - _REC_SIZE, free - _REC_SIZE)
+                    if not self._reserve(_REC_SIZE + least):
+                        break
+                    piece = min(left, self._piece_max, room - _REC_SIZE,
+                                self._free() - _REC_SIZE)
                     self._put(_PIECE, frame, off, piece)
-                    posted += 1
                     off += piece
                     self._pending -= piece
                 self._tx_off = off
@@ -772,21 +826,30 @@ class ShmLink(Link):
             self._fail(exc, tx_broken=True)
         except ConnectionClosed as exc:  # the peer closed while we reclaimed room
             self._set_tx_error(exc)
-        finally:
-            if posted:
-                self._commit(posted)
+        if self._tx_head != self._tx_committed and self._tx_error is None:
+            if txq:
+                self._commit()  # the reader must see what is in before we wait
+            elif not self._commit_scheduled:
+                self._commit_scheduled = True
+                self._get_loop().call_soon(self._commit_soon)
         if txq and self._tx_error is None:
             self._tx_waiter.arm()
         if self._wwaiters:
             self._wake_writers()
 
+    def _peer_closed(self) -> bool:
+        hi = self._hi
+        return hi is not None and bool(hi[self._peer_flags] & _FLAG_CLOSED)
+
     def _free(self) -> int:
         # Room left, minus one record header always kept for the EOF record.
-        return self._tx[1] - (self._tx_head - self._tx_tail) - _REC_SIZE
+        return self._tx_size - (self._tx_head - self._tx_tail) - _REC_SIZE
 
     def _reserve(self, need: int) -> bool:
         if self._free() >= need:
             return True
+        if self._tx_head != self._tx_committed:
+            self._commit()
         self._reclaim()
         return self._free() >= need
 
@@ -796,7 +859,7 @@ class ShmLink(Link):
         k = 0
         for _ in range(sem.value):
             try:
-                sem.acquire(0)
+                sem.acquire(0)  # acquire: the reader is done with that batch
             except posix_ipc.BusyError:  # our waiter thread took it first
                 break
             k += 1
@@ -804,55 +867,76 @@ class ShmLink(Link):
             self._released(k)
 
     def _released(self, k: int) -> None:
-        """The reader is done with the ``k`` oldest records: their room is ours again."""
-        mv = self._mv
-        assert mv is not None
-        if _U32.unpack_from(mv, self._peer_flags_off)[0] & _FLAG_CLOSED:
+        """The reader is done with our ``k`` oldest batches: their room is ours again."""
+        hq = self._hq
+        assert hq is not None
+        if self._peer_closed():
             # A closing peer posts our space semaphore to wake us: not a real release.
             raise ConnectionClosed("shm link: the peer closed the link")
         inflight = self._tx_inflight
         if k > len(inflight):
             raise ProtocolError(
-                f"shm link: the peer released {k} records but only {len(inflight)} are in "
+                f"shm link: the peer released {k} batches but only {len(inflight)} are in "
                 "the ring; it is not following the ring protocol"
             )
         tail = self._tx_tail
         for _ in range(k):
             tail += inflight.popleft()
-        seen = _U64.unpack_from(mv, self._tx[3])[0]
-        if not tail <= seen <= self._tx_head:
+        seen = hq[self._tx_ti]
+        if not tail <= seen <= self._tx_committed:
             raise ProtocolError(
-                f"shm link: the ring's tail counter ({seen}) is outside [{tail}, {self._tx_head}]: "
-                "the peer scribbled on the segment"
+                f"shm link: the ring's tail counter ({seen}) is outside "
+                f"[{tail}, {self._tx_committed}]: the peer scribbled on the segment"
             )
         self._tx_tail = tail
 
     def _put(self, tag: int, frame: bytes, off: int, n: int) -> None:
-        """Write one record at the head (the caller reserved its room and commits it)."""
+        """Write one record at the head (the caller reserved its room)."""
         mv = self._mv
         assert mv is not None
-        base, size, _h, _t = self._tx
-        at = base + self._tx_head % size
+        size = self._tx_size
+        pos = self._tx_head % size
+        at = self._tx_base + pos
         _REC.pack_into(mv, at, tag, n)
         if tag == _FRAME:
             mv[at + _REC_SIZE : at + _REC_SIZE + n] = frame
+            rec = _REC_SIZE + _align8(n)
         elif tag == _PIECE:
             with memoryview(frame) as fv:
                 mv[at + _REC_SIZE : at + _REC_SIZE + n] = fv[off : off + n]
-        rec = size - self._tx_head % size if tag == _PAD else _REC_SIZE + (
-            _align8(n) if tag in (_FRAME, _PIECE) else 0
-        )
+            rec = _REC_SIZE + _align8(n)
+        elif tag == _PAD:
+            rec = size - pos
+        else:
+            rec = _REC_SIZE
         self._tx_head += rec
-        self._tx_inflight.append(rec)
+        self._last_at = at
+        if self._tx_head - self._tx_committed >= self._batch_max:
+            self._commit()
 
-    def _commit(self, k: int) -> None:
-        """Publish ``k`` records: store the head counter, then post one token per record."""
-        mv = self._mv
-        assert mv is not None
-        _U64.pack_into(mv, self._tx[2], self._tx_head)
-        post = self._tx_items.release
-        for _ in range(k):
-            post()  # release: everything written above is visible to whoever takes it
+    def _commit_soon(self) -> None:
+        self._commit_scheduled = False
+        if self._tx_error is None and not self._closed:
+            if self._peer_closed():
+                self._set_tx_error(ConnectionClosed("shm link: the peer closed the link"))
+                return
+            self._commit()
+
+    def _commit(self) -> None:
+        """Publish the records written since the last commit as one batch."""
+        head = self._tx_head
+        if head == self._tx_committed:
+            return
+        mv, hq = self._mv, self._hq
+        assert mv is not None and hq is not None
+        at = self._last_at
+        tag, n = _REC.unpack_from(mv, at)
+        _REC.pack_into(mv, at, tag | _END, n)  # the reader gives its token back here
+        hq[self._tx_hi] = head
+        self._tx_inflight.append(head - self._tx_committed)
+        self._tx_committed = head
+        # release: every byte written above is visible to whoever takes this token
+        self._tx_items.release()
 
     def _on_tx_token(self) -> None:
         """The waiter thread took one space token for us."""
@@ -897,8 +981,9 @@ class ShmLink(Link):
         while True:
             if inbox:
                 frame = inbox.popleft()
-                self.info.msgs_in += 1
-                self.info.bytes_in += len(frame)
+                info = self.info
+                info.msgs_in += 1
+                info.bytes_in += len(frame)
                 return frame
             if self._closed:
                 raise ConnectionClosed("link is closed")
@@ -927,126 +1012,208 @@ class ShmLink(Link):
         if fut is not None and not fut.done():
             fut.set_result(None)
 
+    def _take_rx_token(self) -> bool:
+        sem = self._rx_items
+        if sem.value:
+            try:
+                sem.acquire(0)  # acquire: the batch's bytes are now visible to us
+            except posix_ipc.BusyError:  # the waiter thread took it
+                return False
+            self._rx_tokens += 1
+            return True
+        return False
+
     def _pump_rx(self, budget: int) -> None:
-        """Move up to ``budget`` published records from the ring to the inbox."""
+        """Move up to ``budget`` published records from the ring to the inbox.
+
+        A record may be read only while we hold a token for its batch; the
+        batch's last record (flag _END) gives the token back, and we post the
+        writer's space semaphore once per batch we are done with.
+        """
         if self._rx_end is not None or self._closed or self._peer_dead:
             return
-        sem = self._rx_items
-        tokens = self._rx_tokens
-        want = budget - tokens
-        if want > 0:
-            for _ in range(min(want, sem.value)):
-                try:
-                    sem.acquire(0)  # acquire: the record's bytes are now visible to us
-                except posix_ipc.BusyError:  # the waiter thread took it
-                    break
-                tokens += 1
-        self._rx_tokens = tokens
-        if not tokens:
+        if not self._rx_tokens and not self._take_rx_token():
             return
-        mv = self._mv
-        assert mv is not None
-        done = 0
+        mv, hq = self._mv, self._hq
+        assert mv is not None and hq is not None
+        base, size, hi = self._rx_base, self._rx_size, self._rx_hi
+        inbox = self._inbox
+        maxf = self.max_frame
+        pos = self._rx_pos
+        freed = 0
+        unpack = _REC.unpack_from
+        append = inbox.append
+        fast = not self._streaming
+        taken = 0
         try:
-            head = _U64.unpack_from(mv, self._rx[2])[0]
+            head = hq[hi]
             self._check_head(head)
-            while done < tokens and self._rx_end is None:
-                self._consume(mv, head)
-                done += 1
+            while budget > 0:
+                if not self._rx_tokens:
+                    if not self._take_rx_token():
+                        break
+                    head = hq[hi]
+                    self._rx_pos = pos
+                    self._check_head(head)
+                off = pos % size
+                at = base + off
+                tag, n = unpack(mv, at)
+                rec = (n + 15) & -8
+                if (
+                    fast
+                    and (tag == _FRAME or tag == _FRAME_END)
+                    and 0 < n <= maxf
+                    and rec <= size - off
+                    and pos + rec <= head
+                ):
+                    # The common case, inline: one whole frame, copied out once.
+                    append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes())
+                    pos += rec
+                    budget -= 1
+                    taken += n
+                    if tag == _FRAME_END:
+                        self._rx_tokens -= 1
+                        freed += 1
+                    if taken >= _RX_BYTES:
+                        break
+                    continue
+                self._rx_pos = pos
+                rec = self._consume(mv, at, off, tag, n, head)
+                pos += rec
+                self._rx_pos = pos
+                budget -= 1
+                fast = not self._streaming
+                if tag & _END:
+                    self._rx_tokens -= 1
+                    if self._asm_views is not None:
+                        self._held += 1  # its pieces are still in use: keep its room
+                    else:
+                        freed += 1
+                if self._held and self._asm_views is None:
+                    freed += self._held
+                    self._held = 0
+                if self._rx_end is not None or self._inbox and rec > _RX_BYTES:
+                    break
         except (ProtocolError, PermissionRefused) as exc:
             self._fail(exc)
         finally:
-            self._rx_tokens = tokens - done
-            if done and self._mv is not None:
-                _U64.pack_into(mv, self._rx[3], self._rx_pos)
+            self._rx_pos = pos
+            if freed:
+                hq[self._rx_ti] = pos
                 post = self._rx_space.release
-                for _ in range(done):
-                    post()  # release: we are done reading those records
+                for _ in range(freed):
+                    post()  # release: we are done reading those batches
 
     def _check_head(self, head: int) -> None:
         pos = self._rx_pos
-        if not pos <= head <= pos + self._rx[1]:
+        if not pos <= head <= pos + self._rx_size:
             raise ProtocolError(
                 f"shm link: the ring's head counter ({head}) is outside [{pos}, "
-                f"{pos + self._rx[1]}]: the peer scribbled on the segment"
+                f"{pos + self._rx_size}]: the peer scribbled on the segment"
             )
 
-    def _consume(self, mv: memoryview, head: int) -> None:
-        """Read one record at the tail; deliver a frame when one is complete."""
-        base, size, _h, _t = self._rx
-        pos = self._rx_pos % size
-        room = size - pos
-        at = base + pos
-        tag, n = _REC.unpack_from(mv, at)
-        if tag == _FRAME or tag == _PIECE:
+    def _consume(self, mv: memoryview, at: int, off: int, tag: int, n: int, head: int) -> int:
+        """Read any record at the tail (the slow path); return its size in the ring."""
+        size = self._rx_size
+        room = size - off
+        kind = tag & _KIND
+        if tag & ~(_KIND | _END) or kind not in _TAG_NAMES:
+            raise ProtocolError(
+                f"shm link: unknown record tag {tag:#x} at ring offset {off}: the ring is corrupted"
+            )
+        if kind == _FRAME or kind == _PIECE:
             rec = _REC_SIZE + _align8(n)
-        elif tag == _PAD:
+        elif kind == _PAD:
             rec = room
             if n != room - _REC_SIZE:
                 raise ProtocolError(
-                    f"shm link: PAD record of {n} bytes at ring offset {pos} does not reach "
+                    f"shm link: PAD record of {n} bytes at ring offset {off} does not reach "
                     "the end of the ring"
                 )
-        elif tag in (_BEGIN, _EOF, _ATTACHED):
-            rec = _REC_SIZE
         else:
-            raise ProtocolError(
-                f"shm link: unknown record tag {tag} at ring offset {pos}: the ring is corrupted"
-            )
+            rec = _REC_SIZE
+        name = _TAG_NAMES[kind]
         if rec > room:
             raise ProtocolError(
-                f"shm link: {_TAG_NAMES[tag]} record of {n} bytes at ring offset {pos} runs "
-                f"past the end of the {size}-byte ring"
+                f"shm link: {name} record of {n} bytes at ring offset {off} runs past the end "
+                f"of the {size}-byte ring"
             )
         if self._rx_pos + rec > head:
             raise ProtocolError(
-                f"shm link: {_TAG_NAMES[tag]} record at ring offset {pos} ends past the "
-                f"ring's head counter ({head}): the peer scribbled on the segment"
+                f"shm link: {name} record at ring offset {off} ends past the ring's head "
+                f"counter ({head}): the peer scribbled on the segment"
             )
-        asm = self._asm
-        if tag == _FRAME:
-            if asm is not None:
+        if kind == _FRAME:
+            if self._streaming:
                 raise ProtocolError("shm link: a whole frame in the middle of a streamed frame")
             if n > self.max_frame:
                 raise FrameTooLarge(n, self.max_frame, "announced frame")
-            if n == 0:
+            if not n:
                 raise ProtocolError("shm link: peer sent an empty frame")
-            with mv[at + _REC_SIZE : at + _REC_SIZE + n] as view:
-                self._inbox.append(bytes(view))
-        elif tag == _PIECE:
-            if asm is None:
+            self._inbox.append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes())
+        elif kind == _PIECE:
+            if not self._streaming:
                 raise ProtocolError("shm link: a PIECE record outside a streamed frame")
-            if n == 0 or n > self._asm_left:
+            if not 0 < n <= self._asm_left:
                 raise ProtocolError(
                     f"shm link: a PIECE of {n} bytes where {self._asm_left} were expected"
                 )
-            with mv[at + _REC_SIZE : at + _REC_SIZE + n] as view:
-                asm.write(view)
             self._asm_left -= n
-            if not self._asm_left:
-                self._inbox.append(asm.getvalue())  # no copy: BytesIO hands over its buffer
-                self._asm = None
-        elif tag == _BEGIN:
-            if asm is not None:
+            views = self._asm_views
+            if views is not None:
+                views.append(mv[at + _REC_SIZE : at + _REC_SIZE + n])
+                if not self._asm_left:
+                    try:
+                        self._inbox.append(b"".join(views))  # the one copy out of the ring
+                    finally:
+                        self._drop_partial()
+            else:
+                asm = self._asm
+                assert asm is not None
+                with mv[at + _REC_SIZE : at + _REC_SIZE + n] as view:
+                    asm.write(view)
+                if not self._asm_left:
+                    frame = asm.getvalue()  # no copy: BytesIO hands over its buffer
+                    self._drop_partial()
+                    self._inbox.append(frame)
+        elif kind == _BEGIN:
+            if self._streaming:
                 raise ProtocolError("shm link: a BEGIN record in the middle of a streamed frame")
             if n > self.max_frame:
                 raise FrameTooLarge(n, self.max_frame, "announced frame")
-            if n == 0:
+            if not n:
                 raise ProtocolError("shm link: peer announced an empty frame")
-            self._asm = io.BytesIO()
+            self._streaming = True
             self._asm_left = self._asm_total = n
-        elif tag == _EOF:
-            if asm is not None:
+            # Up to half the ring the writer can always complete the frame while
+            # we hold its pieces (see docs/transports/shm.md): no assembly copy.
+            if n <= size // 2:
+                self._asm_views = []
+            else:
+                self._asm = io.BytesIO()
+        elif kind == _EOF:
+            if self._streaming:
                 self._rx_end = ConnectionClosed(self._partial_msg("closed the link"))
-                self._asm = None
+                self._drop_partial()
             else:
                 self._rx_end = EndOfStream("shm link: the peer closed the link")
             self._set_tx_error(ConnectionClosed("shm link: the peer closed the link"))
-        elif tag == _ATTACHED:
-            self._rx_pos += rec  # consumed even if the attacher is refused below
+        elif kind == _ATTACHED:
             self._on_attached()
-            return
-        self._rx_pos += rec
+        return rec
+
+    def _drop_partial(self) -> None:
+        """Forget the streamed frame in progress, releasing its views of the ring."""
+        self._streaming = False
+        self._asm_left = 0
+        if self._asm is not None:
+            self._asm.close()
+            self._asm = None
+        views = self._asm_views
+        if views is not None:
+            self._asm_views = None
+            for v in views:
+                v.release()
 
     def _partial_msg(self, what: str) -> str:
         got = self._asm_total - self._asm_left
@@ -1056,11 +1223,11 @@ class ShmLink(Link):
         )
 
     def _on_attached(self) -> None:
-        mv = self._mv
-        assert mv is not None
+        hi = self._hi
+        assert hi is not None
         if not self._creator or self._attached:
             raise ProtocolError("shm link: unexpected ATTACHED record")
-        apid = _U32.unpack_from(mv, _OFF_APID)[0]
+        apid = hi[_OFF_APID // 4]
         if self._expected_peer is not None and apid != self._expected_peer:
             raise PermissionRefused(
                 f"shm link attached by pid {apid}, expected pid {self._expected_peer}"
@@ -1133,19 +1300,24 @@ class ShmLink(Link):
             # The dead writer's head counter is final and everything it wrote
             # before it is visible now (its exit and our pidfd wake-up are
             # full barriers): read up to it, tokens or not.
+            mv, hq = self._mv, self._hq
+            assert hq is not None
             try:
-                mv = self._mv
-                head = _U64.unpack_from(mv, self._rx[2])[0]
+                head = hq[self._rx_hi]
                 self._check_head(head)
+                size = self._rx_size
                 while self._rx_pos < head and self._rx_end is None:
-                    self._consume(mv, head)
+                    off = self._rx_pos % size
+                    at = self._rx_base + off
+                    tag, n = _REC.unpack_from(mv, at)
+                    self._rx_pos += self._consume(mv, at, off, tag, n, head)
             except (ProtocolError, PermissionRefused) as exc:
                 self._rx_end = exc
         self._rx_tokens = 0
         if self._rx_end is None:
-            if self._asm is not None:
+            if self._streaming:
                 self._rx_end = ConnectionClosed(self._partial_msg(f"(pid {pid}) died"))
-                self._asm = None
+                self._drop_partial()
             else:
                 self._rx_end = EndOfStream(f"shm link: the peer (pid {pid}) exited")
         self._set_tx_error(ConnectionClosed(f"shm link: the peer (pid {pid}) exited"))
@@ -1159,6 +1331,7 @@ class ShmLink(Link):
             self._rx_end = exc
         self._tx_broken = self._tx_broken or tx_broken
         self._rx_tokens = 0
+        self._drop_partial()
         self._set_tx_error(ConnectionClosed(f"shm link failed: {exc}"))
         self._rx_waiter.signal_stop()
         self._announce_close()
@@ -1166,17 +1339,17 @@ class ShmLink(Link):
 
     def _announce_close(self) -> None:
         """Tell the peer we are gone: CLOSED flag, EOF record, wake its writer."""
-        mv = self._mv
-        if mv is None or self._peer_dead:
+        hi = self._hi
+        if hi is None or self._peer_dead:
             return
-        flags = _U32.unpack_from(mv, self._my_flags_off)[0]
+        flags = hi[self._my_flags]
         if flags & _FLAG_CLOSED:
             return
-        _U32.pack_into(mv, self._my_flags_off, flags | _FLAG_CLOSED)
+        hi[self._my_flags] = flags | _FLAG_CLOSED
         if not self._tx_broken:
             # One record header is always kept free for this EOF (see _free).
             self._put(_EOF, b"", 0, 0)
-            self._commit(1)
+            self._commit()
         # A writer blocked on the ring we read waits on its space semaphore:
         # post it; it sees our CLOSED flag (stored above, so visible to it).
         self._rx_space.release()
@@ -1194,7 +1367,7 @@ class ShmLink(Link):
         return self._attached
 
     async def aclose(self) -> None:
-        """Flush queued frames (for at most two seconds), end the stream, release everything.
+        """Flush queued frames (at most :attr:`close_timeout` s), end the stream, release all.
 
         The peer receives every frame already in the ring, then
         :class:`~ipcbus.errors.EndOfStream`.  Idempotent; safe to cancel (the
@@ -1203,7 +1376,7 @@ class ShmLink(Link):
         if self._close_task is None:
             if self._txq and self._tx_error is None and not self._closed:
                 with contextlib.suppress(ConnectionClosed, TimeoutError):
-                    async with asyncio.timeout(_CLOSE_FLUSH_TIMEOUT):
+                    async with asyncio.timeout(self.close_timeout):
                         await self.drain()
             if self._close_task is None:
                 self._shutdown()
@@ -1241,9 +1414,14 @@ class ShmLink(Link):
         for sem in self._sems:
             with contextlib.suppress(posix_ipc.Error):
                 sem.close()
+        self._drop_partial()  # its views of the ring go before the ring does
         mv = self._mv
         if mv is not None:
             self._mv = None
+            for view in (self._hq, self._hi):
+                if view is not None:
+                    view.release()
+            self._hq = self._hi = None
             # Detaching under a live view would leave it pointing at unmapped
             # memory (a segfault on use): release ours, and refuse to detach
             # if anything still holds a view of the segment.
@@ -1261,7 +1439,7 @@ class ShmLink(Link):
             self._recorded = False
             records.forget_object(self._busdir, "shm", self._shm.id)
             for name in self._sem_names:
-                records.forget_object(self._busdir, "posix_sem", name)
+                records.forget_object(self._busdir, "posix_sem", _sem_ident(name))
 
     def __del__(self) -> None:
         if getattr(self, "_mv", None) is not None and not getattr(self, "_closed", True):
@@ -1362,7 +1540,7 @@ def _check_header(mv: memoryview, p: _Params, peer_pid: int) -> None:
             f"shared-memory segment {p.shmid} has no ipcbus header (magic {magic!r}, "
             f"expected {MAGIC!r}): corrupted, or not an ipcbus link"
         )
-    version, hdr, r0, r1, _maxf, cpid, apid = struct.unpack_from("<IIQQQII", mv, _OFF_VERSION)
+    version, hdr, r0, r1, _maxf, cpid, apid = struct.unpack_from("=IIQQQII", mv, _OFF_VERSION)
     if version != LAYOUT_VERSION:
         raise ProtocolError(
             f"shared-memory segment {p.shmid} has layout version {version}; this ipcbus "
@@ -1383,7 +1561,7 @@ def _check_header(mv: memoryview, p: _Params, peer_pid: int) -> None:
             f"shared-memory segment {p.shmid}: header names creator pid {cpid}, "
             f"the kernel says {peer_pid}: corrupted header"
         )
-    flags = _U32.unpack_from(mv, _OFF_AFLAGS)[0]
+    flags = struct.unpack_from("=I", mv, _OFF_AFLAGS)[0]
     if apid or flags & _FLAG_ATTACHED:
         raise PermissionRefused(
             f"shared-memory segment {p.shmid} is already attached by pid {apid}; "

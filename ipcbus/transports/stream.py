@@ -245,6 +245,10 @@ class FdStreamLink(Link):
             if self._rq_bytes > self.high_water:
                 self._pause_reading()
             self._wake_reader()
+        if self._framer.error is not None:  # a bad header after these good frames
+            self._rerror = self._framer.error
+            self._pause_reading()
+            self._wake_reader()
 
     def _wake_reader(self) -> None:
         w = self._rwaiter

@@ -306,7 +306,8 @@ class _TxThread:
                 self.blocked = True
             try:
                 q.send(m, True, t)  # blocks while the queue is full; GIL released
-            except sysv_ipc.ExistentialError:
+            except (sysv_ipc.ExistentialError, OSError):
+                # EIDRM while blocked, EINVAL if the id is already gone: removed.
                 self._call(self._on_error, ConnectionClosed(
                     f"SysV queue id {q.id} was removed while sending to it"))
                 return
@@ -525,7 +526,9 @@ class SysvLink(Link):
             tx.put(msgs, self._msgs_bytes)
             msgs.clear()
             self._msgs_bytes = 0
-        except sysv_ipc.ExistentialError:
+        except (sysv_ipc.ExistentialError, OSError):
+            # msgsnd on a removed id fails with EINVAL, which sysv_ipc raises as
+            # a plain OSError (EIDRM, as ExistentialError, only wakes a waiter).
             self._on_out_removed()
         except sysv_ipc.PermissionsError:
             self._break(PermissionRefused(f"no write permission on SysV queue id {self._out_q.id}"))
@@ -1005,6 +1008,9 @@ class _ClientLink(SysvLink):
             self._end(gone)
         if not self._welcome.done() and self._rx_end is not None:
             self._welcome.set_exception(self._rx_end)
+        # The thread may have paused on bytes that were only in transit to us
+        # (fragments now absorbed into a partial frame): let it go on if so.
+        self._consumed()
         self._wake_reader()
 
     def _rx_other(self, kind: int, flags: int, total: int, data: bytes) -> int:
@@ -1054,7 +1060,7 @@ class _ClientLink(SysvLink):
     def _nudge(self) -> None:
         # Zero-length: it fits even in a full queue (the kernel counts bytes and
         # messages; a 0-byte message adds no bytes).
-        with contextlib.suppress(sysv_ipc.Error):
+        with contextlib.suppress(sysv_ipc.Error, OSError):
             self._own_q.send(b"", False, T_NUDGE)
 
     def _on_hub_exit(self) -> None:
@@ -1067,7 +1073,7 @@ class _ClientLink(SysvLink):
             # message the hub queued (FIFO within a type): the thread reaches it
             # only after delivering them all.
             self._own_q.send(b"", False, self._address)
-        except sysv_ipc.Error:
+        except (sysv_ipc.Error, OSError):
             self._drop_partial("the hub exited")
             self._end(EndOfStream(f"the hub (pid {self._hub_pid}) exited"))
         if not self._welcome.done():
@@ -1109,7 +1115,7 @@ class _ClientLink(SysvLink):
         """
         if not self._peer_gone:
             return
-        with contextlib.suppress(sysv_ipc.Error):
+        with contextlib.suppress(sysv_ipc.Error, OSError):
             while True:
                 self._out_q.receive(False, 0)
 
@@ -1127,7 +1133,7 @@ class _ClientLink(SysvLink):
         self._stopping = True
         # Removing our queue wakes the receiver thread (EIDRM) and discards
         # whatever the hub sent that we will never read.
-        with contextlib.suppress(sysv_ipc.Error):
+        with contextlib.suppress(sysv_ipc.Error, OSError):
             self._own_q.remove()
         forget_object(self._busdir, "msq", self._own_id)
         if self._rx_thread.is_alive():
@@ -1231,7 +1237,7 @@ async def connect_sysv(
         if link is not None:
             await link.aclose()
         else:
-            with contextlib.suppress(sysv_ipc.Error):
+            with contextlib.suppress(sysv_ipc.Error, OSError):
                 own_q.remove()
             forget_object(busdir, "msq", own_q.id)
         raise
@@ -1327,7 +1333,7 @@ class _HubLink(SysvLink):
                 q.send(b"", False, T_ACK)  # zero-length: fits even in a full queue
             except sysv_ipc.BusyError:
                 return
-            except sysv_ipc.ExistentialError:
+            except (sysv_ipc.ExistentialError, OSError):
                 self._on_out_removed()
                 return
             except sysv_ipc.Error:
@@ -1356,9 +1362,9 @@ class _HubLink(SysvLink):
             try:
                 self._out_q.send(body, False, T_ABORT)
             except sysv_ipc.BusyError:
-                with contextlib.suppress(sysv_ipc.Error):
+                with contextlib.suppress(sysv_ipc.Error, OSError):
                     self._out_q.send(b"", False, T_ABORT)  # zero-length always fits
-            except sysv_ipc.Error:
+            except (sysv_ipc.Error, OSError):
                 pass
         self._peer_gone = True
         self._break(ConnectionClosed(f"link aborted: {reason}"))
@@ -1417,10 +1423,10 @@ class _HubLink(SysvLink):
             pass
         except sysv_ipc.Error:
             return
-        with contextlib.suppress(sysv_ipc.Error):
+        with contextlib.suppress(sysv_ipc.Error, OSError):
             for _ in range(1 << 16):
                 self._out_q.receive(False, self._peer_address)
-        with contextlib.suppress(sysv_ipc.Error):
+        with contextlib.suppress(sysv_ipc.Error, OSError):
             self._out_q.send(b"", False, T_ABORT)
 
     def _teardown(self) -> None:
@@ -1599,7 +1605,7 @@ class SysvAcceptor:
                 continue
             row = table.get(ident)
             if row is not None and row["key"] == rec.key and row["cuid"] == rec.creator_uid:
-                with contextlib.suppress(sysv_ipc.Error):
+                with contextlib.suppress(sysv_ipc.Error, OSError):
                     sysv_ipc.remove_message_queue(ident)
                 log.info(
                     "bus %s: removed stale SysV queue %d (%s of dead pid %d, %d message(s))",
@@ -1625,7 +1631,7 @@ class SysvAcceptor:
                 self.busdir, "msq", q.id, key=key, extra={"role": "bus", "mode": self.mode}
             )
         except BaseException:
-            with contextlib.suppress(sysv_ipc.Error):
+            with contextlib.suppress(sysv_ipc.Error, OSError):
                 q.remove()
             raise
         self._q = q
@@ -1672,7 +1678,7 @@ class SysvAcceptor:
             await asyncio.gather(*(lk.aclose() for lk in links), return_exceptions=True)
         q, self._q = self._q, None
         if q is not None:
-            with contextlib.suppress(sysv_ipc.Error):
+            with contextlib.suppress(sysv_ipc.Error, OSError):
                 q.remove()  # wakes the receiver thread (EIDRM)
             forget_object(self.busdir, "msq", q.id)
         for t in self._threads:
@@ -1768,7 +1774,7 @@ class SysvAcceptor:
             if q is None:
                 raise sysv_ipc.ExistentialError("closed")
             q.send(b"", False, T_MARK)  # zero-length: fits even in a full queue
-        except sysv_ipc.Error:
+        except (sysv_ipc.Error, OSError):
             self._marks.remove(action)
             action()
 
@@ -1874,7 +1880,7 @@ class SysvAcceptor:
                           min(self.max_frame, 0xFFFFFFFF))
         try:
             cq.send(welcome, False, address)
-        except sysv_ipc.Error as exc:
+        except (sysv_ipc.Error, OSError) as exc:
             link._watch.close()
             raise ConnectionClosed(f"could not answer pid {pid}'s knock: {exc}") from None
         self._links[address] = link
@@ -1944,7 +1950,7 @@ class SysvAcceptor:
         )
         body = str(exc).encode()[:2048]
         msg = MSG_HEADER.pack(WIRE_VERSION, KIND_REFUSE, 0, 0, HUB_ADDRESS, 0, code) + body
-        with contextlib.suppress(sysv_ipc.Error):
+        with contextlib.suppress(sysv_ipc.Error, OSError):
             cq.send(msg, False, address)
 
     def __repr__(self) -> str:

@@ -1,0 +1,66 @@
+"""Worker setup functions for the WorkerPool tests (imported by the worker processes).
+
+Each ``setup_*`` is an ``async def setup(bus)`` given to
+:class:`ipcbus.WorkerPool` as ``"pool_workers:setup_*"`` (the tests put this
+directory on the workers' ``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import ipcbus
+
+
+async def setup(bus: ipcbus.Bus) -> None:
+    """A good worker: ``echo`` and ``pid`` in queue groups, plus the slow services."""
+    await bus.serve("echo", lambda m: m.data, queue="echo")
+    await bus.serve("pid", lambda m: os.getpid(), queue="pid")
+
+    async def hang(m: ipcbus.Msg) -> bytes:
+        # Tell the test which worker took the request *before* blocking, so it
+        # can kill exactly that worker while the request is in flight.
+        await bus.publish("started", os.getpid())
+        await asyncio.Event().wait()  # never answers
+        return b""
+
+    async def sleep(seconds: float) -> str:
+        await bus.publish("started", os.getpid())
+        await asyncio.sleep(seconds)  # a slow handler, finishing on its own
+        return "slept"
+
+    await bus.serve("slow.hang", hang, queue="slow")
+    await bus.serve("slow.sleep", sleep, queue="slow")
+
+
+async def setup_raises(bus: ipcbus.Bus) -> None:
+    """Setup that fails with a clear error."""
+    await bus.serve("echo", lambda m: m.data)
+    raise RuntimeError("setup exploded on purpose")
+
+
+def setup_sync(bus: ipcbus.Bus) -> None:
+    """A plain (non-async) setup function is not awaited but still runs."""
+
+
+async def setup_crash(bus: ipcbus.Bus) -> None:
+    """Setup that kills its own process without a word (a crash on start)."""
+    os._exit(3)
+
+
+async def setup_crash_on_restart(bus: ipcbus.Bus) -> None:
+    """Starts fine the first time; every later start (a restart) crashes.
+
+    ``IPCBUS_TEST_MARKER`` names a file that records that a first start happened.
+    """
+    marker = os.environ["IPCBUS_TEST_MARKER"]
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        os._exit(4)
+    os.close(fd)
+    await setup(bus)
+
+
+not_callable = 42

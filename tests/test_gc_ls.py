@@ -1,0 +1,280 @@
+"""``ipcbus ls`` and ``ipcbus gc``: what a bus holds, and cleaning up after the dead.
+
+Stale objects are made the honest way: a child process creates a real SysV
+queue, records it with :func:`ipcbus.records.record_object` and exits, so its
+creator is dead.  Foreign records and objects are written or changed by hand.
+gc must report and skip what is not ours, and never remove it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import sysv_ipc
+
+import ipcbus
+from ipcbus.busdir import BusDir
+from ipcbus.gc import collect, scan, sysv_table
+from ipcbus.records import ObjectRecord, list_records, record_object
+
+try:
+    from hub_client import REPO, peers
+except ImportError:  # pragma: no cover - tests/ imported as a package
+    from tests.hub_client import REPO, peers
+
+NOBODY = 65534
+_names = itertools.count()
+
+_MAKE_STALE = """
+import sys, sysv_ipc
+from pathlib import Path
+from ipcbus.records import record_object
+q = sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, mode=0o600, max_message_size=8192)
+q.send(b"left behind", type=1)
+record_object(Path(sys.argv[1]), "msq", q.id, key=q.key, extra={"role": "test"})
+print(q.id, flush=True)
+"""
+
+
+@pytest.fixture
+def bus_name() -> str:
+    """A bus name no other test uses."""
+    return f"g{os.getpid()}-{next(_names)}"
+
+
+@pytest.fixture
+def busdir(bus_name: str) -> Iterator[BusDir]:
+    """The bus folder, created (as a hub would)."""
+    yield BusDir(bus_name).ensure()
+
+
+async def run(*args: str, timeout: float = 20.0) -> tuple[int, str, str]:
+    """Run ``ipcbus ARGS`` (wide terminal for the tables): (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ipcbus", *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=REPO, env={**os.environ, "COLUMNS": "250"},
+    )  # fmt: skip
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def make_stale_queue(bd: BusDir) -> tuple[int, int]:
+    """A queue created and recorded by a child that has exited: (queue id, dead pid)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _MAKE_STALE, str(bd.path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    return int(out), proc.pid
+
+
+def queue_exists(ident: int) -> bool:
+    return ident in sysv_table("msg")
+
+
+@contextlib.contextmanager
+def removing(*idents: int) -> Iterator[None]:
+    """Remove these queues after the block, whatever gc did (the leak check wants them gone)."""
+    try:
+        yield
+    finally:
+        for i in idents:
+            with contextlib.suppress(sysv_ipc.ExistentialError):
+                sysv_ipc.remove_message_queue(i)
+
+
+def write_record(bd: BusDir, name: str, rec: ObjectRecord | bytes) -> Path:
+    p = bd.path / "objects" / name
+    p.write_bytes(rec if isinstance(rec, bytes) else msgspec.json.encode(rec))
+    return p
+
+
+# -- gc -------------------------------------------------------------------------------
+
+
+@pytest.mark.single_loop
+async def test_gc_removes_a_dead_creators_queue(busdir: BusDir) -> None:
+    qid, dead = await make_stale_queue(busdir)
+    with removing(qid):
+        assert queue_exists(qid)
+        [(path, rec)] = list_records(busdir.path)
+        assert rec is not None and rec.creator_pid == dead and not rec.creator_alive
+
+        code, out, err = await run("gc", "--bus", busdir.name, "--dry-run")
+        assert code == 0, err
+        assert f"msq {qid}: creator pid {dead} is dead" in out
+        assert "gc: would remove 1 object(s)" in out
+        assert queue_exists(qid) and path.exists()  # a dry run changes nothing
+
+        code, out, err = await run("gc", "--bus", busdir.name)
+        assert code == 0, err
+        assert f"removed  msq {qid}" in out and "gc: removed 1 object(s)" in out
+        assert not queue_exists(qid) and not path.exists()
+
+        code, out, _ = await run("gc", "--bus", busdir.name)
+        assert (code, out.strip()) == (0, f"{busdir.name}: nothing to collect\ngc: removed 0 object(s)")
+
+
+@pytest.mark.single_loop
+async def test_gc_reports_and_skips_what_is_not_ours(busdir: BusDir) -> None:
+    qid, dead = await make_stale_queue(busdir)
+    ours = sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, mode=0o600, max_message_size=8192)
+    given = sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, mode=0o600, max_message_size=8192)
+    with removing(qid, ours.id, given.id):
+        uid = os.getuid()
+        # 1. A record written by another user (creator uid 65534) naming a queue of ours.
+        foreign = ObjectRecord(
+            kind="msq", ident=str(ours.id), key=ours.key, creator_pid=dead,
+            creator_uid=NOBODY, created=0.0,
+        )  # fmt: skip
+        p_foreign = write_record(busdir, f"msq-{ours.id}.json", foreign)
+        # 2. Our record, dead creator, but the queue now belongs to another user.
+        given.uid = NOBODY
+        p_given = write_record(
+            busdir,
+            f"msq-{given.id}.json",
+            ObjectRecord(kind="msq", ident=str(given.id), key=given.key, creator_pid=dead, creator_uid=uid),
+        )
+        # 3. A corrupted record, 4. files gc has no business with, 5. a live creator's record.
+        p_bad = write_record(busdir, "msq-999999.json", b"{this is not json")
+        stray = busdir.path / "notes.txt"
+        stray.write_text("mine, not gc's")
+        odd_fifo = busdir.path / "my-own.fifo"
+        os.mkfifo(odd_fifo, 0o600)
+        p_live = record_object(busdir.path, "msq", 424242)  # this process: alive
+
+        try:
+            verdicts = {f.what: (f.action, f.reason) for f, _ in scan(busdir.path)}
+            assert verdicts[f"msq {ours.id}"] == ("skip", f"recorded by uid {NOBODY}, not ours ({uid})")
+            assert verdicts[f"msq {given.id}"][0] == "skip"
+            assert f"belongs to uid {NOBODY}" in verdicts[f"msq {given.id}"][1]
+            assert verdicts["msq-999999.json"] == ("skip", "corrupted record (left in place)")
+            assert verdicts["msq 424242"][0] == "keep"
+            assert verdicts[f"msq {qid}"][0] == "remove"
+
+            code, out, err = await run("gc", "--bus", busdir.name)
+            assert code == 0, err
+            assert f"recorded by uid {NOBODY}, not ours" in out
+            assert f"belongs to uid {NOBODY}" in out
+            assert "corrupted record" in out
+            assert f"creator pid {os.getpid()} is alive" in out
+            assert "gc: removed 1 object(s)" in out
+            # Only the dead creator's own queue went.
+            assert not queue_exists(qid)
+            assert queue_exists(ours.id) and queue_exists(given.id)
+            for p in (p_foreign, p_given, p_bad, p_live, stray, odd_fifo):
+                assert p.exists() or p.is_fifo(), p
+        finally:
+            odd_fifo.unlink()
+
+
+async def test_gc_removes_dead_clients_fifos_and_a_dead_hubs_files(busdir: BusDir) -> None:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await proc.wait()
+    dead = proc.pid
+    fifo = busdir.path / f"fifo-{dead}-{secrets.token_hex(8)}.c2h"
+    os.mkfifo(fifo, 0o600)
+    busdir.pidfile.write_text(f"{dead}\n12345\n")
+    os.mkfifo(busdir.door, 0o600)
+    found = {f.what: f.action for f in collect(busdir.path, dry_run=True)}
+    assert found == {
+        f"FIFO of a dead client {fifo.name}": "remove",
+        "stale hub pid file hub.pid": "remove",
+        "stale door FIFO door": "remove",
+    }
+    assert fifo.is_fifo() and busdir.door.is_fifo()
+    done = {f.what: f.action for f in collect(busdir.path)}
+    assert set(done.values()) == {"removed"}
+    assert not fifo.exists() and not busdir.pidfile.exists() and not busdir.door.exists()
+
+
+async def test_gc_leaves_a_live_hub_alone(bus_name: str) -> None:
+    async with ipcbus.Hub(bus_name, transports=("fifo",)) as hub:
+        before = sorted(os.listdir(hub.path))
+        assert collect(hub.path) == []
+        assert sorted(os.listdir(hub.path)) == before
+        assert hub.busdir.hub_pid() == os.getpid()
+
+
+@pytest.mark.single_loop
+async def test_gc_cli_all_and_missing_bus(bus_name: str) -> None:
+    code, out, err = await run("gc", "--bus", bus_name, "--dry-run")
+    assert code == 0, err
+    assert "no directory" in out and "nothing to collect" in out
+    code, out, err = await run("gc", "--all", "--dry-run")
+    assert code == 0, err
+    assert "gc: would remove" in out
+
+
+# -- ls -------------------------------------------------------------------------------
+
+
+@pytest.mark.single_loop
+async def test_ls_with_no_hub_and_no_records(bus_name: str) -> None:
+    code, out, err = await run("ls", "--bus", bus_name)
+    assert code == 1, (out, err)
+    assert "no hub is running and no records" in out
+    assert f"ipcbus hub {bus_name}" in out
+    code, out, _ = await run("ls", "--bus", bus_name, "--json")
+    assert code == 1
+    info = json.loads(out)
+    assert info["hub"] is None and info["objects"] == []
+
+
+@pytest.mark.single_loop
+async def test_ls_from_records_without_a_hub(busdir: BusDir) -> None:
+    qid, dead = await make_stale_queue(busdir)
+    with removing(qid):
+        code, out, err = await run("ls", "--bus", busdir.name, "--json")
+        assert code == 0, err
+        info = json.loads(out)
+        assert info["hub"] is None
+        [obj] = info["objects"]
+        assert obj["kind"] == "msq" and obj["ident"] == str(qid)
+        assert obj["creator_pid"] == dead and obj["creator_alive"] is False
+        assert obj["messages"] == 1 and obj["bytes"] == len(b"left behind")
+        assert obj["mode"] == "0o600" and obj["owner_uid"] == os.getuid()
+        assert obj["state"].startswith("remove")
+        code, out, err = await run("ls", "--bus", busdir.name)
+        assert code == 0, err
+        assert "no hub running" in out
+        assert f"{qid}" in out and "1 msgs, 11 B" in out
+
+
+@pytest.mark.single_loop
+async def test_ls_against_a_live_hub(bus_name: str) -> None:
+    async with ipcbus.Hub(bus_name, transports=("fifo",)) as hub, peers(bus_name, 1) as (p,):
+        await p.call("sub", name="w", subject="work.>", queue="crew")
+        await p.call("pub", subject="work.x", count=3)
+        code, out, err = await run("ls", "--bus", bus_name, "--json")
+        assert code == 0, err
+        info: dict[str, Any] = json.loads(out)
+        assert info["hub"]["pid"] == os.getpid()
+        assert info["hub"]["transports"] == ["fifo"]
+        [link] = info["links"]  # ls's own link is left out
+        assert link["peer_pid"] == p.pid and link["transport"] == "fifo"
+        assert link["msgs_in"] >= 3 and link["dropped"] == 0
+        assert {"link": link["name"], "pid": p.pid, "subject": "work.>", "queue": "crew"} in info[
+            "subscriptions"
+        ]
+        code, out, err = await run("ls", "--bus", bus_name)
+        assert code == 0, err
+        assert f"hub pid {os.getpid()}" in out
+        assert "transports fifo" in out
+        assert str(p.pid) in out and "work.>" in out and "crew" in out
+        assert hub.stats()["accepted"] >= 3  # p, and both ls runs

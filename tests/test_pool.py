@@ -1,0 +1,273 @@
+"""WorkerPool: real worker processes over anonymous pipes.
+
+Workers import their setup functions from ``tests/pool_workers.py`` (this
+directory goes on their ``PYTHONPATH``) or from ``examples/workers.py``.
+Heavy tests are ``single_loop``.  Waiting for a restart polls the pool's
+state with a deadline; every other event is ordered by messages (a handler
+publishes ``started`` before it blocks) or by pidfds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+import ipcbus
+from ipcbus import WorkerCrashed, WorkerPool, WorkerStartError
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll the pool's state (restarts have no event to wait on) until ``cond`` holds."""
+    with anyio.fail_after(timeout):
+        while not cond():
+            await asyncio.sleep(0.02)
+
+
+async def wait_exited(pid: int, timeout: float = 10.0) -> None:
+    """Wait for any process (not only a child) to exit, through a pidfd."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        with anyio.fail_after(timeout):
+            await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+def gone(pid: int) -> bool:
+    """True if ``pid`` no longer runs (absent, or a zombie nobody reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+# -- start, balance, stop -------------------------------------------------------------
+
+
+@pytest.mark.single_loop
+async def test_requests_are_balanced_over_the_workers() -> None:
+    async with WorkerPool("examples.workers:setup", workers=2, env=worker_env()) as pool:
+        pids = pool.pids
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        seen: collections.Counter[int] = collections.Counter()
+
+        async def one() -> None:
+            seen[(await pool.bus.request("pid", timeout=10)).decode(int)] += 1
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(64):
+                tg.start_soon(one)
+        assert set(seen) == set(pids), f"requests went only to {dict(seen)}"
+        # sequential requests alternate too (least busy, then longest idle)
+        seq = [(await pool.bus.request("pid", timeout=10)).decode(int) for _ in range(10)]
+        assert set(seq) == set(pids)
+        img = {"width": 640, "height": 480, "pixels": b"\0" * 100}
+        r = (await pool.bus.request("resize", img, timeout=10)).decode(dict[str, int])
+        assert (r["width"], r["height"]) == (320, 240) and r["worker_pid"] in pids
+        assert (await pool.bus.request("echo", b"hi", timeout=10)).data == b"hi"
+        st = pool.stats()
+        assert [w["state"] for w in st["workers"]] == ["ready", "ready"]
+        assert len(st["node"]["links"]) == 2
+    assert all(gone(p) for p in pids)
+
+
+@pytest.mark.single_loop
+async def test_pub_sub_reaches_every_worker_and_back() -> None:
+    async with WorkerPool("pool_workers:setup", workers=2, env=worker_env()) as pool:
+        started = await pool.bus.subscribe("started")
+        await pool.bus.flush()
+        # two concurrent slow requests: least-busy picks a different worker for each
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(lambda: pool.bus.request("slow.sleep", 0.01, timeout=10))
+        pids = {(await started.next(timeout=10)).decode(int) for _ in range(2)}
+        assert pids == set(pool.pids)
+
+
+@pytest.mark.single_loop
+async def test_sigkill_in_flight_gives_worker_crashed_then_restart() -> None:
+    async with WorkerPool("pool_workers:setup", workers=2, env=worker_env(), restart_backoff=0.01) as pool:
+        before = set(pool.pids)
+        started = await pool.bus.subscribe("started")
+        await pool.bus.flush()
+        req = asyncio.ensure_future(pool.bus.request("slow.hang", b"", timeout=60))
+        victim = (await started.next(timeout=10)).decode(int)
+        assert victim in before
+        os.kill(victim, signal.SIGKILL)
+        with anyio.fail_after(10):  # far below the request's 60 s timeout
+            with pytest.raises(WorkerCrashed) as info:
+                await req
+        assert not isinstance(info.value, TimeoutError)
+        assert "slow.hang" in str(info.value)
+        # the pool restarts the worker
+        await wait_until(lambda: len(pool.pids) == 2 and victim not in pool.pids)
+        after = set(pool.pids)
+        assert len(after & before) == 1
+        (w,) = [w for w in pool.stats()["workers"] if w["crashes"]]
+        assert w["crashes"] == 1 and w["starts"] == 2
+        # later requests succeed, on both workers
+        seen: set[int] = set()
+        async with anyio.create_task_group() as tg:
+            for _ in range(32):
+
+                async def one() -> None:
+                    seen.add((await pool.bus.request("pid", timeout=10)).decode(int))
+
+                tg.start_soon(one)
+        assert seen == after
+        assert pool.errors == []
+    await wait_exited(victim)
+
+
+@pytest.mark.single_loop
+async def test_worker_crashing_on_restart_is_reported_not_restarted_forever(
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "started-once"
+    async with WorkerPool(
+        "pool_workers:setup_crash_on_restart",
+        workers=1,
+        env=worker_env(IPCBUS_TEST_MARKER=str(marker)),
+        restart_backoff=0.01,
+        max_start_failures=3,
+    ) as pool:
+        (pid,) = pool.pids
+        assert (await pool.bus.request("echo", b"1", timeout=10)).data == b"1"
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: bool(pool.errors))
+        (err,) = pool.errors
+        assert "failed to restart 3 times" in err and "giving up" in err
+        assert "code 4" in err
+        (w,) = pool.stats()["workers"]
+        assert w["state"] == "failed" and w["starts"] == 4
+        assert pool.pids == []
+        with pytest.raises(ipcbus.NoResponders):
+            await pool.bus.request("echo", b"2", timeout=10)
+
+
+# -- start failures ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "needle"),
+    [
+        ("pool_workers:setup_raises", "RuntimeError: setup exploded on purpose"),
+        ("no_such_module_for_ipcbus:setup", "ModuleNotFoundError"),
+        ("pool_workers:no_such_function", "no function 'no_such_function'"),
+        ("pool_workers:not_callable", "not callable"),
+        ("pool_workers:setup_crash", "exited with code 3"),
+    ],
+    ids=["raises", "no-module", "no-function", "not-callable", "crash"],
+)
+@pytest.mark.single_loop
+async def test_start_failure_is_a_worker_start_error(target: str, needle: str) -> None:
+    with anyio.fail_after(20):
+        with pytest.raises(WorkerStartError) as info:
+            async with WorkerPool(target, workers=2, env=worker_env()):
+                raise AssertionError("the pool started")
+    assert needle in str(info.value)
+    assert target in str(info.value)
+
+
+def test_bad_pool_arguments() -> None:
+    with pytest.raises(ValueError, match="module:function"):
+        WorkerPool("no_colon")
+    with pytest.raises(ValueError, match="at least 1"):
+        WorkerPool("a:b", workers=0)
+    with pytest.raises(ValueError, match="transport"):
+        WorkerPool("a:b", transport="carrier-pigeon")
+    with pytest.raises(ipcbus.BusClosed, match="not started"):
+        _ = WorkerPool("a:b").bus
+
+
+@pytest.mark.single_loop
+async def test_sync_setup_function_works() -> None:
+    async with WorkerPool("pool_workers:setup_sync", workers=1, env=worker_env()) as pool:
+        assert len(pool.pids) == 1
+
+
+# -- shutdown and parent death ---------------------------------------------------------------
+
+
+@pytest.mark.single_loop
+async def test_shutdown_drains_in_flight_requests() -> None:
+    req: asyncio.Future[ipcbus.Msg]
+    async with WorkerPool("pool_workers:setup", workers=2, env=worker_env()) as pool:
+        started = await pool.bus.subscribe("started")
+        await pool.bus.flush()
+        req = asyncio.ensure_future(pool.bus.request("slow.sleep", 0.3, timeout=30))
+        await started.next(timeout=10)  # the request is inside the handler
+        assert not req.done()
+        pids = pool.pids
+    # leaving the pool waited for the handler instead of killing it mid-request
+    assert req.done()
+    assert (await req).decode(str) == "slept"
+    assert all(gone(p) for p in pids)
+
+
+PARENT = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    import ipcbus
+
+    async def main():
+        async with ipcbus.WorkerPool("pool_workers:setup", workers=2) as pool:
+            print(json.dumps(pool.pids), flush=True)
+            await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.single_loop
+async def test_workers_exit_when_their_parent_dies() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        PARENT,
+        stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        env=worker_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        with anyio.fail_after(20):
+            line = await proc.stdout.readline()
+        pids = json.loads(line)
+        assert len(pids) == 2
+        proc.kill()  # SIGKILL: the parent gets no chance to stop its workers
+        await proc.wait()
+        for pid in pids:
+            await wait_exited(pid)  # end of stream on their pipe: they exit by themselves
+        assert all(gone(p) for p in pids)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()

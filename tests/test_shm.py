@@ -1,0 +1,521 @@
+"""The shared-memory transport: conformance, real processes, crashes, bad input.
+
+Peers run as real processes (``tests/shm_peer.py``); events are ordered by
+the lines they print, never by sleeping.  The suite's leak check (conftest)
+verifies after every test that no segment, semaphore file, thread or child
+is left behind; the crash tests also check ``/proc/sysvipc`` themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from ipcbus import records
+from ipcbus.errors import (
+    ConnectionClosed,
+    EndOfStream,
+    FrameTooLarge,
+    PermissionRefused,
+    ProtocolError,
+)
+from ipcbus.frames import PROTOCOL_VERSION
+from ipcbus.testing import check_link
+from ipcbus.transports.base import Link
+from ipcbus.transports.door import Door, HandshakeTimeout, Knock
+from ipcbus.transports.shm import (
+    _OFF_HEAD0,
+    _OFF_MAGIC,
+    _OFF_TAIL1,
+    _OFF_VERSION,
+    HEADER_SIZE,
+    ShmAcceptor,
+    ShmLink,
+    connect_shm,
+)
+
+PEER = Path(__file__).with_name("shm_peer.py")
+KiB = 1024
+MiB = 1024 * KiB
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def pair(ring_size: int = 4 * MiB, **attach: Any) -> AsyncIterator[tuple[ShmLink, ShmLink]]:
+    """A creator and an attacher in this process."""
+    a, params = ShmLink.create(None, ring_size=ring_size)
+    try:
+        b = await ShmLink.attach(params, peer_pid=os.getpid(), **attach)
+        try:
+            await a.wait_attached()
+            yield a, b
+        finally:
+            await b.aclose()
+    finally:
+        await a.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _conformance_pair() -> AsyncIterator[tuple[Link, Link]]:
+    async with pair() as (a, b):
+        yield a, b
+
+
+class Peer:
+    """A tests/shm_peer.py child; killed and reaped on exit."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def line(self) -> str:
+        assert self.proc.stdout is not None
+        with anyio.fail_after(30):
+            raw = await self.proc.stdout.readline()
+        assert raw, f"peer exited early with status {await self.proc.wait()}"
+        return raw.decode().strip()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+
+
+@contextlib.asynccontextmanager
+async def spawn(mode: str, **spec: Any) -> AsyncIterator[Peer]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(PEER), mode, json.dumps(spec), stdout=asyncio.subprocess.PIPE
+    )
+    peer = Peer(proc)
+    try:
+        yield peer
+    finally:
+        peer.kill()
+        await proc.wait()
+
+
+def sysv_ids(kind: str) -> set[int]:
+    lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
+    return {int(line.split()[1]) for line in lines}
+
+
+SHM_DEST = 0o1000  # shown in /proc/sysvipc/shm perms once IPC_RMID is marked
+
+
+def shm_perms(shmid: int) -> int:
+    for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1]) == shmid:
+            return int(f[2], 8)
+    raise AssertionError(f"segment {shmid} does not exist")
+
+
+def sem_files(params: dict[str, Any]) -> set[str]:
+    """Which of the link's four semaphore files exist."""
+    names = {"sem." + str(params[f"sem{i}"]).lstrip("/") for i in range(4)}
+    return names & set(os.listdir("/dev/shm"))
+
+
+def gone(params: dict[str, Any]) -> bool:
+    """True when the link's segment and semaphores no longer exist anywhere."""
+    return params["shmid"] not in sysv_ids("shm") and not sem_files(params)
+
+
+# -- conformance ---------------------------------------------------------------------
+
+
+async def test_check_link() -> None:
+    """The Link contract, including backpressure and a 64 MiB frame through a 4 MiB ring."""
+    await check_link(_conformance_pair)
+
+
+@pytest.mark.parametrize("ring_size", [4096, 64 * KiB])
+async def test_small_ring_streams_every_size(ring_size: int) -> None:
+    """Frames larger than the ring stream through in pieces; the reader gets them whole."""
+    sizes = [1, 7, 8, 100, ring_size // 2 - 8, ring_size // 2, ring_size - 8, ring_size,
+             3 * ring_size + 5, 300 * KiB]
+    frames = [os.urandom(s) for s in sizes] * 3
+    async with pair(ring_size) as (a, b), anyio.create_task_group() as tg:
+
+        async def produce() -> None:
+            for f in frames:
+                await a.send(f)
+
+        tg.start_soon(produce)
+        for f in frames:
+            got = await b.recv()
+            assert got == f, f"{len(f)}-byte frame corrupted ({len(got)} bytes received)"
+
+
+async def test_both_directions_interleaved() -> None:
+    async with pair(64 * KiB) as (a, b):
+        for i in range(200):
+            a.send_nowait(b"a%d" % i)
+            b.send_nowait(b"b%d" % i)
+        for i in range(200):
+            assert await b.recv() == b"a%d" % i
+            assert await a.recv() == b"b%d" % i
+
+
+async def test_frames_sent_before_attach_wait_in_the_ring() -> None:
+    a, params = ShmLink.create(None, ring_size=64 * KiB)
+    try:
+        a.send_nowait(b"early")
+        a.send_nowait(b"x" * (100 * KiB))  # larger than the ring: part of it waits in memory
+        assert not a.attached
+        b = await ShmLink.attach(params, peer_pid=os.getpid())
+        try:
+            assert await b.recv() == b"early"
+            assert await b.recv() == b"x" * (100 * KiB)
+            await a.wait_attached(peer_pid=os.getpid())
+            assert a.attached and a.info.peer_pid == os.getpid()
+        finally:
+            await b.aclose()
+    finally:
+        await a.aclose()
+
+
+async def test_closing_wakes_every_waiter() -> None:
+    """aclose() wakes a pending recv and a pending wait_writable; threads are joined."""
+    async with pair(4096) as (a, b):
+        a.close_timeout = 0.01  # b never reads: do not wait for the queue to drain
+        while a.pending_out <= a.high_water:
+            a.send_nowait(b"z" * 60000)
+        async with anyio.create_task_group() as tg:
+            results: list[BaseException] = []
+
+            async def reader() -> None:
+                try:
+                    await a.recv()
+                except ConnectionClosed as exc:
+                    results.append(exc)
+
+            async def writer() -> None:
+                try:
+                    await a.wait_writable()
+                except ConnectionClosed as exc:
+                    results.append(exc)
+
+            tg.start_soon(reader)
+            tg.start_soon(writer)
+            await asyncio.sleep(0)  # let both block (a yield, not a timed wait)
+            await a.aclose()
+        assert len(results) == 2
+        assert a.closed
+
+
+# -- two processes ---------------------------------------------------------------------
+
+
+async def test_two_processes_large_frames() -> None:
+    link, params = ShmLink.create(None, ring_size=1 * MiB)
+    try:
+        async with spawn("echo", params=params, peer_pid=os.getpid()) as peer:
+            assert await peer.line() == "attached"
+            await link.wait_attached(peer_pid=peer.proc.pid)
+            # Both attached: the names are unlinked already, the segment marked IPC_RMID.
+            assert not sem_files(params)
+            assert shm_perms(int(params["shmid"])) & SHM_DEST
+            frames = [os.urandom(n) for n in (1, 4095, 64 * KiB, 1 * MiB, 5 * MiB + 3)]
+            for f in frames:
+                await link.send(f)
+                assert await link.recv() == f
+            await link.aclose()
+            assert await peer.proc.wait() == 0
+    finally:
+        await link.aclose()
+    assert gone(params)
+
+
+async def test_writer_killed_mid_frame() -> None:
+    """The reader gets the whole frames before, never the partial one, then ConnectionClosed."""
+    link, params = ShmLink.create(None, ring_size=64 * KiB)
+    try:
+        async with spawn("midframe", params=params, peer_pid=os.getpid(), big=32 * MiB) as peer:
+            assert await peer.line() == "blocked"  # stuck in the middle of the 32 MiB frame
+            peer.kill()
+            assert await link.recv() == b"first"
+            assert await link.recv() == b"second"
+            with anyio.fail_after(10):
+                with pytest.raises(ConnectionClosed) as info:
+                    await link.recv()
+            assert not isinstance(info.value, EndOfStream)
+            assert "partial frame was discarded" in str(info.value)
+            with pytest.raises(ConnectionClosed):
+                await link.send(b"to the dead")
+    finally:
+        await link.aclose()
+    assert gone(params)
+
+
+async def test_reader_killed_writer_does_not_block_forever() -> None:
+    link, params = ShmLink.create(None, ring_size=64 * KiB)
+    try:
+        async with spawn("stall", params=params, peer_pid=os.getpid()) as peer:
+            assert await peer.line() == "attached"
+            await link.wait_attached()
+            while link.pending_out <= link.high_water:  # ring full, then the queue
+                link.send_nowait(b"w" * 50000)
+            peer.kill()
+            with anyio.fail_after(10):
+                with pytest.raises(ConnectionClosed, match="exited"):
+                    await link.wait_writable()
+            with pytest.raises(EndOfStream):
+                await link.recv()
+    finally:
+        await link.aclose()
+    assert gone(params)
+
+
+async def test_idle_peer_killed_ends_the_stream() -> None:
+    """A recv waiting in the waiter thread sees EndOfStream when the peer dies between frames."""
+    link, params = ShmLink.create(None, ring_size=64 * KiB)
+    try:
+        async with spawn("echo", params=params, peer_pid=os.getpid()) as peer:
+            assert await peer.line() == "attached"
+            await link.send(b"ping")
+            assert await link.recv() == b"ping"
+            async with anyio.create_task_group() as tg:
+
+                async def waiting() -> None:
+                    with anyio.fail_after(10), pytest.raises(EndOfStream):
+                        await link.recv()
+
+                tg.start_soon(waiting)
+                await asyncio.sleep(0)
+                peer.kill()
+    finally:
+        await link.aclose()
+
+
+async def test_peer_dies_before_attaching() -> None:
+    link, params = ShmLink.create(None, ring_size=64 * KiB)
+    try:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+        with anyio.fail_after(10), pytest.raises(ConnectionClosed, match="before attaching"):
+            await link.wait_attached(peer_pid=proc.pid)
+        await proc.wait()
+    finally:
+        await link.aclose()
+    assert gone(params)
+
+
+async def test_connect_through_the_door(tmp_path: Path) -> None:
+    """A client process joins through the real door; records disappear once attached."""
+    busdir = tmp_path / "bus"
+    busdir.mkdir(mode=0o700)
+    async with Door(busdir) as door, ShmAcceptor(busdir) as acceptor:
+        async with spawn("client", busdir=str(busdir), hub_pid=os.getpid()) as peer:
+            knocks = door.knocks()
+            with anyio.fail_after(10):
+                knock = await knocks.__anext__()
+            assert knock.transport == "shm" and knock.pid == peer.proc.pid
+            kinds = sorted(r.kind for _p, r in records.list_records(busdir) if r is not None)
+            assert kinds == ["posix_sem"] * 4 + ["shm"]
+            link = await acceptor.accept(knock)
+            try:
+                assert await peer.line() == "attached"
+                assert link.info.peer_name == "peer"
+                await link.send(b"hello" * 1000)
+                assert await link.recv() == b"hello" * 1000
+                assert records.list_records(busdir) == []  # nothing left that could leak
+            finally:
+                await link.aclose()
+            assert await peer.proc.wait() == 0
+
+
+async def test_connect_times_out_and_cleans_up(tmp_path: Path) -> None:
+    busdir = tmp_path / "bus"
+    busdir.mkdir(mode=0o700)
+    knocks: list[Knock] = []
+    with pytest.raises(HandshakeTimeout):
+        await connect_shm(busdir, hub_pid=os.getpid(), send_knock=knocks.append,
+                          ring_size=64 * KiB, attach_timeout=0.2)
+    assert len(knocks) == 1 and knocks[0].version == PROTOCOL_VERSION
+    assert records.list_records(busdir) == []
+    assert gone(dict(knocks[0].params))
+
+
+async def test_acceptor_refuses_a_foreign_uid_on_a_private_bus(tmp_path: Path) -> None:
+    acceptor = ShmAcceptor(tmp_path)
+    knock = Knock(version=PROTOCOL_VERSION, transport="shm", pid=os.getpid(),
+                  uid=os.getuid() + 1, params={})
+    with pytest.raises(PermissionRefused, match="private"):
+        await acceptor.accept(knock)
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+async def _attach_fails(params: dict[str, Any], exc: type[Exception], match: str,
+                        **kw: Any) -> None:
+    with pytest.raises(exc, match=match):
+        await ShmLink.attach(params, peer_pid=kw.pop("peer_pid", os.getpid()), **kw)
+
+
+@pytest.mark.parametrize(
+    ("offset", "data", "match"),
+    [(_OFF_MAGIC, b"NOTOURS!", "no ipcbus header"), (_OFF_VERSION, b"\x07\0\0\0", "version 7")],
+)
+async def test_corrupted_header_on_attach(offset: int, data: bytes, match: str) -> None:
+    a, params = ShmLink.create(None, ring_size=64 * KiB)
+    try:
+        assert a._mv is not None
+        a._mv[offset : offset + len(data)] = data
+        await _attach_fails(params, ProtocolError, match)
+    finally:
+        await a.aclose()
+
+
+async def test_segment_of_another_uid_is_refused() -> None:
+    a, params = ShmLink.create(None, ring_size=64 * KiB)
+    try:
+        await _attach_fails(params, PermissionRefused, "belongs to uid", peer_uid=os.getuid() + 1)
+        if os.getuid() == 0:  # really give the segment away (IPC_SET), then ask for it
+            a._shm.uid = 4242
+            await _attach_fails(params, PermissionRefused, "belongs to uid 4242")
+            a._shm.uid = 0
+    finally:
+        await a.aclose()
+
+
+async def test_segment_that_is_not_ours_is_refused() -> None:
+    a, params_a = ShmLink.create(None, ring_size=64 * KiB)
+    b, params_b = ShmLink.create(None, ring_size=64 * KiB)
+    try:
+        # b's segment announced with a's nonce and semaphores: not the segment a made.
+        forged = {**params_a, "shmid": params_b["shmid"]}
+        await _attach_fails(forged, PermissionRefused, "nonce")
+        # a's segment, but claimed to come from another process
+        await _attach_fails(params_a, PermissionRefused, "not by the peer", peer_pid=1)
+        # a semaphore that belongs to someone else
+        if os.getuid() == 0:
+            path = "/dev/shm/sem." + str(params_a["sem2"]).lstrip("/")
+            os.chown(path, 4242, -1)
+            await _attach_fails(params_a, PermissionRefused, "semaphore .* belongs to uid 4242")
+            os.chown(path, 0, -1)
+        await _attach_fails({**params_a, "shmid": "x"}, ProtocolError, "'shmid' must be")
+        await _attach_fails({**params_a, "layout": 9}, ProtocolError, "layout version 9")
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_second_attach_is_refused() -> None:
+    async with pair(64 * KiB) as (_a, _b):
+        pass
+    a, params = ShmLink.create(None, ring_size=64 * KiB)
+    try:
+        b = await ShmLink.attach(params, peer_pid=os.getpid())
+        try:
+            # the names are unlinked and the segment marked: a replayed knock finds nothing
+            with pytest.raises((PermissionRefused, ConnectionClosed)):
+                await ShmLink.attach(params, peer_pid=os.getpid())
+        finally:
+            await b.aclose()
+    finally:
+        await a.aclose()
+
+
+async def test_head_counter_outside_the_ring() -> None:
+    async with pair(64 * KiB) as (a, b):
+        await a.send(b"fine")
+        assert await b.recv() == b"fine"
+        await a.send(b"then scribbled")
+        await asyncio.sleep(0)  # the batch is committed at the end of this loop iteration
+        assert a._hq is not None
+        a._hq[_OFF_HEAD0 // 8] = 1 << 40
+        with anyio.fail_after(5), pytest.raises(ProtocolError, match="head counter"):
+            await b.recv()
+        assert b.closed
+        with pytest.raises(ConnectionClosed):
+            await b.send(b"x")
+
+
+async def test_tail_counter_outside_the_ring() -> None:
+    async with pair(4096) as (a, b):
+        for _ in range(3):
+            await a.send(b"t" * 1000)
+            assert await b.recv() == b"t" * 1000
+        assert a._hq is not None
+        a._hq[_OFF_TAIL1 // 8] = 1 << 50  # the tail of the ring b writes (a reads)
+        with anyio.fail_after(5):
+            with pytest.raises(ConnectionClosed, match="tail counter"):
+                for _ in range(20):
+                    await b.send(b"u" * 1000)
+            with pytest.raises(ProtocolError, match="tail counter"):
+                await b.recv()
+
+
+@pytest.mark.parametrize(
+    ("record", "match"),
+    [
+        ((0x77, 8), "unknown record tag"),
+        ((1, 1 << 20), "past the end"),
+        ((2, 0), "empty frame"),
+        ((3, 16), "outside a streamed frame"),
+        ((4, 16), "does not reach the end"),
+    ],
+)
+async def test_scribbled_record_is_a_protocol_error(record: tuple[int, int], match: str) -> None:
+    async with pair(64 * KiB) as (a, b):
+        await a.send(b"a" * 40)
+        await asyncio.sleep(0)  # committed
+        assert a._mv is not None
+        tag, n = record
+        a._mv[HEADER_SIZE : HEADER_SIZE + 8] = (tag | 0x100).to_bytes(4, sys.byteorder) + (
+            n.to_bytes(4, sys.byteorder)
+        )
+        with anyio.fail_after(5), pytest.raises(ProtocolError, match=match):
+            await b.recv()
+
+
+@pytest.mark.parametrize("size", [3000, 200 * KiB])
+async def test_frame_over_the_readers_maximum_is_refused_before_copying(size: int) -> None:
+    """A whole frame (FRAME) or a streamed one (BEGIN) larger than max_frame closes the link."""
+    async with pair(64 * KiB, max_frame=2048) as (a, b):
+        a.send_nowait(b"s" * size)
+        with anyio.fail_after(5), pytest.raises(FrameTooLarge) as info:
+            await b.recv()
+        assert info.value.size == size and info.value.limit == 2048
+
+
+async def test_sender_refuses_bad_frames() -> None:
+    async with pair(64 * KiB) as (a, b):
+        a.max_frame = 1000
+        with pytest.raises(FrameTooLarge):
+            a.send_nowait(b"x" * 1001)
+        with pytest.raises(ProtocolError, match="empty"):
+            a.send_nowait(b"")
+        a.send_nowait(bytearray(b"buffer"))  # any bytes-like, snapshotted
+        assert await b.recv() == b"buffer"
+
+
+def test_bad_create_arguments() -> None:
+    with pytest.raises(ValueError, match="ring_size"):
+        ShmLink.create(None, ring_size=1000)
+    with pytest.raises(ValueError, match="mode"):
+        ShmLink.create(None, mode=0o666)
+
+
+async def test_records_kept_until_attached(tmp_path: Path) -> None:
+    a, params = ShmLink.create(tmp_path, ring_size=64 * KiB)
+    try:
+        recs = {(r.kind, r.ident) for _p, r in records.list_records(tmp_path) if r is not None}
+        assert ("shm", str(params["shmid"])) in recs and len(recs) == 5
+    finally:
+        await a.aclose()  # never attached: removes the segment, the names and the records
+    assert records.list_records(tmp_path) == []
+    assert gone(params)
+    with pytest.raises(ConnectionClosed, match="does not exist"):
+        await ShmLink.attach(params, peer_pid=os.getpid())

@@ -1,0 +1,303 @@
+"""ipcbus.sysv.MessageQueue: typed messages on a raw SysV queue, with Python and C peers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import sysv_ipc
+
+from ipcbus.errors import ConnectionClosed, FrameTooLarge, PermissionRefused
+from ipcbus.sysv import (
+    MSGTYPE_MAX,
+    Message,
+    MessageQueue,
+    QueueExists,
+    QueueNotFound,
+    proc_msg_table,
+    read_limits,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+C_SOURCE = Path(__file__).resolve().parent / "c" / "msgq_peer.c"
+
+
+@pytest.fixture
+async def queue() -> AsyncIterator[MessageQueue]:
+    """A fresh private-key queue, removed whatever the test does."""
+    q = MessageQueue.create(mode=0o600)
+    try:
+        yield q
+    finally:
+        await q.aclose()
+        try:
+            sysv_ipc.remove_message_queue(q.id)
+        except sysv_ipc.ExistentialError:
+            pass
+
+
+def _c_compiler() -> str | None:
+    for cc in ("cc", "gcc", "clang"):
+        path = shutil.which(cc)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture
+def c_peer(tmp_path: Path) -> Path:
+    """tests/c/msgq_peer.c compiled with the machine's C compiler (skip if there is none)."""
+    cc = _c_compiler()
+    if cc is None:
+        pytest.skip("no C compiler (cc/gcc/clang) on this machine")
+    exe = tmp_path / "msgq_peer"
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(exe), str(C_SOURCE)], check=True)
+    return exe
+
+
+def _c_text(s: str) -> bytes:
+    """A message body the way the C peer's struct holds it: 256 bytes, NUL-padded."""
+    raw = s.encode()
+    assert len(raw) < 256
+    return raw + b"\0" * (256 - len(raw))
+
+
+def _from_c(data: bytes) -> str:
+    return data.split(b"\0", 1)[0].decode()
+
+
+def _caps_have(bit: int) -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
+CAP_SYS_RESOURCE = 24
+
+
+# -- typed send / receive ------------------------------------------------------
+
+
+async def test_receive_by_type_follows_msgrcv(queue: MessageQueue) -> None:
+    for t, data in [(5, b"five"), (2, b"two-a"), (9, b"nine"), (2, b"two-b")]:
+        await queue.send(data, type=t)
+    assert queue.stat().messages == 4
+    # type > 0: the first message of exactly that type
+    assert await queue.receive(type=2) == Message(b"two-a", 2)
+    # type < 0: the first message of the lowest type <= |type|
+    assert await queue.receive(type=-6) == Message(b"two-b", 2)
+    assert await queue.receive(type=-6) == Message(b"five", 5)
+    # type 0: the first message, whatever its type
+    assert await queue.receive() == Message(b"nine", 9)
+    assert queue.try_receive() is None
+
+
+async def test_receive_waits_for_a_message(queue: MessageQueue) -> None:
+    waiting = asyncio.create_task(queue.receive(type=4))
+    other = asyncio.create_task(queue.receive(type=6))
+    await queue.send(b"for six", type=6)
+    await queue.send(b"for four", type=4)
+    assert await waiting == Message(b"for four", 4)
+    assert await other == Message(b"for six", 6)
+
+
+async def test_cancelled_receive_loses_nothing(queue: MessageQueue) -> None:
+    waiting = asyncio.create_task(queue.receive(type=7))
+    await asyncio.sleep(0)  # let it start (and find the queue empty)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # The abandoned helper thread takes this message; it must come back to us.
+    await queue.send(b"late", type=7)
+    assert await queue.receive(type=7) == Message(b"late", 7)
+
+
+async def test_send_waits_while_the_queue_is_full(queue: MessageQueue) -> None:
+    big = b"x" * queue.max_message_size
+    capacity = queue.stat().max_bytes
+    sent = 0
+    while queue.try_send(big, type=1):
+        sent += 1
+    assert sent == capacity // len(big)
+    blocked = asyncio.create_task(queue.send(b"waits for room", type=2))
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    assert await queue.receive(type=1) == Message(big, 1)  # makes room
+    await blocked
+    assert await queue.receive(type=2) == Message(b"waits for room", 2)
+
+
+async def test_remove_wakes_waiting_receivers(queue: MessageQueue) -> None:
+    waiting = asyncio.create_task(queue.receive(type=3))
+    await asyncio.sleep(0)
+    await queue.remove()
+    with pytest.raises(ConnectionClosed):
+        await waiting
+
+
+async def test_aclose_releases_an_abandoned_receiver(queue: MessageQueue) -> None:
+    waiting = asyncio.create_task(queue.receive(type=8))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await queue.aclose()  # wakes and joins the thread (the leak check verifies)
+    assert queue.stat().messages == 0  # its zero-length wake-up was taken back
+    with pytest.raises(ConnectionClosed):
+        await queue.send(b"x")
+
+
+# -- stat, limits, errors ---------------------------------------------------------
+
+
+async def test_stat_reports_msqid_ds(queue: MessageQueue) -> None:
+    st = queue.stat()
+    assert (st.id, st.key) == (queue.id, queue.key)
+    assert (st.messages, st.bytes) == (0, 0)
+    assert st.max_bytes == read_limits().msgmnb
+    assert st.mode == 0o600
+    assert st.uid == st.cuid == os.getuid()
+    assert st.last_send_pid == 0 and st.last_send_time is None
+    await queue.send(b"12345", type=3)
+    st = queue.stat()
+    assert (st.messages, st.bytes) == (1, 5)
+    assert st.last_send_pid == os.getpid() and st.last_send_time is not None
+    row = proc_msg_table()[queue.id]
+    assert row["cbytes"] == 5 and row["qnum"] == 1
+
+
+async def test_limits_are_read_from_proc() -> None:
+    lim = read_limits()
+    assert lim.msgmax == int(Path("/proc/sys/kernel/msgmax").read_text())
+    assert lim.msgmnb == int(Path("/proc/sys/kernel/msgmnb").read_text())
+
+
+async def test_capacity_can_be_lowered_and_raising_is_refused_cleanly(
+    queue: MessageQueue,
+) -> None:
+    assert queue.set_max_bytes(8192) == 8192
+    want = read_limits().msgmnb * 4
+    if _caps_have(CAP_SYS_RESOURCE):
+        assert queue.set_max_bytes(want) == want
+    else:
+        with pytest.raises(PermissionRefused, match="CAP_SYS_RESOURCE"):
+            queue.set_max_bytes(want)
+        assert queue.stat().max_bytes == 8192  # unchanged
+
+
+async def test_bad_arguments_are_refused_clearly(queue: MessageQueue) -> None:
+    with pytest.raises(FrameTooLarge) as info:
+        await queue.send(b"x" * (queue.max_message_size + 1))
+    assert info.value.limit == queue.max_message_size
+    with pytest.raises(ValueError, match="1 <= type"):
+        await queue.send(b"x", type=0)
+    with pytest.raises(ValueError, match="out of range"):
+        await queue.send(b"x", type=MSGTYPE_MAX + 1)
+    with pytest.raises(TypeError):
+        await queue.receive(type="1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="random new key"):
+        MessageQueue(None)
+    assert queue.stat().messages == 0  # nothing half-sent
+
+
+async def test_open_missing_and_create_existing(queue: MessageQueue) -> None:
+    with pytest.raises(QueueExists, match=hex(queue.key)):
+        MessageQueue.create(queue.key)
+    other = MessageQueue.open(queue.key)
+    assert other.id == queue.id
+    await other.aclose()
+    await queue.remove()
+    with pytest.raises(QueueNotFound, match="no SysV message queue"):
+        MessageQueue.open(queue.key)
+    with pytest.raises(ConnectionClosed, match="removed"):
+        await queue.send(b"x")
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.getuid() != 0,
+                    reason="needs root and setpriv to drop CAP_IPC_OWNER")
+async def test_permission_denied_on_open(python: str) -> None:
+    # Root with CAP_IPC_OWNER bypasses queue permissions, so the opener runs
+    # with every capability dropped: then a mode-000 queue denies even its owner.
+    q = MessageQueue.create(mode=0o000)
+    try:
+        code = (
+            "import ipcbus.sysv as s\n"
+            "try:\n"
+            f"    s.MessageQueue.open({q.key})\n"
+            "except Exception as e:\n"
+            "    print(type(e).__name__, e)\n"
+        )
+        out = subprocess.run(
+            ["setpriv", "--bounding-set=-all", "--inh-caps=-all", python, "-c", code],
+            cwd=REPO, capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+        assert out.startswith("PermissionRefused"), out
+        assert "permission denied" in out and hex(q.key) in out
+    finally:
+        await q.remove()
+        await q.aclose()
+
+
+# -- a C program from the Linux IPC guide ---------------------------------------
+
+
+async def test_exchange_with_the_c_peer(queue: MessageQueue, c_peer: Path) -> None:
+    texts = ["hello from python", "typed messages", "x" * 200]
+    for t in texts:
+        await queue.send(_c_text(t), type=1)
+    await queue.send(b"never read by C", type=5)
+    proc = await asyncio.create_subprocess_exec(str(c_peer), str(queue.key), str(len(texts)))
+    try:
+        for t in texts:
+            reply = await queue.receive(type=2)
+            assert len(reply.data) == 256  # sizeof(msg_data): the whole C struct body
+            assert _from_c(reply.data) == f"C got: {t}"
+        bye = await queue.receive(type=3)
+        assert _from_c(bye.data) == "bye"
+        assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    st = queue.stat()
+    assert st.last_send_pid == proc.pid  # the C program sent last
+    assert st.messages == 1  # the type-5 message was never selected by C
+    assert await queue.receive(type=-9) == Message(b"never read by C", 5)
+
+
+async def test_c_peer_blocks_until_python_sends(queue: MessageQueue, c_peer: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(str(c_peer), str(queue.key), "1")
+    try:
+        # The C program is (or will be) blocked in msgrcv(type=1): a message of
+        # another type must not wake it; ours of type 1 must.
+        await queue.send(b"ignored", type=4)
+        await queue.send(_c_text("wake up"), type=1)
+        assert _from_c((await queue.receive(type=2)).data) == "C got: wake up"
+        assert _from_c((await queue.receive(type=3)).data) == "bye"
+        assert await proc.wait() == 0
+        assert await queue.receive(type=4) == Message(b"ignored", 4)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_example_runs(python: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        python, str(REPO / "examples" / "sysv_typed_messages.py"),
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert b"C got: " in out or b"python peer got: " in out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
