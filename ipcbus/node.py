@@ -300,6 +300,9 @@ class Node:
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self.dropped = 0
         self.on_link_closed: list[Callable[[LinkState], None]] = []
+        # While publish() routes a local message: the links it was queued on
+        # (backpressure waits for those, not for every link of the node).
+        self._sent_to: list[LinkState] | None = None
         self.inbox = _Inbox(self, f"{INBOX_PREFIX}{self.node_id}.*")
 
     # -- lifetime ----------------------------------------------------------
@@ -416,10 +419,13 @@ class Node:
             if not ls.ready.is_set():
                 if not ls.closed.is_set():
                     await self._drop_link(ls, "no hello from peer")
-                raise ConnectionClosed(
+                what = (
                     f"link {name or link.info.transport!r} closed before the handshake: "
                     f"{ls.close_reason or 'no hello'}"
                 )
+                if ls.close_reason.startswith("protocol error"):  # e.g. a wrong version
+                    raise ProtocolError(what)
+                raise ConnectionClosed(what)
         return ls
 
     async def _run_link(self, ls: LinkState) -> None:
@@ -796,6 +802,8 @@ class Node:
             log.warning("message on %r too large for link %s; not forwarded", subject, ls.name)
             return False
         self.msgs_out += 1
+        if self._sent_to is not None and not forwarded:
+            self._sent_to.append(ls)
         return True
 
     def _send_drop_notice(self, ls: LinkState) -> None:
@@ -902,9 +910,14 @@ class Node:
         reply: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> int:
-        """Route a message published here; wait while a link is above its high-water mark."""
-        n = self.publish_nowait(subject, payload, reply=reply, headers=headers)
-        for ls in self.links:
+        """Route a message published here; wait while a link it went out on is above high water."""
+        sent: list[LinkState] = []
+        self._sent_to = sent
+        try:
+            n = self.publish_nowait(subject, payload, reply=reply, headers=headers)
+        finally:
+            self._sent_to = None
+        for ls in sent:
             link = ls.link
             if link.pending_out > link.high_water:
                 with contextlib.suppress(ConnectionClosed):

@@ -40,7 +40,9 @@ async def echo(link: ShmLink) -> None:
 async def main(mode: str, spec: dict[str, object]) -> None:
     if mode == "client":
         link = await connect_shm(
-            Path(str(spec["busdir"])), hub_pid=int(str(spec["hub_pid"])), name="peer",
+            Path(str(spec["busdir"])),
+            hub_pid=int(str(spec["hub_pid"])),
+            name="peer",
             ring_size=int(str(spec.get("ring_size", 1 << 20))),
         )
     else:

@@ -324,3 +324,25 @@ async def test_huge_announced_length_on_a_pipe_closes_only_that_link() -> None:
             for fd in (down_r, up_w):
                 if fd >= 0:
                     os.close(fd)
+
+
+async def test_handshake_with_a_wrong_version_raises_protocol_error() -> None:
+    """``add_link`` waiting for the peer's hello reports the version mismatch as ProtocolError."""
+    async with Node(name="n") as node:
+        x, raw = memory_pair()
+        raw.send_nowait(fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION + 1, "new", 1, 1, "new")))
+        with anyio.fail_after(10), pytest.raises(ProtocolError) as info:
+            await node.add_link(x, name="new")
+        assert f"version {fr.PROTOCOL_VERSION + 1}" in str(info.value)
+        assert "upgrade" in str(info.value)
+        assert node.links == []
+        await raw.aclose()
+
+
+async def test_first_frame_must_be_a_hello() -> None:
+    async with Node(name="n") as node:
+        x, raw = memory_pair()
+        raw.send_nowait(fr.encode_frame(fr.Ping(1)))
+        with anyio.fail_after(10), pytest.raises(ProtocolError, match="expected hello"):
+            await node.add_link(x, name="rude")
+        await raw.aclose()

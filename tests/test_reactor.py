@@ -657,3 +657,40 @@ async def test_bad_reply_subject_from_a_peer_closes_only_that_link(reply: str) -
         await raw.aclose()
         assert not t.hub.node.closed
         assert (await t.a.request("svc", timeout=5)).data == b"fine"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stalled_link_does_not_block_publishing_to_others(kind: str) -> None:
+    """Backpressure applies to the links a message goes out on, not to every link."""
+    async with Node(name="x") as x, Node(name="y") as y, Node(name="z") as z:
+        a, b = make_pair(kind, high_water=64 * 1024)
+        gated = GatedLink(b)
+        lxy, _ = await connect_links(x, y, a, gated)
+        await connect(x, z, kind)
+        sy = await Bus(y).subscribe("all")
+        sz = await Bus(z).subscribe("z.only")
+        await settle(x, y, z)
+        gated.gate.clear()
+        bx = Bus(x)
+        blocked: asyncio.Future[None] | None = None
+        payload = b"\0" * 8192
+        for _ in range(100_000):
+            task = asyncio.ensure_future(bx.publish("all", payload))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            if not task.done():
+                blocked = task
+                break
+            task.result()
+        assert blocked is not None, "publish towards a stalled peer never waited"
+        assert lxy.link.pending_out > lxy.link.high_water
+        # y's link is full, z's is not: publishing to z alone goes through at once
+        other = asyncio.ensure_future(bx.publish("z.only", b"for z"))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert other.done(), "a publish to z waited for y's stalled link"
+        assert (await sz.next(timeout=5)).data == b"for z"
+        gated.gate.set()
+        with anyio.fail_after(20):
+            await blocked
+        assert (await sy.next(timeout=5)).data == payload

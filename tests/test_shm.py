@@ -142,8 +142,18 @@ async def test_check_link() -> None:
 @pytest.mark.parametrize("ring_size", [4096, 64 * KiB])
 async def test_small_ring_streams_every_size(ring_size: int) -> None:
     """Frames larger than the ring stream through in pieces; the reader gets them whole."""
-    sizes = [1, 7, 8, 100, ring_size // 2 - 8, ring_size // 2, ring_size - 8, ring_size,
-             3 * ring_size + 5, 300 * KiB]
+    sizes = [
+        1,
+        7,
+        8,
+        100,
+        ring_size // 2 - 8,
+        ring_size // 2,
+        ring_size - 8,
+        ring_size,
+        3 * ring_size + 5,
+        300 * KiB,
+    ]
     frames = [os.urandom(s) for s in sizes] * 3
     async with pair(ring_size) as (a, b), anyio.create_task_group() as tg:
 
@@ -187,7 +197,7 @@ async def test_frames_sent_before_attach_wait_in_the_ring() -> None:
 
 async def test_closing_wakes_every_waiter() -> None:
     """aclose() wakes a pending recv and a pending wait_writable; threads are joined."""
-    async with pair(4096) as (a, b):
+    async with pair(4096) as (a, _b):
         a.close_timeout = 0.01  # b never reads: do not wait for the queue to drain
         while a.pending_out <= a.high_water:
             a.send_nowait(b"z" * 60000)
@@ -314,24 +324,27 @@ async def test_connect_through_the_door(tmp_path: Path) -> None:
     """A client process joins through the real door; records disappear once attached."""
     busdir = tmp_path / "bus"
     busdir.mkdir(mode=0o700)
-    async with Door(busdir) as door, ShmAcceptor(busdir) as acceptor:
-        async with spawn("client", busdir=str(busdir), hub_pid=os.getpid()) as peer:
-            knocks = door.knocks()
-            with anyio.fail_after(10):
-                knock = await knocks.__anext__()
-            assert knock.transport == "shm" and knock.pid == peer.proc.pid
-            kinds = sorted(r.kind for _p, r in records.list_records(busdir) if r is not None)
-            assert kinds == ["posix_sem"] * 4 + ["shm"]
-            link = await acceptor.accept(knock)
-            try:
-                assert await peer.line() == "attached"
-                assert link.info.peer_name == "peer"
-                await link.send(b"hello" * 1000)
-                assert await link.recv() == b"hello" * 1000
-                assert records.list_records(busdir) == []  # nothing left that could leak
-            finally:
-                await link.aclose()
-            assert await peer.proc.wait() == 0
+    async with (
+        Door(busdir) as door,
+        ShmAcceptor(busdir) as acceptor,
+        spawn("client", busdir=str(busdir), hub_pid=os.getpid()) as peer,
+    ):
+        knocks = door.knocks()
+        with anyio.fail_after(10):
+            knock = await anext(knocks)
+        assert knock.transport == "shm" and knock.pid == peer.proc.pid
+        kinds = sorted(r.kind for _p, r in records.list_records(busdir) if r is not None)
+        assert kinds == ["posix_sem"] * 4 + ["shm"]
+        link = await acceptor.accept(knock)
+        try:
+            assert await peer.line() == "attached"
+            assert link.info.peer_name == "peer"
+            await link.send(b"hello" * 1000)
+            assert await link.recv() == b"hello" * 1000
+            assert records.list_records(busdir) == []  # nothing left that could leak
+        finally:
+            await link.aclose()
+        assert await peer.proc.wait() == 0
 
 
 async def test_connect_times_out_and_cleans_up(tmp_path: Path) -> None:
@@ -339,8 +352,9 @@ async def test_connect_times_out_and_cleans_up(tmp_path: Path) -> None:
     busdir.mkdir(mode=0o700)
     knocks: list[Knock] = []
     with pytest.raises(HandshakeTimeout):
-        await connect_shm(busdir, hub_pid=os.getpid(), send_knock=knocks.append,
-                          ring_size=64 * KiB, attach_timeout=0.2)
+        await connect_shm(
+            busdir, hub_pid=os.getpid(), send_knock=knocks.append, ring_size=64 * KiB, attach_timeout=0.2
+        )
     assert len(knocks) == 1 and knocks[0].version == PROTOCOL_VERSION
     assert records.list_records(busdir) == []
     assert gone(dict(knocks[0].params))
@@ -348,8 +362,7 @@ async def test_connect_times_out_and_cleans_up(tmp_path: Path) -> None:
 
 async def test_acceptor_refuses_a_foreign_uid_on_a_private_bus(tmp_path: Path) -> None:
     acceptor = ShmAcceptor(tmp_path)
-    knock = Knock(version=PROTOCOL_VERSION, transport="shm", pid=os.getpid(),
-                  uid=os.getuid() + 1, params={})
+    knock = Knock(version=PROTOCOL_VERSION, transport="shm", pid=os.getpid(), uid=os.getuid() + 1, params={})
     with pytest.raises(PermissionRefused, match="private"):
         await acceptor.accept(knock)
 
@@ -357,8 +370,7 @@ async def test_acceptor_refuses_a_foreign_uid_on_a_private_bus(tmp_path: Path) -
 # -- bad input ---------------------------------------------------------------------------
 
 
-async def _attach_fails(params: dict[str, Any], exc: type[Exception], match: str,
-                        **kw: Any) -> None:
+async def _attach_fails(params: dict[str, Any], exc: type[Exception], match: str, **kw: Any) -> None:
     with pytest.raises(exc, match=match):
         await ShmLink.attach(params, peer_pid=kw.pop("peer_pid", os.getpid()), **kw)
 
@@ -497,7 +509,7 @@ async def test_sender_refuses_bad_frames() -> None:
             a.send_nowait(b"x" * 1001)
         with pytest.raises(ProtocolError, match="empty"):
             a.send_nowait(b"")
-        a.send_nowait(bytearray(b"buffer"))  # any bytes-like, snapshotted
+        a.send_nowait(bytearray(b"buffer"))  # type: ignore[arg-type]  # bytes-like, snapshotted
         assert await b.recv() == b"buffer"
 
 

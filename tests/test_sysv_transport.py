@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +37,7 @@ from ipcbus.testing import check_link
 from ipcbus.transports.base import Link
 from ipcbus.transports.door import Knock
 from ipcbus.transports.sysv import (
+    DEFAULT_QUEUE_BYTES,
     FLAG_FIRST,
     FLAG_LAST,
     HUB_ADDRESS,
@@ -175,6 +175,16 @@ def queue_exists(qid: int) -> bool:
     return qid in proc_msg_table()
 
 
+async def run(*cmd: str) -> str:
+    """Run a command to completion without blocking the loop; return its stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
 # -- conformance ------------------------------------------------------------------
 
 
@@ -254,9 +264,10 @@ async def test_slow_client_does_not_stall_others(acceptor: SysvAcceptor) -> None
                     await slow.drain()
             assert slow.pending_out > slow.high_water // 2  # stuck on this link
             # The slow client's own queue is full; the shared bus queue is not.
-            slow_q = slow.info.objects["queue"]
-            row = proc_msg_table()[slow_q]
-            assert row["cbytes"] > read_limits().msgmnb - read_limits().msgmax
+            slow_q, _ = open_handle(slow.info.objects["key"], 0)
+            capacity = slow_q.max_size
+            row = proc_msg_table()[slow_q.id]
+            assert row["cbytes"] > capacity - read_limits().msgmax
             assert proc_msg_table()[acceptor.queue_id]["cbytes"] < read_limits().msgmax
             # Meanwhile the other client gets everything, both ways.
             for i in range(2000):
@@ -389,7 +400,7 @@ async def test_ipcrm_under_load(acceptor: SysvAcceptor) -> None:
         for lk in links:  # the load is flowing
             lk.send_nowait(b"mark")
         old = acceptor.queue_id
-        subprocess.run(["ipcrm", "-q", str(old)], check=True)
+        await run("ipcrm", "-q", str(old))
         async with asyncio.timeout(10):
             await asyncio.gather(*tasks)
             with pytest.raises(ConnectionClosed):
@@ -413,7 +424,7 @@ async def test_ipcrm_under_load(acceptor: SysvAcceptor) -> None:
 
 async def test_ipcrm_of_a_client_queue(acceptor: SysvAcceptor) -> None:
     client, hub = await connect_here(acceptor)
-    subprocess.run(["ipcrm", "-q", str(client.info.objects["queue"])], check=True)
+    await run("ipcrm", "-q", str(client.info.objects["queue"]))
     with pytest.raises(ConnectionClosed, match="removed"):
         async with asyncio.timeout(10):
             await client.recv()
@@ -539,6 +550,48 @@ async def test_oversized_frame_refused_at_first_fragment(busdir: Path) -> None:
         await hub.aclose()
 
 
+async def test_client_exceeding_its_credit_window_is_cut_off(acceptor: SysvAcceptor) -> None:
+    client, hub = await connect_here(acceptor)
+    addr = client.info.objects["address"]
+    seq = client._seq_out  # type: ignore[attr-defined]
+    frame = b"w" * 8000
+    n = 2 * acceptor.window // len(frame)  # twice the window, never waiting for ACKs
+
+    def flood() -> None:
+        q = bus_handle(acceptor)
+        for i in range(n):
+            q.send(frames_msg(addr, seq + i, frame), True, 1)
+
+    await asyncio.to_thread(flood)  # the hub reads nothing meanwhile: no credit returns
+    got = 0
+    with pytest.raises(ProtocolError, match="credit window"):
+        while True:
+            assert await hub.recv() == frame
+            got += 1
+    assert got * len(frame) <= acceptor.window * 2
+    await client.aclose()
+    await hub.aclose()
+
+
+async def test_queue_capacity_raised_only_where_permitted(acceptor: SysvAcceptor) -> None:
+    client, hub = await connect_here(acceptor)
+    own, _ = open_handle(client.info.objects["key"], 0)
+    for st_bytes in (acceptor.stat().max_bytes, own.max_size):
+        if _cap_sys_resource():
+            assert st_bytes == DEFAULT_QUEUE_BYTES
+        else:  # refused by the kernel without CAP_SYS_RESOURCE: kept msgmnb, no error
+            assert st_bytes == read_limits().msgmnb
+    await client.aclose()
+    await hub.aclose()
+
+
+def _cap_sys_resource() -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
 async def test_unknown_type_on_a_client_queue(
     acceptor: SysvAcceptor, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -560,6 +613,7 @@ async def test_unknown_type_on_a_client_queue(
 
 async def test_knock_naming_another_users_queue_is_refused(acceptor: SysvAcceptor) -> None:
     seen: list[BaseException] = []
+    tasks: list[asyncio.Future[None]] = []
 
     def knock(k: Knock) -> None:
         q, _ = open_handle(int(k.params["key"]), 0)
@@ -571,7 +625,7 @@ async def test_knock_naming_another_users_queue_is_refused(acceptor: SysvAccepto
             except PermissionRefused as exc:
                 seen.append(exc)
 
-        asyncio.ensure_future(accept())
+        tasks.append(asyncio.ensure_future(accept()))
 
     with pytest.raises(PermissionRefused, match="not its own"):  # told through REFUSE
         await connect_sysv(acceptor.busdir, hub_pid=os.getpid(), send_knock=knock)
@@ -595,6 +649,7 @@ async def test_bad_knocks_are_refused(
     acceptor: SysvAcceptor, tamper: Callable[[Knock], Knock], exc: type[Exception], match: str
 ) -> None:
     errors: list[BaseException] = []
+    tasks: list[asyncio.Future[None]] = []
 
     def knock(k: Knock) -> None:
         async def accept() -> None:
@@ -603,10 +658,10 @@ async def test_bad_knocks_are_refused(
             except Exception as e:
                 errors.append(e)
 
-        asyncio.ensure_future(accept())
+        tasks.append(asyncio.ensure_future(accept()))
 
     with pytest.raises((ConnectionClosed, ProtocolError, PermissionRefused)):
-        await connect_sysv(acceptor.busdir, hub_pid=os.getpid(), send_knock=knock, timeout=1.5)
+        await connect_sysv(acceptor.busdir, hub_pid=os.getpid(), send_knock=knock, timeout=0.5)
     assert len(errors) == 1 and isinstance(errors[0], exc), errors
     assert errors[0].args and __import__("re").search(match, str(errors[0]))
 
@@ -643,9 +698,7 @@ async def test_queue_with_the_bus_key_by_another_user(busdir: Path) -> None:
         f"q = sysv_ipc.MessageQueue({key}, sysv_ipc.IPC_CREX, mode=0o600)\n"
         "print(q.id)\n"
     )
-    out = subprocess.run([*as_nobody(), sys.executable, "-c", code], cwd=REPO,
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    qid = int(out)
+    qid = int(await run(*as_nobody(), sys.executable, "-c", code))
     try:
         with pytest.raises(PermissionRefused, match=f"uid {NOBODY}") as info:
             async with SysvAcceptor(busdir):

@@ -640,7 +640,17 @@ def render_table(table: BenchTable, results: Results, pinnings: Sequence[bool]) 
         if note:
             cells.append(Text(note[:120], style="yellow"))
         else:
-            cells.append(_targets_cell(targets, results, pinnings))
+            cell = _targets_cell(targets, results, pinnings)
+            if "loss" not in table.extra:
+                # A row that lost messages (slow-consumer drops) says so.
+                for p in pinnings:
+                    res = results.get((table.key, impl, size, p))
+                    loss = res.median("loss") if res is not None else None
+                    if loss:
+                        tag = "pinned" if p else "unpinned"
+                        cell.append(("\n" if cell else "") + f"{tag}: loss {fmt_num(loss, 'loss')}",
+                                    style="yellow")
+            cells.append(cell)
         t.add_row(*cells)
     bases = ", ".join(
         f"{b}" + (f" from {fmt_size(start)}" if start else "") for start, b in table.baselines

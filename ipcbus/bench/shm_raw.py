@@ -185,19 +185,16 @@ def _pair(
             line = srv.stdout.readline()
             if not line:
                 raise RuntimeError("shm bench: the creating child died before printing its params")
-            cli = _spawn({**client, "role": "attach", "params": json.loads(line),
-                          "peer_pid": srv.pid})
+            cli = _spawn({**client, "role": "attach", "params": json.loads(line), "peer_pid": srv.pid})
             procs.append(cli)
         elif transport == "pipe":
             from ipcbus.transports.pipe import ChildPipes
 
             pp = ChildPipes.create()
             try:
-                srv = _spawn({**server, "rfd": pp.child_r, "wfd": pp.child_w},
-                             (pp.child_r, pp.child_w))
+                srv = _spawn({**server, "rfd": pp.child_r, "wfd": pp.child_w}, (pp.child_r, pp.child_w))
                 procs.append(srv)
-                cli = _spawn({**client, "rfd": pp.parent_r, "wfd": pp.parent_w},
-                             (pp.parent_r, pp.parent_w))
+                cli = _spawn({**client, "rfd": pp.parent_r, "wfd": pp.parent_w}, (pp.parent_r, pp.parent_w))
                 procs.append(cli)
             finally:
                 pp.close()
@@ -230,8 +227,14 @@ def w1(
     count = count or _count_for(size)
     warmup = max(1, count // 20) if warmup is None else warmup
     job = {"size": size, "count": count, "warmup": warmup}
-    sink, _ = _pair(transport, {**job, "job": "sink"}, {**job, "job": "source"}, pinned,
-                    ring_size or DEFAULT_RING_SIZE, timeout)
+    sink, _ = _pair(
+        transport,
+        {**job, "job": "sink"},
+        {**job, "job": "source"},
+        pinned,
+        ring_size or DEFAULT_RING_SIZE,
+        timeout,
+    )
     out: dict[str, Any] = json.loads(sink)
     out.update(size=size, count=count, transport=transport)
     return out
@@ -253,8 +256,9 @@ def w2(
     from ipcbus.transports.shm import DEFAULT_RING_SIZE
 
     job = {"size": size, "count": count, "warmup": warmup}
-    _, ping = _pair(transport, {**job, "job": "echo"}, {**job, "job": "ping"}, pinned,
-                    DEFAULT_RING_SIZE, timeout)
+    _, ping = _pair(
+        transport, {**job, "job": "echo"}, {**job, "job": "ping"}, pinned, DEFAULT_RING_SIZE, timeout
+    )
     out: dict[str, Any] = json.loads(ping)
     out.update(size=size, transport=transport, pinned=pinned)
     return out
@@ -312,8 +316,11 @@ def sem_costs(count: int = 200_000) -> dict[str, float]:
         for _ in range(count):
             _ = s.value
         t3 = time.perf_counter_ns()
-        out.update(posix_post_ns=(t1 - t0) / count, posix_trywait_ns=(t2 - t1) / count,
-                   posix_value_ns=(t3 - t2) / count)
+        out.update(
+            posix_post_ns=(t1 - t0) / count,
+            posix_trywait_ns=(t2 - t1) / count,
+            posix_value_ns=(t3 - t2) / count,
+        )
     finally:
         s.close()
     n = min(count, 30_000)  # SysV semaphores stop at SEMVMX (32767)
@@ -450,10 +457,12 @@ def wake_compare(count: int = 5_000, pinned: bool | str = False) -> dict[str, di
                 sems = []
             try:
                 base = {"mech": mech, "count": count, "warmup": 200}
-                echo = _spawn({"wake": True, **base, "ping": False, "mine": names[1],
-                               "other": names[0], "cpu": cs})
-                ping = _spawn({"wake": True, **base, "ping": True, "mine": names[0],
-                               "other": names[1], "cpu": cc})
+                echo = _spawn(
+                    {"wake": True, **base, "ping": False, "mine": names[1], "other": names[0], "cpu": cs}
+                )
+                ping = _spawn(
+                    {"wake": True, **base, "ping": True, "mine": names[0], "other": names[1], "cpu": cc}
+                )
                 res = ping.communicate(timeout=120)[0]
                 echo.wait(timeout=120)
                 out["sem_thread" if mech == "sem" else "fifo"] = json.loads(res)
@@ -513,10 +522,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     div = 10 if args.quick else 1
     results: dict[str, Any] = {"w1": [], "w2": [], "ring": []}
-    print("W1 one-way stream, MB/s (msgs/s); shm = direct ShmLink, pipe = PipeLink,"
-          " children on uvloop, unpinned")
-    print(f"{'size':>8} {'shm':>22} {'pipe':>22} {'shm/pipe':>9} {'memcpy':>9} {'bytes()':>9}"
-          f" {'pyzmq':>9}")
+    print(
+        "W1 one-way stream, MB/s (msgs/s); shm = direct ShmLink, pipe = PipeLink,"
+        " children on uvloop, unpinned"
+    )
+    print(f"{'size':>8} {'shm':>22} {'pipe':>22} {'shm/pipe':>9} {'memcpy':>9} {'bytes()':>9} {'pyzmq':>9}")
     for size in SIZES:
         n = max(50, _count_for(size) // div)
         s = w1(size, n)
@@ -525,9 +535,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         z = _zmq_w1(size, n) if size >= 64 * KiB else None
         results["w1"].append({"size": size, "shm": s, "pipe": p, "memcpy": m, "zmq": z})
         zs = f"{z['mb_s']:9.0f}" if z else f"{'-':>9}"
-        print(f"{_fmt_size(size):>8} {s['mb_s']:9.0f} ({s['msgs_s']:9.0f}) "
-              f"{p['mb_s']:9.0f} ({p['msgs_s']:9.0f}) {s['msgs_s'] / p['msgs_s']:8.2f}x "
-              f"{m['mb_s']:9.0f} {m['bytes_mb_s']:9.0f} {zs}")
+        print(
+            f"{_fmt_size(size):>8} {s['mb_s']:9.0f} ({s['msgs_s']:9.0f}) "
+            f"{p['mb_s']:9.0f} ({p['msgs_s']:9.0f}) {s['msgs_s'] / p['msgs_s']:8.2f}x "
+            f"{m['mb_s']:9.0f} {m['bytes_mb_s']:9.0f} {zs}"
+        )
     print("\nW1 1 MiB through shm by ring size (MB/s)")
     for ring in (1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB, 16 * MiB):
         r = w1(MiB, max(50, 3000 // div), ring_size=ring)
@@ -540,22 +552,28 @@ def main(argv: Sequence[str] | None = None) -> None:
             row[tr] = w2(64, max(1000, 20_000 // div), pinned=pinned, transport=tr)
         results["w2"].append({"pinned": pinned, **row})
         label = {False: "unpinned", "same": "one CPU", "split": "two CPUs"}[pinned]
-        print(f"   {label:>9}: shm {row['shm']['p50_us']:6.1f} / {row['shm']['p99_us']:6.1f}"
-              f"   pipe {row['pipe']['p50_us']:6.1f} / {row['pipe']['p99_us']:6.1f}"
-              f"   shm/pipe p50 {row['shm']['p50_us'] / row['pipe']['p50_us']:.2f}x")
+        print(
+            f"   {label:>9}: shm {row['shm']['p50_us']:6.1f} / {row['shm']['p99_us']:6.1f}"
+            f"   pipe {row['pipe']['p50_us']:6.1f} / {row['pipe']['p99_us']:6.1f}"
+            f"   shm/pipe p50 {row['shm']['p50_us'] / row['pipe']['p50_us']:.2f}x"
+        )
     print("\nWaking a sleeping loop, bare round trip us (p50 / p99)")
     for pinned in (False, "same", "split"):
         wc = wake_compare(max(1000, 5000 // div), pinned=pinned)
         results.setdefault("wake", []).append({"pinned": pinned, **wc})
         label = {False: "unpinned", "same": "one CPU", "split": "two CPUs"}[pinned]
-        print(f"   {label:>9}: sem+thread {wc['sem_thread']['p50_us']:6.1f} / "
-              f"{wc['sem_thread']['p99_us']:6.1f}   fifo doorbell {wc['fifo']['p50_us']:6.1f} / "
-              f"{wc['fifo']['p99_us']:6.1f}")
+        print(
+            f"   {label:>9}: sem+thread {wc['sem_thread']['p50_us']:6.1f} / "
+            f"{wc['sem_thread']['p99_us']:6.1f}   fifo doorbell {wc['fifo']['p50_us']:6.1f} / "
+            f"{wc['fifo']['p99_us']:6.1f}"
+        )
     sc = sem_costs(max(20_000, 200_000 // div))
     results["sem_costs"] = sc
-    print("\nSemaphore operation cost, ns: POSIX post {posix_post_ns:.0f}, trywait "
-          "{posix_trywait_ns:.0f}, getvalue {posix_value_ns:.0f}; SysV V {sysv_v_ns:.0f}, "
-          "P {sysv_p_ns:.0f}".format(**sc))
+    print(
+        "\nSemaphore operation cost, ns: POSIX post {posix_post_ns:.0f}, trywait "
+        "{posix_trywait_ns:.0f}, getvalue {posix_value_ns:.0f}; SysV V {sysv_v_ns:.0f}, "
+        "P {sysv_p_ns:.0f}".format(**sc)
+    )
     if args.json:
         print(json.dumps(results, indent=1))
 

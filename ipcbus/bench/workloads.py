@@ -393,18 +393,51 @@ class MarkCounter:
     marker arrived.
     """
 
-    __slots__ = ("n",)
+    __slots__ = ("dropped", "n")
 
     def __init__(self) -> None:
         self.n = 0
+        self.dropped = 0
 
-    def feed(self, data: bytes | memoryview) -> tuple[int, int] | None:
-        """Count one message; return ``(messages, t_ns)`` when it is a marker."""
+    def feed(self, data: bytes | memoryview) -> dict[str, int] | None:
+        """Count one message; at a marker return ``{"n", "t", "dropped"}`` and reset."""
         if len(data):
             self.n += 1
             return None
-        n, self.n = self.n, 0
-        return n, now_ns()
+        mark = {"n": self.n, "t": now_ns(), "dropped": self.dropped}
+        self.n = self.dropped = 0
+        return mark
+
+
+async def _lifted_subscribe(bus: Any, subject: str) -> Any:
+    """Subscribe with the pending limits raised (as the NATS baseline does).
+
+    W1/W3 measure the path, not the slow-consumer policy; messages dropped
+    anyway are counted and reported as ``loss``.
+    """
+    try:
+        return await bus.subscribe(subject, max_pending=10_000_000, pending_bytes=1 << 30)
+    except TypeError:
+        return await bus.subscribe(subject)
+
+
+async def _count_marks(
+    sub: Any, marks: int, on_mark: Callable[[dict[str, int]], Awaitable[None]], timeout: float
+) -> None:
+    """Read ``sub`` until ``marks`` markers went by; a SlowConsumer report adds to the drops."""
+    slow: Any = getattr(_ipcbus(), "SlowConsumer", ())
+    counter = MarkCounter()
+    seen = 0
+    while seen < marks:
+        try:
+            msg = await sub.next(timeout=timeout)
+        except slow as exc:
+            counter.dropped += int(getattr(exc, "dropped", 0))
+            continue
+        mark = counter.feed(msg.data)
+        if mark is not None:
+            await on_mark(mark)
+            seen += 1
 
 
 # ---------------------------------------------------------------------------
@@ -429,16 +462,13 @@ _BACKGROUND: set[asyncio.Task[None]] = set()
 
 async def sink_setup(bus: Any) -> None:
     """Worker-pool setup for W1: count ``bench.stream``, report markers on ``bench.done``."""
-    sub = await bus.subscribe("bench.stream")
+    sub = await _lifted_subscribe(bus, "bench.stream")
 
-    async def count() -> None:
-        counter = MarkCounter()
-        async for msg in sub:
-            mark = counter.feed(msg.data)
-            if mark is not None:
-                await bus.publish("bench.done", encode({"n": mark[0], "t": mark[1]}))
+    async def report(mark: dict[str, int]) -> None:
+        await bus.publish("bench.done", encode(mark))
 
-    task = asyncio.get_running_loop().create_task(count())
+    # Two markers: the end of the warm-up, then the end of the measurement.
+    task = asyncio.get_running_loop().create_task(_count_marks(sub, 2, report, 600.0))
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
 
@@ -466,9 +496,14 @@ async def _bus_stream(bus: Any, p: Params) -> Metrics:
         await bus.publish("bench.stream", payload)
     await bus.publish("bench.stream", b"")
     mark = decode((await done.next(timeout=p.timeout)).data)
-    if mark["n"] != budget.used:
-        raise RuntimeError(f"sink counted {mark['n']} messages, {budget.used} were sent")
-    return stream_metrics(budget.used, p.size, t0, mark["t"])
+    if mark["n"] + mark["dropped"] != budget.used:
+        raise RuntimeError(
+            f"sink counted {mark['n']} messages and {mark['dropped']} drops, "
+            f"{budget.used} were sent"
+        )
+    m = stream_metrics(mark["n"], p.size, t0, mark["t"])
+    m["loss"] = mark["dropped"] / max(1, budget.used)
+    return m
 
 
 async def _bus_sequential(bus: Any, p: Params, subject: str = "bench.echo") -> Metrics:
@@ -612,18 +647,14 @@ async def hub_sink_peer(args: dict[str, Any]) -> None:
     """Peer: a client that counts ``bench.stream`` and prints a ``mark`` per marker."""
     bus = await _connect(args)
     try:
-        sub = await bus.subscribe("bench.stream")
+        sub = await _lifted_subscribe(bus, "bench.stream")
         await bus.serve(f"bench.ping.{args['id']}", _echo_handler)
         peer_say("ready")
-        counter = MarkCounter()
-        marks = 0
-        async for msg in sub:
-            mark = counter.feed(msg.data)
-            if mark is not None:
-                peer_say("mark", n=mark[0], t=mark[1])
-                marks += 1
-                if marks == 2:
-                    break
+
+        async def report(mark: dict[str, int]) -> None:
+            peer_say("mark", **mark)
+
+        await _count_marks(sub, 2, report, args["timeout"])
         await apeer_wait("bye")
     finally:
         await bus.aclose()
@@ -721,6 +752,7 @@ async def _hub_fanout(p: Params, transport: str, sinks: int) -> Metrics:
     m = fanout_metrics(started["sent"], started["t"], marks)
     if sinks == 1:
         m.update(stream_metrics(int(marks[0]["n"]), p.size, started["t"], int(marks[0]["t"])))
+        del m["delivered_s"]
     return m
 
 

@@ -458,8 +458,10 @@ class ShmLink(Link):
         ``mode`` is 0o600, or 0o660 with ``gid`` for a group bus.
         """
         _check_mode(mode)
-        if not isinstance(ring_size, int) or ring_size % 4096 or not (
-            MIN_RING_SIZE <= ring_size <= MAX_RING_SIZE
+        if (
+            not isinstance(ring_size, int)
+            or ring_size % 4096
+            or not (MIN_RING_SIZE <= ring_size <= MAX_RING_SIZE)
         ):
             raise ValueError(
                 f"ring_size {ring_size!r} must be a multiple of 4096 between "
@@ -479,9 +481,7 @@ class ShmLink(Link):
         try:
             shmid = _shm_create(size, mode)
             if busdir is not None:
-                records.record_object(
-                    busdir, "shm", shmid, extra={"size": size, "sems": list(names)}
-                )
+                records.record_object(busdir, "shm", shmid, extra={"size": size, "sems": list(names)})
                 recorded = True
             shm = sysv_ipc.attach(shmid)
             if gid is not None:
@@ -491,15 +491,26 @@ class ShmLink(Link):
                 sems.append(sem)
                 path = _sem_path(name)
                 if busdir is not None:
-                    records.record_object(busdir, "posix_sem", _sem_ident(name),
-                                          extra={"name": name, "path": path})
+                    records.record_object(
+                        busdir, "posix_sem", _sem_ident(name), extra={"name": name, "path": path}
+                    )
                 # sem_open applies the umask; set exactly the mode (and group) asked for.
                 if gid is not None:
                     os.chown(path, -1, gid)
                 os.chmod(path, mode)
             with memoryview(shm) as mv:
-                struct.pack_into("=IIQQQII", mv, _OFF_VERSION, LAYOUT_VERSION, HEADER_SIZE,
-                                 ring_size, ring_size, max_frame, os.getpid(), 0)
+                struct.pack_into(
+                    "=IIQQQII",
+                    mv,
+                    _OFF_VERSION,
+                    LAYOUT_VERSION,
+                    HEADER_SIZE,
+                    ring_size,
+                    ring_size,
+                    max_frame,
+                    os.getpid(),
+                    0,
+                )
                 mv[_OFF_NONCE : _OFF_NONCE + _NONCE_LEN] = nonce
                 mv[_OFF_MAGIC : _OFF_MAGIC + 8] = MAGIC  # last: a half-made header has no magic
         except BaseException:
@@ -591,9 +602,17 @@ class ShmLink(Link):
             # Re-check through the attached id: the row above could describe a
             # segment that was removed and its id reused in between.
             _check_segment_row(
-                {"uid": shm.uid, "cuid": shm.cuid, "cpid": shm.creator_pid,
-                 "perms": shm.mode & 0o777, "size": shm.size},
-                shmid, p.size, peer_pid, want_uid,
+                {
+                    "uid": shm.uid,
+                    "cuid": shm.cuid,
+                    "cpid": shm.creator_pid,
+                    "perms": shm.mode & 0o777,
+                    "size": shm.size,
+                },
+                shmid,
+                p.size,
+                peer_pid,
+                want_uid,
             )
             mv = memoryview(shm)
             _check_header(mv, p, peer_pid)
@@ -686,9 +705,7 @@ class ShmLink(Link):
             if not self._attached and self._rx_end is None:
                 await self._wait_rx()
         if peer_pid is not None and self.info.peer_pid != peer_pid:
-            raise PermissionRefused(
-                f"shm link attached by pid {self.info.peer_pid}, expected pid {peer_pid}"
-            )
+            raise PermissionRefused(f"shm link attached by pid {self.info.peer_pid}, expected pid {peer_pid}")
 
     # -- sending -----------------------------------------------------------
     #
@@ -812,8 +829,7 @@ class ShmLink(Link):
                         continue
                     if not self._reserve(_REC_SIZE + least):
                         break
-                    piece = min(left, self._piece_max, room - _REC_SIZE,
-                                self._free() - _REC_SIZE)
+                    piece = min(left, self._piece_max, room - _REC_SIZE, self._free() - _REC_SIZE)
                     self._put(_PIECE, frame, off, piece)
                     off += piece
                     self._pending -= piece
@@ -1061,7 +1077,7 @@ class ShmLink(Link):
                 rec = (n + 15) & -8
                 if (
                     fast
-                    and (tag == _FRAME or tag == _FRAME_END)
+                    and tag in (_FRAME, _FRAME_END)
                     and 0 < n <= maxf
                     and rec <= size - off
                     and pos + rec <= head
@@ -1092,7 +1108,7 @@ class ShmLink(Link):
                 if self._held and self._asm_views is None:
                     freed += self._held
                     self._held = 0
-                if self._rx_end is not None or self._inbox and rec > _RX_BYTES:
+                if self._rx_end is not None or (self._inbox and rec > _RX_BYTES):
                     break
         except (ProtocolError, PermissionRefused) as exc:
             self._fail(exc)
@@ -1121,7 +1137,7 @@ class ShmLink(Link):
             raise ProtocolError(
                 f"shm link: unknown record tag {tag:#x} at ring offset {off}: the ring is corrupted"
             )
-        if kind == _FRAME or kind == _PIECE:
+        if kind in (_FRAME, _PIECE):
             rec = _REC_SIZE + _align8(n)
         elif kind == _PAD:
             rec = room
@@ -1155,9 +1171,7 @@ class ShmLink(Link):
             if not self._streaming:
                 raise ProtocolError("shm link: a PIECE record outside a streamed frame")
             if not 0 < n <= self._asm_left:
-                raise ProtocolError(
-                    f"shm link: a PIECE of {n} bytes where {self._asm_left} were expected"
-                )
+                raise ProtocolError(f"shm link: a PIECE of {n} bytes where {self._asm_left} were expected")
             self._asm_left -= n
             views = self._asm_views
             if views is not None:
@@ -1229,9 +1243,7 @@ class ShmLink(Link):
             raise ProtocolError("shm link: unexpected ATTACHED record")
         apid = hi[_OFF_APID // 4]
         if self._expected_peer is not None and apid != self._expected_peer:
-            raise PermissionRefused(
-                f"shm link attached by pid {apid}, expected pid {self._expected_peer}"
-            )
+            raise PermissionRefused(f"shm link attached by pid {apid}, expected pid {self._expected_peer}")
         self._attached = True
         self.info.peer_pid = apid
         with contextlib.suppress(OSError):
@@ -1271,8 +1283,7 @@ class ShmLink(Link):
             loop.call_soon(self._on_peer_exit)
             return
         except OSError as exc:  # pragma: no cover - kernels before 5.3
-            log.warning("shm link: cannot watch peer pid %d (%s); its death will go unnoticed",
-                        pid, exc)
+            log.warning("shm link: cannot watch peer pid %d (%s); its death will go unnoticed", pid, exc)
             return
         self._pidfd = fd
         loop.add_reader(fd, self._on_peer_exit)
@@ -1457,7 +1468,12 @@ class _Params:
     __slots__ = ("nonce", "ring0", "ring1", "sem_names", "shmid", "size")
 
     def __init__(
-        self, shmid: int, size: int, ring0: int, ring1: int, nonce: bytes,
+        self,
+        shmid: int,
+        size: int,
+        ring0: int,
+        ring1: int,
+        nonce: bytes,
         sem_names: tuple[str, str, str, str],
     ) -> None:
         self.shmid = shmid
@@ -1508,9 +1524,7 @@ def _parse_params(params: Mapping[str, int | str]) -> _Params:
     return _Params(shmid, size, ring0, ring1, nonce, (names[0], names[1], names[2], names[3]))
 
 
-def _check_segment_row(
-    row: Mapping[str, int], shmid: int, size: int, peer_pid: int, uid: int
-) -> None:
+def _check_segment_row(row: Mapping[str, int], shmid: int, size: int, peer_pid: int, uid: int) -> None:
     if row["uid"] != uid or row["cuid"] != uid:
         raise PermissionRefused(
             f"shared-memory segment {shmid} belongs to uid {row['uid']} (created by uid "
@@ -1523,8 +1537,7 @@ def _check_segment_row(
         )
     if row["perms"] & 0o007:
         raise PermissionRefused(
-            f"shared-memory segment {shmid} is open to every user (mode {row['perms']:#o}); "
-            "refusing it"
+            f"shared-memory segment {shmid} is open to every user (mode {row['perms']:#o}); refusing it"
         )
     if row["size"] != size:
         raise PermissionRefused(
@@ -1564,8 +1577,7 @@ def _check_header(mv: memoryview, p: _Params, peer_pid: int) -> None:
     flags = struct.unpack_from("=I", mv, _OFF_AFLAGS)[0]
     if apid or flags & _FLAG_ATTACHED:
         raise PermissionRefused(
-            f"shared-memory segment {p.shmid} is already attached by pid {apid}; "
-            "a link has exactly two ends"
+            f"shared-memory segment {p.shmid} is already attached by pid {apid}; a link has exactly two ends"
         )
 
 
@@ -1581,8 +1593,7 @@ def _check_sem_file(name: str, uid: int) -> None:
         raise PermissionRefused(f"{path} is not a regular file; refusing it")
     if st.st_uid != uid:
         raise PermissionRefused(
-            f"semaphore {name} belongs to uid {st.st_uid}, not to the peer's uid {uid}; "
-            "refusing it"
+            f"semaphore {name} belongs to uid {st.st_uid}, not to the peer's uid {uid}; refusing it"
         )
     if st.st_mode & 0o007:
         raise PermissionRefused(
@@ -1636,8 +1647,7 @@ class ShmAcceptor:
             )
         if self.gid is None and knock.uid != os.getuid():
             raise PermissionRefused(
-                f"client pid {knock.pid} claims uid {knock.uid}, but this bus is private to "
-                f"uid {os.getuid()}"
+                f"client pid {knock.pid} claims uid {knock.uid}, but this bus is private to uid {os.getuid()}"
             )
         link = await ShmLink.attach(
             knock.params,
@@ -1673,8 +1683,7 @@ async def connect_shm(
 
     busdir = Path(busdir)
     mode, gid = _bus_mode(busdir)
-    link, params = ShmLink.create(busdir, ring_size=ring_size, mode=mode, gid=gid,
-                                  max_frame=max_frame)
+    link, params = ShmLink.create(busdir, ring_size=ring_size, mode=mode, gid=gid, max_frame=max_frame)
     try:
         knock = Knock(
             version=PROTOCOL_VERSION,

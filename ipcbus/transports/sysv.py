@@ -88,6 +88,7 @@ from .door import Knock
 __all__ = [
     "CONTROL_MAX",
     "DEFAULT_CREDIT_UNIT",
+    "DEFAULT_QUEUE_BYTES",
     "DEFAULT_WINDOW",
     "FTOK_PROJ",
     "HUB_ADDRESS",
@@ -154,6 +155,8 @@ _BATCH_BYTES: Final = 1 << 20
 _FLUSH_TIMEOUT: Final = 2.0  # aclose(): how long queued frames may take to leave
 _JOIN_TIMEOUT: Final = 5.0
 _CONNECT_TIMEOUT: Final = 10.0
+DEFAULT_QUEUE_BYTES: Final = 1 << 20
+"""``msg_qbytes`` asked for every queue; kept at ``kernel.msgmnb`` where raising is not permitted."""
 
 _addresses = itertools.count()
 
@@ -417,6 +420,14 @@ class SysvLink(Link):
             # frames queued during the rest of this loop iteration into batches.
             self._flush_handle = self._loop.call_soon(self._flush_tick)
             self._flush()
+        elif self._frames_bytes >= self._msg_size and self._broken is None:
+            # A producer that does not yield: ship every full message now, so the
+            # reader works while we produce (the tail waits for the tick).
+            self._build(eager=True)
+            if self._msgs:
+                self._pump()
+            if self._writers:
+                self._check_writers()
 
     def _flush_tick(self) -> None:
         self._flush_handle = None
@@ -437,8 +448,11 @@ class SysvLink(Link):
         self._seq_out = (s + 1) & 0xFFFFFFFF
         return s
 
-    def _build(self) -> None:
-        """Turn queued frames into messages: batches of whole frames, or fragments."""
+    def _build(self, eager: bool = False) -> None:
+        """Turn queued frames into messages: batches of whole frames, or fragments.
+
+        ``eager``: only full messages; a tail too small to fill one stays queued.
+        """
         frames = self._frames
         cap = self._msg_size - _HDR
         window = self._window
@@ -450,6 +464,8 @@ class SysvLink(Link):
             f = frames[0]
             off = self._frag_off
             if off == 0 and len(f) + 4 <= cap:
+                if eager and self._frames_bytes + 4 * len(frames) < cap:
+                    break
                 room = min(cap, avail - _HDR)
                 if room < len(f) + 4:
                     break  # wait for credit
@@ -1152,7 +1168,7 @@ async def connect_sysv(
     mode: int = 0o600,
     gid: int | None = None,
     high_water: int = DEFAULT_HIGH_WATER,
-    queue_bytes: int | None = None,
+    queue_bytes: int | None = DEFAULT_QUEUE_BYTES,
     timeout: float = _CONNECT_TIMEOUT,
 ) -> Link:
     """Join the bus in ``busdir`` over SysV message queues; return the link once usable.
@@ -1304,10 +1320,15 @@ class _HubLink(SysvLink):
             return
         try:
             self._rx_data(data)
+            if data[1] in (KIND_FRAMES, KIND_FRAGMENT):  # BYE needs no credit
+                self._absorbed += len(data)
+                if self._absorbed - self._acked > self._credit_window:
+                    raise ProtocolError(
+                        f"client exceeded its credit window: {self._absorbed - self._acked} "
+                        f"bytes unacknowledged, window {self._credit_window}"
+                    )
         except ProtocolError as exc:
             self._fatal(exc)
-            return
-        self._absorbed += len(data)
 
     def _after_batch(self) -> None:
         self._send_acks()
@@ -1500,7 +1521,7 @@ class SysvAcceptor:
         high_water: int = DEFAULT_HIGH_WATER,
         window: int = DEFAULT_WINDOW,
         credit_unit: int = DEFAULT_CREDIT_UNIT,
-        queue_bytes: int | None = None,
+        queue_bytes: int | None = DEFAULT_QUEUE_BYTES,
     ) -> None:
         if mode & 0o007 or mode & ~0o777:
             raise ValueError(f"bus queue mode {mode:#o} must not grant access to other users")
