@@ -2,9 +2,9 @@
 
 No hub: the parent creates the link (a SysV segment with two rings and four
 POSIX semaphores), hands its parameters to a child on the command line, and
-the child attaches.  The parent then streams 16 MiB frames — four times the
-4 MiB ring, so each one is cut into pieces and reassembled whole — and the
-child answers each with its CRC-32.
+the child attaches.  The parent then streams 16 MiB frames — twice the size
+of the 8 MiB ring, so each one is cut into pieces and reassembled whole —
+and the child answers each with its CRC-32.
 
     python examples/shm_direct.py
 

@@ -323,11 +323,17 @@ class Service:
         if m.reply is None:
             log.warning("service %r: handler raised %s: %s", self.subject, name, exc)
             return
-        headers = {ERROR_TYPE_HEADER: name, ERROR_MSG_HEADER: str(exc)[:4000]}
+        text = str(exc)[:4000]
+        node = self._bus._node
+        # The error text must fit in a frame too: on a bus with a small max_frame, cut it.
+        text = text[: max(0, (node.max_frame - 4 * len(m.reply) - 200) // 4)]
+        headers = {ERROR_TYPE_HEADER: name, ERROR_MSG_HEADER: text}
         try:
-            await self._bus._node.publish(m.reply, b"", headers=headers)
+            await node.publish(m.reply, b"", headers=headers)
         except ConnectionClosed:
             pass
+        except FrameTooLarge:  # max_frame too small for even a short error: the requester times out
+            log.warning("service %r: error reply does not fit in max_frame", self.subject)
 
     async def drain(self) -> None:
         """Stop taking requests and wait for the ones being handled."""
@@ -476,6 +482,7 @@ class Bus:
                 raise RequestTimeout(subject, timeout) from None
         finally:
             del futures[token]
+            node.forget_reply(reply)
         h = m.headers
         if h:
             status = h.get(STATUS_HEADER)

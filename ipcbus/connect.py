@@ -102,7 +102,10 @@ class ClientBus(Bus):
 
     def _check_open(self) -> None:
         super()._check_open()
-        if self.hub_link is None or self.hub_link.closed.is_set():
+        # ``link.closed``: the transport may have broken (peer gone, queue removed)
+        # before the node's link task has run to drop it; a publisher that never
+        # yields would otherwise keep "publishing" into the broken link.
+        if self.hub_link is None or self.hub_link.closed.is_set() or self.hub_link.link.closed:
             raise ConnectionClosed(
                 f"not connected to the hub of bus {self.busdir.name!r}"
                 + (f": {self._lost}" if self._lost else "")
@@ -146,6 +149,24 @@ class ClientBus(Bus):
             self._lost = ""
             log.info("bus %s: reconnected", self.busdir.name)
             return
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until the hub has processed everything sent so far.
+
+        Raises :class:`~ipcbus.errors.ConnectionClosed` when the link to the hub
+        breaks before the hub confirmed it: what was sent may not have arrived,
+        so a flush that returns is an acknowledgement.
+        """
+        self._check_open()
+        ls = self.hub_link
+        assert ls is not None  # _check_open
+        try:
+            await self._node.ping(ls, timeout)
+        except ConnectionClosed as exc:
+            raise ConnectionClosed(
+                f"the link to the hub of bus {self.busdir.name!r} closed before the hub "
+                f"confirmed what was sent: {exc}"
+            ) from None
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
         """Wait until the link to the hub is up (after a reconnect)."""

@@ -426,7 +426,24 @@ class Node:
                 if ls.close_reason.startswith("protocol error"):  # e.g. a wrong version
                     raise ProtocolError(what)
                 raise ConnectionClosed(what)
+            # The peer sent its interest (Sub frames) right after its hello, but a
+            # transport may deliver them in a later read.  Its answer to a ping comes
+            # after them on this ordered link, so once the pong is here the peer's
+            # interest is known and a publish right after add_link() reaches it.
+            await self._roundtrip(ls, _HELLO_TIMEOUT)
         return ls
+
+    async def _roundtrip(self, ls: LinkState, timeout: float) -> None:
+        """Ping one link and wait for the pong (at most ``timeout``; a silent peer is tolerated)."""
+        token = next(self._tokens)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ls.pongs[token] = fut
+        try:
+            ls.link.send_nowait(_encode(fr.Ping(token)))
+            with anyio.move_on_after(timeout):
+                await fut
+        finally:
+            ls.pongs.pop(token, None)
 
     async def _run_link(self, ls: LinkState) -> None:
         link = ls.link
@@ -895,7 +912,14 @@ class Node:
         if self._closed:
             raise BusClosed("bus is closed")
         m = fr.Msg(subject, reply, headers, payload)
-        if len(payload) + len(subject) + 64 > self.max_frame:
+        # Cheap upper bound first (a character is at most 4 bytes in UTF-8; 64 for
+        # the envelope); encode to measure exactly only when it might not fit.
+        bound = len(payload) + 4 * len(subject) + 64
+        if reply is not None:
+            bound += 4 * len(reply)
+        if headers:
+            bound += sum(4 * (len(k) + len(v)) + 10 for k, v in headers.items())
+        if bound > self.max_frame:
             size = len(_encode(m))
             if size > self.max_frame:
                 raise FrameTooLarge(size, self.max_frame, "message")
@@ -929,6 +953,18 @@ class Node:
         token = format(next(self._tokens), "x")
         return token, self.inbox.subject[:-1] + token
 
+    def forget_reply(self, reply: str) -> None:
+        """The requester is done with ``reply`` (answered, timed out, cancelled).
+
+        A reply that arrived already removed its tracking; one that never will
+        must not stay counted as in flight on the link it went out on (that
+        link would look busy forever, and a pool's shutdown would wait for it).
+        """
+        routes = self._reply_routes.pop(reply, None)
+        if routes:
+            for ls in routes:
+                ls.inflight.pop(reply, None)
+
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until every link's peer has processed everything sent so far."""
         futs: list[asyncio.Future[None]] = []
@@ -948,6 +984,25 @@ class Node:
         if futs:
             with anyio.fail_after(timeout):
                 await asyncio.gather(*futs, return_exceptions=True)
+
+    async def ping(self, ls: LinkState, timeout: float = 10.0) -> None:
+        """Wait until the peer of one link has processed everything sent on it so far.
+
+        Unlike :meth:`flush`, which skips links that break, this raises
+        :class:`ConnectionClosed` when the link breaks (or is dropped) before
+        the peer answers: what was sent may then not have arrived.
+        """
+        if ls.closed.is_set():
+            raise ConnectionClosed(f"link {ls.name} is closed: {ls.close_reason}")
+        token = next(self._tokens)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ls.pongs[token] = fut
+        try:
+            ls.link.send_nowait(_encode(fr.Ping(token)))
+            with anyio.fail_after(timeout):
+                await fut  # _drop_link fails it with ConnectionClosed
+        finally:
+            ls.pongs.pop(token, None)
 
     # -- introspection -------------------------------------------------------
 

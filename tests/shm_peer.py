@@ -11,6 +11,7 @@ Modes:
   midframe  attach, send two small frames, start a frame far larger than the
             ring, print "blocked" once it is stuck in the middle of it (until killed)
   client    connect_shm() to the "hub" (the parent) through the bus door, then echo
+  create    create the link itself, print its params as JSON, echo once attached
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ async def echo(link: ShmLink) -> None:
 
 
 async def main(mode: str, spec: dict[str, object]) -> None:
-    if mode == "client":
+    if mode == "create":
+        link, made = ShmLink.create(None, ring_size=1 << 20)
+        say(json.dumps(made))
+        await link.wait_attached(peer_pid=int(str(spec["peer_pid"])))
+    elif mode == "client":
         link = await connect_shm(
             Path(str(spec["busdir"])),
             hub_pid=int(str(spec["hub_pid"])),
@@ -50,7 +55,7 @@ async def main(mode: str, spec: dict[str, object]) -> None:
         assert isinstance(params, dict)
         link = await ShmLink.attach(params, peer_pid=int(str(spec["peer_pid"])))
     try:
-        if mode in ("echo", "client"):
+        if mode in ("echo", "client", "create"):
             say("attached")
             await echo(link)
         elif mode == "stall":

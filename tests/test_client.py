@@ -718,3 +718,35 @@ async def test_stats_fields() -> None:
         assert cs["links"][0]["peer_name"] == "server"
         assert "st.* [g]" in cs["links"][0]["interest"]
         msgspec.json.encode(cs)  # plain data, encodable
+
+
+async def test_headers_count_toward_the_frame_limit() -> None:
+    async with pair(max_frame=8 * 1024) as (client, server):
+        sub = await server.subscribe("h")
+        await settle(client, server)
+        (link,) = client.node.links
+        before = link.link.info.msgs_out
+        with pytest.raises(FrameTooLarge):
+            await client.publish("h", b"", headers={"big": "v" * 10_000})
+        with pytest.raises(FrameTooLarge):
+            await client.publish("h", b"", headers={"big": "\u20ac" * 3000})  # 9000 bytes in UTF-8
+        assert link.link.info.msgs_out == before
+        await client.publish("h", b"", headers={"small": "ok"})
+        assert (await sub.next(timeout=5)).headers == {"small": "ok"}
+
+
+async def test_error_reply_over_max_frame_is_cut_down() -> None:
+    """A handler raising with a message longer than max_frame: still a RemoteError."""
+    async with pair(max_frame=2048) as (client, server):
+
+        def boom(m: Msg) -> bytes:
+            raise ValueError("x" * 3000)
+
+        await server.serve("boom", boom)
+        await server.serve("echo", lambda m: m.data)
+        await settle(client, server)
+        with pytest.raises(RemoteError) as info:
+            await client.request("boom", timeout=5)
+        assert info.value.type_name == "ValueError"
+        assert info.value.message.startswith("xxx")
+        assert (await client.request("echo", b"alive", timeout=5)).data == b"alive"

@@ -170,6 +170,25 @@ async def test_worker_crashing_on_restart_is_reported_not_restarted_forever(
             await pool.bus.request("echo", b"2", timeout=10)
 
 
+@pytest.mark.single_loop
+async def test_abandoned_requests_do_not_stay_in_flight() -> None:
+    """A timed-out or cancelled request no longer counts: balancing and shutdown ignore it."""
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env()) as pool:
+        started = await pool.bus.subscribe("started")
+        await pool.bus.flush()
+        with pytest.raises(ipcbus.RequestTimeout):
+            await pool.bus.request("slow.hang", b"", timeout=0.05)
+        await started.next(timeout=10)
+        task = asyncio.ensure_future(pool.bus.request("slow.hang", b"", timeout=60))
+        await started.next(timeout=10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        (link,) = pool.stats()["node"]["links"]
+        assert link["inflight_requests"] == 0
+        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+
+
 # -- start failures ---------------------------------------------------------------------
 
 

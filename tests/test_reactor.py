@@ -358,6 +358,8 @@ async def test_request_timeout_is_a_timeout_error(kind: str) -> None:
         assert info.value.subject == "silent" and info.value.timeout == 0.2
         assert (await silent.next(timeout=5)).data == b"hello?"
         assert not t.a.node.inbox.futures
+        # the requester gave up: its own link no longer counts the request as in flight
+        assert not t.a_hub.inflight
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -694,3 +696,44 @@ async def test_a_stalled_link_does_not_block_publishing_to_others(kind: str) -> 
         with anyio.fail_after(20):
             await blocked
         assert (await sy.next(timeout=5)).data == payload
+
+
+class HoldingLink(GatedLink):
+    """Passes the first frame sent (the hello), holds the others until ``release()``.
+
+    Models a transport that delivers a peer's hello and the interest sent
+    right after it in separate reads.
+    """
+
+    def __init__(self, inner: Link) -> None:
+        super().__init__(inner)
+        self.held: list[bytes] | None = []
+
+    def send_nowait(self, frame: bytes) -> None:
+        if self.held is not None and self.inner.info.msgs_out >= 1:
+            self.held.append(frame)
+            return
+        self.inner.send_nowait(frame)
+
+    def release(self) -> None:
+        held, self.held = self.held or [], None
+        for f in held:
+            self.inner.send_nowait(f)
+
+
+async def test_add_link_returns_once_the_peers_interest_is_known() -> None:
+    """A publish right after ``add_link()`` reaches the peer's existing subscribers."""
+    async with Node(name="hub") as hub, Node(name="client") as client:
+        sub = await Bus(hub).subscribe("early.>")
+        a, b = memory_pair()
+        held = HoldingLink(a)
+        await hub.add_link(held, name="client", wait=False)
+        attach = asyncio.ensure_future(client.add_link(b, name="hub"))
+        for _ in range(20):
+            await asyncio.sleep(0)  # the hello has arrived; the interest is held back
+        held.release()
+        with anyio.fail_after(10):
+            await attach
+        assert client.has_interest("early.bird")
+        await Bus(client).publish("early.bird", b"first message")
+        assert (await sub.next(timeout=5)).data == b"first message"

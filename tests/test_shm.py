@@ -278,7 +278,7 @@ async def test_reader_killed_writer_does_not_block_forever() -> None:
                 link.send_nowait(b"w" * 50000)
             peer.kill()
             with anyio.fail_after(10):
-                with pytest.raises(ConnectionClosed, match="exited"):
+                with pytest.raises(ConnectionClosed, match="exited"):  # bell EOF or pidfd
                     await link.wait_writable()
             with pytest.raises(EndOfStream):
                 await link.recv()
@@ -308,6 +308,29 @@ async def test_idle_peer_killed_ends_the_stream() -> None:
         await link.aclose()
 
 
+async def test_creator_killed_attacher_sees_end_of_stream() -> None:
+    """The other way round: the process that made the objects dies (a client, seen by a hub)."""
+    async with spawn("create", peer_pid=os.getpid()) as peer:
+        params = json.loads(await peer.line())
+        link = await ShmLink.attach(params, peer_pid=peer.proc.pid)
+        try:
+            assert await peer.line() == "attached"
+            await link.send(b"x" * 100_000)
+            assert await link.recv() == b"x" * 100_000
+            await link.send(b"unanswered")
+            peer.kill()
+            with anyio.fail_after(10):
+                got = []
+                with pytest.raises(EndOfStream):
+                    while True:  # the echo may or may not have made it before the kill
+                        got.append(await link.recv())
+            assert got in ([], [b"unanswered"])
+        finally:
+            await link.aclose()
+        await peer.proc.wait()
+    assert gone(params)
+
+
 async def test_peer_dies_before_attaching() -> None:
     link, params = ShmLink.create(None, ring_size=64 * KiB)
     try:
@@ -334,7 +357,7 @@ async def test_connect_through_the_door(tmp_path: Path) -> None:
             knock = await anext(knocks)
         assert knock.transport == "shm" and knock.pid == peer.proc.pid
         kinds = sorted(r.kind for _p, r in records.list_records(busdir) if r is not None)
-        assert kinds == ["posix_sem"] * 4 + ["shm"]
+        assert kinds == ["fifo"] * 2 + ["posix_sem"] * 4 + ["shm"]
         link = await acceptor.accept(knock)
         try:
             assert await peer.line() == "attached"
@@ -416,6 +439,21 @@ async def test_segment_that_is_not_ours_is_refused() -> None:
             os.chown(path, 4242, -1)
             await _attach_fails(params_a, PermissionRefused, "semaphore .* belongs to uid 4242")
             os.chown(path, 0, -1)
+        # a bell that is not a FIFO, or not the peer's
+        bell = str(params_a["bell1"])
+        os.rename(bell, bell + ".moved")
+        try:
+            os.close(os.open(bell, os.O_CREAT | os.O_WRONLY, 0o600))  # a plain file
+            await _attach_fails(params_a, PermissionRefused, "not the kind of file")
+            os.unlink(bell)
+            if os.getuid() == 0:
+                os.mkfifo(bell, 0o600)
+                os.chown(bell, 4242, -1)
+                await _attach_fails(params_a, PermissionRefused, "bell .* belongs to uid 4242")
+                os.unlink(bell)
+        finally:
+            os.rename(bell + ".moved", bell)
+        await _attach_fails({**params_a, "bell0": "relative.bell"}, ProtocolError, "bell path")
         await _attach_fails({**params_a, "shmid": "x"}, ProtocolError, "'shmid' must be")
         await _attach_fails({**params_a, "layout": 9}, ProtocolError, "layout version 9")
     finally:
@@ -524,10 +562,33 @@ async def test_records_kept_until_attached(tmp_path: Path) -> None:
     a, params = ShmLink.create(tmp_path, ring_size=64 * KiB)
     try:
         recs = {(r.kind, r.ident) for _p, r in records.list_records(tmp_path) if r is not None}
-        assert ("shm", str(params["shmid"])) in recs and len(recs) == 5
+        assert ("shm", str(params["shmid"])) in recs and len(recs) == 7
+        assert ("fifo", params["bell0"]) in recs
     finally:
         await a.aclose()  # never attached: removes the segment, the names and the records
     assert records.list_records(tmp_path) == []
     assert gone(params)
     with pytest.raises(ConnectionClosed, match="does not exist"):
         await ShmLink.attach(params, peer_pid=os.getpid())
+
+
+async def test_group_bus_objects_are_0660_with_the_group(tmp_path: Path) -> None:
+    gid = 4242 if os.getuid() == 0 else os.getgid()
+    a, params = ShmLink.create(tmp_path, ring_size=64 * KiB, mode=0o660, gid=gid)
+    try:
+        assert shm_perms(int(params["shmid"])) & 0o777 == 0o660
+        for path in [
+            *(str(params[f"bell{i}"]) for i in range(2)),
+            *("/dev/shm/sem." + str(params[f"sem{i}"]).lstrip("/") for i in range(4)),
+        ]:
+            st = os.stat(path)
+            assert (st.st_mode & 0o777, st.st_gid) == (0o660, gid), path
+        b = await ShmLink.attach(params, peer_pid=os.getpid())
+        try:
+            await b.send(b"group")
+            assert await a.recv() == b"group"
+        finally:
+            await b.aclose()
+    finally:
+        await a.aclose()
+    assert gone(params) and records.list_records(tmp_path) == []

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -160,7 +162,7 @@ TABLES: tuple[BenchTable, ...] = (
             Row("mp.Pipe", _SMALL),
             Row("uvloop unix", _SMALL, quick=(64, KiB)),
             Row("zmq PUSH/PULL", (64, KiB, 64 * KiB, MiB, 16 * MiB), quick=(64, KiB, MiB)),
-            Row("sysv_ipc raw", _SMALL, quick=(KiB,)),
+            Row("sysv_ipc raw", (64, KiB), quick=(KiB,)),  # one msgsnd: <= msgmax (8 KiB)
             Row("memcpy", (64 * KiB, MiB, 16 * MiB), quick=(MiB,)),
             Row("shm link (raw)", (64, 64 * KiB, MiB, 16 * MiB), quick=(64, MiB)),
             Row("pipe link (raw)", (64, MiB), quick=()),
@@ -171,7 +173,7 @@ TABLES: tuple[BenchTable, ...] = (
             Row("ipcbus hub+shm", (64 * KiB, MiB), quick=(MiB,)),
         ),
         count=lambda size, quick: min(2_000_000, max(16, 4096 * MiB // size)),
-        duration=(0.25, 0.1),
+        duration=(0.2, 0.1),
     ),
     BenchTable(
         key="W2",
@@ -196,7 +198,7 @@ TABLES: tuple[BenchTable, ...] = (
             Row("ipcbus hub+shm"),
         ),
         count=lambda size, quick: 20_000,
-        duration=(0.5, 0.25),
+        duration=(0.4, 0.25),
     ),
     BenchTable(
         key="W2x",
@@ -214,7 +216,7 @@ TABLES: tuple[BenchTable, ...] = (
             Row("ipcbus hub+fifo"),
         ),
         count=lambda size, quick: 200_000,
-        duration=(0.4, 0.2),
+        duration=(0.3, 0.2),
         inflight=32,
     ),
     BenchTable(
@@ -233,7 +235,7 @@ TABLES: tuple[BenchTable, ...] = (
             Row("ipcbus hub+shm", quick=()),
         ),
         count=lambda size, quick: 1_000_000,
-        duration=(0.4, 0.15),
+        duration=(0.3, 0.15),
     ),
     BenchTable(
         key="W4",
@@ -380,12 +382,24 @@ def _is_reference(table: BenchTable, impl: str) -> bool:
     )
 
 
-def _child_env() -> dict[str, str]:
-    """The environment for drivers: this package importable from any cwd."""
+def _child_env(rundir: str) -> dict[str, str]:
+    """The environment for drivers (and so their peers), inside ``rundir``.
+
+    The package is importable from any cwd.  ``TMPDIR`` points into
+    ``rundir``, so the sockets, FIFOs and bus directories of a measurement
+    that had to be killed are removed with it at the end of the run.
+    Bytecode is cached in ``rundir`` even where the environment says
+    ``PYTHONDONTWRITEBYTECODE``: a run starts well over a thousand
+    interpreters, and recompiling ipcbus in each costs about 40 ms.
+    """
     env = dict(os.environ)
+    tmp = os.path.join(rundir, "tmp")
+    os.makedirs(tmp, mode=0o700, exist_ok=True)
+    env["TMPDIR"] = tmp
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(rundir, "pycache")
     return env
 
 
@@ -449,15 +463,32 @@ def run_jobs(
     *,
     timeout: float = 300.0,
     verbose: bool = False,
+    results: Results | None = None,
 ) -> Results:
     """Run every job with a rich progress display; collect the results by cell.
 
     An implementation that reports itself unavailable is not tried again
     (for any size or pinning); a cell that failed twice is skipped from then on.
+    ``results``, when given, is filled in place (so a Ctrl-C keeps what ran).
     """
-    results: Results = {}
+    results = {} if results is None else results
     unavailable: dict[tuple[str, str], str] = {}
-    env = _child_env()
+    rundir = tempfile.mkdtemp(prefix="ipcbus-bench-run-")
+    try:
+        return _run_jobs(jobs, console, results, unavailable, _child_env(rundir), timeout, verbose)
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def _run_jobs(
+    jobs: Sequence[Job],
+    console: Console,
+    results: Results,
+    unavailable: dict[tuple[str, str], str],
+    env: dict[str, str],
+    timeout: float,
+    verbose: bool,
+) -> Results:
     for job in jobs:
         results.setdefault(job.cell, RowResult(job.table.key, job.impl, job.size, job.pinned))
     progress = Progress(
@@ -875,15 +906,17 @@ def cli(
     console.print(
         f"[bold]ipcbus benchmarks[/]: {info['cpus']} CPUs ({info['cpu_model'] or 'unknown'}), "
         f"Linux {info['kernel']}, Python {info['python']}, uvloop {info['uvloop']}; "
-        f"{reps} repeats{' (quick)' if quick else ''}, {len(jobs)} measurements"
+        f"{reps} repeats{' (quick)' if quick else ''}, {len(jobs)} measurements",
+        highlight=False,
     )
     started = time.monotonic()
     interrupted = False
+    results: Results = {}
     try:
-        results = run_jobs(jobs, console, timeout=timeout, verbose=verbose)
+        run_jobs(jobs, console, timeout=timeout, verbose=verbose, results=results)
     except KeyboardInterrupt:  # pragma: no cover - interactive
         interrupted = True
-        results = {}
+        console.print("[yellow]interrupted: showing what ran[/]")
     elapsed = time.monotonic() - started
     for table in tables:
         rendered = render_table(table, results, pinnings)
@@ -894,7 +927,8 @@ def cli(
     console.print(render_targets(results, pinnings, [t.key for t in tables]))
     console.print(
         f"\n[dim]{elapsed:.0f} s. Pinned: every process of a measurement on one CPU "
-        "(sched_setaffinity, inherited by children). Ratios: medians of the same run.[/]"
+        "(sched_setaffinity, inherited by children). Ratios: medians of the same run.[/]",
+        highlight=False,
     )
     if json_path is not None:
         doc = {

@@ -540,11 +540,27 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{p['mb_s']:9.0f} ({p['msgs_s']:9.0f}) {s['msgs_s'] / p['msgs_s']:8.2f}x "
             f"{m['mb_s']:9.0f} {m['bytes_mb_s']:9.0f} {zs}"
         )
-    print("\nW1 1 MiB through shm by ring size (MB/s)")
+    print("\nW1 1 MiB by placement, MB/s (best of 3): unpinned / one CPU / two CPUs")
+    for tr in ("shm", "pipe"):
+        row = {}
+        for pin in (False, True, "split"):
+            row[str(pin)] = max(
+                (w1(MiB, max(50, 3000 // div), pinned=pin, transport=tr) for _ in range(3)),
+                key=lambda r: float(r["mb_s"]),
+            )
+        results.setdefault("placement", []).append({"transport": tr, **row})
+        print(f"   {tr:>4}: " + " / ".join(f"{row[k]['mb_s']:6.0f}" for k in ("False", "True", "split")))
+    print("\nW1 1 MiB through shm by ring size, MB/s (best of 3): unpinned / two CPUs")
     for ring in (1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB, 16 * MiB):
-        r = w1(MiB, max(50, 3000 // div), ring_size=ring)
-        results["ring"].append({"ring_size": ring, **r})
-        print(f"   ring {_fmt_size(ring):>7}: {r['mb_s']:8.0f}")
+        cells = []
+        for pin in (False, "split"):
+            r = max(
+                (w1(MiB, max(50, 3000 // div), ring_size=ring, pinned=pin) for _ in range(3)),
+                key=lambda r: float(r["mb_s"]),
+            )
+            results["ring"].append({"ring_size": ring, "pinned": pin, **r})
+            cells.append(f"{r['mb_s']:6.0f}")
+        print(f"   ring {_fmt_size(ring):>7}: " + " / ".join(cells))
     print("\nW2 ping-pong 64 B, round trip us (p50 / p99)")
     for pinned in (False, "same", "split"):
         row = {}

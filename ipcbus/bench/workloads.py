@@ -28,14 +28,16 @@ The registry
 ------------
 :data:`DRIVERS` maps ``(workload, implementation)`` to a ``"module:function"``
 string.  A driver is ``def f(p: Params) -> Metrics`` or ``async def``; it may
-raise :class:`Unavailable` (the row is shown as "not available: <reason>").
+raise :class:`Unavailable` (the row is shown as "unavailable: <reason>").
 The ipcbus rows live in this module and use only the package's public API;
 the raw SysV and shared-memory rows come from :mod:`ipcbus.bench.sysv_raw` and
-:mod:`ipcbus.bench.shm_raw` when those modules exist (see :func:`plugin_w1`).
+:mod:`ipcbus.bench.shm_raw` when those modules exist (see :func:`sysv_raw_w1`,
+:func:`shm_raw_w1`): their functions are found by name and called with the
+parameters they declare.
 
 Workloads
 ---------
-``W1``           one-way stream, parent -> child: ``msgs_s``, ``mb_s``
+``W1``           one-way stream, parent -> child: ``msgs_s``, ``mb_s`` (``loss``)
 ``W2``           request/reply, one at a time: ``p50_us``, ``p99_us``, ``req_s``
 ``W2x``          request/reply with ``p.inflight`` (32) outstanding: ``req_s``
 ``W3``           fan-out, one publisher to ``p.subscribers`` (3) processes:
@@ -422,22 +424,29 @@ async def _lifted_subscribe(bus: Any, subject: str) -> Any:
 
 
 async def _count_marks(
-    sub: Any, marks: int, on_mark: Callable[[dict[str, int]], Awaitable[None]], timeout: float
+    sub: Any, marks: int, on_mark: Callable[[dict[str, int]], Awaitable[None]]
 ) -> None:
-    """Read ``sub`` until ``marks`` markers went by; a SlowConsumer report adds to the drops."""
+    """Read ``sub`` until ``marks`` markers went by; a SlowConsumer report adds to the drops.
+
+    ``async for`` rather than ``next(timeout=)``: a timeout per message would
+    be harness overhead charged to ipcbus.  (The driver has its own timeouts.)
+    """
     slow: Any = getattr(_ipcbus(), "SlowConsumer", ())
     counter = MarkCounter()
     seen = 0
     while seen < marks:
         try:
-            msg = await sub.next(timeout=timeout)
+            async for msg in sub:
+                mark = counter.feed(msg.data)
+                if mark is not None:
+                    await on_mark(mark)
+                    seen += 1
+                    if seen == marks:
+                        break
+            else:
+                raise RuntimeError("subscription ended before the last marker")
         except slow as exc:
             counter.dropped += int(getattr(exc, "dropped", 0))
-            continue
-        mark = counter.feed(msg.data)
-        if mark is not None:
-            await on_mark(mark)
-            seen += 1
 
 
 # ---------------------------------------------------------------------------
@@ -468,7 +477,7 @@ async def sink_setup(bus: Any) -> None:
         await bus.publish("bench.done", encode(mark))
 
     # Two markers: the end of the warm-up, then the end of the measurement.
-    task = asyncio.get_running_loop().create_task(_count_marks(sub, 2, report, 600.0))
+    task = asyncio.get_running_loop().create_task(_count_marks(sub, 2, report))
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
 
@@ -654,7 +663,7 @@ async def hub_sink_peer(args: dict[str, Any]) -> None:
         async def report(mark: dict[str, int]) -> None:
             peer_say("mark", **mark)
 
-        await _count_marks(sub, 2, report, args["timeout"])
+        await _count_marks(sub, 2, report)
         await apeer_wait("bye")
     finally:
         await bus.aclose()
@@ -798,6 +807,13 @@ def _hub_rows(transport: str) -> dict[str, Callable[[Params], Awaitable[Metrics]
     async def w3(p: Params) -> Metrics:
         return await _hub_fanout(p, transport, p.subscribers)
 
+    w1.__doc__ = f"W1 client -> client through an embedded hub over {transport}."
+    w2.__doc__ = (
+        f"W2 (and W2x when ``p.inflight`` > 1): requester -> hub -> responder over {transport}."
+    )
+    w3.__doc__ = f"W3 one publisher -> ``p.subscribers`` clients through a hub over {transport}."
+    for fn in (w1, w2, w3):
+        fn.__name__ = fn.__qualname__ = f"hub_{transport}_{fn.__name__}"
     return {"W1": w1, "W2": w2, "W2x": w2, "W3": w3}
 
 
@@ -924,6 +940,10 @@ def _plugin_metrics(result: Any, p: Params, kind: str) -> Metrics:
             out["mb_s"] = out["msgs_s"] * p.size / 1e6
         if "msgs_s" not in out:
             raise TypeError(f"plug-in result has no throughput figure: {sorted(result)}")
+        measured = out["mb_s"] * 1e6 / out["msgs_s"] if out["msgs_s"] else p.size
+        if abs(measured - p.size) > 0.05 * p.size + 1:
+            # e.g. a SysV stream clamps messages to msgmax: not the row asked for.
+            raise Unavailable(f"the plug-in measured {measured:.0f}-byte messages, not {p.size}")
     elif "p50_us" not in out:
         raise TypeError(f"plug-in result has no p50 figure: {sorted(result)}")
     return out
@@ -954,7 +974,8 @@ def pipe_link_w1(p: Params) -> Metrics:
     fn = _plugin("shm_raw", ("w1",))
     if "transport" not in inspect.signature(fn).parameters:
         raise Unavailable("ipcbus.bench.shm_raw.w1 takes no transport= argument")
-    return _plugin_metrics(_plugin_call(fn, p, "stream", transport="pipe"), p, "stream")
+    metrics = _plugin_call(fn, p, "stream", bytes_s=1e9, transport="pipe")
+    return _plugin_metrics(metrics, p, "stream")
 
 
 def shm_raw_w2(p: Params) -> Metrics:

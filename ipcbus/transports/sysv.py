@@ -48,6 +48,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -132,7 +133,7 @@ CONTROL_MAX: Final = 255
 T_TO_HUB: Final = 1
 T_MARK: Final = 2  # zero-length, sent by the hub to itself (ordering marker)
 # Client queue types (all below any client address, so msgrcv(-address) sees them first).
-T_ACK: Final = 1  # zero-length: the hub consumed another credit_unit bytes
+T_ACK: Final = 1  # u32 n: the hub consumed n more credit units (zero-length: one unit)
 T_ABORT: Final = 2  # the hub dropped the link; optional UTF-8 reason
 T_NUDGE: Final = 3  # zero-length, sent by the client to itself (wake its thread)
 
@@ -226,6 +227,48 @@ class _PidWatch:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(fd)
             os.close(fd)
+
+
+class _Handoff:
+    """Thread-to-loop hand-off of received messages: at most one loop wake-up pending.
+
+    The receiver thread appends each batch it drained; if the loop has not
+    yet run the previous hand-off, the new messages simply join it (no second
+    ``call_soon_threadsafe``, no second wake-up of the loop).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        callback: Callable[[list[tuple[bytes, int]], bool], None],
+    ) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._lock = threading.Lock()
+        self._items: list[tuple[bytes, int]] = []
+        self._removed = False
+        self._scheduled = False
+
+    def put(self, batch: list[tuple[bytes, int]], removed: bool) -> bool:
+        """Thread side; False if the loop is closed (the thread should stop)."""
+        with self._lock:
+            self._items.extend(batch)
+            self._removed = self._removed or removed
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._run)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
+    def _run(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            removed, self._removed = self._removed, False
+            self._scheduled = False
+        self._callback(items, removed)
 
 
 class _TxThread:
@@ -391,6 +434,7 @@ class SysvLink(Link):
         self._closed = False
         self._broken: BaseException | None = None
         self._peer_gone = False  # BYE received, aborted, or dead: do not send a BYE
+        self._bye_sent = False
 
     # -- sending ---------------------------------------------------------
 
@@ -810,6 +854,7 @@ class SysvLink(Link):
                 await self.drain()
                 self._msgs.append(self._bye_message())
                 self._msgs_bytes += _HDR
+                self._bye_sent = True
                 self._pump()
                 await self.drain()
         except (TimeoutError, ConnectionClosed):
@@ -900,6 +945,7 @@ class _ClientLink(SysvLink):
         self._rx_delivered = 0  # written by the thread
         self._rx_processed = 0  # written by the loop
         self._hub_watch: _PidWatch | None = None
+        self._handoff = _Handoff(loop, self._on_rx_batch)
         self._rx_thread = threading.Thread(
             target=self._rx_run, name=f"ipcbus-sysv-rx-{address}", daemon=True
         )
@@ -926,13 +972,13 @@ class _ClientLink(SysvLink):
         ``_rx_processed``, ``_rx_held``, ``_nudged=True``, ``_stopping``.
         """
         q = self._own_q
-        loop = self._loop
+        handoff = self._handoff
         while True:
             want = -CONTROL_MAX if self._paused else -self._address
             try:
                 first = q.receive(True, want)
             except sysv_ipc.ExistentialError:
-                self._deliver(loop, [], True)
+                handoff.put([], True)
                 return
             except sysv_ipc.Error:
                 continue  # EINTR
@@ -952,7 +998,7 @@ class _ClientLink(SysvLink):
                 nbytes += len(m[0])
                 nudged = nudged or m[1] == T_NUDGE
             self._rx_delivered += nbytes
-            if not self._deliver(loop, batch, removed) or removed or self._stopping:
+            if not handoff.put(batch, removed) or removed or self._stopping:
                 return
             if nudged:
                 self._nudged = False
@@ -964,15 +1010,6 @@ class _ClientLink(SysvLink):
                     self._paused = False
             else:
                 self._paused = False
-
-    def _deliver(
-        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[bytes, int]], removed: bool
-    ) -> bool:
-        try:
-            loop.call_soon_threadsafe(self._on_rx_batch, batch, removed)
-        except RuntimeError:  # the loop is closed
-            return False
-        return True
 
     # -- the loop side of receiving ----------------------------------------
 
@@ -995,7 +1032,12 @@ class _ClientLink(SysvLink):
                 except ProtocolError as exc:
                     self._fatal(exc)
             elif t == T_ACK:
-                credit += 1
+                if len(data) == 4:
+                    credit += _U32.unpack(data)[0]
+                elif not data:
+                    credit += 1
+                else:
+                    log.warning("%r: ignored a malformed ACK of %d bytes", self, len(data))
             elif t == T_ABORT:
                 reason = data.decode("utf-8", "replace") if data else "no reason given"
                 self._peer_gone = True
@@ -1024,6 +1066,7 @@ class _ClientLink(SysvLink):
             self._end(gone)
         if not self._welcome.done() and self._rx_end is not None:
             self._welcome.set_exception(self._rx_end)
+            self._welcome.exception()  # retrieved here: connect() may have given up
         # The thread may have paused on bytes that were only in transit to us
         # (fragments now absorbed into a partial frame): let it go on if so.
         self._consumed()
@@ -1145,6 +1188,13 @@ class _ClientLink(SysvLink):
         if self._hub_watch is not None:
             self._hub_watch.close()
             self._hub_watch = None
+        welcomed = self._welcome.done() and not self._welcome.cancelled() \
+            and self._welcome.exception() is None
+        if welcomed and not self._bye_sent and not self._peer_gone:
+            # The link broke (protocol error) or the flush gave up: still tell the
+            # hub we are gone, so it does not wait for our death to notice.
+            with contextlib.suppress(sysv_ipc.Error, OSError):
+                self._out_q.send(self._bye_message(), False, T_TO_HUB)
         self._break(ConnectionClosed("this link is closed"))
         self._stopping = True
         # Removing our queue wakes the receiver thread (EIDRM) and discards
@@ -1335,7 +1385,7 @@ class _HubLink(SysvLink):
         self._wake_reader()
 
     def _consumed(self) -> None:
-        if self._absorbed - self._acked >= self._credit_unit:
+        if self._absorbed - self._acked >= self._credit_window // 4:
             self._send_acks()
 
     def _send_acks(self) -> None:
@@ -1348,18 +1398,28 @@ class _HubLink(SysvLink):
         unit = self._credit_unit
         if self._rx_held > self._credit_window // 2 or self._broken is not None:
             return
+        units = (self._absorbed - self._acked) // unit
+        # Return credit in quarter windows: each ACK wakes the client's thread,
+        # which costs the sender a cross-CPU wake-up (tens of microseconds here).
+        # A client blocked on credit has a whole window outstanding, so it is
+        # never starved by this threshold.
+        if units * unit < self._credit_window // 4:
+            return
         q = self._out_q
-        while self._absorbed - self._acked >= unit:
+        try:
             try:
-                q.send(b"", False, T_ACK)  # zero-length: fits even in a full queue
+                q.send(_U32.pack(units), False, T_ACK)
             except sysv_ipc.BusyError:
-                return
-            except (sysv_ipc.ExistentialError, OSError):
-                self._on_out_removed()
-                return
-            except sysv_ipc.Error:
-                return
-            self._acked += unit
+                units = 1
+                q.send(b"", False, T_ACK)  # zero-length: fits even in a full queue
+        except sysv_ipc.BusyError:
+            return
+        except (sysv_ipc.ExistentialError, OSError):
+            self._on_out_removed()
+            return
+        except sysv_ipc.Error:
+            return
+        self._acked += units * unit
 
     def _rx_other(self, kind: int, flags: int, total: int, data: bytes) -> int:
         raise ProtocolError(
@@ -1712,11 +1772,12 @@ class SysvAcceptor:
         """Thread body: drain the bus queue (every type, FIFO) and hand batches to the loop."""
         loop = self._loop
         assert loop is not None
+        handoff = _Handoff(loop, functools.partial(self._on_batch, q))
         while True:
             try:
                 first = q.receive(True, 0)
             except sysv_ipc.ExistentialError:
-                self._deliver(loop, q, [], True)
+                handoff.put([], True)
                 return
             except sysv_ipc.Error:
                 continue  # EINTR
@@ -1733,21 +1794,8 @@ class SysvAcceptor:
                     break
                 batch.append(m)
                 nbytes += len(m[0])
-            if not self._deliver(loop, q, batch, removed) or removed:
+            if not handoff.put(batch, removed) or removed:
                 return
-
-    def _deliver(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        q: sysv_ipc.MessageQueue,
-        batch: list[tuple[bytes, int]],
-        removed: bool,
-    ) -> bool:
-        try:
-            loop.call_soon_threadsafe(self._on_batch, q, batch, removed)
-        except RuntimeError:
-            return False
-        return True
 
     def _garbage(self, what: str) -> None:
         self.garbage += 1
