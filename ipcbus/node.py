@@ -514,6 +514,10 @@ class Node:
         ls.closed.set()
         if ls in self.links:
             self.links.remove(ls)
+        # Owners (a pool, a client) learn first, so that by the time a
+        # requester sees its request fail, their state already reflects it.
+        for cb in list(self.on_link_closed):
+            cb(ls)
         for key in list(ls.remote_keys):
             self._remote_unsub(ls, key)
         for fut in ls.pongs.values():
@@ -548,8 +552,6 @@ class Node:
             reason,
         )
         await ls.link.aclose()
-        for cb in list(self.on_link_closed):
-            cb(ls)
 
     # -- interest ------------------------------------------------------------
 

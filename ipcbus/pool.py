@@ -29,11 +29,13 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import msgspec
 
 from . import frames as fr
 from .client import Bus
 from .errors import BusClosed, ConnectionClosed, WorkerStartError
 from .node import LinkState, Node
+from .transports.base import Link
 from .transports.pipe import ChildPipes
 
 __all__ = ["WorkerPool"]
@@ -68,7 +70,9 @@ class WorkerPool:
     every worker.  Requests to a service the workers serve in one queue group
     go to the least busy worker.
 
-    ``transport`` is ``"pipe"`` (anonymous pipes, the default).
+    ``transport`` is ``"pipe"`` (two anonymous pipes per worker, the default)
+    or ``"shm"`` (a shared-memory ring pair per worker, for large payloads;
+    ``ring_size`` bytes per direction).
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class WorkerPool:
         *,
         name: str = "pool",
         transport: str = "pipe",
+        ring_size: int = 8 * 1024 * 1024,
         max_frame: int = fr.DEFAULT_MAX_FRAME,
         max_start_failures: int = 3,
         restart_backoff: float = 0.1,
@@ -89,12 +94,13 @@ class WorkerPool:
             raise ValueError(f"target must be 'module:function', not {target!r}")
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
-        if transport != "pipe":
-            raise ValueError(f"unknown pool transport {transport!r}; use 'pipe'")
+        if transport not in ("pipe", "shm"):
+            raise ValueError(f"unknown pool transport {transport!r}; use 'pipe' or 'shm'")
         self.target = target
         self.size = workers
         self.name = name
         self.transport = transport
+        self.ring_size = ring_size
         self.max_frame = max_frame
         self.max_start_failures = max_start_failures
         self.restart_backoff = restart_backoff
@@ -102,6 +108,7 @@ class WorkerPool:
         self.python = python or sys.executable
         self.env = env
         self.errors: list[str] = []
+        self._changed = asyncio.Event()
         self._workers = [_Worker(i) for i in range(workers)]
         self._node: Node | None = None
         self._bus: Bus | None = None
@@ -114,6 +121,19 @@ class WorkerPool:
         if self._bus is None:
             raise BusClosed("the pool is not started; use `async with WorkerPool(...)`")
         return self._bus
+
+    def _notify(self) -> None:
+        ev, self._changed = self._changed, asyncio.Event()
+        ev.set()
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every worker that has not been given up on is ready again.
+
+        Use after a crash to wait for the restart.  Raises ``TimeoutError``.
+        """
+        async with asyncio.timeout(timeout):
+            while any(w.state not in ("ready", "failed") for w in self._workers):
+                await self._changed.wait()
 
     @property
     def pids(self) -> list[int]:
@@ -176,32 +196,67 @@ class WorkerPool:
     async def _spawn(self, w: _Worker) -> None:
         """Start worker ``w`` and wait until its setup finished (or failed)."""
         assert self._node is not None
-        pipes = ChildPipes.create()
         w.ready = asyncio.Event()
         w.exited = asyncio.Event()
         w.state = "starting"
         w.starts += 1
+        link: Link
+        if self.transport == "shm":
+            # The parent creates the segment; the child attaches with the ids
+            # from its argv, and the parent waits for that (or the child's death).
+            from .transports.shm import ShmLink
+
+            shm_link, params = ShmLink.create(
+                None, ring_size=self.ring_size, max_frame=self.max_frame
+            )
+            spec = "shm:" + msgspec.json.encode(params).decode()
+            pass_fds: tuple[int, ...] = ()
+            pipes = None
+        else:
+            pipes = ChildPipes.create()
+            spec = f"pipe:{pipes.child_r},{pipes.child_w}"
+            pass_fds = pipes.child_fds
         try:
             proc = await asyncio.create_subprocess_exec(
                 self.python,
                 "-m",
                 "ipcbus.worker",
-                str(pipes.child_r),
-                str(pipes.child_w),
+                spec,
                 self.target,
                 f"{self.name}-{w.index}",
                 str(self.max_frame),
+                str(os.getpid()),
                 stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=pipes.child_fds,
+                pass_fds=pass_fds,
                 env=self.env,
             )
         except BaseException:
-            pipes.close()
+            if pipes is not None:
+                pipes.close()
+            else:
+                await shm_link.aclose()
             raise
         w.proc = proc
         w.started_at = time.monotonic()
-        link = pipes.parent_link(peer_pid=proc.pid, max_frame=self.max_frame)
-        self._node.task_group.start_soon(self._reap, w, proc)
+        if pipes is not None:
+            link = pipes.parent_link(peer_pid=proc.pid, max_frame=self.max_frame)
+        else:
+            link = shm_link
+            self._node.task_group.start_soon(self._reap, w, proc)
+            try:
+                with anyio.fail_after(_START_TIMEOUT):
+                    await shm_link.wait_attached(peer_pid=proc.pid)
+            except BaseException as exc:
+                await shm_link.aclose()
+                await w.exited.wait()
+                w.state = "failed"
+                w.last_error = f"worker never attached its shared-memory link: {exc}"
+                raise WorkerStartError(
+                    f"worker {w.index} of pool {self.name!r} failed to start "
+                    f"{self.target!r}: {w.last_error} (exit code {proc.returncode})"
+                ) from None
+        if pipes is not None:
+            self._node.task_group.start_soon(self._reap, w, proc)
         failure: list[str] = []
 
         def on_notice(n: fr.Notice) -> None:
@@ -242,6 +297,7 @@ class WorkerPool:
             )
         w.state = "ready"
         w.start_failures = 0
+        self._notify()
         log.info("pool %s: worker %d ready (pid %d)", self.name, w.index, proc.pid)
 
     async def _start(self, w: _Worker) -> None:
@@ -299,6 +355,7 @@ class WorkerPool:
                     )
                     w.state = "failed"
                     self.errors.append(msg)
+                    self._notify()
                     log.error("%s", msg)
                     return
                 delay = min(delay * 2, self.max_backoff)

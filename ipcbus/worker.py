@@ -1,4 +1,7 @@
-"""Entry point of a WorkerPool child: ``python -m ipcbus.worker RFD WFD TARGET NAME MAX_FRAME``.
+"""Entry point of a WorkerPool child: ``python -m ipcbus.worker SPEC TARGET NAME MAX_FRAME PPID``.
+
+``SPEC`` names the link to the parent: ``pipe:R,W`` (inherited pipe fds) or
+``shm:{...}`` (the ids of a shared-memory ring pair the parent created).
 
 The child wraps its inherited pipe ends in a link to the parent's node,
 imports ``TARGET`` (``"module:function"``), runs ``await setup(bus)``, and
@@ -17,10 +20,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import msgspec
 
 from . import frames as fr
 from .client import Bus
 from .node import Node
+from .transports.base import Link
 from .transports.pipe import PipeLink
 
 __all__ = ["load_target", "main", "run_worker"]
@@ -41,10 +46,24 @@ def load_target(target: str) -> Callable[[Bus], Awaitable[Any]]:
     return func  # type: ignore[no-any-return]
 
 
-async def run_worker(rfd: int, wfd: int, target: str, name: str, max_frame: int) -> int:
+async def _open_link(spec: str, parent_pid: int, max_frame: int) -> Link:
+    """The link to the parent from its argv spec: ``pipe:R,W`` or ``shm:{params json}``."""
+    kind, _, rest = spec.partition(":")
+    if kind == "pipe":
+        r, w = (int(x) for x in rest.split(","))
+        return PipeLink(r, w, max_frame=max_frame, peer_pid=parent_pid)
+    if kind == "shm":
+        from .transports.shm import ShmLink
+
+        params = msgspec.json.decode(rest.encode(), type=dict[str, int | str])
+        return await ShmLink.attach(params, peer_pid=parent_pid, max_frame=max_frame)
+    raise ValueError(f"unknown worker link spec {spec!r}")
+
+
+async def run_worker(spec: str, target: str, name: str, max_frame: int, parent_pid: int) -> int:
     """Run one worker until its parent goes away; return the exit code."""
     async with Node(name=name, max_frame=max_frame) as node:
-        link = PipeLink(rfd, wfd, max_frame=max_frame)
+        link = await _open_link(spec, parent_pid, max_frame)
         ls = await node.add_link(link, name="parent", wait=False)
         bus = Bus(node)
         try:
@@ -68,7 +87,8 @@ async def run_worker(rfd: int, wfd: int, target: str, name: str, max_frame: int)
 def main(argv: list[str] | None = None) -> None:
     """Parse the argv the pool passes and run the worker on uvloop when available."""
     args = sys.argv[1:] if argv is None else argv
-    rfd, wfd, target, name, max_frame = int(args[0]), int(args[1]), args[2], args[3], int(args[4])
+    spec, target, name = args[0], args[1], args[2]
+    max_frame, parent_pid = int(args[3]), int(args[4])
     # The parent handles Ctrl-C and shuts workers down through their pipes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.path.insert(0, "")
@@ -79,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
         backend_options["use_uvloop"] = True
     except ImportError:
         pass
-    code = anyio.run(run_worker, rfd, wfd, target, name, max_frame, backend_options=backend_options)
+    code = anyio.run(
+        run_worker, spec, target, name, max_frame, parent_pid, backend_options=backend_options
+    )
     sys.exit(code)
 
 

@@ -24,7 +24,8 @@ With one inbound queue per reader, a reader that stalls fills only its own
 queue: the hub's sends to it wait in a per-link sender thread, other links
 flow.  The bus queue is drained by the hub alone, which never stops reading;
 it bounds what it buffers per client with credit (a window of bytes, returned
-with zero-length ACK messages, which fit even in a full queue).
+with ACK messages on the client's queue; a zero-length ACK fits even in a
+full queue).
 
 Threads, and why: a SysV queue has no file descriptor, so it cannot be
 polled by the event loop.  Each receiving side runs one thread blocked in
@@ -149,7 +150,7 @@ FTOK_PROJ: Final = 0x53
 DEFAULT_WINDOW: Final = 512 * 1024
 """Bytes a client may have sent to the hub and not yet had acknowledged."""
 DEFAULT_CREDIT_UNIT: Final = 32 * 1024
-"""Bytes acknowledged by one zero-length ACK message."""
+"""Unit of credit: an ACK returns ``n`` units (a zero-length ACK, one unit)."""
 _RX_PAUSE: Final = 1 << 20  # a client stops draining its queue above this many buffered bytes
 _BATCH_MSGS: Final = 256  # at most this many messages per hand-off to the loop
 _BATCH_BYTES: Final = 1 << 20
@@ -464,7 +465,11 @@ class SysvLink(Link):
             # frames queued during the rest of this loop iteration into batches.
             self._flush_handle = self._loop.call_soon(self._flush_tick)
             self._flush()
-        elif self._frames_bytes >= self._msg_size and self._broken is None:
+        elif (
+            self._frames_bytes >= self._msg_size
+            and self._broken is None
+            and (self._window is None or self._window - self._unacked >= self._msg_size)
+        ):
             # A producer that does not yield: ship every full message now, so the
             # reader works while we produce (the tail waits for the tick).
             self._build(eager=True)
