@@ -417,11 +417,15 @@ class Bus:
         """
         self._check_open()
         validate_subject(subject)
+        payload = data if type(data) is bytes else encode_payload(data)
+        if reply is None and headers is None:
+            await self._node.publish(subject, payload)
+            return
         if reply is not None:
             validate_subject(reply)
         if headers is not None:
             _check_headers(headers)
-        await self._node.publish(subject, encode_payload(data), reply=reply, headers=headers)
+        await self._node.publish(subject, payload, reply=reply, headers=headers)
 
     async def subscribe(
         self,

@@ -178,34 +178,50 @@ class FrameReader:
         if self._poisoned is not None:
             raise self._poisoned
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data  # amortised append: a large frame arriving in pieces is not recopied
+            mv = memoryview(buf)
+        else:
+            mv = memoryview(data)
         out: list[bytes] = []
         pos = 0
-        end = len(buf)
-        hsize = HEADER.size
-        while end - pos >= hsize:
-            (n,) = HEADER.unpack_from(buf, pos)
-            if n > self.max_frame or n == 0:
-                err: ProtocolError = (
-                    FrameTooLarge(n, self.max_frame, "announced frame")
-                    if n
-                    else ProtocolError("peer announced an empty frame")
-                )
-                self._poisoned = err
-                if out:
-                    # Hand over the good frames that came before the bad header (the
-                    # peer sent them first); the error is raised by the next feed()
-                    # and is visible at once as `error`.
-                    del buf[:pos]
-                    return out
-                raise err
-            if end - pos - hsize < n:
-                break
-            start = pos + hsize
-            out.append(bytes(buf[start : start + n]))
-            pos = start + n
-        if pos:
-            del buf[:pos]
+        end = len(mv)
+        unpack = HEADER.unpack_from
+        limit = self.max_frame
+        try:
+            while end - pos >= 4:
+                (n,) = unpack(mv, pos)
+                if n > limit or n == 0:
+                    err: ProtocolError = (
+                        FrameTooLarge(n, limit, "announced frame")
+                        if n
+                        else ProtocolError("peer announced an empty frame")
+                    )
+                    self._poisoned = err
+                    if out:
+                        # Hand over the good frames that came before the bad header
+                        # (the peer sent them first); the error is raised by the next
+                        # feed() and is visible at once as `error`.
+                        return out
+                    raise err
+                stop = pos + 4 + n
+                if stop > end:
+                    break
+                out.append(mv[pos + 4 : stop].tobytes())
+                pos = stop
+            if pos == end:
+                rest = None
+            elif pos == 0 and buf:
+                rest = buf  # nothing complete yet: keep accumulating in place
+            else:
+                rest = bytearray(mv[pos:])
+        finally:
+            mv.release()
+        if rest is None:
+            if buf:
+                buf.clear()
+        elif rest is not buf:
+            self._buf = rest
         return out
 
     def at_boundary(self) -> bool:

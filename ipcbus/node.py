@@ -42,7 +42,7 @@ import secrets
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import anyio
 import anyio.abc
@@ -80,6 +80,7 @@ DEFAULT_MAX_PENDING: Final = 65536
 DEFAULT_PENDING_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_OUTBOUND_LIMIT: Final = 64 * 1024 * 1024
 _INFLIGHT_CAP: Final = 65536
+_FAST_CACHE: Final = 4096
 _HELLO_TIMEOUT: Final = 10.0
 _READ_SHARE: Final = 256 * 1024  # bytes read from one link before yielding
 
@@ -288,6 +289,9 @@ class Node:
         self._totals: dict[Key, int] = {}
         self._reply_routes: dict[str, set[LinkState]] = {}
         self._inbox_links: dict[str, LinkState] = {}
+        self._fast: dict[
+            str, tuple[tuple[SubscriptionCore, ...], tuple[LinkState, ...]] | Literal[False]
+        ] = {}
         self._wild_inbox = 0
         self._sids = itertools.count(1)
         self._tokens = itertools.count(1)
@@ -476,22 +480,26 @@ class Node:
             # Yield to the loop after every `share` bytes read.
             share = max(4096, min(self.outbound_limit // 4, _READ_SHARE))
             budget = share
+            take = link.take_ready
             while True:
-                raw = await recv()
-                budget -= len(raw)
+                raws = [await recv()]
+                # Handle every frame already read in this wake-up, bounded by the share.
+                raws += take(share)
+                for raw in raws:
+                    budget -= len(raw)
+                    frame = decode(raw)
+                    try:
+                        if type(frame) is _MsgFrame:
+                            self.msgs_in += 1
+                            self.bytes_in += len(frame.payload)
+                            handle_msg(frame, raw, ls)
+                        else:
+                            self._on_control(frame, ls)
+                    except BadSubject as exc:
+                        raise ProtocolError(f"peer sent an invalid subject: {exc}") from None
                 if budget <= 0:
                     budget = share
                     await asyncio.sleep(0)
-                frame = decode(raw)
-                try:
-                    if type(frame) is _MsgFrame:
-                        self.msgs_in += 1
-                        self.bytes_in += len(frame.payload)
-                        handle_msg(frame, raw, ls)
-                    else:
-                        self._on_control(frame, ls)
-                except BadSubject as exc:
-                    raise ProtocolError(f"peer sent an invalid subject: {exc}") from None
         except EndOfStream:
             reason = "peer closed"
         except (ProtocolError, BadSubject) as exc:
@@ -608,6 +616,7 @@ class Node:
             self._wild_inbox += delta
 
     def _add_local(self, sub: SubscriptionCore) -> None:
+        self._fast.clear()
         self._inbox_interest(sub.subject, sub.queue, 1, None)
         self._local.add(sub.subject, sub)
         key = (sub.subject, sub.queue)
@@ -615,6 +624,7 @@ class Node:
         self._bump(key, 1, None)
 
     def _remove_local(self, sub: SubscriptionCore) -> None:
+        self._fast.clear()
         if not self._local.remove(sub.subject, sub):
             return
         self._inbox_interest(sub.subject, sub.queue, -1, None)
@@ -627,6 +637,7 @@ class Node:
         self._bump(key, -1, None)
 
     def _remote_sub(self, ls: LinkState, key: Key) -> None:
+        self._fast.clear()
         if key in ls.remote_keys:
             return
         validate_pattern(key[0])
@@ -636,6 +647,7 @@ class Node:
         self._bump(key, 1, ls)
 
     def _remote_unsub(self, ls: LinkState, key: Key) -> None:
+        self._fast.clear()
         if key not in ls.remote_keys:
             return
         ls.remote_keys.discard(key)
@@ -712,6 +724,25 @@ class Node:
                             self._track(target, m.reply)
                         return 1
                     return 0
+        if m.reply is None and not m.groups:
+            # Plain messages: a per-subject route (subscriptions, links) cached
+            # while interest does not change; no queue groups involved.
+            fast = self._fast.get(subject)
+            if fast is None:
+                fast = self._compute_fast(subject)
+            if fast is not False:
+                subs, links = fast
+                n = 0
+                for sub in subs:
+                    sub.deliver(m)
+                    n += 1
+                if links:
+                    frame = raw if raw is not None else _encode(m)
+                    forwarded = origin is not None
+                    for ls in links:
+                        if ls is not origin and self._forward(ls, frame, subject, forwarded):
+                            n += 1
+                return n
         locals_ = self._local.match(subject)
         remotes = self._remote.match(subject)
         if not locals_ and not remotes:
@@ -781,6 +812,20 @@ class Node:
         if count == 0 and origin is not None and reply is not None:
             self._no_responders(m)
         return count
+
+    def _compute_fast(
+        self, subject: str
+    ) -> tuple[tuple[SubscriptionCore, ...], tuple[LinkState, ...]] | Literal[False]:
+        locals_ = self._local.match(subject)
+        remotes = self._remote.match(subject)
+        if any(sub.queue is not None for sub in locals_) or any(q is not None for _, q in remotes):
+            result: tuple[tuple[SubscriptionCore, ...], tuple[LinkState, ...]] | Literal[False] = False
+        else:
+            result = (locals_, tuple(dict.fromkeys(ls for ls, _ in remotes)))
+        if len(self._fast) >= _FAST_CACHE:
+            self._fast.clear()
+        self._fast[subject] = result
+        return result
 
     def _pick(self, cands: list[SubscriptionCore | LinkState]) -> SubscriptionCore | LinkState:
         """Least busy member; among equals, the one picked longest ago (round robin)."""
@@ -937,6 +982,38 @@ class Node:
         headers: dict[str, str] | None = None,
     ) -> int:
         """Route a message published here; wait while a link it went out on is above high water."""
+        if reply is None and headers is None and not self._closed:
+            # The hot path: a plain message to a subject whose route is cached.
+            fast = self._fast.get(subject)
+            if fast is None:
+                fast = self._compute_fast(subject)
+            n = len(payload)
+            if fast is not False and n + 4 * len(subject) + 64 <= self.max_frame:
+                subs, links = fast
+                self.bytes_out += n
+                m = _MsgFrame(subject, None, None, payload)
+                for sub in subs:
+                    sub.deliver(m)
+                if not links:
+                    return len(subs)
+                frame = _encode(m)
+                count = len(subs)
+                for ls in links:
+                    link = ls.link
+                    if ls.dropped_unreported:
+                        if not self._forward(ls, frame, subject, True):
+                            continue
+                    else:
+                        try:
+                            link.send_nowait(frame)
+                        except ConnectionClosed:
+                            continue
+                        self.msgs_out += 1
+                    count += 1
+                    if link.pending_out > link.high_water:
+                        with contextlib.suppress(ConnectionClosed):
+                            await link.wait_writable()
+                return count
         sent: list[LinkState] = []
         self._sent_to = sent
         try:

@@ -128,6 +128,14 @@ class Link(abc.ABC):
         :class:`~ipcbus.errors.ConnectionClosed` after :meth:`aclose`.
         """
 
+    def take_ready(self, max_bytes: int = 1 << 20) -> list[bytes]:
+        """Frames already received and waiting, up to about ``max_bytes``, without awaiting.
+
+        Lets the reactor handle a whole batch per wake-up.  Transports that
+        queue received frames override it; the default returns nothing.
+        """
+        return []
+
     # -- lifetime --------------------------------------------------------
 
     @property

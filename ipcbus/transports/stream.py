@@ -30,7 +30,7 @@ import errno
 import os
 from typing import Any
 
-from ..errors import ConnectionClosed, EndOfStream, ProtocolError
+from ..errors import ConnectionClosed, EndOfStream, FrameTooLarge, ProtocolError
 from ..frames import DEFAULT_MAX_FRAME, HEADER, FrameReader
 from .base import DEFAULT_HIGH_WATER, Link, LinkInfo
 
@@ -102,7 +102,8 @@ class FdStreamLink(Link):
         if self._closed:
             raise ConnectionClosed("link is closed")
         n = len(frame)
-        self.check_size(frame)
+        if n > self.max_frame:
+            raise FrameTooLarge(n, self.max_frame)
         if n == 0:
             raise ProtocolError("refusing to send an empty frame")
         if n <= 65536:
@@ -279,6 +280,25 @@ class FdStreamLink(Link):
                 await self._rwaiter
             finally:
                 self._rwaiter = None
+
+    def take_ready(self, max_bytes: int = 1 << 20) -> list[bytes]:
+        """Frames already decoded and waiting, up to about ``max_bytes`` (no await)."""
+        rq = self._rq
+        if not rq or self._closed:
+            return []
+        frames: list[bytes] = []
+        taken = 0
+        pop = rq.popleft
+        while rq and taken < max_bytes:
+            f = pop()
+            taken += len(f)
+            frames.append(f)
+        self._rq_bytes -= taken
+        self.info.msgs_in += len(frames)
+        self.info.bytes_in += taken
+        if not self._reading and self._rq_bytes <= self.high_water // 2:
+            self._resume_reading()
+        return frames
 
     # -- lifetime --------------------------------------------------------
 

@@ -76,7 +76,7 @@ COLUMNS = (
     ("acked", "acknowledged"),
     ("received", "received"),
     ("lost", "lost"),
-    ("time_to_error_s", "blocked call failed after"),
+    ("time_to_error_s", "error seen after"),
     ("detect_s", "hub noticed after"),
     ("notes", "notes"),
 )
@@ -169,7 +169,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "* **Blocked calls fail, clearly and promptly.** A request held by a responder, a "
         "`flush()` or a publish that was waiting fails with `ConnectionClosed` (or "
         "`WorkerCrashed`) well within 10 s, against a 60 s request timeout: the time is "
-        "measured from the fault to the error reaching the test process.\n"
+        "measured from the fault to the error reaching the test process (*error seen "
+        "after*; for garbage and `ipcrm`, until the affected link closed). *Hub noticed "
+        "after* is how long the hub took to drop the dead or broken client's link.\n"
         "* **Nothing is left behind.** After the survivors close: no new SysV queue, segment "
         "or semaphore (`/proc/sysvipc`), no FIFO, pid file or record in the bus folder; the "
         "root conftest also fails a test that leaves a thread, a child process or a /dev/shm "

@@ -105,7 +105,9 @@ async def test_200_clients_churn_while_traffic_flows(bus_name: str, record: Any)
                 acked=acked + CYCLES,
                 received=s["next"]["P"] + CYCLES,
                 lost=0,
-                notes=f"{CYCLES} cycles in {summary['seconds']:.1f} s ({summary['per_transport']}); "
+                notes=f"{CYCLES} cycles in {summary['seconds']:.1f} s ("
+                + ", ".join(f"{n} {t}" for t, n in summary["per_transport"].items())
+                + "); "
                 + ", ".join(f"{k} {first[k]}->{after[k]}" for k in first),
                 before=first,
                 after=after,

@@ -140,6 +140,7 @@ async def test_garbage_in_a_link_fifo(op: str, junk: str, bus_name: str, record:
             received=acked,
             lost=0,
             time_to_error_s=t_closed - t0,
+            blocked="hub: link closed, ProtocolError",
             notes="that link closed with ProtocolError, others unaffected",
         )
     await assert_clean(bus_name, before)
@@ -197,6 +198,7 @@ async def test_junk_on_the_sysv_bus_queue(bus_name: str, record: Any) -> None:
             received=acked + acked_b,
             lost=0,
             time_to_error_s=t_closed - t0,
+            blocked="hub: spoofed link closed",
             notes=f"{acc.garbage} unattributable messages discarded; spoofed link closed: {reason[:60]}",
         )
     await assert_clean(bus_name, before)
@@ -231,6 +233,7 @@ async def test_junk_on_a_client_queue(bus_name: str, record: Any) -> None:
             received=acked,
             lost=0,
             time_to_error_s=t_client,
+            blocked="client: link closed, ProtocolError",
             detect_s=t_hub - t0,
             notes=f"client link: {closed['reason'][:50]}; hub side: {reason[:40]}",
         )
@@ -297,6 +300,7 @@ async def test_scribble_on_the_shm_ring(what: str, bus_name: str, record: Any) -
             received=acked,
             lost=0,
             time_to_error_s=t_closed,
+            blocked="reader: link closed, ProtocolError",
             notes=f"reader: {closed['reason'][:60]}; hub: {reason[:30]}",
         )
     await assert_clean(bus_name, before)

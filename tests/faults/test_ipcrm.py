@@ -136,6 +136,7 @@ async def test_ipcrm_sysv_client_queue_under_load(bus_name: str, record: Any) ->
             received=acked,
             lost=0,
             time_to_error_s=max(t_client, t_hub - t0),
+            blocked="client and hub: link closed, ConnectionClosed",
             notes="only that client's link ends",
         )
     await assert_clean(bus_name, before)
