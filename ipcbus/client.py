@@ -228,9 +228,8 @@ class Service:
         self._arg_type = _request_type(handler)
         self._limiter = anyio.Semaphore(concurrency)
         self._done = anyio.Event()
-        self._active = 0
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._active = 0  # async handlers running
+        self._idle: asyncio.Event | None = None  # created only while drain() waits
 
     @property
     def subject(self) -> str:
@@ -252,23 +251,17 @@ class Service:
                         await self._limiter.acquire()
                         self._enter()
                         tg.start_soon(self._handle_async, m)
-                    else:
-                        self._enter()
-                        try:
-                            await self._handle_sync(m)
-                        finally:
-                            self._leave()
+                    else:  # handled inside this loop: drain() waits for the loop to end
+                        await self._handle_sync(m)
         finally:
             self._done.set()
 
     def _enter(self) -> None:
         self._active += 1
-        if self._idle.is_set():
-            self._idle = anyio.Event()
 
     def _leave(self) -> None:
         self._active -= 1
-        if self._active == 0:
+        if self._active == 0 and self._idle is not None:
             self._idle.set()
 
     def _arg(self, m: Msg) -> Any:
@@ -339,7 +332,9 @@ class Service:
         """Stop taking requests and wait for the ones being handled."""
         await self.subscription.unsubscribe()
         await self._done.wait()
-        await self._idle.wait()
+        while self._active:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
 
     async def stop(self) -> None:
         """Stop serving (requests already received are still answered)."""

@@ -982,8 +982,9 @@ class Node:
         headers: dict[str, str] | None = None,
     ) -> int:
         """Route a message published here; wait while a link it went out on is above high water."""
-        if reply is None and headers is None and not self._closed:
-            # The hot path: a plain message to a subject whose route is cached.
+        if reply is None and headers is None and not self._closed and subject[:7] != "_INBOX.":
+            # The hot path: a plain message to a subject whose route is cached
+            # (replies to inboxes have their own fast path in _route).
             fast = self._fast.get(subject)
             if fast is None:
                 fast = self._compute_fast(subject)
