@@ -422,6 +422,21 @@ async def test_ipcrm_under_load(acceptor: SysvAcceptor) -> None:
         await h3.aclose()
 
 
+async def test_drain_after_the_peer_closed(acceptor: SysvAcceptor) -> None:
+    """drain() fails only if frames were still queued when the link broke."""
+    client, hub = await connect_here(acceptor)
+    await client.send(b"one")
+    assert await hub.recv() == b"one"
+    await hub.aclose()
+    with pytest.raises(EndOfStream):
+        async with asyncio.timeout(10):
+            await client.recv()
+    await client.drain()  # nothing was lost: no error
+    with pytest.raises(ConnectionClosed):
+        client.send_nowait(b"two")
+    await client.aclose()
+
+
 async def test_ipcrm_of_a_client_queue(acceptor: SysvAcceptor) -> None:
     client, hub = await connect_here(acceptor)
     await run("ipcrm", "-q", str(client.info.objects["queue"]))

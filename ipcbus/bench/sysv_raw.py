@@ -309,7 +309,7 @@ def _peer_raw_sink(args: dict[str, Any]) -> None:
 
 
 async def _peer_link(mode: str, args: dict[str, Any]) -> None:
-    from ..errors import EndOfStream
+    from ..errors import ConnectionClosed, EndOfStream
     from ..transports.door import Knock
     from ..transports.sysv import connect_sysv
 
@@ -337,8 +337,8 @@ async def _peer_link(mode: str, args: dict[str, Any]) -> None:
             print("START", now_ns(), flush=True)
             for _ in range(args["count"]):
                 await link.send(payload)
-            await link.drain()
-            with contextlib.suppress(EndOfStream):
+            with contextlib.suppress(ConnectionClosed):  # the hub may close first
+                await link.drain()
                 await link.recv()
     finally:
         await link.aclose()

@@ -434,8 +434,12 @@ class SysvLink(Link):
         # lifetime
         self._closed = False
         self._broken: BaseException | None = None
+        self._lost_on_break = 0  # bytes still queued when the link broke
         self._peer_gone = False  # BYE received, aborted, or dead: do not send a BYE
         self._bye_sent = False
+        # recv() calls _consumed() only while this is true (a per-frame call is
+        # measurable at hundreds of thousands of frames per second).
+        self._watch_consumption = True
 
     # -- sending ---------------------------------------------------------
 
@@ -447,9 +451,9 @@ class SysvLink(Link):
 
     def send_nowait(self, frame: bytes) -> None:
         """Queue one whole frame; it leaves now if the link is idle, else on the next tick."""
-        if self._closed:
-            raise ConnectionClosed("this link is closed")
-        if self._broken is not None:
+        if self._closed or self._broken is not None:
+            if self._closed:
+                raise ConnectionClosed("this link is closed")
             raise ConnectionClosed(f"link broken: {self._broken}") from self._broken
         n = len(frame)
         if n > self.max_frame:
@@ -477,6 +481,14 @@ class SysvLink(Link):
                 self._pump()
             if self._writers:
                 self._check_writers()
+
+    async def send(self, frame: bytes) -> None:
+        """Queue one frame, then wait while the link is above its high-water mark."""
+        self.send_nowait(frame)
+        tx = self._tx
+        if self._frames_bytes + self._msgs_bytes + (tx.pending if tx is not None else 0) \
+                > self.high_water:
+            await self.wait_writable()
 
     def _flush_tick(self) -> None:
         self._flush_handle = None
@@ -643,7 +655,12 @@ class SysvLink(Link):
     async def _wait_level(self, level: int) -> None:
         while True:
             if self._broken is not None:
-                raise ConnectionClosed(f"link broken: {self._broken}") from self._broken
+                if self._lost_on_break or self.pending_out > level:
+                    raise ConnectionClosed(
+                        f"link broken with {self._lost_on_break} queued bytes undelivered: "
+                        f"{self._broken}"
+                    ) from self._broken
+                return  # everything had left before the link broke
             if self.pending_out <= level:
                 return
             fut = self._loop.create_future()
@@ -655,7 +672,7 @@ class SysvLink(Link):
         """Wait until :attr:`pending_out` is at most ``threshold`` (default: half the high water).
 
         Raises :class:`~ipcbus.errors.ConnectionClosed` if the link is or
-        becomes broken (queued frames can then no longer leave).
+        becomes broken while frames are still queued (they can no longer leave).
         """
         await self._wait_level(self.high_water // 2 if threshold is None else threshold)
 
@@ -668,6 +685,7 @@ class SysvLink(Link):
         if self._broken is not None:
             return
         self._broken = exc
+        self._lost_on_break = self.pending_out
         self._frames.clear()
         self._frames_bytes = 0
         self._frag_off = 0
@@ -747,6 +765,9 @@ class SysvLink(Link):
         if pos != end:
             raise ProtocolError(f"FRAMES message has {end - pos} trailing bytes after {n} frames")
         self._rx_held += got
+        info = self.info
+        info.msgs_in += n
+        info.bytes_in += got
         return got
 
     def _rx_fragment(self, data: bytes, flags: int, total: int) -> int:
@@ -785,6 +806,8 @@ class SysvLink(Link):
             self._partial = None
             self._rx.append(frame)
             self._rx_held += len(frame)
+            self.info.msgs_in += 1
+            self.info.bytes_in += len(frame)
             return len(frame)
         return 0
 
@@ -824,12 +847,9 @@ class SysvLink(Link):
             rx = self._rx
             if rx:
                 f = rx.popleft()
-                n = len(f)
-                self._rx_held -= n
-                info = self.info
-                info.msgs_in += 1
-                info.bytes_in += n
-                self._consumed()
+                self._rx_held -= len(f)
+                if self._watch_consumption:
+                    self._consumed()
                 return f
             if self._rx_end is not None:
                 raise self._rx_end
@@ -947,6 +967,7 @@ class _ClientLink(SysvLink):
         self._paused = False
         self._nudged = False
         self._stopping = False
+        self._watch_consumption = False  # follows _paused
         self._rx_delivered = 0  # written by the thread
         self._rx_processed = 0  # written by the loop
         self._hub_watch: _PidWatch | None = None
@@ -1010,11 +1031,11 @@ class _ClientLink(SysvLink):
             # Pause when the application lags: receive only control messages
             # (ACK, ABORT, NUDGE), so our queue fills and the hub feels it.
             if self._buffered() > _RX_PAUSE:
-                self._paused = True
+                self._paused = self._watch_consumption = True
                 if self._buffered() <= _RX_PAUSE:  # the loop caught up meanwhile
-                    self._paused = False
+                    self._paused = self._watch_consumption = False
             else:
-                self._paused = False
+                self._paused = self._watch_consumption = False
 
     # -- the loop side of receiving ----------------------------------------
 
@@ -1364,6 +1385,8 @@ class _HubLink(SysvLink):
         self._credit_unit = credit_unit
         self._absorbed = 0  # bytes of client messages processed
         self._acked = 0  # bytes acknowledged with ACKs
+        self._ack_threshold = window // 4
+        self._watch_consumption = False  # true while credit is due
         self._watch: _PidWatch | None = None
         self._torn_down = False
         self._purged = False
@@ -1377,6 +1400,8 @@ class _HubLink(SysvLink):
             self._rx_data(data)
             if data[1] in (KIND_FRAMES, KIND_FRAGMENT):  # BYE needs no credit
                 self._absorbed += len(data)
+                if self._absorbed - self._acked >= self._ack_threshold:
+                    self._watch_consumption = True
                 if self._absorbed - self._acked > self._credit_window:
                     raise ProtocolError(
                         f"client exceeded its credit window: {self._absorbed - self._acked} "
@@ -1390,8 +1415,10 @@ class _HubLink(SysvLink):
         self._wake_reader()
 
     def _consumed(self) -> None:
-        if self._absorbed - self._acked >= self._credit_window // 4:
+        if self._absorbed - self._acked >= self._ack_threshold:
             self._send_acks()
+        else:
+            self._watch_consumption = False
 
     def _send_acks(self) -> None:
         """Return credit to the client, unless its frames pile up unread here.
@@ -1408,7 +1435,7 @@ class _HubLink(SysvLink):
         # which costs the sender a cross-CPU wake-up (tens of microseconds here).
         # A client blocked on credit has a whole window outstanding, so it is
         # never starved by this threshold.
-        if units * unit < self._credit_window // 4:
+        if units * unit < self._ack_threshold:
             return
         q = self._out_q
         try:
@@ -1425,6 +1452,7 @@ class _HubLink(SysvLink):
         except sysv_ipc.Error:
             return
         self._acked += units * unit
+        self._watch_consumption = self._absorbed - self._acked >= self._ack_threshold
 
     def _rx_other(self, kind: int, flags: int, total: int, data: bytes) -> int:
         raise ProtocolError(
