@@ -30,10 +30,10 @@ from .errors import (
 )
 from .frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 from .hub import Hub
-from .transports.door import DoorFull, HandshakeTimeout
 from .node import Node
 from .pool import WorkerPool
 from .transports.base import Link, LinkInfo
+from .transports.door import DoorFull, HandshakeTimeout
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,1 @@
+"""Transports: each module satisfies the Link contract of ``base.py`` (pipe, fifo, sysv, shm, memory)."""
