@@ -22,6 +22,10 @@ dict of metrics so :mod:`ipcbus.bench.workloads` can plug it in (``w1`` and
 ``pinned=True`` pins this process and its children to one CPU (the
 children inherit the mask); these VMs have 2 vCPUs and waking a process on
 the other one costs ~20 us, so report both.
+
+On a shared host, run it in a private IPC namespace (``unshare --ipc python
+-m ipcbus.bench.sysv_raw``, as root): no other process can see or remove its
+queues, and ``kernel.msgmnb`` can be raised there without touching the host.
 """
 
 from __future__ import annotations
