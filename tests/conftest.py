@@ -41,6 +41,25 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "single_loop: run under uvloop only (heavy multi-process test)")
 
 
+_ROOT_ONLY = ("chown(", "setpriv", "setresuid", "setuid(", "os.setgid", "IPC_SET")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that impersonate another user need root; elsewhere they are skipped, saying so."""
+    if os.geteuid() == 0:
+        return
+    import inspect
+
+    for item in items:
+        fn = getattr(item, "function", None)
+        try:
+            src = inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            continue
+        if any(marker in src for marker in _ROOT_ONLY):
+            item.add_marker(pytest.mark.skip(reason="needs root to act as another user"))
+
+
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:

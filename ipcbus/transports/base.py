@@ -128,6 +128,14 @@ class Link(abc.ABC):
         :class:`~ipcbus.errors.ConnectionClosed` after :meth:`aclose`.
         """
 
+    def flush_now(self) -> None:
+        """Hand queued frames to the kernel object now, if it takes them without waiting.
+
+        Used for requests and replies, where a loop iteration of batching costs
+        more latency than it saves.  The default does nothing (frames leave on
+        the transport's own schedule).
+        """
+
     def take_ready(self, max_bytes: int = 1 << 20) -> list[bytes]:
         """Frames already received and waiting, up to about ``max_bytes``, without awaiting.
 

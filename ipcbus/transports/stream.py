@@ -141,6 +141,11 @@ class FdStreamLink(Link):
         if self._werror is not None:
             raise self._werror
 
+    def flush_now(self) -> None:
+        """Write what is queued now (one writev) unless the pipe is already full."""
+        if self._wq and not self._writer_added:
+            self._flush()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         fd = self._wfd
