@@ -135,6 +135,7 @@ class Link(abc.ABC):
         more latency than it saves.  The default does nothing (frames leave on
         the transport's own schedule).
         """
+        return None
 
     def take_ready(self, max_bytes: int = 1 << 20) -> list[bytes]:
         """Frames already received and waiting, up to about ``max_bytes``, without awaiting.
