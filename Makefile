@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-quick lint docs clean
+.PHONY: install test demo bench bench-quick reliability lint docs clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ bench: install
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS=--quick
+
+# Rerun the fault-injection suite and regenerate docs/reliability.md from its results.
+reliability: install
+	$(BIN)/python -m tests.faults.report
 
 lint: install
 	$(BIN)/ruff check ipcbus tests examples
