@@ -408,3 +408,67 @@ async def wait_gone(pid: int, timeout: float = 15.0) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- a hub child (shared by tests/test_hub.py and tests/faults) ----------------------
+
+
+class HubProc:
+    """``python -m ipcbus hub NAME`` as a child process (foreground)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, err: Any) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.err = err
+
+    def stderr(self) -> str:
+        """What the hub logged so far."""
+        self.err.seek(0)
+        return str(self.err.read().decode(errors="replace"))
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Send ``sig`` (if it still runs) and reap it; return its exit code."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise AssertionError(f"hub pid {self.pid} ignored signal {sig}: {self.stderr()}") from None
+
+
+async def start_hub(name: str, transports: str = "fifo") -> HubProc:
+    """Start a hub child and wait for its "serving" line."""
+    err = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the HubProc, closed by hub_proc()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ipcbus", "hub", name, "--transports", transports,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=REPO,
+    )  # fmt: skip
+    hp = HubProc(proc, err)
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(15):
+            line = await proc.stdout.readline()
+    except BaseException:
+        await hp.stop(signal.SIGKILL)
+        raise
+    if b"serving" not in line:
+        await hp.stop(signal.SIGKILL)
+        raise AssertionError(f"hub did not start: {line!r} {hp.stderr()}")
+    return hp
+
+
+@contextlib.asynccontextmanager
+async def hub_proc(
+    name: str, transports: str = "fifo", stop_signal: int = signal.SIGTERM
+) -> AsyncIterator[HubProc]:
+    """A hub child for the block; stopped with ``stop_signal`` on exit if still running."""
+    hp = await start_hub(name, transports)
+    try:
+        yield hp
+    finally:
+        await hp.stop(stop_signal)
+        hp.err.close()

@@ -11,14 +11,11 @@ never by sleeping.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import re
 import signal
 import sys
-import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +33,16 @@ from ipcbus.errors import (
 from ipcbus.node import LinkState
 
 try:
-    from hub_client import REPO, Peer, peers, spawn, wait_gone
+    from hub_client import REPO, Peer, peers, spawn, start_hub, wait_gone
 except ImportError:  # pragma: no cover - tests/ imported as a package
-    from tests.hub_client import REPO, Peer, peers, spawn, wait_gone
+    from tests.hub_client import (
+        REPO,
+        Peer,
+        peers,
+        spawn,
+        start_hub,
+        wait_gone,
+    )
 
 FIFO_ONLY = ("fifo",)
 
@@ -118,62 +122,6 @@ def client_fifos(path: Path, pid: int | None = None) -> list[str]:
 async def wait_stopped(pid: int) -> None:
     """Wait until our child ``pid`` is stopped (SIGSTOP delivered), without reaping it."""
     await asyncio.to_thread(os.waitid, os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
-
-
-class HubProc:
-    """``python -m ipcbus hub NAME`` as a child process (foreground)."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, err: Any) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.err = err
-
-    def stderr(self) -> str:
-        self.err.seek(0)
-        return str(self.err.read().decode(errors="replace"))
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-        try:
-            async with asyncio.timeout(timeout):
-                return await self.proc.wait()
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-            raise AssertionError(f"hub pid {self.pid} ignored signal {sig}: {self.stderr()}") from None
-
-
-async def start_hub(name: str, transports: str = "fifo") -> HubProc:
-    """Start a hub child and wait for its "serving" line."""
-    err = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the HubProc, closed after stop()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ipcbus", "hub", name, "--transports", transports,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=REPO,
-    )  # fmt: skip
-    hp = HubProc(proc, err)
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(15):
-            line = await proc.stdout.readline()
-    except BaseException:
-        await hp.stop(signal.SIGKILL)
-        raise
-    if b"serving" not in line:
-        await hp.stop(signal.SIGKILL)
-        raise AssertionError(f"hub did not start: {line!r} {hp.stderr()}")
-    return hp
-
-
-@contextlib.asynccontextmanager
-async def hub_proc(name: str, transports: str = "fifo") -> AsyncIterator[HubProc]:
-    hp = await start_hub(name, transports)
-    try:
-        yield hp
-    finally:
-        await hp.stop()
-        hp.err.close()
 
 
 # -- embedded hub, client processes over FIFOs ---------------------------------------

@@ -23,11 +23,14 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 # pytest puts tests/ on sys.path (tests/ has no __init__.py): the same module test_hub uses.
-from hub_client import Peer, wait_gone
+from hub_client import HubProc, Peer, wait_gone
+from hub_client import hub_proc as _hub_proc
+from hub_client import start_hub as _start_hub
 
 import ipcbus
 from ipcbus.busdir import BusDir
@@ -192,63 +195,14 @@ def link_of(hub: ipcbus.Hub, pid: int) -> dict[str, Any]:
 # -- a hub child -------------------------------------------------------------------
 
 
-class HubProc:
-    """``python -m ipcbus hub NAME`` as a child process (foreground)."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, err: Any) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.err = err
-
-    def stderr(self) -> str:
-        """What the hub logged so far."""
-        self.err.seek(0)
-        return str(self.err.read().decode(errors="replace"))
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        """Send ``sig`` (if it still runs) and reap it; return its exit code."""
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-        try:
-            async with asyncio.timeout(timeout):
-                return await self.proc.wait()
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-            raise AssertionError(f"hub pid {self.pid} ignored signal {sig}: {self.stderr()}") from None
-
-
 async def start_hub(name: str, transports: str = "fifo,sysv,shm") -> HubProc:
-    """Start a hub child and wait for its "serving" line."""
-    err = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the HubProc, closed by hub_proc()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ipcbus", "hub", name, "--transports", transports,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=REPO,
-    )  # fmt: skip
-    hp = HubProc(proc, err)
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(15):
-            line = await proc.stdout.readline()
-    except BaseException:
-        await hp.stop(signal.SIGKILL)
-        raise
-    if b"serving" not in line:
-        await hp.stop(signal.SIGKILL)
-        raise AssertionError(f"hub did not start: {line!r} {hp.stderr()}")
-    return hp
+    """Start a hub child on every transport and wait for its "serving" line."""
+    return await _start_hub(name, transports)
 
 
-@contextlib.asynccontextmanager
-async def hub_proc(name: str, transports: str = "fifo,sysv,shm") -> AsyncIterator[HubProc]:
+def hub_proc(name: str, transports: str = "fifo,sysv,shm") -> AbstractAsyncContextManager[HubProc]:
     """A hub child for the block; SIGKILLed on exit if the test did not stop it."""
-    hp = await start_hub(name, transports)
-    try:
-        yield hp
-    finally:
-        await hp.stop(signal.SIGKILL)
-        hp.err.close()
+    return _hub_proc(name, transports, stop_signal=signal.SIGKILL)
 
 
 # -- what is left ------------------------------------------------------------------
