@@ -189,7 +189,10 @@ def _daemonize() -> int:
 
 
 @main.command()
-@click.argument("name", default="default")
+@click.argument("name", default=None, required=False)
+@click.option(
+    "--bus", "bus_name", default=None, help="Name of the bus (same as NAME; default `default`)."
+)
 @click.option("--daemon", is_flag=True, help="Detach and run in the background.")
 @click.option("--group", default=None, help="Open the bus to this Unix group (0660 objects).")
 @click.option(
@@ -198,9 +201,15 @@ def _daemonize() -> int:
     show_default=True,
     help="Comma-separated transports to accept.",
 )
-def hub(name: str, daemon: bool, group: str | None, transports: str) -> None:
+def hub(
+    name: str | None, bus_name: str | None, daemon: bool, group: str | None, transports: str
+) -> None:
     """Serve bus NAME until SIGTERM/SIGINT (foreground unless --daemon)."""
     from .hub import ALL_TRANSPORTS, Hub
+
+    if name is not None and bus_name is not None and name != bus_name:
+        raise click.UsageError(f"NAME {name!r} and --bus {bus_name!r} disagree; give one of them")
+    name = name or bus_name or "default"
 
     chosen = tuple(t for t in transports.split(",") if t)
     bad = [t for t in chosen if t not in ALL_TRANSPORTS]

@@ -147,6 +147,8 @@ def test_exit_codes_table_matches_docs() -> None:
         (["pub", "x", "1", "--bus", ".."], "invalid bus name"),
         (["hub", "../etc"], "invalid bus name"),
         (["hub", "x", "--transports", "fifo,tcp"], "choose one or more of fifo,sysv,shm"),
+        (["hub", "a", "--bus", "b"], "disagree"),
+        (["hub", "--bus", "../etc"], "invalid bus name"),
         (["pub", "a..b", "1", "--bus", "x"], "invalid subject 'a..b'"),
         (["req", "a.*", "1"], "invalid subject 'a.*'"),
         (["sub", "a.>.b"], "invalid subject"),
