@@ -177,7 +177,12 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Msg:
-        m = await self._core.get()
+        core = self._core
+        if core.pending and not core.dropped:  # common case: no await, no extra call
+            m = core.pending.popleft()
+            core._pending_bytes -= len(m.payload)
+            return Msg(m.subject, m.payload, m.reply, m.headers, self._bus)
+        m = await core.get()
         if m is None:
             raise StopAsyncIteration
         return self._wrap(m)

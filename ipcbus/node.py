@@ -482,6 +482,8 @@ class Node:
             share = max(4096, min(self.outbound_limit // 4, _READ_SHARE))
             budget = share
             take = link.take_ready
+            fast_routes = self._fast  # cleared in place on interest changes, never replaced
+            reply_routes = self._reply_routes
             while True:
                 raws = [await recv()]
                 # Handle every frame already read in this wake-up, bounded by the share.
@@ -493,6 +495,21 @@ class Node:
                         if type(frame) is _MsgFrame:
                             self.msgs_in += 1
                             self.bytes_in += len(frame.payload)
+                            subject = frame.subject
+                            fast = fast_routes.get(subject)
+                            if (
+                                fast
+                                and frame.reply is None
+                                and not frame.groups
+                                and subject not in reply_routes
+                            ):
+                                # Inline of _route's plain-message path (the common case).
+                                for sub in fast[0]:
+                                    sub.deliver(frame)
+                                for other in fast[1]:
+                                    if other is not ls:
+                                        self._forward(other, raw, subject, True)
+                                continue
                             handle_msg(frame, raw, ls)
                         else:
                             self._on_control(frame, ls)
@@ -991,39 +1008,41 @@ class Node:
         headers: dict[str, str] | None = None,
     ) -> int:
         """Route a message published here; wait while a link it went out on is above high water."""
-        if reply is None and headers is None and not self._closed and subject[:7] != "_INBOX.":
-            # The hot path: a plain message to a subject whose route is cached
-            # (replies to inboxes have their own fast path in _route).
+        if reply is None and headers is None and not self._closed:
+            # The hot path: a plain message to a subject whose route is cached.
+            # Replies to inboxes never enter this cache (they have their own
+            # fast path in _route), so a miss on an inbox subject goes the slow way.
             fast = self._fast.get(subject)
-            if fast is None:
+            if fast is None and not subject.startswith("_INBOX."):
                 fast = self._compute_fast(subject)
-            n = len(payload)
-            if fast is not False and n + 4 * len(subject) + 64 <= self.max_frame:
-                subs, links = fast
-                self.bytes_out += n
-                m = _MsgFrame(subject, None, None, payload)
-                for sub in subs:
-                    sub.deliver(m)
-                if not links:
-                    return len(subs)
-                frame = _encode(m)
-                count = len(subs)
-                for ls in links:
-                    link = ls.link
-                    if ls.dropped_unreported:
-                        if not self._forward(ls, frame, subject, True):
-                            continue
-                    else:
-                        try:
-                            link.send_nowait(frame)
-                        except ConnectionClosed:
-                            continue
-                        self.msgs_out += 1
-                    count += 1
-                    if link.pending_out > link.high_water:
-                        with contextlib.suppress(ConnectionClosed):
-                            await link.wait_writable()
-                return count
+            if fast:
+                n = len(payload)
+                if n + 4 * len(subject) + 64 <= self.max_frame:
+                    subs, links = fast
+                    self.bytes_out += n
+                    m = _MsgFrame(subject, None, None, payload)
+                    for sub in subs:
+                        sub.deliver(m)
+                    if not links:
+                        return len(subs)
+                    frame = _encode(m)
+                    count = len(subs)
+                    for ls in links:
+                        link = ls.link
+                        if ls.dropped_unreported:
+                            if not self._forward(ls, frame, subject, True):
+                                continue
+                        else:
+                            try:
+                                link.send_nowait(frame)
+                            except ConnectionClosed:
+                                continue
+                        count += 1
+                        if link.pending_out > link.high_water:
+                            with contextlib.suppress(ConnectionClosed):
+                                await link.wait_writable()
+                    self.msgs_out += count - len(subs)
+                    return count
         sent: list[LinkState] = []
         self._sent_to = sent
         try:

@@ -97,14 +97,12 @@ class FdStreamLink(Link):
 
     def send_nowait(self, frame: bytes) -> None:
         """Queue one whole frame; it leaves on the next loop iteration."""
-        if self._werror is not None:
-            raise self._werror
-        if self._closed:
-            raise ConnectionClosed("link is closed")
+        if self._werror is not None or self._closed:
+            raise self._werror or ConnectionClosed("link is closed")
         n = len(frame)
-        if n > self.max_frame:
-            raise FrameTooLarge(n, self.max_frame)
-        if n == 0:
+        if not 0 < n <= self.max_frame:
+            if n:
+                raise FrameTooLarge(n, self.max_frame)
             raise ProtocolError("refusing to send an empty frame")
         if n <= 65536:
             self._wq.append(HEADER.pack(n) + frame)
