@@ -179,9 +179,9 @@ class Subscription:
     async def __anext__(self) -> Msg:
         core = self._core
         if core.pending and not core.dropped:  # common case: no await, no extra call
-            m = core.pending.popleft()
-            core._pending_bytes -= len(m.payload)
-            return Msg(m.subject, m.payload, m.reply, m.headers, self._bus)
+            f = core.pending.popleft()
+            core._pending_bytes -= len(f.payload)
+            return Msg(f.subject, f.payload, f.reply, f.headers, self._bus)
         m = await core.get()
         if m is None:
             raise StopAsyncIteration
