@@ -8,6 +8,7 @@ are.  Nothing here knows about transports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import typing
@@ -419,7 +420,13 @@ class Bus:
         validate_subject(subject)
         payload = data if type(data) is bytes else encode_payload(data)
         if reply is None and headers is None:
-            await self._node.publish(subject, payload)
+            full = self._node.publish_plain(subject, payload)
+            if full is None:
+                await self._node.publish(subject, payload)
+            else:
+                for link in full:  # backpressure: only links this message went out on
+                    with contextlib.suppress(ConnectionClosed):
+                        await link.wait_writable()
             return
         if reply is not None:
             validate_subject(reply)

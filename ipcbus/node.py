@@ -973,6 +973,50 @@ class Node:
 
     # -- publishing ----------------------------------------------------------
 
+    def publish_plain(self, subject: str, payload: bytes) -> list[Link] | None:
+        """The hot path of publishing: a plain message to a subject whose route is cached.
+
+        Routes without awaiting and returns the links now above their
+        high-water mark (the caller waits on them: backpressure), or ``None``
+        when the message needs the general path (queue groups, an inbox
+        subject, a frame that may be too large, a closed node).  Replies to
+        inboxes never enter the route cache; they have their own fast path.
+        """
+        if self._closed:
+            return None
+        fast = self._fast.get(subject)
+        if fast is None:
+            if subject.startswith("_INBOX."):
+                return None
+            fast = self._compute_fast(subject)
+        if not fast:
+            return None
+        n = len(payload)
+        if n + 4 * len(subject) + 64 > self.max_frame:
+            return None
+        subs, links = fast
+        self.bytes_out += n
+        m = _MsgFrame(subject, None, None, payload)
+        for sub in subs:
+            sub.deliver(m)
+        full: list[Link] = []
+        if links:
+            frame = _encode(m)
+            for ls in links:
+                link = ls.link
+                if ls.dropped_unreported:
+                    if not self._forward(ls, frame, subject, True):
+                        continue
+                else:
+                    try:
+                        link.send_nowait(frame)
+                    except ConnectionClosed:
+                        continue
+                    self.msgs_out += 1
+                if link.pending_out > link.high_water:
+                    full.append(link)
+        return full
+
     def publish_nowait(
         self,
         subject: str,
@@ -1008,41 +1052,13 @@ class Node:
         headers: dict[str, str] | None = None,
     ) -> int:
         """Route a message published here; wait while a link it went out on is above high water."""
-        if reply is None and headers is None and not self._closed:
-            # The hot path: a plain message to a subject whose route is cached.
-            # Replies to inboxes never enter this cache (they have their own
-            # fast path in _route), so a miss on an inbox subject goes the slow way.
-            fast = self._fast.get(subject)
-            if fast is None and not subject.startswith("_INBOX."):
-                fast = self._compute_fast(subject)
-            if fast:
-                n = len(payload)
-                if n + 4 * len(subject) + 64 <= self.max_frame:
-                    subs, links = fast
-                    self.bytes_out += n
-                    m = _MsgFrame(subject, None, None, payload)
-                    for sub in subs:
-                        sub.deliver(m)
-                    if not links:
-                        return len(subs)
-                    frame = _encode(m)
-                    count = len(subs)
-                    for ls in links:
-                        link = ls.link
-                        if ls.dropped_unreported:
-                            if not self._forward(ls, frame, subject, True):
-                                continue
-                        else:
-                            try:
-                                link.send_nowait(frame)
-                            except ConnectionClosed:
-                                continue
-                        count += 1
-                        if link.pending_out > link.high_water:
-                            with contextlib.suppress(ConnectionClosed):
-                                await link.wait_writable()
-                    self.msgs_out += count - len(subs)
-                    return count
+        if reply is None and headers is None:
+            full = self.publish_plain(subject, payload)
+            if full is not None:
+                for link in full:
+                    with contextlib.suppress(ConnectionClosed):
+                        await link.wait_writable()
+                return 1
         sent: list[LinkState] = []
         self._sent_to = sent
         try:
