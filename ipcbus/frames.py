@@ -119,6 +119,8 @@ Frame: TypeAlias = Hello | Sub | Unsub | Msg | Ping | Pong | Notice
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(Frame)
+frame_decoder: Final = _decoder
+"""The raw msgspec decoder of frames (raises msgspec errors; :func:`decode_frame` maps them)."""
 
 
 def encode_frame(frame: Frame) -> bytes:

@@ -46,6 +46,7 @@ from typing import Any, Final, Literal
 
 import anyio
 import anyio.abc
+import msgspec
 
 from . import frames as fr
 from .errors import (
@@ -142,8 +143,9 @@ class SubscriptionCore:
         if self._closed:
             return
         n = len(m.payload)
-        if len(self.pending) >= self.max_pending or (
-            self._pending_bytes + n > self.pending_bytes_limit and self.pending
+        pending = self.pending
+        if len(pending) >= self.max_pending or (
+            self._pending_bytes + n > self.pending_bytes_limit and pending
         ):
             self.dropped += 1
             self.dropped_total += 1
@@ -157,7 +159,9 @@ class SubscriptionCore:
         self.pending.append(m)
         self._pending_bytes += n
         self.delivered += 1
-        self._wake()
+        w = self._waiter  # inline of _wake(): this runs once per message
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def note_remote_drop(self, count: int) -> None:
         """A hub dropped ``count`` messages for this node that may have been ours."""
@@ -473,7 +477,7 @@ class Node:
             ls.ready.set()
             recv = link.recv
             handle_msg = self._on_msg
-            decode = fr.decode_frame
+            decode = fr.frame_decoder.decode  # errors mapped below, without a wrapper call
             # Fairness: recv() does not suspend while frames are buffered, so a busy
             # link could be drained for megabytes in one loop iteration, queueing all
             # of it toward the other links before their writes get a chance to run
@@ -490,7 +494,10 @@ class Node:
                 raws += take(share)
                 for raw in raws:
                     budget -= len(raw)
-                    frame = decode(raw)
+                    try:
+                        frame = decode(raw)
+                    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+                        raise ProtocolError(f"malformed frame ({len(raw)} bytes): {exc}") from None
                     try:
                         if type(frame) is _MsgFrame:
                             self.msgs_in += 1
