@@ -1057,8 +1057,15 @@ class Node:
         *,
         reply: str | None = None,
         headers: dict[str, str] | None = None,
+        urgent: bool | None = None,
     ) -> int:
-        """Route a message published here; wait while a link it went out on is above high water."""
+        """Route a message published here; wait while a link it went out on is above high water.
+
+        ``urgent`` hands the frame to the kernel at once instead of batching it
+        with the rest of this loop iteration: right for a request or reply that
+        someone waits on alone, wrong under load (one system call per message).
+        ``None`` means: urgent for requests and replies.
+        """
         if reply is None and headers is None:
             full = self.publish_plain(subject, payload)
             if full is not None:
@@ -1072,9 +1079,9 @@ class Node:
             n = self.publish_nowait(subject, payload, reply=reply, headers=headers)
         finally:
             self._sent_to = None
-        if reply is not None or subject[:7] == "_INBOX.":
-            # A request or a reply: someone is waiting for it; do not hold it
-            # back for the next loop iteration's batch.
+        if urgent is None:
+            urgent = reply is not None or subject.startswith("_INBOX.")
+        if urgent:
             for ls in sent:
                 ls.link.flush_now()
         for ls in sent:

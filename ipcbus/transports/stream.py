@@ -87,6 +87,7 @@ class FdStreamLink(Link):
         self._wq: collections.deque[bytes | memoryview] = collections.deque()
         self._wq_bytes = 0
         self._flush_scheduled = False
+        self._eager_used = False
         self._writer_added = False
         self._werror: ConnectionClosed | None = None
         self._wwaiters: list[asyncio.Future[None]] = []
@@ -140,9 +141,19 @@ class FdStreamLink(Link):
             raise self._werror
 
     def flush_now(self) -> None:
-        """Write what is queued now (one writev) unless the pipe is already full."""
-        if self._wq and not self._writer_added:
+        """Write what is queued now, at most once per loop iteration.
+
+        The first urgent frame of an iteration leaves at once (the peer can
+        start on it while we go on); later ones batch into the iteration's
+        writev, so a burst costs one system call, not one per frame.
+        """
+        if self._wq and not self._writer_added and not self._eager_used:
+            self._eager_used = True
+            self._loop.call_soon(self._reset_eager)
             self._flush()
+
+    def _reset_eager(self) -> None:
+        self._eager_used = False
 
     def _flush(self) -> None:
         self._flush_scheduled = False
