@@ -244,21 +244,35 @@ class Service:
 
     async def _run(self) -> None:
         try:
+            core = self.subscription._core
+            bus = self._bus
             async with anyio.create_task_group() as tg:
                 while True:
-                    try:
-                        m = await self.subscription.next()
-                    except BusClosed:
-                        break
-                    except Exception as exc:  # SlowConsumer: requests were lost; keep serving
-                        log.warning("service %r: %s", self.subject, exc)
-                        continue
+                    if core.pending and not core.dropped:  # no await while requests wait
+                        f = core.pending.popleft()
+                        core._pending_bytes -= len(f.payload)
+                        m = Msg(f.subject, f.payload, f.reply, f.headers, bus)
+                    else:
+                        try:
+                            m = await self.subscription.next()
+                        except BusClosed:
+                            break
+                        except Exception as exc:  # SlowConsumer: requests were lost; keep serving
+                            log.warning("service %r: %s", self.subject, exc)
+                            continue
                     if self._is_async:
                         await self._limiter.acquire()
                         self._enter()
                         tg.start_soon(self._handle_async, m)
                     else:  # handled inside this loop: drain() waits for the loop to end
-                        await self._handle_sync(m)
+                        try:
+                            result = self.handler(self._arg(m))
+                            if inspect.isawaitable(result):
+                                result = await result
+                        except Exception as exc:
+                            await self._reply_error(m, exc)
+                            continue
+                        await self._reply(m, result)
         finally:
             self._done.set()
 
@@ -274,16 +288,6 @@ class Service:
         if self._arg_type is None:
             return m
         return msgspec.msgpack.decode(m.data, type=self._arg_type)
-
-    async def _handle_sync(self, m: Msg) -> None:
-        try:
-            result = self.handler(self._arg(m))
-            if inspect.isawaitable(result):
-                result = await result
-        except Exception as exc:
-            await self._reply_error(m, exc)
-            return
-        await self._reply(m, result)
 
     async def _handle_async(self, m: Msg) -> None:
         try:
