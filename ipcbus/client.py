@@ -424,12 +424,14 @@ class Bus:
         validate_subject(subject)
         payload = data if type(data) is bytes else encode_payload(data)
         if reply is None and headers is None:
+            # The hot path, without an extra coroutine: route now, await only
+            # for backpressure on the links this message went out on.
             full = self._node.publish_plain(subject, payload)
             if full is None:
-                await self._node.publish(subject, payload)
+                await self._node.publish_general(subject, payload)
             else:
-                for link in full:  # backpressure: only links this message went out on
-                    with contextlib.suppress(ConnectionClosed):
+                for link in full:
+                    with contextlib.suppress(ConnectionClosed):  # a broken link is dropped
                         await link.wait_writable()
             return
         if reply is not None:

@@ -31,6 +31,7 @@ from . import frames as fr
 from .busdir import BusDir
 from .client import Bus
 from .errors import BusNotFound, ConnectionClosed, IpcBusError
+from .hub import ALL_TRANSPORTS
 from .node import LinkState, Node
 from .transports.base import Link
 
@@ -38,7 +39,7 @@ __all__ = ["ClientBus", "connect", "open_link"]
 
 log = logging.getLogger("ipcbus.connect")
 
-TRANSPORTS = ("fifo", "sysv", "shm")
+TRANSPORTS = ALL_TRANSPORTS
 _AUTOSTART_TIMEOUT = 15.0
 
 

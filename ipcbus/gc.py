@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .records import ObjectRecord, list_records, process_alive
+from .sysv import proc_table
 
 __all__ = ["Finding", "collect", "scan", "sysv_table"]
 
@@ -35,37 +36,11 @@ log = logging.getLogger("ipcbus.gc")
 
 _CTIME_SLACK = 5.0
 
-_COLUMNS = {
-    "msg": [
-        "key", "msqid", "perms", "cbytes", "qnum", "lspid", "lrpid",
-        "uid", "gid", "cuid", "cgid", "stime", "rtime", "ctime",
-    ],
-    "shm": [
-        "key", "shmid", "perms", "size", "cpid", "lpid", "nattch",
-        "uid", "gid", "cuid", "cgid", "atime", "dtime", "ctime",
-    ],
-    "sem": ["key", "semid", "perms", "nsems", "uid", "gid", "cuid", "cgid", "otime", "ctime"],
-}  # fmt: skip
-
 _KIND_TABLE = {"msq": "msg", "shm": "shm", "sem": "sem"}
 
 
-def sysv_table(kind: str) -> dict[int, dict[str, int]]:
-    """``/proc/sysvipc/<kind>`` (``msg``, ``shm`` or ``sem``) as ``{id: fields}``."""
-    cols = _COLUMNS[kind]
-    out: dict[int, dict[str, int]] = {}
-    try:
-        lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
-    except OSError:
-        return out
-    for line in lines:
-        parts = line.split()
-        try:
-            row = {c: int(v, 8) if c == "perms" else int(v) for c, v in zip(cols, parts, strict=False)}
-        except ValueError:
-            continue
-        out[row[cols[1]]] = row
-    return out
+sysv_table = proc_table
+"""``/proc/sysvipc/<kind>`` by id (:func:`ipcbus.sysv.proc_table`)."""
 
 
 @dataclass

@@ -12,7 +12,6 @@ The hub answers ``$SYS.stats`` (everything ``ipcbus ls`` shows),
 from __future__ import annotations
 
 import contextlib
-import grp
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ from typing import Any, Protocol
 import anyio
 
 from . import frames as fr
-from .busdir import BusDir
+from .busdir import BusDir, resolve_group
 from .client import Bus, encode_payload
 from .errors import IpcBusError, SlowConsumer
 from .node import (
@@ -35,8 +34,7 @@ from .node import (
     Node,
     SubscriptionCore,
 )
-from .transports.base import Link
-from .transports.door import Door, Knock
+from .transports.door import Acceptor, Door, Knock, admit
 
 __all__ = ["ALL_TRANSPORTS", "Hub"]
 
@@ -45,10 +43,11 @@ log = logging.getLogger("ipcbus.hub")
 ALL_TRANSPORTS = ("fifo", "sysv", "shm")
 
 
-class _Acceptor(Protocol):
+class _Acceptor(Acceptor, Protocol):
+    """A transport's hub side: what :func:`~ipcbus.transports.door.admit` needs, plus its lifetime."""
+
     async def __aenter__(self) -> Any: ...
     async def __aexit__(self, *exc: Any) -> Any: ...
-    async def accept(self, knock: Knock) -> Link: ...
 
 
 def _acceptor(transport: str, path: Path, mode: int, gid: int | None, max_frame: int) -> _Acceptor:
@@ -65,17 +64,6 @@ def _acceptor(transport: str, path: Path, mode: int, gid: int | None, max_frame:
 
         return ShmAcceptor(path, mode=mode, gid=gid, max_frame=max_frame)
     raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(ALL_TRANSPORTS)}")
-
-
-def _resolve_gid(group: str | int | None) -> int | None:
-    if group is None:
-        return None
-    if isinstance(group, int):
-        return group
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ValueError(f"no such group {group!r}; pass an existing group name or gid") from None
 
 
 class Hub:
@@ -105,7 +93,7 @@ class Hub:
             if t not in ALL_TRANSPORTS:
                 raise ValueError(f"unknown transport {t!r}; choose from {', '.join(ALL_TRANSPORTS)}")
         self.name = name
-        self.gid = _resolve_gid(group)
+        self.gid = resolve_group(group)
         self.busdir = BusDir(name, root=Path(root) if root is not None else None, group=self.gid)
         self.transports = tuple(transports)
         self.max_frame = max_frame
@@ -203,33 +191,11 @@ class Hub:
             self.node.task_group.start_soon(self._accept, knock, name="ipcbus-hub-accept")
 
     async def _accept(self, knock: Knock) -> None:
-        acc = self._acceptors.get(knock.transport)
         who = f"{knock.name or 'client'}(pid {knock.pid})"
-        if acc is None:
+        # Version check, transport dispatch and refusal logging are the door's.
+        link = await admit(knock, self._acceptors)
+        if link is None:
             self.refused += 1
-            log.warning(
-                "hub %s: refused %s: transport %r is not enabled on this hub (enabled: %s)",
-                self.name,
-                who,
-                knock.transport,
-                ",".join(self.transports),
-            )
-            return
-        if knock.version != fr.PROTOCOL_VERSION:
-            self.refused += 1
-            log.warning(
-                "hub %s: refused %s: protocol version %s, hub speaks %s",
-                self.name,
-                who,
-                knock.version,
-                fr.PROTOCOL_VERSION,
-            )
-            return
-        try:
-            link = await acc.accept(knock)
-        except (IpcBusError, OSError, ValueError) as exc:
-            self.refused += 1
-            log.warning("hub %s: refused %s over %s: %s", self.name, who, knock.transport, exc)
             return
         if self._closing:
             await link.aclose()

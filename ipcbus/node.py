@@ -443,16 +443,9 @@ class Node:
         return ls
 
     async def _roundtrip(self, ls: LinkState, timeout: float) -> None:
-        """Ping one link and wait for the pong (at most ``timeout``; a silent peer is tolerated)."""
-        token = next(self._tokens)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        ls.pongs[token] = fut
-        try:
-            ls.link.send_nowait(_encode(fr.Ping(token)))
-            with anyio.move_on_after(timeout):
-                await fut
-        finally:
-            ls.pongs.pop(token, None)
+        """:meth:`ping`, tolerating a peer that never answers or goes away."""
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            await self.ping(ls, timeout)
 
     async def _run_link(self, ls: LinkState) -> None:
         link = ls.link
@@ -1057,39 +1050,39 @@ class Node:
         *,
         reply: str | None = None,
         headers: dict[str, str] | None = None,
-        urgent: bool | None = None,
-    ) -> int:
-        """Route a message published here; wait while a link it went out on is above high water.
-
-        ``urgent`` hands the frame to the kernel at once instead of batching it
-        with the rest of this loop iteration: right for a request or reply that
-        someone waits on alone, wrong under load (one system call per message).
-        ``None`` means: urgent for requests and replies.
-        """
+    ) -> None:
+        """Route a message published here; wait while a link it went out on is above high water."""
         if reply is None and headers is None:
             full = self.publish_plain(subject, payload)
             if full is not None:
-                for link in full:
-                    with contextlib.suppress(ConnectionClosed):
-                        await link.wait_writable()
-                return 1
+                await _wait_writable(full)
+                return
+        await self.publish_general(subject, payload, reply=reply, headers=headers)
+
+    async def publish_general(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        reply: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """:meth:`publish` for what :meth:`publish_plain` does not take.
+
+        A request or a reply is urgent: someone waits on it, so it is handed
+        to the kernel at once (at most one eager write per link and loop
+        iteration, see ``Link.flush_now``) rather than with the next batch.
+        """
         sent: list[LinkState] = []
         self._sent_to = sent
         try:
-            n = self.publish_nowait(subject, payload, reply=reply, headers=headers)
+            self.publish_nowait(subject, payload, reply=reply, headers=headers)
         finally:
             self._sent_to = None
-        if urgent is None:
-            urgent = reply is not None or subject.startswith("_INBOX.")
-        if urgent:
+        if reply is not None or subject.startswith("_INBOX."):
             for ls in sent:
                 ls.link.flush_now()
-        for ls in sent:
-            link = ls.link
-            if link.pending_out > link.high_water:
-                with contextlib.suppress(ConnectionClosed):
-                    await link.wait_writable()
-        return n
+        await _wait_writable([ls.link for ls in sent if ls.link.pending_out > ls.link.high_water])
 
     def new_reply_subject(self) -> tuple[str, str]:
         """A fresh (token, reply subject) in this node's inbox."""
@@ -1109,24 +1102,18 @@ class Node:
                 ls.inflight.pop(reply, None)
 
     async def flush(self, timeout: float = 10.0) -> None:
-        """Wait until every link's peer has processed everything sent so far."""
-        futs: list[asyncio.Future[None]] = []
-        loop = asyncio.get_running_loop()
-        for ls in list(self.links):
-            if ls.closed.is_set():
-                continue
-            token = next(self._tokens)
-            fut: asyncio.Future[None] = loop.create_future()
-            ls.pongs[token] = fut
-            try:
-                ls.link.send_nowait(_encode(fr.Ping(token)))
-            except ConnectionClosed:
-                ls.pongs.pop(token, None)
-                continue
-            futs.append(fut)
-        if futs:
-            with anyio.fail_after(timeout):
-                await asyncio.gather(*futs, return_exceptions=True)
+        """Wait until every link's peer has processed everything sent so far.
+
+        Links that break meanwhile are skipped (see :meth:`ping` to be told);
+        raises ``TimeoutError`` if a live peer does not answer in time.
+        """
+        results = await asyncio.gather(
+            *(self.ping(ls, timeout) for ls in list(self.links) if not ls.closed.is_set()),
+            return_exceptions=True,
+        )
+        for r in results:
+            if isinstance(r, TimeoutError):
+                raise r
 
     async def ping(self, ls: LinkState, timeout: float = 10.0) -> None:
         """Wait until the peer of one link has processed everything sent on it so far.
@@ -1182,6 +1169,13 @@ def _load(c: SubscriptionCore | LinkState) -> tuple[int, int]:
     if isinstance(c, LinkState):
         return (len(c.inflight) + c.link.pending_out // 65536, c.last_pick)
     return (len(c.pending) // 16, c.last_pick)
+
+
+async def _wait_writable(links: list[Link]) -> None:
+    """Backpressure: wait until each link is back under its low-water mark (a broken one is skipped)."""
+    for link in links:
+        with contextlib.suppress(ConnectionClosed):
+            await link.wait_writable()
 
 
 async def _first_of(*events: asyncio.Event) -> None:

@@ -368,9 +368,11 @@ class WorkerPool:
         node = self._node
         with anyio.CancelScope(shield=True):
             if node is not None:
-                with anyio.move_on_after(_STOP_TIMEOUT):
-                    while any(ls.inflight for ls in node.links):
-                        await anyio.sleep(0.01)  # polling in-flight counts during shutdown only
+                # Let this process's requests to the workers finish (their futures
+                # are the events: answered, failed or timed out, each completes).
+                pending = [f for f in node.inbox.futures.values() if not f.done()]
+                if pending:
+                    await asyncio.wait(pending, timeout=_STOP_TIMEOUT)
                 for w in self._workers:
                     if w.link is not None:
                         with contextlib.suppress(Exception):

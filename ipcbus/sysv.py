@@ -67,6 +67,7 @@ __all__ = [
     "SysvLimits",
     "open_handle",
     "proc_msg_table",
+    "proc_table",
     "queue_stat",
     "read_limits",
 ]
@@ -152,17 +153,17 @@ class QueueStat(msgspec.Struct, frozen=True):
     """Time of creation or the last ``IPC_SET``."""
 
 
-def proc_msg_table() -> dict[int, dict[str, int]]:
-    """Every queue of this IPC namespace from ``/proc/sysvipc/msg``, by id.
+def proc_table(kind: str) -> dict[int, dict[str, int]]:
+    """``/proc/sysvipc/<kind>`` (``msg``, ``shm`` or ``sem``) of this IPC namespace, by id.
 
-    Each row maps the column names of that file (``key``, ``perms``,
-    ``cbytes``, ``qnum``, ``lspid``, ``lrpid``, ``uid``, ``gid``, ``cuid``,
-    ``cgid``, ``stime``, ``rtime``, ``ctime``) to integers.  It is the only
-    place ``msg_cbytes`` can be read without ``ctypes``: ``sysv_ipc`` does
-    not expose it.  Empty if the file cannot be read.
+    Each row maps the file's own column names (its header line, so kernels
+    that add columns are fine) to integers; ``perms`` is octal.  This is
+    ``IPC_STAT`` without attaching, and the only place ``msg_cbytes`` can be
+    read without ``ctypes`` (``sysv_ipc`` does not expose it).  Empty if the
+    file cannot be read.
     """
     try:
-        lines = Path("/proc/sysvipc/msg").read_text().splitlines()
+        lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
     except OSError:
         return {}
     if not lines:
@@ -177,8 +178,13 @@ def proc_msg_table() -> dict[int, dict[str, int]]:
             row = {c: int(v, 8) if c == "perms" else int(v) for c, v in zip(cols, parts, strict=True)}
         except ValueError:
             continue
-        out[row["msqid"]] = row
+        out[row[cols[1]]] = row
     return out
+
+
+def proc_msg_table() -> dict[int, dict[str, int]]:
+    """Every message queue, by id: :func:`proc_table` of ``msg``."""
+    return proc_table("msg")
 
 
 def _time_or_none(t: float | int) -> float | None:

@@ -76,17 +76,9 @@ def pytest_asyncio_loop_factories(
 
 def sysv_objects() -> set[tuple[str, int]]:
     """Every SysV object on the host as (kind, id), from /proc/sysvipc."""
-    out: set[tuple[str, int]] = set()
-    for kind, col in (("msg", 1), ("shm", 1), ("sem", 1)):
-        try:
-            lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if len(parts) > col:
-                out.add((kind, int(parts[col])))
-    return out
+    from ipcbus.sysv import proc_table
+
+    return {(kind, ident) for kind in ("msg", "shm", "sem") for ident in proc_table(kind)}
 
 
 def _remove_sysv(kind: str, ident: int) -> None:

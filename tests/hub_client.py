@@ -89,6 +89,10 @@ class _Client:
         self.changed = asyncio.Event()
         self.forever = asyncio.Event()
 
+    async def stop(self) -> None:
+        """End what the commands started (subclasses add their own tasks)."""
+        self.forever.set()
+
     async def _read(self, name: str, sub: Any, show: bool) -> None:
         from ipcbus.errors import SlowConsumer
 
@@ -184,20 +188,23 @@ class _Client:
         raise ValueError(f"unknown op {op!r}")
 
 
-async def _child(args: argparse.Namespace) -> int:
+async def _child(
+    args: argparse.Namespace, client_cls: type[_Client] = _Client, default_name: str = "hub-client"
+) -> int:
+    """Connect, then run JSON-line commands from stdin through ``client_cls`` until EOF or quit."""
     import ipcbus
 
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    if args.wait_go:
+    if getattr(args, "wait_go", False):
         await reader.readline()  # so many children can connect at the same instant
     try:
         bus = await ipcbus.connect(
             args.bus,
             transport=args.transport,
-            name=args.name or f"hub-client-{os.getpid()}",
-            autostart=args.autostart,
+            name=args.name or f"{default_name}-{os.getpid()}",
+            autostart=getattr(args, "autostart", False),
             reconnect=args.reconnect,
         )
     except Exception as exc:
@@ -209,7 +216,7 @@ async def _child(args: argparse.Namespace) -> int:
             _say(ev="closed", reason=ls.close_reason, notices=[n.code for n in ls.notices])
 
     bus.node.on_link_closed.append(closed)
-    client = _Client(bus)
+    client = client_cls(bus)
     try:
         _say(ev="connected", pid=os.getpid(), hub_pid=bus.busdir.hub_pid())
         while True:
@@ -226,7 +233,7 @@ async def _child(args: argparse.Namespace) -> int:
             else:
                 _say(ev="ok", op=cmd["op"], **result)
     finally:
-        client.forever.set()
+        await client.stop()
         await bus.aclose()
     return 0
 

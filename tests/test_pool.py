@@ -38,7 +38,8 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 
 async def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Poll the pool's state (restarts have no event to wait on) until ``cond`` holds."""
+    """Poll the pool's state until ``cond`` holds (for a give-up after restarts fail,
+    which wait_ready() cannot tell from "not noticed yet")."""
     with anyio.fail_after(timeout):
         while not cond():
             await asyncio.sleep(0.02)
@@ -125,8 +126,9 @@ async def test_sigkill_in_flight_gives_worker_crashed_then_restart() -> None:
         assert not isinstance(info.value, TimeoutError)
         assert "slow.hang" in str(info.value)
         # the pool restarts the worker
-        await wait_until(lambda: len(pool.pids) == 2 and victim not in pool.pids)
+        await pool.wait_ready(timeout=15)  # the crash was recorded before req failed
         after = set(pool.pids)
+        assert len(after) == 2 and victim not in after
         assert len(after & before) == 1
         (w,) = [w for w in pool.stats()["workers"] if w["crashes"]]
         assert w["crashes"] == 1 and w["starts"] == 2

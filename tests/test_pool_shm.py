@@ -5,22 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import zlib
-from pathlib import Path
 
 import pytest
 
 import ipcbus
 from ipcbus import WorkerCrashed, WorkerPool, WorkerStartError
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
-
-
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
-    return env
-
+try:
+    from test_pool import worker_env
+except ImportError:  # pragma: no cover - tests/ imported as a package
+    from tests.test_pool import worker_env
 
 pytestmark = pytest.mark.single_loop
 

@@ -30,6 +30,7 @@ from ipcbus.errors import (
     ProtocolError,
 )
 from ipcbus.frames import PROTOCOL_VERSION
+from ipcbus.sysv import proc_table
 from ipcbus.testing import check_link
 from ipcbus.transports.base import Link
 from ipcbus.transports.door import Door, HandshakeTimeout, Knock
@@ -105,8 +106,7 @@ async def spawn(mode: str, **spec: Any) -> AsyncIterator[Peer]:
 
 
 def sysv_ids(kind: str) -> set[int]:
-    lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
-    return {int(line.split()[1]) for line in lines}
+    return set(proc_table(kind))
 
 
 SHM_DEST = 0o1000  # shown in /proc/sysvipc/shm perms once IPC_RMID is marked

@@ -371,7 +371,7 @@ async def admit(knock: Knock, acceptors: Mapping[str, Acceptor]) -> Link | None:
     """Hand a knock to its transport's acceptor; log and return None if refused.
 
     Refusals (wrong protocol version, unknown transport, any
-    :class:`~ipcbus.errors.IpcBusError` or ``OSError`` from the acceptor) are
+    :class:`~ipcbus.errors.IpcBusError`, ``OSError`` or ``ValueError`` from the acceptor) are
     logged at WARNING on ``ipcbus.door`` with the client's pid and uid.
     """
     who = f"pid {knock.pid} uid {knock.uid}" + (f" ({knock.name!r})" if knock.name else "")
@@ -394,7 +394,7 @@ async def admit(knock: Knock, acceptors: Mapping[str, Acceptor]) -> Link | None:
         return None
     try:
         return await acceptor.accept(knock)
-    except (IpcBusError, OSError) as exc:
+    except (IpcBusError, OSError, ValueError) as exc:
         log.warning("refused %s knock from %s: %s", knock.transport, who, exc)
         return None
 

@@ -45,15 +45,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
 import struct
 import sys
 import time
 from typing import Any
 
 # Run as `python -m tests.faults.agent` from the repository root (never imported by pytest).
-from tests.hub_client import _Client, _say
+from tests.hub_client import _child, _Client, _say
 
 # -- numbered payloads ---------------------------------------------------------
 
@@ -129,6 +127,14 @@ class Agent(_Client):
         self.seq: dict[str, int] = {}
         self.checkers: dict[str, Checker] = {}
         self.stream_task: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        """Also stop a running stream."""
+        await super().stop()
+        if self.stream_task is not None:
+            self.stream_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.stream_task
 
     async def _read_seq(self, name: str, sub: Any) -> None:
         from ipcbus.errors import SlowConsumer
@@ -237,52 +243,7 @@ class Agent(_Client):
 
 
 async def _agent(args: argparse.Namespace) -> int:
-    import ipcbus
-
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    try:
-        bus = await ipcbus.connect(
-            args.bus,
-            transport=args.transport,
-            name=args.name or f"fault-agent-{os.getpid()}",
-            reconnect=args.reconnect,
-        )
-    except Exception as exc:
-        _say(ev="error", op="connect", type=type(exc).__name__, msg=str(exc))
-        return 3
-
-    def closed(ls: Any) -> None:
-        hub_link: Any = bus.hub_link
-        if ls is hub_link:
-            _say(ev="closed", reason=hub_link.close_reason, notices=[n.code for n in hub_link.notices])
-
-    bus.node.on_link_closed.append(closed)
-    agent = Agent(bus)
-    try:
-        _say(ev="connected", pid=os.getpid(), hub_pid=bus.busdir.hub_pid())
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            cmd = json.loads(line)
-            if cmd["op"] == "quit":
-                break
-            try:
-                result = await agent.run(cmd)
-            except Exception as exc:
-                _say(ev="error", op=cmd["op"], type=type(exc).__name__, msg=str(exc))
-            else:
-                _say(ev="ok", op=cmd["op"], **result)
-    finally:
-        agent.forever.set()
-        if agent.stream_task is not None:
-            agent.stream_task.cancel()
-            with contextlib.suppress(BaseException):
-                await agent.stream_task
-        await bus.aclose()
-    return 0
+    return await _child(args, Agent, "fault-agent")
 
 
 async def _churn(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from hub_client import start_hub as _start_hub
 import ipcbus
 from ipcbus.busdir import BusDir
 from ipcbus.node import LinkState
+from ipcbus.sysv import proc_table
 
 REPO = Path(__file__).resolve().parents[2]
 TRANSPORTS = ("fifo", "sysv", "shm")
@@ -210,14 +211,7 @@ def hub_proc(name: str, transports: str = "fifo,sysv,shm") -> AbstractAsyncConte
 
 def sysv_ids() -> set[tuple[str, int]]:
     """Every SysV object on the host as (kind, id), from /proc/sysvipc."""
-    out: set[tuple[str, int]] = set()
-    for kind in ("msg", "shm", "sem"):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]:
-                parts = line.split()
-                if len(parts) > 1:
-                    out.add((kind, int(parts[1])))
-    return out
+    return {(kind, ident) for kind in ("msg", "shm", "sem") for ident in proc_table(kind)}
 
 
 def sysv_of(pids: set[int]) -> set[tuple[str, int]]:
