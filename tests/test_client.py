@@ -201,6 +201,24 @@ async def test_unencodable_payload_raises_encode_error_and_sends_nothing() -> No
         assert (await sub.next(timeout=5)).decode() == {"fine": [1, 2]}
 
 
+async def test_bad_headers_raise_encode_error_and_send_nothing() -> None:
+    async with pair() as (client, server):
+        sub = await server.subscribe("x")
+        await server.serve("svc", lambda m: b"")
+        await settle(client, server)
+        (link,) = client.node.links
+        before = link.link.info.msgs_out
+        for bad in [{"k": 1}, {1: "v"}, ["k", "v"], {"k": b"v"}]:
+            with pytest.raises(EncodeError, match="headers must be a dict of str to str"):
+                await client.publish("x", b"", headers=bad)  # type: ignore[arg-type]
+            with pytest.raises(EncodeError, match="headers must be"):
+                await client.request("svc", b"", headers=bad, timeout=5)  # type: ignore[arg-type]
+        assert link.link.info.msgs_out == before  # nothing reached the link
+        await client.publish("x", b"ok", headers={"k": "v"})
+        got = await sub.next(timeout=5)
+        assert got.headers == {"k": "v"} and got.data == b"ok"  # the link still works
+
+
 BAD_SUBJECTS = ["", "a..b", ".a", "a.", "a.>.b", ">.a", "a b", "a\tb", " a", "a\n", "a.\u00a0.b"]
 WILDCARD_SUBJECTS = ["a.*", "*", ">", "a.>", "*.b"]
 
