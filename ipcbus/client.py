@@ -39,8 +39,10 @@ from .node import (
     STATUS_HEADER,
     Node,
     SubscriptionCore,
+    wait_writable,
 )
 from .subjects import validate_subject
+from .transports.base import Link
 
 __all__ = ["Bus", "Msg", "Service", "Subscription", "encode_payload"]
 
@@ -63,6 +65,12 @@ def encode_payload(data: Any) -> bytes:
             f"cannot encode a payload of type {type(data).__name__}: {exc}; pass bytes, "
             "a msgspec.Struct, or built-in types msgspec can encode"
         ) from None
+
+
+def _expire(fut: asyncio.Future[Any], subject: str, timeout: float) -> None:
+    """A request's timer: fail its future with RequestTimeout unless a reply came."""
+    if not fut.done():
+        fut.set_exception(RequestTimeout(subject, timeout))
 
 
 def _check_headers(headers: Any) -> None:
@@ -267,12 +275,14 @@ class Service:
                     else:  # handled inside this loop: drain() waits for the loop to end
                         try:
                             result = self.handler(self._arg(m))
-                            if inspect.isawaitable(result):
+                            if type(result) is not bytes and inspect.isawaitable(result):
                                 result = await result
                         except Exception as exc:
-                            await self._reply_error(m, exc)
-                            continue
-                        await self._reply(m, result)
+                            full = self._error_now(m, exc)
+                        else:
+                            full = self._reply_now(m, result)
+                        if full:
+                            await wait_writable(full)
         finally:
             self._done.set()
 
@@ -294,30 +304,33 @@ class Service:
             try:
                 result = await self.handler(self._arg(m))
             except Exception as exc:
-                await self._reply_error(m, exc)
-                return
-            await self._reply(m, result)
+                full = self._error_now(m, exc)
+            else:
+                full = self._reply_now(m, result)
+            if full:
+                await wait_writable(full)
         finally:
             self._limiter.release()
             self._leave()
 
-    async def _reply(self, m: Msg, result: Any) -> None:
+    def _reply_now(self, m: Msg, result: Any) -> list[Link]:
+        """Send the handler's result; return links to wait on (backpressure)."""
         self.handled += 1
         if m.reply is None:
-            return
+            return []
         try:
             payload = encode_payload(result)
         except EncodeError as exc:
-            await self._reply_error(m, exc)
-            return
+            return self._error_now(m, exc)
         try:
-            await self._bus._node.publish(m.reply, payload)
+            return self._bus._node.publish_now(m.reply, payload)
         except FrameTooLarge as exc:  # the reply is over max_frame: tell the requester
-            await self._reply_error(m, exc)
+            return self._error_now(m, exc)
         except ConnectionClosed:
-            pass
+            return []
 
-    async def _reply_error(self, m: Msg, exc: BaseException) -> None:
+    def _error_now(self, m: Msg, exc: BaseException) -> list[Link]:
+        """Send the handler's failure as a RemoteError reply; return links to wait on."""
         self.errors += 1
         name = type(exc).__name__
         if isinstance(exc, msgspec.ValidationError | msgspec.DecodeError):
@@ -325,18 +338,19 @@ class Service:
         log.debug("service %r: handler raised %s: %s", self.subject, name, exc)
         if m.reply is None:
             log.warning("service %r: handler raised %s: %s", self.subject, name, exc)
-            return
+            return []
         text = str(exc)[:4000]
         node = self._bus._node
         # The error text must fit in a frame too: on a bus with a small max_frame, cut it.
         text = text[: max(0, (node.max_frame - 4 * len(m.reply) - 200) // 4)]
         headers = {ERROR_TYPE_HEADER: name, ERROR_MSG_HEADER: text}
         try:
-            await node.publish(m.reply, b"", headers=headers)
+            return node.publish_now(m.reply, b"", headers=headers)
         except ConnectionClosed:
             pass
         except FrameTooLarge:  # max_frame too small for even a short error: the requester times out
             log.warning("service %r: error reply does not fit in max_frame", self.subject)
+        return []
 
     async def drain(self) -> None:
         """Stop taking requests and wait for the ones being handled."""
@@ -486,18 +500,23 @@ class Bus:
         if not node.has_interest(subject):
             raise NoResponders(subject)
         token, reply = node.new_reply_subject()
-        fut: asyncio.Future[fr.Msg] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[fr.Msg] = loop.create_future()
         futures = node.inbox.futures
         futures[token] = fut
+        timer: asyncio.TimerHandle | None = None
         try:
-            await node.publish(subject, payload, reply=reply, headers=headers)
-            try:
-                # asyncio.timeout: a fraction of the cost of a cancel scope, on the hot path.
-                async with asyncio.timeout(timeout):
-                    m = await fut
-            except TimeoutError:
-                raise RequestTimeout(subject, timeout) from None
+            full = node.publish_now(subject, payload, reply=reply, headers=headers)
+            if full:
+                await wait_writable(full)
+            # A timer that fails the future: a fraction of the cost of a
+            # cancel scope (or asyncio.timeout) on the hot path.
+            if timeout is not None:
+                timer = loop.call_at(loop.time() + timeout, _expire, fut, subject, timeout)
+            m = await fut
         finally:
+            if timer is not None:
+                timer.cancel()
             del futures[token]
             node.forget_reply(reply)
         h = m.headers

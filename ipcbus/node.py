@@ -40,7 +40,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal
 
@@ -69,6 +69,7 @@ __all__ = [
     "LinkState",
     "Node",
     "SubscriptionCore",
+    "wait_writable",
 ]
 
 log = logging.getLogger("ipcbus.node")
@@ -89,6 +90,13 @@ _encode = fr.encode_frame
 _MsgFrame = fr.Msg
 
 Key = tuple[str, str | None]
+# Who gets a subject: plain local subscriptions, plain links, and for each
+# queue group its candidates (local subscriptions and links).
+_Route = tuple[
+    tuple["SubscriptionCore", ...],
+    tuple["LinkState", ...],
+    tuple[tuple[str, tuple["SubscriptionCore | LinkState", ...]], ...],
+]
 
 
 class SubscriptionCore:
@@ -297,6 +305,7 @@ class Node:
         self._fast: dict[
             str, tuple[tuple[SubscriptionCore, ...], tuple[LinkState, ...]] | Literal[False]
         ] = {}
+        self._full: dict[str, _Route] = {}  # every route, queue groups included
         self._wild_inbox = 0
         self._sids = itertools.count(1)
         self._tokens = itertools.count(1)
@@ -481,6 +490,8 @@ class Node:
             take = link.take_ready
             fast_routes = self._fast  # cleared in place on interest changes, never replaced
             reply_routes = self._reply_routes
+            inbox = self.inbox
+            inbox_prefix = inbox.subject[:-1]
             while True:
                 raws = [await recv()]
                 # Handle every frame already read in this wake-up, bounded by the share.
@@ -509,6 +520,19 @@ class Node:
                                 for other in fast[1]:
                                     if other is not ls:
                                         self._forward(other, raw, subject, True)
+                                continue
+                            if (
+                                subject.startswith(inbox_prefix)
+                                and frame.reply is None
+                                and not self._wild_inbox
+                                and not frame.groups
+                            ):
+                                # A reply to one of our requests: straight to the inbox
+                                # (it ignores tokens it does not know, dotted ones too).
+                                if reply_routes and subject in reply_routes:
+                                    for r in reply_routes.pop(subject):
+                                        r.inflight.pop(subject, None)
+                                inbox.deliver(frame)
                                 continue
                             handle_msg(frame, raw, ls)
                         else:
@@ -639,8 +663,13 @@ class Node:
         if parts[0] in ("*", ">", "_INBOX"):
             self._wild_inbox += delta
 
-    def _add_local(self, sub: SubscriptionCore) -> None:
+    def _interest_changed(self) -> None:
+        # Cleared in place: _run_link holds a reference to _fast.
         self._fast.clear()
+        self._full.clear()
+
+    def _add_local(self, sub: SubscriptionCore) -> None:
+        self._interest_changed()
         self._inbox_interest(sub.subject, sub.queue, 1, None)
         self._local.add(sub.subject, sub)
         key = (sub.subject, sub.queue)
@@ -648,7 +677,7 @@ class Node:
         self._bump(key, 1, None)
 
     def _remove_local(self, sub: SubscriptionCore) -> None:
-        self._fast.clear()
+        self._interest_changed()
         if not self._local.remove(sub.subject, sub):
             return
         self._inbox_interest(sub.subject, sub.queue, -1, None)
@@ -661,7 +690,7 @@ class Node:
         self._bump(key, -1, None)
 
     def _remote_sub(self, ls: LinkState, key: Key) -> None:
-        self._fast.clear()
+        self._interest_changed()
         if key in ls.remote_keys:
             return
         validate_pattern(key[0])
@@ -671,7 +700,7 @@ class Node:
         self._bump(key, 1, ls)
 
     def _remote_unsub(self, ls: LinkState, key: Key) -> None:
-        self._fast.clear()
+        self._interest_changed()
         if key not in ls.remote_keys:
             return
         ls.remote_keys.discard(key)
@@ -715,7 +744,10 @@ class Node:
 
     def has_interest(self, subject: str) -> bool:
         """Whether anyone (here or across a link) wants ``subject``."""
-        return self._local.has_match(subject) or self._remote.has_match(subject)
+        route = self._full.get(subject)
+        if route is None:
+            return self._local.has_match(subject) or self._remote.has_match(subject)
+        return bool(route[0] or route[1] or route[2])
 
     # -- routing -------------------------------------------------------------
 
@@ -767,46 +799,37 @@ class Node:
                         if ls is not origin and self._forward(ls, frame, subject, forwarded):
                             n += 1
                 return n
-        locals_ = self._local.match(subject)
-        remotes = self._remote.match(subject)
-        if not locals_ and not remotes:
+        route = self._full.get(subject)
+        if route is None:
+            route = self._compute_route(subject)
+        subs, plain, groups = route
+        if not subs and not plain and not groups:
             if origin is not None and m.reply is not None:
                 self._no_responders(m)
             return 0
         groups_in = m.groups
-        candidates: dict[str, list[SubscriptionCore | LinkState]] | None = None
         count = 0
-        for sub in locals_:
-            q = sub.queue
-            if q is None:
-                sub.deliver(m)
-                count += 1
-            elif origin is None or q in groups_in:
-                if candidates is None:
-                    candidates = {}
-                candidates.setdefault(q, []).append(sub)
-        plain: dict[LinkState, None] = {}
-        for ls, q in remotes:
-            if ls is origin:
-                continue
-            if q is None:
-                plain[ls] = None
-            elif origin is None or q in groups_in:
-                if candidates is None:
-                    candidates = {}
-                candidates.setdefault(q, []).append(ls)
+        for sub in subs:
+            sub.deliver(m)
+            count += 1
         link_groups: dict[LinkState, list[str]] | None = None
-        if candidates:
-            for q, cands in candidates.items():
-                pick = self._pick(cands)
-                if isinstance(pick, LinkState):
-                    if link_groups is None:
-                        link_groups = {}
-                    link_groups.setdefault(pick, []).append(q)
-                else:
-                    pick.deliver(m)
-                    count += 1
-        targets: list[LinkState] = list(plain)
+        for q, cands in groups:
+            if origin is not None:
+                if q not in groups_in:
+                    continue  # another node is responsible for this group
+                if origin in cands:
+                    cands = tuple(c for c in cands if c is not origin)
+                    if not cands:
+                        continue
+            pick = self._pick(cands)
+            if isinstance(pick, LinkState):
+                if link_groups is None:
+                    link_groups = {}
+                link_groups.setdefault(pick, []).append(q)
+            else:
+                pick.deliver(m)
+                count += 1
+        targets: list[LinkState] = [ls for ls in plain if ls is not origin]
         if link_groups:
             targets.extend(ls for ls in link_groups if ls not in plain)
         if not targets:
@@ -837,21 +860,42 @@ class Node:
             self._no_responders(m)
         return count
 
+    def _compute_route(self, subject: str) -> _Route:
+        """Match ``subject`` once; cache who gets it until interest changes."""
+        subs: list[SubscriptionCore] = []
+        plain: dict[LinkState, None] = {}
+        groups: dict[str, list[SubscriptionCore | LinkState]] = {}
+        for sub in self._local.match(subject):
+            if sub.queue is None:
+                subs.append(sub)
+            else:
+                groups.setdefault(sub.queue, []).append(sub)
+        for ls, q in self._remote.match(subject):
+            if q is None:
+                plain[ls] = None
+            else:
+                groups.setdefault(q, []).append(ls)
+        route = (tuple(subs), tuple(plain), tuple((q, tuple(c)) for q, c in groups.items()))
+        if len(self._full) >= _FAST_CACHE:
+            self._full.clear()
+        self._full[subject] = route
+        return route
+
     def _compute_fast(
         self, subject: str
     ) -> tuple[tuple[SubscriptionCore, ...], tuple[LinkState, ...]] | Literal[False]:
-        locals_ = self._local.match(subject)
-        remotes = self._remote.match(subject)
-        if any(sub.queue is not None for sub in locals_) or any(q is not None for _, q in remotes):
-            result: tuple[tuple[SubscriptionCore, ...], tuple[LinkState, ...]] | Literal[False] = False
-        else:
-            result = (locals_, tuple(dict.fromkeys(ls for ls, _ in remotes)))
+        route = self._full.get(subject)
+        if route is None:
+            route = self._compute_route(subject)
+        subs, links, groups = route
+        result: tuple[tuple[SubscriptionCore, ...], tuple[LinkState, ...]] | Literal[False]
+        result = False if groups else (subs, links)
         if len(self._fast) >= _FAST_CACHE:
             self._fast.clear()
         self._fast[subject] = result
         return result
 
-    def _pick(self, cands: list[SubscriptionCore | LinkState]) -> SubscriptionCore | LinkState:
+    def _pick(self, cands: Sequence[SubscriptionCore | LinkState]) -> SubscriptionCore | LinkState:
         """Least busy member; among equals, the one picked longest ago (round robin)."""
         self._rr += 1
         best = cands[0] if len(cands) == 1 else min(cands, key=_load)
@@ -1055,7 +1099,7 @@ class Node:
         if reply is None and headers is None:
             full = self.publish_plain(subject, payload)
             if full is not None:
-                await _wait_writable(full)
+                await wait_writable(full)
                 return
         await self.publish_general(subject, payload, reply=reply, headers=headers)
 
@@ -1067,8 +1111,22 @@ class Node:
         reply: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        """:meth:`publish` for what :meth:`publish_plain` does not take.
+        """:meth:`publish` for what :meth:`publish_plain` does not take."""
+        full = self.publish_now(subject, payload, reply=reply, headers=headers)
+        if full:
+            await wait_writable(full)
 
+    def publish_now(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        reply: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> list[Link]:
+        """Route a message now; return the links it left on that are above high water.
+
+        The caller waits on those (:func:`wait_writable`) for backpressure.
         A request or a reply is urgent: someone waits on it, so it is handed
         to the kernel at once (at most one eager write per link and loop
         iteration, see ``Link.flush_now``) rather than with the next batch.
@@ -1079,10 +1137,17 @@ class Node:
             self.publish_nowait(subject, payload, reply=reply, headers=headers)
         finally:
             self._sent_to = None
-        if reply is not None or subject.startswith("_INBOX."):
-            for ls in sent:
-                ls.link.flush_now()
-        await _wait_writable([ls.link for ls in sent if ls.link.pending_out > ls.link.high_water])
+        if not sent:
+            return []
+        urgent = reply is not None or subject.startswith("_INBOX.")
+        full: list[Link] = []
+        for ls in sent:
+            link = ls.link
+            if urgent:
+                link.flush_now()
+            if link.pending_out > link.high_water:
+                full.append(link)
+        return full
 
     def new_reply_subject(self) -> tuple[str, str]:
         """A fresh (token, reply subject) in this node's inbox."""
@@ -1171,7 +1236,7 @@ def _load(c: SubscriptionCore | LinkState) -> tuple[int, int]:
     return (len(c.pending) // 16, c.last_pick)
 
 
-async def _wait_writable(links: list[Link]) -> None:
+async def wait_writable(links: list[Link]) -> None:
     """Backpressure: wait until each link is back under its low-water mark (a broken one is skipped)."""
     for link in links:
         with contextlib.suppress(ConnectionClosed):

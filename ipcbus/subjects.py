@@ -126,8 +126,34 @@ def validate_subject(subject: str) -> str:
     a subject again costs one dict lookup.
     """
     try:
+        known = _valid_subjects.get(subject)
+    except TypeError:  # unhashable, so certainly not a str
+        raise _type_error(subject) from None
+    if known is not None:
+        return known
+    if type(subject) is str and subject.startswith("_INBOX."):
+        # One-off reply subjects (``_INBOX.<node>.<token>``) would churn the
+        # cache.  A subject is valid when everything before its last dot is,
+        # and its last token is a non-empty run of letters and digits (no
+        # whitespace, no wildcard): remember the prefix, not the subject.
+        dot = subject.rfind(".")
+        if dot > 0 and len(subject) <= MAX_SUBJECT_LENGTH and subject[dot + 1 :].isalnum():
+            if subject[:dot] in _valid_subjects:
+                return subject
+            try:
+                _remember(subject[:dot])
+            except BadSubject:
+                pass  # the full check below names the problem
+            else:
+                return subject
+    return _remember(subject)
+
+
+def _remember(subject: str) -> str:
+    """Validate ``subject`` fully, caching the result (see :func:`validate_subject`)."""
+    try:
         return _valid_subjects[subject]
-    except (KeyError, TypeError):  # TypeError: unhashable, so certainly not a str
+    except (KeyError, TypeError):
         pass
     checked = _check(subject, publish=True)
     if len(_valid_subjects) >= SUBJECT_CACHE_SIZE:
