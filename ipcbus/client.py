@@ -322,8 +322,10 @@ class Service:
             payload = encode_payload(result)
         except EncodeError as exc:
             return self._error_now(m, exc)
+        node = self._bus._node
         try:
-            return self._bus._node.publish_now(m.reply, payload)
+            full = node.reply_now(m.reply, payload)
+            return node.publish_now(m.reply, payload) if full is None else full
         except FrameTooLarge as exc:  # the reply is over max_frame: tell the requester
             return self._error_now(m, exc)
         except ConnectionClosed:
@@ -491,12 +493,13 @@ class Bus:
         :class:`~ipcbus.errors.WorkerCrashed`) when the responder's link
         closed while the request was in flight.
         """
-        self._check_open()
+        node = self._node
+        if self._closed or node._closed:
+            raise BusClosed("bus is closed")
         validate_subject(subject)
         if headers is not None:
             _check_headers(headers)
-        payload = encode_payload(data)
-        node = self._node
+        payload = data if type(data) is bytes else encode_payload(data)
         if not node.has_interest(subject):
             raise NoResponders(subject)
         token, reply = node.new_reply_subject()
@@ -506,7 +509,9 @@ class Bus:
         futures[token] = fut
         timer: asyncio.TimerHandle | None = None
         try:
-            full = node.publish_now(subject, payload, reply=reply, headers=headers)
+            full = None if headers is not None else node.request_now(subject, payload, reply)
+            if full is None:
+                full = node.publish_now(subject, payload, reply=reply, headers=headers)
             if full:
                 await wait_writable(full)
             # A timer that fails the future: a fraction of the cost of a

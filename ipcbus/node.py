@@ -490,8 +490,9 @@ class Node:
             take = link.take_ready
             fast_routes = self._fast  # cleared in place on interest changes, never replaced
             reply_routes = self._reply_routes
-            inbox = self.inbox
-            inbox_prefix = inbox.subject[:-1]
+            inbox_prefix = self.inbox.subject[:-1]
+            inbox_len = len(inbox_prefix)
+            reply_futures = self.inbox.futures
             while True:
                 raws = [await recv()]
                 # Handle every frame already read in this wake-up, bounded by the share.
@@ -532,7 +533,9 @@ class Node:
                                 if reply_routes and subject in reply_routes:
                                     for r in reply_routes.pop(subject):
                                         r.inflight.pop(subject, None)
-                                inbox.deliver(frame)
+                                fut = reply_futures.get(subject[inbox_len:])
+                                if fut is not None and not fut.done():  # first reply wins
+                                    fut.set_result(frame)
                                 continue
                             handle_msg(frame, raw, ls)
                         else:
@@ -807,6 +810,20 @@ class Node:
             if origin is not None and m.reply is not None:
                 self._no_responders(m)
             return 0
+        if origin is None and not subs and not plain and len(groups) == 1:
+            # A request to a service (one queue group, nothing else): the
+            # common case of request/reply and of a worker pool.
+            q, cands = groups[0]
+            pick = cands[0] if len(cands) == 1 else self._pick(cands)
+            if not isinstance(pick, LinkState):
+                pick.deliver(m)
+                return 1
+            frame = _encode(_MsgFrame(subject, m.reply, m.headers, m.payload, (q,)))
+            if not self._forward(pick, frame, subject, False):
+                return 0
+            if m.reply is not None:
+                self._track(pick, m.reply)
+            return 1
         groups_in = m.groups
         count = 0
         for sub in subs:
@@ -1148,6 +1165,67 @@ class Node:
             if link.pending_out > link.high_water:
                 full.append(link)
         return full
+
+    def request_now(self, subject: str, payload: bytes, reply: str) -> list[Link] | None:
+        """The hot path of a request: one service (queue group) across one link.
+
+        Sends at once and returns the links above high water (see
+        :meth:`publish_now`), or ``None`` when the request needs the general
+        path (other routes, a local member picked, a frame that may be too
+        large, a link that just closed).
+        """
+        route = self._full.get(subject)
+        if route is None or route[0] or route[1] or len(route[2]) != 1 or self._closed:
+            return None
+        q, cands = route[2][0]
+        pick = cands[0] if len(cands) == 1 else self._pick(cands)
+        n = len(payload)
+        if not isinstance(pick, LinkState) or n + 4 * (len(subject) + len(reply)) + 64 > self.max_frame:
+            return None
+        link = pick.link
+        try:
+            if pick.dropped_unreported:
+                self._send_drop_notice(pick)
+            link.send_nowait(_encode(_MsgFrame(subject, reply, None, payload, (q,))))
+        except (ConnectionClosed, FrameTooLarge):
+            return None
+        self.msgs_out += 1
+        self.bytes_out += n
+        self._track(pick, reply)
+        link.flush_now()
+        return [link] if link.pending_out > link.high_water else []
+
+    def reply_now(self, reply: str, payload: bytes) -> list[Link] | None:
+        """The hot path of a reply: straight to the link of the requester's node.
+
+        Sends at once and returns the link if it is above high water, or
+        ``None`` when the reply needs the general path (:meth:`publish_now`).
+        """
+        if (
+            self._wild_inbox
+            or self._closed
+            or not reply.startswith("_INBOX.")
+            or reply in self._reply_routes
+        ):
+            return None
+        dot = reply.find(".", 7)
+        if dot < 0 or reply.find(".", dot + 1) >= 0:
+            return None
+        ls = self._inbox_links.get(reply[7:dot])
+        n = len(payload)
+        if ls is None or n + 4 * len(reply) + 64 > self.max_frame:
+            return None
+        link = ls.link
+        try:
+            if ls.dropped_unreported:
+                self._send_drop_notice(ls)
+            link.send_nowait(_encode(_MsgFrame(reply, None, None, payload)))
+        except (ConnectionClosed, FrameTooLarge):
+            return None
+        self.msgs_out += 1
+        self.bytes_out += n
+        link.flush_now()
+        return [link] if link.pending_out > link.high_water else []
 
     def new_reply_subject(self) -> tuple[str, str]:
         """A fresh (token, reply subject) in this node's inbox."""

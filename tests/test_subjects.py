@@ -166,6 +166,28 @@ def test_validation_agrees_with_model(s: str) -> None:
         assert subject_ok
 
 
+@given(SYNTAX_TEXT, st.text(alphabet=st.sampled_from(["a", "7", "\u00e9", "*", ">", " ", "."])))
+def test_reply_subjects_agree_with_model(middle: str, token: str) -> None:
+    # Reply subjects (``_INBOX.<node>.<token>``) take a path that caches only
+    # the prefix; it must accept and refuse exactly what the model does.
+    s = f"_INBOX.{middle}.{token}"
+    subject_ok = not _model_pattern_error(s) and not {"*", ">"} & set(s.split("."))
+    try:
+        assert validate_subject(s) == s
+    except BadSubject as exc:
+        assert not subject_ok
+        assert exc.subject == s  # the error names the whole subject, not its prefix
+    else:
+        assert subject_ok
+
+
+def test_reply_subjects_do_not_fill_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(subjects, "_valid_subjects", {})
+    for i in range(1000):
+        validate_subject(f"_INBOX.node1.{i:x}")
+    assert list(subjects._valid_subjects) == ["_INBOX.node1"]
+
+
 @given(st.text())
 def test_arbitrary_text_raises_only_bad_subject(s: str) -> None:
     for func in BOTH:
