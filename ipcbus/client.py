@@ -28,7 +28,6 @@ from .errors import (
     FrameTooLarge,
     NoResponders,
     RemoteError,
-    RequestTimeout,
     WorkerCrashed,
 )
 from .node import (
@@ -65,12 +64,6 @@ def encode_payload(data: Any) -> bytes:
             f"cannot encode a payload of type {type(data).__name__}: {exc}; pass bytes, "
             "a msgspec.Struct, or built-in types msgspec can encode"
         ) from None
-
-
-def _expire(fut: asyncio.Future[Any], subject: str, timeout: float) -> None:
-    """A request's timer: fail its future with RequestTimeout unless a reply came."""
-    if not fut.done():
-        fut.set_exception(RequestTimeout(subject, timeout))
 
 
 def _check_headers(headers: Any) -> None:
@@ -503,25 +496,21 @@ class Bus:
         if not node.has_interest(subject):
             raise NoResponders(subject)
         token, reply = node.new_reply_subject()
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[fr.Msg] = loop.create_future()
+        fut: asyncio.Future[fr.Msg] = asyncio.get_running_loop().create_future()
         futures = node.inbox.futures
         futures[token] = fut
-        timer: asyncio.TimerHandle | None = None
         try:
             full = None if headers is not None else node.request_now(subject, payload, reply)
             if full is None:
                 full = node.publish_now(subject, payload, reply=reply, headers=headers)
             if full:
                 await wait_writable(full)
-            # A timer that fails the future: a fraction of the cost of a
-            # cancel scope (or asyncio.timeout) on the hot path.
+            # The node's deadlines fail the future on time: a fraction of the
+            # cost of a cancel scope (or a loop timer) per request.
             if timeout is not None:
-                timer = loop.call_at(loop.time() + timeout, _expire, fut, subject, timeout)
+                node.deadlines.add(timeout, fut, subject)
             m = await fut
         finally:
-            if timer is not None:
-                timer.cancel()
             del futures[token]
             node.forget_reply(reply)
         h = m.headers

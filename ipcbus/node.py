@@ -56,6 +56,7 @@ from .errors import (
     EndOfStream,
     FrameTooLarge,
     ProtocolError,
+    RequestTimeout,
     SlowConsumer,
 )
 from .subjects import SubjectIndex, validate_pattern, validate_subject
@@ -66,6 +67,7 @@ __all__ = [
     "DEFAULT_OUTBOUND_LIMIT",
     "INBOX_PREFIX",
     "STATUS_HEADER",
+    "Deadlines",
     "LinkState",
     "Node",
     "SubscriptionCore",
@@ -227,6 +229,66 @@ class _Inbox(SubscriptionCore):
             fut.set_result(m)
 
 
+class Deadlines:
+    """Request timeouts, with one event-loop timer per distinct timeout value.
+
+    A loop timer per request costs microseconds to arm and cancel (more than
+    the rest of a request's routing).  Requests with the same timeout expire
+    in the order they were made, so each timeout value keeps a FIFO of
+    ``(deadline, future, subject)`` and one timer for its head.  Answered
+    requests are dropped lazily from the head, and the FIFO is compacted if
+    answered entries pile up behind a slow one.
+    """
+
+    _SLACK: Final = 0.001  # loop timers may fire this much early
+
+    def __init__(self) -> None:
+        self._queues: dict[float, collections.deque[tuple[float, asyncio.Future[Any], str]]] = {}
+        self._armed: dict[float, asyncio.TimerHandle] = {}
+
+    def add(self, timeout: float, fut: asyncio.Future[Any], subject: str) -> None:
+        """Fail ``fut`` with :class:`RequestTimeout` unless it is done within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        q = self._queues.get(timeout)
+        if q is None:
+            q = self._queues[timeout] = collections.deque()
+        while q and q[0][1].done():
+            q.popleft()
+        if len(q) > 4096 and len(q) % 4096 == 0:
+            live = [e for e in q if not e[1].done()]
+            if len(live) * 2 < len(q):
+                q.clear()
+                q.extend(live)
+        deadline = loop.time() + timeout
+        q.append((deadline, fut, subject))
+        if timeout not in self._armed:
+            self._armed[timeout] = loop.call_at(deadline, self._fire, timeout)
+
+    def _fire(self, timeout: float) -> None:
+        q = self._queues[timeout]
+        loop = asyncio.get_running_loop()
+        now = loop.time() + self._SLACK
+        while q:
+            deadline, fut, subject = q[0]
+            if fut.done():
+                q.popleft()
+            elif deadline <= now:
+                q.popleft()
+                fut.set_exception(RequestTimeout(subject, timeout))
+            else:
+                self._armed[timeout] = loop.call_at(deadline, self._fire, timeout)
+                return
+        del self._armed[timeout]
+        del self._queues[timeout]
+
+    def close(self) -> None:
+        """Disarm every timer (the node is closing)."""
+        for h in self._armed.values():
+            h.cancel()
+        self._armed.clear()
+        self._queues.clear()
+
+
 class LinkState:
     """A link as the node sees it: peer identity, interest, in-flight requests, counters."""
 
@@ -322,6 +384,7 @@ class Node:
         # (backpressure waits for those, not for every link of the node).
         self._sent_to: list[LinkState] | None = None
         self.inbox = _Inbox(self, f"{INBOX_PREFIX}{self.node_id}.*")
+        self.deadlines = Deadlines()
 
     # -- lifetime ----------------------------------------------------------
 
@@ -394,6 +457,7 @@ class Node:
         for fut in list(self.inbox.futures.values()):
             if not fut.done():
                 fut.set_exception(BusClosed("bus closed while waiting for a reply"))
+        self.deadlines.close()
         self._stop.set()
         if self._runner is not None:
             with anyio.CancelScope(shield=True):

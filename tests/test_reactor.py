@@ -29,7 +29,7 @@ from ipcbus.errors import (
     RequestTimeout,
     SlowConsumer,
 )
-from ipcbus.node import LinkState, Node
+from ipcbus.node import Deadlines, LinkState, Node
 from ipcbus.transports.base import Link
 from ipcbus.transports.memory import memory_pair
 from ipcbus.transports.pipe import pipe_pair
@@ -737,3 +737,44 @@ async def test_add_link_returns_once_the_peers_interest_is_known() -> None:
         assert client.has_interest("early.bird")
         await Bus(client).publish("early.bird", b"first message")
         assert (await sub.next(timeout=5)).data == b"first message"
+
+
+async def test_deadlines_fail_only_unanswered_requests_and_disarm() -> None:
+    # Request timeouts share one loop timer per timeout value (node.Deadlines).
+    loop = asyncio.get_running_loop()
+    dl = Deadlines()
+    short = [loop.create_future() for _ in range(20)]
+    long_ = [loop.create_future() for _ in range(20)]
+    t0 = loop.time()
+    for i, f in enumerate(short):
+        dl.add(0.05, f, f"s.{i}")
+    for i, f in enumerate(long_):
+        dl.add(0.15, f, f"l.{i}")
+    for f in short[::2] + long_[::2]:  # answered in time
+        f.set_result(None)
+    short[1].cancel()  # a cancelled request is left alone
+    done, _ = await asyncio.wait(short[3::2], timeout=2)
+    assert len(done) == 9 and loop.time() - t0 >= 0.05 - 0.002  # loop clocks tick in ms
+    assert not any(f.done() for f in long_[1::2])  # the longer timeout has not passed yet
+    for f in done:
+        exc = f.exception()
+        assert isinstance(exc, RequestTimeout) and exc.timeout == 0.05
+    assert {f.exception().subject for f in done} == {f"s.{i}" for i in range(3, 20, 2)}
+    await asyncio.wait(long_[1::2], timeout=2)
+    assert loop.time() - t0 >= 0.15 - 0.002
+    assert all(isinstance(f.exception(), RequestTimeout) for f in long_[1::2])
+    assert not dl._armed and not dl._queues  # nothing left armed
+
+
+async def test_deadlines_compact_answered_requests_behind_a_slow_one() -> None:
+    loop = asyncio.get_running_loop()
+    dl = Deadlines()
+    slow = loop.create_future()
+    dl.add(30.0, slow, "slow")
+    for _ in range(20000):
+        f = loop.create_future()
+        dl.add(30.0, f, "fast")
+        f.set_result(None)
+    assert len(dl._queues[30.0]) < 8200  # answered entries did not pile up
+    dl.close()
+    assert not dl._armed and not slow.done()
