@@ -237,6 +237,11 @@ class Service:
         self._done = anyio.Event()
         self._active = 0  # async handlers running
         self._idle: asyncio.Event | None = None  # created only while drain() waits
+        self._finishing: set[asyncio.Task[None]] = set()
+        if not self._is_async:
+            # A synchronous handler runs as its request is routed (in the read
+            # callback of the link it came on): no queue, no task switch.
+            sub._core.inline = self._handle_inline
 
     @property
     def subject(self) -> str:
@@ -278,6 +283,37 @@ class Service:
                             await wait_writable(full)
         finally:
             self._done.set()
+
+    def _handle_inline(self, f: fr.Msg) -> None:
+        m = Msg(f.subject, f.payload, f.reply, f.headers, self._bus)
+        try:
+            result = self.handler(self._arg(m))
+        except Exception as exc:
+            self._error_now(m, exc)
+            return
+        if type(result) is not bytes and inspect.isawaitable(result):
+            # A sync function that returned an awaitable: finish in a task.
+            self._enter()
+            task = asyncio.get_running_loop().create_task(self._finish(m, result))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+            return
+        # Replies are queued even above the link's high-water mark: they are
+        # bounded by the requests in flight, and a callback cannot wait.
+        self._reply_now(m, result)
+
+    async def _finish(self, m: Msg, pending: Awaitable[Any]) -> None:
+        try:
+            try:
+                result = await pending
+            except Exception as exc:
+                full = self._error_now(m, exc)
+            else:
+                full = self._reply_now(m, result)
+            if full:
+                await wait_writable(full)
+        finally:
+            self._leave()
 
     def _enter(self) -> None:
         self._active += 1

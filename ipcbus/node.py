@@ -111,6 +111,7 @@ class SubscriptionCore:
         "delivered",
         "dropped",
         "dropped_total",
+        "inline",
         "last_pick",
         "max_pending",
         "node",
@@ -147,10 +148,17 @@ class SubscriptionCore:
         self.delivered = 0
         self.last_pick = 0
         self._closed = False
+        # Set by a service with a synchronous handler: messages are handed to
+        # it as they are routed instead of being queued for a reader task.
+        self.inline: Callable[[fr.Msg], None] | None = None
 
     def deliver(self, m: fr.Msg) -> None:
         """Queue one message for the reader, applying the overflow policy."""
         if self._closed:
+            return
+        if self.inline is not None and not self.pending:
+            self.delivered += 1
+            self.inline(m)
             return
         n = len(m.payload)
         pending = self.pending
@@ -542,8 +550,6 @@ class Node:
                 link.info.peer_name = hello.name
             ls.ready.set()
             recv = link.recv
-            handle_msg = self._on_msg
-            decode = fr.frame_decoder.decode  # errors mapped below, without a wrapper call
             # Fairness: recv() does not suspend while frames are buffered, so a busy
             # link could be drained for megabytes in one loop iteration, queueing all
             # of it toward the other links before their writes get a chance to run
@@ -552,66 +558,23 @@ class Node:
             share = max(4096, min(self.outbound_limit // 4, _READ_SHARE))
             budget = share
             take = link.take_ready
-            fast_routes = self._fast  # cleared in place on interest changes, never replaced
-            reply_routes = self._reply_routes
-            inbox_prefix = self.inbox.subject[:-1]
-            inbox_len = len(inbox_prefix)
-            reply_futures = self.inbox.futures
+            handle = self._handle_frames
+
+            def on_frames() -> None:
+                # Frames that arrive while this task waits in recv() are handled
+                # in the transport's read callback (see Link.on_frames); a
+                # failure is raised by recv() here, as if it had happened here.
+                try:
+                    handle(ls, take(share))
+                except Exception as exc:
+                    link.interrupt(exc)
+
+            link.on_frames = on_frames
             while True:
                 raws = [await recv()]
                 # Handle every frame already read in this wake-up, bounded by the share.
                 raws += take(share)
-                for raw in raws:
-                    budget -= len(raw)
-                    try:
-                        frame = decode(raw)
-                    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-                        raise ProtocolError(f"malformed frame ({len(raw)} bytes): {exc}") from None
-                    try:
-                        if type(frame) is _MsgFrame:
-                            self.msgs_in += 1
-                            self.bytes_in += len(frame.payload)
-                            subject = frame.subject
-                            fast = fast_routes.get(subject)
-                            if (
-                                fast
-                                and frame.reply is None
-                                and not frame.groups
-                                and subject not in reply_routes
-                            ):
-                                # Inline of _route's plain-message path (the common case).
-                                for sub in fast[0]:
-                                    sub.deliver(frame)
-                                for other in fast[1]:
-                                    if other is not ls:
-                                        self._forward(other, raw, subject, True)
-                                continue
-                            if (
-                                subject.startswith(inbox_prefix)
-                                and frame.reply is None
-                                and not self._wild_inbox
-                                and not frame.groups
-                            ):
-                                # A reply to one of our requests: straight to the inbox
-                                # (it ignores tokens it does not know, dotted ones too).
-                                if reply_routes and subject in reply_routes:
-                                    for r in reply_routes.pop(subject):
-                                        r.inflight.pop(subject, None)
-                                fut = reply_futures.get(subject[inbox_len:])
-                                if fut is not None and not fut.done():  # first reply wins
-                                    fut.set_result(frame)
-                                continue
-                            handle_msg(frame, raw, ls)
-                        else:
-                            self._on_control(frame, ls)
-                    except BadSubject as exc:
-                        raise ProtocolError(f"peer sent an invalid subject: {exc}") from None
-                if self._dirty:
-                    # Forward what this batch produced now, rather than one loop
-                    # iteration later: batching per read, lower latency per hop.
-                    dirty, self._dirty = self._dirty, {}
-                    for other in dirty:
-                        other.link.flush_now()
+                budget -= handle(ls, raws)
                 if budget <= 0:
                     budget = share
                     await asyncio.sleep(0)
@@ -627,8 +590,71 @@ class Node:
         except ConnectionClosed as exc:
             reason = f"connection closed: {exc}"
         finally:
+            link.on_frames = None
             with anyio.CancelScope(shield=True):
                 await self._drop_link(ls, reason)
+
+    def _handle_frames(self, ls: LinkState, raws: list[bytes]) -> int:
+        """Decode and route a batch of frames read from ``ls``; return their size."""
+        decode = fr.frame_decoder.decode  # errors mapped below, without a wrapper call
+        fast_routes = self._fast
+        reply_routes = self._reply_routes
+        inbox_prefix = self.inbox.subject[:-1]
+        inbox_len = len(inbox_prefix)
+        reply_futures = self.inbox.futures
+        size = 0
+        for raw in raws:
+            size += len(raw)
+            try:
+                frame = decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+                raise ProtocolError(f"malformed frame ({len(raw)} bytes): {exc}") from None
+            try:
+                if type(frame) is _MsgFrame:
+                    self.msgs_in += 1
+                    self.bytes_in += len(frame.payload)
+                    subject = frame.subject
+                    fast = fast_routes.get(subject)
+                    if (
+                        fast
+                        and frame.reply is None
+                        and not frame.groups
+                        and subject not in reply_routes
+                    ):
+                        # Inline of _route's plain-message path (the common case).
+                        for sub in fast[0]:
+                            sub.deliver(frame)
+                        for other in fast[1]:
+                            if other is not ls:
+                                self._forward(other, raw, subject, True)
+                        continue
+                    if (
+                        subject.startswith(inbox_prefix)
+                        and frame.reply is None
+                        and not self._wild_inbox
+                        and not frame.groups
+                    ):
+                        # A reply to one of our requests: straight to the inbox
+                        # (it ignores tokens it does not know, dotted ones too).
+                        if reply_routes and subject in reply_routes:
+                            for r in reply_routes.pop(subject):
+                                r.inflight.pop(subject, None)
+                        fut = reply_futures.get(subject[inbox_len:])
+                        if fut is not None and not fut.done():  # first reply wins
+                            fut.set_result(frame)
+                        continue
+                    self._on_msg(frame, raw, ls)
+                else:
+                    self._on_control(frame, ls)
+            except BadSubject as exc:
+                raise ProtocolError(f"peer sent an invalid subject: {exc}") from None
+        if self._dirty:
+            # Forward what this batch produced now, rather than one loop
+            # iteration later: batching per read, lower latency per hop.
+            dirty, self._dirty = self._dirty, {}
+            for other in dirty:
+                other.link.flush_now()
+        return size
 
     async def _drop_link(self, ls: LinkState, reason: str) -> None:
         if ls.closed.is_set():
@@ -1213,11 +1239,11 @@ class Node:
         iteration, see ``Link.flush_now``) rather than with the next batch.
         """
         sent: list[LinkState] = []
-        self._sent_to = sent
+        outer, self._sent_to = self._sent_to, sent  # a service answering inline nests
         try:
             self.publish_nowait(subject, payload, reply=reply, headers=headers)
         finally:
-            self._sent_to = None
+            self._sent_to = outer
         if not sent:
             return []
         urgent = reply is not None or subject.startswith("_INBOX.")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
@@ -136,6 +137,23 @@ class Link(abc.ABC):
         the transport's own schedule).
         """
         return None
+
+    on_frames: Callable[[], None] | None = None
+    """Set by the reactor: called from the transport's read callback when
+    frames arrived while a :meth:`recv` waits, so that they are handled right
+    there (one loop iteration and one task switch less per hop).  The callback
+    takes them with :meth:`take_ready`; whatever it leaves, the waiting
+    :meth:`recv` returns as usual.  Transports that do not support it never
+    call it."""
+
+    def interrupt(self, exc: BaseException) -> None:
+        """Make the waiting (or next) :meth:`recv` raise ``exc``.
+
+        Used by an :attr:`on_frames` callback that failed on a frame: the task
+        reading the link handles the failure as if ``recv()`` had.  Only
+        transports that call :attr:`on_frames` need it; the default refuses.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not deliver frames by callback")
 
     def take_ready(self, max_bytes: int = 1 << 20) -> list[bytes]:
         """Frames already received and waiting, up to about ``max_bytes``, without awaiting.

@@ -84,6 +84,7 @@ class FdStreamLink(Link):
         self._eof = False
         self._rerror: BaseException | None = None
         self._rwaiter: asyncio.Future[None] | None = None
+        self._interrupt: BaseException | None = None
         self._wq: collections.deque[bytes | memoryview] = collections.deque()
         self._wq_bytes = 0
         self._flush_scheduled = False
@@ -255,11 +256,16 @@ class FdStreamLink(Link):
             self._wake_reader()
             return
         if frames:
-            self._rq.extend(frames)
+            rq = self._rq
+            rq.extend(frames)
             self._rq_bytes += sum(map(len, frames))
-            if self._rq_bytes > self.high_water:
-                self._pause_reading()
-            self._wake_reader()
+            hook = self.on_frames
+            if hook is not None and self._rwaiter is not None and self._interrupt is None:
+                hook()  # the reader is idle: handle the frames in this callback
+            if rq:
+                if self._rq_bytes > self.high_water:
+                    self._pause_reading()
+                self._wake_reader()
         if self._framer.error is not None:  # a bad header after these good frames
             self._rerror = self._framer.error
             self._pause_reading()
@@ -270,9 +276,17 @@ class FdStreamLink(Link):
         if w is not None and not w.done():
             w.set_result(None)
 
+    def interrupt(self, exc: BaseException) -> None:
+        """Make the waiting (or next) :meth:`recv` raise ``exc`` (see :meth:`Link.interrupt`)."""
+        self._interrupt = exc
+        self._wake_reader()
+
     async def recv(self) -> bytes:
         """Return the next whole frame (see :meth:`Link.recv` for what it raises)."""
         while True:
+            if self._interrupt is not None:
+                exc, self._interrupt = self._interrupt, None
+                raise exc
             rq = self._rq
             if rq:
                 frame = rq.popleft()
