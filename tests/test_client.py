@@ -179,6 +179,47 @@ async def test_sync_and_async_handlers_may_return_bytes_or_values() -> None:
         assert (await client.request("none", timeout=5)).decode() is None
 
 
+async def test_sync_handler_returning_an_awaitable_is_awaited_and_drained() -> None:
+    # A synchronous handler runs inline as its request is routed; when it hands
+    # back an awaitable, that is finished in a task, and drain() waits for it.
+    async with pair() as (client, server):
+        release = asyncio.Event()
+
+        async def later(v: int) -> int:
+            await release.wait()
+            return v * 2
+
+        svc = await server.serve("lazy", lambda m: later(m.decode()))
+        await settle(client, server)
+        reqs = [asyncio.ensure_future(client.request("lazy", i, timeout=30)) for i in range(5)]
+        await client.flush()  # the server has taken all five
+        drain = asyncio.ensure_future(svc.drain())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not drain.done(), "drain returned while handlers were still running"
+        assert not any(r.done() for r in reqs)
+        release.set()
+        assert [(await r).decode() for r in reqs] == [0, 2, 4, 6, 8]
+        with anyio.fail_after(10):
+            await drain
+
+
+async def test_inline_service_on_the_requesters_own_node() -> None:
+    # Request, service and reply all in one node: the handler runs inside the
+    # request's own routing, and the reply still reaches the requester.
+    async with pair() as (client, _server):
+        svc = await client.serve("self.echo", lambda m: m.data + b"!")
+        assert (await client.request("self.echo", b"hi", timeout=5)).data == b"hi!"
+        replies = await asyncio.gather(
+            *(client.request("self.echo", str(i).encode(), timeout=5) for i in range(100))
+        )
+        assert [r.data for r in replies] == [f"{i}!".encode() for i in range(100)]
+        assert svc.handled == 101
+        await svc.drain()
+        with pytest.raises(NoResponders):
+            await client.request("self.echo", b"hi", timeout=5)
+
+
 # -- bad input ------------------------------------------------------------------------
 
 
