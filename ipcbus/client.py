@@ -287,7 +287,7 @@ class Service:
     def _handle_inline(self, f: fr.Msg) -> None:
         m = Msg(f.subject, f.payload, f.reply, f.headers, self._bus)
         try:
-            result = self.handler(self._arg(m))
+            result = self.handler(m if self._arg_type is None else self._arg(m))
         except Exception as exc:
             self._error_now(m, exc)
             return

@@ -900,20 +900,22 @@ class Node:
             if origin is not None and m.reply is not None:
                 self._no_responders(m)
             return 0
-        if origin is None and not subs and not plain and len(groups) == 1:
+        if not subs and not plain and len(groups) == 1:
             # A request to a service (one queue group, nothing else): the
             # common case of request/reply and of a worker pool.
             q, cands = groups[0]
-            pick = cands[0] if len(cands) == 1 else self._pick(cands)
-            if not isinstance(pick, LinkState):
-                pick.deliver(m)
+            if origin is None or (m.groups == (q,) and origin not in cands):
+                pick = cands[0] if len(cands) == 1 else self._pick(cands)
+                if not isinstance(pick, LinkState):
+                    pick.deliver(m)
+                    return 1
+                if raw is None or origin is None:
+                    raw = _encode(_MsgFrame(subject, m.reply, m.headers, m.payload, (q,)))
+                if not self._forward(pick, raw, subject, origin is not None):
+                    return 0
+                if m.reply is not None:
+                    self._track(pick, m.reply)
                 return 1
-            frame = _encode(_MsgFrame(subject, m.reply, m.headers, m.payload, (q,)))
-            if not self._forward(pick, frame, subject, False):
-                return 0
-            if m.reply is not None:
-                self._track(pick, m.reply)
-            return 1
         groups_in = m.groups
         count = 0
         for sub in subs:
@@ -948,9 +950,11 @@ class Node:
         for ls in targets:
             gs = link_groups.get(ls) if link_groups else None
             if gs:
-                frame = _encode(
-                    fr.Msg(m.subject, m.reply, m.headers, m.payload, tuple(sorted(gs)))
-                )
+                handed = tuple(sorted(gs))
+                if raw is not None and handed == groups_in:
+                    frame = raw  # passed on with the groups it came with (a hub's requests)
+                else:
+                    frame = _encode(fr.Msg(m.subject, m.reply, m.headers, m.payload, handed))
             else:
                 if plain_frame is None:
                     plain_frame = _encode(
@@ -1276,13 +1280,12 @@ class Node:
         try:
             if pick.dropped_unreported:
                 self._send_drop_notice(pick)
-            link.send_nowait(_encode(_MsgFrame(subject, reply, None, payload, (q,))))
+            link.send_now(_encode(_MsgFrame(subject, reply, None, payload, (q,))))
         except (ConnectionClosed, FrameTooLarge):
             return None
         self.msgs_out += 1
         self.bytes_out += n
         self._track(pick, reply)
-        link.flush_now()
         return [link] if link.pending_out > link.high_water else []
 
     def reply_now(self, reply: str, payload: bytes) -> list[Link] | None:
@@ -1309,12 +1312,11 @@ class Node:
         try:
             if ls.dropped_unreported:
                 self._send_drop_notice(ls)
-            link.send_nowait(_encode(_MsgFrame(reply, None, None, payload)))
+            link.send_now(_encode(_MsgFrame(reply, None, None, payload)))
         except (ConnectionClosed, FrameTooLarge):
             return None
         self.msgs_out += 1
         self.bytes_out += n
-        link.flush_now()
         return [link] if link.pending_out > link.high_water else []
 
     def new_reply_subject(self) -> tuple[str, str]:

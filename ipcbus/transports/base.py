@@ -129,6 +129,14 @@ class Link(abc.ABC):
         :class:`~ipcbus.errors.ConnectionClosed` after :meth:`aclose`.
         """
 
+    def send_now(self, frame: bytes) -> None:
+        """:meth:`send_nowait`, then :meth:`flush_now`: for a request or a reply.
+
+        Transports may do both in one step (one system call, nothing scheduled).
+        """
+        self.send_nowait(frame)
+        self.flush_now()
+
     def flush_now(self) -> None:
         """Hand queued frames to the kernel object now, if it takes them without waiting.
 

@@ -141,6 +141,43 @@ class FdStreamLink(Link):
         if self._werror is not None:
             raise self._werror
 
+    def send_now(self, frame: bytes) -> None:
+        """Queue one frame and write it at once if nothing is queued before it.
+
+        The eager write of this loop iteration (see :meth:`flush_now`), in one
+        ``write`` and without scheduling a flush; otherwise as :meth:`send_nowait`.
+        """
+        n = len(frame)
+        if (
+            self._wq
+            or self._writer_added
+            or self._eager_used
+            or self._werror is not None
+            or self._closed
+            or not 0 < n <= min(self.max_frame, 65536)
+        ):
+            self.send_nowait(frame)
+            self.flush_now()
+            return
+        self._eager_used = True
+        self._loop.call_soon(self._reset_eager)
+        data = HEADER.pack(n) + frame
+        self.info.msgs_out += 1
+        self.info.bytes_out += n
+        try:
+            written = os.write(self._wfd, data)
+        except (BlockingIOError, InterruptedError):
+            written = 0
+        except OSError as exc:
+            self._write_failed(exc)
+            raise self._werror or ConnectionClosed("link is closed") from None
+        if written < len(data):  # the pipe is full: the rest waits for writability
+            rest = memoryview(data)[written:]
+            self._wq.append(rest)
+            self._wq_bytes += len(rest)
+            self._loop.add_writer(self._wfd, self._flush)
+            self._writer_added = True
+
     def flush_now(self) -> None:
         """Write what is queued now, at most once per loop iteration.
 
