@@ -29,6 +29,7 @@ from .errors import (
     WorkerStartError,
 )
 from .frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
+from .heap import keep_heap
 from .hub import Hub
 from .node import Node
 from .pool import WorkerPool
@@ -72,4 +73,5 @@ __all__ = [
     "WorkerStartError",
     "__version__",
     "connect",
+    "keep_heap",
 ]

@@ -73,6 +73,7 @@ from ..errors import (
     ProtocolError,
 )
 from ..frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
+from ..heap import keep_heap
 from .base import Link, LinkInfo
 
 if TYPE_CHECKING:
@@ -286,6 +287,7 @@ class ShmLink(Link):
         peer_pid: int | None,
         peer_uid: int | None,
     ) -> None:
+        keep_heap()  # large frames: do not re-fault the heap for every message (see ipcbus.heap)
         self._shm = shm
         self._mv: memoryview | None = memoryview(shm)
         # Fields the peer may read while we write them go through views cast
