@@ -24,6 +24,7 @@ from .errors import FrameTooLarge, ProtocolError
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "HEADER",
+    "LARGE_PAYLOAD",
     "PROTOCOL_VERSION",
     "Frame",
     "FrameReader",
@@ -36,6 +37,7 @@ __all__ = [
     "Unsub",
     "decode_frame",
     "encode_frame",
+    "msg_head",
     "pack",
 ]
 
@@ -134,6 +136,35 @@ def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
         return _decoder.decode(data)  # type: ignore[no-any-return]
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed frame ({len(data)} bytes): {exc}") from None
+
+
+LARGE_PAYLOAD: Final = 64 * 1024
+"""Payloads from this size on travel as two parts (see :func:`msg_head`), not copied into one frame."""
+
+_BIN8, _BIN16, _BIN32 = b"\xc4", b"\xc5", b"\xc6"
+
+
+def msg_head(subject: str, reply: str | None, headers: dict[str, str] | None, size: int) -> bytes:
+    """The encoded :class:`Msg` up to its payload: ``msg_head(...) + payload`` is the frame.
+
+    Lets a large payload go to a link as a second part, never copied into a
+    frame of its own.  The frame is the MessagePack array of a :class:`Msg`
+    without its last element (``groups``, empty: a trailing field left at its
+    default may be omitted), so the payload (``bin``) ends it.  Built from
+    the encoding of the message with a one-byte payload: one element fewer
+    in the array header, and that payload's ``c4 01 00`` (then ``90``, the
+    empty ``groups``) replaced by the ``bin`` header of ``size`` bytes.
+    """
+    probe = _encoder.encode(Msg(subject, reply, headers, b"\x00"))
+    if probe[0] != 0x96 or not probe.endswith(b"\xc4\x01\x00\x90"):
+        raise AssertionError(f"unexpected encoding of a Msg: {probe[:8].hex()}...")  # pragma: no cover
+    if size < 0x100:
+        size_hdr = _BIN8 + bytes((size,))
+    elif size < 0x10000:
+        size_hdr = _BIN16 + size.to_bytes(2, "big")
+    else:
+        size_hdr = _BIN32 + size.to_bytes(4, "big")
+    return b"\x95" + probe[1:-4] + size_hdr
 
 
 def pack(frame: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:

@@ -533,6 +533,8 @@ class Node:
         reason = "closed"
         try:
             raw = await link.recv()
+            if not isinstance(raw, bytes):  # decode_large is set only after the hello
+                raise ProtocolError("expected hello as the first frame, got a message")
             hello = fr.decode_frame(raw)
             if not isinstance(hello, fr.Hello):
                 raise ProtocolError(f"expected hello as the first frame, got {type(hello).__name__}")
@@ -570,6 +572,7 @@ class Node:
                     link.interrupt(exc)
 
             link.on_frames = on_frames
+            link.decode_large = _decode_large
             while True:
                 raws = [await recv()]
                 # Handle every frame already read in this wake-up, bounded by the share.
@@ -591,10 +594,11 @@ class Node:
             reason = f"connection closed: {exc}"
         finally:
             link.on_frames = None
+            link.decode_large = None
             with anyio.CancelScope(shield=True):
                 await self._drop_link(ls, reason)
 
-    def _handle_frames(self, ls: LinkState, raws: list[bytes]) -> int:
+    def _handle_frames(self, ls: LinkState, raws: Sequence[bytes | fr.Msg]) -> int:
         """Decode and route a batch of frames read from ``ls``; return their size."""
         decode = fr.frame_decoder.decode  # errors mapped below, without a wrapper call
         fast_routes = self._fast
@@ -603,12 +607,20 @@ class Node:
         inbox_len = len(inbox_prefix)
         reply_futures = self.inbox.futures
         size = 0
-        for raw in raws:
-            size += len(raw)
-            try:
-                frame = decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-                raise ProtocolError(f"malformed frame ({len(raw)} bytes): {exc}") from None
+        for item in raws:
+            raw: bytes | None
+            if type(item) is _MsgFrame:  # decoded in place by the transport (decode_large)
+                frame: fr.Frame = item
+                raw = None
+                size += len(item.payload)
+            else:
+                assert isinstance(item, bytes)
+                raw = item
+                size += len(raw)
+                try:
+                    frame = decode(raw)
+                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+                    raise ProtocolError(f"malformed frame ({len(raw)} bytes): {exc}") from None
             try:
                 if type(frame) is _MsgFrame:
                     self.msgs_in += 1
@@ -626,6 +638,8 @@ class Node:
                             sub.deliver(frame)
                         for other in fast[1]:
                             if other is not ls:
+                                if raw is None:
+                                    raw = _encode(frame)
                                 self._forward(other, raw, subject, True)
                         continue
                     if (
@@ -844,7 +858,7 @@ class Node:
 
     # -- routing -------------------------------------------------------------
 
-    def _on_msg(self, m: fr.Msg, raw: bytes, origin: LinkState) -> None:
+    def _on_msg(self, m: fr.Msg, raw: bytes | None, origin: LinkState) -> None:
         if m.reply is not None:
             # A bad reply subject would only blow up later, in whoever answers
             # (a service's publish): refuse it here, as a protocol error on this link.
@@ -1156,15 +1170,21 @@ class Node:
             sub.deliver(m)
         full: list[Link] = []
         if links:
-            frame = _encode(m)
+            # A large payload goes to each link as a second part, never copied
+            # into a frame of its own (frames.msg_head).
+            head = fr.msg_head(subject, None, None, n) if n >= fr.LARGE_PAYLOAD else None
+            frame = _encode(m) if head is None else b""
             for ls in links:
                 link = ls.link
                 if ls.dropped_unreported:
-                    if not self._forward(ls, frame, subject, True):
+                    if not self._forward(ls, frame or _encode(m), subject, True):
                         continue
                 else:
                     try:
-                        link.send_nowait(frame)
+                        if head is None:
+                            link.send_nowait(frame)
+                        else:
+                            link.send_parts(head, payload)
                     except ConnectionClosed:
                         continue
                     self.msgs_out += 1
@@ -1312,7 +1332,11 @@ class Node:
         try:
             if ls.dropped_unreported:
                 self._send_drop_notice(ls)
-            link.send_now(_encode(_MsgFrame(reply, None, None, payload)))
+            if n >= fr.LARGE_PAYLOAD:  # a large result: no frame of its own (frames.msg_head)
+                link.send_parts(fr.msg_head(reply, None, None, n), payload)
+                link.flush_now()
+            else:
+                link.send_now(_encode(_MsgFrame(reply, None, None, payload)))
         except (ConnectionClosed, FrameTooLarge):
             return None
         self.msgs_out += 1
@@ -1404,6 +1428,15 @@ def _load(c: SubscriptionCore | LinkState) -> tuple[int, int]:
     if isinstance(c, LinkState):
         return (len(c.inflight) + c.link.pending_out // 65536, c.last_pick)
     return (len(c.pending) // 16, c.last_pick)
+
+
+def _decode_large(view: memoryview) -> fr.Msg | None:
+    """Link.decode_large: a Msg decoded where it lies, or None (the link sends its bytes)."""
+    try:
+        frame = fr.frame_decoder.decode(view)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        return None
+    return frame if type(frame) is _MsgFrame else None
 
 
 async def wait_writable(links: list[Link]) -> None:

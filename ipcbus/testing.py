@@ -42,6 +42,13 @@ def _frame(i: int, size: int) -> bytes:
     return head + fill
 
 
+async def _recv_bytes(link: Link) -> bytes:
+    """recv(), insisting on bytes: check_link never sets ``decode_large``."""
+    got = await link.recv()
+    assert isinstance(got, bytes), f"recv() returned {type(got).__name__}, not the frame's bytes"
+    return got
+
+
 async def _check_ordering(make_pair: LinkPairFactory) -> None:
     async with make_pair() as (a, b):
         n = 2000
@@ -73,7 +80,7 @@ async def _check_sizes(make_pair: LinkPairFactory) -> None:
 
             tg.start_soon(producer)
             for i, s in enumerate(sizes):
-                got = await b.recv()
+                got = await _recv_bytes(b)
                 assert len(got) == s, f"sizes: expected a {s}-byte frame, got {len(got)}"
                 assert got == _frame(i, s), f"sizes: the {s}-byte frame arrived corrupted"
 
@@ -185,7 +192,7 @@ async def _check_cancel_mid_send(make_pair: LinkPairFactory) -> None:
             tg.start_soon(sentinel)
             seen: list[int] = []
             while True:
-                f = await b.recv()
+                f = await _recv_bytes(b)
                 if len(f) == 10:
                     assert int.from_bytes(f[:8], "big") == attempted, "cancel: sentinel corrupted"
                     break
@@ -198,6 +205,38 @@ async def _check_cancel_mid_send(make_pair: LinkPairFactory) -> None:
         )
 
 
+async def _check_parts(make_pair: LinkPairFactory) -> None:
+    # send_parts(head, body): the frame head + body arrives whole and in order,
+    # among whole frames, whether it goes straight out or waits in a queue.
+    async with make_pair() as (a, b):
+        limit = min(a.max_frame, 64 * 1024 * 1024)
+        shapes = [(5, 0), (10, 1000), (100, 70000), (3, (1 << 20) + 13), (7, 3 << 20), (1, 64 << 20)]
+        shapes = [(h, n) for h, n in shapes if h + n <= limit]
+        expected: list[bytes] = []
+        for i, (h, n) in enumerate(shapes):
+            head = _frame(i, max(h, 8))
+            body = bytes([i % 251 + 1]) * n
+            expected += [head + body, _frame(1000 + i, 33)]
+        async with anyio.create_task_group() as tg:
+
+            async def producer() -> None:
+                for i, (h, n) in enumerate(shapes):
+                    head = _frame(i, max(h, 8))
+                    a.send_parts(head, bytes([i % 251 + 1]) * n)
+                    a.send_nowait(_frame(1000 + i, 33))
+                    if a.pending_out > a.high_water:
+                        await a.wait_writable()
+                await a.drain()
+
+            tg.start_soon(producer)
+            for i, want in enumerate(expected):
+                got = await _recv_bytes(b)
+                assert len(got) == len(want), (
+                    f"parts: frame {i} is {len(got)} bytes, {len(want)} were sent"
+                )
+                assert got == want, f"parts: frame {i} arrived corrupted"
+
+
 CHECKS = {
     "ordering": _check_ordering,
     "sizes": _check_sizes,
@@ -206,6 +245,7 @@ CHECKS = {
     "peer_close": _check_peer_close,
     "close_twice": _check_close_twice,
     "cancel_mid_send": _check_cancel_mid_send,
+    "parts": _check_parts,
 }
 
 

@@ -94,6 +94,22 @@ def test_round_trip_every_kind(strategy: st.SearchStrategy[fr.Frame]) -> None:
     check()
 
 
+@given(
+    subject=texts,
+    reply=st.none() | texts,
+    headers=st.none() | st.dictionaries(texts, texts, max_size=4),
+    size=st.sampled_from([0, 1, 255, 256, 65535, 65536, 70000]) | st.integers(0, 300),
+)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_msg_head_plus_payload_is_the_message(
+    subject: str, reply: str | None, headers: dict[str, str] | None, size: int
+) -> None:
+    # A large payload is sent as msg_head(...) then the payload, never joined.
+    payload = bytes(i % 251 for i in range(size))
+    frame = fr.msg_head(subject, reply, headers, size) + payload
+    assert fr.decode_frame(frame) == fr.Msg(subject, reply, headers, payload)
+
+
 def test_every_kind_has_a_distinct_tag() -> None:
     kinds = [fr.Hello, fr.Sub, fr.Unsub, fr.Msg, fr.Ping, fr.Pong, fr.Notice]
     tags = {k.__struct_config__.tag for k in kinds}

@@ -167,6 +167,26 @@ async def test_small_ring_streams_every_size(ring_size: int) -> None:
             assert got == f, f"{len(f)}-byte frame corrupted ({len(got)} bytes received)"
 
 
+async def test_large_messages_are_decoded_in_the_ring() -> None:
+    """With decode_large set (the reactor sets it), a large Msg comes out decoded, copied once."""
+    from ipcbus import frames as fr
+    from ipcbus.node import _decode_large
+
+    big = os.urandom(300 * KiB)
+    async with pair(4 * MiB) as (a, b):
+        b.decode_large = _decode_large
+        a.send_parts(fr.msg_head("big.one", "_INBOX.x.1", {"k": "v"}, len(big)), big)
+        a.send_nowait(fr.encode_frame(fr.Msg("small", payload=b"tiny")))
+        junk = b"\xc1" * (100 * KiB)  # large, and not a frame: handed over as bytes
+        a.send_nowait(junk)
+        got = await b.recv()
+        assert got == fr.Msg("big.one", "_INBOX.x.1", {"k": "v"}, big)
+        assert await b.recv() == fr.encode_frame(fr.Msg("small", payload=b"tiny"))
+        assert await b.recv() == junk
+        assert b.info.msgs_in == 3
+        assert b.info.bytes_in == a.info.bytes_out
+
+
 async def test_both_directions_interleaved() -> None:
     async with pair(64 * KiB) as (a, b):
         for i in range(200):

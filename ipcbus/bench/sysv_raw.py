@@ -325,7 +325,9 @@ async def _peer_link(mode: str, args: dict[str, Any]) -> None:
         if mode == "link-echo":
             with contextlib.suppress(EndOfStream):
                 while True:
-                    await link.send(await link.recv())
+                    frame = await link.recv()
+                    assert isinstance(frame, bytes)  # decode_large is never set here
+                    await link.send(frame)
         elif mode == "link-sink":
             for _ in range(args["warmup"]):
                 await link.recv()

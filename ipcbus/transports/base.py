@@ -26,13 +26,13 @@ from __future__ import annotations
 import abc
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
 
 from ..errors import FrameTooLarge
-from ..frames import DEFAULT_MAX_FRAME
+from ..frames import DEFAULT_MAX_FRAME, Msg
 
 __all__ = ["DEFAULT_HIGH_WATER", "Link", "LinkInfo"]
 
@@ -120,14 +120,23 @@ class Link(abc.ABC):
     # -- receiving -------------------------------------------------------
 
     @abc.abstractmethod
-    async def recv(self) -> bytes:
-        """Return the next whole frame.
+    async def recv(self) -> bytes | Msg:
+        """Return the next whole frame (or, see :attr:`decode_large`, a decoded Msg).
 
         Raises :class:`~ipcbus.errors.EndOfStream` once the peer has closed and
         every frame it sent has been returned, :class:`~ipcbus.errors.ProtocolError`
         on malformed input (the link is then unusable), and
         :class:`~ipcbus.errors.ConnectionClosed` after :meth:`aclose`.
         """
+
+    def send_parts(self, head: bytes, body: bytes) -> None:
+        """Queue one frame given as two parts, ``head + body`` (as :meth:`send_nowait`).
+
+        For large payloads (:func:`ipcbus.frames.msg_head`): transports that
+        write the parts one after the other override it, so the body is never
+        copied into a frame of its own.  The default joins them.
+        """
+        self.send_nowait(head + body)
 
     def send_now(self, frame: bytes) -> None:
         """:meth:`send_nowait`, then :meth:`flush_now`: for a request or a reply.
@@ -163,7 +172,15 @@ class Link(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} does not deliver frames by callback")
 
-    def take_ready(self, max_bytes: int = 1 << 20) -> list[bytes]:
+    decode_large: Callable[[memoryview], Msg | None] | None = None
+    """Set by the reactor.  A transport that reads frames where they lie
+    (shared memory) may decode a large frame with it in place, saving the
+    copy into a frame of its own: :meth:`recv` and :meth:`take_ready` then
+    return the decoded :class:`~ipcbus.frames.Msg` instead of the bytes.
+    It returns ``None`` for anything else (the transport then returns the
+    bytes as usual, and the reactor reports what is wrong with them)."""
+
+    def take_ready(self, max_bytes: int = 1 << 20) -> Sequence[bytes | Msg]:
         """Frames already received and waiting, up to about ``max_bytes``, without awaiting.
 
         Lets the reactor handle a whole batch per wake-up.  Transports that

@@ -72,7 +72,7 @@ from ..errors import (
     PermissionRefused,
     ProtocolError,
 )
-from ..frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
+from ..frames import DEFAULT_MAX_FRAME, LARGE_PAYLOAD, PROTOCOL_VERSION, Msg
 from ..heap import keep_heap
 from .base import Link, LinkInfo
 
@@ -175,6 +175,48 @@ _shmget = _libc.shmget
 _shmget.argtypes = (ctypes.c_int, ctypes.c_size_t, ctypes.c_int)
 _shmget.restype = ctypes.c_int
 _IPC_PRIVATE: Final = 0
+
+
+class _Parts:
+    """A frame queued as two parts (:meth:`ShmLink.send_parts`): ``head + body``."""
+
+    __slots__ = ("body", "head", "n")
+
+    def __init__(self, head: bytes, body: bytes) -> None:
+        self.head = head
+        self.body = body
+        self.n = len(head) + len(body)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _copy_in(mv: memoryview, at: int, frame: bytes | _Parts, off: int, n: int) -> None:
+    """Copy bytes ``[off, off + n)`` of ``frame`` to ``mv[at:]``: the one copy into the ring."""
+    if type(frame) is bytes:
+        if off == 0 and n == len(frame):
+            mv[at : at + n] = frame
+        else:
+            with memoryview(frame) as fv:
+                mv[at : at + n] = fv[off : off + n]
+        return
+    assert isinstance(frame, _Parts)
+    for part in (frame.head, frame.body):
+        k = len(part)
+        if off >= k:
+            off -= k
+            continue
+        k = min(k - off, n)
+        if off == 0 and k == len(part):
+            mv[at : at + k] = part
+        else:
+            with memoryview(part) as pv:
+                mv[at : at + k] = pv[off : off + k]
+        at += k
+        n -= k
+        off = 0
+        if not n:
+            return
 
 
 def _align8(n: int) -> int:
@@ -347,7 +389,7 @@ class ShmLink(Link):
         self._batch_max = max(_REC_SIZE * 8, tx_size // 8)  # commit once a batch is this big
 
         # sending
-        self._txq: collections.deque[bytes] = collections.deque()
+        self._txq: collections.deque[bytes | _Parts] = collections.deque()
         self._tx_off = -1  # bytes of txq[0] already in the ring; -1: not started
         self._pending = 0
         self._tx_head = 0
@@ -366,7 +408,7 @@ class ShmLink(Link):
         # False once a pump found no token and the bell has not rung since: a
         # post always comes before its ring, so there is nothing to look for.
         self._rx_dirty = True
-        self._inbox: collections.deque[bytes] = collections.deque()
+        self._inbox: collections.deque[bytes | Msg] = collections.deque()
         # A streamed frame in progress: up to half the ring, we keep views of its
         # pieces in the ring (holding back their batches) and join them with one
         # copy at the end; a larger frame is copied piece by piece into a BytesIO.
@@ -378,6 +420,7 @@ class ShmLink(Link):
         self._asm_total = 0
         self._rx_end: IpcBusError | None = None
         self._rx_fut: asyncio.Future[None] | None = None
+        self._interrupt: BaseException | None = None
         self._unannounced = 0  # space batches posted since our last FREED ring
         self._peer_wants_room = False
         # lifetime
@@ -682,8 +725,20 @@ class ShmLink(Link):
     # (call_soon), as soon as it holds ring/8 bytes, and before the writer
     # waits for room.
 
+    def send_parts(self, head: bytes, body: bytes) -> None:
+        """Queue one frame given as ``head + body``; both are copied straight into the ring."""
+        if type(head) is not bytes or type(body) is not bytes:
+            self.send_nowait(bytes(head) + bytes(body))
+        else:
+            self._send(_Parts(head, body))
+
     def send_nowait(self, frame: bytes) -> None:
         """Queue one whole frame; what fits is copied into the ring at once."""
+        if type(frame) is not bytes:
+            frame = bytes(frame)  # a snapshot: the caller may reuse its buffer
+        self._send(frame)
+
+    def _send(self, frame: bytes | _Parts) -> None:
         if self._tx_error is not None:  # also set by closing
             raise self._tx_error
         n = len(frame)
@@ -691,8 +746,6 @@ class ShmLink(Link):
             raise FrameTooLarge(n, self.max_frame)
         if not n:
             raise ProtocolError("refusing to send an empty frame")
-        if type(frame) is not bytes:
-            frame = bytes(frame)  # a snapshot: the caller may reuse its buffer
         info = self.info
         info.msgs_out += 1
         info.bytes_out += n
@@ -711,7 +764,7 @@ class ShmLink(Link):
                 assert mv is not None and hq is not None
                 at = self._tx_base + pos
                 hq[at >> 3] = _FRAME_HDR | n << _LEN_SHIFT  # the record header, one store
-                mv[at + _REC_SIZE : at + _REC_SIZE + n] = frame
+                _copy_in(mv, at + _REC_SIZE, frame, 0, n)
                 self._tx_head = head = head + rec
                 self._last_at = at
                 if head - self._tx_committed >= self._batch_max:
@@ -865,7 +918,7 @@ class ShmLink(Link):
             )
         self._tx_tail = tail
 
-    def _put(self, tag: int, frame: bytes, off: int, n: int) -> None:
+    def _put(self, tag: int, frame: bytes | _Parts, off: int, n: int) -> None:
         """Write one record at the head (the caller reserved its room)."""
         mv = self._mv
         assert mv is not None
@@ -873,12 +926,8 @@ class ShmLink(Link):
         pos = self._tx_head % size
         at = self._tx_base + pos
         _REC.pack_into(mv, at, tag, n)
-        if tag == _FRAME:
-            mv[at + _REC_SIZE : at + _REC_SIZE + n] = frame
-            rec = _REC_SIZE + _align8(n)
-        elif tag == _PIECE:
-            with memoryview(frame) as fv:
-                mv[at + _REC_SIZE : at + _REC_SIZE + n] = fv[off : off + n]
+        if tag in (_FRAME, _PIECE):
+            _copy_in(mv, at + _REC_SIZE, frame, off, n)
             rec = _REC_SIZE + _align8(n)
         elif tag == _PAD:
             rec = size - pos
@@ -972,21 +1021,65 @@ class ShmLink(Link):
         if self._tx_blocked and self._tx_error is None and not self._closed:
             self._pump_tx()
         self._rx_dirty = True
-        self._wake_reader()
+        self._deliver_or_wake()
         if eof:
             self._on_peer_gone("closed the link or exited")
 
     # -- receiving ---------------------------------------------------------
 
-    async def recv(self) -> bytes:
+    def _deliver_or_wake(self) -> None:
+        """Something may have arrived: hand it to :attr:`on_frames`, or wake ``recv()``."""
+        hook = self.on_frames
+        fut = self._rx_fut
+        if hook is None or fut is None or fut.done() or self._interrupt is not None or self._closed:
+            self._wake_reader()
+            return
+        # The reader is idle: handle what arrived right here (see Link.on_frames).
+        if self._rx_dirty:
+            self._pump_rx(_RX_BATCH)
+        if self._inbox:
+            hook()
+            if not self._inbox and self._rx_dirty:
+                self._pump_rx(_RX_BATCH)  # more came meanwhile: the reader takes it
+        if self._inbox or self._rx_end is not None or self._interrupt is not None:
+            self._wake_reader()
+
+    def interrupt(self, exc: BaseException) -> None:
+        """Make the waiting (or next) :meth:`recv` raise ``exc`` (see :meth:`Link.interrupt`)."""
+        self._interrupt = exc
+        self._wake_reader()
+
+    def take_ready(self, max_bytes: int = 1 << 20) -> list[bytes | Msg]:
+        """Frames already copied out of the ring (or decoded there), up to about ``max_bytes``."""
+        inbox = self._inbox
+        if not inbox and self._rx_dirty and self._rx_end is None and not self._closed:
+            self._pump_rx(_RX_BATCH)
+        frames: list[bytes | Msg] = []
+        taken = 0
+        while inbox and taken < max_bytes:
+            f = inbox.popleft()
+            frames.append(f)
+            if isinstance(f, bytes):
+                taken += len(f)
+                self.info.bytes_in += len(f)
+            else:
+                taken += len(f.payload)
+        self.info.msgs_in += len(frames)
+        return frames
+
+    async def recv(self) -> bytes | Msg:
         """Return the next whole frame (see :meth:`Link.recv` for what it raises)."""
         inbox = self._inbox
         while True:
+            if self._interrupt is not None:
+                exc, self._interrupt = self._interrupt, None
+                raise exc
             if inbox:
                 frame = inbox.popleft()
                 info = self.info
                 info.msgs_in += 1
-                info.bytes_in += len(frame)
+                if type(frame) is bytes:
+                    info.bytes_in += len(frame)
                 return frame
             if self._closed:
                 raise ConnectionClosed("link is closed")
@@ -1039,6 +1132,7 @@ class ShmLink(Link):
         pos = self._rx_pos
         freed = 0
         append = inbox.append
+        decode_large = self.decode_large
         fast = not self._streaming
         taken = 0
         try:
@@ -1065,7 +1159,17 @@ class ShmLink(Link):
                     and pos + rec <= head
                 ):
                     # The common case, inline: one whole frame, copied out once.
-                    append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes())
+                    if n >= LARGE_PAYLOAD and decode_large is not None:
+                        # ...or decoded where it lies: only its payload is copied out.
+                        with mv[at + _REC_SIZE : at + _REC_SIZE + n] as view:
+                            msg = decode_large(view)
+                        if msg is not None:
+                            append(msg)
+                            self.info.bytes_in += n
+                        else:
+                            append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes())
+                    else:
+                        append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes())
                     pos += rec
                     budget -= 1
                     taken += n
@@ -1079,7 +1183,7 @@ class ShmLink(Link):
                 got = len(inbox)
                 rec = self._consume(mv, at, off, tag, n, head)
                 if len(inbox) > got:
-                    taken += len(inbox[-1])
+                    taken += len(inbox[-1])  # type: ignore[arg-type]  # _consume appends bytes
                 pos += rec
                 self._rx_pos = pos
                 budget -= 1

@@ -118,6 +118,25 @@ class FdStreamLink(Link):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def send_parts(self, head: bytes, body: bytes) -> None:
+        """Queue one frame given as ``head + body``; ``writev`` sends both, unjoined."""
+        if self._werror is not None or self._closed:
+            raise self._werror or ConnectionClosed("link is closed")
+        n = len(head) + len(body)
+        if not 0 < n <= self.max_frame:
+            if n:
+                raise FrameTooLarge(n, self.max_frame)
+            raise ProtocolError("refusing to send an empty frame")
+        self._wq.append(HEADER.pack(n) + head)
+        if body:
+            self._wq.append(body)
+        self._wq_bytes += n + 4
+        self.info.msgs_out += 1
+        self.info.bytes_out += n
+        if not self._flush_scheduled and not self._writer_added:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     @property
     def pending_out(self) -> int:
         """Bytes queued in this process, not yet written to the kernel."""
