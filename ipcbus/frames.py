@@ -35,6 +35,7 @@ __all__ = [
     "Pong",
     "Sub",
     "Unsub",
+    "bin_header",
     "decode_frame",
     "encode_frame",
     "msg_head",
@@ -158,13 +159,19 @@ def msg_head(subject: str, reply: str | None, headers: dict[str, str] | None, si
     probe = _encoder.encode(Msg(subject, reply, headers, b"\x00"))
     if probe[0] != 0x96 or not probe.endswith(b"\xc4\x01\x00\x90"):
         raise AssertionError(f"unexpected encoding of a Msg: {probe[:8].hex()}...")  # pragma: no cover
+    return b"\x95" + probe[1:-4] + bin_header(size)
+
+
+_BIN8_HEADERS: Final = tuple(_BIN8 + bytes((n,)) for n in range(256))
+
+
+def bin_header(size: int) -> bytes:
+    """The MessagePack ``bin`` header of ``size`` bytes (what :func:`msg_head` ends with)."""
     if size < 0x100:
-        size_hdr = _BIN8 + bytes((size,))
-    elif size < 0x10000:
-        size_hdr = _BIN16 + size.to_bytes(2, "big")
-    else:
-        size_hdr = _BIN32 + size.to_bytes(4, "big")
-    return b"\x95" + probe[1:-4] + size_hdr
+        return _BIN8_HEADERS[size]
+    if size < 0x10000:
+        return _BIN16 + size.to_bytes(2, "big")
+    return _BIN32 + size.to_bytes(4, "big")
 
 
 def pack(frame: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:

@@ -90,6 +90,9 @@ _READ_SHARE: Final = 256 * 1024  # bytes read from one link before yielding
 
 _encode = fr.encode_frame
 _MsgFrame = fr.Msg
+_bin_header = fr.bin_header
+_LARGE_PAYLOAD: Final = fr.LARGE_PAYLOAD
+_NO_LINKS: Final[list[Link]] = []  # returned, never changed: no link to wait on
 
 Key = tuple[str, str | None]
 # Who gets a subject: plain local subscriptions, plain links, and for each
@@ -376,6 +379,7 @@ class Node:
             str, tuple[tuple[SubscriptionCore, ...], tuple[LinkState, ...]] | Literal[False]
         ] = {}
         self._full: dict[str, _Route] = {}  # every route, queue groups included
+        self._heads: dict[str, bytes] = {}  # subject -> start of its plain frames
         self._wild_inbox = 0
         self._sids = itertools.count(1)
         self._tokens = itertools.count(1)
@@ -606,62 +610,67 @@ class Node:
         inbox_prefix = self.inbox.subject[:-1]
         inbox_len = len(inbox_prefix)
         reply_futures = self.inbox.futures
-        size = 0
-        for item in raws:
-            raw: bytes | None
-            if type(item) is _MsgFrame:  # decoded in place by the transport (decode_large)
-                frame: fr.Frame = item
-                raw = None
-                size += len(item.payload)
-            else:
-                assert isinstance(item, bytes)
-                raw = item
-                size += len(raw)
+        size = msgs = nbytes = 0
+        try:
+            for item in raws:
+                raw: bytes | None
+                frame: fr.Frame
+                if type(item) is bytes:
+                    raw = item
+                    size += len(raw)
+                    try:
+                        frame = decode(raw)
+                    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+                        raise ProtocolError(f"malformed frame ({len(raw)} bytes): {exc}") from None
+                else:  # a Msg decoded in place by the transport (Link.decode_large)
+                    assert isinstance(item, _MsgFrame)
+                    frame = item
+                    raw = None
+                    size += len(item.payload)
                 try:
-                    frame = decode(raw)
-                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-                    raise ProtocolError(f"malformed frame ({len(raw)} bytes): {exc}") from None
-            try:
-                if type(frame) is _MsgFrame:
-                    self.msgs_in += 1
-                    self.bytes_in += len(frame.payload)
-                    subject = frame.subject
-                    fast = fast_routes.get(subject)
-                    if (
-                        fast
-                        and frame.reply is None
-                        and not frame.groups
-                        and subject not in reply_routes
-                    ):
-                        # Inline of _route's plain-message path (the common case).
-                        for sub in fast[0]:
-                            sub.deliver(frame)
-                        for other in fast[1]:
-                            if other is not ls:
-                                if raw is None:
-                                    raw = _encode(frame)
-                                self._forward(other, raw, subject, True)
-                        continue
-                    if (
-                        subject.startswith(inbox_prefix)
-                        and frame.reply is None
-                        and not self._wild_inbox
-                        and not frame.groups
-                    ):
-                        # A reply to one of our requests: straight to the inbox
-                        # (it ignores tokens it does not know, dotted ones too).
-                        if reply_routes and subject in reply_routes:
-                            for r in reply_routes.pop(subject):
-                                r.inflight.pop(subject, None)
-                        fut = reply_futures.get(subject[inbox_len:])
-                        if fut is not None and not fut.done():  # first reply wins
-                            fut.set_result(frame)
-                        continue
-                    self._on_msg(frame, raw, ls)
-                else:
-                    self._on_control(frame, ls)
-            except BadSubject as exc:
-                raise ProtocolError(f"peer sent an invalid subject: {exc}") from None
+                    if type(frame) is _MsgFrame:
+                        msgs += 1
+                        nbytes += len(frame.payload)
+                        subject = frame.subject
+                        fast = fast_routes.get(subject)
+                        if (
+                            fast
+                            and frame.reply is None
+                            and not frame.groups
+                            and (not reply_routes or subject not in reply_routes)
+                        ):
+                            # Inline of _route's plain-message path (the common case).
+                            for sub in fast[0]:
+                                sub.deliver(frame)
+                            for other in fast[1]:
+                                if other is not ls:
+                                    if raw is None:
+                                        raw = _encode(frame)
+                                    self._forward(other, raw, subject, True)
+                            continue
+                        if (
+                            subject.startswith(inbox_prefix)
+                            and frame.reply is None
+                            and not self._wild_inbox
+                            and not frame.groups
+                        ):
+                            # A reply to one of our requests: straight to the inbox
+                            # (it ignores tokens it does not know, dotted ones too).
+                            if reply_routes and subject in reply_routes:
+                                for r in reply_routes.pop(subject):
+                                    r.inflight.pop(subject, None)
+                            fut = reply_futures.get(subject[inbox_len:])
+                            if fut is not None and not fut.done():  # first reply wins
+                                fut.set_result(frame)
+                            continue
+                        self._on_msg(frame, raw, ls)
+                    else:
+                        self._on_control(frame, ls)
+                except BadSubject as exc:
+                    raise ProtocolError(f"peer sent an invalid subject: {exc}") from None
+        finally:  # counted once per batch, not per message
+            self.msgs_in += msgs
+            self.bytes_in += nbytes
         if self._dirty:
             # Forward what this batch produced now, rather than one loop
             # iteration later: batching per read, lower latency per hop.
@@ -1165,32 +1174,49 @@ class Node:
             return None
         subs, links = fast
         self.bytes_out += n
-        m = _MsgFrame(subject, None, None, payload)
-        for sub in subs:
-            sub.deliver(m)
-        full: list[Link] = []
-        if links:
-            # A large payload goes to each link as a second part, never copied
-            # into a frame of its own (frames.msg_head).
-            head = fr.msg_head(subject, None, None, n) if n >= fr.LARGE_PAYLOAD else None
-            frame = _encode(m) if head is None else b""
-            for ls in links:
-                link = ls.link
-                if ls.dropped_unreported:
-                    if not self._forward(ls, frame or _encode(m), subject, True):
-                        continue
-                else:
-                    try:
-                        if head is None:
-                            link.send_nowait(frame)
-                        else:
-                            link.send_parts(head, payload)
-                    except ConnectionClosed:
-                        continue
-                    self.msgs_out += 1
-                if link.pending_out > link.high_water:
-                    full.append(link)
-        return full
+        if subs:
+            m = _MsgFrame(subject, None, None, payload)
+            for sub in subs:
+                sub.deliver(m)
+        if not links:
+            return _NO_LINKS
+        # The frame without encoding a Msg: the subject's cached head, then the
+        # payload.  A large payload goes to each link as a second part, never
+        # copied into a frame of its own (frames.msg_head).
+        head = self._heads.get(subject)
+        if head is None:
+            head = self._plain_head(subject)
+        large = n >= _LARGE_PAYLOAD
+        head += _bin_header(n)
+        frame = b"" if large else head + payload
+        full: list[Link] | None = None
+        for ls in links:
+            link = ls.link
+            if ls.dropped_unreported:
+                if not self._forward(ls, frame or head + payload, subject, True):
+                    continue
+            else:
+                try:
+                    if large:
+                        link.send_parts(head, payload)
+                    else:
+                        link.send_nowait(frame)
+                except ConnectionClosed:
+                    continue
+                self.msgs_out += 1
+            if link.pending_out > link.high_water:
+                if full is None:
+                    full = []
+                full.append(link)
+        return _NO_LINKS if full is None else full
+
+    def _plain_head(self, subject: str) -> bytes:
+        """The start of a plain message's frame on ``subject``, up to the payload's size."""
+        head = fr.msg_head(subject, None, None, 0)[:-2]  # less the 2-byte bin 8 header
+        if len(self._heads) >= _FAST_CACHE:
+            self._heads.clear()
+        self._heads[subject] = head
+        return head
 
     def publish_nowait(
         self,
