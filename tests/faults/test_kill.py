@@ -71,7 +71,14 @@ async def test_kill_publisher(transport: str, size: int, bus_name: str, record: 
         acked = acked_in(await rest(pub), "P", max(first, floor))
         await pub.proc.wait()
         reason, t_closed = await watch.wait(pub.pid)
-        assert reason == "peer closed" or reason.startswith("connection closed"), reason
+        # Killed between frames: end of stream.  Killed in the middle of a 5 MiB
+        # write: the FIFO ends inside a frame, which the hub discards (checked
+        # below: no partial frame reaches anyone) and names as such.
+        assert (
+            reason == "peer closed"
+            or reason.startswith("connection closed")
+            or "peer closed in the middle of a frame" in reason
+        ), reason
 
         received = []
         for p in (sub, bystander):
