@@ -11,9 +11,10 @@ memory at the top of the heap: the first large message faults it in, later
 ones reuse it.
 
 :func:`keep_heap` does that once per process; the shared-memory transport
-(the one meant for large frames) calls it when a link is made, and a worker
-pool's children call it at start.  The cost is up to ``pad`` bytes of free
-heap that stay mapped.  Elsewhere than glibc it does nothing.
+(the one meant for large frames) calls it when a link is made, and any
+program that moves large payloads over another transport may call it.  The
+cost is up to ``pad`` bytes of free heap that stay mapped.  Elsewhere than
+glibc it does nothing.
 """
 
 from __future__ import annotations
