@@ -465,16 +465,18 @@ class Bus:
         :class:`~ipcbus.errors.BadSubject`, :class:`~ipcbus.errors.EncodeError`
         or :class:`~ipcbus.errors.FrameTooLarge` before sending anything.
         """
-        self._check_open()
+        node = self._node
+        if self._closed or node._closed:
+            raise BusClosed("bus is closed")
         validate_subject(subject)
         payload = data if type(data) is bytes else encode_payload(data)
         if reply is None and headers is None:
             # The hot path, without an extra coroutine: route now, await only
             # for backpressure on the links this message went out on.
-            full = self._node.publish_plain(subject, payload)
+            full = node.publish_plain(subject, payload)
             if full is None:
-                await self._node.publish_general(subject, payload)
-            else:
+                await node.publish_general(subject, payload)
+            elif full:
                 for link in full:
                     with contextlib.suppress(ConnectionClosed):  # a broken link is dropped
                         await link.wait_writable()

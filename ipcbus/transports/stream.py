@@ -370,13 +370,18 @@ class FdStreamLink(Link):
         rq = self._rq
         if not rq or self._closed:
             return []
-        frames: list[bytes] = []
-        taken = 0
-        pop = rq.popleft
-        while rq and taken < max_bytes:
-            f = pop()
-            taken += len(f)
-            frames.append(f)
+        if self._rq_bytes <= max_bytes:  # all of it (the common case): no loop
+            frames = list(rq)
+            rq.clear()
+            taken = self._rq_bytes
+        else:
+            frames = []
+            taken = 0
+            pop = rq.popleft
+            while rq and taken < max_bytes:
+                f = pop()
+                taken += len(f)
+                frames.append(f)
         self._rq_bytes -= taken
         self.info.msgs_in += len(frames)
         self.info.bytes_in += taken
