@@ -465,9 +465,8 @@ class Bus:
         :class:`~ipcbus.errors.BadSubject`, :class:`~ipcbus.errors.EncodeError`
         or :class:`~ipcbus.errors.FrameTooLarge` before sending anything.
         """
+        self._check_open()  # a ClientBus also checks its link to the hub
         node = self._node
-        if self._closed or node._closed:
-            raise BusClosed("bus is closed")
         validate_subject(subject)
         payload = data if type(data) is bytes else encode_payload(data)
         if reply is None and headers is None:
@@ -524,9 +523,8 @@ class Bus:
         :class:`~ipcbus.errors.WorkerCrashed`) when the responder's link
         closed while the request was in flight.
         """
+        self._check_open()  # a ClientBus also checks its link to the hub
         node = self._node
-        if self._closed or node._closed:
-            raise BusClosed("bus is closed")
         validate_subject(subject)
         if headers is not None:
             _check_headers(headers)

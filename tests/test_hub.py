@@ -361,6 +361,8 @@ async def test_hub_sigkill_clients_see_closed_and_reconnect(bus_name: str) -> No
                     await req
                 with pytest.raises(ConnectionClosed):
                     await client.publish("r.x", 1)
+                with pytest.raises(ConnectionClosed):
+                    await client.request("blocked", timeout=5)  # at once, not RequestTimeout
             finally:
                 await client.aclose()
             for p in (r, plain):
