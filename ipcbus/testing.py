@@ -95,6 +95,15 @@ async def _check_too_large(make_pair: LinkPairFactory) -> None:
         else:
             raise AssertionError("too large: send_nowait accepted a frame over max_frame")
         del big
+        # The same in two parts: refused before any part is queued.
+        body = b"\0" * a.max_frame
+        try:
+            a.send_parts(b"head", body)
+        except FrameTooLarge as exc:
+            assert exc.size == a.max_frame + 4, "too large: wrong size reported for parts"
+        else:
+            raise AssertionError("too large: send_parts accepted a frame over max_frame")
+        del body
         await a.send(b"after")  # the link still works
         assert await b.recv() == b"after", "too large: link unusable after refusing a frame"
 
@@ -164,6 +173,13 @@ async def _check_close_twice(make_pair: LinkPairFactory) -> None:
             pass
         else:
             raise AssertionError("close twice: send after aclose did not raise ConnectionClosed")
+        for late in (lambda: a.send_parts(b"h", b"body"), lambda: a.send_now(b"x")):
+            try:
+                late()
+            except ConnectionClosed:
+                pass
+            else:
+                raise AssertionError("close twice: send_parts/send_now after aclose did not raise")
         try:
             await a.recv()
         except ConnectionClosed:
