@@ -173,7 +173,11 @@ async def _check_close_twice(make_pair: LinkPairFactory) -> None:
             pass
         else:
             raise AssertionError("close twice: send after aclose did not raise ConnectionClosed")
-        for late in (lambda: a.send_parts(b"h", b"body"), lambda: a.send_now(b"x")):
+        late_sends: list[Callable[[], None]] = [
+            lambda: a.send_parts(b"h", b"body"),
+            lambda: a.send_now(b"x"),
+        ]
+        for late in late_sends:
             try:
                 late()
             except ConnectionClosed:
