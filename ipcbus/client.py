@@ -532,7 +532,7 @@ class Bus:
         if not node.has_interest(subject):
             raise NoResponders(subject)
         token, reply = node.new_reply_subject()
-        fut: asyncio.Future[fr.Msg] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[fr.Msg] = (node.loop or asyncio.get_running_loop()).create_future()
         futures = node.inbox.futures
         futures[token] = fut
         try:

@@ -259,7 +259,7 @@ class Deadlines:
 
     def add(self, timeout: float, fut: asyncio.Future[Any], subject: str) -> None:
         """Fail ``fut`` with :class:`RequestTimeout` unless it is done within ``timeout``."""
-        loop = asyncio.get_running_loop()
+        loop = fut.get_loop()
         q = self._queues.get(timeout)
         if q is None:
             q = self._queues[timeout] = collections.deque()
@@ -397,6 +397,8 @@ class Node:
         self._sent_to: list[LinkState] | None = None
         self.inbox = _Inbox(self, f"{INBOX_PREFIX}{self.node_id}.*")
         self.deadlines = Deadlines()
+        # The loop the node runs on, known once started (saves a lookup per request).
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifetime ----------------------------------------------------------
 
@@ -409,7 +411,8 @@ class Node:
         if self._runner is not None:
             return self
         started = asyncio.Event()
-        self._runner = asyncio.get_running_loop().create_task(
+        self.loop = asyncio.get_running_loop()
+        self._runner = self.loop.create_task(
             self._run(started), name=f"ipcbus-node-{self.name or self.node_id}"
         )
         await started.wait()
