@@ -58,6 +58,7 @@ from .errors import (
     ProtocolError,
     RequestTimeout,
     SlowConsumer,
+    WorkerCrashed,
 )
 from .subjects import SubjectIndex, validate_pattern, validate_subject
 from .transports.base import Link
@@ -1330,8 +1331,13 @@ class Node:
             if pick.dropped_unreported:
                 self._send_drop_notice(pick)
             link.send_now(_encode(_MsgFrame(subject, reply, None, payload, (q,))))
-        except (ConnectionClosed, FrameTooLarge):
-            return None
+        except FrameTooLarge:
+            return None  # the general path reports it
+        except ConnectionClosed as exc:
+            # The responder's link broke under this very write (its reader is
+            # gone): fail the request now, as if it had been in flight.
+            kind = WorkerCrashed if pick.crash_error == "WorkerCrashed" else ConnectionClosed
+            raise kind(f"request on {subject!r} failed: the responder's link broke ({exc})") from None
         self.msgs_out += 1
         self.bytes_out += n
         self._track(pick, reply)

@@ -778,3 +778,18 @@ async def test_deadlines_compact_answered_requests_behind_a_slow_one() -> None:
     assert len(dl._queues[30.0]) < 8200  # answered entries did not pile up
     dl.close()
     assert not dl._armed and not slow.done()
+
+
+async def test_request_over_a_link_that_just_broke_fails_at_once() -> None:
+    # The responder's end is gone but its node has not noticed yet: the write
+    # of the request itself fails (EPIPE), and the requester hears of it at
+    # once instead of waiting for its timeout.
+    async with Node(name="A") as a, Node(name="B") as b:
+        _la, lb = await connect(a, b, "pipe")
+        await Bus(b).serve("svc", lambda m: b"ok", queue="q")
+        await settle(a, b)
+        assert (await Bus(a).request("svc", timeout=5)).data == b"ok"
+        lb.link.abort()  # B's fds close; A reads nothing yet (no await in between)
+        with anyio.fail_after(5), pytest.raises(ConnectionClosed, match="broke"):
+            await Bus(a).request("svc", timeout=30)
+        assert not a.inbox.futures
