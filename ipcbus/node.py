@@ -939,6 +939,8 @@ class Node:
                 if raw is None or origin is None:
                     raw = _encode(_MsgFrame(subject, m.reply, m.headers, m.payload, (q,)))
                 if not self._forward(pick, raw, subject, origin is not None):
+                    if origin is None:
+                        self._unsendable(m, (pick,))
                     return 0
                 if m.reply is not None:
                     self._track(pick, m.reply)
@@ -994,8 +996,11 @@ class Node:
                 count += 1
                 if reply is not None:
                     self._track(ls, reply)
-        if count == 0 and origin is not None and reply is not None:
-            self._no_responders(m)
+        if count == 0 and reply is not None:
+            if origin is not None:
+                self._no_responders(m)
+            else:
+                self._unsendable(m, targets)
         return count
 
     def _compute_route(self, subject: str) -> _Route:
@@ -1111,6 +1116,29 @@ class Node:
                 r.discard(ls)
                 if not r:
                     del self._reply_routes[old]
+
+    def _unsendable(self, m: fr.Msg, links: Sequence[LinkState]) -> None:
+        """A request made here could not be written to any link it was routed to.
+
+        Those links broke under the write (their peers are gone, and the node
+        has not dropped them yet): answer with a ``closed`` status at once, as
+        for a request in flight over a link that closes, not after the timeout.
+        """
+        if m.reply is None or (m.headers and STATUS_HEADER in m.headers):
+            return
+        crashed = any(ls.crash_error == "WorkerCrashed" for ls in links)
+        self._route(
+            fr.Msg(
+                m.reply,
+                headers={
+                    STATUS_HEADER: "closed",
+                    ERROR_TYPE_HEADER: "WorkerCrashed" if crashed else "ConnectionClosed",
+                    ERROR_MSG_HEADER: "the responder's link broke while the request was written",
+                },
+            ),
+            None,
+            None,
+        )
 
     def _no_responders(self, m: fr.Msg) -> None:
         assert m.reply is not None

@@ -793,3 +793,22 @@ async def test_request_over_a_link_that_just_broke_fails_at_once() -> None:
         with anyio.fail_after(5), pytest.raises(ConnectionClosed, match="broke"):
             await Bus(a).request("svc", timeout=30)
         assert not a.inbox.futures
+
+
+async def test_request_with_headers_over_a_link_that_just_broke_fails_at_once() -> None:
+    # The same through the general routing path (headers, and a plain
+    # subscriber beside the queue group), on a link already broken by an
+    # earlier write: nothing can be written, so nothing is in flight to fail.
+    async with Node(name="A") as a, Node(name="B") as b:
+        la, lb = await connect(a, b, "pipe")
+        await Bus(b).serve("svc", lambda m: b"ok", queue="q")
+        await Bus(b).subscribe("svc")
+        await settle(a, b)
+        assert (await Bus(a).request("svc", timeout=5, headers={"k": "v"})).data == b"ok"
+        lb.link.abort()
+        with contextlib.suppress(ConnectionClosed):  # this write meets EPIPE: the link is broken
+            la.link.send_now(fr.encode_frame(fr.Ping(1)))
+        assert not la.closed.is_set()  # ...but A has not dropped it yet
+        with anyio.fail_after(5), pytest.raises(ConnectionClosed, match="broke"):
+            await Bus(a).request("svc", timeout=30, headers={"k": "v"})
+        assert not a.inbox.futures
