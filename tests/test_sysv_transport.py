@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 import sysv_ipc
@@ -194,6 +195,32 @@ async def test_check_link_client_to_hub(acceptor: SysvAcceptor) -> None:
 
 async def test_check_link_hub_to_client(acceptor: SysvAcceptor) -> None:
     await check_link(pair_factory(acceptor, hub_first=True))
+
+
+@pytest.mark.parametrize("hub_first", [False, True])
+async def test_take_ready_hands_over_received_frames_in_order(
+    acceptor: SysvAcceptor, hub_first: bool
+) -> None:
+    # The node takes a whole batch per wake-up; take_ready must give the frames
+    # recv() would, in order, bounded by max_bytes, and nothing twice.
+    async with pair_factory(acceptor, hub_first)() as (a, b):
+        frames = [bytes([i]) * (1000 + i) for i in range(40)]
+        for f in frames:
+            a.send_nowait(f)
+        await a.drain()
+        got = [await b.recv()]
+        took = 0  # frames of one SysV message arrive together: some are ready at once
+        with anyio.fail_after(10):
+            while len(got) < len(frames):
+                batch = b.take_ready(5000)
+                assert sum(map(len, batch[:-1])) < 5000, "take_ready went past max_bytes"
+                got += batch
+                took += len(batch)
+                if not batch:
+                    got.append(await b.recv())
+        assert got == frames
+        assert took >= 1
+        assert b.take_ready() == []
 
 
 async def test_objects_are_recorded_and_forgotten(acceptor: SysvAcceptor) -> None:

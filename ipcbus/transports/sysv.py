@@ -839,6 +839,23 @@ class SysvLink(Link):
     def _consumed(self) -> None:
         """Hook: a frame left the receive buffer (credit and pause accounting)."""
 
+    def take_ready(self, max_bytes: int = 1 << 20) -> list[bytes]:
+        """Whole frames already received, up to about ``max_bytes``, without awaiting."""
+        rx = self._rx
+        if not rx or self._closed:
+            return []
+        frames: list[bytes] = []
+        taken = 0
+        pop = rx.popleft
+        while rx and taken < max_bytes:
+            f = pop()
+            frames.append(f)
+            taken += len(f)
+        self._rx_held -= taken
+        if self._watch_consumption:
+            self._consumed()  # looks at what is left: once for the batch is enough
+        return frames
+
     async def recv(self) -> bytes:
         """Return the next whole frame (see :meth:`Link.recv` for what it raises)."""
         while True:
