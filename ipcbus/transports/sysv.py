@@ -430,6 +430,7 @@ class SysvLink(Link):
         self._rx: collections.deque[bytes] = collections.deque()
         self._rx_held = 0
         self._rx_waiter: asyncio.Future[None] | None = None
+        self._interrupt: BaseException | None = None
         self._rx_end: BaseException | None = None
         # lifetime
         self._closed = False
@@ -836,6 +837,28 @@ class SysvLink(Link):
         if w is not None and not w.done():
             w.set_result(None)
 
+    def _deliver_or_wake(self) -> None:
+        """A batch arrived: hand it to :attr:`on_frames` if the reader is idle, else wake it."""
+        hook = self.on_frames
+        w = self._rx_waiter
+        if (
+            hook is not None
+            and w is not None
+            and not w.done()
+            and self._rx
+            and self._interrupt is None
+            and not self._closed
+        ):
+            hook()  # handled right here (see Link.on_frames)
+            if not self._rx and self._rx_end is None:
+                return
+        self._wake_reader()
+
+    def interrupt(self, exc: BaseException) -> None:
+        """Make the waiting (or next) :meth:`recv` raise ``exc`` (see :meth:`Link.interrupt`)."""
+        self._interrupt = exc
+        self._wake_reader()
+
     def _consumed(self) -> None:
         """Hook: a frame left the receive buffer (credit and pause accounting)."""
 
@@ -859,6 +882,9 @@ class SysvLink(Link):
     async def recv(self) -> bytes:
         """Return the next whole frame (see :meth:`Link.recv` for what it raises)."""
         while True:
+            if self._interrupt is not None:
+                exc, self._interrupt = self._interrupt, None
+                raise exc
             if self._closed:
                 raise ConnectionClosed("this link is closed")
             rx = self._rx
@@ -1113,7 +1139,7 @@ class _ClientLink(SysvLink):
         # The thread may have paused on bytes that were only in transit to us
         # (fragments now absorbed into a partial frame): let it go on if so.
         self._consumed()
-        self._wake_reader()
+        self._deliver_or_wake()
 
     def _rx_other(self, kind: int, flags: int, total: int, data: bytes) -> int:
         if kind == KIND_WELCOME and not self._welcome.done():
@@ -1429,7 +1455,7 @@ class _HubLink(SysvLink):
 
     def _after_batch(self) -> None:
         self._send_acks()
-        self._wake_reader()
+        self._deliver_or_wake()
 
     def _consumed(self) -> None:
         if self._absorbed - self._acked >= self._ack_threshold:
