@@ -251,6 +251,18 @@ class Service:
     async def _run(self) -> None:
         try:
             core = self.subscription._core
+            if not self._is_async:
+                # Requests are answered as they are routed (_handle_inline): this
+                # task only waits for the subscription to end.
+                while True:
+                    try:
+                        f = await core.get()
+                    except Exception as exc:  # SlowConsumer reported by a hub: keep serving
+                        log.warning("service %r: %s", self.subject, exc)
+                        continue
+                    if f is None:
+                        return
+                    self._handle_inline(f)
             bus = self._bus
             async with anyio.create_task_group() as tg:
                 while True:
@@ -266,28 +278,16 @@ class Service:
                         except Exception as exc:  # SlowConsumer: requests were lost; keep serving
                             log.warning("service %r: %s", self.subject, exc)
                             continue
-                    if self._is_async:
-                        await self._limiter.acquire()
-                        self._enter()
-                        tg.start_soon(self._handle_async, m)
-                    else:  # handled inside this loop: drain() waits for the loop to end
-                        try:
-                            result = self.handler(self._arg(m))
-                            if type(result) is not bytes and inspect.isawaitable(result):
-                                result = await result
-                        except Exception as exc:
-                            full = self._error_now(m, exc)
-                        else:
-                            full = self._reply_now(m, result)
-                        if full:
-                            await wait_writable(full)
+                    await self._limiter.acquire()
+                    self._enter()
+                    tg.start_soon(self._handle_async, m)
         finally:
             self._done.set()
 
     def _handle_inline(self, f: fr.Msg) -> None:
         m = Msg(f.subject, f.payload, f.reply, f.headers, self._bus)
         try:
-            result = self.handler(m if self._arg_type is None else self._arg(m))
+            result = self.handler(self._arg(m))
         except Exception as exc:
             self._error_now(m, exc)
             return
@@ -304,16 +304,27 @@ class Service:
 
     async def _finish(self, m: Msg, pending: Awaitable[Any]) -> None:
         try:
-            try:
-                result = await pending
-            except Exception as exc:
-                full = self._error_now(m, exc)
-            else:
-                full = self._reply_now(m, result)
-            if full:
-                await wait_writable(full)
+            await self._complete(m, lambda: pending)
         finally:
             self._leave()
+
+    async def _handle_async(self, m: Msg) -> None:
+        try:
+            await self._complete(m, lambda: self.handler(self._arg(m)))
+        finally:
+            self._limiter.release()
+            self._leave()
+
+    async def _complete(self, m: Msg, call: Callable[[], Awaitable[Any]]) -> None:
+        """Await the handler's result and send it (or its failure), with backpressure."""
+        try:
+            result = await call()
+        except Exception as exc:
+            full = self._error_now(m, exc)
+        else:
+            full = self._reply_now(m, result)
+        if full:
+            await wait_writable(full)
 
     def _enter(self) -> None:
         self._active += 1
@@ -328,20 +339,6 @@ class Service:
             return m
         return msgspec.msgpack.decode(m.data, type=self._arg_type)
 
-    async def _handle_async(self, m: Msg) -> None:
-        try:
-            try:
-                result = await self.handler(self._arg(m))
-            except Exception as exc:
-                full = self._error_now(m, exc)
-            else:
-                full = self._reply_now(m, result)
-            if full:
-                await wait_writable(full)
-        finally:
-            self._limiter.release()
-            self._leave()
-
     def _reply_now(self, m: Msg, result: Any) -> list[Link]:
         """Send the handler's result; return links to wait on (backpressure)."""
         self.handled += 1
@@ -351,10 +348,8 @@ class Service:
             payload = encode_payload(result)
         except EncodeError as exc:
             return self._error_now(m, exc)
-        node = self._bus._node
         try:
-            full = node.reply_now(m.reply, payload)
-            return node.publish_now(m.reply, payload) if full is None else full
+            return self._bus._node.publish_now(m.reply, payload)
         except FrameTooLarge as exc:  # the reply is over max_frame: tell the requester
             return self._error_now(m, exc)
         except ConnectionClosed:
@@ -511,13 +506,14 @@ class Bus:
         subject: str,
         data: Any = b"",
         *,
-        timeout: float = 1.0,
+        timeout: float | None = 1.0,
         headers: dict[str, str] | None = None,
     ) -> Msg:
         """Send a request and return the first reply.
 
         Raises :class:`~ipcbus.errors.NoResponders` at once when nobody serves
-        ``subject``, :class:`~ipcbus.errors.RequestTimeout` after ``timeout``,
+        ``subject``, :class:`~ipcbus.errors.RequestTimeout` after ``timeout``
+        seconds (``None``: no limit),
         :class:`~ipcbus.errors.RemoteError` when the handler raised, and
         :class:`~ipcbus.errors.ConnectionClosed` (or
         :class:`~ipcbus.errors.WorkerCrashed`) when the responder's link
@@ -536,9 +532,7 @@ class Bus:
         futures = node.inbox.futures
         futures[token] = fut
         try:
-            full = None if headers is not None else node.request_now(subject, payload, reply)
-            if full is None:
-                full = node.publish_now(subject, payload, reply=reply, headers=headers)
+            full = node.publish_now(subject, payload, reply=reply, headers=headers)
             if full:
                 await wait_writable(full)
             # The node's deadlines fail the future on time: a fraction of the

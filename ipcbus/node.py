@@ -42,7 +42,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import anyio
 import anyio.abc
@@ -58,7 +58,6 @@ from .errors import (
     ProtocolError,
     RequestTimeout,
     SlowConsumer,
-    WorkerCrashed,
 )
 from .subjects import SubjectIndex, validate_pattern, validate_subject
 from .transports.base import Link
@@ -376,10 +375,8 @@ class Node:
         self._reply_routes: dict[str, set[LinkState]] = {}
         self._inbox_links: dict[str, LinkState] = {}
         self._dirty: dict[LinkState, None] = {}  # links that got forwarded frames this batch
-        self._fast: dict[
-            str, tuple[tuple[SubscriptionCore, ...], tuple[LinkState, ...]] | Literal[False]
-        ] = {}
-        self._full: dict[str, _Route] = {}  # every route, queue groups included
+        # Who gets each subject, cached until interest changes (see _compute_route).
+        self._routes: dict[str, _Route] = {}
         self._heads: dict[str, bytes] = {}  # subject -> start of its plain frames
         self._wild_inbox = 0
         self._sids = itertools.count(1)
@@ -609,11 +606,10 @@ class Node:
     def _handle_frames(self, ls: LinkState, raws: Sequence[bytes | fr.Msg]) -> int:
         """Decode and route a batch of frames read from ``ls``; return their size."""
         decode = fr.frame_decoder.decode  # errors mapped below, without a wrapper call
-        fast_routes = self._fast
+        routes = self._routes
         reply_routes = self._reply_routes
         inbox_prefix = self.inbox.subject[:-1]
-        inbox_len = len(inbox_prefix)
-        reply_futures = self.inbox.futures
+        deliver_reply = self.inbox.deliver
         size = msgs = nbytes = 0
         try:
             for item in raws:
@@ -636,9 +632,10 @@ class Node:
                         msgs += 1
                         nbytes += len(frame.payload)
                         subject = frame.subject
-                        fast = fast_routes.get(subject)
+                        fast = routes.get(subject)
                         if (
-                            fast
+                            fast is not None
+                            and not fast[2]
                             and frame.reply is None
                             and not frame.groups
                             and (not reply_routes or subject not in reply_routes)
@@ -663,9 +660,7 @@ class Node:
                             if reply_routes and subject in reply_routes:
                                 for r in reply_routes.pop(subject):
                                     r.inflight.pop(subject, None)
-                            fut = reply_futures.get(subject[inbox_len:])
-                            if fut is not None and not fut.done():  # first reply wins
-                                fut.set_result(frame)
+                            deliver_reply(frame)
                             continue
                         self._on_msg(frame, raw, ls)
                     else:
@@ -784,9 +779,7 @@ class Node:
             self._wild_inbox += delta
 
     def _interest_changed(self) -> None:
-        # Cleared in place: _run_link holds a reference to _fast.
-        self._fast.clear()
-        self._full.clear()
+        self._routes.clear()
 
     def _add_local(self, sub: SubscriptionCore) -> None:
         self._interest_changed()
@@ -864,9 +857,9 @@ class Node:
 
     def has_interest(self, subject: str) -> bool:
         """Whether anyone (here or across a link) wants ``subject``."""
-        route = self._full.get(subject)
+        route = self._routes.get(subject)
         if route is None:
-            return self._local.has_match(subject) or self._remote.has_match(subject)
+            route = self._compute_route(subject)
         return bool(route[0] or route[1] or route[2])
 
     # -- routing -------------------------------------------------------------
@@ -885,44 +878,37 @@ class Node:
         if routes and subject in routes:
             for ls in routes.pop(subject):
                 ls.inflight.pop(subject, None)
-        if not self._wild_inbox and subject.startswith("_INBOX.") and not m.groups:
-            dot = subject.find(".", 7)
-            if dot > 0 and subject.find(".", dot + 1) < 0:
-                nid = subject[7:dot]
-                if nid == self.node_id:
-                    self.inbox.deliver(m)
+        nid = None if m.groups else self._inbox_node(subject)
+        if nid is not None:
+            if nid == self.node_id:
+                self.inbox.deliver(m)
+                return 1
+            target = self._inbox_links.get(nid)
+            if target is not None and target is not origin:
+                frame = raw if raw is not None else _encode(m)
+                if self._forward(target, frame, subject, origin is not None):
+                    if m.reply is not None:
+                        self._track(target, m.reply)
                     return 1
-                target = self._inbox_links.get(nid)
-                if target is not None and target is not origin:
-                    frame = raw if raw is not None else _encode(m)
-                    if self._forward(target, frame, subject, origin is not None):
-                        if m.reply is not None:
-                            self._track(target, m.reply)
-                        return 1
-                    return 0
-        if m.reply is None and not m.groups:
-            # Plain messages: a per-subject route (subscriptions, links) cached
-            # while interest does not change; no queue groups involved.
-            fast = self._fast.get(subject)
-            if fast is None:
-                fast = self._compute_fast(subject)
-            if fast is not False:
-                subs, links = fast
-                n = 0
-                for sub in subs:
-                    sub.deliver(m)
-                    n += 1
-                if links:
-                    frame = raw if raw is not None else _encode(m)
-                    forwarded = origin is not None
-                    for ls in links:
-                        if ls is not origin and self._forward(ls, frame, subject, forwarded):
-                            n += 1
-                return n
-        route = self._full.get(subject)
+                return 0
+        route = self._routes.get(subject)
         if route is None:
             route = self._compute_route(subject)
         subs, plain, groups = route
+        if m.reply is None and not m.groups and not groups:
+            # Plain messages: subscriptions and links, no queue groups involved.
+            links = plain
+            n = 0
+            for sub in subs:
+                sub.deliver(m)
+                n += 1
+            if links:
+                frame = raw if raw is not None else _encode(m)
+                forwarded = origin is not None
+                for ls in links:
+                    if ls is not origin and self._forward(ls, frame, subject, forwarded):
+                        n += 1
+            return n
         if not subs and not plain and not groups:
             if origin is not None and m.reply is not None:
                 self._no_responders(m)
@@ -1003,6 +989,16 @@ class Node:
                 self._unsendable(m, targets)
         return count
 
+    def _inbox_node(self, subject: str) -> str | None:
+        """The node id of an inbox subject (``_INBOX.<node>.<token>``) when inboxes
+        are routed by it alone, i.e. while no wildcard pattern could match one."""
+        if self._wild_inbox or not subject.startswith("_INBOX."):
+            return None
+        dot = subject.find(".", 7)
+        if dot < 0 or subject.find(".", dot + 1) >= 0:
+            return None
+        return subject[7:dot]
+
     def _compute_route(self, subject: str) -> _Route:
         """Match ``subject`` once; cache who gets it until interest changes."""
         subs: list[SubscriptionCore] = []
@@ -1019,24 +1015,10 @@ class Node:
             else:
                 groups.setdefault(q, []).append(ls)
         route = (tuple(subs), tuple(plain), tuple((q, tuple(c)) for q, c in groups.items()))
-        if len(self._full) >= _FAST_CACHE:
-            self._full.clear()
-        self._full[subject] = route
+        if len(self._routes) >= _FAST_CACHE:
+            self._routes.clear()
+        self._routes[subject] = route
         return route
-
-    def _compute_fast(
-        self, subject: str
-    ) -> tuple[tuple[SubscriptionCore, ...], tuple[LinkState, ...]] | Literal[False]:
-        route = self._full.get(subject)
-        if route is None:
-            route = self._compute_route(subject)
-        subs, links, groups = route
-        result: tuple[tuple[SubscriptionCore, ...], tuple[LinkState, ...]] | Literal[False]
-        result = False if groups else (subs, links)
-        if len(self._fast) >= _FAST_CACHE:
-            self._fast.clear()
-        self._fast[subject] = result
-        return result
 
     def _pick(self, cands: Sequence[SubscriptionCore | LinkState]) -> SubscriptionCore | LinkState:
         """Least busy member; among equals, the one picked longest ago (round robin)."""
@@ -1194,17 +1176,15 @@ class Node:
         """
         if self._closed:
             return None
-        fast = self._fast.get(subject)
-        if fast is None:
+        route = self._routes.get(subject)
+        if route is None:
             if subject.startswith("_INBOX."):
                 return None
-            fast = self._compute_fast(subject)
-        if not fast:
-            return None
+            route = self._compute_route(subject)
+        subs, links, groups = route
         n = len(payload)
-        if n + 4 * len(subject) + 64 > self.max_frame:
+        if groups or n + 4 * len(subject) + 64 > self.max_frame:
             return None
-        subs, links = fast
         self.bytes_out += n
         if subs:
             m = _MsgFrame(subject, None, None, payload)
@@ -1320,6 +1300,15 @@ class Node:
         to the kernel at once (at most one eager write per link and loop
         iteration, see ``Link.flush_now``) rather than with the next batch.
         """
+        if headers is None:
+            # Most requests go to one service across one link, most replies
+            # straight to the link of the requester's node: one step each.
+            if reply is not None:
+                fast = self._request_fast(subject, payload, reply)
+            else:
+                fast = self._reply_fast(subject, payload)
+            if fast is not None:
+                return fast
         sent: list[LinkState] = []
         outer, self._sent_to = self._sent_to, sent  # a service answering inline nests
         try:
@@ -1338,15 +1327,13 @@ class Node:
                 full.append(link)
         return full
 
-    def request_now(self, subject: str, payload: bytes, reply: str) -> list[Link] | None:
-        """The hot path of a request: one service (queue group) across one link.
+    def _request_fast(self, subject: str, payload: bytes, reply: str) -> list[Link] | None:
+        """:meth:`publish_now` for a request to one service (queue group) across one link.
 
-        Sends at once and returns the links above high water (see
-        :meth:`publish_now`), or ``None`` when the request needs the general
-        path (other routes, a local member picked, a frame that may be too
-        large, a link that just closed).
+        ``None`` when the request needs the general path (other routes, a
+        local member picked, a frame that may be too large).
         """
-        route = self._full.get(subject)
+        route = self._routes.get(subject)
         if route is None or route[0] or route[1] or len(route[2]) != 1 or self._closed:
             return None
         q, cands = route[2][0]
@@ -1361,33 +1348,25 @@ class Node:
             link.send_now(_encode(_MsgFrame(subject, reply, None, payload, (q,))))
         except FrameTooLarge:
             return None  # the general path reports it
-        except ConnectionClosed as exc:
-            # The responder's link broke under this very write (its reader is
-            # gone): fail the request now, as if it had been in flight.
-            kind = WorkerCrashed if pick.crash_error == "WorkerCrashed" else ConnectionClosed
-            raise kind(f"request on {subject!r} failed: the responder's link broke ({exc})") from None
+        except ConnectionClosed:
+            # The responder's link broke under this very write (its reader is gone).
+            self._unsendable(_MsgFrame(subject, reply, None, payload), (pick,))
+            return _NO_LINKS
         self.msgs_out += 1
         self.bytes_out += n
         self._track(pick, reply)
         return [link] if link.pending_out > link.high_water else []
 
-    def reply_now(self, reply: str, payload: bytes) -> list[Link] | None:
-        """The hot path of a reply: straight to the link of the requester's node.
+    def _reply_fast(self, reply: str, payload: bytes) -> list[Link] | None:
+        """:meth:`publish_now` for a reply, straight to the link of the requester's node.
 
-        Sends at once and returns the link if it is above high water, or
-        ``None`` when the reply needs the general path (:meth:`publish_now`).
+        ``None`` when it needs the general path (not a remote inbox, a reply
+        this node forwarded a request for, a frame that may be too large).
         """
-        if (
-            self._wild_inbox
-            or self._closed
-            or not reply.startswith("_INBOX.")
-            or reply in self._reply_routes
-        ):
+        nid = self._inbox_node(reply)
+        if nid is None or self._closed or reply in self._reply_routes:
             return None
-        dot = reply.find(".", 7)
-        if dot < 0 or reply.find(".", dot + 1) >= 0:
-            return None
-        ls = self._inbox_links.get(reply[7:dot])
+        ls = self._inbox_links.get(nid)
         n = len(payload)
         if ls is None or n + 4 * len(reply) + 64 > self.max_frame:
             return None

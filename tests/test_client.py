@@ -204,6 +204,26 @@ async def test_sync_handler_returning_an_awaitable_is_awaited_and_drained() -> N
             await drain
 
 
+async def test_inline_service_keeps_serving_after_a_slow_consumer_report() -> None:
+    # A hub's slow_consumer notice marks every matching subscription, an
+    # inline service's too: the service logs it and keeps answering.
+    async with pair() as (client, server):
+        svc = await server.serve("svc", lambda m: b"ok")
+        await settle(client, server)
+        svc.subscription._core.note_remote_drop(3)
+        await settle(client, server)  # round trips: the service task has taken the report
+        assert (await client.request("svc", timeout=5)).data == b"ok"
+        assert not svc._done.is_set()
+
+
+async def test_request_without_a_timeout_waits_for_the_reply() -> None:
+    async with pair() as (client, server):
+        await server.serve("svc", lambda m: b"ok")
+        await settle(client, server)
+        assert (await client.request("svc", timeout=None)).data == b"ok"
+        assert not client.node.deadlines._queues  # nothing armed for it
+
+
 async def test_inline_service_on_the_requesters_own_node() -> None:
     # Request, service and reply all in one node: the handler runs inside the
     # request's own routing, and the reply still reaches the requester.

@@ -163,13 +163,21 @@ class Link(abc.ABC):
     :meth:`recv` returns as usual.  Transports that do not support it never
     call it."""
 
+    _interrupt: BaseException | None = None  # raised by the next recv(): see interrupt()
+
     def interrupt(self, exc: BaseException) -> None:
         """Make the waiting (or next) :meth:`recv` raise ``exc``.
 
         Used by an :attr:`on_frames` callback that failed on a frame: the task
-        reading the link handles the failure as if ``recv()`` had.  Only
-        transports that call :attr:`on_frames` need it; the default refuses.
+        reading the link handles the failure as if ``recv()`` had.  A
+        transport that calls :attr:`on_frames` checks ``_interrupt`` at the
+        top of its ``recv()`` and provides ``_wake_reader()``.
         """
+        self._interrupt = exc
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        """Wake a pending :meth:`recv` (transports that call :attr:`on_frames`)."""
         raise NotImplementedError(f"{type(self).__name__} does not deliver frames by callback")
 
     decode_large: Callable[[memoryview], Msg | None] | None = None

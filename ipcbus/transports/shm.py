@@ -420,7 +420,6 @@ class ShmLink(Link):
         self._asm_total = 0
         self._rx_end: IpcBusError | None = None
         self._rx_fut: asyncio.Future[None] | None = None
-        self._interrupt: BaseException | None = None
         self._unannounced = 0  # space batches posted since our last FREED ring
         self._peer_wants_room = False
         # lifetime
@@ -1044,11 +1043,6 @@ class ShmLink(Link):
         if self._inbox or self._rx_end is not None or self._interrupt is not None:
             self._wake_reader()
 
-    def interrupt(self, exc: BaseException) -> None:
-        """Make the waiting (or next) :meth:`recv` raise ``exc`` (see :meth:`Link.interrupt`)."""
-        self._interrupt = exc
-        self._wake_reader()
-
     def take_ready(self, max_bytes: int = 1 << 20) -> list[bytes | Msg]:
         """Frames already copied out of the ring (or decoded there), up to about ``max_bytes``."""
         inbox = self._inbox
@@ -1159,17 +1153,16 @@ class ShmLink(Link):
                     and pos + rec <= head
                 ):
                     # The common case, inline: one whole frame, copied out once.
+                    msg = None
                     if n >= LARGE_PAYLOAD and decode_large is not None:
                         # ...or decoded where it lies: only its payload is copied out.
                         with mv[at + _REC_SIZE : at + _REC_SIZE + n] as view:
                             msg = decode_large(view)
-                        if msg is not None:
-                            append(msg)
-                            self.info.bytes_in += n
-                        else:
-                            append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes())
-                    else:
+                    if msg is None:
                         append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes())
+                    else:
+                        append(msg)
+                        self.info.bytes_in += n
                     pos += rec
                     budget -= 1
                     taken += n

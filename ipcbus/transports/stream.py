@@ -84,7 +84,6 @@ class FdStreamLink(Link):
         self._eof = False
         self._rerror: BaseException | None = None
         self._rwaiter: asyncio.Future[None] | None = None
-        self._interrupt: BaseException | None = None
         self._wq: collections.deque[bytes | memoryview] = collections.deque()
         self._wq_bytes = 0
         self._flush_scheduled = False
@@ -331,11 +330,6 @@ class FdStreamLink(Link):
         w = self._rwaiter
         if w is not None and not w.done():
             w.set_result(None)
-
-    def interrupt(self, exc: BaseException) -> None:
-        """Make the waiting (or next) :meth:`recv` raise ``exc`` (see :meth:`Link.interrupt`)."""
-        self._interrupt = exc
-        self._wake_reader()
 
     async def recv(self) -> bytes:
         """Return the next whole frame (see :meth:`Link.recv` for what it raises)."""

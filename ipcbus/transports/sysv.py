@@ -430,7 +430,6 @@ class SysvLink(Link):
         self._rx: collections.deque[bytes] = collections.deque()
         self._rx_held = 0
         self._rx_waiter: asyncio.Future[None] | None = None
-        self._interrupt: BaseException | None = None
         self._rx_end: BaseException | None = None
         # lifetime
         self._closed = False
@@ -852,11 +851,6 @@ class SysvLink(Link):
             hook()  # handled right here (see Link.on_frames)
             if not self._rx and self._rx_end is None:
                 return
-        self._wake_reader()
-
-    def interrupt(self, exc: BaseException) -> None:
-        """Make the waiting (or next) :meth:`recv` raise ``exc`` (see :meth:`Link.interrupt`)."""
-        self._interrupt = exc
         self._wake_reader()
 
     def _consumed(self) -> None:
