@@ -8,7 +8,6 @@ are.  Nothing here knows about transports.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import typing
@@ -471,9 +470,7 @@ class Bus:
             if full is None:
                 await node.publish_general(subject, payload)
             elif full:
-                for link in full:
-                    with contextlib.suppress(ConnectionClosed):  # a broken link is dropped
-                        await link.wait_writable()
+                await wait_writable(full)  # a broken link is skipped (the node drops it)
             return
         if reply is not None:
             validate_subject(reply)
