@@ -33,6 +33,7 @@ from .heap import keep_heap
 from .hub import Hub
 from .node import Node
 from .pool import WorkerPool
+from .spin import DEFAULT_SPIN_US, SPIN_ENV, Spinner, spin_window
 from .transports.base import Link, LinkInfo
 from .transports.door import DoorFull, HandshakeTimeout
 
@@ -40,7 +41,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "DEFAULT_SPIN_US",
     "PROTOCOL_VERSION",
+    "SPIN_ENV",
     "BadBusName",
     "BadSubject",
     "Bus",
@@ -67,6 +70,7 @@ __all__ = [
     "RequestTimeout",
     "Service",
     "SlowConsumer",
+    "Spinner",
     "Subscription",
     "WorkerCrashed",
     "WorkerPool",
@@ -74,4 +78,5 @@ __all__ = [
     "__version__",
     "connect",
     "keep_heap",
+    "spin_window",
 ]

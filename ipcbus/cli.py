@@ -57,9 +57,7 @@ EXIT_CODES: dict[type[BaseException], int] = {
     BusBusy: 8,
 }
 
-bus_option = click.option(
-    "--bus", "bus_name", default="default", show_default=True, help="Name of the bus."
-)
+bus_option = click.option("--bus", "bus_name", default="default", show_default=True, help="Name of the bus.")
 transport_option = click.option(
     "--transport",
     type=click.Choice(["fifo", "sysv", "shm"]),
@@ -190,9 +188,7 @@ def _daemonize() -> int:
 
 @main.command()
 @click.argument("name", default=None, required=False)
-@click.option(
-    "--bus", "bus_name", default=None, help="Name of the bus (same as NAME; default `default`)."
-)
+@click.option("--bus", "bus_name", default=None, help="Name of the bus (same as NAME; default `default`).")
 @click.option("--daemon", is_flag=True, help="Detach and run in the background.")
 @click.option("--group", default=None, help="Open the bus to this Unix group (0660 objects).")
 @click.option(
@@ -201,8 +197,20 @@ def _daemonize() -> int:
     show_default=True,
     help="Comma-separated transports to accept.",
 )
+@click.option(
+    "--spin-us",
+    type=click.FloatRange(0, 1_000_000),
+    default=None,
+    help="Busy-poll window after activity in microseconds; 0 turns it off "
+    "(default: $IPCBUS_SPIN_US, else 200).",
+)
 def hub(
-    name: str | None, bus_name: str | None, daemon: bool, group: str | None, transports: str
+    name: str | None,
+    bus_name: str | None,
+    daemon: bool,
+    group: str | None,
+    transports: str,
+    spin_us: float | None,
 ) -> None:
     """Serve bus NAME until SIGTERM/SIGINT (foreground unless --daemon)."""
     from .hub import ALL_TRANSPORTS, Hub
@@ -230,7 +238,7 @@ def hub(
 
     async def serve() -> None:
         try:
-            h = Hub(name, group=group, transports=chosen)
+            h = Hub(name, group=group, transports=chosen, spin_us=spin_us)
             await h.__aenter__()
         except BusBusy as exc:
             tell(f"busy {exc}")

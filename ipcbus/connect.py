@@ -33,6 +33,7 @@ from .client import Bus
 from .errors import BusNotFound, ConnectionClosed, IpcBusError
 from .hub import ALL_TRANSPORTS
 from .node import LinkState, Node
+from .spin import spin_window
 from .transports.base import Link
 
 __all__ = ["ClientBus", "connect", "open_link"]
@@ -59,21 +60,15 @@ async def open_link(
     if transport == "fifo":
         from .transports.fifo import connect_fifo
 
-        return await connect_fifo(
-            busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts
-        )
+        return await connect_fifo(busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts)
     if transport == "sysv":
         from .transports.sysv import connect_sysv
 
-        return await connect_sysv(
-            busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts
-        )
+        return await connect_sysv(busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts)
     if transport == "shm":
         from .transports.shm import connect_shm
 
-        return await connect_shm(
-            busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts
-        )
+        return await connect_shm(busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts)
     raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
 
 
@@ -237,6 +232,7 @@ async def _connect(
     max_frame: int,
     root: Path | str | None,
     group: str | int | None,
+    spin_us: float,
     options: dict[str, Any],
 ) -> ClientBus:
     if transport not in TRANSPORTS:
@@ -246,11 +242,9 @@ async def _connect(
         if not autostart:
             raise BusNotFound(bus, str(busdir.path))
         await _autostart(busdir, group)
-    node = Node(name=name or f"client-{transport}", max_frame=max_frame)
+    node = Node(name=name or f"client-{transport}", max_frame=max_frame, spin_us=spin_us)
     await node.start()
-    client = ClientBus(
-        node, busdir, transport, name=node.name, reconnect=reconnect, options=options
-    )
+    client = ClientBus(node, busdir, transport, name=node.name, reconnect=reconnect, options=options)
     node.on_link_closed.append(client._on_link_closed)
     try:
         await client._attach()
@@ -295,6 +289,7 @@ def connect(
     max_frame: int = fr.DEFAULT_MAX_FRAME,
     root: Path | str | None = None,
     group: str | int | None = None,
+    spin_us: float | None = None,
     **transport_options: Any,
 ) -> _Connecting:
     """Connect to the hub of ``bus`` over ``transport`` (``"fifo"``, ``"sysv"`` or ``"shm"``).
@@ -303,8 +298,20 @@ def connect(
     context manager.  Raises :class:`~ipcbus.errors.BusNotFound` (naming the
     command that starts a hub) when no hub serves the bus, unless
     ``autostart`` is set.  ``transport_options`` go to the transport (for
-    example ``ring_size=`` for shm).
+    example ``ring_size=`` for shm).  ``spin_us`` is the busy-poll window
+    after activity (:mod:`ipcbus.spin`; ``None``: ``$IPCBUS_SPIN_US`` or the
+    default, ``0``: off); a bad value raises ``ValueError`` here, at once.
     """
+    window = spin_window(spin_us)
     return _Connecting(
-        bus, transport, name, autostart, reconnect, max_frame, root, group, transport_options
+        bus,
+        transport,
+        name,
+        autostart,
+        reconnect,
+        max_frame,
+        root,
+        group,
+        window,
+        transport_options,
     )

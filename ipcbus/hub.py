@@ -77,6 +77,7 @@ class Hub:
     otherwise only the owner may connect.  ``transports`` limits which
     transports are accepted.  ``outbound_limit`` bounds the bytes queued
     toward one slow client before its messages are dropped and reported.
+    ``spin_us`` is the busy-poll window after activity (:mod:`ipcbus.spin`).
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class Hub:
         transports: tuple[str, ...] = ALL_TRANSPORTS,
         max_frame: int = fr.DEFAULT_MAX_FRAME,
         outbound_limit: int = DEFAULT_OUTBOUND_LIMIT,
+        spin_us: float | None = None,
     ) -> None:
         for t in transports:
             if t not in ALL_TRANSPORTS:
@@ -97,7 +99,9 @@ class Hub:
         self.busdir = BusDir(name, root=Path(root) if root is not None else None, group=self.gid)
         self.transports = tuple(transports)
         self.max_frame = max_frame
-        self.node = Node(name=f"hub:{name}", max_frame=max_frame, outbound_limit=outbound_limit)
+        self.node = Node(
+            name=f"hub:{name}", max_frame=max_frame, outbound_limit=outbound_limit, spin_us=spin_us
+        )
         self.bus = Bus(self.node)
         self.started = 0.0
         self.accepted = 0

@@ -59,6 +59,7 @@ from .errors import (
     RequestTimeout,
     SlowConsumer,
 )
+from .spin import Spinner, spin_window
 from .subjects import SubjectIndex, validate_pattern, validate_subject
 from .transports.base import Link
 
@@ -352,7 +353,9 @@ class Node:
 
     ``outbound_limit`` bounds the bytes queued toward one link by forwarding
     before messages for that link are dropped (and reported); local
-    publishers are never dropped, they wait instead.
+    publishers are never dropped, they wait instead.  ``spin_us`` is the
+    busy-poll window after activity (see :mod:`ipcbus.spin`; ``None``: from
+    ``$IPCBUS_SPIN_US`` or the default, ``0``: off).
     """
 
     def __init__(
@@ -361,7 +364,9 @@ class Node:
         name: str = "",
         max_frame: int = fr.DEFAULT_MAX_FRAME,
         outbound_limit: int = DEFAULT_OUTBOUND_LIMIT,
+        spin_us: float | None = None,
     ) -> None:
+        self.spin_us = spin_window(spin_us)
         self.node_id = secrets.token_hex(6)
         self.name = name
         self.max_frame = max_frame
@@ -397,6 +402,7 @@ class Node:
         self.deadlines = Deadlines()
         # The loop the node runs on, known once started (saves a lookup per request).
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._spinner: Spinner | None = None
 
     # -- lifetime ----------------------------------------------------------
 
@@ -410,6 +416,8 @@ class Node:
             return self
         started = asyncio.Event()
         self.loop = asyncio.get_running_loop()
+        if self.spin_us:
+            self._spinner = Spinner(self.loop, self.spin_us)
         self._runner = self.loop.create_task(
             self._run(started), name=f"ipcbus-node-{self.name or self.node_id}"
         )
@@ -458,6 +466,8 @@ class Node:
         if self._closed:
             return
         self._closed = True
+        if self._spinner is not None:
+            self._spinner.close()
         for ls in list(self.links):
             with contextlib.suppress(Exception):
                 ls.link.send_nowait(_encode(fr.Notice("shutdown", "node closing")))
@@ -670,6 +680,8 @@ class Node:
         finally:  # counted once per batch, not per message
             self.msgs_in += msgs
             self.bytes_in += nbytes
+        if self._spinner is not None:
+            self._spinner.kick()
         if self._dirty:
             # Forward what this batch produced now, rather than one loop
             # iteration later: batching per read, lower latency per hop.
@@ -842,9 +854,7 @@ class Node:
             raise ValueError(f"overflow must be 'drop_new' or 'drop_old', not {overflow!r}")
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, not {max_pending}")
-        sub = SubscriptionCore(
-            self, next(self._sids), subject, queue, max_pending, pending_bytes, overflow
-        )
+        sub = SubscriptionCore(self, next(self._sids), subject, queue, max_pending, pending_bytes, overflow)
         self._add_local(sub)
         self._subs[sub.sid] = sub
         return sub
@@ -973,9 +983,7 @@ class Node:
             else:
                 if plain_frame is None:
                     plain_frame = _encode(
-                        fr.Msg(m.subject, m.reply, m.headers, m.payload)
-                        if groups_in
-                        else m
+                        fr.Msg(m.subject, m.reply, m.headers, m.payload) if groups_in else m
                     )
                 frame = plain_frame
             if self._forward(ls, frame, subject, origin is not None):
@@ -1300,6 +1308,8 @@ class Node:
         to the kernel at once (at most one eager write per link and loop
         iteration, see ``Link.flush_now``) rather than with the next batch.
         """
+        if self._spinner is not None:
+            self._spinner.kick()  # an answer (or the next request) comes soon
         if headers is None:
             # Most requests go to one service across one link, most replies
             # straight to the link of the requester's node: one step each.
@@ -1445,6 +1455,7 @@ class Node:
             "name": self.name,
             "pid": os.getpid(),
             "uptime": time.time() - self.started,
+            "spin_us": self.spin_us,
             "msgs_in": self.msgs_in,
             "msgs_out": self.msgs_out,
             "bytes_in": self.bytes_in,
@@ -1497,4 +1508,3 @@ async def _first_of(*events: asyncio.Event) -> None:
 
         for ev in events:
             tg.start_soon(wait, ev)
-

@@ -35,6 +35,7 @@ from . import frames as fr
 from .client import Bus
 from .errors import BusClosed, ConnectionClosed, WorkerStartError
 from .node import LinkState, Node
+from .spin import spin_window
 from .transports.base import Link
 from .transports.pipe import ChildPipes
 
@@ -72,7 +73,8 @@ class WorkerPool:
 
     ``transport`` is ``"pipe"`` (two anonymous pipes per worker, the default)
     or ``"shm"`` (a shared-memory ring pair per worker, for large payloads;
-    ``ring_size`` bytes per direction).
+    ``ring_size`` bytes per direction).  ``spin_us`` is the busy-poll window
+    after activity, in the parent and every worker (:mod:`ipcbus.spin`).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class WorkerPool:
         max_backoff: float = 5.0,
         python: str | None = None,
         env: dict[str, str] | None = None,
+        spin_us: float | None = None,
     ) -> None:
         if ":" not in target:
             raise ValueError(f"target must be 'module:function', not {target!r}")
@@ -107,6 +110,7 @@ class WorkerPool:
         self.max_backoff = max_backoff
         self.python = python or sys.executable
         self.env = env
+        self.spin_us = spin_window(spin_us)
         self.errors: list[str] = []
         self._changed = asyncio.Event()
         self._workers = [_Worker(i) for i in range(workers)]
@@ -159,7 +163,7 @@ class WorkerPool:
         }
 
     async def __aenter__(self) -> WorkerPool:
-        self._node = Node(name=self.name, max_frame=self.max_frame)
+        self._node = Node(name=self.name, max_frame=self.max_frame, spin_us=self.spin_us)
         await self._node.start()
         self._bus = Bus(self._node)
         self._node.on_link_closed.append(self._on_link_closed)
@@ -172,9 +176,7 @@ class WorkerPool:
             await self._shutdown()
             await self._node.aclose()
             if isinstance(exc, TimeoutError):
-                raise WorkerStartError(
-                    f"workers did not finish setup within {_START_TIMEOUT:g} s"
-                ) from None
+                raise WorkerStartError(f"workers did not finish setup within {_START_TIMEOUT:g} s") from None
             if isinstance(exc, BaseExceptionGroup):
                 first = exc.exceptions[0]
                 while isinstance(first, BaseExceptionGroup):
@@ -206,9 +208,7 @@ class WorkerPool:
             # from its argv, and the parent waits for that (or the child's death).
             from .transports.shm import ShmLink
 
-            shm_link, params = ShmLink.create(
-                None, ring_size=self.ring_size, max_frame=self.max_frame
-            )
+            shm_link, params = ShmLink.create(None, ring_size=self.ring_size, max_frame=self.max_frame)
             spec = "shm:" + msgspec.json.encode(params).decode()
             pass_fds: tuple[int, ...] = ()
             pipes = None
@@ -226,6 +226,7 @@ class WorkerPool:
                 f"{self.name}-{w.index}",
                 str(self.max_frame),
                 str(os.getpid()),
+                repr(self.spin_us),
                 stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=pass_fds,
                 env=self.env,

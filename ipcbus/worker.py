@@ -60,9 +60,11 @@ async def _open_link(spec: str, parent_pid: int, max_frame: int) -> Link:
     raise ValueError(f"unknown worker link spec {spec!r}")
 
 
-async def run_worker(spec: str, target: str, name: str, max_frame: int, parent_pid: int) -> int:
+async def run_worker(
+    spec: str, target: str, name: str, max_frame: int, parent_pid: int, spin_us: float | None = None
+) -> int:
     """Run one worker until its parent goes away; return the exit code."""
-    async with Node(name=name, max_frame=max_frame) as node:
+    async with Node(name=name, max_frame=max_frame, spin_us=spin_us) as node:
         link = await _open_link(spec, parent_pid, max_frame)
         ls = await node.add_link(link, name="parent", wait=False)
         bus = Bus(node)
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     spec, target, name = args[0], args[1], args[2]
     max_frame, parent_pid = int(args[3]), int(args[4])
+    spin_us = float(args[5]) if len(args) > 5 else None
     # The parent handles Ctrl-C and shuts workers down through their pipes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.path.insert(0, "")
@@ -100,7 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     code = anyio.run(
-        run_worker, spec, target, name, max_frame, parent_pid, backend_options=backend_options
+        run_worker,
+        spec,
+        target,
+        name,
+        max_frame,
+        parent_pid,
+        spin_us,
+        backend_options=backend_options,
     )
     sys.exit(code)
 

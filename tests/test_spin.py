@@ -1,0 +1,161 @@
+"""Busy-polling after activity (ipcbus.spin): the window, its bad values, and that it runs.
+
+Whether spinning lowers latency is a benchmark question (``make bench``,
+docs/benchmarks.md); these tests check what it does: which window each
+entry point resolves, that every bad value is refused with a message naming
+it, that a kicked loop really polls (it burns CPU instead of sleeping) and
+stops when the window passes, and that pool workers get the parent's window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from test_cli import run
+from test_pool import REPO, worker_env
+
+import ipcbus
+from ipcbus import DEFAULT_SPIN_US, SPIN_ENV, Spinner, WorkerPool, spin_window
+
+two_cpus = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="spinning is off on a single usable CPU"
+)
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def bus_name() -> str:
+    """A bus name no other test uses."""
+    return f"spin{os.getpid()}-{next(_names)}"
+
+
+@pytest.fixture(autouse=True)
+def _no_spin_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SPIN_ENV, raising=False)
+
+
+@two_cpus
+def test_window_from_argument_environment_or_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert spin_window() == DEFAULT_SPIN_US
+    monkeypatch.setenv(SPIN_ENV, "50")
+    assert spin_window() == 50.0
+    assert spin_window(10) == 10.0  # an argument beats the environment
+    assert spin_window(0) == 0.0
+    monkeypatch.setenv(SPIN_ENV, "0")
+    assert spin_window() == 0.0
+    monkeypatch.setenv(SPIN_ENV, "  ")
+    assert spin_window() == DEFAULT_SPIN_US
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, float("nan"), float("inf"), 2e6])
+def test_out_of_range_window_is_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"spin_us must be between 0 \(off\) and 1000000"):
+        spin_window(bad)
+
+
+@pytest.mark.parametrize("bad", ["200", True, None.__class__])
+def test_window_of_the_wrong_type_is_refused(bad: object) -> None:
+    with pytest.raises(TypeError, match="spin_us must be a number of microseconds"):
+        spin_window(bad)  # type: ignore[arg-type]
+
+
+def test_bad_environment_value_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(SPIN_ENV, "fast")
+    with pytest.raises(ValueError, match=r"IPCBUS_SPIN_US='fast' is not a number of microseconds"):
+        spin_window()
+    monkeypatch.setenv(SPIN_ENV, "-5")
+    with pytest.raises(ValueError, match=r"\$IPCBUS_SPIN_US must be between 0"):
+        spin_window()
+
+
+def test_spinning_is_off_on_one_cpu() -> None:
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from ipcbus import spin_window; print(spin_window(500))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
+    assert out.strip() == "0.0"
+
+
+async def test_a_kicked_loop_polls_until_the_window_passes() -> None:
+    loop = asyncio.get_running_loop()
+    spinner = Spinner(loop, 200_000)  # 200 ms
+    c0 = time.process_time()
+    spinner.kick()
+    assert spinner.active
+    await asyncio.sleep(0.05)
+    spun = time.process_time() - c0
+    # Sleeping 50 ms costs next to no CPU; polling costs most of it.
+    assert spun > 0.005, f"the loop used {spun * 1e3:.2f} ms of CPU in 50 ms: it slept"
+    spinner.close()
+    await asyncio.sleep(0.005)
+    assert not spinner.active
+    c1 = time.process_time()
+    await asyncio.sleep(0.05)
+    idle = time.process_time() - c1
+    assert idle < spun / 2, f"still polling after close ({idle * 1e3:.2f} ms of CPU)"
+
+
+async def test_the_window_closes_by_itself() -> None:
+    spinner = Spinner(asyncio.get_running_loop(), 2_000)  # 2 ms
+    spinner.kick()
+    spinner.kick()  # a second kick extends the window, it adds no second poller
+    await asyncio.sleep(0.05)
+    assert not spinner.active
+
+
+@two_cpus
+async def test_pool_workers_get_the_parents_window() -> None:
+    async with WorkerPool("pool_workers:setup", workers=1, spin_us=75, env=worker_env()) as pool:
+        assert pool.bus.stats()["spin_us"] == 75.0
+        assert (await pool.bus.request("spin", timeout=10)).decode(float) == 75.0
+    async with WorkerPool("pool_workers:setup", workers=1, spin_us=0, env=worker_env()) as pool:
+        assert pool.bus.stats()["spin_us"] == 0.0
+        assert (await pool.bus.request("spin", timeout=10)).decode(float) == 0.0
+
+
+@two_cpus
+async def test_hub_and_client_windows_and_traffic_with_spinning(bus_name: str) -> None:
+    async with ipcbus.Hub(bus_name, transports=("fifo",), spin_us=0) as hub:
+        assert hub.bus.stats()["spin_us"] == 0.0
+        async with ipcbus.connect(bus_name, spin_us=300) as a, ipcbus.connect(bus_name) as b:
+            assert a.stats()["spin_us"] == 300.0
+            assert b.stats()["spin_us"] == DEFAULT_SPIN_US
+
+            def double(x: int) -> int:
+                return x * 2
+
+            await b.serve("double", double)
+            await a.flush()
+            for i in range(200):  # sequential requests: both clients spin between them
+                assert (await a.request("double", i, timeout=10)).decode(int) == 2 * i
+
+
+def test_bad_window_is_refused_before_anything_starts(bus_name: str) -> None:
+    # No hub serves bus_name: the bad value is reported, not BusNotFound.
+    with pytest.raises(ValueError, match="spin_us must be between"):
+        ipcbus.connect(bus_name, spin_us=-1)
+    with pytest.raises(ValueError, match="spin_us must be between"):
+        WorkerPool("pool_workers:setup", spin_us=float("nan"))
+    with pytest.raises(TypeError, match="spin_us must be a number"):
+        ipcbus.Hub(bus_name, spin_us="fast")  # type: ignore[arg-type]
+
+
+async def test_cli_hub_refuses_a_bad_window(bus_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _out, err = await run("hub", bus_name, "--spin-us", "-3")
+    assert code == 2 and "--spin-us" in err
+    monkeypatch.setenv(SPIN_ENV, "abc")  # inherited by the command
+    code, _out, err = await run("hub", bus_name)
+    assert code == 1 and "IPCBUS_SPIN_US='abc'" in err
