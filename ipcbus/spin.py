@@ -20,7 +20,11 @@ one window per burst of traffic for an idle process, a busy CPU for as long
 as request/reply traffic keeps arriving within the window (where each
 request then costs less CPU than with a wake-up, see docs/concepts.md).
 With a single usable CPU, spinning only delays the peer that has to run, so
-it is off whenever the process's affinity allows fewer than two CPUs.
+it is off whenever the process's affinity allows fewer than two CPUs.  With
+more runnable processes than CPUs (a pool of busy workers), polling would
+take CPU time from processes that have work: a yield that comes back late
+(another process ran for a whole time slice) ends the window, and when that
+repeats, the spinner ignores kicks for a growing while (see :class:`Spinner`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import os
 import time
 from typing import Final
 
-__all__ = ["DEFAULT_SPIN_US", "SPIN_ENV", "Spinner", "spin_window"]
+__all__ = ["BACKOFF_MS", "DEFAULT_SPIN_US", "SPIN_ENV", "Spinner", "spin_window"]
 
 DEFAULT_SPIN_US: Final = 200.0
 """Default busy-poll window in microseconds (see :mod:`ipcbus.spin`)."""
@@ -40,6 +44,12 @@ SPIN_ENV: Final = "IPCBUS_SPIN_US"
 """Environment variable that sets the window when no ``spin_us`` is given; ``0`` turns spinning off."""
 
 _MAX_SPIN_US: Final = 1_000_000.0
+
+BACKOFF_MS: Final = 20
+"""The longest time kicks are ignored after polling kept giving way to other processes."""
+
+_BACKOFF_NS: Final = BACKOFF_MS * 1_000_000
+_SHARED_NS: Final = 250_000  # a yield this slow let a busy process run
 
 
 def spin_window(spin_us: float | None = None) -> float:
@@ -86,16 +96,25 @@ class Spinner:
     """Keeps one event loop polling for ``window_us`` after each :meth:`kick`.
 
     While the window is open, one callback re-schedules itself on every loop
-    turn (so the loop polls with a zero timeout) and yields the CPU.
+    turn (so the loop polls with a zero timeout) and yields the CPU.  When a
+    yield comes back late, another process ran on this CPU meanwhile, and
+    the window closes at once.  When that happens in consecutive windows, the
+    machine has more runnable processes than CPUs and polling would only take
+    CPU time from them: kicks are then ignored for 1 ms, 2 ms, 4 ms, ... up
+    to :data:`BACKOFF_MS`, until a window passes with the CPU to itself.
     """
 
-    __slots__ = ("_active", "_loop", "_until", "_window")
+    __slots__ = ("_active", "_loop", "_quiet_until", "_strikes", "_until", "_window", "backoffs")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, window_us: float) -> None:
         self._loop = loop
         self._window = int(window_us * 1000)
         self._until = 0
+        self._quiet_until = 0
+        self._strikes = 0
         self._active = False
+        self.backoffs = 0
+        """How often polling stopped because another process needed the CPU."""
 
     @property
     def active(self) -> bool:
@@ -104,8 +123,9 @@ class Spinner:
 
     def kick(self) -> None:
         """Activity: keep polling until ``window_us`` from now."""
-        self._until = time.monotonic_ns() + self._window
-        if not self._active:
+        now = time.monotonic_ns()
+        self._until = now + self._window
+        if not self._active and now >= self._quiet_until:
             self._active = True
             self._loop.call_soon(self._spin)
 
@@ -114,8 +134,18 @@ class Spinner:
         self._until = 0
 
     def _spin(self) -> None:
-        if time.monotonic_ns() < self._until:
-            os.sched_yield()
-            self._loop.call_soon(self._spin)
-        else:
+        t = time.monotonic_ns()
+        if t >= self._until:
             self._active = False
+            self._strikes = 0  # a whole window with the CPU to itself
+            return
+        os.sched_yield()
+        if time.monotonic_ns() - t > _SHARED_NS:
+            # Someone else ran on this CPU meanwhile: it needs the CPU.
+            self._active = False
+            self._strikes += 1
+            if self._strikes > 1:
+                self._quiet_until = t + min(_BACKOFF_NS, 1_000_000 << min(self._strikes - 2, 8))
+                self.backoffs += 1
+            return
+        self._loop.call_soon(self._spin)

@@ -116,6 +116,36 @@ async def test_the_window_closes_by_itself() -> None:
     assert not spinner.active
 
 
+_HOGGED = """
+import asyncio, os, subprocess, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # same CPU, always runnable
+try:
+    async def main():
+        from ipcbus import Spinner
+        spinner = Spinner(asyncio.get_running_loop(), 100_000)
+        for _ in range(40):
+            spinner.kick()
+            await asyncio.sleep(0.005)
+        print(spinner.backoffs, spinner.active, flush=True)
+    asyncio.run(main())
+finally:
+    hog.kill()
+    hog.wait()
+"""
+
+
+def test_polling_gives_way_to_a_busy_process_on_its_cpu() -> None:
+    # Every yield hands the CPU to the hog for a whole time slice: the spinner
+    # must notice, stop polling and ignore kicks for a while (backoffs > 0).
+    out = subprocess.run(
+        [sys.executable, "-c", _HOGGED], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    backoffs, active = out.stdout.split()
+    assert int(backoffs) > 0, "kept polling while another process needed the CPU"
+
+
 @two_cpus
 async def test_pool_workers_get_the_parents_window() -> None:
     async with WorkerPool("pool_workers:setup", workers=1, spin_us=75, env=worker_env()) as pool:
