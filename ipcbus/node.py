@@ -399,6 +399,7 @@ class Node:
         # (backpressure waits for those, not for every link of the node).
         self._sent_to: list[LinkState] | None = None
         self.inbox = _Inbox(self, f"{INBOX_PREFIX}{self.node_id}.*")
+        self._reply_prefix = self.inbox.subject[:-1]  # reply subjects: this + token
         self.deadlines = Deadlines()
         # The loop the node runs on, known once started (saves a lookup per request).
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -618,7 +619,7 @@ class Node:
         decode = fr.frame_decoder.decode  # errors mapped below, without a wrapper call
         routes = self._routes
         reply_routes = self._reply_routes
-        inbox_prefix = self.inbox.subject[:-1]
+        inbox_prefix = self._reply_prefix
         deliver_reply = self.inbox.deliver
         size = msgs = nbytes = 0
         try:
@@ -1398,7 +1399,7 @@ class Node:
     def new_reply_subject(self) -> tuple[str, str]:
         """A fresh (token, reply subject) in this node's inbox."""
         token = format(next(self._tokens), "x")
-        return token, self.inbox.subject[:-1] + token
+        return token, self._reply_prefix + token
 
     def forget_reply(self, reply: str) -> None:
         """The requester is done with ``reply`` (answered, timed out, cancelled).

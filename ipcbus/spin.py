@@ -96,7 +96,8 @@ class Spinner:
     """Keeps one event loop polling for ``window_us`` after each :meth:`kick`.
 
     While the window is open, one callback re-schedules itself on every loop
-    turn (so the loop polls with a zero timeout) and yields the CPU.  When a
+    turn (so the loop polls with a zero timeout) and, on a turn that found
+    nothing to do (no kick since the last one), yields the CPU.  When a
     yield comes back late, another process ran on this CPU meanwhile, and
     the window closes at once.  When that happens in consecutive windows, the
     machine has more runnable processes than CPUs and polling would only take
@@ -104,12 +105,13 @@ class Spinner:
     to :data:`BACKOFF_MS`, until a window passes with the CPU to itself.
     """
 
-    __slots__ = ("_active", "_loop", "_quiet_until", "_strikes", "_until", "_window", "backoffs")
+    __slots__ = ("_active", "_loop", "_quiet_until", "_seen", "_strikes", "_until", "_window", "backoffs")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, window_us: float) -> None:
         self._loop = loop
         self._window = int(window_us * 1000)
         self._until = 0
+        self._seen = 0  # _until as of the last turn: a change means a kick in between
         self._quiet_until = 0
         self._strikes = 0
         self._active = False
@@ -134,10 +136,15 @@ class Spinner:
         self._until = 0
 
     def _spin(self) -> None:
+        until = self._until
         t = time.monotonic_ns()
-        if t >= self._until:
+        if t >= until:
             self._active = False
             self._strikes = 0  # a whole window with the CPU to itself
+            return
+        if until != self._seen:  # kicked since the last turn: busy, not waiting
+            self._seen = until
+            self._loop.call_soon(self._spin)
             return
         os.sched_yield()
         if time.monotonic_ns() - t > _SHARED_NS:
