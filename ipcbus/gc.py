@@ -13,7 +13,13 @@ when all of these hold:
 * for a segment, nobody is still attached (``nattch`` 0, or only dead pids).
 
 Then it removes the stale pid file and door FIFO of a dead hub.  It never
-touches anything owned by another user.  ``/proc/sysvipc`` supplies the
+touches anything owned by another user.
+
+A worker pool over shared memory records the objects it makes for a worker
+in a folder of its own under the bus root, ``_pool-<pid>-<start time>``,
+until the worker has attached (after which nothing can leak).
+:func:`reclaim_pools` collects the folders of pools whose process is gone:
+``ipcbus gc --all`` runs it, and so does every pool that makes shm links.  ``/proc/sysvipc`` supplies the
 ``IPC_STAT`` fields (owner, creator, ctime, depth) without attaching.
 """
 
@@ -22,19 +28,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .records import ObjectRecord, list_records, process_alive
+from .records import ObjectRecord, list_records, pid_start_time, process_alive
 from .sysv import proc_table
 
-__all__ = ["Finding", "collect", "scan", "sysv_table"]
+__all__ = [
+    "Finding",
+    "collect",
+    "pool_dir_name",
+    "reclaim_pools",
+    "remove_pool_dir",
+    "scan",
+    "sysv_table",
+]
 
 log = logging.getLogger("ipcbus.gc")
 
 _CTIME_SLACK = 5.0
+
+_POOL_DIR_RE = re.compile(r"_pool-([1-9][0-9]{0,9})-([0-9]{1,20})\Z")
 
 _KIND_TABLE = {"msq": "msg", "shm": "shm", "sem": "sem"}
 
@@ -221,3 +238,68 @@ def describe(findings: list[Finding]) -> list[dict[str, Any]]:
         {"what": f.what, "action": f.action, "reason": f.reason, "path": str(f.path or "")}
         for f in findings
     ]
+
+
+# -- the records folders of worker pools ------------------------------------------
+
+
+def pool_dir_name() -> str:
+    """The folder (under the bus root) where this process's pools record their shm objects."""
+    pid = os.getpid()
+    return f"_pool-{pid}-{pid_start_time(pid) or 0}"
+
+
+def remove_pool_dir(path: Path) -> bool:
+    """Remove a pool's records folder if no record is left in it; return whether it went."""
+    try:
+        if any((path / "objects").iterdir()):
+            return False
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    from .busdir import KEYFILE_NAME
+
+    for leftover in ("objects", KEYFILE_NAME):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            target = path / leftover
+            if target.is_dir() and not target.is_symlink():
+                target.rmdir()
+            else:
+                target.unlink()
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:  # something else was put there: leave it
+        return False
+    return True
+
+
+def reclaim_pools(root: Path, *, dry_run: bool = False) -> list[Finding]:
+    """Collect the records of worker pools whose process is gone and remove their folders.
+
+    Folders of live pools (the pid with the same start time) are left alone.
+    """
+    out: list[Finding] = []
+    try:
+        entries = sorted(Path(root).iterdir())
+    except FileNotFoundError:
+        return out
+    for entry in entries:
+        m = _POOL_DIR_RE.match(entry.name)
+        if m is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        start = int(m[2])
+        if process_alive(int(m[1]), start or None):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.lstat().st_uid != os.getuid():
+                out.append(Finding(f"folder {entry.name}", "skip", "owned by another user", entry))
+                continue
+        out.extend(collect(entry, dry_run=dry_run))
+        if dry_run:
+            out.append(Finding(f"folder {entry.name}", "remove", "its worker pool is dead", entry))
+        elif remove_pool_dir(entry):
+            out.append(Finding(f"folder {entry.name}", "removed", "its worker pool is dead", entry))
+    return out

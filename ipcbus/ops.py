@@ -8,7 +8,7 @@ from typing import Any
 
 from .busdir import BusDir, bus_root
 from .errors import IpcBusError
-from .gc import collect, scan, sysv_table
+from .gc import collect, reclaim_pools, scan, sysv_table
 
 __all__ = ["gc_command", "list_bus", "render_ls"]
 
@@ -153,7 +153,11 @@ def gc_command(bus: str | None, all_buses: bool, dry_run: bool) -> int:
     console = Console()
     if all_buses:
         root = bus_root()
-        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+        names = sorted(
+            p.name
+            for p in root.iterdir()
+            if p.is_dir() and not p.is_symlink() and not p.name.startswith("_pool-")
+        )
     else:
         assert bus is not None
         names = [bus]
@@ -169,6 +173,11 @@ def gc_command(bus: str | None, all_buses: bool, dry_run: bool) -> int:
             total += f.action in ("removed", "remove")
         if not findings:
             console.print(f"{name}: nothing to collect")
+    if all_buses:
+        # Worker pools over shm record their objects in _pool-<pid>-<start> folders.
+        for f in reclaim_pools(root, dry_run=dry_run):
+            console.print(f"worker pools: {f}")
+            total += f.action in ("removed", "remove") and not f.what.startswith("folder ")
     verb = "would remove" if dry_run else "removed"
     console.print(f"gc: {verb} {total} object(s)")
     return 0

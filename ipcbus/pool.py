@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -32,8 +33,10 @@ import anyio
 import msgspec
 
 from . import frames as fr
+from .busdir import BusDir
 from .client import Bus
-from .errors import BusClosed, ConnectionClosed, WorkerStartError
+from .errors import BusClosed, ConnectionClosed, IpcBusError, WorkerStartError
+from .gc import pool_dir_name, reclaim_pools, remove_pool_dir
 from .node import LinkState, Node
 from .spin import spin_window
 from .transports.base import Link
@@ -118,6 +121,8 @@ class WorkerPool:
         self._bus: Bus | None = None
         self._closing = False
         self._tg_cm: Any = None
+        self._records: Path | None = None  # this process's pool records folder, once used
+        self._reclaimed = False
 
     @property
     def bus(self) -> Bus:
@@ -194,6 +199,35 @@ class WorkerPool:
         await self._shutdown()
         assert self._node is not None
         await self._node.aclose()
+        if self._records is not None:
+            remove_pool_dir(self._records)  # only if no record is left in it
+
+    def _records_dir(self) -> Path | None:
+        """Where the shm objects made for a starting worker are recorded (see :mod:`ipcbus.gc`).
+
+        If this process dies before the worker attached, ``ipcbus gc --all``
+        or the next pool that makes shm links removes them.  Also collects
+        the folders of pools that died, once per pool.
+        """
+        try:
+            bd = BusDir(pool_dir_name()).ensure()
+        except (IpcBusError, OSError) as exc:
+            log.warning(
+                "worker pool %r: cannot record its shm objects (%s); if this process "
+                "is killed while a worker starts, they stay behind",
+                self.name,
+                exc,
+            )
+            return None
+        self._records = bd.path
+        if not self._reclaimed:
+            self._reclaimed = True
+            try:
+                for f in reclaim_pools(bd.root):
+                    log.info("worker pool %r: gc %s", self.name, f)
+            except Exception:  # collecting others' leftovers must never stop a start
+                log.exception("worker pool %r: collecting dead pools' objects failed", self.name)
+        return bd.path
 
     async def _spawn(self, w: _Worker) -> None:
         """Start worker ``w`` and wait until its setup finished (or failed)."""
@@ -208,7 +242,9 @@ class WorkerPool:
             # from its argv, and the parent waits for that (or the child's death).
             from .transports.shm import ShmLink
 
-            shm_link, params = ShmLink.create(None, ring_size=self.ring_size, max_frame=self.max_frame)
+            shm_link, params = ShmLink.create(
+                self._records_dir(), ring_size=self.ring_size, max_frame=self.max_frame
+            )
             spec = "shm:" + msgspec.json.encode(params).decode()
             pass_fds: tuple[int, ...] = ()
             pipes = None
