@@ -37,6 +37,7 @@ from .base import DEFAULT_HIGH_WATER, Link, LinkInfo
 __all__ = ["FdStreamLink"]
 
 _IOV_MAX = 1024
+_EAGER_BYTES = 64 * 1024  # queued bytes that are written at once, without waiting for the turn
 _READ_CHUNK = 1 << 20
 _CLOSE_FLUSH_TIMEOUT = 2.0
 
@@ -113,9 +114,15 @@ class FdStreamLink(Link):
         self._wq_bytes += n + 4
         self.info.msgs_out += 1
         self.info.bytes_out += n
-        if not self._flush_scheduled and not self._writer_added:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        if not self._writer_added:
+            if self._wq_bytes >= _EAGER_BYTES:
+                # A burst: hand the kernel what is queued now, so the reader
+                # starts on it while this task keeps producing, instead of
+                # everything waiting for the high-water mark or the next turn.
+                self._flush()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
 
     def send_parts(self, head: bytes, body: bytes) -> None:
         """Queue one frame given as ``head + body``; ``writev`` sends both, unjoined."""
