@@ -409,6 +409,9 @@ class ShmLink(Link):
         # post always comes before its ring, so there is nothing to look for.
         self._rx_dirty = True
         self._inbox: collections.deque[bytes | Msg] = collections.deque()
+        # Bytes of the frames in the inbox (approximate for decoded Msgs: their
+        # frame size when added, their payload when taken); a bound, for take_ready.
+        self._inbox_bytes = 0
         # A streamed frame in progress: up to half the ring, we keep views of its
         # pieces in the ring (holding back their batches) and join them with one
         # copy at the end; a larger frame is copied piece by piece into a BytesIO.
@@ -763,7 +766,10 @@ class ShmLink(Link):
                 assert mv is not None and hq is not None
                 at = self._tx_base + pos
                 hq[at >> 3] = _FRAME_HDR | n << _LEN_SHIFT  # the record header, one store
-                _copy_in(mv, at + _REC_SIZE, frame, 0, n)
+                if type(frame) is bytes:
+                    mv[at + _REC_SIZE : at + _REC_SIZE + n] = frame
+                else:
+                    _copy_in(mv, at + _REC_SIZE, frame, 0, n)
                 self._tx_head = head = head + rec
                 self._last_at = at
                 if head - self._tx_committed >= self._batch_max:
@@ -1048,16 +1054,18 @@ class ShmLink(Link):
         inbox = self._inbox
         if not inbox and self._rx_dirty and self._rx_end is None and not self._closed:
             self._pump_rx(_RX_BATCH)
-        frames: list[bytes | Msg] = []
-        taken = 0
-        while inbox and taken < max_bytes:
-            f = inbox.popleft()
-            frames.append(f)
-            if isinstance(f, bytes):
-                taken += len(f)
-                self.info.bytes_in += len(f)
-            else:
-                taken += len(f.payload)
+        if self._inbox_bytes <= max_bytes:  # all of it, without a step per frame
+            frames: list[bytes | Msg] = list(inbox)
+            inbox.clear()
+            self._inbox_bytes = 0
+        else:
+            frames = []
+            taken = 0
+            while inbox and taken < max_bytes:
+                f = inbox.popleft()
+                frames.append(f)
+                taken += len(f) if type(f) is bytes else len(f.payload)  # type: ignore[union-attr]
+            self._inbox_bytes = max(0, self._inbox_bytes - taken) if inbox else 0
         self.info.msgs_in += len(frames)
         return frames
 
@@ -1070,10 +1078,12 @@ class ShmLink(Link):
                 raise exc
             if inbox:
                 frame = inbox.popleft()
-                info = self.info
-                info.msgs_in += 1
-                if type(frame) is bytes:
-                    info.bytes_in += len(frame)
+                self.info.msgs_in += 1
+                if inbox:
+                    k = len(frame) if type(frame) is bytes else len(frame.payload)  # type: ignore[union-attr]
+                    self._inbox_bytes = max(0, self._inbox_bytes - k)
+                else:
+                    self._inbox_bytes = 0
                 return frame
             if self._closed:
                 raise ConnectionClosed("link is closed")
@@ -1158,11 +1168,7 @@ class ShmLink(Link):
                         # ...or decoded where it lies: only its payload is copied out.
                         with mv[at + _REC_SIZE : at + _REC_SIZE + n] as view:
                             msg = decode_large(view)
-                    if msg is None:
-                        append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes())
-                    else:
-                        append(msg)
-                        self.info.bytes_in += n
+                    append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes() if msg is None else msg)
                     pos += rec
                     budget -= 1
                     taken += n
@@ -1196,6 +1202,9 @@ class ShmLink(Link):
             self._fail(exc)
         finally:
             self._rx_pos = pos
+            if taken:
+                self._inbox_bytes += taken
+                self.info.bytes_in += taken
             if freed:
                 self._release_room(freed)
 
