@@ -201,7 +201,7 @@ def _daemonize() -> int:
     "--spin-us",
     type=click.FloatRange(0, 1_000_000),
     default=None,
-    help="Busy-poll window after activity in microseconds; 0 turns it off "
+    help="Busy-poll window while replies are due in microseconds; 0 turns it off "
     "(default: $IPCBUS_SPIN_US, else 200).",
 )
 def hub(

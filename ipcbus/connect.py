@@ -299,7 +299,7 @@ def connect(
     command that starts a hub) when no hub serves the bus, unless
     ``autostart`` is set.  ``transport_options`` go to the transport (for
     example ``ring_size=`` for shm).  ``spin_us`` is the busy-poll window
-    after activity (:mod:`ipcbus.spin`; ``None``: ``$IPCBUS_SPIN_US`` or the
+    while replies are due (:mod:`ipcbus.spin`; ``None``: ``$IPCBUS_SPIN_US`` or the
     default, ``0``: off); a bad value raises ``ValueError`` here, at once.
     """
     window = spin_window(spin_us)

@@ -77,7 +77,7 @@ class Hub:
     otherwise only the owner may connect.  ``transports`` limits which
     transports are accepted.  ``outbound_limit`` bounds the bytes queued
     toward one slow client before its messages are dropped and reported.
-    ``spin_us`` is the busy-poll window after activity (:mod:`ipcbus.spin`).
+    ``spin_us`` is the busy-poll window while replies are due (:mod:`ipcbus.spin`).
     """
 
     def __init__(

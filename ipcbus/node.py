@@ -354,7 +354,7 @@ class Node:
     ``outbound_limit`` bounds the bytes queued toward one link by forwarding
     before messages for that link are dropped (and reported); local
     publishers are never dropped, they wait instead.  ``spin_us`` is the
-    busy-poll window after activity (see :mod:`ipcbus.spin`; ``None``: from
+    busy-poll window while replies are due (see :mod:`ipcbus.spin`; ``None``: from
     ``$IPCBUS_SPIN_US`` or the default, ``0``: off).
     """
 
@@ -418,7 +418,7 @@ class Node:
         started = asyncio.Event()
         self.loop = asyncio.get_running_loop()
         if self.spin_us:
-            self._spinner = Spinner(self.loop, self.spin_us)
+            self._spinner = Spinner(self.loop, self.spin_us, self._awaiting_replies)
         self._runner = self.loop.create_task(
             self._run(started), name=f"ipcbus-node-{self.name or self.node_id}"
         )
@@ -681,8 +681,8 @@ class Node:
         finally:  # counted once per batch, not per message
             self.msgs_in += msgs
             self.bytes_in += nbytes
-        if self._spinner is not None:
-            self._spinner.kick()
+        if self._spinner is not None and (self.inbox.futures or self._reply_routes):
+            self._spinner.kick()  # replies are still due: poll for them
         if self._dirty:
             # Forward what this batch produced now, rather than one loop
             # iteration later: batching per read, lower latency per hop.
@@ -1309,8 +1309,8 @@ class Node:
         to the kernel at once (at most one eager write per link and loop
         iteration, see ``Link.flush_now``) rather than with the next batch.
         """
-        if self._spinner is not None:
-            self._spinner.kick()  # an answer (or the next request) comes soon
+        if reply is not None and self._spinner is not None:
+            self._spinner.kick()  # a request: its answer comes soon
         if headers is None:
             # Most requests go to one service across one link, most replies
             # straight to the link of the requester's node: one step each.
@@ -1395,6 +1395,15 @@ class Node:
         self.msgs_out += 1
         self.bytes_out += n
         return [link] if link.pending_out > link.high_water else []
+
+    @property
+    def spinner(self) -> Spinner | None:
+        """The node's busy-poller (:mod:`ipcbus.spin`), or ``None`` when spinning is off."""
+        return self._spinner
+
+    def _awaiting_replies(self) -> bool:
+        """Whether replies are due: requests made here, or passed on, in flight."""
+        return bool(self.inbox.futures or self._reply_routes)
 
     def new_reply_subject(self) -> tuple[str, str]:
         """A fresh (token, reply subject) in this node's inbox."""

@@ -77,7 +77,7 @@ class WorkerPool:
     ``transport`` is ``"pipe"`` (two anonymous pipes per worker, the default)
     or ``"shm"`` (a shared-memory ring pair per worker, for large payloads;
     ``ring_size`` bytes per direction).  ``spin_us`` is the busy-poll window
-    after activity, in the parent and every worker (:mod:`ipcbus.spin`).
+    while replies are due, in the parent and every worker (:mod:`ipcbus.spin`).
     """
 
     def __init__(

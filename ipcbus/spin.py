@@ -1,4 +1,4 @@
-"""Busy-polling for a short window after activity, instead of sleeping at once.
+"""Busy-polling while a reply is due, instead of sleeping at once.
 
 A process that sleeps in ``epoll_wait`` pays to be woken: on the 2-vCPU
 virtual machines ipcbus is measured on, a sleeping CPU halts and the wake-up
@@ -6,25 +6,26 @@ costs 30-40 µs and more CPU time than the message itself.  Request/reply
 traffic sleeps and wakes once per hop, so that cost, not the work, sets its
 latency.
 
-After a node receives frames or sends a request or reply, its
-:class:`Spinner` keeps the event loop polling (``epoll_wait`` with a zero
-timeout, every ready callback and task still running as usual) for
-``spin_us`` microseconds, yielding the CPU (``sched_yield``) on every turn so
-that another runnable process on the same CPU goes first.  A reply that comes
-back within the window is picked up without a wake-up.  When the window
-passes with nothing new, the loop sleeps as before.
+When a node sends a request, or passes one on (a hub), or receives frames
+while replies are still due, its :class:`Spinner` keeps the event loop
+polling (``epoll_wait`` with a zero timeout, every ready callback and task
+still running as usual) for up to ``spin_us`` microseconds, and yields the
+CPU (``sched_yield``) on every idle turn so that another runnable process on
+the same CPU goes first.  A reply that comes back meanwhile is picked up
+without a wake-up.  Polling stops as soon as no reply is due, or when the
+window passes with nothing new; then the loop sleeps as before.  A service
+that only answers never polls: idle responders cost nothing.
 
 The same pattern appears elsewhere as spin-then-park: the Go scheduler,
-Aeron's idle strategies, Linux ``SO_BUSY_POLL``.  The cost is CPU: at most
-one window per burst of traffic for an idle process, a busy CPU for as long
-as request/reply traffic keeps arriving within the window (where each
-request then costs less CPU than with a wake-up, see docs/concepts.md).
-With a single usable CPU, spinning only delays the peer that has to run, so
-it is off whenever the process's affinity allows fewer than two CPUs.  With
-more runnable processes than CPUs (a pool of busy workers), polling would
-take CPU time from processes that have work: a yield that comes back late
-(another process ran for a whole time slice) ends the window, and when that
-repeats, the spinner ignores kicks for a growing while (see :class:`Spinner`).
+Aeron's idle strategies, Linux ``SO_BUSY_POLL``.  The cost is CPU on the
+waiting side, for at most the time a reply takes (often less CPU per request
+than a wake-up costs, see docs/concepts.md).  With a single usable CPU,
+spinning only delays the peer that has to answer, so it is off whenever the
+process's affinity allows fewer than two CPUs.  With more runnable processes
+than CPUs, polling would take CPU time from processes that have work: a
+yield that comes back late (another process ran for a whole time slice) ends
+the window, and when that repeats, the spinner ignores kicks for a growing
+while (see :class:`Spinner`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import asyncio
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Final
 
 __all__ = ["BACKOFF_MS", "DEFAULT_SPIN_US", "SPIN_ENV", "Spinner", "spin_window"]
@@ -95,6 +97,8 @@ def _usable_cpus() -> int:
 class Spinner:
     """Keeps one event loop polling for ``window_us`` after each :meth:`kick`.
 
+    ``waiting``, if given, says whether anything is expected (a node: replies
+    to requests in flight); polling stops as soon as it returns false.
     While the window is open, one callback re-schedules itself on every loop
     turn (so the loop polls with a zero timeout) and, on a turn that found
     nothing to do (no kick since the last one), yields the CPU.  When a
@@ -105,10 +109,26 @@ class Spinner:
     to :data:`BACKOFF_MS`, until a window passes with the CPU to itself.
     """
 
-    __slots__ = ("_active", "_loop", "_quiet_until", "_seen", "_strikes", "_until", "_window", "backoffs")
+    __slots__ = (
+        "_active",
+        "_loop",
+        "_quiet_until",
+        "_seen",
+        "_strikes",
+        "_until",
+        "_waiting",
+        "_window",
+        "backoffs",
+    )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, window_us: float) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        window_us: float,
+        waiting: Callable[[], object] | None = None,
+    ) -> None:
         self._loop = loop
+        self._waiting = waiting
         self._window = int(window_us * 1000)
         self._until = 0
         self._seen = 0  # _until as of the last turn: a change means a kick in between
@@ -141,6 +161,9 @@ class Spinner:
         if t >= until:
             self._active = False
             self._strikes = 0  # a whole window with the CPU to itself
+            return
+        if self._waiting is not None and not self._waiting():
+            self._active = False  # nothing is expected any more
             return
         if until != self._seen:  # kicked since the last turn: busy, not waiting
             self._seen = until

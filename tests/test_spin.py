@@ -1,4 +1,4 @@
-"""Busy-polling after activity (ipcbus.spin): the window, its bad values, and that it runs.
+"""Busy-polling while replies are due (ipcbus.spin): the window, its bad values, and that it runs.
 
 Whether spinning lowers latency is a benchmark question (``make bench``,
 docs/benchmarks.md); these tests check what it does: which window each
@@ -189,3 +189,24 @@ async def test_cli_hub_refuses_a_bad_window(bus_name: str, monkeypatch: pytest.M
     monkeypatch.setenv(SPIN_ENV, "abc")  # inherited by the command
     code, _out, err = await run("hub", bus_name)
     assert code == 1 and "IPCBUS_SPIN_US='abc'" in err
+
+
+@two_cpus
+async def test_a_node_polls_only_while_a_reply_is_due() -> None:
+    async with WorkerPool(
+        "pool_workers:setup", workers=1, spin_us=1_000_000, env=worker_env()
+    ) as pool:
+        spinner = pool.bus.node.spinner
+        assert spinner is not None
+        c0 = time.process_time()
+        # The worker takes 200 ms to answer: the requester polls all that time.
+        assert (await pool.bus.request("slow.sleep", 0.2, timeout=10)).decode(str) == "slept"
+        waited = time.process_time() - c0
+        assert waited > 0.02, f"{waited * 1e3:.1f} ms of CPU while a reply was due: it slept"
+        await asyncio.sleep(0.01)
+        # The 1 s window is still open, but nothing is due any more: it stopped.
+        assert not spinner.active
+        c1 = time.process_time()
+        await asyncio.sleep(0.2)
+        idle = time.process_time() - c1
+        assert idle < waited / 2, f"still polling with nothing due ({idle * 1e3:.1f} ms of CPU)"
