@@ -732,15 +732,15 @@ class ShmLink(Link):
         if type(head) is not bytes or type(body) is not bytes:
             self.send_nowait(bytes(head) + bytes(body))
         else:
-            self._send(_Parts(head, body))
+            self.send_nowait(_Parts(head, body))
 
-    def send_nowait(self, frame: bytes) -> None:
-        """Queue one whole frame; what fits is copied into the ring at once."""
-        if type(frame) is not bytes:
-            frame = bytes(frame)  # a snapshot: the caller may reuse its buffer
-        self._send(frame)
+    def send_nowait(self, frame: bytes | _Parts) -> None:
+        """Queue one whole frame; what fits is copied into the ring at once.
 
-    def _send(self, frame: bytes | _Parts) -> None:
+        (Internally also a :class:`_Parts`, from :meth:`send_parts`.)
+        """
+        if type(frame) is not bytes and type(frame) is not _Parts:
+            frame = bytes(frame)  # type: ignore[arg-type]  # a snapshot: the caller may reuse its buffer
         if self._tx_error is not None:  # also set by closing
             raise self._tx_error
         n = len(frame)
@@ -1137,6 +1137,7 @@ class ShmLink(Link):
         freed = 0
         append = inbox.append
         decode_large = self.decode_large
+        large = LARGE_PAYLOAD if decode_large is not None else _MAX_LEN + 1
         fast = not self._streaming
         taken = 0
         try:
@@ -1162,19 +1163,41 @@ class ShmLink(Link):
                     and rec <= size - off
                     and pos + rec <= head
                 ):
-                    # The common case, inline: one whole frame, copied out once.
-                    msg = None
-                    if n >= LARGE_PAYLOAD and decode_large is not None:
-                        # ...or decoded where it lies: only its payload is copied out.
-                        with mv[at + _REC_SIZE : at + _REC_SIZE + n] as view:
-                            msg = decode_large(view)
-                    append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes() if msg is None else msg)
-                    pos += rec
-                    budget -= 1
-                    taken += n
-                    if tag == _FRAME_END:
-                        self._rx_tokens -= 1
-                        freed += 1
+                    # The common case, inline: whole frames, each copied out once,
+                    # record after record of the batch we hold a token for.
+                    while True:
+                        msg = None
+                        if n >= large:
+                            # ...or decoded where it lies: only its payload is copied out.
+                            assert decode_large is not None
+                            with mv[at + _REC_SIZE : at + _REC_SIZE + n] as view:
+                                msg = decode_large(view)
+                        if msg is None:
+                            append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes())
+                        else:
+                            append(msg)
+                        pos += rec
+                        budget -= 1
+                        taken += n
+                        if tag == _FRAME_END:
+                            self._rx_tokens -= 1
+                            freed += 1
+                            break
+                        if taken >= _RX_BYTES or budget <= 0:
+                            break
+                        off = pos % size
+                        at = base + off
+                        hdr = hq[at >> 3]
+                        tag = hdr >> _TAG_SHIFT & _M32
+                        n = hdr >> _LEN_SHIFT & _M32
+                        rec = (n + 15) & -8
+                        if not (
+                            tag in (_FRAME, _FRAME_END)
+                            and 0 < n <= maxf
+                            and rec <= size - off
+                            and pos + rec <= head
+                        ):
+                            break  # not a plain whole frame: the loop above looks again
                     if taken >= _RX_BYTES:
                         break
                     continue
