@@ -85,6 +85,7 @@ DEFAULT_MAX_PENDING: Final = 65536
 DEFAULT_PENDING_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_OUTBOUND_LIMIT: Final = 64 * 1024 * 1024
 _INFLIGHT_CAP: Final = 65536
+_DUE_NS: Final = 10_000_000  # a request passed on makes a reply "due" for this long (spinning)
 _FAST_CACHE: Final = 4096
 _HELLO_TIMEOUT: Final = 10.0
 _READ_SHARE: Final = 256 * 1024  # bytes read from one link before yielding
@@ -404,6 +405,7 @@ class Node:
         # The loop the node runs on, known once started (saves a lookup per request).
         self.loop: asyncio.AbstractEventLoop | None = None
         self._spinner: Spinner | None = None
+        self._tracked_at = 0  # when a request was last sent or passed on (monotonic ns)
 
     # -- lifetime ----------------------------------------------------------
 
@@ -681,7 +683,7 @@ class Node:
         finally:  # counted once per batch, not per message
             self.msgs_in += msgs
             self.bytes_in += nbytes
-        if self._spinner is not None and (self.inbox.futures or self._reply_routes):
+        if self._spinner is not None and self._awaiting_replies():
             self._spinner.kick()  # replies are still due: poll for them
         if self._dirty:
             # Forward what this batch produced now, rather than one loop
@@ -1097,6 +1099,7 @@ class Node:
                 self._send_drop_notice(ls)
 
     def _track(self, ls: LinkState, reply: str) -> None:
+        self._tracked_at = time.monotonic_ns()
         ls.inflight[reply] = None
         self._reply_routes.setdefault(reply, set()).add(ls)
         if len(ls.inflight) > _INFLIGHT_CAP:  # requester gave up long ago
@@ -1402,8 +1405,14 @@ class Node:
         return self._spinner
 
     def _awaiting_replies(self) -> bool:
-        """Whether replies are due: requests made here, or passed on, in flight."""
-        return bool(self.inbox.futures or self._reply_routes)
+        """Whether replies are due: requests made here in flight, or passed on lately.
+
+        A request passed on (a hub) stays tracked until its reply comes, and
+        forever if its responder hangs; only the last ``_DUE_NS`` count.
+        """
+        return bool(self.inbox.futures) or (
+            bool(self._reply_routes) and time.monotonic_ns() - self._tracked_at < _DUE_NS
+        )
 
     def new_reply_subject(self) -> tuple[str, str]:
         """A fresh (token, reply subject) in this node's inbox."""

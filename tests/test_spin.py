@@ -193,9 +193,7 @@ async def test_cli_hub_refuses_a_bad_window(bus_name: str, monkeypatch: pytest.M
 
 @two_cpus
 async def test_a_node_polls_only_while_a_reply_is_due() -> None:
-    async with WorkerPool(
-        "pool_workers:setup", workers=1, spin_us=1_000_000, env=worker_env()
-    ) as pool:
+    async with WorkerPool("pool_workers:setup", workers=1, spin_us=1_000_000, env=worker_env()) as pool:
         spinner = pool.bus.node.spinner
         assert spinner is not None
         c0 = time.process_time()
@@ -210,3 +208,29 @@ async def test_a_node_polls_only_while_a_reply_is_due() -> None:
         await asyncio.sleep(0.2)
         idle = time.process_time() - c1
         assert idle < waited / 2, f"still polling with nothing due ({idle * 1e3:.1f} ms of CPU)"
+
+
+@two_cpus
+async def test_a_hub_stops_counting_a_hung_request_as_due(bus_name: str) -> None:
+    async with (
+        ipcbus.Hub(bus_name, transports=("fifo",)) as hub,
+        ipcbus.connect(bus_name) as requester,
+        ipcbus.connect(bus_name) as responder,
+    ):
+        release = asyncio.Event()
+
+        async def hang(m: ipcbus.Msg) -> bytes:
+            await release.wait()  # never answers in time
+            return b""
+
+        await responder.serve("hang", hang)
+        await requester.flush()
+        with pytest.raises(ipcbus.RequestTimeout):
+            await requester.request("hang", timeout=0.2)
+        node = hub.bus.node
+        # The hub still tracks the request (it never learns the requester gave
+        # up), but after a while it no longer polls for its reply.
+        assert node.stats()["links"] and node._reply_routes
+        await asyncio.sleep(0.05)
+        assert node._reply_routes and not node._awaiting_replies()
+        release.set()
