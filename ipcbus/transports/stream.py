@@ -139,9 +139,12 @@ class FdStreamLink(Link):
         self._wq_bytes += n + 4
         self.info.msgs_out += 1
         self.info.bytes_out += n
-        if not self._flush_scheduled and not self._writer_added:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        if not self._writer_added:
+            if self._wq_bytes >= _EAGER_BYTES:  # as in send_nowait: a burst leaves at once
+                self._flush()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
 
     @property
     def pending_out(self) -> int:
