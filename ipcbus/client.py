@@ -463,20 +463,21 @@ class Bus:
         node = self._node
         validate_subject(subject)
         payload = data if type(data) is bytes else encode_payload(data)
+        # Node.publish inline, without an extra coroutine on the hot path:
+        # route now, await only for backpressure on the links it went out on
+        # (a broken link is skipped: the node drops it).
+        full = None
         if reply is None and headers is None:
-            # The hot path, without an extra coroutine: route now, await only
-            # for backpressure on the links this message went out on.
             full = node.publish_plain(subject, payload)
-            if full is None:
-                await node.publish_general(subject, payload)
-            elif full:
-                await wait_writable(full)  # a broken link is skipped (the node drops it)
-            return
-        if reply is not None:
-            validate_subject(reply)
-        if headers is not None:
-            _check_headers(headers)
-        await self._node.publish(subject, payload, reply=reply, headers=headers)
+        else:
+            if reply is not None:
+                validate_subject(reply)
+            if headers is not None:
+                _check_headers(headers)
+        if full is None:
+            full = node.publish_now(subject, payload, reply=reply, headers=headers)
+        if full:
+            await wait_writable(full)
 
     async def subscribe(
         self,

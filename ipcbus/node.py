@@ -1277,23 +1277,9 @@ class Node:
         headers: dict[str, str] | None = None,
     ) -> None:
         """Route a message published here; wait while a link it went out on is above high water."""
-        if reply is None and headers is None:
-            full = self.publish_plain(subject, payload)
-            if full is not None:
-                await wait_writable(full)
-                return
-        await self.publish_general(subject, payload, reply=reply, headers=headers)
-
-    async def publish_general(
-        self,
-        subject: str,
-        payload: bytes,
-        *,
-        reply: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        """:meth:`publish` for what :meth:`publish_plain` does not take."""
-        full = self.publish_now(subject, payload, reply=reply, headers=headers)
+        full = self.publish_plain(subject, payload) if reply is None and headers is None else None
+        if full is None:
+            full = self.publish_now(subject, payload, reply=reply, headers=headers)
         if full:
             await wait_writable(full)
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -20,7 +20,7 @@ import pytest
 
 import ipcbus
 from ipcbus import frames as fr
-from ipcbus.client import Bus, Msg
+from ipcbus.client import Bus, Msg, Subscription
 from ipcbus.errors import (
     BadSubject,
     BusClosed,
@@ -71,6 +71,21 @@ async def settle(*buses: Bus) -> None:
         for b in buses:
             if not b.closed:
                 await b.flush()
+
+
+@contextlib.asynccontextmanager
+async def refusing_pair(
+    subject: str, **node_kw: Any
+) -> AsyncIterator[tuple[Bus, Subscription, Callable[[], int]]]:
+    """For bad-input tests: a pair whose server subscribes to ``subject`` and serves
+    ``svc``; ``sent()`` counts the frames the client wrote to its link since."""
+    async with pair(**node_kw) as (client, server):
+        sub = await server.subscribe(subject)
+        await server.serve("svc", lambda m: b"")
+        await settle(client, server)
+        (link,) = client.node.links
+        before = link.link.info.msgs_out
+        yield client, sub, lambda: link.link.info.msgs_out - before
 
 
 # -- services ----------------------------------------------------------------------
@@ -244,12 +259,7 @@ async def test_inline_service_on_the_requesters_own_node() -> None:
 
 
 async def test_unencodable_payload_raises_encode_error_and_sends_nothing() -> None:
-    async with pair() as (client, server):
-        sub = await server.subscribe("x")
-        await server.serve("svc", lambda m: b"")
-        await settle(client, server)
-        (link,) = client.node.links
-        before = link.link.info.msgs_out
+    async with refusing_pair("x") as (client, sub, sent):
         for bad in [object(), {"k": object()}, lambda: 0, 2**70, 1j]:
             with pytest.raises(EncodeError) as info:
                 await client.publish("x", bad)
@@ -257,24 +267,19 @@ async def test_unencodable_payload_raises_encode_error_and_sends_nothing() -> No
             with pytest.raises(EncodeError):
                 await client.request("svc", bad, timeout=5)
             assert isinstance(info.value, TypeError)
-        assert link.link.info.msgs_out == before
+        assert sent() == 0
         await client.publish("x", {"fine": [1, 2]})
         assert (await sub.next(timeout=5)).decode() == {"fine": [1, 2]}
 
 
 async def test_bad_headers_raise_encode_error_and_send_nothing() -> None:
-    async with pair() as (client, server):
-        sub = await server.subscribe("x")
-        await server.serve("svc", lambda m: b"")
-        await settle(client, server)
-        (link,) = client.node.links
-        before = link.link.info.msgs_out
+    async with refusing_pair("x") as (client, sub, sent):
         for bad in [{"k": 1}, {1: "v"}, ["k", "v"], {"k": b"v"}]:
             with pytest.raises(EncodeError, match="headers must be a dict of str to str"):
                 await client.publish("x", b"", headers=bad)  # type: ignore[arg-type]
             with pytest.raises(EncodeError, match="headers must be"):
                 await client.request("svc", b"", headers=bad, timeout=5)  # type: ignore[arg-type]
-        assert link.link.info.msgs_out == before  # nothing reached the link
+        assert sent() == 0  # nothing reached the link
         await client.publish("x", b"ok", headers={"k": "v"})
         got = await sub.next(timeout=5)
         assert got.headers == {"k": "v"} and got.data == b"ok"  # the link still works
@@ -330,17 +335,13 @@ async def test_bad_subject_type_is_refused() -> None:
 
 
 async def test_frame_over_max_on_publish_raises_before_sending() -> None:
-    async with pair(max_frame=32 * 1024) as (client, server):
-        sub = await server.subscribe("big")
-        await settle(client, server)
-        (link,) = client.node.links
-        before = link.link.info.msgs_out
+    async with refusing_pair("big", max_frame=32 * 1024) as (client, sub, sent):
         with pytest.raises(FrameTooLarge) as info:
             await client.publish("big", b"\0" * (40 * 1024))
         assert info.value.limit == 32 * 1024
         with pytest.raises(FrameTooLarge):
             await client.request("big", b"\0" * (40 * 1024), timeout=5)
-        assert link.link.info.msgs_out == before
+        assert sent() == 0
         assert not client.node.inbox.futures
         await client.publish("big", b"fits")
         assert (await sub.next(timeout=5)).data == b"fits"
@@ -800,16 +801,12 @@ async def test_stats_fields() -> None:
 
 
 async def test_headers_count_toward_the_frame_limit() -> None:
-    async with pair(max_frame=8 * 1024) as (client, server):
-        sub = await server.subscribe("h")
-        await settle(client, server)
-        (link,) = client.node.links
-        before = link.link.info.msgs_out
+    async with refusing_pair("h", max_frame=8 * 1024) as (client, sub, sent):
         with pytest.raises(FrameTooLarge):
             await client.publish("h", b"", headers={"big": "v" * 10_000})
         with pytest.raises(FrameTooLarge):
             await client.publish("h", b"", headers={"big": "\u20ac" * 3000})  # 9000 bytes in UTF-8
-        assert link.link.info.msgs_out == before
+        assert sent() == 0
         await client.publish("h", b"", headers={"small": "ok"})
         assert (await sub.next(timeout=5)).headers == {"small": "ok"}
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 from collections.abc import AsyncIterator
+
+import pytest
 
 from ipcbus.testing import check_link
 from ipcbus.transports.base import Link
@@ -37,3 +40,20 @@ async def test_pipe_link_conformance() -> None:
 
 async def test_memory_link_conformance() -> None:
     await check_link(_memory)
+
+
+async def test_a_burst_reaches_the_kernel_before_the_sender_yields() -> None:
+    # Frames queued without yielding to the loop are written once 64 KiB are
+    # queued, so the reader can start on them while the sender goes on.
+    async with _pipes() as (a, b):
+        if fcntl.fcntl(a._wfd, fcntl.F_GETPIPE_SZ) < 512 * 1024:  # type: ignore[attr-defined]
+            pytest.skip("the pipe could not be enlarged; the burst would not fit in it")
+        frame = b"x" * 100
+        for _ in range(2000):  # 208 KB of frames with their length prefixes
+            a.send_nowait(frame)
+        assert a.pending_out < 64 * 1024 + 104, f"{a.pending_out} bytes still queued"
+        a.send_parts(b"head", b"y" * (100 * 1024))  # a large frame leaves at once too
+        assert a.pending_out < 64 * 1024 + 104
+        got = [await b.recv() for _ in range(2001)]
+        assert got[:2000] == [frame] * 2000
+        assert got[2000] == b"head" + b"y" * (100 * 1024)

@@ -1163,41 +1163,20 @@ class ShmLink(Link):
                     and rec <= size - off
                     and pos + rec <= head
                 ):
-                    # The common case, inline: whole frames, each copied out once,
-                    # record after record of the batch we hold a token for.
-                    while True:
-                        msg = None
-                        if n >= large:
-                            # ...or decoded where it lies: only its payload is copied out.
-                            assert decode_large is not None
-                            with mv[at + _REC_SIZE : at + _REC_SIZE + n] as view:
-                                msg = decode_large(view)
-                        if msg is None:
-                            append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes())
-                        else:
-                            append(msg)
-                        pos += rec
-                        budget -= 1
-                        taken += n
-                        if tag == _FRAME_END:
-                            self._rx_tokens -= 1
-                            freed += 1
-                            break
-                        if taken >= _RX_BYTES or budget <= 0:
-                            break
-                        off = pos % size
-                        at = base + off
-                        hdr = hq[at >> 3]
-                        tag = hdr >> _TAG_SHIFT & _M32
-                        n = hdr >> _LEN_SHIFT & _M32
-                        rec = (n + 15) & -8
-                        if not (
-                            tag in (_FRAME, _FRAME_END)
-                            and 0 < n <= maxf
-                            and rec <= size - off
-                            and pos + rec <= head
-                        ):
-                            break  # not a plain whole frame: the loop above looks again
+                    # The common case, inline: one whole frame, copied out once.
+                    msg = None
+                    if n >= large:
+                        # ...or decoded where it lies: only its payload is copied out.
+                        assert decode_large is not None
+                        with mv[at + _REC_SIZE : at + _REC_SIZE + n] as view:
+                            msg = decode_large(view)
+                    append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes() if msg is None else msg)
+                    pos += rec
+                    budget -= 1
+                    taken += n
+                    if tag == _FRAME_END:
+                        self._rx_tokens -= 1
+                        freed += 1
                     if taken >= _RX_BYTES:
                         break
                     continue
