@@ -228,12 +228,17 @@ def hub(
         )
     ready_fd = _daemonize() if daemon else -1
 
-    def tell(word: str) -> None:
+    def tell(word: str, *, done: bool = True) -> None:
+        # On success the pipe closes now: the waiting parent exits and the
+        # daemon serves on.  On failure the daemon keeps the pipe open until
+        # it exits (the kernel closes it), so the parent, and whoever waits
+        # for the parent, returns only once this process is gone.
         nonlocal ready_fd
         if ready_fd >= 0:
             with contextlib.suppress(OSError):
                 os.write(ready_fd, word.encode())
-            os.close(ready_fd)
+            if done:
+                os.close(ready_fd)
             ready_fd = -1
 
     async def serve() -> None:
@@ -241,10 +246,10 @@ def hub(
             h = Hub(name, group=group, transports=chosen, spin_us=spin_us)
             await h.__aenter__()
         except BusBusy as exc:
-            tell(f"busy {exc}")
+            tell(f"busy {exc}", done=False)
             raise
         except BaseException as exc:
-            tell(f"error {exc}")
+            tell(f"error {exc}", done=False)
             raise
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -523,14 +523,23 @@ class Bus:
         if headers is not None:
             _check_headers(headers)
         payload = data if type(data) is bytes else encode_payload(data)
-        if not node.has_interest(subject):
+        known = node.has_interest(subject)
+        if not known and node.upstream is None:
             raise NoResponders(subject)
         token, reply = node.new_reply_subject()
         fut: asyncio.Future[fr.Msg] = (node.loop or asyncio.get_running_loop()).create_future()
         futures = node.inbox.futures
         futures[token] = fut
         try:
-            full = node.publish_now(subject, payload, reply=reply, headers=headers)
+            if known:
+                full = node.publish_now(subject, payload, reply=reply, headers=headers)
+            else:
+                # Nobody known here; the root of the tree knows for sure (a
+                # service that subscribed a moment ago reached it first).
+                up = node.request_upstream(subject, payload, reply, headers)
+                if up is None:
+                    raise NoResponders(subject)
+                full = up
             if full:
                 await wait_writable(full)
             # The node's deadlines fail the future on time: a fraction of the

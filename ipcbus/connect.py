@@ -117,6 +117,7 @@ class ClientBus(Bus):
             options=self._options,
         )
         self.hub_link = await self._node.add_link(link, name="hub")
+        self._node.upstream = self.hub_link
         self._connected.set()
 
     def _on_link_closed(self, ls: LinkState) -> None:

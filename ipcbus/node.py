@@ -373,6 +373,14 @@ class Node:
         self.max_frame = max_frame
         self.outbound_limit = outbound_limit
         self.links: list[LinkState] = []
+        self.upstream: LinkState | None = None
+        """The link toward the root of the tree (a client's hub, a worker's parent), if any.
+
+        Set by whoever attached it.  A request this node knows no responder
+        for still goes there (:meth:`request_upstream`): interest reaches a
+        leaf a moment after it reached the root, and the root answers
+        ``no-responders`` itself when nobody serves the subject.
+        """
         self._local: SubjectIndex[SubscriptionCore] = SubjectIndex()
         self._remote: SubjectIndex[tuple[LinkState, str | None]] = SubjectIndex()
         self._local_counts: dict[Key, int] = {}
@@ -1355,6 +1363,26 @@ class Node:
         self.msgs_out += 1
         self.bytes_out += n
         self._track(pick, reply)
+        return [link] if link.pending_out > link.high_water else []
+
+    def request_upstream(
+        self, subject: str, payload: bytes, reply: str, headers: dict[str, str] | None
+    ) -> list[Link] | None:
+        """Send a request with no known responder to :attr:`upstream`, which may know one.
+
+        Returns the links above high water (as :meth:`publish_now`), or
+        ``None`` when there is no open upstream link: then nobody can answer.
+        """
+        ls = self.upstream
+        if ls is None or ls.closed.is_set() or self._closed:
+            return None
+        if self._spinner is not None:
+            self._spinner.kick()
+        link = ls.link
+        link.send_now(_encode(_MsgFrame(subject, reply, headers, payload)))
+        self.msgs_out += 1
+        self.bytes_out += len(payload)
+        self._track(ls, reply)
         return [link] if link.pending_out > link.high_water else []
 
     def _reply_fast(self, reply: str, payload: bytes) -> list[Link] | None:

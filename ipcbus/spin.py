@@ -119,6 +119,7 @@ class Spinner:
         "_waiting",
         "_window",
         "backoffs",
+        "gave_way",
     )
 
     def __init__(
@@ -136,7 +137,9 @@ class Spinner:
         self._strikes = 0
         self._active = False
         self.backoffs = 0
-        """How often polling stopped because another process needed the CPU."""
+        """How often kicks were then ignored for a while (the CPU stayed contended)."""
+        self.gave_way = 0
+        """How often a window closed early because another process needed the CPU."""
 
     @property
     def active(self) -> bool:
@@ -173,6 +176,7 @@ class Spinner:
         if time.monotonic_ns() - t > _SHARED_NS:
             # Someone else ran on this CPU meanwhile: it needs the CPU.
             self._active = False
+            self.gave_way += 1
             self._strikes += 1
             if self._strikes > 1:
                 self._quiet_until = t + min(_BACKOFF_NS, 1_000_000 << min(self._strikes - 2, 8))

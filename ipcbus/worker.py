@@ -67,6 +67,7 @@ async def run_worker(
     async with Node(name=name, max_frame=max_frame, spin_us=spin_us) as node:
         link = await _open_link(spec, parent_pid, max_frame)
         ls = await node.add_link(link, name="parent", wait=False)
+        node.upstream = ls
         bus = Bus(node)
         try:
             setup = load_target(target)

@@ -30,6 +30,7 @@ from ipcbus.errors import (
     NoResponders,
     RemoteError,
 )
+from ipcbus.frames import Sub
 from ipcbus.node import LinkState
 
 try:
@@ -191,6 +192,40 @@ async def test_connect_in_process_pub_sub_request(bus_name: str) -> None:
         finally:
             await bus.aclose()
         await bus.aclose()  # twice is fine
+
+
+async def test_request_right_after_a_service_subscribed_elsewhere_is_answered(bus_name: str) -> None:
+    """Interest reaches a client a moment after it reached the hub.
+
+    A request made in between goes to the hub, which knows the service (its
+    ``flush`` returned), instead of failing with ``NoResponders`` at the
+    client; a subject nobody serves gets ``NoResponders`` from the hub.
+    """
+    async with ipcbus.Hub(bus_name, transports=FIFO_ONLY):
+        async with ipcbus.connect(bus_name, name="late") as b, ipcbus.connect(bus_name, name="svc") as a:
+            held: list[tuple[Any, LinkState]] = []
+            hear = b.node._on_control
+
+            def late(frame: Any, ls: LinkState) -> None:  # b hears of "add" only when told
+                if isinstance(frame, Sub) and frame.subject == "add":
+                    held.append((frame, ls))
+                else:
+                    hear(frame, ls)
+
+            b.node._on_control = late  # type: ignore[method-assign]
+            await a.serve("add", lambda m: sum(m.decode(list[int])))
+            await a.flush()  # the hub knows the service now
+            assert not b.node.has_interest("add")
+            sent = b.stats()["msgs_out"]
+            assert (await b.request("add", [1, 2, 3], timeout=5)).decode() == 6
+            with pytest.raises(NoResponders):
+                await b.request("nobody.here", timeout=5)
+            assert b.stats()["msgs_out"] == sent + 2  # both went to the hub
+            assert held
+            for frame, ls in held:
+                hear(frame, ls)
+            assert b.node.has_interest("add")
+            assert (await b.request("add", [4], timeout=5)).decode() == 4
 
 
 # -- connect() without a hub, autostart --------------------------------------------

@@ -116,8 +116,9 @@ async def test_a_kicked_loop_polls_until_closed() -> None:
     spinner.kick()
     assert spinner.active
     _, spun = await cpu_during(asyncio.sleep(0.05))
-    # Sleeping 50 ms costs next to no CPU; polling costs most of it.
-    assert spun > 0.005, f"the loop used {spun * 1e3:.2f} ms of CPU in 50 ms: it slept"
+    # Sleeping 50 ms costs next to no CPU; polling costs most of it, unless
+    # another process needed this CPU (then the spinner rightly gave way).
+    assert spun > 0.005 or spinner.gave_way, f"the loop used {spun * 1e3:.2f} ms of CPU in 50 ms: it slept"
     spinner.close()
     await assert_stopped(spinner, spun, "closed")
 
@@ -213,7 +214,9 @@ async def test_a_node_polls_only_while_a_reply_is_due() -> None:
         # The worker takes 200 ms to answer: the requester polls all that time.
         rep, waited = await cpu_during(pool.bus.request("slow.sleep", 0.2, timeout=10))
         assert rep.decode(str) == "slept"
-        assert waited > 0.02, f"{waited * 1e3:.1f} ms of CPU while a reply was due: it slept"
+        assert waited > 0.02 or spinner.gave_way, (
+            f"{waited * 1e3:.1f} ms of CPU while a reply was due: it slept"
+        )
         # The 1 s window is still open, but nothing is due any more.
         await assert_stopped(spinner, waited, "nothing is due")
 

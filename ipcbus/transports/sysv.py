@@ -1008,6 +1008,8 @@ class _ClientLink(SysvLink):
         self._rx_delivered = 0  # written by the thread
         self._rx_processed = 0  # written by the loop
         self._hub_watch: _PidWatch | None = None
+        # Why the stream ends once our own end marker (below) comes back.
+        self._marker_end: BaseException | None = None
         self._handoff = _Handoff(loop, self._on_rx_batch)
         self._rx_thread = threading.Thread(
             target=self._rx_run, name=f"ipcbus-sysv-rx-{address}", daemon=True
@@ -1086,9 +1088,9 @@ class _ClientLink(SysvLink):
                 continue  # the link ended: drain and drop
             if t == address:
                 if not data:
-                    # Our own end marker, queued after everything the dead hub sent.
+                    # Our own end marker, queued after everything the hub sent.
                     self._drop_partial("the hub exited mid-frame")
-                    self._end(EndOfStream(f"the hub (pid {self._hub_pid}) exited"))
+                    self._end(self._marker_end or EndOfStream(f"the hub (pid {self._hub_pid}) exited"))
                     continue
                 try:
                     self._rx_data(data)
@@ -1190,19 +1192,41 @@ class _ClientLink(SysvLink):
         self._hub_watch = None
         self._peer_gone = True
         self._break(ConnectionClosed(f"the hub (pid {self._hub_pid}) exited"))
+        self._end_after_queued(EndOfStream(f"the hub (pid {self._hub_pid}) exited"))
+        if not self._welcome.done():
+            self._welcome.set_exception(
+                BusNotFound(self._busdir.name, str(self._busdir.parent))
+            )
+            self._welcome.exception()
+
+    def _on_out_removed(self) -> None:
+        """The bus queue is gone: nothing more can leave, but what the hub sent is still read.
+
+        A hub that closes cleanly queues its notices and BYE on our queue and
+        then removes the bus queue; a send that fails on the removed queue must
+        not cut off that orderly end, which is still on its way to the loop.
+        """
+        self._peer_gone = True
+        exc = ConnectionClosed(
+            f"the peer's SysV queue (id {self._out_q.id}) is gone: the peer closed, "
+            "or someone removed it (ipcrm)"
+        )
+        self._break(exc)
+        self._end_after_queued(exc)
+
+    def _end_after_queued(self, exc: BaseException) -> None:
+        """End the stream with ``exc`` once everything already in our queue is delivered."""
+        if self._rx_end is not None or self._marker_end is not None:
+            return
+        self._marker_end = exc
         try:
             # A zero-length message of our own data type goes behind every data
             # message the hub queued (FIFO within a type): the thread reaches it
             # only after delivering them all.
             self._own_q.send(b"", False, self._address)
         except (sysv_ipc.Error, OSError):
-            self._drop_partial("the hub exited")
-            self._end(EndOfStream(f"the hub (pid {self._hub_pid}) exited"))
-        if not self._welcome.done():
-            self._welcome.set_exception(
-                BusNotFound(self._busdir.name, str(self._busdir.parent))
-            )
-            self._welcome.exception()
+            self._drop_partial("the link ended")
+            self._end(exc)
 
     async def _wait_welcome(self, timeout: float) -> None:
         try:
