@@ -201,31 +201,34 @@ async def test_request_right_after_a_service_subscribed_elsewhere_is_answered(bu
     ``flush`` returned), instead of failing with ``NoResponders`` at the
     client; a subject nobody serves gets ``NoResponders`` from the hub.
     """
-    async with ipcbus.Hub(bus_name, transports=FIFO_ONLY):
-        async with ipcbus.connect(bus_name, name="late") as b, ipcbus.connect(bus_name, name="svc") as a:
-            held: list[tuple[Any, LinkState]] = []
-            hear = b.node._on_control
+    async with (
+        ipcbus.Hub(bus_name, transports=FIFO_ONLY),
+        ipcbus.connect(bus_name, name="late") as b,
+        ipcbus.connect(bus_name, name="svc") as a,
+    ):
+        held: list[tuple[Any, LinkState]] = []
+        hear = b.node._on_control
 
-            def late(frame: Any, ls: LinkState) -> None:  # b hears of "add" only when told
-                if isinstance(frame, Sub) and frame.subject == "add":
-                    held.append((frame, ls))
-                else:
-                    hear(frame, ls)
-
-            b.node._on_control = late  # type: ignore[method-assign]
-            await a.serve("add", lambda m: sum(m.decode(list[int])))
-            await a.flush()  # the hub knows the service now
-            assert not b.node.has_interest("add")
-            sent = b.stats()["msgs_out"]
-            assert (await b.request("add", [1, 2, 3], timeout=5)).decode() == 6
-            with pytest.raises(NoResponders):
-                await b.request("nobody.here", timeout=5)
-            assert b.stats()["msgs_out"] == sent + 2  # both went to the hub
-            assert held
-            for frame, ls in held:
+        def late(frame: Any, ls: LinkState) -> None:  # b hears of "add" only when told
+            if isinstance(frame, Sub) and frame.subject == "add":
+                held.append((frame, ls))
+            else:
                 hear(frame, ls)
-            assert b.node.has_interest("add")
-            assert (await b.request("add", [4], timeout=5)).decode() == 4
+
+        b.node._on_control = late  # type: ignore[method-assign]
+        await a.serve("add", lambda m: sum(m.decode(list[int])))
+        await a.flush()  # the hub knows the service now
+        assert not b.node.has_interest("add")
+        sent = b.stats()["msgs_out"]
+        assert (await b.request("add", [1, 2, 3], timeout=5)).decode() == 6
+        with pytest.raises(NoResponders):
+            await b.request("nobody.here", timeout=5)
+        assert b.stats()["msgs_out"] == sent + 2  # both went to the hub
+        assert held
+        for frame, ls in held:
+            hear(frame, ls)
+        assert b.node.has_interest("add")
+        assert (await b.request("add", [4], timeout=5)).decode() == 4
 
 
 # -- connect() without a hub, autostart --------------------------------------------
