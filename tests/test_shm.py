@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -165,6 +166,41 @@ async def test_small_ring_streams_every_size(ring_size: int) -> None:
         for f in frames:
             got = await b.recv()
             assert got == f, f"{len(f)}-byte frame corrupted ({len(got)} bytes received)"
+
+
+@pytest.mark.parametrize("ring_size", [4096, 64 * KiB])
+async def test_small_frames_share_records_and_keep_their_order(ring_size: int) -> None:
+    """Frames under 512 bytes are packed into FRAMES records; mixed with larger
+    ones (whole FRAME records, streamed ones) and with a full ring, every frame
+    arrives whole and in order, and the counters match."""
+    rnd = random.Random(ring_size)
+    sizes = [rnd.choice([1, 3, 64, 200, 511, 512, 513, 3000, ring_size + 9]) for _ in range(3000)]
+    frames = [bytes([i % 251]) * s for i, s in enumerate(sizes)]
+    async with pair(ring_size) as (a, b), anyio.create_task_group() as tg:
+
+        async def produce() -> None:
+            for k, f in enumerate(frames):
+                a.send_nowait(f)
+                if a.pending_out > ring_size or k % 97 == 0:
+                    await a.drain()
+
+        tg.start_soon(produce)
+        for k, f in enumerate(frames):
+            got = await b.recv()
+            assert got == f, f"frame {k}: {len(f)} bytes sent, {len(got)} received"
+        assert b.info.msgs_in == len(frames)
+        assert b.info.bytes_in == a.info.bytes_out == sum(sizes)
+
+
+async def test_small_frames_sent_just_before_close_arrive_before_the_end() -> None:
+    async with pair(64 * KiB) as (a, b):
+        for i in range(500):
+            a.send_nowait(b"last words %d" % i)
+        await a.aclose()  # no loop turn in between: the packed frames go out first
+        for i in range(500):
+            assert await b.recv() == b"last words %d" % i
+        with anyio.fail_after(5), pytest.raises(EndOfStream):
+            await b.recv()
 
 
 async def test_large_messages_are_decoded_in_the_ring() -> None:
@@ -535,6 +571,9 @@ async def test_tail_counter_outside_the_ring() -> None:
         ((2, 0), "empty frame"),
         ((3, 16), "outside a streamed frame"),
         ((4, 16), "does not reach the end"),
+        ((7, 0), "empty FRAMES record"),
+        ((7, 30), "a frame of 40 bytes in a FRAMES record with 26"),  # cut short
+        ((7, 2), "ends inside a frame length"),
     ],
 )
 async def test_scribbled_record_is_a_protocol_error(record: tuple[int, int], match: str) -> None:
@@ -546,6 +585,17 @@ async def test_scribbled_record_is_a_protocol_error(record: tuple[int, int], mat
         a._mv[HEADER_SIZE : HEADER_SIZE + 8] = (tag | 0x100).to_bytes(4, sys.byteorder) + (
             n.to_bytes(4, sys.byteorder)
         )
+        with anyio.fail_after(5), pytest.raises(ProtocolError, match=match):
+            await b.recv()
+
+
+@pytest.mark.parametrize(("length", "match"), [(0, "a frame of 0 bytes"), (41, "a frame of 41 bytes")])
+async def test_scribbled_length_inside_a_frames_record(length: int, match: str) -> None:
+    async with pair(64 * KiB) as (a, b):
+        await a.send(b"a" * 40)  # small: one FRAMES record holding [u32 40][40 bytes]
+        await asyncio.sleep(0)  # committed
+        assert a._mv is not None
+        a._mv[HEADER_SIZE + 8 : HEADER_SIZE + 12] = length.to_bytes(4, sys.byteorder)
         with anyio.fail_after(5), pytest.raises(ProtocolError, match=match):
             await b.recv()
 

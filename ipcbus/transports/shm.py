@@ -140,10 +140,15 @@ _PIECE: Final = 3  # `length` bytes of the streamed frame
 _PAD: Final = 4  # skip to the end of the ring (`length` = bytes skipped after this header)
 _EOF: Final = 5  # the writer closed the link
 _ATTACHED: Final = 6  # first record from the attacher: its pid is in the header
-_TAG_NAMES: Final = {1: "FRAME", 2: "BEGIN", 3: "PIECE", 4: "PAD", 5: "EOF", 6: "ATTACHED"}
+_FRAMES: Final = 7  # `length` bytes of small frames, each a u32 length then its bytes
+_TAG_NAMES: Final = {1: "FRAME", 2: "BEGIN", 3: "PIECE", 4: "PAD", 5: "EOF", 6: "ATTACHED", 7: "FRAMES"}
 _KIND: Final = 0xFF  # the record kind is the tag's low byte
 _END: Final = 0x100  # flag: last record of a committed batch (the reader returns its token)
 _FRAME_END: Final = _FRAME | _END
+_FRAMES_END: Final = _FRAMES | _END
+_SMALL: Final = 4096  # frames below this many bytes are packed into FRAMES records...
+_SMALL_BATCH: Final = 64 * 1024  # ...of up to this many bytes (less in a small ring)
+_U32 = struct.Struct("=I")  # the length before each frame in a FRAMES record
 
 _REC = struct.Struct("=II")  # record header: tag, length
 _REC_SIZE: Final = 8
@@ -153,6 +158,7 @@ _TAG_SHIFT: Final = 0 if sys.byteorder == "little" else 32
 _LEN_SHIFT: Final = 32 - _TAG_SHIFT
 _M32: Final = 0xFFFFFFFF
 _FRAME_HDR: Final = _FRAME << _TAG_SHIFT
+_FRAMES_HDR: Final = _FRAMES << _TAG_SHIFT
 _END_BIT: Final = _END << _TAG_SHIFT
 _MAX_LEN: Final = 0xFFFFFFFF
 
@@ -217,6 +223,35 @@ def _copy_in(mv: memoryview, at: int, frame: bytes | _Parts, off: int, n: int) -
         off = 0
         if not n:
             return
+
+
+def _split_frames(data: bytes, max_frame: int, append: Callable[[bytes], None]) -> int:
+    """Append the frames of a FRAMES record's payload; return their total size.
+
+    Raises :class:`FrameTooLarge` for a frame above ``max_frame`` and
+    :class:`ProtocolError` when a length is cut off, zero or runs past the
+    record; the frames before it are delivered.
+    """
+    n = len(data)
+    i = 0
+    total = 0
+    unpack = _U32.unpack_from
+    while i < n:
+        if i + 4 > n:
+            raise ProtocolError(f"shm link: a FRAMES record ends inside a frame length (offset {i} of {n})")
+        ln = unpack(data, i)[0]
+        i += 4
+        if ln > max_frame:
+            raise FrameTooLarge(ln, max_frame, "announced frame")
+        if not 0 < ln <= n - i:
+            raise ProtocolError(
+                f"shm link: a frame of {ln} bytes in a FRAMES record with {n - i} bytes left: "
+                "the ring is corrupted"
+            )
+        append(data[i : i + ln])
+        i += ln
+        total += ln
+    return total
 
 
 def _align8(n: int) -> int:
@@ -397,6 +432,13 @@ class ShmLink(Link):
         self._tx_committed = 0  # head at the last commit
         self._last_at = -1  # where the last record written starts (gets _END on commit)
         self._commit_scheduled = False
+        # Small frames wait here (each after its u32 length) until the end of
+        # the loop turn, then go into the ring as one FRAMES record: one record
+        # header, one copy and one bookkeeping step for many frames.
+        self._small: list[bytes] = []
+        self._small_n = 0
+        self._small_max = min(_SMALL_BATCH, self._contig_max // 2)
+        self._small_frame = min(_SMALL, self._small_max // 2)
         self._tx_inflight: collections.deque[int] = collections.deque()  # committed batch sizes
         self._tx_error: ConnectionClosed | None = None
         self._tx_broken = False  # the tx ring itself is untrustworthy (no EOF on close)
@@ -751,6 +793,19 @@ class ShmLink(Link):
         info = self.info
         info.msgs_out += 1
         info.bytes_out += n
+        if n < self._small_frame and type(frame) is bytes and not self._txq:
+            small = self._small
+            small.append(_U32.pack(n))
+            small.append(frame)
+            self._small_n += n + 4
+            if self._small_n >= self._small_max:
+                self._flush_small()
+            elif not self._commit_scheduled:
+                self._commit_scheduled = True
+                (self._loop or self._get_loop()).call_soon(self._commit_soon)
+            return
+        if self._small:
+            self._flush_small()
         if not self._txq:
             # Fast path: a frame that fits contiguously goes straight into the ring.
             rec = (n + 15) & -8  # header + payload padded to 8
@@ -783,10 +838,51 @@ class ShmLink(Link):
         if len(self._txq) == 1:
             self._pump_tx()
 
+    def _flush_small(self, queue: bool = True) -> None:
+        """Write the small frames waiting as one FRAMES record (or queue them one by one).
+
+        Runs before anything else is queued, at every commit and on close, so
+        frames keep their order.  Without ``queue`` (closing), frames that
+        find no room now are dropped, like everything else still queued.
+        """
+        small = self._small
+        n = self._small_n
+        self._small = []
+        self._small_n = 0
+        if not self._txq:
+            rec = (n + 15) & -8
+            size = self._tx_size
+            head = self._tx_head
+            pos = head % size
+            if (
+                rec <= size - pos
+                and rec <= self._contig_max
+                and rec <= size - (head - self._tx_tail) - _REC_SIZE
+            ):
+                mv, hq = self._mv, self._hq
+                assert mv is not None and hq is not None
+                at = self._tx_base + pos
+                hq[at >> 3] = _FRAMES_HDR | n << _LEN_SHIFT
+                mv[at + _REC_SIZE : at + _REC_SIZE + n] = b"".join(small)
+                self._tx_head = head = head + rec
+                self._last_at = at
+                if head - self._tx_committed >= self._batch_max:
+                    self._commit()
+                return
+        if not queue:
+            return
+        # No contiguous room now: the frames take the ordinary way, in order.
+        frames = small[1::2]
+        was_idle = not self._txq
+        self._txq.extend(frames)
+        self._pending += n - 4 * len(frames)
+        if was_idle:
+            self._pump_tx()
+
     @property
     def pending_out(self) -> int:
         """Bytes queued by :meth:`send_nowait` and not yet copied into the ring."""
-        return self._pending
+        return self._pending + self._small_n
 
     async def wait_writable(self, threshold: int | None = None) -> None:
         """Wait until :attr:`pending_out` is at or below ``threshold`` (default: half high water)."""
@@ -811,6 +907,8 @@ class ShmLink(Link):
 
     async def drain(self) -> None:
         """Wait until every queued frame has been copied into the ring."""
+        if self._small and self._tx_error is None:
+            self._flush_small()
         await self.wait_writable(0)
 
     def _pump_tx(self) -> None:
@@ -953,6 +1051,8 @@ class ShmLink(Link):
 
     def _commit(self) -> None:
         """Publish the records written since the last commit as one batch."""
+        if self._small:
+            self._flush_small()
         head = self._tx_head
         if head == self._tx_committed:
             return
@@ -1158,6 +1258,23 @@ class ShmLink(Link):
                 rec = (n + 15) & -8
                 if (
                     fast
+                    and tag in (_FRAMES, _FRAMES_END)
+                    and n > 0
+                    and rec <= size - off
+                    and pos + rec <= head
+                ):
+                    # Many small frames in one record: one copy out, then split.
+                    taken += _split_frames(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes(), maxf, append)
+                    pos += rec
+                    budget -= 1
+                    if tag == _FRAMES_END:
+                        self._rx_tokens -= 1
+                        freed += 1
+                    if taken >= _RX_BYTES:
+                        break
+                    continue
+                if (
+                    fast
                     and tag in (_FRAME, _FRAME_END)
                     and 0 < n <= maxf
                     and rec <= size - off
@@ -1183,8 +1300,8 @@ class ShmLink(Link):
                 self._rx_pos = pos
                 got = len(inbox)
                 rec = self._consume(mv, at, off, tag, n, head)
-                if len(inbox) > got:
-                    taken += len(inbox[-1])  # type: ignore[arg-type]  # _consume appends bytes
+                for k in range(got, len(inbox)):
+                    taken += len(inbox[k])  # type: ignore[arg-type]  # _consume appends bytes
                 pos += rec
                 self._rx_pos = pos
                 budget -= 1
@@ -1243,7 +1360,7 @@ class ShmLink(Link):
             raise ProtocolError(
                 f"shm link: unknown record tag {tag:#x} at ring offset {off}: the ring is corrupted"
             )
-        if kind in (_FRAME, _PIECE):
+        if kind in (_FRAME, _PIECE, _FRAMES):
             rec = _REC_SIZE + _align8(n)
         elif kind == _PAD:
             rec = room
@@ -1273,6 +1390,14 @@ class ShmLink(Link):
             if not n:
                 raise ProtocolError("shm link: peer sent an empty frame")
             self._inbox.append(mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes())
+        elif kind == _FRAMES:
+            if self._streaming:
+                raise ProtocolError("shm link: a FRAMES record in the middle of a streamed frame")
+            if not n:
+                raise ProtocolError("shm link: peer sent an empty FRAMES record")
+            _split_frames(
+                mv[at + _REC_SIZE : at + _REC_SIZE + n].tobytes(), self.max_frame, self._inbox.append
+            )
         elif kind == _PIECE:
             if not self._streaming:
                 raise ProtocolError("shm link: a PIECE record outside a streamed frame")
@@ -1509,6 +1634,8 @@ class ShmLink(Link):
         if self._closed:
             return
         try:
+            if self._small and self._tx_error is None:
+                self._flush_small()
             if self._txq and self._tx_error is None:
                 with contextlib.suppress(ConnectionClosed, TimeoutError):
                     async with asyncio.timeout(self.close_timeout):
@@ -1521,10 +1648,14 @@ class ShmLink(Link):
         if self._closed:
             return
         self._closed = True
+        if self._small and self._tx_error is None and not self._txq:
+            self._flush_small(queue=False)  # into the ring if there is room, before the EOF
         if self._tx_error is None:
             self._tx_error = ConnectionClosed("link is closed")
         self._txq.clear()
         self._pending = 0
+        self._small = []
+        self._small_n = 0
         self._tx_off = -1  # a half-streamed frame: the peer sees EOF mid-frame
         self._unwatch_peer()
         self._announce_close()
