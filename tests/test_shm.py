@@ -600,6 +600,19 @@ async def test_scribbled_length_inside_a_frames_record(length: int, match: str) 
             await b.recv()
 
 
+async def test_frames_record_inside_a_streamed_frame() -> None:
+    async with pair(64 * KiB) as (a, b):
+        await a.send(b"a" * 40)  # one 56-byte FRAMES record, committed alone
+        await asyncio.sleep(0)
+        assert a._mv is not None
+        # Rewrite it as BEGIN (a 100-byte streamed frame) and then a FRAMES record.
+        le = sys.byteorder
+        a._mv[HEADER_SIZE : HEADER_SIZE + 8] = (2).to_bytes(4, le) + (100).to_bytes(4, le)
+        a._mv[HEADER_SIZE + 8 : HEADER_SIZE + 16] = (7 | 0x100).to_bytes(4, le) + (40).to_bytes(4, le)
+        with anyio.fail_after(5), pytest.raises(ProtocolError, match="FRAMES record in the middle"):
+            await b.recv()
+
+
 @pytest.mark.parametrize("size", [3000, 200 * KiB])
 async def test_frame_over_the_readers_maximum_is_refused_before_copying(size: int) -> None:
     """A whole frame (FRAME) or a streamed one (BEGIN) larger than max_frame closes the link."""
