@@ -1072,6 +1072,8 @@ class ShmLink(Link):
             self._tx_error = exc
         self._txq.clear()
         self._pending = 0
+        self._small = []  # gathered small frames are dropped with the rest
+        self._small_n = 0
         self._tx_off = -1
         self._tx_blocked = False
         self._wake_writers()
