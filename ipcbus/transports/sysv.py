@@ -612,12 +612,15 @@ class SysvLink(Link):
 
     def _on_out_removed(self) -> None:
         self._peer_gone = True
-        exc = ConnectionClosed(
+        exc = self._out_gone()
+        self._break(exc)
+        self._end(exc)
+
+    def _out_gone(self) -> ConnectionClosed:
+        return ConnectionClosed(
             f"the peer's SysV queue (id {self._out_q.id}) is gone: the peer closed, "
             "or someone removed it (ipcrm)"
         )
-        self._break(exc)
-        self._end(exc)
 
     def _on_tx_progress(self) -> None:
         if self._frames:
@@ -1207,10 +1210,7 @@ class _ClientLink(SysvLink):
         not cut off that orderly end, which is still on its way to the loop.
         """
         self._peer_gone = True
-        exc = ConnectionClosed(
-            f"the peer's SysV queue (id {self._out_q.id}) is gone: the peer closed, "
-            "or someone removed it (ipcrm)"
-        )
+        exc = self._out_gone()
         self._break(exc)
         self._end_after_queued(exc)
 
