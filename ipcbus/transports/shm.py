@@ -8,11 +8,12 @@ nothing.  ``docs/transports/shm.md`` describes the layout and the protocol
 byte by byte; the short version:
 
 * The ring holds *records*: an 8-byte header (u32 tag, u32 length) and the
-  payload, padded to 8 bytes.  A frame that fits before the end of the ring
-  and is at most half of it is one ``FRAME`` record.  Any other frame is
-  streamed: ``BEGIN`` (its total length), then ``PIECE`` records; the reader
-  delivers it whole.  ``EOF`` ends the stream; ``ATTACHED`` tells the
-  creator its peer is in.
+  payload, padded to 8 bytes.  Small frames (under 4 KiB) gathered in one
+  loop turn share one ``FRAMES`` record, each behind its u32 length.  A frame
+  that fits before the end of the ring and is at most half of it is one
+  ``FRAME`` record.  Any other frame is streamed: ``BEGIN`` (its total
+  length), then ``PIECE`` records; the reader delivers it whole.  ``EOF``
+  ends the stream; ``ATTACHED`` tells the creator its peer is in.
 * Records are published in batches.  Four POSIX named semaphores count
   them: for each ring, ``items`` (the writer posts one per batch it
   publishes, the reader takes one before reading the batch) and ``space``
