@@ -464,6 +464,27 @@ async def test_drain_after_the_peer_closed(acceptor: SysvAcceptor) -> None:
     await client.aclose()
 
 
+async def test_a_send_on_the_removed_bus_queue_does_not_cut_off_the_hubs_last_frames(
+    busdir: Path,
+) -> None:
+    """A hub that closes queues its last frames and BYE, then removes the bus
+    queue; the client's next send fails on the removed queue before its thread
+    has handed over what is waiting: those frames still arrive, then a clean end."""
+    async with SysvAcceptor(busdir) as acc:
+        client, hub = await connect_here(acc)
+        hub.send_nowait(b"last words")
+        await hub.aclose()
+    assert not queue_exists(client.info.objects["bus_queue"])
+    client.send_nowait(b"into the void")  # sent at once: fails on the removed queue
+    async with asyncio.timeout(10):
+        assert await client.recv() == b"last words"
+        with pytest.raises(EndOfStream):
+            await client.recv()
+    with pytest.raises(ConnectionClosed):
+        client.send_nowait(b"again")
+    await client.aclose()
+
+
 async def test_ipcrm_of_a_client_queue(acceptor: SysvAcceptor) -> None:
     client, hub = await connect_here(acceptor)
     await run("ipcrm", "-q", str(client.info.objects["queue"]))
