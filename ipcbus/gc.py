@@ -13,14 +13,14 @@ when all of these hold:
 * for a segment, nobody is still attached (``nattch`` 0, or only dead pids).
 
 Then it removes the stale pid file and door FIFO of a dead hub.  It never
-touches anything owned by another user.
+touches anything owned by another user.  ``/proc/sysvipc`` supplies the
+``IPC_STAT`` fields (owner, creator, ctime, depth) without attaching.
 
 A worker pool over shared memory records the objects it makes for a worker
 in a folder of its own under the bus root, ``_pool-<pid>-<start time>``,
 until the worker has attached (after which nothing can leak).
 :func:`reclaim_pools` collects the folders of pools whose process is gone:
-``ipcbus gc --all`` runs it, and so does every pool that makes shm links.  ``/proc/sysvipc`` supplies the
-``IPC_STAT`` fields (owner, creator, ctime, depth) without attaching.
+``ipcbus gc --all`` runs it, and so does every pool that makes shm links.
 """
 
 from __future__ import annotations

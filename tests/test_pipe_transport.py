@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from ipcbus.errors import FrameTooLarge, ProtocolError
 from ipcbus.testing import check_link
 from ipcbus.transports.base import Link
 from ipcbus.transports.memory import memory_pair
@@ -57,3 +58,23 @@ async def test_a_burst_reaches_the_kernel_before_the_sender_yields() -> None:
         got = [await b.recv() for _ in range(2001)]
         assert got[:2000] == [frame] * 2000
         assert got[2000] == b"head" + b"y" * (100 * 1024)
+
+
+async def test_a_small_maximum_is_enforced_for_small_frames_too() -> None:
+    # Frames up to 64 KiB take a shorter path; a link whose maximum is below
+    # that must still refuse a frame over it, on either send call.
+    a, b = pipe_pair(max_frame=1000)
+    try:
+        with pytest.raises(FrameTooLarge) as info:
+            a.send_nowait(b"x" * 1001)
+        assert (info.value.size, info.value.limit) == (1001, 1000)
+        with pytest.raises(FrameTooLarge):
+            a.send_parts(b"h", b"x" * 1000)
+        with pytest.raises(ProtocolError, match="empty"):
+            a.send_nowait(b"")
+        a.send_nowait(b"x" * 1000)  # the maximum itself is fine; nothing else was queued
+        assert await b.recv() == b"x" * 1000
+        assert a.info.msgs_out == 1
+    finally:
+        await a.aclose()
+        await b.aclose()

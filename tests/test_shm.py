@@ -192,6 +192,21 @@ async def test_small_frames_share_records_and_keep_their_order(ring_size: int) -
         assert b.info.bytes_in == a.info.bytes_out == sum(sizes)
 
 
+async def test_small_frames_of_one_turn_go_into_one_record() -> None:
+    async with pair(64 * KiB) as (a, b):
+        frames = [b"x" * 10, b"y" * 100, b"z" * 1000]
+        for f in frames:
+            a.send_nowait(f)
+        assert a.pending_out == sum(4 + len(f) for f in frames)  # gathered, not in the ring yet
+        await a.drain()  # into the ring: one FRAMES record
+        assert a._hq is not None
+        hdr = int(a._hq[HEADER_SIZE // 8])
+        tag, length = (hdr, hdr >> 32) if sys.byteorder == "little" else (hdr >> 32, hdr)
+        assert (tag & 0xFF, length & 0xFFFFFFFF) == (7, sum(4 + len(f) for f in frames))
+        for f in frames:
+            assert await b.recv() == f
+
+
 async def test_small_frames_sent_just_before_close_arrive_before_the_end() -> None:
     async with pair(64 * KiB) as (a, b):
         for i in range(500):

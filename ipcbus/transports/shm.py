@@ -807,33 +807,8 @@ class ShmLink(Link):
             return
         if self._small:
             self._flush_small()
-        if not self._txq:
-            # Fast path: a frame that fits contiguously goes straight into the ring.
-            rec = (n + 15) & -8  # header + payload padded to 8
-            size = self._tx_size
-            head = self._tx_head
-            pos = head % size
-            if (
-                rec <= size - pos
-                and rec <= self._contig_max
-                and rec <= size - (head - self._tx_tail) - _REC_SIZE
-            ):
-                mv, hq = self._mv, self._hq
-                assert mv is not None and hq is not None
-                at = self._tx_base + pos
-                hq[at >> 3] = _FRAME_HDR | n << _LEN_SHIFT  # the record header, one store
-                if type(frame) is bytes:
-                    mv[at + _REC_SIZE : at + _REC_SIZE + n] = frame
-                else:
-                    _copy_in(mv, at + _REC_SIZE, frame, 0, n)
-                self._tx_head = head = head + rec
-                self._last_at = at
-                if head - self._tx_committed >= self._batch_max:
-                    self._commit()
-                elif not self._commit_scheduled:
-                    self._commit_scheduled = True
-                    (self._loop or self._get_loop()).call_soon(self._commit_soon)
-                return
+        if not self._txq and self._put_whole(_FRAME_HDR, frame, n):
+            return
         self._txq.append(frame)
         self._pending += n
         if len(self._txq) == 1:
@@ -850,26 +825,8 @@ class ShmLink(Link):
         n = self._small_n
         self._small = []
         self._small_n = 0
-        if not self._txq:
-            rec = (n + 15) & -8
-            size = self._tx_size
-            head = self._tx_head
-            pos = head % size
-            if (
-                rec <= size - pos
-                and rec <= self._contig_max
-                and rec <= size - (head - self._tx_tail) - _REC_SIZE
-            ):
-                mv, hq = self._mv, self._hq
-                assert mv is not None and hq is not None
-                at = self._tx_base + pos
-                hq[at >> 3] = _FRAMES_HDR | n << _LEN_SHIFT
-                mv[at + _REC_SIZE : at + _REC_SIZE + n] = b"".join(small)
-                self._tx_head = head = head + rec
-                self._last_at = at
-                if head - self._tx_committed >= self._batch_max:
-                    self._commit()
-                return
+        if not self._txq and self._put_whole(_FRAMES_HDR, b"".join(small), n):
+            return
         if not queue:
             return
         # No contiguous room now: the frames take the ordinary way, in order.
@@ -879,6 +836,32 @@ class ShmLink(Link):
         self._pending += n - 4 * len(frames)
         if was_idle:
             self._pump_tx()
+
+    def _put_whole(self, hdr: int, data: bytes | _Parts, n: int) -> bool:
+        """Write one record straight into the ring if it fits before the ring's end.
+
+        ``hdr`` is the record's tag already shifted into place (the header is
+        one 8-byte store).  False, and nothing written, when it does not fit.
+        """
+        rec = (n + 15) & -8  # header + payload padded to 8
+        size = self._tx_size
+        head = self._tx_head
+        pos = head % size
+        if rec > size - pos or rec > self._contig_max or rec > size - (head - self._tx_tail) - _REC_SIZE:
+            return False
+        mv, hq = self._mv, self._hq
+        assert mv is not None and hq is not None
+        at = self._tx_base + pos
+        hq[at >> 3] = hdr | n << _LEN_SHIFT
+        _copy_in(mv, at + _REC_SIZE, data, 0, n)
+        self._tx_head = head = head + rec
+        self._last_at = at
+        if head - self._tx_committed >= self._batch_max:
+            self._commit()
+        elif not self._commit_scheduled:
+            self._commit_scheduled = True
+            (self._loop or self._get_loop()).call_soon(self._commit_soon)
+        return True
 
     @property
     def pending_out(self) -> int:

@@ -99,30 +99,13 @@ class FdStreamLink(Link):
 
     def send_nowait(self, frame: bytes) -> None:
         """Queue one whole frame; it leaves on the next loop iteration."""
-        if self._werror is not None or self._closed:
-            raise self._werror or ConnectionClosed("link is closed")
         n = len(frame)
-        if not 0 < n <= self.max_frame:
-            if n:
-                raise FrameTooLarge(n, self.max_frame)
-            raise ProtocolError("refusing to send an empty frame")
-        if n <= 65536:
-            self._wq.append(HEADER.pack(n) + frame)
-        else:  # do not copy large frames: queue header and body separately
-            self._wq.append(HEADER.pack(n))
-            self._wq.append(frame)
-        self._wq_bytes += n + 4
-        self.info.msgs_out += 1
-        self.info.bytes_out += n
-        if not self._writer_added:
-            if self._wq_bytes >= _EAGER_BYTES:
-                # A burst: hand the kernel what is queued now, so the reader
-                # starts on it while this task keeps producing, instead of
-                # everything waiting for the high-water mark or the next turn.
-                self._flush()
-            elif not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._flush)
+        if not 0 < n <= 65536 or n > self.max_frame or self._werror is not None or self._closed:
+            # Large (not copied into a frame of its own), empty or refused: the general path.
+            self.send_parts(b"", frame)
+            return
+        self._wq.append(HEADER.pack(n) + frame)
+        self._queued(n)
 
     def send_parts(self, head: bytes, body: bytes) -> None:
         """Queue one frame given as ``head + body``; ``writev`` sends both, unjoined."""
@@ -136,11 +119,18 @@ class FdStreamLink(Link):
         self._wq.append(HEADER.pack(n) + head)
         if body:
             self._wq.append(body)
+        self._queued(n)
+
+    def _queued(self, n: int) -> None:
+        """Count a frame of ``n`` bytes just queued, and see that it leaves."""
         self._wq_bytes += n + 4
         self.info.msgs_out += 1
         self.info.bytes_out += n
         if not self._writer_added:
-            if self._wq_bytes >= _EAGER_BYTES:  # as in send_nowait: a burst leaves at once
+            if self._wq_bytes >= _EAGER_BYTES:
+                # A burst: hand the kernel what is queued now, so the reader
+                # starts on it while this task keeps producing, instead of
+                # everything waiting for the high-water mark or the next turn.
                 self._flush()
             elif not self._flush_scheduled:
                 self._flush_scheduled = True
