@@ -74,9 +74,10 @@ class WorkerPool:
     every worker.  Requests to a service the workers serve in one queue group
     go to the least busy worker.
 
-    ``transport`` is ``"pipe"`` (two anonymous pipes per worker, the default)
-    or ``"shm"`` (a shared-memory ring pair per worker, for large payloads;
-    ``ring_size`` bytes per direction).  ``spin_us`` is the busy-poll window
+    ``transport`` is ``"pipe"`` (two anonymous pipes per worker, the default),
+    ``"shm"`` (a shared-memory ring pair per worker, for large payloads;
+    ``ring_size`` bytes per direction) or ``"sysv"`` (two System V message
+    queues per worker, :class:`~ipcbus.transports.sysv.SysvPairLink`).  ``spin_us`` is the busy-poll window
     while replies are due, in the parent and every worker (:mod:`ipcbus.spin`).
     """
 
@@ -100,8 +101,10 @@ class WorkerPool:
             raise ValueError(f"target must be 'module:function', not {target!r}")
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
-        if transport not in ("pipe", "shm"):
-            raise ValueError(f"unknown pool transport {transport!r}; use 'pipe' or 'shm'")
+        if transport not in ("pipe", "shm", "sysv"):
+            raise ValueError(
+                f"unknown pool transport {transport!r}; use 'pipe', 'shm' or 'sysv'"
+            )
         self.target = target
         self.size = workers
         self.name = name
@@ -237,7 +240,18 @@ class WorkerPool:
         w.state = "starting"
         w.starts += 1
         link: Link
-        if self.transport == "shm":
+        sysv_link = None
+        if self.transport == "sysv":
+            # Two queues the parent makes; the child opens them by the keys in its argv.
+            from .transports.sysv import SysvPairLink
+
+            sysv_link, sysv_params = SysvPairLink.create(
+                self._records_dir(), max_frame=self.max_frame
+            )
+            spec = "sysv:" + msgspec.json.encode(sysv_params).decode()
+            pass_fds: tuple[int, ...] = ()
+            pipes = None
+        elif self.transport == "shm":
             # The parent creates the segment; the child attaches with the ids
             # from its argv, and the parent waits for that (or the child's death).
             from .transports.shm import ShmLink
@@ -246,7 +260,7 @@ class WorkerPool:
                 self._records_dir(), ring_size=self.ring_size, max_frame=self.max_frame
             )
             spec = "shm:" + msgspec.json.encode(params).decode()
-            pass_fds: tuple[int, ...] = ()
+            pass_fds = ()
             pipes = None
         else:
             pipes = ChildPipes.create()
@@ -270,6 +284,8 @@ class WorkerPool:
         except BaseException:
             if pipes is not None:
                 pipes.close()
+            elif sysv_link is not None:
+                await sysv_link.aclose()
             else:
                 await shm_link.aclose()
             raise
@@ -277,6 +293,9 @@ class WorkerPool:
         w.started_at = time.monotonic()
         if pipes is not None:
             link = pipes.parent_link(peer_pid=proc.pid, max_frame=self.max_frame)
+        elif sysv_link is not None:
+            link = sysv_link
+            sysv_link.start(proc.pid)
         else:
             link = shm_link
             self._node.task_group.start_soon(self._reap, w, proc)
@@ -292,8 +311,8 @@ class WorkerPool:
                     f"worker {w.index} of pool {self.name!r} failed to start "
                     f"{self.target!r}: {w.last_error} (exit code {proc.returncode})"
                 ) from None
-        if pipes is not None:
-            self._node.task_group.start_soon(self._reap, w, proc)
+        if pipes is not None or sysv_link is not None:
+            self._node.task_group.start_soon(self._reap, w, proc, sysv_link)
         failure: list[str] = []
 
         def on_notice(n: fr.Notice) -> None:
@@ -340,9 +359,14 @@ class WorkerPool:
     async def _start(self, w: _Worker) -> None:
         await self._spawn(w)
 
-    async def _reap(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
+    async def _reap(
+        self, w: _Worker, proc: asyncio.subprocess.Process, link: Link | None = None
+    ) -> None:
         with anyio.CancelScope(shield=self._closing):
             await proc.wait()
+        forget_peer = getattr(link, "forget_peer", None)
+        if forget_peer is not None:
+            forget_peer()  # a SysV worker killed outright leaves the queue it read
         w.exited.set()
 
     def _on_link_closed(self, ls: LinkState) -> None:

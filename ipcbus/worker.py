@@ -1,7 +1,8 @@
 """Entry point of a WorkerPool child: ``python -m ipcbus.worker SPEC TARGET NAME MAX_FRAME PPID``.
 
-``SPEC`` names the link to the parent: ``pipe:R,W`` (inherited pipe fds) or
-``shm:{...}`` (the ids of a shared-memory ring pair the parent created).
+``SPEC`` names the link to the parent: ``pipe:R,W`` (inherited pipe fds),
+``shm:{...}`` (the ids of a shared-memory ring pair the parent created) or
+``sysv:{...}`` (the ids and keys of the two SysV message queues it created).
 
 The child wraps its inherited pipe ends in a link to the parent's node,
 imports ``TARGET`` (``"module:function"``), runs ``await setup(bus)``, and
@@ -47,7 +48,7 @@ def load_target(target: str) -> Callable[[Bus], Awaitable[Any]]:
 
 
 async def _open_link(spec: str, parent_pid: int, max_frame: int) -> Link:
-    """The link to the parent from its argv spec: ``pipe:R,W`` or ``shm:{params json}``."""
+    """The link to the parent from its argv spec: ``pipe:R,W``, ``shm:{...}`` or ``sysv:{...}``."""
     kind, _, rest = spec.partition(":")
     if kind == "pipe":
         r, w = (int(x) for x in rest.split(","))
@@ -57,6 +58,11 @@ async def _open_link(spec: str, parent_pid: int, max_frame: int) -> Link:
 
         params = msgspec.json.decode(rest.encode(), type=dict[str, int | str])
         return await ShmLink.attach(params, peer_pid=parent_pid, max_frame=max_frame)
+    if kind == "sysv":
+        from .transports.sysv import SysvPairLink
+
+        pair = msgspec.json.decode(rest.encode(), type=dict[str, int | str])
+        return await SysvPairLink.attach(pair, peer_pid=parent_pid, max_frame=max_frame)
     raise ValueError(f"unknown worker link spec {spec!r}")
 
 

@@ -169,6 +169,7 @@ TABLES: tuple[BenchTable, ...] = (
             Row("ipcbus pipe", (64, KiB, 64 * KiB, MiB, 16 * MiB), quick=(64, KiB, 64 * KiB, MiB)),
             Row("ipcbus hub+fifo", (64, 64 * KiB), quick=(64,)),
             Row("ipcbus hub+sysv", _SMALL, quick=(KiB,)),
+            Row("ipcbus pool+sysv", _SMALL, quick=(KiB,)),
             Row("ipcbus pool+shm", (64, 64 * KiB, MiB, 16 * MiB), quick=(64, MiB)),
             Row("ipcbus hub+shm", (64 * KiB, MiB), quick=(MiB,)),
         ),
@@ -194,6 +195,7 @@ TABLES: tuple[BenchTable, ...] = (
             Row("ipcbus pipe"),
             Row("ipcbus hub+fifo"),
             Row("ipcbus hub+sysv"),
+            Row("ipcbus pool+sysv"),
             Row("ipcbus pool+shm"),
             Row("ipcbus hub+shm"),
         ),
@@ -264,6 +266,9 @@ TARGETS: tuple[Target, ...] = (
     # issue 4 (SysV)
     Target("W2", "ipcbus hub+sysv", 64, "p50_us", "sysv_ipc raw", "<=", 1.3, 4),
     Target("W1", "ipcbus hub+sysv", KiB, "msgs_s", "sysv_ipc raw", ">=", 0.7, 4),
+    # ... and over one SysV link (a pool worker), as the raw baseline is
+    Target("W2", "ipcbus pool+sysv", 64, "p50_us", "sysv_ipc raw", "<=", 1.3, 4),
+    Target("W1", "ipcbus pool+sysv", KiB, "msgs_s", "sysv_ipc raw", ">=", 0.7, 4),
     # issue 5 (shared memory): direct shm link vs the pipe transport and pyzmq
     Target("W1", "ipcbus pool+shm", MiB, "mb_s", "zmq PUSH/PULL", ">=", 1.5, 5),
     Target("W1", "ipcbus pool+shm", MiB, "mb_s", "ipcbus pipe", ">=", 2.0, 5),

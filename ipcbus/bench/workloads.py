@@ -566,24 +566,38 @@ async def ipcbus_pipe_w2x(p: Params) -> Metrics:
         return await _bus_inflight(pool.bus, p)
 
 
-def _shm_pool(ipcbus: ModuleType, setup: str) -> Any:
+def _pool(ipcbus: ModuleType, setup: str, transport: str) -> Any:
     try:
-        return ipcbus.WorkerPool(setup, workers=1, transport="shm")
+        return ipcbus.WorkerPool(setup, workers=1, transport=transport)
     except (TypeError, ValueError) as exc:
-        raise Unavailable(f"WorkerPool(transport='shm') not supported yet ({exc})") from exc
+        raise Unavailable(f"WorkerPool(transport={transport!r}) not supported yet ({exc})") from exc
 
 
 async def ipcbus_pool_shm_w1(p: Params) -> Metrics:
     """W1 through a one-worker pool whose link is shared memory (direct, no hub)."""
     ipcbus = _ipcbus("WorkerPool")
-    async with _shm_pool(ipcbus, f"{MODULE}:sink_setup") as pool:
+    async with _pool(ipcbus, f"{MODULE}:sink_setup", "shm") as pool:
         return await _bus_stream(pool.bus, p)
 
 
 async def ipcbus_pool_shm_w2(p: Params) -> Metrics:
     """W2 sequential request/reply to a one-worker shared-memory pool."""
     ipcbus = _ipcbus("WorkerPool")
-    async with _shm_pool(ipcbus, f"{MODULE}:echo_setup") as pool:
+    async with _pool(ipcbus, f"{MODULE}:echo_setup", "shm") as pool:
+        return await _bus_sequential(pool.bus, p)
+
+
+async def ipcbus_pool_sysv_w1(p: Params) -> Metrics:
+    """W1 through a one-worker pool linked by two SysV message queues (direct, no hub)."""
+    ipcbus = _ipcbus("WorkerPool")
+    async with _pool(ipcbus, f"{MODULE}:sink_setup", "sysv") as pool:
+        return await _bus_stream(pool.bus, p)
+
+
+async def ipcbus_pool_sysv_w2(p: Params) -> Metrics:
+    """W2 sequential request/reply to a one-worker SysV pool."""
+    ipcbus = _ipcbus("WorkerPool")
+    async with _pool(ipcbus, f"{MODULE}:echo_setup", "sysv") as pool:
         return await _bus_sequential(pool.bus, p)
 
 
@@ -1031,6 +1045,7 @@ DRIVERS: dict[tuple[str, str], str] = {
     ("W1", "ipcbus hub+sysv"): f"{_W}:hub_sysv_w1",
     ("W1", "ipcbus hub+shm"): f"{_W}:hub_shm_w1",
     ("W1", "ipcbus pool+shm"): f"{_W}:ipcbus_pool_shm_w1",
+    ("W1", "ipcbus pool+sysv"): f"{_W}:ipcbus_pool_sysv_w1",
     # W2 sequential request/reply
     ("W2", "os.pipe"): f"{_B}:pipe_w2",
     ("W2", "mp.Pipe"): f"{_B}:mp_w2",
@@ -1044,6 +1059,7 @@ DRIVERS: dict[tuple[str, str], str] = {
     ("W2", "ipcbus hub+sysv"): f"{_W}:hub_sysv_w2",
     ("W2", "ipcbus hub+shm"): f"{_W}:hub_shm_w2",
     ("W2", "ipcbus pool+shm"): f"{_W}:ipcbus_pool_shm_w2",
+    ("W2", "ipcbus pool+sysv"): f"{_W}:ipcbus_pool_sysv_w2",
     # W2 with many requests in flight
     ("W2x", "uvloop unix"): f"{_B}:unix_w2x",
     ("W2x", "zmq DEALER/ROUTER"): f"{_B}:zmq_w2x",

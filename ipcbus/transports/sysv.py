@@ -97,8 +97,10 @@ __all__ = [
     "KEY_FILE",
     "MIN_CLIENT_ADDRESS",
     "MSG_HEADER",
+    "PAIR_DATA_TYPE",
     "SysvAcceptor",
     "SysvLink",
+    "SysvPairLink",
     "bus_key",
     "connect_sysv",
 ]
@@ -996,11 +998,24 @@ class _ClientLink(SysvLink):
                          "address": address},
             ),
         )
+        self._init_rx(loop, busdir, own_q, address, hub_pid, "the hub")
+
+    def _init_rx(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        busdir: Path | None,
+        own_q: sysv_ipc.MessageQueue,
+        address: int,
+        peer_pid: int,
+        peer_label: str,
+    ) -> None:
+        """The receiving side's state: ``own_q`` read for type ``address`` and the controls."""
         self._busdir = busdir
         self._own_q = own_q
         self._own_id = own_q.id
         self._address = address
-        self._hub_pid = hub_pid
+        self._hub_pid = peer_pid
+        self._peer_label = peer_label  # "the hub", or who the peer of a pair link is
         self._credit_unit = 0
         self._welcome: asyncio.Future[None] = loop.create_future()
         # receiver-thread state (see _rx_run for who writes what)
@@ -1011,6 +1026,7 @@ class _ClientLink(SysvLink):
         self._rx_delivered = 0  # written by the thread
         self._rx_processed = 0  # written by the loop
         self._hub_watch: _PidWatch | None = None
+        self._peer_exited = False  # its pidfd fired
         # Why the stream ends once our own end marker (below) comes back.
         self._marker_end: BaseException | None = None
         self._handoff = _Handoff(loop, self._on_rx_batch)
@@ -1092,8 +1108,9 @@ class _ClientLink(SysvLink):
             if t == address:
                 if not data:
                     # Our own end marker, queued after everything the hub sent.
-                    self._drop_partial("the hub exited mid-frame")
-                    self._end(self._marker_end or EndOfStream(f"the hub (pid {self._hub_pid}) exited"))
+                    self._drop_partial(f"{self._peer_label} exited mid-frame")
+                    self._end(self._marker_end or EndOfStream(
+                        f"{self._peer_label} (pid {self._hub_pid}) exited"))
                     continue
                 try:
                     self._rx_data(data)
@@ -1109,7 +1126,7 @@ class _ClientLink(SysvLink):
             elif t == T_ABORT:
                 reason = data.decode("utf-8", "replace") if data else "no reason given"
                 self._peer_gone = True
-                aborted = ConnectionClosed(f"the hub aborted this link: {reason}")
+                aborted = ConnectionClosed(f"{self._peer_label} aborted this link: {reason}")
                 self._drop_partial("aborted")
                 self._break(aborted)
                 self._end(aborted)
@@ -1118,8 +1135,8 @@ class _ClientLink(SysvLink):
             else:
                 log.warning(
                     "%r: discarded a message of unknown type %d (%d bytes) on queue %d; "
-                    "only the hub may write to a client's queue",
-                    self, t, len(data), self._own_id,
+                    "only %s may write to this queue",
+                    self, t, len(data), self._own_id, self._peer_label,
                 )
         self._rx_processed += processed
         if credit and self._broken is None:
@@ -1174,7 +1191,7 @@ class _ClientLink(SysvLink):
         return super()._rx_other(kind, flags, total, data)
 
     def _fatal(self, exc: ProtocolError) -> None:
-        log.warning("%r: protocol error from the hub, closing the link: %s", self, exc)
+        log.warning("%r: protocol error from %s, closing the link: %s", self, self._peer_label, exc)
         self._drop_partial("protocol error")
         self._break(ConnectionClosed(f"link closed after a protocol error: {exc}"))
         self._end(exc)
@@ -1191,12 +1208,14 @@ class _ClientLink(SysvLink):
             self._own_q.send(b"", False, T_NUDGE)
 
     def _on_hub_exit(self) -> None:
-        """The hub's pidfd fired: end the stream after whatever it sent before dying."""
+        """The peer's pidfd fired: end the stream after whatever it sent before dying."""
         self._hub_watch = None
         self._peer_gone = True
-        self._break(ConnectionClosed(f"the hub (pid {self._hub_pid}) exited"))
-        self._end_after_queued(EndOfStream(f"the hub (pid {self._hub_pid}) exited"))
-        if not self._welcome.done():
+        self._peer_exited = True
+        gone = f"{self._peer_label} (pid {self._hub_pid}) exited"
+        self._break(ConnectionClosed(gone))
+        self._end_after_queued(EndOfStream(gone))
+        if not self._welcome.done() and self._busdir is not None:
             self._welcome.set_exception(
                 BusNotFound(self._busdir.name, str(self._busdir.parent))
             )
@@ -1233,8 +1252,9 @@ class _ClientLink(SysvLink):
             async with asyncio.timeout(timeout):
                 await asyncio.shield(self._welcome)
         except TimeoutError:
+            bus = self._busdir.name if self._busdir is not None else "?"
             raise ConnectionClosed(
-                f"the hub of bus {self._busdir.name!r} did not answer this client's knock "
+                f"the hub of bus {bus!r} did not answer this client's knock "
                 f"within {timeout:g} s"
             ) from None
 
@@ -1281,14 +1301,15 @@ class _ClientLink(SysvLink):
             # The link broke (protocol error) or the flush gave up: still tell the
             # hub we are gone, so it does not wait for our death to notice.
             with contextlib.suppress(sysv_ipc.Error, OSError):
-                self._out_q.send(self._bye_message(), False, T_TO_HUB)
+                self._out_q.send(self._bye_message(), False, self._out_type)
         self._break(ConnectionClosed("this link is closed"))
         self._stopping = True
         # Removing our queue wakes the receiver thread (EIDRM) and discards
         # whatever the hub sent that we will never read.
         with contextlib.suppress(sysv_ipc.Error, OSError):
             self._own_q.remove()
-        forget_object(self._busdir, "msq", self._own_id)
+        if self._busdir is not None:
+            forget_object(self._busdir, "msq", self._own_id)
         if self._rx_thread.is_alive():
             self._rx_thread.join(_JOIN_TIMEOUT)
         self._stop_tx(self._unblock_bus_send)
@@ -1395,6 +1416,196 @@ async def connect_sysv(
             forget_object(busdir, "msq", own_q.id)
         raise
     return link
+
+
+# ---------------------------------------------------------------------------
+# Pair links (a worker pool's parent and one worker, no hub)
+# ---------------------------------------------------------------------------
+
+PAIR_DATA_TYPE: Final = MIN_CLIENT_ADDRESS
+"""``mtype`` of data on both queues of a pair link (control types stay 1..255)."""
+_PAIR_CREATOR: Final = 1  # header sender address of the side that made the queues
+_PAIR_ATTACHER: Final = 2
+
+
+class SysvPairLink(_ClientLink):
+    """A point-to-point SysV link between two processes: one queue per direction, no hub.
+
+    :meth:`create` makes both queues (random keys, ``IPC_EXCL``, mode 0600)
+    and returns the parameters to hand to the other process, which calls
+    :meth:`attach`.  Each side reads only its own queue (the one the other
+    side writes), so a reader that stalls fills only that queue and the
+    writer waits in its sender thread: the kernel's queue capacity is the
+    flow control, no credit is needed.  The message format is the bus
+    link's (docs/transports/sysv.md); data has ``mtype``
+    :data:`PAIR_DATA_TYPE`.
+
+    Lifetime: each side removes the queue it reads when it closes, and both
+    queues when the other process has exited.  With ``records`` (a folder),
+    both queues are recorded there until removed, so ``ipcbus gc`` (and the
+    next worker pool) can remove them if both processes are killed.
+    """
+
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        records: Path | None,
+        in_q: sysv_ipc.MessageQueue,
+        out_q: sysv_ipc.MessageQueue,
+        creator: bool,
+        peer_pid: int,
+        msg_size: int,
+        max_frame: int,
+        high_water: int,
+    ) -> None:
+        sender, peer = (_PAIR_CREATOR, _PAIR_ATTACHER) if creator else (_PAIR_ATTACHER, _PAIR_CREATOR)
+        SysvLink.__init__(
+            self,
+            loop=loop,
+            out_q=out_q,
+            out_type=PAIR_DATA_TYPE,
+            sender=sender,
+            peer_address=peer,
+            msg_size=msg_size,
+            max_frame=max_frame,
+            high_water=high_water,
+            window=None,  # the kernel throttles: each queue has one reader
+            info=LinkInfo(
+                transport="sysv",
+                peer_pid=peer_pid,
+                peer_uid=os.getuid(),
+                peer_name="worker" if creator else "parent",
+                objects={"queue": in_q.id, "peer_queue": out_q.id},
+            ),
+        )
+        label = "the worker" if creator else "the parent"
+        self._init_rx(loop, records, in_q, PAIR_DATA_TYPE, peer_pid, label)
+        self._welcome.set_result(None)  # nothing to negotiate: usable at once
+        self._started = False
+
+    @classmethod
+    def create(
+        cls,
+        records: Path | None = None,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        high_water: int = DEFAULT_HIGH_WATER,
+        queue_bytes: int | None = DEFAULT_QUEUE_BYTES,
+    ) -> tuple[SysvPairLink, dict[str, int | str]]:
+        """Make both queues; return this side's link and the parameters for :meth:`attach`.
+
+        Call :meth:`start` with the other process's pid once it exists.
+        Must be called from a running event loop.
+        """
+        if not 1 <= max_frame <= 0xFFFFFFFF:
+            raise ValueError(f"max_frame must be between 1 and {0xFFFFFFFF} bytes, not {max_frame}")
+        loop = asyncio.get_running_loop()
+        limits = read_limits()
+        made: list[sysv_ipc.MessageQueue] = []
+        size = limits.msgmax
+        try:
+            for role in ("down", "up"):
+                q, qsize = open_handle(None, sysv_ipc.IPC_CREX, 0o600, limits.msgmax)
+                made.append(q)
+                size = min(size, qsize)
+                if records is not None:
+                    record_object(records, "msq", q.id, key=q.key, extra={"role": f"pair-{role}"})
+                _try_raise_capacity(q, queue_bytes)
+        except BaseException:
+            _remove_queues(made, records)
+            raise
+        down, up = made
+        link = cls(
+            loop=loop, records=records, in_q=up, out_q=down, creator=True, peer_pid=0,
+            msg_size=size, max_frame=max_frame, high_water=high_water,
+        )
+        params: dict[str, int | str] = {
+            "down": down.id, "down_key": down.key, "up": up.id, "up_key": up.key,
+            "msg_size": size, "records": "" if records is None else str(records),
+        }
+        return link, params
+
+    def start(self, peer_pid: int) -> None:
+        """Creator side: the peer is process ``peer_pid``; start receiving and watching it."""
+        if self._started:
+            raise RuntimeError("this pair link is already started")
+        self._started = True
+        self._hub_pid = self.info.peer_pid = peer_pid
+        self._start()
+
+    @classmethod
+    async def attach(
+        cls,
+        params: dict[str, int | str],
+        *,
+        peer_pid: int,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        high_water: int = DEFAULT_HIGH_WATER,
+    ) -> SysvPairLink:
+        """Open the queues :meth:`create` made in process ``peer_pid``; return this side's link.
+
+        Refuses (:class:`~ipcbus.errors.PermissionRefused`) queues that are
+        not ours (owner and creator uid) or that other users may open, and
+        raises :class:`~ipcbus.errors.ConnectionClosed` if they are gone.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            ids = {r: int(params[r]) for r in ("down", "up")}
+            keys = {r: int(params[f"{r}_key"]) for r in ("down", "up")}
+            msg_size = int(params["msg_size"])
+            records = Path(str(params["records"])) if params.get("records") else None
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ProtocolError(f"malformed SysV pair-link parameters {params!r}: {exc}") from None
+        limits = read_limits()
+        opened: dict[str, sysv_ipc.MessageQueue] = {}
+        for role in ("down", "up"):
+            try:
+                q, qsize = open_handle(keys[role], 0, 0o600, limits.msgmax)
+            except QueueNotFound:
+                raise ConnectionClosed(
+                    f"the {role} queue (id {ids[role]}) of this pair link is gone: its creator "
+                    f"(pid {peer_pid}) closed it or died"
+                ) from None
+            st = queue_stat(q)
+            if st.id != ids[role]:
+                raise ConnectionClosed(
+                    f"key {keys[role]:#x} now names queue {st.id}, not the announced {ids[role]}: "
+                    "the pair link's creator closed it"
+                )
+            if st.uid != os.getuid() or st.cuid != os.getuid() or st.mode & 0o077:
+                raise PermissionRefused(
+                    f"refusing the pair link's {role} queue ({_describe(st)}): it must be "
+                    f"owned and created by uid {os.getuid()} with mode 0600"
+                )
+            msg_size = min(msg_size, qsize)
+            opened[role] = q
+        link = cls(
+            loop=loop, records=records, in_q=opened["down"], out_q=opened["up"], creator=False,
+            peer_pid=peer_pid, msg_size=msg_size, max_frame=max_frame, high_water=high_water,
+        )
+        link._started = True
+        link._start()
+        return link
+
+    def forget_peer(self) -> None:
+        """The peer process has exited: remove the queue it read, if it left it behind."""
+        _remove_queues([self._out_q], self._busdir)
+
+    def _teardown(self) -> None:
+        if self._torn_down:
+            return
+        super()._teardown()
+        if self._peer_exited or not self._started:
+            self.forget_peer()  # nobody else will
+
+
+def _remove_queues(queues: Iterable[sysv_ipc.MessageQueue], records: Path | None) -> None:
+    for q in queues:
+        with contextlib.suppress(sysv_ipc.Error, OSError):
+            q.remove()
+        if records is not None:
+            forget_object(records, "msq", q.id)
 
 
 # ---------------------------------------------------------------------------
