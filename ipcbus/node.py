@@ -631,7 +631,7 @@ class Node:
         reply_routes = self._reply_routes
         inbox_prefix = self._reply_prefix
         deliver_reply = self.inbox.deliver
-        size = msgs = nbytes = 0
+        size = msgs = nbytes = requests = 0
         try:
             for item in raws:
                 raw: bytes | None
@@ -683,6 +683,8 @@ class Node:
                                     r.inflight.pop(subject, None)
                             deliver_reply(frame)
                             continue
+                        if frame.reply is not None:
+                            requests += 1
                         self._on_msg(frame, raw, ls)
                     else:
                         self._on_control(frame, ls)
@@ -691,8 +693,11 @@ class Node:
         finally:  # counted once per batch, not per message
             self.msgs_in += msgs
             self.bytes_in += nbytes
-        if self._spinner is not None and self._awaiting_replies():
-            self._spinner.kick()  # replies are still due: poll for them
+        if self._spinner is not None:
+            if self._awaiting_replies():
+                self._spinner.kick()  # replies are still due: poll for them
+            elif requests and ls.link.poll_after_request:
+                self._spinner.linger()  # the next request is likely near: see Spinner.linger
         if self._dirty:
             # Forward what this batch produced now, rather than one loop
             # iteration later: batching per read, lower latency per hop.

@@ -111,6 +111,7 @@ class Spinner:
 
     __slots__ = (
         "_active",
+        "_linger_until",
         "_loop",
         "_quiet_until",
         "_seen",
@@ -132,6 +133,7 @@ class Spinner:
         self._waiting = waiting
         self._window = int(window_us * 1000)
         self._until = 0
+        self._linger_until = 0
         self._seen = 0  # _until as of the last turn: a change means a kick in between
         self._quiet_until = 0
         self._strikes = 0
@@ -154,9 +156,20 @@ class Spinner:
             self._active = True
             self._loop.call_soon(self._spin)
 
+    def linger(self) -> None:
+        """Like :meth:`kick`, but poll for the window even if nothing is ``waiting``.
+
+        For work that usually comes in runs: a node that answered a request
+        over a link whose frames reach the loop through a thread
+        (:attr:`ipcbus.transports.base.Link.poll_after_request`) polls for the
+        next request, which then costs one wake-up instead of two.
+        """
+        self.kick()
+        self._linger_until = self._until
+
     def close(self) -> None:
         """Stop polling at the next loop turn."""
-        self._until = 0
+        self._until = self._linger_until = 0
 
     def _spin(self) -> None:
         until = self._until
@@ -165,7 +178,7 @@ class Spinner:
             self._active = False
             self._strikes = 0  # a whole window with the CPU to itself
             return
-        if self._waiting is not None and not self._waiting():
+        if self._waiting is not None and t >= self._linger_until and not self._waiting():
             self._active = False  # nothing is expected any more
             return
         if until != self._seen:  # kicked since the last turn: busy, not waiting

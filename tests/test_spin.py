@@ -133,6 +133,20 @@ async def test_the_window_closes_by_itself() -> None:
     assert not spinner.active
 
 
+async def test_linger_polls_for_the_window_although_nothing_is_due() -> None:
+    spinner = Spinner(asyncio.get_running_loop(), 200_000, waiting=lambda: False)
+    spinner.kick()  # nothing is due: a kick alone stops at the next turn
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not spinner.active
+    spinner.linger()  # a request was answered: poll for the next one anyway
+    _, spun = await cpu_during(asyncio.sleep(0.05))
+    assert spinner.active or spinner.gave_way
+    assert spun > 0.005 or spinner.gave_way, f"the loop used {spun * 1e3:.2f} ms of CPU in 50 ms: it slept"
+    spinner.close()
+    await assert_stopped(spinner, spun, "closed")
+
+
 _HOGGED = """
 import asyncio, os, subprocess, sys
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})

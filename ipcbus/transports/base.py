@@ -155,6 +155,15 @@ class Link(abc.ABC):
         """
         return None
 
+    poll_after_request: bool = False
+    """True for transports whose frames reach the event loop through a thread.
+
+    Each hop over such a link costs two wake-ups (the thread's, then the
+    loop's) when the loop sleeps; a node that received a request over it
+    therefore keeps polling for one spin window (:meth:`ipcbus.spin.Spinner.linger`),
+    so that the next request finds the loop awake.
+    """
+
     on_frames: Callable[[], None] | None = None
     """Set by the reactor: called from the transport's read callback when
     frames arrived while a :meth:`recv` waits, so that they are handled right

@@ -1,0 +1,354 @@
+"""SysV pair links and WorkerPool(transport="sysv"): conformance, real processes, crashes, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+import sysv_ipc
+
+import ipcbus
+from ipcbus import WorkerCrashed, WorkerPool
+from ipcbus.errors import ConnectionClosed, PermissionRefused, ProtocolError
+from ipcbus.gc import sysv_table
+from ipcbus.records import list_records
+from ipcbus.testing import check_link
+from ipcbus.transports.base import Link
+from ipcbus.transports.sysv import MSG_HEADER, PAIR_DATA_TYPE, SysvPairLink
+
+try:
+    from test_pool import worker_env
+except ImportError:  # pragma: no cover - tests/ imported as a package
+    from tests.test_pool import worker_env
+
+pytestmark = pytest.mark.single_loop
+
+
+@contextlib.asynccontextmanager
+async def pair(**create: object) -> AsyncIterator[tuple[SysvPairLink, SysvPairLink]]:
+    """A creator and an attacher in this process."""
+    a, params = SysvPairLink.create(None, **create)  # type: ignore[arg-type]
+    try:
+        b = await SysvPairLink.attach(params, peer_pid=os.getpid())
+        a.start(os.getpid())
+        try:
+            yield a, b
+        finally:
+            await b.aclose()
+    finally:
+        await a.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _conformance_pair() -> AsyncIterator[tuple[Link, Link]]:
+    async with pair() as (a, b):
+        yield a, b
+
+
+def queue_ids() -> set[int]:
+    return set(sysv_table("msg"))
+
+
+def _pool_dirs() -> list[Path]:
+    root = Path(os.environ["IPCBUS_DIR"])
+    return sorted(p for p in root.iterdir() if p.name.startswith("_pool-"))
+
+
+# -- the link ---------------------------------------------------------------------
+
+
+async def test_check_link() -> None:
+    """The Link contract, fragments (frames above msgmax) and backpressure included."""
+    await check_link(_conformance_pair)
+
+
+async def test_both_queues_are_removed_when_both_sides_close() -> None:
+    async with pair() as (a, b):
+        ids = {a.info.objects["queue"], a.info.objects["peer_queue"]}
+        assert ids <= queue_ids()
+        await a.send(b"hello")
+        assert await b.recv() == b"hello"
+    assert not ids & queue_ids()
+
+
+async def test_a_creator_closed_before_start_removes_both_queues() -> None:
+    a, params = SysvPairLink.create(None)
+    ids = {int(params["down"]), int(params["up"])}
+    assert ids <= queue_ids()
+    await a.aclose()
+    assert not ids & queue_ids()
+    with pytest.raises(ConnectionClosed, match="gone"):
+        await SysvPairLink.attach(params, peer_pid=os.getpid())
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda p: p.pop("up_key"), ProtocolError, "malformed SysV pair-link parameters"),
+        (lambda p: p.update(msg_size="lots"), ProtocolError, "malformed"),
+        (lambda p: p.update(down=int(p["down"]) + 1), ConnectionClosed, "not the announced"),
+    ],
+)
+async def test_bad_parameters_are_refused(change, error, match) -> None:  # type: ignore[no-untyped-def]
+    a, params = SysvPairLink.create(None)
+    try:
+        bad = dict(params)
+        change(bad)
+        with pytest.raises(error, match=match):
+            await SysvPairLink.attach(bad, peer_pid=os.getpid())
+    finally:
+        await a.aclose()
+
+
+async def test_queues_other_users_may_open_are_refused() -> None:
+    a, params = SysvPairLink.create(None)
+    try:
+        q = sysv_ipc.MessageQueue(int(params["up_key"]))
+        q.mode = 0o666  # as if someone widened it
+        with pytest.raises(PermissionRefused, match="mode 0600"):
+            await SysvPairLink.attach(params, peer_pid=os.getpid())
+    finally:
+        await a.aclose()
+
+
+async def test_unknown_type_is_discarded_and_the_link_goes_on() -> None:
+    async with pair() as (a, b):
+        q = sysv_ipc.MessageQueue(_key_of(b))
+        q.send(b"stray", False, 7)  # a reserved control type nobody uses
+        q.send(b"stray", False, PAIR_DATA_TYPE + 5)  # above the data type: never received
+        await a.send(b"after")
+        assert await b.recv() == b"after"
+        assert q.current_messages == 1  # the type above ours stays queued (harmless)
+        q.receive(False, PAIR_DATA_TYPE + 5)
+
+
+def _key_of(link: SysvPairLink) -> int:
+    """The key of the queue ``link`` reads."""
+    return int(sysv_table("msg")[link.info.objects["queue"]]["key"])
+
+
+@pytest.mark.parametrize(
+    "garbage, match",
+    [
+        (b"short", "shorter than the 16-byte header"),
+        (MSG_HEADER.pack(1, 1, 0, 0, 1, 5, 1) + b"\0\0\0\1x", "sequence gap"),
+        (MSG_HEADER.pack(1, 1, 0, 0, 9, 1, 1) + b"\0\0\0\1x", "claims sender address 9"),
+        (MSG_HEADER.pack(1, 2, 0, 0, 1, 1, 0) + b"x", "continuation fragment without a first"),
+    ],
+)
+async def test_malformed_messages_end_the_link_with_protocol_error(garbage: bytes, match: str) -> None:
+    async with pair() as (a, b):
+        await a.send(b"before")
+        q = sysv_ipc.MessageQueue(_key_of(b))
+        q.send(garbage, False, PAIR_DATA_TYPE)
+        assert await b.recv() == b"before"  # what came first is delivered
+        with pytest.raises(ProtocolError, match=match):
+            await b.recv()
+
+
+async def test_an_oversized_frame_is_refused_at_its_first_fragment() -> None:
+    async with pair() as (a, b):
+        b.max_frame = 100_000
+        await a.send(os.urandom(300_000))
+        with pytest.raises(ipcbus.FrameTooLarge):
+            await b.recv()
+
+
+# -- the pool ---------------------------------------------------------------------
+
+
+async def test_sysv_pool_requests_every_size_to_every_worker() -> None:
+    before = queue_ids()
+    async with WorkerPool("pool_workers:setup", workers=2, transport="sysv", env=worker_env()) as pool:
+        for size in (1, 64, 8000, 8192, 100_000, 3 << 20):  # whole messages and fragments
+            data = os.urandom(size)
+            rep = await pool.bus.request("echo", data, timeout=30)
+            assert zlib.crc32(rep.data) == zlib.crc32(data) and len(rep.data) == size
+        pids = {(await pool.bus.request("pid", timeout=5)).decode(int) for _ in range(8)}
+        assert pids == set(pool.pids)
+        links = pool.bus.stats()["links"]
+        assert [lk["transport"] for lk in links] == ["sysv", "sysv"]
+        assert len(queue_ids() - before) == 4  # two queues per worker
+    assert queue_ids() <= before
+    assert _pool_dirs() == []
+
+
+async def test_sysv_pool_worker_sigkill_fails_its_request_and_leaves_no_queue() -> None:
+    before = queue_ids()
+    async with WorkerPool(
+        "pool_workers:setup", workers=1, transport="sysv", env=worker_env(), restart_backoff=0.01
+    ) as pool:
+        started = await pool.bus.subscribe("started")
+        await pool.bus.flush()
+        first = queue_ids() - before
+        failures: list[BaseException] = []
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                try:
+                    await pool.bus.request("slow.hang", timeout=30)
+                except ipcbus.IpcBusError as exc:
+                    failures.append(exc)
+
+            tg.start_soon(call)
+            victim = (await started.next(timeout=10)).decode(int)
+            os.kill(victim, signal.SIGKILL)
+        assert len(failures) == 1 and isinstance(failures[0], WorkerCrashed), failures
+        await pool.wait_ready(timeout=20)
+        assert (await pool.bus.request("echo", b"after", timeout=10)).data == b"after"
+        # The dead worker's queues are gone (the one it read included); the new one has its own.
+        with anyio.fail_after(10):
+            while first & queue_ids():
+                await asyncio.sleep(0.02)
+        assert len(queue_ids() - before) == 2
+    assert queue_ids() <= before
+
+
+async def test_ipcrm_of_a_pool_queue_under_load_restarts_the_worker() -> None:
+    async with WorkerPool(
+        "pool_workers:setup", workers=1, transport="sysv", env=worker_env(), restart_backoff=0.01
+    ) as pool:
+        (link,) = pool.bus.stats()["links"]
+        victim_pid = pool.pids[0]
+        errors: list[BaseException] = []
+        done = 0
+
+        async def load() -> None:
+            nonlocal done
+            try:
+                while True:
+                    await pool.bus.request("echo", b"L" * 5000, timeout=10)
+                    done += 1
+            except (WorkerCrashed, ipcbus.NoResponders, ConnectionClosed) as exc:
+                errors.append(exc)
+
+        task = asyncio.create_task(load())
+        with anyio.fail_after(10):
+            while done < 50:
+                await asyncio.sleep(0.01)
+        proc = await asyncio.create_subprocess_exec("ipcrm", "-q", str(link["objects"]["queue"]))
+        assert await proc.wait() == 0
+        with anyio.fail_after(10):
+            await task
+        assert errors, "the request in flight must fail, not hang"
+        await pool.wait_ready(timeout=20)
+        assert pool.pids[0] != victim_pid
+        assert (await pool.bus.request("echo", b"again", timeout=10)).data == b"again"
+
+
+_PARENT = """
+import asyncio, os, sys
+import ipcbus
+
+async def main():
+    async with ipcbus.WorkerPool("pool_workers:setup", workers=1, transport="sysv",
+                                 python=sys.argv[1]) as pool:
+        print(pool.pids[0], flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_worker_whose_parent_is_killed_removes_both_queues_and_exits() -> None:
+    before = queue_ids()
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PARENT, sys.executable, env=worker_env(),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    worker = 0
+    try:
+        assert parent.stdout is not None
+        with anyio.fail_after(30):
+            worker = int(await parent.stdout.readline())
+        assert len(queue_ids() - before) == 2
+        parent.kill()
+        await parent.wait()
+        with anyio.fail_after(15):
+            while _state(worker) not in ("Z", "gone"):
+                await asyncio.sleep(0.02)
+        assert queue_ids() <= before
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+        if worker:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+    # The dead pool's (now empty) records folder goes with the next pool.
+    async with WorkerPool("pool_workers:setup", workers=1, transport="sysv", env=worker_env()):
+        pass
+    assert _pool_dirs() == []
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "gone"
+
+
+_KILLED_PARENT = """
+import asyncio, sys
+import ipcbus
+
+async def main():
+    # sys.argv[1] stands in for the interpreter: it never opens the queues.
+    async with ipcbus.WorkerPool("pool_workers:setup", workers=1, transport="sysv",
+                                 python=sys.argv[1]):
+        pass
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("reclaimer", ["next pool", "gc --all"])
+async def test_queues_of_a_pool_killed_with_its_worker_are_reclaimed(
+    tmp_path: Path, reclaimer: str
+) -> None:
+    pidfile = tmp_path / "worker.pid"
+    fake = tmp_path / "never-attaches"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    fake.chmod(0o700)
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _KILLED_PARENT, str(fake), env=worker_env()
+    )
+    worker_pid = 0
+    try:
+        with anyio.fail_after(20):
+            while not pidfile.exists() or not pidfile.read_text().strip():
+                await asyncio.sleep(0.02)
+        worker_pid = int(pidfile.read_text())
+        parent.kill()  # SIGKILL, and the worker never ran: nobody removes the queues
+        await parent.wait()
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+        if worker_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker_pid, signal.SIGKILL)
+    (folder,) = _pool_dirs()
+    recs = [rec for _, rec in list_records(folder) if rec is not None]
+    assert sorted(rec.kind for rec in recs) == ["msq", "msq"]
+    ids = {int(rec.ident) for rec in recs}
+    assert ids <= queue_ids()
+    if reclaimer == "next pool":
+        async with WorkerPool("pool_workers:setup", workers=1, transport="sysv", env=worker_env()) as pool:
+            assert (await pool.bus.request("echo", b"y", timeout=10)).data == b"y"
+    else:
+        gc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ipcbus", "gc", "--all", stdout=asyncio.subprocess.PIPE
+        )
+        out = (await gc.communicate())[0].decode()
+        assert gc.returncode == 0 and "removed 2 object(s)" in out, out
+    assert _pool_dirs() == []
+    assert not ids & queue_ids()
