@@ -494,6 +494,46 @@ class SysvLink(Link):
             if self._writers:
                 self._check_writers()
 
+    def send_now(self, frame: bytes) -> None:
+        """One urgent frame (a request, a reply): one ``msgsnd`` when nothing waits before it.
+
+        Otherwise, or when the queue is full, as :meth:`send_nowait`.
+        """
+        n = len(frame)
+        size = _HDR + 4 + n
+        tx = self._tx
+        window = self._window
+        if (
+            self._frames
+            or self._msgs
+            or self._closed
+            or self._broken is not None
+            or n == 0
+            or n > self.max_frame
+            or size > self._msg_size
+            or (tx is not None and tx.active)
+            or (window is not None and window - self._unacked < size)
+        ):
+            self.send_nowait(frame)
+            return
+        seq = self._seq_out
+        m = b"".join((
+            MSG_HEADER.pack(WIRE_VERSION, KIND_FRAMES, 0, 0, self._sender, seq, 1),
+            HEADER.pack(n),
+            frame,
+        ))
+        try:
+            self._out_q.send(m, False, self._out_type)
+        except (sysv_ipc.Error, OSError):
+            self.send_nowait(frame)  # full, or gone: the general path sorts it out
+            return
+        self._seq_out = (seq + 1) & 0xFFFFFFFF
+        if window is not None:
+            self._unacked += size
+        info = self.info
+        info.msgs_out += 1
+        info.bytes_out += n
+
     async def send(self, frame: bytes) -> None:
         """Queue one frame, then wait while the link is above its high-water mark."""
         self.send_nowait(frame)
