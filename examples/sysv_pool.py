@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # so that `examples.workers` imports from any dir
 
 import ipcbus  # noqa: E402
 from examples import workers  # noqa: E402
-from examples.workers import Image, Resized  # noqa: E402
+from examples.workers import Image, Resized, worker_env  # noqa: E402
 from ipcbus.sysv import proc_table  # noqa: E402
 
 STREAM = 20_000
@@ -51,12 +51,6 @@ async def setup(bus: ipcbus.Bus) -> None:
                 await msg.respond(seen)
 
     asyncio.get_running_loop().create_task(count())
-
-
-def worker_env() -> dict[str, str]:
-    """Our environment with the repository root on PYTHONPATH (workers import `examples.*`)."""
-    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 async def main() -> int:

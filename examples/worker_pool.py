@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))  # so that `examples.workers` imports from any dir
 
 import ipcbus  # noqa: E402
 from examples import workers  # noqa: E402
-from examples.workers import Image, Resized  # noqa: E402
+from examples.workers import Image, Resized, worker_env  # noqa: E402
 
 WORKERS = 3
 
@@ -47,12 +47,6 @@ async def setup(bus: ipcbus.Bus) -> None:
         await asyncio.Event().wait()  # a job that never ends: the parent kills us
 
     await bus.serve("hold", hold, queue="hold")
-
-
-def worker_env() -> dict[str, str]:
-    """Our environment with the repository root on PYTHONPATH (workers import `examples.*`)."""
-    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 async def spread(pool: ipcbus.WorkerPool, n: int) -> Counter[int]:

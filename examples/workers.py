@@ -1,12 +1,13 @@
 """Worker-side setup for the worker-pool example: each worker serves `resize` and `echo`.
 
-Run by `examples/worker_pool.py`; a WorkerPool imports it as "examples.workers:setup"
-(or "workers:setup" when started from this directory).
+Run by `examples/worker_pool.py` and `examples/sysv_pool.py`; a WorkerPool imports
+it as "examples.workers:setup" (or "workers:setup" when started from this directory).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import msgspec
 
@@ -38,3 +39,10 @@ async def setup(bus: ipcbus.Bus) -> None:
     await bus.serve("resize", resize, queue="resize")
     await bus.serve("echo", lambda msg: msg.data, queue="echo")
     await bus.serve("pid", lambda msg: os.getpid(), queue="pid")
+
+
+def worker_env() -> dict[str, str]:
+    """Our environment with the repository root on PYTHONPATH (workers import `examples.*`)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}

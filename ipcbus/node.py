@@ -1365,9 +1365,15 @@ class Node:
             # The responder's link broke under this very write (its reader is gone).
             self._unsendable(_MsgFrame(subject, reply, None, payload), (pick,))
             return _NO_LINKS
+        return self._request_sent(pick, n, reply)
+
+    def _request_sent(self, ls: LinkState, n: int, reply: str) -> list[Link]:
+        """Count a request of ``n`` payload bytes written to ``ls``, track its reply;
+        return ``[ls.link]`` if that link is now above high water."""
         self.msgs_out += 1
         self.bytes_out += n
-        self._track(pick, reply)
+        self._track(ls, reply)
+        link = ls.link
         return [link] if link.pending_out > link.high_water else []
 
     def request_upstream(
@@ -1383,12 +1389,8 @@ class Node:
             return None
         if self._spinner is not None:
             self._spinner.kick()
-        link = ls.link
-        link.send_now(_encode(_MsgFrame(subject, reply, headers, payload)))
-        self.msgs_out += 1
-        self.bytes_out += len(payload)
-        self._track(ls, reply)
-        return [link] if link.pending_out > link.high_water else []
+        ls.link.send_now(_encode(_MsgFrame(subject, reply, headers, payload)))
+        return self._request_sent(ls, len(payload), reply)
 
     def _reply_fast(self, reply: str, payload: bytes) -> list[Link] | None:
         """:meth:`publish_now` for a reply, straight to the link of the requester's node.

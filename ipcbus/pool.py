@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -206,17 +207,19 @@ class WorkerPool:
             remove_pool_dir(self._records)  # only if no record is left in it
 
     def _records_dir(self) -> Path | None:
-        """Where the shm objects made for a starting worker are recorded (see :mod:`ipcbus.gc`).
+        """Where the kernel objects made for a worker are recorded (see :mod:`ipcbus.gc`).
 
-        If this process dies before the worker attached, ``ipcbus gc --all``
-        or the next pool that makes shm links removes them.  Also collects
-        the folders of pools that died, once per pool.
+        Shm objects stay recorded until the worker attached, SysV queues until
+        they are removed.  If this process dies meanwhile (and, for SysV, the
+        worker too), ``ipcbus gc --all`` or the next pool that makes shm or
+        SysV links removes them.  Also collects the folders of pools that
+        died, once per pool.
         """
         try:
             bd = BusDir(pool_dir_name()).ensure()
         except (IpcBusError, OSError) as exc:
             log.warning(
-                "worker pool %r: cannot record its shm objects (%s); if this process "
+                "worker pool %r: cannot record its kernel objects (%s); if this process "
                 "is killed while a worker starts, they stay behind",
                 self.name,
                 exc,
@@ -312,7 +315,9 @@ class WorkerPool:
                     f"{self.target!r}: {w.last_error} (exit code {proc.returncode})"
                 ) from None
         if pipes is not None or sysv_link is not None:
-            self._node.task_group.start_soon(self._reap, w, proc, sysv_link)
+            # A SysV worker killed outright leaves the queue it read: the parent removes it.
+            on_exit = sysv_link.forget_peer if sysv_link is not None else None
+            self._node.task_group.start_soon(self._reap, w, proc, on_exit)
         failure: list[str] = []
 
         def on_notice(n: fr.Notice) -> None:
@@ -360,13 +365,15 @@ class WorkerPool:
         await self._spawn(w)
 
     async def _reap(
-        self, w: _Worker, proc: asyncio.subprocess.Process, link: Link | None = None
+        self,
+        w: _Worker,
+        proc: asyncio.subprocess.Process,
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
         with anyio.CancelScope(shield=self._closing):
             await proc.wait()
-        forget_peer = getattr(link, "forget_peer", None)
-        if forget_peer is not None:
-            forget_peer()  # a SysV worker killed outright leaves the queue it read
+        if on_exit is not None:
+            on_exit()
         w.exited.set()
 
     def _on_link_closed(self, ls: LinkState) -> None:

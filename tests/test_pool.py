@@ -25,6 +25,8 @@ import pytest
 
 import ipcbus
 from ipcbus import WorkerCrashed, WorkerPool, WorkerStartError
+from ipcbus.gc import sysv_table
+from ipcbus.records import list_records
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -56,6 +58,20 @@ async def wait_exited(pid: int, timeout: float = 10.0) -> None:
             await anyio.wait_readable(fd)
     finally:
         os.close(fd)
+
+
+def queue_ids() -> set[int]:
+    """The ids of every SysV message queue in this IPC namespace."""
+    return set(sysv_table("msg"))
+
+
+def pool_dirs() -> list[Path]:
+    """The worker pools' records folders under the bus root."""
+    root = Path(os.environ["IPCBUS_DIR"])
+    return sorted(p for p in root.iterdir() if p.name.startswith("_pool-"))
+
+
+TRANSPORTS = ["pipe", "shm", "sysv"]
 
 
 def gone(pid: int) -> bool:
@@ -111,9 +127,17 @@ async def test_pub_sub_reaches_every_worker_and_back() -> None:
 
 
 @pytest.mark.single_loop
-async def test_sigkill_in_flight_gives_worker_crashed_then_restart() -> None:
-    async with WorkerPool("pool_workers:setup", workers=2, env=worker_env(), restart_backoff=0.01) as pool:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_sigkill_in_flight_gives_worker_crashed_then_restart(transport: str) -> None:
+    async with WorkerPool(
+        "pool_workers:setup", workers=2, transport=transport, env=worker_env(), restart_backoff=0.01
+    ) as pool:
         before = set(pool.pids)
+        queues = {  # SysV: the queues of every link; the victim's must go while the pool runs
+            lk["objects"][role]
+            for lk in pool.bus.stats()["links"] if transport == "sysv"
+            for role in ("queue", "peer_queue")
+        }
         started = await pool.bus.subscribe("started")
         await pool.bus.flush()
         req = asyncio.ensure_future(pool.bus.request("slow.hang", b"", timeout=60))
@@ -130,6 +154,8 @@ async def test_sigkill_in_flight_gives_worker_crashed_then_restart() -> None:
         after = set(pool.pids)
         assert len(after) == 2 and victim not in after
         assert len(after & before) == 1
+        if transport == "sysv":
+            await wait_until(lambda: len(queues & queue_ids()) == 2)  # the survivor's two
         (w,) = [w for w in pool.stats()["workers"] if w["crashes"]]
         assert w["crashes"] == 1 and w["starts"] == 2
         # later requests succeed, on both workers
@@ -257,7 +283,7 @@ PARENT = textwrap.dedent(
     import ipcbus
 
     async def main():
-        async with ipcbus.WorkerPool("pool_workers:setup", workers=2) as pool:
+        async with ipcbus.WorkerPool("pool_workers:setup", workers=2, transport=sys.argv[1]) as pool:
             print(json.dumps(pool.pids), flush=True)
             await asyncio.Event().wait()
 
@@ -267,11 +293,14 @@ PARENT = textwrap.dedent(
 
 
 @pytest.mark.single_loop
-async def test_workers_exit_when_their_parent_dies() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_workers_exit_when_their_parent_dies(transport: str) -> None:
+    queues = queue_ids()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         PARENT,
+        transport,
         stdout=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL,
         env=worker_env(),
@@ -285,10 +314,92 @@ async def test_workers_exit_when_their_parent_dies() -> None:
         proc.kill()  # SIGKILL: the parent gets no chance to stop its workers
         await proc.wait()
         for pid in pids:
-            await wait_exited(pid)  # end of stream on their pipe: they exit by themselves
+            await wait_exited(pid)  # end of stream on their link: they exit by themselves
         assert all(gone(p) for p in pids)
+        # SysV queues outlive processes: each worker removed both of its own.
+        assert queue_ids() <= queues
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+
+
+@pytest.mark.single_loop
+@pytest.mark.parametrize("transport", ["shm", "sysv"])
+async def test_setup_failure_is_reported_over_the_kernel_object_transports(transport: str) -> None:
+    with pytest.raises(WorkerStartError, match="setup exploded on purpose"):
+        async with WorkerPool(
+            "pool_workers:setup_raises", workers=1, transport=transport, env=worker_env()
+        ):
+            pass
+
+
+# -- a pool killed while a worker starts: its objects are recorded and reclaimed --
+
+_KILLED_PARENT = """
+import asyncio, sys
+import ipcbus
+
+async def main():
+    # sys.argv[2] stands in for the interpreter: it never opens the link.
+    async with ipcbus.WorkerPool("pool_workers:setup", workers=1, transport=sys.argv[1],
+                                 python=sys.argv[2]):
+        pass
+
+asyncio.run(main())
+"""
+
+# What a pool records for a worker that has not opened its link yet.
+_RECORDED = {
+    "shm": ["fifo", "fifo", "posix_sem", "posix_sem", "posix_sem", "posix_sem", "shm"],
+    "sysv": ["msq", "msq"],
+}
+
+
+@pytest.mark.single_loop
+@pytest.mark.parametrize("transport", sorted(_RECORDED))
+@pytest.mark.parametrize("reclaimer", ["next pool", "gc --all"])
+async def test_objects_of_a_pool_killed_before_its_worker_attached_are_reclaimed(
+    tmp_path: Path, transport: str, reclaimer: str
+) -> None:
+    pidfile = tmp_path / "worker.pid"
+    fake = tmp_path / "never-attaches"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    fake.chmod(0o700)
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _KILLED_PARENT, transport, str(fake), env=worker_env()
+    )
+    worker_pid = 0
+    try:
+        await wait_until(lambda: pidfile.exists() and bool(pidfile.read_text().strip()), 20)
+        worker_pid = int(pidfile.read_text())
+        parent.kill()  # SIGKILL: the objects made for the worker stay behind
+        await parent.wait()
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+        if worker_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker_pid, signal.SIGKILL)
+    (folder,) = [d for d in pool_dirs() if d.name.startswith(f"_pool-{parent.pid}-")]
+    recs = [rec for _, rec in list_records(folder) if rec is not None]
+    assert sorted(rec.kind for rec in recs) == _RECORDED[transport]
+    sysv = {(rec.kind, int(rec.ident)) for rec in recs if rec.kind in ("shm", "msq")}
+    tables = {"shm": "shm", "msq": "msg"}
+    assert all(ident in sysv_table(tables[kind]) for kind, ident in sysv)
+    if reclaimer == "next pool":
+        async with WorkerPool(
+            "pool_workers:setup", workers=1, transport=transport, env=worker_env()
+        ) as pool:
+            assert (await pool.bus.request("echo", b"y", timeout=10)).data == b"y"
+    else:
+        gc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ipcbus", "gc", "--all", stdout=asyncio.subprocess.PIPE
+        )
+        out = (await gc.communicate())[0].decode()
+        assert gc.returncode == 0 and f"removed {len(recs)} object(s)" in out, out
+    assert pool_dirs() == []
+    assert not any(ident in sysv_table(tables[kind]) for kind, ident in sysv)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("sem.ipcbus.")]

@@ -1,15 +1,16 @@
-"""SysV pair links and WorkerPool(transport="sysv"): conformance, real processes, crashes, bad input."""
+"""SysV pair links and WorkerPool(transport="sysv"): conformance, real processes, ipcrm, bad input.
+
+Worker crashes, a dead parent and the records of killed pools are tested for
+every pool transport in test_pool.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import signal
-import sys
 import zlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import anyio
 import pytest
@@ -19,15 +20,14 @@ import ipcbus
 from ipcbus import WorkerCrashed, WorkerPool
 from ipcbus.errors import ConnectionClosed, PermissionRefused, ProtocolError
 from ipcbus.gc import sysv_table
-from ipcbus.records import list_records
 from ipcbus.testing import check_link
 from ipcbus.transports.base import Link
 from ipcbus.transports.sysv import MSG_HEADER, PAIR_DATA_TYPE, SysvPairLink
 
 try:
-    from test_pool import worker_env
+    from test_pool import pool_dirs, queue_ids, worker_env
 except ImportError:  # pragma: no cover - tests/ imported as a package
-    from tests.test_pool import worker_env
+    from tests.test_pool import pool_dirs, queue_ids, worker_env
 
 pytestmark = pytest.mark.single_loop
 
@@ -51,15 +51,6 @@ async def pair(**create: object) -> AsyncIterator[tuple[SysvPairLink, SysvPairLi
 async def _conformance_pair() -> AsyncIterator[tuple[Link, Link]]:
     async with pair() as (a, b):
         yield a, b
-
-
-def queue_ids() -> set[int]:
-    return set(sysv_table("msg"))
-
-
-def _pool_dirs() -> list[Path]:
-    root = Path(os.environ["IPCBUS_DIR"])
-    return sorted(p for p in root.iterdir() if p.name.startswith("_pool-"))
 
 
 # -- the link ---------------------------------------------------------------------
@@ -94,6 +85,7 @@ async def test_a_creator_closed_before_start_removes_both_queues() -> None:
     [
         (lambda p: p.pop("up_key"), ProtocolError, "malformed SysV pair-link parameters"),
         (lambda p: p.update(msg_size="lots"), ProtocolError, "malformed"),
+        (lambda p: p.update(msg_size=20), ProtocolError, "message size 20"),
         (lambda p: p.update(down=int(p["down"]) + 1), ConnectionClosed, "not the announced"),
     ],
 )
@@ -106,6 +98,27 @@ async def test_bad_parameters_are_refused(change, error, match) -> None:  # type
             await SysvPairLink.attach(bad, peer_pid=os.getpid())
     finally:
         await a.aclose()
+
+
+async def test_a_bad_max_frame_is_refused_before_any_queue_is_made() -> None:
+    before = queue_ids()
+    with pytest.raises(ValueError, match="max_frame must be between 1"):
+        SysvPairLink.create(None, max_frame=0)
+    assert queue_ids() == before
+
+
+async def test_urgent_frames_to_a_full_queue_wait_in_order() -> None:
+    """send_now writes at once while there is room, then queues behind the backlog."""
+    async with pair(queue_bytes=None) as (a, b):  # the kernel's msgmnb: 16 KiB by default
+        # 2 MB: more than the queue and the receiver's 1 MiB buffer hold, so the queue fills.
+        frames = [i.to_bytes(4, "big") * 250 for i in range(2000)]  # 1000 B each
+        for f in frames:
+            a.send_now(f)
+        assert a.pending_out > 0  # the queue filled: the rest waits in the sender thread
+        got = [await b.recv() for _ in frames]
+        assert got == frames
+        await a.drain()
+        assert a.pending_out == 0
 
 
 async def test_queues_other_users_may_open_are_refused() -> None:
@@ -178,38 +191,7 @@ async def test_sysv_pool_requests_every_size_to_every_worker() -> None:
         assert [lk["transport"] for lk in links] == ["sysv", "sysv"]
         assert len(queue_ids() - before) == 4  # two queues per worker
     assert queue_ids() <= before
-    assert _pool_dirs() == []
-
-
-async def test_sysv_pool_worker_sigkill_fails_its_request_and_leaves_no_queue() -> None:
-    before = queue_ids()
-    async with WorkerPool(
-        "pool_workers:setup", workers=1, transport="sysv", env=worker_env(), restart_backoff=0.01
-    ) as pool:
-        started = await pool.bus.subscribe("started")
-        await pool.bus.flush()
-        first = queue_ids() - before
-        failures: list[BaseException] = []
-        async with anyio.create_task_group() as tg:
-
-            async def call() -> None:
-                try:
-                    await pool.bus.request("slow.hang", timeout=30)
-                except ipcbus.IpcBusError as exc:
-                    failures.append(exc)
-
-            tg.start_soon(call)
-            victim = (await started.next(timeout=10)).decode(int)
-            os.kill(victim, signal.SIGKILL)
-        assert len(failures) == 1 and isinstance(failures[0], WorkerCrashed), failures
-        await pool.wait_ready(timeout=20)
-        assert (await pool.bus.request("echo", b"after", timeout=10)).data == b"after"
-        # The dead worker's queues are gone (the one it read included); the new one has its own.
-        with anyio.fail_after(10):
-            while first & queue_ids():
-                await asyncio.sleep(0.02)
-        assert len(queue_ids() - before) == 2
-    assert queue_ids() <= before
+    assert pool_dirs() == []
 
 
 async def test_ipcrm_of_a_pool_queue_under_load_restarts_the_worker() -> None:
@@ -242,113 +224,3 @@ async def test_ipcrm_of_a_pool_queue_under_load_restarts_the_worker() -> None:
         await pool.wait_ready(timeout=20)
         assert pool.pids[0] != victim_pid
         assert (await pool.bus.request("echo", b"again", timeout=10)).data == b"again"
-
-
-_PARENT = """
-import asyncio, os, sys
-import ipcbus
-
-async def main():
-    async with ipcbus.WorkerPool("pool_workers:setup", workers=1, transport="sysv",
-                                 python=sys.argv[1]) as pool:
-        print(pool.pids[0], flush=True)
-        await asyncio.Event().wait()
-
-asyncio.run(main())
-"""
-
-
-async def test_a_worker_whose_parent_is_killed_removes_both_queues_and_exits() -> None:
-    before = queue_ids()
-    parent = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _PARENT, sys.executable, env=worker_env(),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    worker = 0
-    try:
-        assert parent.stdout is not None
-        with anyio.fail_after(30):
-            worker = int(await parent.stdout.readline())
-        assert len(queue_ids() - before) == 2
-        parent.kill()
-        await parent.wait()
-        with anyio.fail_after(15):
-            while _state(worker) not in ("Z", "gone"):
-                await asyncio.sleep(0.02)
-        assert queue_ids() <= before
-    finally:
-        if parent.returncode is None:
-            parent.kill()
-            await parent.wait()
-        if worker:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker, signal.SIGKILL)
-    # The dead pool's (now empty) records folder goes with the next pool.
-    async with WorkerPool("pool_workers:setup", workers=1, transport="sysv", env=worker_env()):
-        pass
-    assert _pool_dirs() == []
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return "gone"
-
-
-_KILLED_PARENT = """
-import asyncio, sys
-import ipcbus
-
-async def main():
-    # sys.argv[1] stands in for the interpreter: it never opens the queues.
-    async with ipcbus.WorkerPool("pool_workers:setup", workers=1, transport="sysv",
-                                 python=sys.argv[1]):
-        pass
-
-asyncio.run(main())
-"""
-
-
-@pytest.mark.parametrize("reclaimer", ["next pool", "gc --all"])
-async def test_queues_of_a_pool_killed_with_its_worker_are_reclaimed(
-    tmp_path: Path, reclaimer: str
-) -> None:
-    pidfile = tmp_path / "worker.pid"
-    fake = tmp_path / "never-attaches"
-    fake.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
-    fake.chmod(0o700)
-    parent = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _KILLED_PARENT, str(fake), env=worker_env()
-    )
-    worker_pid = 0
-    try:
-        with anyio.fail_after(20):
-            while not pidfile.exists() or not pidfile.read_text().strip():
-                await asyncio.sleep(0.02)
-        worker_pid = int(pidfile.read_text())
-        parent.kill()  # SIGKILL, and the worker never ran: nobody removes the queues
-        await parent.wait()
-    finally:
-        if parent.returncode is None:
-            parent.kill()
-            await parent.wait()
-        if worker_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker_pid, signal.SIGKILL)
-    (folder,) = _pool_dirs()
-    recs = [rec for _, rec in list_records(folder) if rec is not None]
-    assert sorted(rec.kind for rec in recs) == ["msq", "msq"]
-    ids = {int(rec.ident) for rec in recs}
-    assert ids <= queue_ids()
-    if reclaimer == "next pool":
-        async with WorkerPool("pool_workers:setup", workers=1, transport="sysv", env=worker_env()) as pool:
-            assert (await pool.bus.request("echo", b"y", timeout=10)).data == b"y"
-    else:
-        gc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ipcbus", "gc", "--all", stdout=asyncio.subprocess.PIPE
-        )
-        out = (await gc.communicate())[0].decode()
-        assert gc.returncode == 0 and "removed 2 object(s)" in out, out
-    assert _pool_dirs() == []
-    assert not ids & queue_ids()

@@ -545,66 +545,62 @@ async def _bus_inflight(bus: Any, p: Params, subject: str = "bench.echo") -> Met
     return rate_metrics(budget.used, t0, now_ns())
 
 
-async def ipcbus_pipe_w1(p: Params) -> Metrics:
-    """W1 through a one-worker :class:`ipcbus.WorkerPool` (anonymous pipes)."""
-    ipcbus = _ipcbus("WorkerPool")
-    async with ipcbus.WorkerPool(f"{MODULE}:sink_setup", workers=1) as pool:
-        return await _bus_stream(pool.bus, p)
-
-
-async def ipcbus_pipe_w2(p: Params) -> Metrics:
-    """W2 sequential request/reply to a one-worker pool."""
-    ipcbus = _ipcbus("WorkerPool")
-    async with ipcbus.WorkerPool(f"{MODULE}:echo_setup", workers=1) as pool:
-        return await _bus_sequential(pool.bus, p)
-
-
-async def ipcbus_pipe_w2x(p: Params) -> Metrics:
-    """W2 with ``p.inflight`` requests outstanding, one-worker pool."""
-    ipcbus = _ipcbus("WorkerPool")
-    async with ipcbus.WorkerPool(f"{MODULE}:echo_setup", workers=1) as pool:
-        return await _bus_inflight(pool.bus, p)
-
-
-def _pool(ipcbus: ModuleType, setup: str, transport: str) -> Any:
+def _pool(ipcbus: ModuleType, setup: str, transport: str = "pipe", workers: int = 1) -> Any:
     try:
-        return ipcbus.WorkerPool(setup, workers=1, transport=transport)
+        return ipcbus.WorkerPool(f"{MODULE}:{setup}", workers=workers, transport=transport)
     except (TypeError, ValueError) as exc:
         raise Unavailable(f"WorkerPool(transport={transport!r}) not supported yet ({exc})") from exc
 
 
+async def _pool_stream(p: Params, transport: str) -> Metrics:
+    async with _pool(_ipcbus("WorkerPool"), "sink_setup", transport) as pool:
+        return await _bus_stream(pool.bus, p)
+
+
+async def _pool_sequential(p: Params, transport: str) -> Metrics:
+    async with _pool(_ipcbus("WorkerPool"), "echo_setup", transport) as pool:
+        return await _bus_sequential(pool.bus, p)
+
+
+async def ipcbus_pipe_w1(p: Params) -> Metrics:
+    """W1 through a one-worker :class:`ipcbus.WorkerPool` (anonymous pipes)."""
+    return await _pool_stream(p, "pipe")
+
+
+async def ipcbus_pipe_w2(p: Params) -> Metrics:
+    """W2 sequential request/reply to a one-worker pool."""
+    return await _pool_sequential(p, "pipe")
+
+
+async def ipcbus_pipe_w2x(p: Params) -> Metrics:
+    """W2 with ``p.inflight`` requests outstanding, one-worker pool."""
+    async with _pool(_ipcbus("WorkerPool"), "echo_setup") as pool:
+        return await _bus_inflight(pool.bus, p)
+
+
 async def ipcbus_pool_shm_w1(p: Params) -> Metrics:
     """W1 through a one-worker pool whose link is shared memory (direct, no hub)."""
-    ipcbus = _ipcbus("WorkerPool")
-    async with _pool(ipcbus, f"{MODULE}:sink_setup", "shm") as pool:
-        return await _bus_stream(pool.bus, p)
+    return await _pool_stream(p, "shm")
 
 
 async def ipcbus_pool_shm_w2(p: Params) -> Metrics:
     """W2 sequential request/reply to a one-worker shared-memory pool."""
-    ipcbus = _ipcbus("WorkerPool")
-    async with _pool(ipcbus, f"{MODULE}:echo_setup", "shm") as pool:
-        return await _bus_sequential(pool.bus, p)
+    return await _pool_sequential(p, "shm")
 
 
 async def ipcbus_pool_sysv_w1(p: Params) -> Metrics:
     """W1 through a one-worker pool linked by two SysV message queues (direct, no hub)."""
-    ipcbus = _ipcbus("WorkerPool")
-    async with _pool(ipcbus, f"{MODULE}:sink_setup", "sysv") as pool:
-        return await _bus_stream(pool.bus, p)
+    return await _pool_stream(p, "sysv")
 
 
 async def ipcbus_pool_sysv_w2(p: Params) -> Metrics:
     """W2 sequential request/reply to a one-worker SysV pool."""
-    ipcbus = _ipcbus("WorkerPool")
-    async with _pool(ipcbus, f"{MODULE}:echo_setup", "sysv") as pool:
-        return await _bus_sequential(pool.bus, p)
+    return await _pool_sequential(p, "sysv")
 
 
 async def ipcbus_pool_w4(p: Params) -> Metrics:
     """W4: ``p.workers`` echo workers in one queue group, ``p.inflight`` outstanding."""
-    ipcbus = _ipcbus("WorkerPool")
-    async with ipcbus.WorkerPool(f"{MODULE}:echo_setup", workers=p.workers) as pool:
+    async with _pool(_ipcbus("WorkerPool"), "echo_setup", workers=p.workers) as pool:
         return await _bus_inflight(pool.bus, p)
 
 
