@@ -599,6 +599,11 @@ class Node:
 
             link.on_frames = on_frames
             link.decode_large = _decode_large
+            spinner = self._spinner
+            if spinner is not None and link.poll_after_request:
+                # Frames that come through a thread: the link takes them itself
+                # while this loop polls anyway (Link.keep_polling).
+                link.keep_polling = lambda: spinner.active
             while True:
                 raws = [await recv()]
                 # Handle every frame already read in this wake-up, bounded by the share.
@@ -621,6 +626,7 @@ class Node:
         finally:
             link.on_frames = None
             link.decode_large = None
+            link.keep_polling = None
             with anyio.CancelScope(shield=True):
                 await self._drop_link(ls, reason)
 

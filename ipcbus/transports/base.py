@@ -164,6 +164,15 @@ class Link(abc.ABC):
     so that the next request finds the loop awake.
     """
 
+    keep_polling: Callable[[], bool] | None = None
+    """Set by the reactor on links with :attr:`poll_after_request` when its
+    node busy-polls (:mod:`ipcbus.spin`): whether the event loop is polling
+    right now.  Such a link may then take its frames from the kernel itself,
+    on every loop turn, instead of through its thread (one thread-to-loop
+    hand-off less per hop), and gives the queue back to its thread once this
+    says no and a short grace has passed.  ``None``: frames always come
+    through the thread."""
+
     on_frames: Callable[[], None] | None = None
     """Set by the reactor: called from the transport's read callback when
     frames arrived while a :meth:`recv` waits, so that they are handled right

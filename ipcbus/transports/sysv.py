@@ -55,6 +55,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -156,6 +157,7 @@ DEFAULT_CREDIT_UNIT: Final = 32 * 1024
 _RX_PAUSE: Final = 1 << 20  # a client stops draining its queue above this many buffered bytes
 _BATCH_MSGS: Final = 256  # at most this many messages per hand-off to the loop
 _BATCH_BYTES: Final = 1 << 20
+_POLL_GRACE_NS: Final = 50_000  # the loop keeps its queue this long after the last batch
 _FLUSH_TIMEOUT: Final = 2.0  # aclose(): how long queued frames may take to leave
 _JOIN_TIMEOUT: Final = 5.0
 _CONNECT_TIMEOUT: Final = 10.0
@@ -1080,6 +1082,13 @@ class _ClientLink(SysvLink):
         # Why the stream ends once our own end marker (below) comes back.
         self._marker_end: BaseException | None = None
         self._handoff = _Handoff(loop, self._on_rx_batch)
+        # Who receives from own_q: the thread (blocking msgrcv), or, after the
+        # thread handed over a batch while keep_polling is set, the loop itself
+        # (IPC_NOWAIT on every turn) until it hands the queue back (_poll).
+        self._loop_turn = False
+        self._thread_turn = threading.Event()
+        self._poll_handle: asyncio.Handle | None = None
+        self._last_rx = 0  # monotonic ns of the last batch received
         self._rx_thread = threading.Thread(
             target=self._rx_run, name=f"ipcbus-sysv-rx-{address}", daemon=True
         )
@@ -1107,7 +1116,19 @@ class _ClientLink(SysvLink):
         """
         q = self._own_q
         handoff = self._handoff
+        handed = False
         while True:
+            if handed:
+                # The loop receives meanwhile (_poll); wait until it hands back.
+                self._thread_turn.wait()
+                self._thread_turn.clear()
+                handed = False
+                if self._stopping:
+                    return
+                if self._buffered() > _RX_PAUSE:  # handed back because the app lags
+                    self._paused = self._watch_consumption = True
+                    if self._buffered() <= _RX_PAUSE:  # the loop caught up meanwhile
+                        self._paused = self._watch_consumption = False
             want = -CONTROL_MAX if self._paused else -self._address
             try:
                 first = q.receive(True, want)
@@ -1137,10 +1158,21 @@ class _ClientLink(SysvLink):
                 nbytes += len(m[0])
                 nudged = nudged or m[1] == T_NUDGE
             self._rx_delivered += nbytes
-            if not handoff.put(batch, removed) or removed or self._stopping:
-                return
             if nudged:
                 self._nudged = False
+            if (
+                self.keep_polling is not None
+                and not removed
+                and not self._paused
+                and self._buffered() <= _RX_PAUSE
+            ):
+                # The loop polls: let it take what comes next itself (set before
+                # the hand-off, which schedules its first poll).
+                self._loop_turn = handed = True
+            if not handoff.put(batch, removed) or removed or self._stopping:
+                return
+            if handed:
+                continue
             # Pause when the application lags: receive only control messages
             # (ACK, ABORT, NUDGE), so our queue fills and the hub feels it.
             if self._buffered() > _RX_PAUSE:
@@ -1186,7 +1218,7 @@ class _ClientLink(SysvLink):
                 self._break(aborted)
                 self._end(aborted)
             elif t == T_NUDGE:
-                pass  # handled by the thread
+                pass  # handled by the thread (one the loop receives (_poll) is stale)
             else:
                 log.warning(
                     "%r: discarded a message of unknown type %d (%d bytes) on queue %d; "
@@ -1207,10 +1239,68 @@ class _ClientLink(SysvLink):
         if not self._welcome.done() and self._rx_end is not None:
             self._welcome.set_exception(self._rx_end)
             self._welcome.exception()  # retrieved here: connect() may have given up
+        if batch:
+            self._last_rx = time.monotonic_ns()
         # The thread may have paused on bytes that were only in transit to us
         # (fragments now absorbed into a partial frame): let it go on if so.
         self._consumed()
         self._deliver_or_wake()
+        if self._loop_turn and self._poll_handle is None:
+            self._poll_handle = self._loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        """Loop side: take what our queue holds (IPC_NOWAIT); hand it back when idle.
+
+        Runs on each loop turn while the loop has the queue: as long as
+        frames come, while :attr:`keep_polling` says the loop polls anyway,
+        and for :data:`_POLL_GRACE_NS` after the last batch; then the thread
+        blocks in ``msgrcv`` again.  The same pattern as NAPI in network
+        drivers: interrupts (here: a thread hand-off) only while idle.
+        """
+        self._poll_handle = None
+        if not self._loop_turn:
+            return
+        if self._stopping or self._closed or self._rx_end is not None \
+                or self._buffered() > _RX_PAUSE:
+            self._hand_back()
+            return
+        q = self._own_q
+        want = -self._address
+        batch: list[tuple[bytes, int]] = []
+        nbytes = 0
+        removed = False
+        more = _queued(q)
+        while more > 0 and len(batch) < _BATCH_MSGS and nbytes < _BATCH_BYTES:
+            more -= 1
+            try:
+                m = q.receive(False, want)
+            except sysv_ipc.ExistentialError:
+                removed = True
+                break
+            except sysv_ipc.Error:
+                break  # taken meanwhile (EAGAIN), or EINTR: next turn
+            batch.append(m)
+            nbytes += len(m[0])
+        if batch or removed:
+            self._rx_delivered += nbytes
+            if removed:
+                self._hand_back()  # the thread sees EIDRM too and ends
+            self._on_rx_batch(batch, removed)
+            return
+        keep = self.keep_polling
+        if (keep is not None and keep()) or time.monotonic_ns() - self._last_rx < _POLL_GRACE_NS:
+            self._poll_handle = self._loop.call_soon(self._poll)
+        else:
+            self._hand_back()
+
+    def _hand_back(self) -> None:
+        """The thread receives again (blocking ``msgrcv``)."""
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+            self._poll_handle = None
+        if self._loop_turn:
+            self._loop_turn = False
+            self._thread_turn.set()
 
     def _rx_other(self, kind: int, flags: int, total: int, data: bytes) -> int:
         if kind == KIND_WELCOME and not self._welcome.done():
@@ -1359,6 +1449,8 @@ class _ClientLink(SysvLink):
                 self._out_q.send(self._bye_message(), False, self._out_type)
         self._break(ConnectionClosed("this link is closed"))
         self._stopping = True
+        self._hand_back()  # a thread waiting for its turn sees _stopping and ends
+        self._thread_turn.set()
         # Removing our queue wakes the receiver thread (EIDRM) and discards
         # whatever the hub sent that we will never read.
         with contextlib.suppress(sysv_ipc.Error, OSError):
