@@ -221,6 +221,119 @@ def _queued(q: sysv_ipc.MessageQueue) -> int:
         return 1
 
 
+def _drain(
+    q: sysv_ipc.MessageQueue, want: int, batch: list[tuple[bytes, int]], nbytes: int
+) -> tuple[int, bool]:
+    """Append to ``batch`` what ``q`` holds for ``want`` now (IPC_NOWAIT), within the
+    batch limits; return the batch's bytes and whether the queue was removed.
+
+    Drains what ``IPC_STAT`` says is queued (one ``msgctl`` per batch) rather than
+    until a ``msgrcv`` fails with ENOMSG: in a two-process ping-pong prototype
+    that failing call delayed every hand-off by ~10 us.
+    """
+    more = _queued(q)
+    while more > 0 and len(batch) < _BATCH_MSGS and nbytes < _BATCH_BYTES:
+        more -= 1
+        try:
+            m = q.receive(False, want)
+        except sysv_ipc.ExistentialError:
+            return nbytes, True
+        except sysv_ipc.Error:
+            break  # taken meanwhile (EAGAIN), or EINTR
+        batch.append(m)
+        nbytes += len(m[0])
+    return nbytes, False
+
+
+class _LoopTurn:
+    """Which side receives from a queue: its thread (blocking ``msgrcv``) or the loop.
+
+    A queue has no file descriptor, so a thread blocks in ``msgrcv`` and
+    hands batches to the event loop; each hand-off costs a thread switch and,
+    when the loop sleeps, a wake-up.  While the loop polls anyway (its node's
+    spinner is active, :attr:`Link.keep_polling`), the thread gives the queue
+    to the loop with its batch (:meth:`give`, before the hand-off) and waits
+    (:meth:`wait`); the loop then takes messages with ``IPC_NOWAIT`` on every
+    turn (:meth:`_poll`) as long as they come, while ``keep_polling()`` says
+    so, and for :data:`_POLL_GRACE_NS` after the last batch, and then gives
+    the queue back (:meth:`hand_back`).  One side at a time, so order is kept.
+    The pattern of NAPI in network drivers: interrupts only while idle.
+    """
+
+    __slots__ = (
+        "_deliver", "_event", "_handle", "_keep_polling", "_loop", "_may_poll", "_q", "_want",
+        "last_rx", "loop_has",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        q: sysv_ipc.MessageQueue,
+        want: int,
+        deliver: Callable[[list[tuple[bytes, int]], int, bool], None],
+        may_poll: Callable[[], bool],
+        keep_polling: Callable[[], bool],
+    ) -> None:
+        self._loop = loop
+        self._q = q
+        self._want = want
+        self._deliver = deliver  # (batch, nbytes, removed), on the loop
+        self._may_poll = may_poll  # False: give the queue back now
+        self._keep_polling = keep_polling
+        self._event = threading.Event()
+        self._handle: asyncio.Handle | None = None
+        self.loop_has = False
+        """True while the loop receives (written by the side that has the queue)."""
+        self.last_rx = 0  # monotonic ns of the last batch
+
+    def give(self) -> None:
+        """Thread side, before handing over a batch: the loop receives next."""
+        self.loop_has = True
+
+    def wait(self) -> None:
+        """Thread side, after :meth:`give`: block until the loop gives the queue back."""
+        self._event.wait()
+        self._event.clear()
+
+    def batch_done(self) -> None:
+        """Loop side, after each batch: poll on the next turn if the loop has the queue."""
+        self.last_rx = time.monotonic_ns()
+        if self.loop_has and self._handle is None:
+            self._handle = self._loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        self._handle = None
+        if not self.loop_has:
+            return
+        if not self._may_poll():
+            self.hand_back()
+            return
+        batch: list[tuple[bytes, int]] = []
+        nbytes, removed = _drain(self._q, self._want, batch, 0)
+        if batch or removed:
+            if removed:
+                self.hand_back()  # the thread sees EIDRM too, and ends
+            self._deliver(batch, nbytes, removed)  # calls batch_done()
+        elif self._keep_polling() or time.monotonic_ns() - self.last_rx < _POLL_GRACE_NS:
+            self._handle = self._loop.call_soon(self._poll)
+        else:
+            self.hand_back()
+
+    def hand_back(self) -> None:
+        """Loop side: the thread receives again."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self.loop_has:
+            self.loop_has = False
+            self._event.set()
+
+    def stop(self) -> None:
+        """Release a waiting thread for good (it checks its stop flag first)."""
+        self.hand_back()
+        self._event.set()
+
+
 class _PidWatch:
     """Calls ``callback`` once when process ``pid`` exits (a pidfd watched by the loop)."""
 
@@ -1082,13 +1195,9 @@ class _ClientLink(SysvLink):
         # Why the stream ends once our own end marker (below) comes back.
         self._marker_end: BaseException | None = None
         self._handoff = _Handoff(loop, self._on_rx_batch)
-        # Who receives from own_q: the thread (blocking msgrcv), or, after the
-        # thread handed over a batch while keep_polling is set, the loop itself
-        # (IPC_NOWAIT on every turn) until it hands the queue back (_poll).
-        self._loop_turn = False
-        self._thread_turn = threading.Event()
-        self._poll_handle: asyncio.Handle | None = None
-        self._last_rx = 0  # monotonic ns of the last batch received
+        self._turn = _LoopTurn(
+            loop, own_q, -address, self._on_polled, self._may_poll, self._loop_polls
+        )
         self._rx_thread = threading.Thread(
             target=self._rx_run, name=f"ipcbus-sysv-rx-{address}", daemon=True
         )
@@ -1119,9 +1228,7 @@ class _ClientLink(SysvLink):
         handed = False
         while True:
             if handed:
-                # The loop receives meanwhile (_poll); wait until it hands back.
-                self._thread_turn.wait()
-                self._thread_turn.clear()
+                self._turn.wait()  # the loop receives meanwhile
                 handed = False
                 if self._stopping:
                     return
@@ -1138,27 +1245,9 @@ class _ClientLink(SysvLink):
             except sysv_ipc.Error:
                 continue  # EINTR
             batch = [first]
-            nbytes = len(first[0])
-            removed = False
-            nudged = first[1] == T_NUDGE
-            # Drain what IPC_STAT says is queued (one msgctl per batch), rather
-            # than until a msgrcv fails with ENOMSG: in a two-process ping-pong
-            # prototype that failing call delayed every hand-off by ~10 us.
-            more = _queued(q)
-            while more > 0 and len(batch) < _BATCH_MSGS and nbytes < _BATCH_BYTES:
-                more -= 1
-                try:
-                    m = q.receive(False, want)
-                except sysv_ipc.BusyError:
-                    break
-                except sysv_ipc.ExistentialError:
-                    removed = True
-                    break
-                batch.append(m)
-                nbytes += len(m[0])
-                nudged = nudged or m[1] == T_NUDGE
+            nbytes, removed = _drain(q, want, batch, len(first[0]))
             self._rx_delivered += nbytes
-            if nudged:
+            if self._nudged and any(t == T_NUDGE for _, t in batch):
                 self._nudged = False
             if (
                 self.keep_polling is not None
@@ -1166,9 +1255,10 @@ class _ClientLink(SysvLink):
                 and not self._paused
                 and self._buffered() <= _RX_PAUSE
             ):
-                # The loop polls: let it take what comes next itself (set before
-                # the hand-off, which schedules its first poll).
-                self._loop_turn = handed = True
+                # The loop polls: let it take what comes next itself (before the
+                # hand-off, which schedules its first poll).
+                self._turn.give()
+                handed = True
             if not handoff.put(batch, removed) or removed or self._stopping:
                 return
             if handed:
@@ -1239,68 +1329,25 @@ class _ClientLink(SysvLink):
         if not self._welcome.done() and self._rx_end is not None:
             self._welcome.set_exception(self._rx_end)
             self._welcome.exception()  # retrieved here: connect() may have given up
-        if batch:
-            self._last_rx = time.monotonic_ns()
         # The thread may have paused on bytes that were only in transit to us
         # (fragments now absorbed into a partial frame): let it go on if so.
         self._consumed()
         self._deliver_or_wake()
-        if self._loop_turn and self._poll_handle is None:
-            self._poll_handle = self._loop.call_soon(self._poll)
+        self._turn.batch_done()
 
-    def _poll(self) -> None:
-        """Loop side: take what our queue holds (IPC_NOWAIT); hand it back when idle.
+    def _on_polled(self, batch: list[tuple[bytes, int]], nbytes: int, removed: bool) -> None:
+        self._rx_delivered += nbytes  # the thread waits meanwhile: this side writes it
+        self._on_rx_batch(batch, removed)
 
-        Runs on each loop turn while the loop has the queue: as long as
-        frames come, while :attr:`keep_polling` says the loop polls anyway,
-        and for :data:`_POLL_GRACE_NS` after the last batch; then the thread
-        blocks in ``msgrcv`` again.  The same pattern as NAPI in network
-        drivers: interrupts (here: a thread hand-off) only while idle.
-        """
-        self._poll_handle = None
-        if not self._loop_turn:
-            return
-        if self._stopping or self._closed or self._rx_end is not None \
-                or self._buffered() > _RX_PAUSE:
-            self._hand_back()
-            return
-        q = self._own_q
-        want = -self._address
-        batch: list[tuple[bytes, int]] = []
-        nbytes = 0
-        removed = False
-        more = _queued(q)
-        while more > 0 and len(batch) < _BATCH_MSGS and nbytes < _BATCH_BYTES:
-            more -= 1
-            try:
-                m = q.receive(False, want)
-            except sysv_ipc.ExistentialError:
-                removed = True
-                break
-            except sysv_ipc.Error:
-                break  # taken meanwhile (EAGAIN), or EINTR: next turn
-            batch.append(m)
-            nbytes += len(m[0])
-        if batch or removed:
-            self._rx_delivered += nbytes
-            if removed:
-                self._hand_back()  # the thread sees EIDRM too and ends
-            self._on_rx_batch(batch, removed)
-            return
+    def _may_poll(self) -> bool:
+        return not (
+            self._stopping or self._closed or self._rx_end is not None
+            or self._buffered() > _RX_PAUSE  # the app lags: the thread pauses
+        )
+
+    def _loop_polls(self) -> bool:
         keep = self.keep_polling
-        if (keep is not None and keep()) or time.monotonic_ns() - self._last_rx < _POLL_GRACE_NS:
-            self._poll_handle = self._loop.call_soon(self._poll)
-        else:
-            self._hand_back()
-
-    def _hand_back(self) -> None:
-        """The thread receives again (blocking ``msgrcv``)."""
-        if self._poll_handle is not None:
-            self._poll_handle.cancel()
-            self._poll_handle = None
-        if self._loop_turn:
-            self._loop_turn = False
-            self._thread_turn.set()
+        return keep is not None and keep()
 
     def _rx_other(self, kind: int, flags: int, total: int, data: bytes) -> int:
         if kind == KIND_WELCOME and not self._welcome.done():
@@ -1449,8 +1496,7 @@ class _ClientLink(SysvLink):
                 self._out_q.send(self._bye_message(), False, self._out_type)
         self._break(ConnectionClosed("this link is closed"))
         self._stopping = True
-        self._hand_back()  # a thread waiting for its turn sees _stopping and ends
-        self._thread_turn.set()
+        self._turn.stop()  # a thread waiting for its turn sees _stopping and ends
         # Removing our queue wakes the receiver thread (EIDRM) and discards
         # whatever the hub sent that we will never read.
         with contextlib.suppress(sysv_ipc.Error, OSError):
@@ -2066,6 +2112,8 @@ class SysvAcceptor:
         self._gone: collections.deque[int] = collections.deque(maxlen=1024)
         self._marks: collections.deque[Callable[[], None]] = collections.deque()
         self._closing = False
+        self._turn: _LoopTurn | None = None  # of the current bus queue's thread
+        self._poll_ok = False  # the links' node polls: the thread may give the loop its queue
         self._failed: BaseException | None = None
 
     # -- properties -------------------------------------------------------
@@ -2219,6 +2267,8 @@ class SysvAcceptor:
             with contextlib.suppress(sysv_ipc.Error, OSError):
                 q.remove()  # wakes the receiver thread (EIDRM)
             forget_object(self.busdir, "msq", q.id)
+        if self._turn is not None:
+            self._turn.stop()  # a thread waiting for its turn sees _closing and ends
         for t in self._threads:
             t.join(_JOIN_TIMEOUT)
         self._threads.clear()
@@ -2229,8 +2279,20 @@ class SysvAcceptor:
         """Thread body: drain the bus queue (every type, FIFO) and hand batches to the loop."""
         loop = self._loop
         assert loop is not None
+        turn = self._turn = _LoopTurn(
+            loop, q, 0,
+            lambda batch, _n, removed: self._on_batch(q, batch, removed),
+            lambda: not self._closing and self._q is q,
+            self._loop_polls,
+        )
         handoff = _Handoff(loop, functools.partial(self._on_batch, q))
+        handed = False
         while True:
+            if handed:
+                turn.wait()  # the loop receives meanwhile
+                handed = False
+                if self._closing:
+                    return
             try:
                 first = q.receive(True, 0)
             except sysv_ipc.ExistentialError:
@@ -2239,18 +2301,10 @@ class SysvAcceptor:
             except sysv_ipc.Error:
                 continue  # EINTR
             batch = [first]
-            nbytes = len(first[0])
-            removed = False
-            while len(batch) < _BATCH_MSGS and nbytes < _BATCH_BYTES:
-                try:
-                    m = q.receive(False, 0)
-                except sysv_ipc.BusyError:
-                    break
-                except sysv_ipc.ExistentialError:
-                    removed = True
-                    break
-                batch.append(m)
-                nbytes += len(m[0])
+            _n, removed = _drain(q, 0, batch, len(first[0]))
+            if self._poll_ok and not removed:
+                turn.give()  # before the hand-off, which schedules the loop's first poll
+                handed = True
             if not handoff.put(batch, removed) or removed:
                 return
 
@@ -2289,8 +2343,22 @@ class SysvAcceptor:
                 )
         for link in touched:
             link._after_batch()
+            if link.keep_polling is not None:
+                self._poll_ok = True
         if removed:
             self._on_queue_removed(q)
+        turn = self._turn
+        if turn is not None and turn._q is q:
+            turn.batch_done()
+
+    def _loop_polls(self) -> bool:
+        """Whether the hub's loop polls anyway (its links share one node's spinner)."""
+        for link in self._links.values():
+            keep = link.keep_polling
+            if keep is not None:
+                return keep()
+        self._poll_ok = False
+        return False
 
     def _mark(self, action: Callable[[], None]) -> None:
         """Run ``action`` after every message now in the bus queue has been processed."""
