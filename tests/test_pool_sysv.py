@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import zlib
 from collections.abc import AsyncIterator
 
@@ -224,3 +225,89 @@ async def test_ipcrm_of_a_pool_queue_under_load_restarts_the_worker() -> None:
         await pool.wait_ready(timeout=20)
         assert pool.pids[0] != victim_pid
         assert (await pool.bus.request("echo", b"again", timeout=10)).data == b"again"
+
+
+# -- the loop's turn at the queue (Link.keep_polling) -------------------------------
+
+
+@contextlib.asynccontextmanager
+async def polled_pair(polling: list[bool]) -> AsyncIterator[tuple[SysvPairLink, SysvPairLink]]:
+    """A pair whose loop "polls" while ``polling[0]`` (as a node's spinner says)."""
+    async with pair() as (a, b):
+        a.keep_polling = b.keep_polling = lambda: polling[0]
+        yield a, b
+
+
+async def test_check_link_while_the_loop_takes_the_queue() -> None:
+    @contextlib.asynccontextmanager
+    async def make() -> AsyncIterator[tuple[Link, Link]]:
+        async with polled_pair([True]) as (a, b):
+            yield a, b
+
+    await check_link(make)
+
+
+async def test_the_loop_takes_the_queue_while_it_polls_and_gives_it_back() -> None:
+    polling = [True]
+    async with polled_pair(polling) as (a, b):
+        turn = b._turn
+        await a.send(b"first")
+        assert await b.recv() == b"first"
+        assert turn.loop_has and turn.given == 1  # the thread gave it with that batch
+        # The thread now waits for its turn: these can only reach b through the loop.
+        for i in range(50):
+            a.send_now(b"%d" % i)
+            assert await b.recv() == b"%d" % i
+        assert turn.loop_has and turn.given == 1
+        polling[0] = False  # the spinner stopped: after the grace, the thread again
+        with anyio.fail_after(5):
+            while turn.loop_has:
+                await asyncio.sleep(0.001)
+        await a.send(b"by the thread")
+        assert await b.recv() == b"by the thread"
+        assert turn.given == 2  # and it gave the queue to the loop again with that batch
+
+
+async def test_frames_stay_in_order_while_the_queue_changes_hands() -> None:
+    polling = [True]
+    rnd = random.Random(4)
+    async with polled_pair(polling) as (a, b):
+        frames = [i.to_bytes(4, "big") * rnd.randint(1, 600) for i in range(4000)]
+        got: list[bytes] = []
+
+        async def read() -> None:
+            while len(got) < len(frames):
+                got.append(await b.recv())
+
+        reader = asyncio.create_task(read())
+        for i, f in enumerate(frames):
+            (a.send_now if i % 3 else a.send_nowait)(f)
+            if i % 50 == 0:
+                polling[0] = rnd.random() < 0.5
+                # Gaps past the grace make the loop give the queue back mid-stream.
+                await asyncio.sleep(rnd.choice((0, 0, 0.0002, 0.001)))
+        with anyio.fail_after(20):
+            await reader
+        assert got == frames
+        assert b._turn.given > 10  # the queue changed hands many times
+
+
+async def test_closing_while_the_loop_has_the_queue_ends_the_thread() -> None:
+    async with polled_pair([True]) as (a, b):
+        await a.send(b"x")
+        assert await b.recv() == b"x"
+        assert b._turn.loop_has
+        threads = (a._rx_thread, b._rx_thread)
+    assert not any(t.is_alive() for t in threads)
+
+
+async def test_ipcrm_while_the_loop_has_the_queue() -> None:
+    async with polled_pair([True]) as (a, b):
+        await a.send(b"x")
+        assert await b.recv() == b"x"
+        assert b._turn.loop_has
+        sysv_ipc.MessageQueue(_key_of(b)).remove()
+        with anyio.fail_after(5), pytest.raises(ConnectionClosed, match="removed"):
+            await b.recv()
+        b._rx_thread.join(5)
+        assert not b._rx_thread.is_alive()

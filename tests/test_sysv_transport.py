@@ -85,10 +85,14 @@ async def connect_here(acc: SysvAcceptor, **kw: Any) -> tuple[Link, Link]:
     return client, await tasks[0]
 
 
-def pair_factory(acc: SysvAcceptor, hub_first: bool) -> Callable[[], Any]:
+def pair_factory(acc: SysvAcceptor, hub_first: bool, polling: bool = False) -> Callable[[], Any]:
+    """``polling``: both links' loops poll (Link.keep_polling), so they take their queues."""
+
     @contextlib.asynccontextmanager
     async def make_pair() -> AsyncIterator[tuple[Link, Link]]:
         client, hub = await connect_here(acc)
+        if polling:
+            client.keep_polling = hub.keep_polling = lambda: True
         try:
             yield (hub, client) if hub_first else (client, hub)
         finally:
@@ -189,12 +193,48 @@ async def run(*cmd: str) -> str:
 # -- conformance ------------------------------------------------------------------
 
 
-async def test_check_link_client_to_hub(acceptor: SysvAcceptor) -> None:
-    await check_link(pair_factory(acceptor, hub_first=False))
+@pytest.mark.parametrize("polling", [False, True], ids=["thread", "loop-polls"])
+async def test_check_link_client_to_hub(acceptor: SysvAcceptor, polling: bool) -> None:
+    await check_link(pair_factory(acceptor, hub_first=False, polling=polling))
 
 
-async def test_check_link_hub_to_client(acceptor: SysvAcceptor) -> None:
-    await check_link(pair_factory(acceptor, hub_first=True))
+@pytest.mark.parametrize("polling", [False, True], ids=["thread", "loop-polls"])
+async def test_check_link_hub_to_client(acceptor: SysvAcceptor, polling: bool) -> None:
+    await check_link(pair_factory(acceptor, hub_first=True, polling=polling))
+
+
+async def test_the_hub_loop_takes_the_bus_queue_while_it_polls(acceptor: SysvAcceptor) -> None:
+    """The bus-queue thread gives the queue to a polling hub loop; two clients' streams
+    stay whole and in order while it changes hands."""
+    polling = [True]
+    (c1, h1), (c2, h2) = await connect_here(acceptor), await connect_here(acceptor)
+    try:
+        h1.keep_polling = h2.keep_polling = lambda: polling[0]
+        await c1.send(b"hello")
+        assert await h1.recv() == b"hello"
+        await c1.send(b"again")
+        assert await h1.recv() == b"again"
+        turn = acceptor._turn
+        assert turn is not None and turn.loop_has and turn.given >= 1
+        given = turn.given
+        for i in range(20):  # the thread waits: only the loop can receive these
+            await c2.send(b"%d" % i)
+            assert await h2.recv() == b"%d" % i
+        assert turn.loop_has and turn.given == given
+        expect = {c: [bytes([k]) * (1 + i * 37 % 9000) for i in range(600)] for k, c in ((1, c1), (2, c2))}
+        for i in range(600):
+            for c in (c1, c2):
+                c.send_nowait(expect[c][i])
+            if i % 40 == 0:
+                polling[0] = not polling[0]
+                await asyncio.sleep(0.001 if i % 80 else 0)  # past the grace: the thread again
+        with anyio.fail_after(20):
+            assert [await h1.recv() for _ in range(600)] == expect[c1]
+            assert [await h2.recv() for _ in range(600)] == expect[c2]
+        assert turn.given > given
+    finally:
+        for lk in (c1, c2, h1, h2):
+            await lk.aclose()
 
 
 @pytest.mark.parametrize("hub_first", [False, True])

@@ -236,7 +236,7 @@ def _drain(
         more -= 1
         try:
             m = q.receive(False, want)
-        except sysv_ipc.ExistentialError:
+        except (sysv_ipc.ExistentialError, OSError):  # EIDRM, or EINVAL: removed
             return nbytes, True
         except sysv_ipc.Error:
             break  # taken meanwhile (EAGAIN), or EINTR
@@ -262,7 +262,7 @@ class _LoopTurn:
 
     __slots__ = (
         "_deliver", "_event", "_handle", "_keep_polling", "_loop", "_may_poll", "_q", "_want",
-        "last_rx", "loop_has",
+        "given", "last_rx", "loop_has",
     )
 
     def __init__(
@@ -285,9 +285,12 @@ class _LoopTurn:
         self.loop_has = False
         """True while the loop receives (written by the side that has the queue)."""
         self.last_rx = 0  # monotonic ns of the last batch
+        self.given = 0
+        """How often the thread gave the queue to the loop."""
 
     def give(self) -> None:
         """Thread side, before handing over a batch: the loop receives next."""
+        self.given += 1
         self.loop_has = True
 
     def wait(self) -> None:
