@@ -231,9 +231,11 @@ async def test_ipcrm_of_a_pool_queue_under_load_restarts_the_worker() -> None:
 
 
 @contextlib.asynccontextmanager
-async def polled_pair(polling: list[bool]) -> AsyncIterator[tuple[SysvPairLink, SysvPairLink]]:
+async def polled_pair(
+    polling: list[bool], **create: object
+) -> AsyncIterator[tuple[SysvPairLink, SysvPairLink]]:
     """A pair whose loop "polls" while ``polling[0]`` (as a node's spinner says)."""
-    async with pair() as (a, b):
+    async with pair(**create) as (a, b):
         a.keep_polling = b.keep_polling = lambda: polling[0]
         yield a, b
 
@@ -283,9 +285,9 @@ async def test_frames_stay_in_order_while_the_queue_changes_hands() -> None:
         for i, f in enumerate(frames):
             (a.send_now if i % 3 else a.send_nowait)(f)
             if i % 50 == 0:
-                polling[0] = rnd.random() < 0.5
-                # Gaps past the grace make the loop give the queue back mid-stream.
-                await asyncio.sleep(rnd.choice((0, 0, 0.0002, 0.001)))
+                polling[0] = not polling[0]
+                # Gaps past the grace while not polling: the loop gives the queue back.
+                await asyncio.sleep(rnd.choice((0, 0.0002)) if polling[0] else 0.001)
         with anyio.fail_after(20):
             await reader
         assert got == frames
@@ -311,3 +313,38 @@ async def test_ipcrm_while_the_loop_has_the_queue() -> None:
             await b.recv()
         b._rx_thread.join(5)
         assert not b._rx_thread.is_alive()
+
+
+async def test_a_full_queue_is_retried_by_a_polling_loop_and_waited_on_by_a_thread_after() -> None:
+    polling = [True]
+    async with polled_pair(polling, queue_bytes=None) as (a, b):  # msgmnb: 16 KiB by default
+        frames = [i.to_bytes(4, "big") * 250 for i in range(2000)]  # 2 MB: the queue fills
+        got: list[bytes] = []
+
+        async def read(n: int) -> None:
+            for _ in range(n):
+                got.append(await b.recv())
+
+        reader = asyncio.create_task(read(len(frames)))
+        for f in frames:
+            await a.send(f)
+        with anyio.fail_after(20):
+            await a.drain()
+            await reader
+        assert got == frames
+        assert a._tx is None  # while the loop polls, it tried again itself: no thread
+        # Not polling, and nobody reads (b buffers 1 MiB, then pauses): past the
+        # grace, a thread waits in msgsnd.
+        polling[0] = False
+        more = [i.to_bytes(4, "big") * 250 for i in range(2000, 3500)]
+        for f in more:
+            a.send_nowait(f)
+        with anyio.fail_after(5):
+            while a._tx is None or not a._tx.blocked:
+                await asyncio.sleep(0.001)
+        assert a.pending_out > 0
+        got.clear()
+        with anyio.fail_after(20):
+            await read(len(more))
+            await a.drain()
+        assert got == more and a.pending_out == 0
