@@ -637,7 +637,7 @@ class Node:
         reply_routes = self._reply_routes
         inbox_prefix = self._reply_prefix
         deliver_reply = self.inbox.deliver
-        size = msgs = nbytes = requests = 0
+        size = msgs = nbytes = 0
         try:
             for item in raws:
                 raw: bytes | None
@@ -689,8 +689,6 @@ class Node:
                                     r.inflight.pop(subject, None)
                             deliver_reply(frame)
                             continue
-                        if frame.reply is not None:
-                            requests += 1
                         self._on_msg(frame, raw, ls)
                     else:
                         self._on_control(frame, ls)
@@ -702,8 +700,10 @@ class Node:
         if self._spinner is not None:
             if self._awaiting_replies():
                 self._spinner.kick()  # replies are still due: poll for them
-            elif requests and ls.link.poll_after_request:
-                self._spinner.linger()  # the next request is likely near: see Spinner.linger
+            elif ls.link.poll_after_request:
+                # More is likely near, and while the loop polls the link takes it
+                # without its thread: see Spinner.linger and Link.keep_polling.
+                self._spinner.linger()
         if self._dirty:
             # Forward what this batch produced now, rather than one loop
             # iteration later: batching per read, lower latency per hop.

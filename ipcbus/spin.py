@@ -14,7 +14,8 @@ CPU (``sched_yield``) on every idle turn so that another runnable process on
 the same CPU goes first.  A reply that comes back meanwhile is picked up
 without a wake-up.  Polling stops as soon as no reply is due, or when the
 window passes with nothing new; then the loop sleeps as before.  A service
-that only answers never polls: idle responders cost nothing.
+that only answers never polls: idle responders cost nothing.  (SysV links
+are the exception: see :meth:`Spinner.linger`.)
 
 The same pattern appears elsewhere as spin-then-park: the Go scheduler,
 Aeron's idle strategies, Linux ``SO_BUSY_POLL``.  The cost is CPU on the
@@ -159,10 +160,11 @@ class Spinner:
     def linger(self) -> None:
         """Like :meth:`kick`, but poll for the window even if nothing is ``waiting``.
 
-        For work that usually comes in runs: a node that answered a request
-        over a link whose frames reach the loop through a thread
+        For work that usually comes in runs: a node that received frames over
+        a link whose frames reach the loop through a thread
         (:attr:`ipcbus.transports.base.Link.poll_after_request`) polls for the
-        next request, which then costs one wake-up instead of two.
+        next ones, which the link then takes without its thread
+        (:attr:`ipcbus.transports.base.Link.keep_polling`).
         """
         self.kick()
         self._linger_until = self._until

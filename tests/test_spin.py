@@ -261,3 +261,37 @@ async def test_a_hub_stops_counting_a_hung_request_as_due(bus_name: str) -> None
         await asyncio.sleep(0.05)
         assert node._reply_routes and not node._awaiting_replies()
         release.set()
+
+
+@two_cpus
+async def test_a_subscriber_over_sysv_polls_after_a_message_and_its_link_takes_the_queue(
+    bus_name: str,
+) -> None:
+    """Frames over a SysV link make the node linger, and while it polls, the link
+    receives without its thread; with spinning off, the thread keeps the queue."""
+    async with (
+        ipcbus.Hub(bus_name, transports=("sysv",)) as hub,
+        ipcbus.connect(bus_name, transport="sysv", spin_us=100_000) as sub_bus,
+        ipcbus.connect(bus_name, transport="sysv", spin_us=0) as plain,
+    ):
+        subs = [await b.subscribe("news") for b in (sub_bus, plain)]
+        await sub_bus.flush()
+        await plain.flush()
+        for i in range(3):
+            await hub.bus.publish("news", b"%d" % i)
+            for s in subs:
+                assert (await s.next(timeout=10)).data == b"%d" % i
+        spinner = sub_bus.node.spinner
+        assert spinner is not None and plain.node.spinner is None
+        assert spinner.active or spinner.gave_way  # it lingers after a plain message
+        link = sub_bus.node.links[0].link
+        assert link.keep_polling is not None
+        assert link._turn.given >= 1  # type: ignore[attr-defined]
+        assert plain.node.links[0].link.keep_polling is None
+        assert plain.node.links[0].link._turn.given == 0  # type: ignore[attr-defined]
+        # Nothing more comes: the window passes, the thread gets the queue back.
+        await asyncio.sleep(0.3)
+        assert not spinner.active
+        assert not link._turn.loop_has  # type: ignore[attr-defined]
+        await hub.bus.publish("news", b"again")  # and the thread receives it
+        assert (await subs[0].next(timeout=10)).data == b"again"

@@ -159,9 +159,10 @@ class Link(abc.ABC):
     """True for transports whose frames reach the event loop through a thread.
 
     Each hop over such a link costs two wake-ups (the thread's, then the
-    loop's) when the loop sleeps; a node that received a request over it
+    loop's) when the loop sleeps; a node that received frames over it
     therefore keeps polling for one spin window (:meth:`ipcbus.spin.Spinner.linger`),
-    so that the next request finds the loop awake.
+    so that the next ones find the loop awake (and, see :attr:`keep_polling`,
+    need no thread at all).
     """
 
     keep_polling: Callable[[], bool] | None = None
@@ -170,8 +171,8 @@ class Link(abc.ABC):
     right now.  Such a link may then take its frames from the kernel itself,
     on every loop turn, instead of through its thread (one thread-to-loop
     hand-off less per hop), and gives the queue back to its thread once this
-    says no and a short grace has passed.  ``None``: frames always come
-    through the thread."""
+    says no; it may also retry a send to a full queue from the loop rather
+    than wait in a thread.  ``None``: frames always come through the thread."""
 
     on_frames: Callable[[], None] | None = None
     """Set by the reactor: called from the transport's read callback when

@@ -157,7 +157,7 @@ DEFAULT_CREDIT_UNIT: Final = 32 * 1024
 _RX_PAUSE: Final = 1 << 20  # a client stops draining its queue above this many buffered bytes
 _BATCH_MSGS: Final = 256  # at most this many messages per hand-off to the loop
 _BATCH_BYTES: Final = 1 << 20
-_POLL_GRACE_NS: Final = 50_000  # the loop keeps its queue this long after the last batch
+_SEND_RETRY_NS: Final = 200_000  # a full queue is retried from the loop this long, then a thread
 _FLUSH_TIMEOUT: Final = 2.0  # aclose(): how long queued frames may take to leave
 _JOIN_TIMEOUT: Final = 5.0
 _CONNECT_TIMEOUT: Final = 10.0
@@ -254,15 +254,16 @@ class _LoopTurn:
     spinner is active, :attr:`Link.keep_polling`), the thread gives the queue
     to the loop with its batch (:meth:`give`, before the hand-off) and waits
     (:meth:`wait`); the loop then takes messages with ``IPC_NOWAIT`` on every
-    turn (:meth:`_poll`) as long as they come, while ``keep_polling()`` says
-    so, and for :data:`_POLL_GRACE_NS` after the last batch, and then gives
-    the queue back (:meth:`hand_back`).  One side at a time, so order is kept.
-    The pattern of NAPI in network drivers: interrupts only while idle.
+    turn (:meth:`_poll`) as long as ``keep_polling()`` says so (a node polls
+    for a spin window after each batch from such a link, see
+    :meth:`ipcbus.spin.Spinner.linger`), and then gives the queue back
+    (:meth:`hand_back`).  One side at a time, so order is kept.  The pattern
+    of NAPI in network drivers: interrupts only while idle.
     """
 
     __slots__ = (
         "_deliver", "_event", "_handle", "_keep_polling", "_loop", "_may_poll", "_q", "_want",
-        "given", "last_rx", "loop_has",
+        "given", "loop_has",
     )
 
     def __init__(
@@ -284,7 +285,6 @@ class _LoopTurn:
         self._handle: asyncio.Handle | None = None
         self.loop_has = False
         """True while the loop receives (written by the side that has the queue)."""
-        self.last_rx = 0  # monotonic ns of the last batch
         self.given = 0
         """How often the thread gave the queue to the loop."""
 
@@ -300,7 +300,6 @@ class _LoopTurn:
 
     def batch_done(self) -> None:
         """Loop side, after each batch: poll on the next turn if the loop has the queue."""
-        self.last_rx = time.monotonic_ns()
         if self.loop_has and self._handle is None:
             self._handle = self._loop.call_soon(self._poll)
 
@@ -317,7 +316,7 @@ class _LoopTurn:
             if removed:
                 self.hand_back()  # the thread sees EIDRM too, and ends
             self._deliver(batch, nbytes, removed)  # calls batch_done()
-        elif self._keep_polling() or time.monotonic_ns() - self.last_rx < _POLL_GRACE_NS:
+        elif self._keep_polling():
             self._handle = self._loop.call_soon(self._poll)
         else:
             self.hand_back()
@@ -772,7 +771,7 @@ class SysvLink(Link):
             if not self._sent_at:
                 self._sent_at = now
             keep = self.keep_polling
-            if keep is not None and (keep() or now - self._sent_at < _POLL_GRACE_NS):
+            if keep is not None and (keep() or now - self._sent_at < _SEND_RETRY_NS):
                 # The loop polls (or just sent): the reader frees room within
                 # microseconds while it keeps up; try again on the next turn
                 # rather than pay a thread's wake-ups for one message.
