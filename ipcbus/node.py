@@ -604,6 +604,7 @@ class Node:
                 # Frames that come through a thread: the link takes them itself
                 # while this loop polls anyway (Link.keep_polling).
                 link.keep_polling = lambda: spinner.active
+                link.start_polling = spinner.linger
             while True:
                 raws = [await recv()]
                 # Handle every frame already read in this wake-up, bounded by the share.
@@ -626,7 +627,7 @@ class Node:
         finally:
             link.on_frames = None
             link.decode_large = None
-            link.keep_polling = None
+            link.keep_polling = link.start_polling = None
             with anyio.CancelScope(shield=True):
                 await self._drop_link(ls, reason)
 

@@ -318,6 +318,8 @@ async def test_ipcrm_while_the_loop_has_the_queue() -> None:
 async def test_a_full_queue_is_retried_by_a_polling_loop_and_waited_on_by_a_thread_after() -> None:
     polling = [True]
     async with polled_pair(polling, queue_bytes=None) as (a, b):  # msgmnb: 16 KiB by default
+        asked: list[int] = []
+        a.start_polling = lambda: asked.append(1)  # a node would poll one spin window
         frames = [i.to_bytes(4, "big") * 250 for i in range(2000)]  # 2 MB: the queue fills
         got: list[bytes] = []
 
@@ -333,6 +335,8 @@ async def test_a_full_queue_is_retried_by_a_polling_loop_and_waited_on_by_a_thre
             await reader
         assert got == frames
         assert a._tx is None  # while the loop polls, it tried again itself: no thread
+        assert asked  # and a full queue asked the node to poll (once per episode)
+        assert len(asked) < len(frames) // 2
         # Not polling, and nobody reads (b buffers 1 MiB, then pauses): past the
         # grace, a thread waits in msgsnd.
         polling[0] = False

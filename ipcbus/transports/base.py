@@ -174,6 +174,13 @@ class Link(abc.ABC):
     says no; it may also retry a send to a full queue from the loop rather
     than wait in a thread.  ``None``: frames always come through the thread."""
 
+    start_polling: Callable[[], None] | None = None
+    """Set by the reactor with :attr:`keep_polling`: makes the node poll for
+    one spin window (:meth:`ipcbus.spin.Spinner.linger`).  A SysV link whose
+    peer's queue is full calls it, and tries the send again on every loop
+    turn while :attr:`keep_polling` says yes, rather than wait in a thread;
+    a spinner that gives way to busy processes ends that early."""
+
     on_frames: Callable[[], None] | None = None
     """Set by the reactor: called from the transport's read callback when
     frames arrived while a :meth:`recv` waits, so that they are handled right

@@ -55,7 +55,6 @@ import logging
 import os
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -157,7 +156,6 @@ DEFAULT_CREDIT_UNIT: Final = 32 * 1024
 _RX_PAUSE: Final = 1 << 20  # a client stops draining its queue above this many buffered bytes
 _BATCH_MSGS: Final = 256  # at most this many messages per hand-off to the loop
 _BATCH_BYTES: Final = 1 << 20
-_SEND_RETRY_NS: Final = 200_000  # a full queue is retried from the loop this long, then a thread
 _FLUSH_TIMEOUT: Final = 2.0  # aclose(): how long queued frames may take to leave
 _JOIN_TIMEOUT: Final = 5.0
 _CONNECT_TIMEOUT: Final = 10.0
@@ -553,7 +551,9 @@ class SysvLink(Link):
         self._msgs_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
         self._retry_handle: asyncio.Handle | None = None  # a send that found the queue full
-        self._sent_at = 0  # when msgsnd first found the queue full (0: it has room)
+        # The peer's queue is full: from the first EAGAIN to the next msgsnd
+        # that succeeds (one spin window asked for per episode).
+        self._full = False
         self._window = window  # None: no credit (the receiver throttles through the kernel)
         self._unacked = 0
         self._tx: _TxThread | None = None
@@ -765,16 +765,18 @@ class SysvLink(Link):
                 send(m, False, t)
                 msgs.popleft()
                 self._msgs_bytes -= len(m)
-                self._sent_at = 0
+                self._full = False
         except sysv_ipc.BusyError:
-            now = time.monotonic_ns()
-            if not self._sent_at:
-                self._sent_at = now
             keep = self.keep_polling
-            if keep is not None and (keep() or now - self._sent_at < _SEND_RETRY_NS):
-                # The loop polls (or just sent): the reader frees room within
-                # microseconds while it keeps up; try again on the next turn
-                # rather than pay a thread's wake-ups for one message.
+            if keep is not None and not self._full:
+                # Full since just now: poll for one spin window.  A reader that
+                # keeps up frees room within microseconds; trying again on each
+                # loop turn costs less than a thread's wake-ups per message.
+                self._full = True
+                start = self.start_polling
+                if start is not None:
+                    start()
+            if keep is not None and keep():
                 if self._retry_handle is None:
                     self._retry_handle = self._loop.call_soon(self._retry)
                 return
