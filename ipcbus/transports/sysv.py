@@ -313,7 +313,11 @@ class _LoopTurn:
         if batch or removed:
             if removed:
                 self.hand_back()  # the thread sees EIDRM too, and ends
-            self._deliver(batch, nbytes, removed)  # calls batch_done()
+            try:
+                self._deliver(batch, nbytes, removed)  # calls batch_done()
+            except BaseException:
+                self.hand_back()  # never leave the thread waiting for a poll that died
+                raise
         elif self._keep_polling():
             self._handle = self._loop.call_soon(self._poll)
         else:
