@@ -404,15 +404,16 @@ class _Handoff:
 class _TxThread:
     """Blocking ``msgsnd`` to one queue, used only while that queue is full.
 
-    The loop sends with ``IPC_NOWAIT``; on ``EAGAIN`` it hands the message
-    that did not fit here (``active`` until it is sent), keeps the ones after
-    it (order), and sends on itself once this thread reports that message
-    sent (``on_progress``).  The backlog never moves to this thread: a
-    thread that sends it message by message takes the GIL back after every
-    ``msgsnd`` while the loop runs Python, waiting up to the 5 ms switch
-    interval each time, and a loop that keeps producing keeps it busy for
-    good (measured: a 1 KiB stream stuck at 150k msgs/s, every message
-    through this thread, long after the queue had room again).
+    The loop sends with ``IPC_NOWAIT``; on ``EAGAIN`` (and when it does not
+    poll, see :meth:`SysvLink._pump`) it hands the messages built so far here
+    (``active`` until all are sent), keeps the ones it builds meanwhile
+    (order), and sends on itself once this thread reports its batch sent
+    (``on_progress``).  The thread never takes more while it is active: a
+    thread that keeps receiving the loop's new messages stays busy for good,
+    and takes the GIL back after every ``msgsnd`` while the loop runs
+    Python, waiting up to the 5 ms switch interval each time (measured: a
+    1 KiB stream stuck at 150k msgs/s, every message through this thread,
+    long after the queue had room again).
     """
 
     def __init__(
@@ -760,7 +761,7 @@ class SysvLink(Link):
         msgs = self._msgs
         tx = self._tx
         if tx is not None and tx.active:
-            return  # the thread waits to send the head; the rest follows from here
+            return  # the thread sends its batch first; the rest follows from here
         send = self._out_q.send
         t = self._out_type
         try:
@@ -784,16 +785,16 @@ class SysvLink(Link):
                 if self._retry_handle is None:
                     self._retry_handle = self._loop.call_soon(self._retry)
                 return
-            # Full for a while: a thread blocks in msgsnd with this message
-            # (the loop never does); the ones after it wait here.
+            # Not polling: a thread blocks in msgsnd with what is built now (the
+            # loop never does); what the loop builds meanwhile waits here.
             if tx is None:
                 tx = self._tx = _TxThread(
                     self._out_q, t, self._loop, self._on_tx_progress, self._on_tx_error,
                     name=f"ipcbus-sysv-tx-{self._sender}-to-{self._peer_address}",
                 )
-            m = msgs.popleft()
-            self._msgs_bytes -= len(m)
-            tx.put((m,), len(m))
+            tx.put(msgs, self._msgs_bytes)
+            msgs.clear()
+            self._msgs_bytes = 0
         except (sysv_ipc.ExistentialError, OSError):
             # msgsnd on a removed id fails with EINVAL, which sysv_ipc raises as
             # a plain OSError (EIDRM, as ExistentialError, only wakes a waiter).
