@@ -12,6 +12,8 @@ import os
 import random
 import zlib
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import anyio
 import pytest
@@ -26,32 +28,22 @@ from ipcbus.transports.base import Link
 from ipcbus.transports.sysv import MSG_HEADER, PAIR_DATA_TYPE, SysvPairLink
 
 try:
+    from pairs import created_pair
     from test_pool import pool_dirs, queue_ids, worker_env
 except ImportError:  # pragma: no cover - tests/ imported as a package
+    from tests.pairs import created_pair
     from tests.test_pool import pool_dirs, queue_ids, worker_env
 
 pytestmark = pytest.mark.single_loop
 
 
-@contextlib.asynccontextmanager
-async def pair(**create: object) -> AsyncIterator[tuple[SysvPairLink, SysvPairLink]]:
+def pair(**create: Any) -> AbstractAsyncContextManager[tuple[SysvPairLink, SysvPairLink]]:
     """A creator and an attacher in this process."""
-    a, params = SysvPairLink.create(None, **create)  # type: ignore[arg-type]
-    try:
-        b = await SysvPairLink.attach(params, peer_pid=os.getpid())
-        a.start(os.getpid())
-        try:
-            yield a, b
-        finally:
-            await b.aclose()
-    finally:
-        await a.aclose()
-
-
-@contextlib.asynccontextmanager
-async def _conformance_pair() -> AsyncIterator[tuple[Link, Link]]:
-    async with pair() as (a, b):
-        yield a, b
+    return created_pair(
+        lambda: SysvPairLink.create(None, **create),
+        lambda params: SysvPairLink.attach(params, peer_pid=os.getpid()),
+        lambda a: a.start(os.getpid()),
+    )
 
 
 # -- the link ---------------------------------------------------------------------
@@ -59,7 +51,7 @@ async def _conformance_pair() -> AsyncIterator[tuple[Link, Link]]:
 
 async def test_check_link() -> None:
     """The Link contract, fragments (frames above msgmax) and backpressure included."""
-    await check_link(_conformance_pair)
+    await check_link(pair)
 
 
 async def test_both_queues_are_removed_when_both_sides_close() -> None:

@@ -16,11 +16,13 @@ import random
 import signal
 import sys
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from pairs import created_pair
 
 from ipcbus import records
 from ipcbus.errors import (
@@ -33,7 +35,6 @@ from ipcbus.errors import (
 from ipcbus.frames import PROTOCOL_VERSION
 from ipcbus.sysv import proc_table
 from ipcbus.testing import check_link
-from ipcbus.transports.base import Link
 from ipcbus.transports.door import Door, HandshakeTimeout, Knock
 from ipcbus.transports.shm import (
     _OFF_HEAD0,
@@ -54,25 +55,13 @@ MiB = 1024 * KiB
 # -- helpers ---------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def pair(ring_size: int = 4 * MiB, **attach: Any) -> AsyncIterator[tuple[ShmLink, ShmLink]]:
+def pair(ring_size: int = 4 * MiB, **attach: Any) -> AbstractAsyncContextManager[tuple[ShmLink, ShmLink]]:
     """A creator and an attacher in this process."""
-    a, params = ShmLink.create(None, ring_size=ring_size)
-    try:
-        b = await ShmLink.attach(params, peer_pid=os.getpid(), **attach)
-        try:
-            await a.wait_attached()
-            yield a, b
-        finally:
-            await b.aclose()
-    finally:
-        await a.aclose()
-
-
-@contextlib.asynccontextmanager
-async def _conformance_pair() -> AsyncIterator[tuple[Link, Link]]:
-    async with pair() as (a, b):
-        yield a, b
+    return created_pair(
+        lambda: ShmLink.create(None, ring_size=ring_size),
+        lambda params: ShmLink.attach(params, peer_pid=os.getpid(), **attach),
+        lambda a: a.wait_attached(),
+    )
 
 
 class Peer:
@@ -137,7 +126,7 @@ def gone(params: dict[str, Any]) -> bool:
 
 async def test_check_link() -> None:
     """The Link contract, including backpressure and a 64 MiB frame through a 4 MiB ring."""
-    await check_link(_conformance_pair)
+    await check_link(pair)
 
 
 @pytest.mark.parametrize("ring_size", [4096, 64 * KiB])

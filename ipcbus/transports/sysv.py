@@ -804,8 +804,7 @@ class SysvLink(Link):
 
     def _retry(self) -> None:
         self._retry_handle = None
-        if self._frames or self._msgs:
-            self._flush()
+        self._on_tx_progress()
 
     def _on_out_removed(self) -> None:
         self._peer_gone = True
@@ -1262,10 +1261,14 @@ class _ClientLink(SysvLink):
                 handed = False
                 if self._stopping:
                     return
-                if self._buffered() > _RX_PAUSE:  # handed back because the app lags
-                    self._paused = self._watch_consumption = True
-                    if self._buffered() <= _RX_PAUSE:  # the loop caught up meanwhile
-                        self._paused = self._watch_consumption = False
+            # Pause when the application lags: receive only control messages
+            # (ACK, ABORT, NUDGE), so our queue fills and the hub feels it.
+            if self._buffered() > _RX_PAUSE:
+                self._paused = self._watch_consumption = True
+                if self._buffered() <= _RX_PAUSE:  # the loop caught up meanwhile
+                    self._paused = self._watch_consumption = False
+            else:
+                self._paused = self._watch_consumption = False
             want = -CONTROL_MAX if self._paused else -self._address
             try:
                 first = q.receive(True, want)
@@ -1291,16 +1294,6 @@ class _ClientLink(SysvLink):
                 handed = True
             if not handoff.put(batch, removed) or removed or self._stopping:
                 return
-            if handed:
-                continue
-            # Pause when the application lags: receive only control messages
-            # (ACK, ABORT, NUDGE), so our queue fills and the hub feels it.
-            if self._buffered() > _RX_PAUSE:
-                self._paused = self._watch_consumption = True
-                if self._buffered() <= _RX_PAUSE:  # the loop caught up meanwhile
-                    self._paused = self._watch_consumption = False
-            else:
-                self._paused = self._watch_consumption = False
 
     # -- the loop side of receiving ----------------------------------------
 
