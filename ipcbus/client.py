@@ -441,7 +441,7 @@ class Bus:
         return self._closed or self._node.closed
 
     def _check_open(self) -> None:
-        if self.closed:
+        if self._closed or self._node._closed:  # self.closed, on every request: without the properties
             raise BusClosed("bus is closed")
 
     async def publish(
@@ -526,7 +526,8 @@ class Bus:
         known = node.has_interest(subject)
         if not known and node.upstream is None:
             raise NoResponders(subject)
-        token, reply = node.new_reply_subject()
+        token = format(next(node._tokens), "x")  # node.new_reply_subject(), inlined
+        reply = node._reply_prefix + token
         fut: asyncio.Future[fr.Msg] = (node.loop or asyncio.get_running_loop()).create_future()
         futures = node.inbox.futures
         futures[token] = fut
@@ -549,7 +550,8 @@ class Bus:
             m = await fut
         finally:
             del futures[token]
-            node.forget_reply(reply)
+            if node._reply_routes:  # else nothing to forget (the reply came, or none is tracked)
+                node.forget_reply(reply)
         h = m.headers
         if h:
             status = h.get(STATUS_HEADER)

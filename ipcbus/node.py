@@ -258,24 +258,28 @@ class Deadlines:
     def __init__(self) -> None:
         self._queues: dict[float, collections.deque[tuple[float, asyncio.Future[Any], str]]] = {}
         self._armed: dict[float, asyncio.TimerHandle] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, timeout: float, fut: asyncio.Future[Any], subject: str) -> None:
         """Fail ``fut`` with :class:`RequestTimeout` unless it is done within ``timeout``."""
-        loop = fut.get_loop()
         q = self._queues.get(timeout)
-        if q is None:
-            q = self._queues[timeout] = collections.deque()
-        while q and q[0][1].done():
-            q.popleft()
-        if len(q) > 4096 and len(q) % 4096 == 0:
-            live = [e for e in q if not e[1].done()]
-            if len(live) * 2 < len(q):
-                q.clear()
-                q.extend(live)
-        deadline = loop.time() + timeout
-        q.append((deadline, fut, subject))
-        if timeout not in self._armed:
+        if q is None:  # a FIFO exists exactly while its timer is armed
+            loop = self._loop = fut.get_loop()
+            deadline = loop.time() + timeout
+            self._queues[timeout] = collections.deque([(deadline, fut, subject)])
             self._armed[timeout] = loop.call_at(deadline, self._fire, timeout)
+            return
+        n = len(q)
+        if not n & 31:  # now and then, not on every request: drop answered ones
+            while q and q[0][1].done():
+                q.popleft()
+            if n >= 4096 and not n & 4095:  # answered ones behind a slow one
+                live = [e for e in q if not e[1].done()]
+                if len(live) * 2 < n:
+                    q.clear()
+                    q.extend(live)
+        assert self._loop is not None
+        q.append((self._loop.time() + timeout, fut, subject))
 
     def _fire(self, timeout: float) -> None:
         q = self._queues[timeout]
@@ -1122,14 +1126,18 @@ class Node:
         self._tracked_at = time.monotonic_ns()
         ls.inflight[reply] = None
         self._reply_routes.setdefault(reply, set()).add(ls)
-        if len(ls.inflight) > _INFLIGHT_CAP:  # requester gave up long ago
-            old = next(iter(ls.inflight))
-            del ls.inflight[old]
-            r = self._reply_routes.get(old)
-            if r is not None:
-                r.discard(ls)
-                if not r:
-                    del self._reply_routes[old]
+        if len(ls.inflight) > _INFLIGHT_CAP:
+            self._evict_oldest(ls)
+
+    def _evict_oldest(self, ls: LinkState) -> None:
+        """Stop tracking the oldest reply due over ``ls`` (its requester gave up long ago)."""
+        old = next(iter(ls.inflight))
+        del ls.inflight[old]
+        r = self._reply_routes.get(old)
+        if r is not None:
+            r.discard(ls)
+            if not r:
+                del self._reply_routes[old]
 
     def _unsendable(self, m: fr.Msg, links: Sequence[LinkState]) -> None:
         """A request made here could not be written to any link it was routed to.
@@ -1379,7 +1387,12 @@ class Node:
         return ``[ls.link]`` if that link is now above high water."""
         self.msgs_out += 1
         self.bytes_out += n
-        self._track(ls, reply)
+        # A request made here: its reply subject is fresh, and the requester's
+        # future (not _tracked_at) says a reply is due (see _awaiting_replies).
+        ls.inflight[reply] = None
+        self._reply_routes[reply] = {ls}
+        if len(ls.inflight) > _INFLIGHT_CAP:
+            self._evict_oldest(ls)
         link = ls.link
         return [link] if link.pending_out > link.high_water else []
 

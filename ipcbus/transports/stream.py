@@ -166,15 +166,14 @@ class FdStreamLink(Link):
         ``write`` and without scheduling a flush; otherwise as :meth:`send_nowait`.
         """
         n = len(frame)
-        if (
-            self._wq
-            or self._writer_added
-            or self._eager_used
-            or self._werror is not None
-            or self._closed
-            or not 0 < n <= min(self.max_frame, 65536)
-        ):
-            self.send_nowait(frame)
+        if not 0 < n <= 65536 or n > self.max_frame or self._werror is not None or self._closed:
+            self.send_nowait(frame)  # the general path: large, empty or refused
+            self.flush_now()
+            return
+        if self._wq or self._writer_added or self._eager_used:
+            # Not the iteration's first urgent write: it joins the queue (as send_nowait).
+            self._wq.append(HEADER.pack(n) + frame)
+            self._queued(n)
             self.flush_now()
             return
         self._eager_used = True
