@@ -550,7 +550,7 @@ class Bus:
             m = await fut
         finally:
             del futures[token]
-            if node._reply_routes:  # else nothing to forget (the reply came, or none is tracked)
+            if reply in node._reply_routes:  # else nothing to forget (the reply came)
                 node.forget_reply(reply)
         h = m.headers
         if h:

@@ -124,6 +124,8 @@ _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(Frame)
 frame_decoder: Final = _decoder
 """The raw msgspec decoder of frames (raises msgspec errors; :func:`decode_frame` maps them)."""
+frame_encoder: Final = _encoder
+"""The raw msgspec encoder of frames (:func:`encode_frame` without a Python call around it)."""
 
 
 def encode_frame(frame: Frame) -> bytes:

@@ -90,7 +90,7 @@ _FAST_CACHE: Final = 4096
 _HELLO_TIMEOUT: Final = 10.0
 _READ_SHARE: Final = 256 * 1024  # bytes read from one link before yielding
 
-_encode = fr.encode_frame
+_encode = fr.frame_encoder.encode  # encode_frame without the call around it: once per frame sent
 _MsgFrame = fr.Msg
 _bin_header = fr.bin_header
 _LARGE_PAYLOAD: Final = fr.LARGE_PAYLOAD
