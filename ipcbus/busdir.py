@@ -6,7 +6,7 @@ Layout (see ``docs/security.md``)::
         <bus>/                   one folder per bus name: 0700 (03770 + group for a group bus)
             door                 the hub's well-known FIFO; clients knock here
             hub.pid              "<pid>\\n<start time>\\n", flock()ed by the live hub
-            ftok.key             an empty file whose inode keys SysV objects (ftok)
+            sysv.key             an empty file whose inode keys the SysV bus queue (ftok)
             objects/             records of the kernel objects the bus created
             fifo-<pid>-<token>.c2h / .h2c   a client's FIFO pair during its handshake
 
@@ -68,8 +68,8 @@ DOOR_NAME: Final = "door"
 PIDFILE_NAME: Final = "hub.pid"
 """File name of the hub's pid file (also its lock) inside a bus folder."""
 
-KEYFILE_NAME: Final = "ftok.key"
-"""File name of the file whose inode keys the bus's SysV objects (``ftok``)."""
+KEYFILE_NAME: Final = "sysv.key"
+"""File name of the file whose inode keys the bus's SysV queue (``ftok``; :mod:`ipcbus.transports.sysv`)."""
 
 FIFO_NAME_RE: Final = re.compile(r"fifo-([1-9][0-9]{0,9})-([0-9a-f]{16})\.(c2h|h2c)\Z")
 """Names of client FIFOs: ``fifo-<client pid>-<16 hex digits>.c2h`` (client to hub) / ``.h2c``."""

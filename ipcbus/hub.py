@@ -167,9 +167,9 @@ class Hub:
     async def _serve_sys(self, core: SubscriptionCore, answer: Callable[[], Any]) -> None:
         """Answer the requests of one ``$SYS`` subscription, never waiting on a link.
 
-        Not ``Bus.serve``: a service replies with ``Node.publish``, which waits
-        while *any* link is above its high-water mark, so one stopped client
-        would stall the hub's ``$SYS`` replies (and ``ipcbus ls``) for everyone.
+        Not ``Bus.serve``: a service's reply waits while the link it goes out
+        on is above its high-water mark, so one stopped requester would stall
+        the hub's ``$SYS`` replies (and ``ipcbus ls``) for everyone behind it.
         A reply goes to one requester only: queue it with ``publish_nowait``.
         """
         while True:

@@ -1,8 +1,10 @@
-"""Entry point of a WorkerPool child: ``python -m ipcbus.worker SPEC TARGET NAME MAX_FRAME PPID``.
+"""Entry point of a WorkerPool child: ``python -m ipcbus.worker SPEC TARGET NAME MAX_FRAME PPID SPIN_US``.
 
 ``SPEC`` names the link to the parent: ``pipe:R,W`` (inherited pipe fds),
 ``shm:{...}`` (the ids of a shared-memory ring pair the parent created) or
 ``sysv:{...}`` (the ids and keys of the two SysV message queues it created).
+``PPID`` is the parent's pid, ``SPIN_US`` the busy-poll window the pool was
+given (:mod:`ipcbus.spin`).
 
 The child wraps its inherited pipe ends in a link to the parent's node,
 imports ``TARGET`` (``"module:function"``), runs ``await setup(bus)``, and

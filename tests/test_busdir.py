@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sysv_ipc
 
 from ipcbus.busdir import (
     MAX_BUS_NAME,
@@ -29,6 +30,8 @@ from ipcbus.busdir import (
 )
 from ipcbus.errors import BusBusy, BusNotFound, IpcBusError, PermissionRefused
 from ipcbus.records import pid_start_time
+from ipcbus.transports.sysv import FTOK_PROJ
+from ipcbus.transports.sysv import bus_key as sysv_bus_key
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -204,6 +207,9 @@ def test_ensure_creates_a_private_folder(root: Path) -> None:
     assert _mode(bd.path) == 0o700
     assert bd.door == bd.path / "door"
     assert stat.S_ISREG(os.lstat(bd.keyfile).st_mode)
+    # The one key file of the folder is the one the SysV bus queue is keyed on.
+    assert sysv_bus_key(bd.path) == sysv_ipc.ftok(str(bd.keyfile), FTOK_PROJ, silence_warning=True)
+    assert sorted(p.name for p in bd.path.iterdir()) == ["objects", bd.keyfile.name]
     assert (bd.path / "objects").is_dir()
     assert bd.gid is None and bd.mode == 0o600
     assert bd.ensure() is bd  # idempotent

@@ -62,6 +62,7 @@ from typing import Any, Final
 
 import sysv_ipc
 
+from ..busdir import KEYFILE_NAME
 from ..errors import (
     BusBusy,
     BusNotFound,
@@ -144,8 +145,8 @@ REFUSE_PERMISSION: Final = 1
 REFUSE_PROTOCOL: Final = 2
 REFUSE_BUSY: Final = 3
 
-KEY_FILE: Final = "sysv.key"
-"""File in the bus directory whose ``ftok()`` gives the bus queue's key."""
+KEY_FILE: Final = KEYFILE_NAME
+"""File in the bus directory whose ``ftok()`` gives the bus queue's key (``sysv.key``)."""
 FTOK_PROJ: Final = 0x53
 """``ftok`` project id ('S')."""
 
