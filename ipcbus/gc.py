@@ -243,9 +243,11 @@ def describe(findings: list[Finding]) -> list[dict[str, Any]]:
 # -- the records folders of worker pools ------------------------------------------
 
 
-def pool_dir_name() -> str:
-    """The folder (under the bus root) where this process's pools record their shm objects."""
-    pid = os.getpid()
+def pool_dir_name(pid: int | None = None) -> str:
+    """The folder (under the bus root) where the pools of process ``pid`` (default:
+    this one) record the shm and SysV objects they make for their workers."""
+    if pid is None:
+        pid = os.getpid()
     return f"_pool-{pid}-{pid_start_time(pid) or 0}"
 
 

@@ -103,9 +103,7 @@ class WorkerPool:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         if transport not in ("pipe", "shm", "sysv"):
-            raise ValueError(
-                f"unknown pool transport {transport!r}; use 'pipe', 'shm' or 'sysv'"
-            )
+            raise ValueError(f"unknown pool transport {transport!r}; use 'pipe', 'shm' or 'sysv'")
         self.target = target
         self.size = workers
         self.name = name
@@ -248,9 +246,7 @@ class WorkerPool:
             # Two queues the parent makes; the child opens them by the keys in its argv.
             from .transports.sysv import SysvPairLink
 
-            sysv_link, sysv_params = SysvPairLink.create(
-                self._records_dir(), max_frame=self.max_frame
-            )
+            sysv_link, sysv_params = SysvPairLink.create(self._records_dir(), max_frame=self.max_frame)
             spec = "sysv:" + msgspec.json.encode(sysv_params).decode()
             pass_fds: tuple[int, ...] = ()
             pipes = None
@@ -444,6 +440,9 @@ class WorkerPool:
                 for w in self._workers:
                     if w.link is not None:
                         with contextlib.suppress(Exception):
+                            # Goodbye first: a worker whose link ends without one
+                            # takes it that this process died (ipcbus.worker).
+                            w.link.link.send_nowait(fr.encode_frame(fr.Notice("shutdown", "pool closing")))
                             await w.link.link.aclose()
             for w in self._workers:
                 proc = w.proc

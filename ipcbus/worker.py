@@ -15,23 +15,31 @@ end of stream — and then exits, so a dead parent never leaves orphans.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
 
 from . import frames as fr
+from .busdir import bus_root
 from .client import Bus
+from .errors import IpcBusError
+from .gc import pool_dir_name, remove_pool_dir
 from .node import Node
 from .transports.base import Link
 from .transports.pipe import PipeLink
 
 __all__ = ["load_target", "main", "run_worker"]
+
+_PARENT_EXIT_WAIT = 1.0  # seconds from the link's end to the parent's death being reported
 
 
 def load_target(target: str) -> Callable[[Bus], Awaitable[Any]]:
@@ -72,27 +80,65 @@ async def run_worker(
     spec: str, target: str, name: str, max_frame: int, parent_pid: int, spin_us: float | None = None
 ) -> int:
     """Run one worker until its parent goes away; return the exit code."""
-    async with Node(name=name, max_frame=max_frame, spin_us=spin_us) as node:
-        link = await _open_link(spec, parent_pid, max_frame)
-        ls = await node.add_link(link, name="parent", wait=False)
-        node.upstream = ls
-        bus = Bus(node)
-        try:
-            setup = load_target(target)
-            result = setup(bus)
-            if inspect.isawaitable(result):
-                await result
-        except Exception as exc:
-            msg = f"{type(exc).__name__}: {exc}"
-            link.send_nowait(fr.encode_frame(fr.Notice("setup_failed", msg[:3000])))
-            await link.aclose()
+    # Over shm and SysV the parent records the kernel objects it makes for its
+    # workers in a folder of its own; see _left_behind.
+    records = None if spec.startswith("pipe:") else _pool_records(parent_pid)
+    try:
+        parent = os.pidfd_open(parent_pid) if records is not None else None
+    except OSError:  # gone already, or no pidfd: leave the folder to gc
+        parent = None
+    try:
+        async with Node(name=name, max_frame=max_frame, spin_us=spin_us) as node:
+            link = await _open_link(spec, parent_pid, max_frame)
+            ls = await node.add_link(link, name="parent", wait=False)
+            node.upstream = ls
+            bus = Bus(node)
+            try:
+                setup = load_target(target)
+                result = setup(bus)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                msg = f"{type(exc).__name__}: {exc}"
+                link.send_nowait(fr.encode_frame(fr.Notice("setup_failed", msg[:3000])))
+                await link.aclose()
+                await node.aclose()
+                return 1
+            # Make sure the interest set up by `setup` reaches the parent before "ready".
+            link.send_nowait(fr.encode_frame(fr.Notice("ready")))
+            await ls.closed.wait()
             await node.aclose()
-            return 1
-        # Make sure the interest set up by `setup` reaches the parent before "ready".
-        link.send_nowait(fr.encode_frame(fr.Notice("ready")))
-        await ls.closed.wait()
-        await node.aclose()
-    return 0
+        said_goodbye = any(n.code == "shutdown" for n in ls.notices)
+        if records is not None and parent is not None and not said_goodbye:
+            await _left_behind(records, parent)
+        return 0
+    finally:
+        if parent is not None:
+            os.close(parent)
+
+
+def _pool_records(parent_pid: int) -> Path | None:
+    """The records folder of the parent's pools (see :mod:`ipcbus.gc`), while it runs."""
+    try:
+        return bus_root() / pool_dir_name(parent_pid)
+    except (IpcBusError, OSError):
+        return None
+
+
+async def _left_behind(records: Path, parent: int) -> None:
+    """The parent closed the link without saying goodbye: if it died, clean up after it.
+
+    This worker has removed its kernel objects and their records by now.  A
+    parent that shuts down cleanly removes the pool's records folder itself;
+    one that was killed cannot, so the last worker out removes it (only if no
+    record is left in it).  A parent that dies closes its end of the link
+    before the kernel reports it dead (its pidfd becomes readable), so wait
+    for that, briefly.
+    """
+    with anyio.move_on_after(_PARENT_EXIT_WAIT):
+        await anyio.wait_readable(parent)
+        with contextlib.suppress(OSError):
+            remove_pool_dir(records)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -318,6 +318,8 @@ async def test_workers_exit_when_their_parent_dies(transport: str) -> None:
         assert all(gone(p) for p in pids)
         # SysV queues outlive processes: each worker removed both of its own.
         assert queue_ids() <= queues
+        # ... and their records: the last worker out removed the pool's folder.
+        assert pool_dirs() == []
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
