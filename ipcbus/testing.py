@@ -15,11 +15,19 @@
 
 Each check opens a fresh pair.  A failing check raises ``AssertionError``
 naming the check.
+
+:func:`host_lock` serialises the processes that make host-wide kernel
+objects to check or measure them: the test suite's leak check and the
+benchmarks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 
 import anyio
@@ -27,10 +35,28 @@ import anyio
 from .errors import ConnectionClosed, EndOfStream, FrameTooLarge
 from .transports.base import Link
 
-__all__ = ["LinkPairFactory", "check_link"]
+__all__ = ["LinkPairFactory", "check_link", "host_lock"]
 
 LinkPairFactory = Callable[[], AbstractAsyncContextManager[tuple[Link, Link]]]
 """A zero-argument callable returning an async context manager of two connected links."""
+
+
+@contextlib.contextmanager
+def host_lock() -> Iterator[None]:
+    """Hold this host's ipcbus test lock (an ``flock`` in the temp directory).
+
+    SysV objects and ``/dev/shm`` are host-wide: a test's leak check would
+    take the queues of a benchmark (or of another test session) running at
+    the same time for its own leaks, and remove them.  The test suite holds
+    the lock around each test, the benchmarks around each measurement, so
+    they take turns instead.  Blocks until the lock is free.
+    """
+    fd = os.open(os.path.join(tempfile.gettempdir(), "ipcbus-tests.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _frame(i: int, size: int) -> bytes:

@@ -140,27 +140,13 @@ def _settle(check: Callable[[], bool], timeout: float = 5.0) -> bool:
         time.sleep(0.02)  # polling the kernel's tables after the test; not ordering test events
 
 
-@contextlib.contextmanager
-def _host_lock() -> Iterator[None]:
-    """Serialise tests of concurrent pytest sessions on this host.
-
-    SysV objects and /dev/shm are host-wide: a test running in another
-    session at the same time would look like a leak here (and be removed).
-    """
-    import fcntl
-
-    fd = os.open(os.path.join(tempfile.gettempdir(), "ipcbus-tests.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test that leaves kernel objects, FIFOs, threads or children behind."""
-    with _host_lock():
+    from ipcbus.testing import host_lock
+
+    # Another test session or a benchmark at the same time would look like a leak.
+    with host_lock():
         yield from _leak_checked()
 
 

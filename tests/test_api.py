@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import ipcbus
@@ -50,3 +52,15 @@ def test_no_pickle_anywhere() -> None:
     for path in root.rglob("*.py"):
         text = path.read_text()
         assert "import pickle" not in text and "pickle.loads" not in text, path
+
+
+def test_host_lock_is_held_around_each_test() -> None:
+    # The suite's leak check runs under ipcbus.testing.host_lock, as does each
+    # benchmark measurement: while this test runs, no other process gets it.
+    code = (
+        "import fcntl, os, tempfile\n"
+        "fd = os.open(os.path.join(tempfile.gettempdir(), 'ipcbus-tests.lock'), os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+    )
+    held = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    assert held.returncode != 0 and b"BlockingIOError" in held.stderr

@@ -44,6 +44,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ipcbus.bench.workloads import DRIVERS, MODULE, Outcome, Params
+from ipcbus.testing import host_lock
 
 __all__ = [
     "TABLES",
@@ -423,6 +424,11 @@ def run_one(job: Job, *, timeout: float, env: dict[str, str]) -> tuple[Outcome, 
         job.impl,
         msgspec.json.encode(job.params).decode(),
     ]
+    with host_lock():  # a test's leak check must not take this measurement's objects
+        return _run_locked(cmd, timeout=timeout, env=env)
+
+
+def _run_locked(cmd: list[str], *, timeout: float, env: dict[str, str]) -> tuple[Outcome, str]:
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
