@@ -1245,7 +1245,9 @@ class Node:
         for ls in links:
             link = ls.link
             if ls.dropped_unreported:
-                if not self._forward(ls, frame or head + payload, subject, True):
+                # The drop notice goes first; a local publisher is never
+                # dropped (forwarded=False): it waits, below.
+                if not self._forward(ls, frame or head + payload, subject, False):
                     continue
             else:
                 try:
@@ -1359,16 +1361,21 @@ class Node:
         """:meth:`publish_now` for a request to one service (queue group) across one link.
 
         ``None`` when the request needs the general path (other routes, a
-        local member picked, a frame that may be too large).
+        frame that may be too large).  Decided before picking a member: a pick
+        counts for the round robin, so the general path must not pick again.
         """
         route = self._routes.get(subject)
         if route is None or route[0] or route[1] or len(route[2]) != 1 or self._closed:
             return None
+        n = len(payload)
+        if n + 4 * (len(subject) + len(reply)) + 64 > self.max_frame:
+            return None
         q, cands = route[2][0]
         pick = cands[0] if len(cands) == 1 else self._pick(cands)
-        n = len(payload)
-        if not isinstance(pick, LinkState) or n + 4 * (len(subject) + len(reply)) + 64 > self.max_frame:
-            return None
+        if not isinstance(pick, LinkState):  # a member in this process (as _route)
+            self.bytes_out += n
+            pick.deliver(_MsgFrame(subject, reply, None, payload))
+            return []
         link = pick.link
         try:
             if pick.dropped_unreported:
@@ -1387,10 +1394,15 @@ class Node:
         return ``[ls.link]`` if that link is now above high water."""
         self.msgs_out += 1
         self.bytes_out += n
-        # A request made here: its reply subject is fresh, and the requester's
-        # future (not _tracked_at) says a reply is due (see _awaiting_replies).
+        # A request made here: the requester's future (not _tracked_at) says a
+        # reply is due (see _awaiting_replies).  Its reply subject is fresh,
+        # unless a publisher chose it (publish(..., reply="results")).
         ls.inflight[reply] = None
-        self._reply_routes[reply] = {ls}
+        routes = self._reply_routes.get(reply)
+        if routes is None:
+            self._reply_routes[reply] = {ls}
+        else:
+            routes.add(ls)
         if len(ls.inflight) > _INFLIGHT_CAP:
             self._evict_oldest(ls)
         link = ls.link

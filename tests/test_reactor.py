@@ -300,6 +300,39 @@ async def test_queue_group_members_local_and_remote_share_the_load(kind: str) ->
         assert got_local and got_remote
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_requests_to_a_queue_group_reach_local_and_remote_members(kind: str) -> None:
+    # A request's fast path must not count a pick of the local member before
+    # handing it to the general path (which would then pick the remote one,
+    # every time).
+    async with tree(kind) as t:
+        await t.a.serve("svc", lambda m: b"local", queue="g")
+        await t.b.serve("svc", lambda m: b"remote", queue="g")
+        await t.settle()
+        seen: collections.Counter[bytes] = collections.Counter()
+        for _ in range(40):
+            seen[(await t.a.request("svc", timeout=5)).data] += 1
+        assert seen[b"local"] >= 10 and seen[b"remote"] >= 10, seen
+
+
+async def test_a_reply_subject_chosen_by_the_publisher_is_tracked_on_every_link() -> None:
+    # publish(..., reply=...) with the same reply subject, to a group whose
+    # members are behind two links: both links wait for a reply on it, and
+    # the replies leave neither link looking busy.
+    async with tree("memory", with_c=True) as t:
+        assert t.c is not None and t.hub_c is not None
+        await t.b.serve("svc", lambda m: b"b", queue="g")
+        await t.c.serve("svc", lambda m: b"c", queue="g")
+        results = await t.hub.subscribe("results")
+        await t.settle()
+        await t.hub.publish("svc", b"1", reply="results")
+        await t.hub.publish("svc", b"2", reply="results")
+        assert set(t.hub.node._reply_routes["results"]) == {t.hub_b, t.hub_c}
+        got = {(await results.next(timeout=5)).data for _ in range(2)}
+        assert got == {b"b", b"c"}
+        assert not t.hub_b.inflight and not t.hub_c.inflight
+
+
 # -- request / reply across the tree ----------------------------------------------
 
 
@@ -641,6 +674,43 @@ async def test_local_publish_waits_instead_of_dropping(kind: str) -> None:
             for _ in range(sent):
                 await sub.next()
         assert x.dropped == 0 and lx.dropped == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_local_publish_is_not_dropped_while_a_link_has_drops_to_report(kind: str) -> None:
+    # Only forwarded messages are dropped for a slow link; a publisher in the
+    # node itself is queued (and waits above high water), even while the link
+    # still owes its peer a drop report.
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(Node(name="A"))
+        hub = await stack.enter_async_context(Node(name="hub", outbound_limit=64 * 1024))
+        b = await stack.enter_async_context(Node(name="B"))
+        await connect(a, hub, kind)
+        x, y = make_pair(kind)
+        gated = GatedLink(y)
+        hub_b, _ = await connect_links(hub, b, x, gated)
+        sb = await Bus(b).subscribe("feed.*")
+        await settle(a, hub, b)
+        gated.gate.clear()  # B stops reading
+        i = 0
+        with anyio.fail_after(20):
+            while not hub_b.dropped_unreported:
+                await Bus(a).publish(f"feed.{i}", b"\7" * 16384)
+                await asyncio.sleep(0)
+                i += 1
+        dropped = hub_b.dropped
+        await Bus(hub).publish("feed.local", b"LOCAL")
+        assert hub_b.dropped == dropped
+        gated.gate.set()
+        with anyio.fail_after(20):
+            while True:
+                try:
+                    m = await sb.next()
+                except SlowConsumer:
+                    continue
+                if m.subject == "feed.local":
+                    break
+        assert m.data == b"LOCAL"
 
 
 @pytest.mark.parametrize("reply", ["a..b", "_INBOX.x.*", "has space", ""])
