@@ -65,6 +65,21 @@ def encode_payload(data: Any) -> bytes:
         ) from None
 
 
+async def _writable_or_done(links: list[Link], fut: asyncio.Future[Any]) -> None:
+    """A request's backpressure: wait until ``links`` are writable again, unless the
+    request is over first (answered, timed out, its link closed)."""
+    writable = asyncio.ensure_future(wait_writable(links))
+    try:
+        await asyncio.wait((writable, fut), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not writable.done():
+            writable.cancel()
+    if writable.done() and not writable.cancelled():
+        exc = writable.exception()  # retrieved either way: no "never retrieved" warning
+        if exc is not None and not fut.done():
+            raise exc  # the link broke: ConnectionClosed
+
+
 def _check_headers(headers: Any) -> None:
     """Headers are a ``dict[str, str]``; refuse anything else before it reaches the wire."""
     if not isinstance(headers, dict) or not all(
@@ -541,12 +556,13 @@ class Bus:
                 if up is None:
                     raise NoResponders(subject)
                 full = up
-            if full:
-                await wait_writable(full)
             # The node's deadlines fail the future on time: a fraction of the
-            # cost of a cancel scope (or a loop timer) per request.
+            # cost of a cancel scope (or a loop timer) per request.  Armed
+            # first: the timeout covers the wait for a full link too.
             if timeout is not None:
                 node.deadlines.add(timeout, fut, subject)
+            if full:
+                await _writable_or_done(full, fut)
             m = await fut
         finally:
             del futures[token]

@@ -36,7 +36,7 @@ import msgspec
 from . import frames as fr
 from .busdir import BusDir
 from .client import Bus
-from .errors import BusClosed, ConnectionClosed, IpcBusError, WorkerStartError
+from .errors import BusClosed, IpcBusError, WorkerStartError
 from .gc import pool_dir_name, reclaim_pools, remove_pool_dir
 from .node import LinkState, Node
 from .spin import spin_window
@@ -182,6 +182,8 @@ class WorkerPool:
         except BaseException as exc:
             await self._shutdown()
             await self._node.aclose()
+            if self._records is not None:
+                remove_pool_dir(self._records)  # as __aexit__: only if no record is left
             if isinstance(exc, TimeoutError):
                 raise WorkerStartError(f"workers did not finish setup within {_START_TIMEOUT:g} s") from None
             if isinstance(exc, BaseExceptionGroup):
@@ -343,6 +345,10 @@ class WorkerPool:
 
             tg.start_soon(wait_ready)
             tg.start_soon(wait_closed)
+        if w.ready.is_set() and not failure and ls.closed.is_set():
+            # It went away between "ready" and now; _on_link_closed saw it
+            # still starting and left it to us.
+            failure.append(f"the worker's link closed right after setup ({ls.close_reason})")
         if failure or not w.ready.is_set():
             if not failure:
                 await w.exited.wait()
@@ -408,9 +414,14 @@ class WorkerPool:
             if self._closing:
                 return
             try:
-                await self._spawn(w)
+                # As at the pool's start: a worker whose setup hangs counts as
+                # a failed start (the loop's top kills it before the next try).
+                with anyio.fail_after(_START_TIMEOUT):
+                    await self._spawn(w)
                 return
-            except (WorkerStartError, ConnectionClosed, OSError) as exc:
+            except Exception as exc:  # kernel objects refused (ENOSPC...), a timeout: a failed start
+                if isinstance(exc, TimeoutError):
+                    exc = WorkerStartError(f"setup did not finish within {_START_TIMEOUT:g} s")
                 w.start_failures += 1
                 if w.start_failures >= self.max_start_failures:
                     msg = (
@@ -437,6 +448,14 @@ class WorkerPool:
                 pending = [f for f in node.inbox.futures.values() if not f.done()]
                 if pending:
                     await asyncio.wait(pending, timeout=_STOP_TIMEOUT)
+                for f in pending:  # still running: the pool closes, no worker crashed
+                    if not f.done():
+                        f.set_exception(
+                            BusClosed(
+                                f"the worker pool closed after waiting {_STOP_TIMEOUT:g} s "
+                                "for this request to be answered"
+                            )
+                        )
                 for w in self._workers:
                     if w.link is not None:
                         with contextlib.suppress(Exception):

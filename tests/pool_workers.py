@@ -64,4 +64,18 @@ async def setup_crash_on_restart(bus: ipcbus.Bus) -> None:
     await setup(bus)
 
 
+async def setup_hang_on_restart(bus: ipcbus.Bus) -> None:
+    """Starts fine the first time; every later start hangs in setup (never ready).
+
+    ``IPCBUS_TEST_MARKER`` as for :func:`setup_crash_on_restart`.
+    """
+    marker = os.environ["IPCBUS_TEST_MARKER"]
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        await asyncio.Event().wait()
+    os.close(fd)
+    await setup(bus)
+
+
 not_callable = 42

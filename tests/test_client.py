@@ -593,6 +593,27 @@ async def test_cancelled_request_does_not_disturb_later_ones() -> None:
         assert handled[:20] == list(range(20))
 
 
+async def test_request_times_out_while_its_link_is_above_high_water() -> None:
+    """The timeout covers the whole request, the wait for a full link included."""
+    async with Node(name="req") as node:
+        bus = Bus(node)
+        a, raw = memory_pair(capacity=16 * 1024, high_water=32 * 1024)
+        ls = await node.add_link(a, name="raw", wait=False)
+        raw.send_nowait(fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION, "raw", os.getpid(), os.getuid())))
+        raw.send_nowait(fr.encode_frame(fr.Sub("svc", "g")))
+        with anyio.fail_after(5):  # the raw peer never reads
+            await ls.ready.wait()
+            while not node.has_interest("svc"):
+                await asyncio.sleep(0)
+        await bus.publish("svc", b"\0" * 100_000)  # fills what the peer would read
+        with anyio.fail_after(10), pytest.raises(RequestTimeout):
+            await bus.request("svc", b"\0" * 100_000, timeout=0.2)  # above high water
+        assert a.pending_out > a.high_water
+        assert not node.inbox.futures
+        assert not ls.inflight  # the gave-up request is not counted as in flight
+        await raw.aclose()
+
+
 async def test_cancelled_publish_under_backpressure_loses_and_duplicates_nothing() -> None:
     """A peer that does not read: publish blocks; cancelling it keeps the message exactly once."""
     async with Node(name="pub") as node:

@@ -24,7 +24,8 @@ import anyio
 import pytest
 
 import ipcbus
-from ipcbus import WorkerCrashed, WorkerPool, WorkerStartError
+import ipcbus.pool as pool_module
+from ipcbus import BusClosed, WorkerCrashed, WorkerPool, WorkerStartError
 from ipcbus.gc import sysv_table
 from ipcbus.records import list_records
 
@@ -199,6 +200,31 @@ async def test_worker_crashing_on_restart_is_reported_not_restarted_forever(
 
 
 @pytest.mark.single_loop
+async def test_worker_hanging_on_restart_is_killed_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A restart gets the same start limit as the pool's start (here 0.5 s):
+    # a worker whose setup hangs is killed, retried, then given up on.
+    monkeypatch.setattr(pool_module, "_START_TIMEOUT", 0.5)
+    marker = tmp_path / "started-once"
+    async with WorkerPool(
+        "pool_workers:setup_hang_on_restart",
+        workers=1,
+        env=worker_env(IPCBUS_TEST_MARKER=str(marker)),
+        restart_backoff=0.01,
+        max_start_failures=2,
+    ) as pool:
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: bool(pool.errors), timeout=30)
+        (err,) = pool.errors
+        assert "failed to restart 2 times" in err and "did not finish within 0.5 s" in err
+        (w,) = pool.stats()["workers"]
+        assert w["state"] == "failed"
+        assert pool.pids == []
+
+
+@pytest.mark.single_loop
 async def test_abandoned_requests_do_not_stay_in_flight() -> None:
     """A timed-out or cancelled request no longer counts: balancing and shutdown ignore it."""
     async with WorkerPool("pool_workers:setup", workers=1, env=worker_env()) as pool:
@@ -277,6 +303,22 @@ async def test_shutdown_drains_in_flight_requests() -> None:
     assert all(gone(p) for p in pids)
 
 
+@pytest.mark.single_loop
+async def test_closing_while_a_request_runs_too_long_fails_it_with_bus_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The pool waits (here 0.3 s) for requests in flight, then closes: a
+    # request still running fails with BusClosed, not WorkerCrashed.
+    monkeypatch.setattr(pool_module, "_STOP_TIMEOUT", 0.3)
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env()) as pool:
+        started = await pool.bus.subscribe("started")
+        await pool.bus.flush()
+        req = asyncio.ensure_future(pool.bus.request("slow.sleep", 30.0, timeout=None))
+        await started.next(timeout=10)
+    with pytest.raises(BusClosed, match="pool closed"):
+        await req
+
+
 PARENT = textwrap.dedent(
     """
     import asyncio, json, sys
@@ -335,6 +377,7 @@ async def test_setup_failure_is_reported_over_the_kernel_object_transports(trans
             "pool_workers:setup_raises", workers=1, transport=transport, env=worker_env()
         ):
             pass
+    assert pool_dirs() == []  # the failed start left no records folder behind
 
 
 # -- a pool killed while a worker starts: its objects are recorded and reclaimed --
