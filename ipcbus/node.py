@@ -404,6 +404,7 @@ class Node:
         self._runner: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._closed = False
+        self._aclosed = False  # aclose() ran (_closed is also set by a failed background task)
         self.started = time.time()
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self.dropped = 0
@@ -449,7 +450,8 @@ class Node:
                 tg.cancel_scope.cancel()
         except Exception:  # a background task failed unexpectedly: the node is unusable
             log.exception("node %s: background task failed; closing the node", self.name)
-            self._closed = True
+            self._closed = True  # the links' tasks were cancelled and dropped their links
+            self._end_local()  # nobody waits forever on a subscription or a reply
         finally:
             started.set()
 
@@ -478,9 +480,9 @@ class Node:
 
     async def aclose(self) -> None:
         """Close every link and end every subscription.  Idempotent."""
-        if self._closed:
+        if self._aclosed:
             return
-        self._closed = True
+        self._aclosed = self._closed = True
         if self._spinner is not None:
             self._spinner.close()
         for ls in list(self.links):
@@ -490,16 +492,20 @@ class Node:
             for ls in list(self.links):
                 with contextlib.suppress(Exception):
                     await ls.link.aclose()
+        self._end_local()
+        self._stop.set()
+        if self._runner is not None:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([self._runner])
+
+    def _end_local(self) -> None:
+        """End every subscription and fail every request waiting here (idempotent)."""
         for sub in list(self._subs.values()):
             sub.close()
         for fut in list(self.inbox.futures.values()):
             if not fut.done():
                 fut.set_exception(BusClosed("bus closed while waiting for a reply"))
         self.deadlines.close()
-        self._stop.set()
-        if self._runner is not None:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([self._runner])
 
     # -- links ---------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from ipcbus.client import Bus, Msg, Subscription
 from ipcbus.errors import (
     BadSubject,
     BusClosed,
+    ConnectionClosed,
     EncodeError,
     EndOfStream,
     FrameTooLarge,
@@ -704,6 +705,31 @@ async def test_drain_finishes_requests_in_progress_then_closes() -> None:
                 await client.flush()
         with pytest.raises(NoResponders):
             await client.request("work", timeout=30)
+
+
+async def test_a_failed_background_task_ends_subscriptions_and_requests() -> None:
+    # A task of the node's task group that raises leaves the node unusable:
+    # readers and requesters hear of it at once, and closing still works.
+    async with pair() as (client, server):
+        sub = await client.subscribe("s")
+        never = await server.subscribe("never")
+        await settle(client, server)
+        req = asyncio.ensure_future(client.request("never", timeout=None))
+        await never.next(timeout=5)
+        reader = asyncio.ensure_future(sub.next())
+
+        async def broken() -> None:
+            raise RuntimeError("a bug in a background task")
+
+        client.node.task_group.start_soon(broken)
+        with anyio.fail_after(5):
+            with pytest.raises(BusClosed):
+                await reader
+            with pytest.raises(ConnectionClosed):  # its link was dropped (or BusClosed)
+                await req
+        assert client.node.closed
+        with anyio.fail_after(5):
+            await client.aclose()  # still closes (it used to return at once)
 
 
 async def test_aclose_is_idempotent_and_ends_everything() -> None:
