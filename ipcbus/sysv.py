@@ -257,6 +257,16 @@ def open_handle(
     """
     size = msgmax if msgmax is not None else read_limits().msgmax
     what = "a new private key" if key is None else f"key {key:#x}"
+    if key is not None:
+        # key_t is 32 bits: sysv_ipc would cut a larger int silently (and open
+        # another queue); 0 is IPC_PRIVATE, which *creates* a queue, whatever the flags.
+        if not -(1 << 31) <= key < (1 << 32):
+            raise QueueNotFound(f"no SysV message queue with {what}: a key is a 32-bit number")
+        if not key & 0xFFFFFFFF and not flags & sysv_ipc.IPC_CREAT:
+            raise QueueNotFound(
+                "no SysV message queue with key 0: that is IPC_PRIVATE, which names no "
+                "existing queue (a private queue can only be used through its id)"
+            )
     try:
         try:
             return sysv_ipc.MessageQueue(key, flags, mode=mode, max_message_size=size), size

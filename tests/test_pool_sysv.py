@@ -80,6 +80,9 @@ async def test_a_creator_closed_before_start_removes_both_queues() -> None:
         (lambda p: p.update(msg_size="lots"), ProtocolError, "malformed"),
         (lambda p: p.update(msg_size=20), ProtocolError, "message size 20"),
         (lambda p: p.update(down=int(p["down"]) + 1), ConnectionClosed, "not the announced"),
+        # key 0 is IPC_PRIVATE (opening it would create a queue); 2**40 would be cut
+        (lambda p: p.update(down_key=0), ProtocolError, "down_key 0x0 is not the key of a queue"),
+        (lambda p: p.update(up_key=1 << 40), ProtocolError, "up_key 0x10000000000 is not"),
     ],
 )
 async def test_bad_parameters_are_refused(change, error, match) -> None:  # type: ignore[no-untyped-def]
@@ -93,11 +96,29 @@ async def test_bad_parameters_are_refused(change, error, match) -> None:  # type
         await a.aclose()
 
 
+@pytest.mark.parametrize("peer_pid", [0, -1, 1 << 40, True])
+async def test_a_bad_peer_pid_is_refused_before_anything_starts(peer_pid: int) -> None:
+    a, params = SysvPairLink.create(None)
+    try:
+        with pytest.raises(ValueError, match="peer_pid must be"):
+            await SysvPairLink.attach(params, peer_pid=peer_pid)
+        with pytest.raises(ValueError, match="peer_pid must be"):
+            a.start(peer_pid)
+    finally:
+        await a.aclose()
+
+
 async def test_a_bad_max_frame_is_refused_before_any_queue_is_made() -> None:
     before = queue_ids()
     with pytest.raises(ValueError, match="max_frame must be between 1"):
         SysvPairLink.create(None, max_frame=0)
     assert queue_ids() == before
+    a, params = SysvPairLink.create(None)
+    try:
+        with pytest.raises(ValueError, match="max_frame must be between 1"):
+            await SysvPairLink.attach(params, peer_pid=os.getpid(), max_frame=0)
+    finally:
+        await a.aclose()
 
 
 async def test_urgent_frames_to_a_full_queue_wait_in_order() -> None:

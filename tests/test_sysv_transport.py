@@ -749,6 +749,12 @@ async def test_knock_naming_another_users_queue_is_refused(acceptor: SysvAccepto
          ProtocolError, "not 1 as claimed"),
         (lambda k: msgspec.structs.replace(k, params={**k.params, "address": 5}),
          ProtocolError, "address 5 outside"),
+        # key 0 is IPC_PRIVATE: opening it would *create* a queue (never removed)
+        (lambda k: msgspec.structs.replace(k, params={**k.params, "key": 0}),
+         ProtocolError, "IPC_PRIVATE"),
+        # a key above 32 bits would be cut to another key
+        (lambda k: msgspec.structs.replace(k, params={**k.params, "key": (1 << 40) + int(k.params["key"])}),
+         ProtocolError, "32-bit"),
     ],
 )
 async def test_bad_knocks_are_refused(

@@ -1748,6 +1748,7 @@ class SysvPairLink(_ClientLink):
         """Creator side: the peer is process ``peer_pid``; start receiving and watching it."""
         if self._started:
             raise RuntimeError("this pair link is already started")
+        _check_peer_pid(peer_pid)
         self._started = True
         self._hub_pid = self.info.peer_pid = peer_pid
         self._start()
@@ -1768,11 +1769,17 @@ class SysvPairLink(_ClientLink):
         raises :class:`~ipcbus.errors.ConnectionClosed` if they are gone.
         """
         loop = asyncio.get_running_loop()
+        _check_peer_pid(peer_pid)
+        if not 1 <= max_frame <= 0xFFFFFFFF:
+            raise ValueError(f"max_frame must be between 1 and {0xFFFFFFFF} bytes, not {max_frame}")
         try:
             ids = {r: int(params[r]) for r in ("down", "up")}
             keys = {r: int(params[f"{r}_key"]) for r in ("down", "up")}
             msg_size = int(params["msg_size"])
             records = Path(str(params["records"])) if params.get("records") else None
+            for r, k in keys.items():
+                if not -(1 << 31) <= k < (1 << 32) or not k & 0xFFFFFFFF:
+                    raise ValueError(f"{r}_key {k:#x} is not the key of a queue (a nonzero 32-bit number)")
         except (KeyError, ValueError, TypeError) as exc:
             raise ProtocolError(f"malformed SysV pair-link parameters {params!r}: {exc}") from None
         if msg_size < _HDR + 64:
@@ -1821,6 +1828,11 @@ class SysvPairLink(_ClientLink):
         super()._teardown()
         if self._peer_exited or not self._started:
             self.forget_peer()  # nobody else will
+
+
+def _check_peer_pid(pid: object) -> None:
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 31:
+        raise ValueError(f"peer_pid must be the other process's pid (a positive int), not {pid!r}")
 
 
 def _remove_queues(queues: Iterable[sysv_ipc.MessageQueue], records: Path | None) -> None:
@@ -2464,9 +2476,9 @@ class SysvAcceptor:
             raise ProtocolError(f"the knocking process {pid} no longer exists") from None
         try:
             cq, _ = open_handle(key, 0, 0o600, self._msgmax)
-        except QueueNotFound:
+        except QueueNotFound as exc:
             raise ProtocolError(
-                f"knock from pid {pid} names SysV queue key {key:#x}, but no such queue exists"
+                f"knock from pid {pid} names SysV queue key {key:#x}, but no such queue exists ({exc})"
             ) from None
         except PermissionRefused as exc:
             raise PermissionRefused(
