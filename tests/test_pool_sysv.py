@@ -121,6 +121,30 @@ async def test_a_bad_max_frame_is_refused_before_any_queue_is_made() -> None:
         await a.aclose()
 
 
+async def test_closing_frees_a_sender_thread_stuck_on_a_peer_that_stopped_reading(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The peer's buffer fills (it never calls recv), it stops receiving, its
+    # queue fills, and our sender thread blocks in msgsnd.  Closing must free
+    # that thread (by removing the queue we send on), not wait for it on the
+    # event loop and leave it behind.
+    async with pair(queue_bytes=None) as (a, b):
+        frame = b"x" * 4000
+        for _ in range(2000):  # 8 MB, more than b buffers before it pauses
+            a.send_nowait(frame)
+        with anyio.fail_after(20):
+            while a._tx is None or not a._tx.blocked:
+                await asyncio.sleep(0.01)
+        tx = a._tx
+        await a.aclose()
+        assert not tx.is_alive()
+        assert "still blocked" not in caplog.text
+        with pytest.raises(ConnectionClosed):  # the peer hears of it
+            with anyio.fail_after(20):
+                while True:
+                    await b.recv()
+
+
 async def test_urgent_frames_to_a_full_queue_wait_in_order() -> None:
     """send_now writes at once while there is room, then queues behind the backlog."""
     async with pair(queue_bytes=None) as (a, b):  # the kernel's msgmnb: 16 KiB by default

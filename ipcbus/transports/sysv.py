@@ -1493,9 +1493,10 @@ class _ClientLink(SysvLink):
 
         A dead hub's queue holds only garbage: drain it (IPC_NOWAIT) so the
         blocked msgsnd gets room.  While the hub lives it drains the queue
-        itself, so nothing is needed.
+        itself, so nothing is needed: a hub that only ended *our* link (BYE,
+        ABORT, REFUSE) still serves everyone else's messages in that queue.
         """
-        if not self._peer_gone:
+        if not self._peer_gone or (not self._peer_exited and _pid_alive(self._hub_pid)):
             return
         with contextlib.suppress(sysv_ipc.Error, OSError):
             while True:
@@ -1820,6 +1821,14 @@ class SysvPairLink(_ClientLink):
 
     def forget_peer(self) -> None:
         """The peer process has exited: remove the queue it read, if it left it behind."""
+        _remove_queues([self._out_q], self._busdir)
+
+    def _unblock_bus_send(self) -> None:
+        """Free our sender thread stuck in msgsnd: the peer, alive, stopped reading
+        past the flush timeout.  Remove the queue we send on (ours, as its only
+        other user runs as our uid): the thread wakes with EIDRM, and the peer
+        sees the link closed.  (A client's bus queue, instead, belongs to a hub
+        that keeps draining it.)"""
         _remove_queues([self._out_q], self._busdir)
 
     def _teardown(self) -> None:
