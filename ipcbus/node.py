@@ -696,6 +696,8 @@ class Node:
                             # A reply to one of our requests: straight to the inbox
                             # (it ignores tokens it does not know, dotted ones too).
                             if reply_routes and subject in reply_routes:
+                                if frame.headers and self._others_may_answer(subject, frame, ls):
+                                    continue
                                 for r in reply_routes.pop(subject):
                                     r.inflight.pop(subject, None)
                             deliver_reply(frame)
@@ -919,6 +921,8 @@ class Node:
         subject = m.subject
         routes = self._reply_routes
         if routes and subject in routes:
+            if origin is not None and m.headers and self._others_may_answer(subject, m, origin):
+                return 0
             for ls in routes.pop(subject):
                 ls.inflight.pop(subject, None)
         nid = None if m.groups else self._inbox_node(subject)
@@ -1167,6 +1171,24 @@ class Node:
             None,
             None,
         )
+
+    def _others_may_answer(self, reply: str, m: fr.Msg, origin: LinkState) -> bool:
+        """Whether to hold back ``m``, a no-responders status for ``reply`` from ``origin``.
+
+        A request that went out on several links (plain subscribers on one,
+        a queue group on another...) gets "no responders" from a link whose
+        subscriber left while the request travelled; another link may still
+        answer.  Only the last such status goes on (as with links that close).
+        """
+        assert m.headers is not None
+        if m.headers.get(STATUS_HEADER) != "no-responders":
+            return False
+        waiting = self._reply_routes.get(reply)
+        if waiting is None or origin not in waiting or len(waiting) == 1:
+            return False
+        waiting.discard(origin)
+        origin.inflight.pop(reply, None)
+        return True
 
     def _no_responders(self, m: fr.Msg) -> None:
         assert m.reply is not None

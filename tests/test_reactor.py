@@ -381,6 +381,23 @@ async def test_no_responders_far_away(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_no_responders_from_one_link_waits_for_the_others(kind: str) -> None:
+    # The hub passes the request to B (a plain subscriber, gone by the time it
+    # arrives: B answers no-responders) and to C (a service): C's answer wins.
+    async with tree(kind, with_c=True) as t:
+        assert t.c is not None and t.hub_c is not None
+        sub = await t.b.subscribe("svc")
+        await t.c.serve("svc", lambda m: b"served", queue="g")
+        await t.settle()
+        await sub.unsubscribe()  # the Unsub is still on its way
+        rep = await t.a.request("svc", b"?", timeout=10)
+        assert rep.data == b"served"
+        await t.settle()
+        assert not t.hub_b.inflight and not t.hub_c.inflight
+        assert not t.hub.node._reply_routes
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_request_timeout_is_a_timeout_error(kind: str) -> None:
     async with tree(kind) as t:
         silent = await t.b.subscribe("silent")  # takes requests, never answers
