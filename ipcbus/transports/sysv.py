@@ -220,6 +220,17 @@ def _queued(q: sysv_ipc.MessageQueue) -> int:
         return 1
 
 
+def _receive_failed(q: sysv_ipc.MessageQueue, exc: BaseException) -> None:
+    """A receive failed for good (E2BIG: a message larger than this handle's
+    buffer, which stays at the queue's head; EACCES: the queue's mode changed):
+    say so, since the link then ends as if the queue were removed."""
+    log.error(
+        "receiving from SysV queue %d failed: %s: %s; ending the link(s) it carries "
+        "(a message above kernel.msgmax as it was when the queue was opened?)",
+        q.id, type(exc).__name__, exc,
+    )
+
+
 def _drain(
     q: sysv_ipc.MessageQueue, want: int, batch: list[tuple[bytes, int]], nbytes: int
 ) -> tuple[int, bool]:
@@ -235,7 +246,10 @@ def _drain(
         more -= 1
         try:
             m = q.receive(False, want)
-        except (sysv_ipc.ExistentialError, OSError):  # EIDRM, or EINVAL: removed
+        except sysv_ipc.ExistentialError:  # EIDRM, or EINVAL: removed
+            return nbytes, True
+        except (sysv_ipc.PermissionsError, OSError) as exc:  # unusable from here on
+            _receive_failed(q, exc)
             return nbytes, True
         except sysv_ipc.Error:
             break  # taken meanwhile (EAGAIN), or EINTR
@@ -1274,6 +1288,10 @@ class _ClientLink(SysvLink):
             try:
                 first = q.receive(True, want)
             except sysv_ipc.ExistentialError:
+                handoff.put([], True)
+                return
+            except (sysv_ipc.PermissionsError, OSError) as exc:
+                _receive_failed(q, exc)  # not a retry: end the link, not the thread silently
                 handoff.put([], True)
                 return
             except sysv_ipc.Error:
@@ -2343,6 +2361,10 @@ class SysvAcceptor:
             try:
                 first = q.receive(True, 0)
             except sysv_ipc.ExistentialError:
+                handoff.put([], True)
+                return
+            except (sysv_ipc.PermissionsError, OSError) as exc:
+                _receive_failed(q, exc)  # not a retry: end the links, not the thread silently
                 handoff.put([], True)
                 return
             except sysv_ipc.Error:
