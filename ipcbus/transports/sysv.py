@@ -1130,9 +1130,12 @@ class SysvLink(Link):
                 await self.drain()
                 self._msgs.append(self._bye_message())
                 self._msgs_bytes += _HDR
-                self._bye_sent = True
                 self._pump()
                 await self.drain()
+                # Only now has it left: if this drain gives up, teardown sends
+                # another (the hub then drops the link for its gap at worst,
+                # instead of keeping it until this process exits).
+                self._bye_sent = True
         except (TimeoutError, ConnectionClosed):
             pass
 
