@@ -1282,6 +1282,9 @@ class _ClientLink(SysvLink):
             # Pause when the application lags: receive only control messages
             # (ACK, ABORT, NUDGE), so our queue fills and the hub feels it.
             if self._buffered() > _RX_PAUSE:
+                # A nudge sent before this pause (the loop may have taken it
+                # from the queue as stale) must not stop the next one.
+                self._nudged = False
                 self._paused = self._watch_consumption = True
                 if self._buffered() <= _RX_PAUSE:  # the loop caught up meanwhile
                     self._paused = self._watch_consumption = False
