@@ -25,7 +25,7 @@ from ipcbus.errors import ConnectionClosed, PermissionRefused, ProtocolError
 from ipcbus.gc import sysv_table
 from ipcbus.testing import check_link
 from ipcbus.transports.base import Link
-from ipcbus.transports.sysv import MSG_HEADER, PAIR_DATA_TYPE, SysvPairLink
+from ipcbus.transports.sysv import MSG_HEADER, PAIR_DATA_TYPE, SysvPairLink, _Handoff, _LoopTurn
 
 try:
     from pairs import created_pair
@@ -329,6 +329,35 @@ async def test_frames_stay_in_order_while_the_queue_changes_hands() -> None:
             await reader
         assert got == frames
         assert b._turn.given > 10  # the queue changed hands many times
+
+
+async def test_the_loop_takes_the_queue_only_as_it_delivers_the_batch_handed_with_it() -> None:
+    # The receiver thread hands a batch over together with the queue.  The
+    # loop may poll the queue only once that batch is delivered: a newer
+    # message already queued must come after it (it came first when the
+    # thread flagged the queue as the loop's before the hand-off ran).
+    loop = asyncio.get_running_loop()
+    q = sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, mode=0o600)
+    try:
+        delivered: list[bytes] = []
+
+        def deliver(batch: list[tuple[bytes, int]]) -> None:
+            delivered.extend(m for m, _ in batch)
+            turn.batch_done()
+
+        turn = _LoopTurn(loop, q, 0, lambda b, _n, _r: deliver(b), lambda: True, lambda: True)
+        handoff = _Handoff(loop, lambda b, _r: deliver(b))
+        q.send(b"newer", True, 1)
+        assert handoff.put([(b"handed", 1)], False, turn)
+        assert not turn.loop_has  # not before the loop has delivered "handed"
+        with anyio.fail_after(5):
+            while len(delivered) < 2:
+                await asyncio.sleep(0)
+        assert delivered == [b"handed", b"newer"]
+        assert turn.given == 1
+        turn.stop()
+    finally:
+        q.remove()
 
 
 async def test_closing_while_the_loop_has_the_queue_ends_the_thread() -> None:

@@ -297,12 +297,14 @@ class _LoopTurn:
         self._event = threading.Event()
         self._handle: asyncio.Handle | None = None
         self.loop_has = False
-        """True while the loop receives (written by the side that has the queue)."""
+        """True while the loop receives (written by the loop only: give, hand_back)."""
         self.given = 0
         """How often the thread gave the queue to the loop."""
 
     def give(self) -> None:
-        """Thread side, before handing over a batch: the loop receives next."""
+        """Loop side, as it delivers the batch the thread handed over with the
+        queue (:class:`_Handoff`): the loop receives next.  Not earlier: a poll
+        must not take newer messages before that batch is delivered."""
         self.given += 1
         self.loop_has = True
 
@@ -392,13 +394,22 @@ class _Handoff:
         self._lock = threading.Lock()
         self._items: list[tuple[bytes, int]] = []
         self._removed = False
+        self._give: _LoopTurn | None = None
         self._scheduled = False
 
-    def put(self, batch: list[tuple[bytes, int]], removed: bool) -> bool:
-        """Thread side; False if the loop is closed (the thread should stop)."""
+    def put(
+        self, batch: list[tuple[bytes, int]], removed: bool, give: _LoopTurn | None = None
+    ) -> bool:
+        """Thread side; False if the loop is closed (the thread should stop).
+
+        With ``give``, the thread hands the queue to the loop too: the loop
+        takes it (:meth:`_LoopTurn.give`) as it delivers these messages.
+        """
         with self._lock:
             self._items.extend(batch)
             self._removed = self._removed or removed
+            if give is not None:
+                self._give = give
             if self._scheduled:
                 return True
             self._scheduled = True
@@ -412,7 +423,10 @@ class _Handoff:
         with self._lock:
             items, self._items = self._items, []
             removed, self._removed = self._removed, False
+            give, self._give = self._give, None
             self._scheduled = False
+        if give is not None:
+            give.give()  # before the callback, whose batch_done() schedules the first poll
         self._callback(items, removed)
 
 
@@ -1313,11 +1327,11 @@ class _ClientLink(SysvLink):
                 and not self._paused
                 and self._buffered() <= _RX_PAUSE
             ):
-                # The loop polls: let it take what comes next itself (before the
-                # hand-off, which schedules its first poll).
-                self._turn.give()
+                # The loop polls: let it take what comes next itself, once it
+                # has delivered this batch (the hand-off carries the queue).
                 handed = True
-            if not handoff.put(batch, removed) or removed or self._stopping:
+            give = self._turn if handed else None
+            if not handoff.put(batch, removed, give) or removed or self._stopping:
                 return
 
     # -- the loop side of receiving ----------------------------------------
@@ -2378,9 +2392,8 @@ class SysvAcceptor:
             batch = [first]
             _n, removed = _drain(q, 0, batch, len(first[0]))
             if self._poll_ok and not removed:
-                turn.give()  # before the hand-off, which schedules the loop's first poll
-                handed = True
-            if not handoff.put(batch, removed) or removed:
+                handed = True  # the hand-off carries the queue to the loop
+            if not handoff.put(batch, removed, turn if handed else None) or removed:
                 return
 
     def _garbage(self, what: str) -> None:
