@@ -116,8 +116,13 @@ class ClientBus(Bus):
             max_frame=self._node.max_frame,
             options=self._options,
         )
-        self.hub_link = await self._node.add_link(link, name="hub")
-        self._node.upstream = self.hub_link
+        ls = await self._node.add_link(link, name="hub")
+        if ls.closed.is_set():
+            # The hub went away during the handshake, before this link was the
+            # hub link (_on_link_closed ignored it): not connected, try again.
+            raise ConnectionClosed(f"the hub link closed as it opened ({ls.close_reason})")
+        self.hub_link = ls
+        self._node.upstream = ls
         self._connected.set()
 
     def _on_link_closed(self, ls: LinkState) -> None:
@@ -176,8 +181,10 @@ async def _autostart(busdir: BusDir, group: str | int | None) -> None:
     cmd = [sys.executable, "-m", "ipcbus", "hub", busdir.name, "--daemon"]
     if group is not None:
         cmd += ["--group", str(group)]
+    # The daemon serves the bus where this client looks for it (connect(root=...)).
+    env = {**os.environ, "IPCBUS_DIR": str(busdir.root)}
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        *cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
     )
     try:
         async with asyncio.timeout(_AUTOSTART_TIMEOUT):

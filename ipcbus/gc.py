@@ -4,7 +4,8 @@ SysV objects survive the processes that made them.  ``collect()`` walks a
 bus directory's records (:mod:`ipcbus.records`) and removes an object only
 when all of these hold:
 
-* the record parses (a corrupted record is reported and skipped);
+* the record parses, and its file belongs to the creator it names (a
+  corrupted or forged record is reported and skipped);
 * its creator is dead — the pid *and* its start time, so a reused pid is
   never mistaken for the creator;
 * the object still exists with the recorded id, is owned by this uid, and
@@ -143,7 +144,9 @@ def scan(busdir: Path) -> list[tuple[Finding, ObjectRecord | None]]:
     out: list[tuple[Finding, ObjectRecord | None]] = []
     for path, rec in list_records(busdir):
         if rec is None:
-            out.append((Finding(path.name, "skip", "corrupted record (left in place)", path), None))
+            out.append(
+                (Finding(path.name, "skip", "corrupted or forged record (left in place)", path), None)
+            )
             continue
         verdict, reason = _judge(rec, tables)
         out.append((Finding(f"{rec.kind} {rec.ident}", verdict, reason, path), rec))

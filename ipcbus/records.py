@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,7 @@ class ObjectRecord(msgspec.Struct, frozen=True):
 
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(ObjectRecord)
+_MAX_RECORD = 64 * 1024  # bytes read of a record file (ours are ~200)
 
 
 def pid_start_time(pid: int) -> int | None:
@@ -121,14 +123,29 @@ def forget_object(busdir: Path, kind: ObjectKind, ident: int | str) -> None:
 
 
 def list_records(busdir: Path) -> list[tuple[Path, ObjectRecord | None]]:
-    """Every record file in ``busdir``; ``None`` stands for a corrupted record."""
+    """Every record file in ``busdir``; ``None`` stands for a record not to act on.
+
+    That is a corrupted one, or a forged one: a record file is written by its
+    creator, so one owned by another user than the ``creator_uid`` it claims
+    was written by someone else (any member can write in a group bus's
+    ``objects/``) to make the creator's gc remove objects of the creator's.
+    """
     d = Path(busdir) / "objects"
     out: list[tuple[Path, ObjectRecord | None]] = []
     if not d.is_dir():
         return out
     for p in sorted(d.glob("*.json")):
         try:
-            out.append((p, _dec.decode(p.read_bytes())))
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                data = os.read(fd, _MAX_RECORD) if stat.S_ISREG(st.st_mode) else b""
+            finally:
+                os.close(fd)
+            rec: ObjectRecord | None = _dec.decode(data)
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
-            out.append((p, None))
+            rec = None
+        if rec is not None and st.st_uid != rec.creator_uid:
+            rec = None
+        out.append((p, rec))
     return out

@@ -143,6 +143,13 @@ async def test_gc_reports_and_skips_what_is_not_ours(busdir: BusDir) -> None:
             creator_uid=NOBODY, created=0.0,
         )  # fmt: skip
         p_foreign = write_record(busdir, f"msq-{ours.id}.json", foreign)
+        os.chown(p_foreign, NOBODY, -1)  # that user's own file, as it would be
+        # 1b. A forged record: written by another user, claiming to be ours.
+        forged = ObjectRecord(
+            kind="msq", ident=str(ours.id), key=ours.key, creator_pid=dead, creator_uid=uid,
+        )  # fmt: skip
+        p_forged = write_record(busdir, "msq-forged.json", forged)
+        os.chown(p_forged, NOBODY, -1)
         # 2. Our record, dead creator, but the queue now belongs to another user.
         given.uid = NOBODY
         p_given = write_record(
@@ -163,7 +170,8 @@ async def test_gc_reports_and_skips_what_is_not_ours(busdir: BusDir) -> None:
             assert verdicts[f"msq {ours.id}"] == ("skip", f"recorded by uid {NOBODY}, not ours ({uid})")
             assert verdicts[f"msq {given.id}"][0] == "skip"
             assert f"belongs to uid {NOBODY}" in verdicts[f"msq {given.id}"][1]
-            assert verdicts["msq-999999.json"] == ("skip", "corrupted record (left in place)")
+            assert verdicts["msq-999999.json"] == ("skip", "corrupted or forged record (left in place)")
+            assert verdicts["msq-forged.json"] == ("skip", "corrupted or forged record (left in place)")
             assert verdicts["msq 424242"][0] == "keep"
             assert verdicts[f"msq {qid}"][0] == "remove"
 
@@ -171,13 +179,13 @@ async def test_gc_reports_and_skips_what_is_not_ours(busdir: BusDir) -> None:
             assert code == 0, err
             assert f"recorded by uid {NOBODY}, not ours" in out
             assert f"belongs to uid {NOBODY}" in out
-            assert "corrupted record" in out
+            assert "corrupted or forged record" in out
             assert f"creator pid {os.getpid()} is alive" in out
             assert "gc: removed 1 object(s)" in out
             # Only the dead creator's own queue went.
             assert not queue_exists(qid)
             assert queue_exists(ours.id) and queue_exists(given.id)
-            for p in (p_foreign, p_given, p_bad, p_live, stray, odd_fifo):
+            for p in (p_foreign, p_forged, p_given, p_bad, p_live, stray, odd_fifo):
                 assert p.exists() or p.is_fifo(), p
         finally:
             odd_fifo.unlink()

@@ -301,6 +301,28 @@ async def test_autostart_starts_one_daemon_and_sigterm_stops_it(bus_name: str) -
 
 @needs_sysv_shm
 @pytest.mark.single_loop
+async def test_autostart_serves_the_root_the_client_was_given(bus_name: str, tmp_path: Path) -> None:
+    # connect(root=...) looks for the bus there: the daemon it starts must
+    # serve it there too, not under $IPCBUS_DIR.
+    root = tmp_path / "other-root"
+    root.mkdir(mode=0o700)
+    bd = BusDir(bus_name, root=root)
+    pid = None
+    try:
+        async with ipcbus.connect(bus_name, root=root, autostart=True) as bus:
+            pid = bd.hub_pid()
+            assert pid is not None and pid != os.getpid()
+            assert BusDir(bus_name).hub_pid() is None  # nothing under $IPCBUS_DIR
+            assert (await bus.request("$SYS.stats", timeout=5)).decode()["hub_pid"] == pid
+    finally:
+        pid = bd.hub_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            await wait_gone(pid)
+
+
+@needs_sysv_shm
+@pytest.mark.single_loop
 async def test_ten_clients_racing_autostart_get_one_hub(bus_name: str) -> None:
     started: list[Peer] = []
     try:
