@@ -8,6 +8,7 @@ sleeps).
 Modes:
   echo      attach, print "attached", send back every frame until end of stream
   stall     attach, print "attached", then never read (until killed)
+  sink      attach, print "attached", read until end of stream, print "received N"
   midframe  attach, send two small frames, start a frame far larger than the
             ring, print "blocked" once it is stuck in the middle of it (until killed)
   client    connect_shm() to the "hub" (the parent) through the bus door, then echo
@@ -61,6 +62,14 @@ async def main(mode: str, spec: dict[str, object]) -> None:
         elif mode == "stall":
             say("attached")
             await asyncio.Event().wait()
+        elif mode == "sink":  # a one-way stream: nothing goes back that could wake the writer
+            say("attached")
+            n = 0
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await link.recv()
+                    n += 1
+            say(f"received {n}")
         elif mode == "midframe":
             await link.send(b"first")
             await link.send(b"second")

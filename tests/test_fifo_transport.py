@@ -605,6 +605,45 @@ async def test_on_link_failure_closes_the_link_and_keeps_serving(
     assert "hub is confused" in caplog.text
 
 
+class _KernelSaidNo(Exception):
+    """Stands for a sysv_ipc/posix_ipc error: not an IpcBusError, OSError or ValueError."""
+
+
+async def test_an_acceptor_failing_unexpectedly_refuses_only_that_knock(
+    bus: BusDir, caplog: pytest.LogCaptureFixture
+) -> None:
+    got: asyncio.Queue[Link] = asyncio.Queue()
+
+    class Flaky:
+        def __init__(self, inner: FifoAcceptor) -> None:
+            self.inner = inner
+            self.calls = 0
+
+        async def accept(self, knock: Knock) -> Link:
+            self.calls += 1
+            if self.calls == 1:
+                raise _KernelSaidNo("the kernel refused something")
+            return await self.inner.accept(knock)
+
+    async with Door(bus.path) as door, FifoAcceptor(bus.path) as acc:
+        flaky = Flaky(acc)
+        task = asyncio.create_task(serve_door(door, {"fifo": flaky}, lambda ln, _k: got.put_nowait(ln)))
+        try:
+            with pytest.raises((HandshakeTimeout, ConnectionClosed)), anyio.fail_after(20):
+                await connect_fifo(bus.path, hub_pid=os.getpid(), timeout=1)
+            assert not task.done()  # the door still serves
+            second = await connect_fifo(bus.path, hub_pid=os.getpid())
+            link = await got.get()
+            await second.send(b"ok")
+            assert await link.recv() == b"ok"
+            await second.aclose()
+            await link.aclose()
+        finally:
+            door.close()
+            await task
+    assert "_KernelSaidNo: the kernel refused something" in caplog.text
+
+
 # -- group buses (another uid, for real) -------------------------------------
 
 

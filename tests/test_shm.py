@@ -307,6 +307,37 @@ async def test_two_processes_large_frames() -> None:
     assert gone(params)
 
 
+async def test_a_request_for_room_survives_a_full_bell() -> None:
+    """A reader whose loop stalls while the writer commits batch after batch gets
+    its bell filled with rings; the writer's request for room, rung once the ring
+    is full, must still reach it, or the writer waits for room forever."""
+    link, params = ShmLink.create(None, ring_size=2 * MiB)
+    try:
+        async with spawn("sink", params=params, peer_pid=os.getpid()) as peer:
+            assert await peer.line() == "attached"
+            await link.wait_attached(peer_pid=peer.proc.pid)
+            peer.proc.send_signal(signal.SIGSTOP)  # its loop stops: nobody drains its bell
+            sent = 0
+            with anyio.fail_after(60):
+                while not link._tx_blocked:  # one batch (and one ring) per loop turn
+                    link.send_nowait(sent.to_bytes(8, "big"))
+                    sent += 1
+                    await asyncio.sleep(0)
+            for _ in range(100):  # and more, queued behind the full ring
+                link.send_nowait(sent.to_bytes(8, "big"))
+                sent += 1
+            assert sent > 70_000  # more rings than the bell holds (64 KiB)
+            peer.proc.send_signal(signal.SIGCONT)
+            with anyio.fail_after(60):
+                await link.drain()  # everything queued got into the ring: room came back
+            await link.aclose()
+            assert await peer.line() == f"received {sent}"
+            assert await peer.proc.wait() == 0
+    finally:
+        await link.aclose()
+    assert gone(params)
+
+
 async def test_writer_killed_mid_frame() -> None:
     """The reader gets the whole frames before, never the partial one, then ConnectionClosed."""
     link, params = ShmLink.create(None, ring_size=64 * KiB)
@@ -513,6 +544,15 @@ async def test_segment_that_is_not_ours_is_refused() -> None:
                 os.unlink(bell)
         finally:
             os.rename(bell + ".moved", bell)
+        # a semaphore file too small to be one: sem_open would map it, its first use SIGBUS
+        path = "/dev/shm/sem." + str(params_a["sem1"]).lstrip("/")
+        os.rename(path, path + ".moved")  # the creator keeps its own mapping of the real one
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # 0 bytes
+            await _attach_fails(params_a, ProtocolError, "smaller than a semaphore")
+            os.unlink(path)
+        finally:
+            os.rename(path + ".moved", path)
         await _attach_fails({**params_a, "bell0": "relative.bell"}, ProtocolError, "bell path")
         await _attach_fails({**params_a, "shmid": "x"}, ProtocolError, "'shmid' must be")
         await _attach_fails({**params_a, "layout": 9}, ProtocolError, "layout version 9")

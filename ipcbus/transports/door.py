@@ -397,6 +397,12 @@ async def admit(knock: Knock, acceptors: Mapping[str, Acceptor]) -> Link | None:
     except (IpcBusError, OSError, ValueError) as exc:
         log.warning("refused %s knock from %s: %s", knock.transport, who, exc)
         return None
+    except Exception as exc:  # e.g. sysv_ipc/posix_ipc errors: one client's, not the hub's
+        log.error(
+            "refused %s knock from %s: %s: %s", knock.transport, who, type(exc).__name__, exc,
+            exc_info=True,
+        )
+        return None
 
 
 async def serve_door(

@@ -321,12 +321,13 @@ def _check_mode(mode: int) -> int:
     return mode
 
 
-def _ring(fd: int, byte: bytes) -> bool:
-    """Write one byte into a bell; False if its reader is gone."""
+def _ring(fd: int, byte: bytes) -> bool | None:
+    """Write one byte into a bell; False if its reader is gone, None if the bell is
+    full of unread rings (the reader wakes anyway, but does not see this byte)."""
     try:
         os.write(fd, byte)
     except BlockingIOError:
-        pass  # the bell is full of unread rings: the reader will wake anyway
+        return None
     except OSError as exc:  # EPIPE (Python ignores SIGPIPE): nobody reads it any more
         if exc.errno in (errno.EPIPE, errno.EBADF):
             return False
@@ -382,6 +383,7 @@ class ShmLink(Link):
         self._sem_names = sem_names
         self._bell_r = bell_r  # our bell: the peer rings it, the loop watches it
         self._bell_w = bell_w  # the peer's bell
+        self._want_waits = False  # a request for room waits for room in the peer's bell
         self._bell_paths = bell_paths
         self._bell_dir = bell_dir  # a private directory made for the bells (direct links)
         self.max_frame = max_frame
@@ -663,7 +665,12 @@ class ShmLink(Link):
             mv = memoryview(shm)
             _check_header(mv, p, peer_pid)
             for name in p.sem_names:
-                _check_owned_file(_sem_path(name), f"semaphore {name}", want_uid, stat.S_ISREG)
+                st = _check_owned_file(_sem_path(name), f"semaphore {name}", want_uid, stat.S_ISREG)
+                if st.st_size < _SEM_T_SIZE:  # sem_open would map it, and the first use SIGBUS
+                    raise ProtocolError(
+                        f"semaphore {name} is a {st.st_size}-byte file, smaller than a "
+                        f"semaphore ({_SEM_T_SIZE} bytes): not made by sem_open; refusing it"
+                    )
                 try:
                     sems.append(posix_ipc.Semaphore(name))
                 except posix_ipc.ExistentialError:
@@ -686,13 +693,17 @@ class ShmLink(Link):
             # every name and mark the segment for removal now: each object lives
             # on while someone uses it, and the kernel frees it when the last
             # process goes, however it dies.
+            # On a group bus the creator may be another user: only it may unlink
+            # its names and remove its segment, and it does so too once it
+            # sees us attached (_on_attached).
             for name in p.sem_names:
-                with contextlib.suppress(posix_ipc.ExistentialError):
+                with contextlib.suppress(posix_ipc.ExistentialError, posix_ipc.PermissionsError):
                     posix_ipc.unlink_semaphore(name)
             for path in p.bells:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(FileNotFoundError, PermissionError):
                     os.unlink(path)
-            shm.remove()
+            with contextlib.suppress(sysv_ipc.PermissionsError):
+                shm.remove()
             with mv[:HEADER_SIZE] as hdr, hdr.cast("I") as hi:
                 hi[_OFF_APID // 4] = os.getpid()
                 hi[_OFF_AFLAGS // 4] = _FLAG_ATTACHED
@@ -1077,9 +1088,28 @@ class ShmLink(Link):
     # -- the bells -----------------------------------------------------------
 
     def _ring_peer(self, byte: bytes) -> None:
-        if self._bell_w >= 0 and not _ring(self._bell_w, byte):
+        fd = self._bell_w
+        if fd < 0:
+            return
+        rang = _ring(fd, byte)
+        if rang is False:
             # Nobody reads the peer's bell any more: it closed or died.
             self._get_loop().call_soon(self._on_peer_gone, "closed the link or exited")
+        elif rang is None and byte == _RING_WANT and not self._want_waits:
+            # The bell is full of unread rings (the peer's loop stalled while we
+            # committed batch after batch).  The peer answers only a request for
+            # room that it reads: send it again as soon as the bell has room,
+            # or this side could wait for room forever.
+            self._want_waits = True
+            self._get_loop().add_writer(fd, self._want_again)
+
+    def _want_again(self) -> None:
+        fd = self._bell_w
+        self._want_waits = False
+        if fd >= 0:
+            self._get_loop().remove_writer(fd)
+            if self._tx_blocked and self._tx_error is None:
+                self._ring_peer(_RING_WANT)
 
     def _on_bell(self) -> None:
         """Our bell rang (or its last writer went away): drain it and look again."""
@@ -1596,6 +1626,9 @@ class ShmLink(Link):
                 self._loop.remove_reader(r)
             os.close(r)
         if w >= 0:
+            if self._want_waits and self._loop is not None:
+                self._want_waits = False
+                self._loop.remove_writer(w)
             os.close(w)
 
     # -- lifetime --------------------------------------------------------------
@@ -1875,6 +1908,9 @@ def _check_header(mv: memoryview, p: _Params, peer_pid: int) -> None:
         raise PermissionRefused(
             f"shared-memory segment {p.shmid} is already attached by pid {apid}; a link has exactly two ends"
         )
+
+
+_SEM_T_SIZE: Final = 4 * struct.calcsize("P")  # sizeof(sem_t) in glibc: 32 bytes on 64-bit
 
 
 def _check_owned_file(
