@@ -311,7 +311,8 @@ def sub(subject: str, count: int, queue: str | None, bus_name: str, transport: s
                 click.echo(f"[{m.subject}] {render_payload(m.data)}")
                 seen += 1
                 if count and seen >= count:
-                    break
+                    return
+            raise _hub_gone(bus)  # the subscription ended under us: exit 7, not 0
 
     _run(go)
 
@@ -371,10 +372,25 @@ def reply(
             await bus.serve(subject, handler, queue=queue)
             await bus.flush()
             click.echo(f"replying on {subject!r}", err=True)
-            await done.wait()
+            assert bus.hub_link is not None
+            waits = [asyncio.ensure_future(done.wait()), asyncio.ensure_future(bus.hub_link.closed.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if not done.is_set():
+                raise _hub_gone(bus)
             await bus.drain()
 
     _run(go)
+
+
+def _hub_gone(bus: Any) -> ConnectionClosed:
+    """The error for a long-running command whose hub went away (exit code 7)."""
+    link = bus.hub_link
+    why = f": {link.close_reason}" if link is not None and link.close_reason else ""
+    return ConnectionClosed(f"the hub of bus {bus.busdir.name!r} went away{why}")
 
 
 # -- operations -----------------------------------------------------------------

@@ -95,6 +95,7 @@ class ClientBus(Bus):
         self._lost = ""
         self.reconnects = 0
         self._connected = asyncio.Event()
+        self._closer: asyncio.Task[None] | None = None  # closes the node once the hub is gone
 
     def _check_open(self) -> None:
         super()._check_open()
@@ -135,7 +136,8 @@ class ClientBus(Bus):
             self._node.task_group.start_soon(self._reconnect_loop, name="ipcbus-reconnect")
         else:
             log.warning("bus %s: %s", self.busdir.name, self._lost)
-            self._node.task_group.start_soon(self._node.aclose)
+            # Not in the node's task group: aclose() waits for that group to end.
+            self._closer = asyncio.get_running_loop().create_task(self._node.aclose())
 
     async def _reconnect_loop(self) -> None:
         delay = 0.05

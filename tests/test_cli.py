@@ -246,6 +246,21 @@ async def test_exit_codes(bus_name: str) -> None:
 
 
 @pytest.mark.single_loop
+async def test_sub_and_reply_exit_7_when_the_hub_goes_away(bus_name: str) -> None:
+    b = ("--bus", bus_name)
+    async with hub(bus_name) as h:
+        sub = await start("sub", "news.>", *b)
+        assert "listening" in await sub.line("stderr")
+        rep = await start("reply", "svc", *b)
+        assert "replying" in await rep.line("stderr")
+        h.proc.send_signal(signal.SIGTERM)
+        assert await h.proc.wait() == 0
+        for cmd in (sub, rep):
+            code, _, err = await cmd.finish()
+            assert code == 7 and f"the hub of bus {bus_name!r} went away" in err, (code, err)
+
+
+@pytest.mark.single_loop
 async def test_daemon_hub_from_the_command_line(bus_name: str) -> None:
     bd = BusDir(bus_name)
     code, out, err = await run("hub", bus_name, "--daemon", "--transports", "fifo")
