@@ -247,7 +247,8 @@ async def _connect(
 ) -> ClientBus:
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
-    busdir = BusDir(bus, root=Path(root) if root is not None else None)
+    # With a group, the root may be the bus owner's (bus_root(group=...) accepts it).
+    busdir = BusDir(bus, root=Path(root) if root is not None else None, group=group)
     if busdir.hub_pid() is None:
         if not autostart:
             raise BusNotFound(bus, str(busdir.path))
