@@ -51,6 +51,7 @@ __all__ = [
     "check_bus_path",
     "client_fifo_names",
     "default_root",
+    "flocked",
     "remove_stale_fifos",
     "resolve_group",
     "stale_fifos",
@@ -128,6 +129,21 @@ def resolve_group(group: str | int | None) -> int | None:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ValueError(f"unknown group {group!r}: no such Unix group on this host") from None
+
+
+_LOCK_LINE: Final = re.compile(r"\bFLOCK\s+\S+\s+\S+\s+\d+\s+([0-9a-f]+:[0-9a-f]+:\d+)\s")
+
+
+def flocked(path: Path) -> bool:
+    """Whether some process holds an ``flock`` on ``path`` (per ``/proc/locks``)."""
+    try:
+        st = os.lstat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return False
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(m.group(1) == want for m in _LOCK_LINE.finditer(table))
 
 
 def _who(uid: int) -> str:
@@ -475,6 +491,12 @@ class BusDir:
             return None
         pid, start = rec
         return pid if process_alive(pid, start) else None
+
+    def hub_locked(self) -> bool:
+        """Whether a process holds the pid file's lock: a hub runs, possibly still
+        starting (its pid not yet written).  Reads ``/proc/locks``; takes no lock
+        itself, so it never makes a starting hub see the bus as busy."""
+        return flocked(self.pidfile)
 
     def lock_hub(self) -> HubLock:
         """Become this bus's hub: lock the pid file and write our pid and start time.

@@ -223,7 +223,8 @@ async def _wait_serving(busdir: BusDir, timeout: float) -> bool:
     """
     deadline = asyncio.get_running_loop().time() + timeout
     delay = 0.002
-    while busdir.hub_pid() is not None:
+    # A hub that holds the pid file's lock may not have written its pid yet.
+    while busdir.hub_pid() is not None or busdir.hub_locked():
         if _door_open(busdir):
             return True
         if asyncio.get_running_loop().time() + delay > deadline:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .busdir import flocked
 from .records import ObjectRecord, list_records, pid_start_time, process_alive
 from .sysv import proc_table
 
@@ -216,6 +217,8 @@ def _stale_hub_files(busdir: Path, dry_run: bool) -> list[Finding]:
         except (ValueError, IndexError):
             pid, start = 0, None
         if pid and process_alive(pid, start):
+            return out
+        if flocked(pidfile):  # a hub holds it, still starting (its pid not yet written)
             return out
         out.append(_remove_file(pidfile, "stale hub pid file", dry_run))
     try:

@@ -211,6 +211,25 @@ async def test_gc_removes_dead_clients_fifos_and_a_dead_hubs_files(busdir: BusDi
     assert not fifo.exists() and not busdir.pidfile.exists() and not busdir.door.exists()
 
 
+def test_gc_leaves_the_pid_file_of_a_hub_still_starting(busdir: BusDir) -> None:
+    # A hub locks its pid file, then writes its pid: in between, the file is
+    # empty but held.  gc must not take it for a dead hub's and remove it (the
+    # hub would then serve a file nobody finds, and clients see no hub).
+    import fcntl
+
+    fd = os.open(busdir.pidfile, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert busdir.hub_locked() and busdir.hub_pid() is None
+        collect(busdir.path)
+        assert busdir.pidfile.exists()
+    finally:
+        os.close(fd)
+    assert not busdir.hub_locked()
+    collect(busdir.path)
+    assert not busdir.pidfile.exists()  # now it is a dead hub's: removed
+
+
 async def test_gc_leaves_a_live_hub_alone(bus_name: str) -> None:
     async with ipcbus.Hub(bus_name, transports=("fifo",)) as hub:
         before = sorted(os.listdir(hub.path))
