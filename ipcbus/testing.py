@@ -216,6 +216,18 @@ async def _check_close_twice(make_pair: LinkPairFactory) -> None:
             pass
         else:
             raise AssertionError("close twice: recv after aclose did not raise ConnectionClosed")
+    async with make_pair() as (a, b):
+        # Frames read into b's buffer but not taken yet go with b's close.
+        for i in range(3):
+            await a.send(_frame(i, 32))
+        assert await _recv_bytes(b) == _frame(0, 32)
+        await b.aclose()
+        try:
+            await b.recv()
+        except ConnectionClosed:
+            pass
+        else:
+            raise AssertionError("close twice: recv after aclose returned a frame still buffered")
 
 
 async def _check_cancel_mid_send(make_pair: LinkPairFactory) -> None:

@@ -1192,6 +1192,8 @@ class ShmLink(Link):
             if self._interrupt is not None:
                 exc, self._interrupt = self._interrupt, None
                 raise exc
+            if self._closed:  # closed here: what is still buffered is dropped with it
+                raise ConnectionClosed("link is closed")
             if inbox:
                 frame = inbox.popleft()
                 self.info.msgs_in += 1

@@ -336,6 +336,8 @@ class FdStreamLink(Link):
             if self._interrupt is not None:
                 exc, self._interrupt = self._interrupt, None
                 raise exc
+            if self._closed:  # closed here: what is still buffered is dropped with it
+                raise ConnectionClosed("link is closed")
             rq = self._rq
             if rq:
                 frame = rq.popleft()
