@@ -991,20 +991,21 @@ class ShmLink(Link):
     def _reclaim(self) -> None:
         """Take the space tokens the reader has posted (never blocks)."""
         sem = self._tx_space
+        inflight = self._tx_inflight
+        posted = sem.value
+        if posted > len(inflight):  # checked first: a forged count must not make us loop on it
+            raise ProtocolError(
+                f"shm link: the peer released {posted} batches but only {len(inflight)} are in "
+                "the ring; it is not following the ring protocol"
+            )
         k = 0
-        for _ in range(sem.value):
+        for _ in range(posted):
             sem.acquire(0)  # acquire: the reader is done with that batch
             k += 1
         if not k:
             return
         hq = self._hq
         assert hq is not None
-        inflight = self._tx_inflight
-        if k > len(inflight):
-            raise ProtocolError(
-                f"shm link: the peer released {k} batches but only {len(inflight)} are in "
-                "the ring; it is not following the ring protocol"
-            )
         tail = self._tx_tail
         for _ in range(k):
             tail += inflight.popleft()
