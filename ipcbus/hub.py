@@ -42,6 +42,8 @@ log = logging.getLogger("ipcbus.hub")
 
 ALL_TRANSPORTS = ("fifo", "sysv", "shm")
 
+_MAX_HANDSHAKES = 256  # knocks handled at once; later ones wait in the door
+
 
 class _Acceptor(Acceptor, Protocol):
     """A transport's hub side: what :func:`~ipcbus.transports.door.admit` needs, plus its lifetime."""
@@ -191,13 +193,24 @@ class Hub:
                 self.node.publish_nowait(m.reply, payload, headers=headers)
 
     async def _accept_loop(self, door: Door) -> None:
+        # Each handshake may wait seconds for a client that never opens its
+        # side: at most _MAX_HANDSHAKES at once (as serve_door), so a flood of
+        # knocks waits in the door instead of taking the hub's loop.
+        limiter = anyio.CapacityLimiter(_MAX_HANDSHAKES)
         async for knock in door.knocks():
-            self.node.task_group.start_soon(self._accept, knock, name="ipcbus-hub-accept")
+            token = object()  # a Knock holds a dict: not hashable, so not a borrower
+            await limiter.acquire_on_behalf_of(token)
+            self.node.task_group.start_soon(
+                self._accept, knock, limiter, token, name="ipcbus-hub-accept"
+            )
 
-    async def _accept(self, knock: Knock) -> None:
+    async def _accept(self, knock: Knock, limiter: anyio.CapacityLimiter, token: object) -> None:
         who = f"{knock.name or 'client'}(pid {knock.pid})"
         # Version check, transport dispatch and refusal logging are the door's.
-        link = await admit(knock, self._acceptors)
+        try:
+            link = await admit(knock, self._acceptors)
+        finally:
+            limiter.release_on_behalf_of(token)
         if link is None:
             self.refused += 1
             return
