@@ -605,6 +605,23 @@ async def test_on_link_failure_closes_the_link_and_keeps_serving(
     assert "hub is confused" in caplog.text
 
 
+async def test_a_second_knock_for_a_pair_being_accepted_is_refused(bus: BusDir) -> None:
+    # A group bus's members see each other's FIFO names: a second knock for
+    # a pair in the middle of its handshake must not start a second one
+    # (its ACK would land in, or its read steal a byte from, the first link).
+    c2h, h2c = _pair(bus.path)
+    async with FifoAcceptor(bus.path) as acc:
+        first = asyncio.ensure_future(acc.accept(_knock(c2h, h2c)))
+        await asyncio.sleep(0)  # the first handshake waits for the client to open its ends
+        assert not first.done()
+        with pytest.raises(ProtocolError, match="already being accepted"):
+            await acc.accept(_knock(c2h, h2c))
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+    assert not c2h.exists() and not h2c.exists()  # the first handshake's cleanup ran
+
+
 class _KernelSaidNo(Exception):
     """Stands for a sysv_ipc/posix_ipc error: not an IpcBusError, OSError or ValueError."""
 

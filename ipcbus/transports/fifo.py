@@ -207,6 +207,7 @@ class FifoAcceptor:
         self.timeout = timeout
         self.owner_uid = -1
         self._dirfd = -1
+        self._in_progress: set[tuple[int, int, int]] = set()  # FIFO pairs being handshaken
         self._real = ""
 
     async def __aenter__(self) -> FifoAcceptor:
@@ -377,6 +378,13 @@ class FifoAcceptor:
             raise ProtocolError(f"FIFO names {c2h!r} and {h2c!r} do not form a pair")
         st_c = self._lstat(c2h, "c2h", knock)
         st_h = self._lstat(h2c, "h2c", knock)
+        pair = (st_c.st_dev, st_c.st_ino, st_h.st_ino)
+        if pair in self._in_progress:
+            # A second knock naming a pair being accepted (a member of a group
+            # bus can see the names): a second handshake would write a second
+            # ACK into, or steal a byte from, the first client's link.
+            raise ProtocolError(f"FIFO pair {c2h[:-4]!r} is already being accepted; knock refused")
+        self._in_progress.add(pair)
         rfd = wfd = -1
         ok = False
         try:
@@ -414,6 +422,7 @@ class FifoAcceptor:
             # them now (an open FIFO works without its name), success or not.
             self._unlink_if_same(c2h, st_c)
             self._unlink_if_same(h2c, st_h)
+            self._in_progress.discard(pair)
         return FifoLink(
             rfd,
             wfd,
