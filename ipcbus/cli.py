@@ -351,6 +351,7 @@ def reply(
 ) -> None:
     """A toy responder: answer requests on SUBJECT (echo, or --data)."""
     from .connect import connect
+    from .node import first_of
 
     _check_subject(subject, pattern=True)
 
@@ -373,12 +374,7 @@ def reply(
             await bus.flush()
             click.echo(f"replying on {subject!r}", err=True)
             assert bus.hub_link is not None
-            waits = [asyncio.ensure_future(done.wait()), asyncio.ensure_future(bus.hub_link.closed.wait())]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
+            await first_of(done, bus.hub_link.closed)
             if not done.is_set():
                 raise _hub_gone(bus)
             await bus.drain()

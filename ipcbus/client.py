@@ -541,8 +541,7 @@ class Bus:
         known = node.has_interest(subject)
         if not known and node.upstream is None:
             raise NoResponders(subject)
-        token = format(next(node._tokens), "x")  # node.new_reply_subject(), inlined
-        reply = node._reply_prefix + token
+        token, reply = node.new_reply_subject()
         fut: asyncio.Future[fr.Msg] = (node.loop or asyncio.get_running_loop()).create_future()
         futures = node.inbox.futures
         futures[token] = fut

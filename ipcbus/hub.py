@@ -34,7 +34,8 @@ from .node import (
     Node,
     SubscriptionCore,
 )
-from .transports.door import Acceptor, Door, Knock, admit
+from .transports.base import Link
+from .transports.door import Acceptor, Door, Knock, serve_door
 
 __all__ = ["ALL_TRANSPORTS", "Hub"]
 
@@ -42,7 +43,6 @@ log = logging.getLogger("ipcbus.hub")
 
 ALL_TRANSPORTS = ("fifo", "sysv", "shm")
 
-_MAX_HANDSHAKES = 256  # knocks handled at once; later ones wait in the door
 
 
 class _Acceptor(Acceptor, Protocol):
@@ -193,27 +193,18 @@ class Hub:
                 self.node.publish_nowait(m.reply, payload, headers=headers)
 
     async def _accept_loop(self, door: Door) -> None:
-        # Each handshake may wait seconds for a client that never opens its
-        # side: at most _MAX_HANDSHAKES at once (as serve_door), so a flood of
-        # knocks waits in the door instead of taking the hub's loop.
-        limiter = anyio.CapacityLimiter(_MAX_HANDSHAKES)
-        async for knock in door.knocks():
-            token = object()  # a Knock holds a dict: not hashable, so not a borrower
-            await limiter.acquire_on_behalf_of(token)
-            self.node.task_group.start_soon(
-                self._accept, knock, limiter, token, name="ipcbus-hub-accept"
-            )
+        # Version checks, transport dispatch, refusal logging and the limit on
+        # handshakes at once (a flood of knocks waits in the door) are the door's.
+        await serve_door(door, self._acceptors, self._on_link, on_refused=self._on_refused)
 
-    async def _accept(self, knock: Knock, limiter: anyio.CapacityLimiter, token: object) -> None:
+    def _on_refused(self, knock: Knock) -> None:
+        self.refused += 1
+
+    def _on_link(self, link: Link, knock: Knock) -> None:
+        self.node.task_group.start_soon(self._take, link, knock, name="ipcbus-hub-accept")
+
+    async def _take(self, link: Link, knock: Knock) -> None:
         who = f"{knock.name or 'client'}(pid {knock.pid})"
-        # Version check, transport dispatch and refusal logging are the door's.
-        try:
-            link = await admit(knock, self._acceptors)
-        finally:
-            limiter.release_on_behalf_of(token)
-        if link is None:
-            self.refused += 1
-            return
         if self._closing:
             await link.aclose()
             return

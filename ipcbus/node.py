@@ -541,7 +541,7 @@ class Node:
         self.task_group.start_soon(self._run_link, ls, name=f"ipcbus-link-{name}")
         if wait:
             with anyio.move_on_after(_HELLO_TIMEOUT):
-                await _first_of(ls.ready, ls.closed)
+                await first_of(ls.ready, ls.closed)
             if not ls.ready.is_set():
                 if not ls.closed.is_set():
                     await self._drop_link(ls, "no hello from peer")
@@ -1135,19 +1135,19 @@ class Node:
     def _track(self, ls: LinkState, reply: str) -> None:
         self._tracked_at = time.monotonic_ns()
         ls.inflight[reply] = None
-        self._reply_routes.setdefault(reply, set()).add(ls)
-        if len(ls.inflight) > _INFLIGHT_CAP:
-            self._evict_oldest(ls)
-
-    def _evict_oldest(self, ls: LinkState) -> None:
-        """Stop tracking the oldest reply due over ``ls`` (its requester gave up long ago)."""
-        old = next(iter(ls.inflight))
-        del ls.inflight[old]
-        r = self._reply_routes.get(old)
-        if r is not None:
-            r.discard(ls)
-            if not r:
-                del self._reply_routes[old]
+        routes = self._reply_routes.get(reply)
+        if routes is None:  # the common case: a fresh reply subject, one link
+            self._reply_routes[reply] = {ls}
+        else:
+            routes.add(ls)
+        if len(ls.inflight) > _INFLIGHT_CAP:  # requester gave up long ago
+            old = next(iter(ls.inflight))
+            del ls.inflight[old]
+            r = self._reply_routes.get(old)
+            if r is not None:
+                r.discard(ls)
+                if not r:
+                    del self._reply_routes[old]
 
     def _unsendable(self, m: fr.Msg, links: Sequence[LinkState]) -> None:
         """A request made here could not be written to any link it was routed to.
@@ -1422,17 +1422,7 @@ class Node:
         return ``[ls.link]`` if that link is now above high water."""
         self.msgs_out += 1
         self.bytes_out += n
-        # A request made here: the requester's future (not _tracked_at) says a
-        # reply is due (see _awaiting_replies).  Its reply subject is fresh,
-        # unless a publisher chose it (publish(..., reply="results")).
-        ls.inflight[reply] = None
-        routes = self._reply_routes.get(reply)
-        if routes is None:
-            self._reply_routes[reply] = {ls}
-        else:
-            routes.add(ls)
-        if len(ls.inflight) > _INFLIGHT_CAP:
-            self._evict_oldest(ls)
+        self._track(ls, reply)
         link = ls.link
         return [link] if link.pending_out > link.high_water else []
 
@@ -1599,7 +1589,8 @@ async def wait_writable(links: list[Link]) -> None:
             await link.wait_writable()
 
 
-async def _first_of(*events: asyncio.Event) -> None:
+async def first_of(*events: asyncio.Event) -> None:
+    """Wait until any of ``events`` is set."""
     async with anyio.create_task_group() as tg:
 
         async def wait(ev: asyncio.Event) -> None:

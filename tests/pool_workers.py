@@ -50,31 +50,28 @@ async def setup_crash(bus: ipcbus.Bus) -> None:
     os._exit(3)
 
 
-async def setup_crash_on_restart(bus: ipcbus.Bus) -> None:
-    """Starts fine the first time; every later start (a restart) crashes.
-
-    ``IPCBUS_TEST_MARKER`` names a file that records that a first start happened.
-    """
-    marker = os.environ["IPCBUS_TEST_MARKER"]
+def _first_start() -> bool:
+    """True the first time any worker of the test calls it: ``IPCBUS_TEST_MARKER``
+    names a file that records that a first start happened."""
     try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        fd = os.open(os.environ["IPCBUS_TEST_MARKER"], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
-        os._exit(4)
+        return False
     os.close(fd)
+    return True
+
+
+async def setup_crash_on_restart(bus: ipcbus.Bus) -> None:
+    """Starts fine the first time; every later start (a restart) crashes."""
+    if not _first_start():
+        os._exit(4)
     await setup(bus)
 
 
 async def setup_hang_on_restart(bus: ipcbus.Bus) -> None:
-    """Starts fine the first time; every later start hangs in setup (never ready).
-
-    ``IPCBUS_TEST_MARKER`` as for :func:`setup_crash_on_restart`.
-    """
-    marker = os.environ["IPCBUS_TEST_MARKER"]
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
+    """Starts fine the first time; every later start hangs in setup (never ready)."""
+    if not _first_start():
         await asyncio.Event().wait()
-    os.close(fd)
     await setup(bus)
 
 

@@ -33,8 +33,8 @@ from ipcbus.errors import (
     RequestTimeout,
     SlowConsumer,
 )
-from ipcbus.node import Node
-from ipcbus.transports.memory import memory_pair
+from ipcbus.node import LinkState, Node
+from ipcbus.transports.memory import MemoryLink, memory_pair
 from ipcbus.transports.pipe import pipe_pair
 
 
@@ -594,18 +594,25 @@ async def test_cancelled_request_does_not_disturb_later_ones() -> None:
         assert handled[:20] == list(range(20))
 
 
+async def stalled_peer(node: Node, sub: fr.Sub) -> tuple[MemoryLink, MemoryLink, LinkState]:
+    """A raw peer on a small memory link that subscribes with ``sub`` and never reads
+    (until the test does): (the node's end, the peer's end, the node's LinkState)."""
+    a, raw = memory_pair(capacity=16 * 1024, high_water=32 * 1024)
+    ls = await node.add_link(a, name="raw", wait=False)
+    raw.send_nowait(fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION, "raw", os.getpid(), os.getuid())))
+    raw.send_nowait(fr.encode_frame(sub))
+    with anyio.fail_after(5):
+        await ls.ready.wait()
+        while not node.has_interest(sub.subject):
+            await asyncio.sleep(0)  # the Sub follows the hello in the same batch
+    return a, raw, ls
+
+
 async def test_request_times_out_while_its_link_is_above_high_water() -> None:
     """The timeout covers the whole request, the wait for a full link included."""
     async with Node(name="req") as node:
         bus = Bus(node)
-        a, raw = memory_pair(capacity=16 * 1024, high_water=32 * 1024)
-        ls = await node.add_link(a, name="raw", wait=False)
-        raw.send_nowait(fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION, "raw", os.getpid(), os.getuid())))
-        raw.send_nowait(fr.encode_frame(fr.Sub("svc", "g")))
-        with anyio.fail_after(5):  # the raw peer never reads
-            await ls.ready.wait()
-            while not node.has_interest("svc"):
-                await asyncio.sleep(0)
+        a, raw, ls = await stalled_peer(node, fr.Sub("svc", "g"))
         await bus.publish("svc", b"\0" * 100_000)  # fills what the peer would read
         with anyio.fail_after(10), pytest.raises(RequestTimeout):
             await bus.request("svc", b"\0" * 100_000, timeout=0.2)  # above high water
@@ -619,15 +626,8 @@ async def test_cancelled_publish_under_backpressure_loses_and_duplicates_nothing
     """A peer that does not read: publish blocks; cancelling it keeps the message exactly once."""
     async with Node(name="pub") as node:
         bus = Bus(node)
-        a, raw = memory_pair(capacity=16 * 1024, high_water=32 * 1024)
-        ls = await node.add_link(a, name="raw", wait=False)
-        raw.send_nowait(fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION, "raw", os.getpid(), os.getuid())))
-        raw.send_nowait(fr.encode_frame(fr.Sub("bp")))
         # the raw peer never reads until the end (the node's hello waits unread)
-        with anyio.fail_after(5):
-            await ls.ready.wait()
-            while not node.has_interest("bp"):
-                await asyncio.sleep(0)  # the Sub follows the hello in the same batch
+        _a, raw, _ls = await stalled_peer(node, fr.Sub("bp"))
         payload = b"\0" * 4096
         seq = 0
         cancelled = 0

@@ -629,35 +629,24 @@ class _KernelSaidNo(Exception):
 async def test_an_acceptor_failing_unexpectedly_refuses_only_that_knock(
     bus: BusDir, caplog: pytest.LogCaptureFixture
 ) -> None:
-    got: asyncio.Queue[Link] = asyncio.Queue()
-
     class Flaky:
-        def __init__(self, inner: FifoAcceptor) -> None:
-            self.inner = inner
-            self.calls = 0
+        """Fails the first knock with an error admit() did not use to catch."""
+
+        inner: FifoAcceptor | None = None
+        calls = 0
 
         async def accept(self, knock: Knock) -> Link:
             self.calls += 1
-            if self.calls == 1:
+            if self.calls == 1 or self.inner is None:
                 raise _KernelSaidNo("the kernel refused something")
             return await self.inner.accept(knock)
 
-    async with Door(bus.path) as door, FifoAcceptor(bus.path) as acc:
-        flaky = Flaky(acc)
-        task = asyncio.create_task(serve_door(door, {"fifo": flaky}, lambda ln, _k: got.put_nowait(ln)))
-        try:
-            with pytest.raises((HandshakeTimeout, ConnectionClosed)), anyio.fail_after(20):
-                await connect_fifo(bus.path, hub_pid=os.getpid(), timeout=1)
-            assert not task.done()  # the door still serves
-            second = await connect_fifo(bus.path, hub_pid=os.getpid())
-            link = await got.get()
-            await second.send(b"ok")
-            assert await link.recv() == b"ok"
-            await second.aclose()
-            await link.aclose()
-        finally:
-            door.close()
-            await task
+    flaky = Flaky()
+    async with running_hub(bus.path, acceptors={"fifo": flaky}) as hub:
+        flaky.inner = hub.acceptor
+        with pytest.raises((HandshakeTimeout, ConnectionClosed)), anyio.fail_after(20):
+            await connect_fifo(bus.path, hub_pid=os.getpid(), timeout=1)
+        await good_client_roundtrip(bus, hub)  # the door still serves
     assert "_KernelSaidNo: the kernel refused something" in caplog.text
 
 

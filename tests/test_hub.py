@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import ipcbus
@@ -30,8 +31,9 @@ from ipcbus.errors import (
     NoResponders,
     RemoteError,
 )
-from ipcbus.frames import Sub
+from ipcbus.frames import PROTOCOL_VERSION, Sub
 from ipcbus.node import LinkState
+from ipcbus.transports.door import Knock, send_knock
 
 try:
     from hub_client import REPO, Peer, peers, spawn, start_hub, wait_gone
@@ -638,3 +640,17 @@ async def test_default_hub_serves_sysv_and_shm(bus_name: str) -> None:
         ) as (p2,):
             await p1.call("serve", subject="p1", mode="pid")
             assert (await p2.call("req", subject="p1"))["data"] == p1.pid
+
+
+async def test_refused_knocks_are_counted_and_the_hub_keeps_serving(bus_name: str) -> None:
+    async with ipcbus.Hub(bus_name, transports=("fifo",)) as hub:
+        bd = BusDir(bus_name)
+        # A knock of another protocol version, and one for a transport this hub refuses.
+        send_knock(bd.path, Knock(PROTOCOL_VERSION + 1, "fifo", os.getpid(), os.getuid()))
+        send_knock(bd.path, Knock(PROTOCOL_VERSION, "carrier-pigeon", os.getpid(), os.getuid()))
+        with anyio.fail_after(10):
+            while hub.stats()["refused"] < 2:
+                await asyncio.sleep(0.01)  # polling a counter: refusals raise no event
+        async with ipcbus.connect(bus_name, transport="fifo") as bus:
+            await bus.flush()
+            assert hub.stats()["accepted"] == 1

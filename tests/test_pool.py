@@ -173,18 +173,22 @@ async def test_sigkill_in_flight_gives_worker_crashed_then_restart(transport: st
     await wait_exited(victim)
 
 
+def failing_restarts(setup: str, tmp_path: Path, max_start_failures: int) -> WorkerPool:
+    """One worker whose first start works and whose restarts run ``setup`` into trouble."""
+    return WorkerPool(
+        f"pool_workers:{setup}",
+        workers=1,
+        env=worker_env(IPCBUS_TEST_MARKER=str(tmp_path / "started-once")),
+        restart_backoff=0.01,
+        max_start_failures=max_start_failures,
+    )
+
+
 @pytest.mark.single_loop
 async def test_worker_crashing_on_restart_is_reported_not_restarted_forever(
     tmp_path: Path,
 ) -> None:
-    marker = tmp_path / "started-once"
-    async with WorkerPool(
-        "pool_workers:setup_crash_on_restart",
-        workers=1,
-        env=worker_env(IPCBUS_TEST_MARKER=str(marker)),
-        restart_backoff=0.01,
-        max_start_failures=3,
-    ) as pool:
+    async with failing_restarts("setup_crash_on_restart", tmp_path, 3) as pool:
         (pid,) = pool.pids
         assert (await pool.bus.request("echo", b"1", timeout=10)).data == b"1"
         os.kill(pid, signal.SIGKILL)
@@ -206,14 +210,7 @@ async def test_worker_hanging_on_restart_is_killed_and_reported(
     # A restart gets the same start limit as the pool's start (here 0.5 s):
     # a worker whose setup hangs is killed, retried, then given up on.
     monkeypatch.setattr(pool_module, "_START_TIMEOUT", 0.5)
-    marker = tmp_path / "started-once"
-    async with WorkerPool(
-        "pool_workers:setup_hang_on_restart",
-        workers=1,
-        env=worker_env(IPCBUS_TEST_MARKER=str(marker)),
-        restart_backoff=0.01,
-        max_start_failures=2,
-    ) as pool:
+    async with failing_restarts("setup_hang_on_restart", tmp_path, 2) as pool:
         (pid,) = pool.pids
         os.kill(pid, signal.SIGKILL)
         await wait_until(lambda: bool(pool.errors), timeout=30)

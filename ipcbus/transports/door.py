@@ -411,13 +411,16 @@ async def serve_door(
     on_link: Callable[[Link, Knock], object],
     *,
     max_pending: int = 256,
+    on_refused: Callable[[Knock], object] | None = None,
 ) -> None:
     """Serve knocks until the door closes (or this is cancelled).
 
     Each knock's handshake runs in its own task, at most ``max_pending`` at
     once, so a client that knocks and never opens its side costs the others
-    nothing.  ``on_link(link, knock)`` takes ownership of each accepted link;
-    if it raises, the error is logged and the link closed.
+    nothing, and a flood of knocks waits in the door.  ``on_link(link,
+    knock)`` takes ownership of each accepted link; if it raises, the error
+    is logged and the link closed.  ``on_refused(knock)`` is told of each
+    refused knock (the refusal is logged already).
     """
     limiter = anyio.CapacityLimiter(max_pending)
 
@@ -427,6 +430,8 @@ async def serve_door(
         finally:
             limiter.release_on_behalf_of(token)
         if link is None:
+            if on_refused is not None:
+                on_refused(knock)
             return
         try:
             on_link(link, knock)

@@ -998,16 +998,14 @@ class ShmLink(Link):
                 f"shm link: the peer released {posted} batches but only {len(inflight)} are in "
                 "the ring; it is not following the ring protocol"
             )
-        k = 0
+        if not posted:
+            return
         for _ in range(posted):
             sem.acquire(0)  # acquire: the reader is done with that batch
-            k += 1
-        if not k:
-            return
         hq = self._hq
         assert hq is not None
         tail = self._tx_tail
-        for _ in range(k):
+        for _ in range(posted):
             tail += inflight.popleft()
         seen = hq[self._tx_ti]
         if not tail <= seen <= self._tx_committed:

@@ -231,6 +231,28 @@ def _receive_failed(q: sysv_ipc.MessageQueue, exc: BaseException) -> None:
     )
 
 
+def _receive_batch(
+    q: sysv_ipc.MessageQueue, want: int
+) -> tuple[list[tuple[bytes, int]], int, bool] | None:
+    """Thread side: block in ``msgrcv`` for a first message, then :func:`_drain`.
+
+    Returns the batch, its bytes and whether the queue is gone (removed, or
+    unusable: then the batch is empty); ``None`` when interrupted (retry).
+    """
+    try:
+        first = q.receive(True, want)
+    except sysv_ipc.ExistentialError:
+        return [], 0, True
+    except (sysv_ipc.PermissionsError, OSError) as exc:
+        _receive_failed(q, exc)  # not a retry: end the link(s), not the thread silently
+        return [], 0, True
+    except sysv_ipc.Error:
+        return None  # EINTR
+    batch = [first]
+    nbytes, removed = _drain(q, want, batch, len(first[0]))
+    return batch, nbytes, removed
+
+
 def _drain(
     q: sysv_ipc.MessageQueue, want: int, batch: list[tuple[bytes, int]], nbytes: int
 ) -> tuple[int, bool]:
@@ -264,9 +286,10 @@ class _LoopTurn:
     A queue has no file descriptor, so a thread blocks in ``msgrcv`` and
     hands batches to the event loop; each hand-off costs a thread switch and,
     when the loop sleeps, a wake-up.  While the loop polls anyway (its node's
-    spinner is active, :attr:`Link.keep_polling`), the thread gives the queue
-    to the loop with its batch (:meth:`give`, before the hand-off) and waits
-    (:meth:`wait`); the loop then takes messages with ``IPC_NOWAIT`` on every
+    spinner is active, :attr:`Link.keep_polling`), the thread hands the queue
+    to the loop together with a batch (:meth:`_Handoff.put`; the loop takes
+    it, :meth:`give`, as it delivers that batch) and waits (:meth:`wait`);
+    the loop then takes messages with ``IPC_NOWAIT`` on every
     turn (:meth:`_poll`) as long as ``keep_polling()`` says so (a node polls
     for a spin window after each batch from such a link, see
     :meth:`ipcbus.spin.Spinner.linger`), and then gives the queue back
@@ -309,7 +332,7 @@ class _LoopTurn:
         self.loop_has = True
 
     def wait(self) -> None:
-        """Thread side, after :meth:`give`: block until the loop gives the queue back."""
+        """Thread side, after handing the queue over: block until the loop gives it back."""
         self._event.wait()
         self._event.clear()
 
@@ -1304,20 +1327,10 @@ class _ClientLink(SysvLink):
                     self._paused = self._watch_consumption = False
             else:
                 self._paused = self._watch_consumption = False
-            want = -CONTROL_MAX if self._paused else -self._address
-            try:
-                first = q.receive(True, want)
-            except sysv_ipc.ExistentialError:
-                handoff.put([], True)
-                return
-            except (sysv_ipc.PermissionsError, OSError) as exc:
-                _receive_failed(q, exc)  # not a retry: end the link, not the thread silently
-                handoff.put([], True)
-                return
-            except sysv_ipc.Error:
-                continue  # EINTR
-            batch = [first]
-            nbytes, removed = _drain(q, want, batch, len(first[0]))
+            got = _receive_batch(q, -CONTROL_MAX if self._paused else -self._address)
+            if got is None:
+                continue
+            batch, nbytes, removed = got
             self._rx_delivered += nbytes
             if self._nudged and any(t == T_NUDGE for _, t in batch):
                 self._nudged = False
@@ -2378,19 +2391,10 @@ class SysvAcceptor:
                 handed = False
                 if self._closing:
                     return
-            try:
-                first = q.receive(True, 0)
-            except sysv_ipc.ExistentialError:
-                handoff.put([], True)
-                return
-            except (sysv_ipc.PermissionsError, OSError) as exc:
-                _receive_failed(q, exc)  # not a retry: end the links, not the thread silently
-                handoff.put([], True)
-                return
-            except sysv_ipc.Error:
-                continue  # EINTR
-            batch = [first]
-            _n, removed = _drain(q, 0, batch, len(first[0]))
+            got = _receive_batch(q, 0)
+            if got is None:
+                continue
+            batch, _n, removed = got
             if self._poll_ok and not removed:
                 handed = True  # the hand-off carries the queue to the loop
             if not handoff.put(batch, removed, turn if handed else None) or removed:
