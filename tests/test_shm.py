@@ -157,6 +157,43 @@ async def test_small_ring_streams_every_size(ring_size: int) -> None:
             assert got == f, f"{len(f)}-byte frame corrupted ({len(got)} bytes received)"
 
 
+@pytest.mark.parametrize("hook", [False, True], ids=["recv", "on_frames"])
+async def test_reader_keeps_going_when_a_pass_ends_inside_a_frame(
+    monkeypatch: pytest.MonkeyPatch, hook: bool
+) -> None:
+    """A pass over the ring that spends its whole record budget on pieces of
+    one frame (nothing delivered yet) must not leave the reader asleep: the
+    writer, waiting for the room those pieces hold, will not ring again.  The
+    budget is cut to 1 record (it takes 512 pieces, rings of 32 MiB, at the
+    real one), and a frame twice the ring's size must still arrive."""
+    import ipcbus.transports.shm as shm_mod
+
+    monkeypatch.setattr(shm_mod, "_RX_BATCH", 1)
+    frame = os.urandom(2 * MiB + 5)
+    async with pair(1 * MiB) as (a, b), anyio.create_task_group() as tg:
+        tg.start_soon(a.send, frame)
+        with anyio.fail_after(10):
+            if not hook:
+                assert await b.recv() == frame
+                return
+            got: list[bytes | object] = []
+            arrived = anyio.Event()
+
+            def on_frames() -> None:
+                got.extend(b.take_ready())
+                arrived.set()
+
+            async def idle_reader() -> None:
+                with pytest.raises(ConnectionClosed):
+                    await b.recv()  # idles until the link is closed below
+
+            b.on_frames = on_frames  # frames handled in the bell's callback, as a node does
+            tg.start_soon(idle_reader)
+            await arrived.wait()
+            assert got == [frame]
+            await b.aclose()
+
+
 @pytest.mark.parametrize("ring_size", [4096, 64 * KiB])
 async def test_small_frames_share_records_and_keep_their_order(ring_size: int) -> None:
     """Frames under 512 bytes are packed into FRAMES records; mixed with larger

@@ -453,6 +453,7 @@ class ShmLink(Link):
         # False once a pump found no token and the bell has not rung since: a
         # post always comes before its ring, so there is nothing to look for.
         self._rx_dirty = True
+        self._rx_again = False  # a pass that ran out of budget scheduled another
         self._inbox: collections.deque[bytes | Msg] = collections.deque()
         # Bytes of the frames in the inbox (approximate for decoded Msgs: their
         # frame size when added, their payload when taken); a bound, for take_ready.
@@ -1343,6 +1344,19 @@ class ShmLink(Link):
                 self.info.bytes_in += taken
             if freed:
                 self._release_room(freed)
+            if budget <= 0 and not self._rx_again and self._rx_end is None and not self._closed:
+                # The whole budget went on records (maybe all pieces of one
+                # frame, nothing delivered): more may be published already,
+                # and the writer does not ring again for it (it may even
+                # wait for the room those records hold).  Look again soon.
+                self._rx_again = True
+                self._get_loop().call_soon(self._pump_again)
+
+    def _pump_again(self) -> None:
+        self._rx_again = False
+        if not self._closed:
+            self._rx_dirty = True
+            self._deliver_or_wake()
 
     def _release_room(self, batches: int) -> None:
         """Give ``batches`` batches back to the writer (and ring it if it asked)."""
