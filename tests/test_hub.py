@@ -11,11 +11,13 @@ never by sleeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +38,12 @@ from ipcbus.node import LinkState
 from ipcbus.transports.door import Knock, send_knock
 
 try:
-    from hub_client import REPO, Peer, peers, spawn, start_hub, wait_gone
+    from hub_client import REPO, Peer, hub_proc, peers, spawn, start_hub, wait_gone
 except ImportError:  # pragma: no cover - tests/ imported as a package
     from tests.hub_client import (
         REPO,
         Peer,
+        hub_proc,
         peers,
         spawn,
         start_hub,
@@ -567,6 +570,72 @@ async def test_stopped_client_does_not_stall_hub_services(bus_name: str) -> None
             assert (await pub.call("req", subject="echo", data="ok", timeout=10))["data"] == "ok"
         slow.signal(signal.SIGCONT)
         assert (await slow.call("wait_count", name="load", n=8, timeout=30))["received"] == 8
+
+
+@needs_sysv_shm
+async def test_closing_a_sysv_client_of_a_stopped_hub_keeps_its_loop_running(
+    bus_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients flood the bus queue of a hub process that is stopped (SIGSTOP),
+    until their sender threads block in msgsnd.  Closing one gives up the
+    flush, and waits for its thread without freezing the event loop (a
+    blocking join held the loop for 5 s); the thread ends once the hub runs."""
+    import ipcbus.transports.sysv as sysv_mod
+
+    monkeypatch.setattr(sysv_mod, "_FLUSH_TIMEOUT", 0.2)
+    monkeypatch.setattr(sysv_mod, "_JOIN_TIMEOUT", 2.5)  # 5 s by default
+    async with hub_proc(bus_name, "sysv") as hp, contextlib.AsyncExitStack() as stack:
+        sink = await stack.enter_async_context(ipcbus.connect(bus_name, transport="sysv"))
+        await sink.subscribe("fill", max_pending=10)
+        await sink.flush()
+        pubs = [await ipcbus.connect(bus_name, transport="sysv") for _ in range(4)]
+        for c in pubs[1:]:
+            stack.push_async_callback(c.aclose)
+        for c in pubs:
+            await c.flush()  # each has heard of the sink's interest
+        os.kill(hp.pid, signal.SIGSTOP)
+        await wait_stopped(hp.pid)
+
+        async def flood(c: ipcbus.Bus) -> None:
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await c.publish("fill", b"x" * 4000)
+
+        closing = pubs[0]
+        async with anyio.create_task_group() as tg:
+            for c in pubs:
+                tg.start_soon(flood, c)
+            with anyio.fail_after(20):
+                while not all(
+                    (t := c.hub_link.link._tx) is not None and t.blocked  # type: ignore[attr-defined]
+                    for c in pubs
+                ):
+                    await asyncio.sleep(0.01)
+            tx_threads = [c.hub_link.link._tx for c in pubs]  # type: ignore[attr-defined]
+            tg.cancel_scope.cancel()
+
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            with anyio.fail_after(30):
+                await closing.aclose()
+            tg.cancel_scope.cancel()
+        # aclose waited (0.2 s flush, then 2.5 s for the thread) with the loop turning.
+        assert max(gaps) < 1.0, f"the event loop stood still for {max(gaps):.1f} s"
+        assert tx_threads[0].is_alive()  # still blocked: the hub has not run since
+        os.kill(hp.pid, signal.SIGCONT)
+        with anyio.fail_after(20):
+            while tx_threads[0].is_alive():
+                await asyncio.sleep(0.01)
 
 
 # -- bad input ----------------------------------------------------------------------

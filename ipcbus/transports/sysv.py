@@ -55,6 +55,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -1183,19 +1184,40 @@ class SysvLink(Link):
         self._writers = []
         self._wake_reader()
 
-    def _stop_tx(self, unblock: Callable[[], None]) -> None:
-        """Stop the sender thread; if it is stuck in msgsnd, ``unblock`` frees it, then join."""
+    def _stop_tx(self, unblock: Callable[[], None], wait: float = _JOIN_TIMEOUT) -> None:
+        """Stop the sender thread; if it is stuck in msgsnd, ``unblock`` frees it, then
+        join it for up to ``wait`` seconds (:meth:`_join_tx` waits without blocking)."""
         tx = self._tx
         if tx is None:
             return
         tx.stop()
         if tx.blocked:
             unblock()
-        if not tx.join(_JOIN_TIMEOUT):
-            log.warning(
-                "%r: the sender thread is still blocked in msgsnd on queue %d after %.0f s "
-                "(its reader is stopped); leaving it", self, self._out_q.id, _JOIN_TIMEOUT,
-            )
+        if not tx.join(wait) and wait:
+            self._tx_left_behind()
+
+    async def _join_tx(self) -> None:
+        """Wait, on the loop and for up to ``_JOIN_TIMEOUT``, for a stopped sender thread to end.
+
+        It may be blocked in msgsnd on a queue whose live reader is stopped
+        (SIGSTOP): a blocking join would freeze this event loop meanwhile.
+        """
+        tx = self._tx
+        if tx is None or not tx.is_alive():
+            return
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        delay = 0.0005
+        while tx.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        if tx.is_alive():
+            self._tx_left_behind()
+
+    def _tx_left_behind(self) -> None:
+        log.warning(
+            "%r: the sender thread is still blocked in msgsnd on queue %d after %.0f s "
+            "(its reader is stopped); leaving it", self, self._out_q.id, _JOIN_TIMEOUT,
+        )
 
     def __repr__(self) -> str:
         i = self.info
@@ -1538,6 +1560,7 @@ class _ClientLink(SysvLink):
                 await self._flush_and_bye()
         finally:
             self._teardown()
+            await self._join_tx()
 
     def _unblock_bus_send(self) -> None:
         """Free our sender thread stuck in msgsnd on a full bus queue whose hub died.
@@ -1582,7 +1605,9 @@ class _ClientLink(SysvLink):
             forget_object(self._busdir, "msq", self._own_id)
         if self._rx_thread.is_alive():
             self._rx_thread.join(_JOIN_TIMEOUT)
-        self._stop_tx(self._unblock_bus_send)
+        # Not joined here: blocked in msgsnd on the queue of a live hub that is
+        # stopped, the thread may take long.  aclose() waits for it (_join_tx).
+        self._stop_tx(self._unblock_bus_send, wait=0.0)
         self._fail_waiters()
 
 
