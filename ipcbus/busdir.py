@@ -318,7 +318,7 @@ def _read_pidfile(fd: int) -> tuple[int, int | None] | None:
         data = os.pread(fd, 128, 0)
     except OSError:
         return None
-    parts = data.split()
+    parts = data.split()[:2]
     try:
         pid = int(parts[0])
     except (IndexError, ValueError):
@@ -492,14 +492,33 @@ class BusDir:
         pid, start = rec
         return pid if process_alive(pid, start) else None
 
+    def hub_transports(self) -> tuple[str, ...] | None:
+        """The transports the bus's hub accepts, from the third line of its pid
+        file; ``None`` if the file is missing or does not say.  Check
+        :meth:`hub_pid` for whether that hub is alive."""
+        try:
+            fd = os.open(self.pidfile, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            lines = os.pread(fd, 256, 0).decode("ascii", "replace").splitlines()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if len(lines) < 3 or not lines[2].strip():
+            return None
+        return tuple(t for t in lines[2].strip().split(",") if t)
+
     def hub_locked(self) -> bool:
         """Whether a process holds the pid file's lock: a hub runs, possibly still
         starting (its pid not yet written).  Reads ``/proc/locks``; takes no lock
         itself, so it never makes a starting hub see the bus as busy."""
         return flocked(self.pidfile)
 
-    def lock_hub(self) -> HubLock:
-        """Become this bus's hub: lock the pid file and write our pid and start time.
+    def lock_hub(self, transports: tuple[str, ...] = ()) -> HubLock:
+        """Become this bus's hub: lock the pid file and write our pid, start time
+        and (comma-separated, if given) the ``transports`` we accept.
 
         Raises :class:`~ipcbus.errors.BusBusy` naming the other hub's pid if
         one holds the lock.  A pid file or door FIFO left by a hub that was
@@ -549,7 +568,7 @@ class BusDir:
             self._recover(fd)
             me = os.getpid()
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{me}\n{pid_start_time(me)}\n".encode(), 0)
+            os.pwrite(fd, f"{me}\n{pid_start_time(me)}\n{','.join(transports)}\n".encode(), 0)
             os.fchmod(fd, 0o600 if self.gid is None else 0o640)
         except BaseException:
             os.close(fd)

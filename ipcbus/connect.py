@@ -56,6 +56,14 @@ async def open_link(
     hub_pid = busdir.hub_pid()
     if hub_pid is None:
         raise BusNotFound(busdir.name, str(busdir.path))
+    served = busdir.hub_transports()
+    if served is not None and transport in TRANSPORTS and transport not in served:
+        # Its door would refuse the knock, and a refused client hears nothing.
+        raise ConnectionClosed(
+            f"the hub of bus {busdir.name!r} (pid {hub_pid}) accepts {', '.join(served) or 'nothing'}, "
+            f"not {transport!r}: connect with one of those, or start the hub with {transport!r} "
+            f"among its transports"
+        )
     opts = dict(options or {})
     if transport == "fifo":
         from .transports.fifo import connect_fifo

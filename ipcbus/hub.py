@@ -129,7 +129,7 @@ class Hub:
 
     async def _start(self) -> None:
         self.busdir.ensure()
-        lock = self.busdir.lock_hub()
+        lock = self.busdir.lock_hub(self.transports)
         self._stack.callback(self.busdir.cleanup)
         self._stack.callback(lock.release)
         with contextlib.suppress(Exception):

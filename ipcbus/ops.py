@@ -53,8 +53,10 @@ async def list_bus(name: str) -> dict[str, Any]:
     bd = BusDir(name)
     info: dict[str, Any] = {"bus": name, "directory": str(bd.path), "hub": None}
     if bd.hub_pid() is not None:
+        served = bd.hub_transports() or ("fifo",)
+        transport = next((t for t in ("fifo", "shm", "sysv") if t in served), "fifo")
         try:
-            async with connect(name, transport="fifo", name="ipcbus-ls") as bus:
+            async with connect(name, transport=transport, name="ipcbus-ls") as bus:
                 rep = await bus.request("$SYS.stats", timeout=5.0)
                 stats = rep.decode(dict[str, Any])
         except IpcBusError as exc:

@@ -276,6 +276,7 @@ def test_two_hubs_for_one_bus(bus: BusDir) -> None:
     try:
         assert bus.hub_pid() == os.getpid()
         assert bus.pidfile.read_text().split() == [str(os.getpid()), str(pid_start_time(os.getpid()))]
+        assert bus.hub_transports() is None  # not said
         with pytest.raises(BusBusy, match=f"already served by hub pid {os.getpid()}"):
             bus.lock_hub()
     finally:
@@ -286,6 +287,16 @@ def test_two_hubs_for_one_bus(bus: BusDir) -> None:
     with bus.lock_hub() as again:
         assert again.held
     assert not again.held
+
+
+def test_pid_file_names_the_hubs_transports(bus: BusDir) -> None:
+    assert bus.hub_transports() is None  # no pid file
+    with bus.lock_hub(("sysv", "shm")):
+        me = os.getpid()
+        assert bus.pidfile.read_text() == f"{me}\n{pid_start_time(me)}\nsysv,shm\n"
+        assert bus.hub_pid() == me
+        assert bus.hub_transports() == ("sysv", "shm")
+    assert bus.hub_transports() is None
 
 
 def test_hub_in_another_process_then_sigkilled(bus: BusDir, caplog: pytest.LogCaptureFixture) -> None:

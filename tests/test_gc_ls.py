@@ -305,3 +305,16 @@ async def test_ls_against_a_live_hub(bus_name: str) -> None:
         assert "transports fifo" in out
         assert str(p.pid) in out and "work.>" in out and "crew" in out
         assert hub.stats()["accepted"] >= 3  # p, and both ls runs
+
+
+@pytest.mark.single_loop
+@pytest.mark.parametrize("transport", ["sysv", "shm"])
+async def test_ls_against_a_hub_without_fifos(bus_name: str, transport: str) -> None:
+    """ls reads which transports the hub accepts (its pid file) and knocks with one of them."""
+    async with ipcbus.Hub(bus_name, transports=(transport,)) as hub:
+        code, out, err = await run("ls", "--bus", bus_name, "--json")
+        assert code == 0, err
+        info: dict[str, Any] = json.loads(out)
+        assert "error" not in info, info
+        assert info["hub"]["pid"] == os.getpid() and info["hub"]["transports"] == [transport]
+        assert hub.stats()["refused"] == 0

@@ -256,6 +256,23 @@ async def test_connect_bad_arguments(bus_name: str) -> None:
         ipcbus.Hub(bus_name, transports=("fifo", "tcp"))
 
 
+@needs_sysv_shm
+@pytest.mark.single_loop
+async def test_connect_with_a_transport_the_hub_does_not_accept(bus_name: str) -> None:
+    """Refused at once, naming what the hub accepts (its door would refuse the
+    knock, and a refused client hears nothing until its handshake times out)."""
+    async with ipcbus.Hub(bus_name, transports=("sysv", "shm")) as hub:
+        with anyio.fail_after(2):
+            with pytest.raises(ConnectionClosed, match=r"accepts sysv, shm, not 'fifo'"):
+                await ipcbus.connect(bus_name, transport="fifo")
+        assert hub.stats()["refused"] == 0  # it never knocked
+        async with ipcbus.connect(bus_name, transport="shm") as bus:
+            assert (await bus.request("$SYS.stats", timeout=5)).decode(dict[str, Any])["transports"] == [
+                "sysv",
+                "shm",
+            ]
+
+
 @pytest.mark.parametrize("bad", ["a/b", "..", "x..y", "../etc", "", "-x", "a" * 65, "sp ace"])
 async def test_bad_bus_names(bad: str) -> None:
     with pytest.raises(BadBusName) as ei:
