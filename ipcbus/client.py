@@ -13,7 +13,7 @@ import logging
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, Final, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -88,6 +88,34 @@ def _check_headers(headers: Any) -> None:
         raise EncodeError(
             f"headers must be a dict of str to str, not {headers!r}; convert the values to str"
         )
+    for k, v in headers.items():
+        if not (k.isascii() and v.isascii()):
+            for text in (k, v):
+                try:
+                    text.encode()
+                except UnicodeEncodeError as exc:
+                    raise EncodeError(
+                        f"header {k!r}: {text!r} cannot be encoded as UTF-8 ({exc.reason}, "
+                        "a lone surrogate?); pass valid text"
+                    ) from None
+
+
+_INF: Final = float("inf")
+
+
+def _timeout_or_none(timeout: Any) -> float | None:
+    """A timeout argument checked: seconds as a float, ``None`` for none (also for infinity).
+
+    Raises ``TypeError`` for something that is not a number and ``ValueError``
+    for NaN; a negative timeout is already over.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds or None, not NaN")
+    return None if timeout == _INF else float(timeout)
 
 
 class Msg:
@@ -180,6 +208,8 @@ class Subscription:
         none is lost or duplicated.  Raises :class:`~ipcbus.errors.BusClosed`
         once the subscription is closed and drained.
         """
+        if timeout is not None:
+            timeout = _timeout_or_none(timeout)
         if timeout is None:
             m = await self._core.get()
         else:
@@ -206,6 +236,7 @@ class Subscription:
     async def unsubscribe(self) -> None:
         """Stop receiving; messages already pending can still be read."""
         self._bus._node.unsubscribe(self._core)
+        self._bus._subs.pop(self._core.sid, None)
 
     async def __aenter__(self) -> Subscription:
         return self
@@ -237,7 +268,9 @@ class Service:
     :class:`~ipcbus.errors.RemoteError`; the service keeps serving.
     """
 
-    def __init__(self, bus: Bus, sub: Subscription, handler: Handler, concurrency: int) -> None:
+    def __init__(
+        self, bus: Bus, sub: Subscription, handler: Handler, concurrency: int, arg_type: Any = None
+    ) -> None:
         self._bus = bus
         self.subscription = sub
         self.handler = handler
@@ -246,7 +279,7 @@ class Service:
         self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004
         )
-        self._arg_type = _request_type(handler)
+        self._arg_type = arg_type
         self._limiter = anyio.Semaphore(concurrency)
         self._done = anyio.Event()
         self._active = 0  # async handlers running
@@ -397,7 +430,8 @@ class Service:
         await self.subscription.unsubscribe()
         await self._done.wait()
         while self._active:
-            self._idle = asyncio.Event()
+            if self._idle is None or self._idle.is_set():
+                self._idle = asyncio.Event()  # one event for every drain() waiting
             await self._idle.wait()
 
     async def stop(self) -> None:
@@ -406,24 +440,48 @@ class Service:
 
 
 def _request_type(handler: Handler) -> Any:
-    """The type the handler's first parameter is annotated with, unless it is Msg/Any."""
+    """The type the handler's first parameter is annotated with, unless it is Msg/Any.
+
+    Raises ``TypeError`` for a handler that is not callable, cannot take
+    exactly one argument, or whose annotation cannot be resolved.
+    """
+    if not callable(handler):
+        raise TypeError(f"handler must be a function taking the request, not {handler!r}")
     try:
         sig = inspect.signature(handler)
     except (TypeError, ValueError):
-        return None
+        return None  # a builtin without a signature: called with the Msg
     params = list(sig.parameters.values())
-    if not params:
-        raise TypeError(f"handler {handler!r} must take one argument (the request)")
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    takes_one = bool(params) and (
+        params[0].kind in positional or params[0].kind is inspect.Parameter.VAR_POSITIONAL
+    )
+    needs_more = [
+        p.name
+        for p in params[1:]
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    if not takes_one or needs_more:
+        raise TypeError(
+            f"handler {handler!r} must take exactly one positional argument (the request)"
+            + (f"; it also needs {', '.join(needs_more)}: give them defaults" if needs_more else "")
+        )
     first = params[0]
     ann: Any = first.annotation
-    if ann is inspect.Parameter.empty:
+    if ann is inspect.Parameter.empty or first.kind is inspect.Parameter.VAR_POSITIONAL:
         return None
     if isinstance(ann, str):
         target = handler if inspect.isfunction(handler) else getattr(handler, "__call__", handler)  # noqa: B004
         try:
             hints = typing.get_type_hints(target)
-        except Exception:
-            return None
+        except Exception as exc:
+            raise TypeError(
+                f"cannot resolve the annotation {ann!r} of handler {handler!r}'s first "
+                f"parameter ({type(exc).__name__}: {exc}); define the type at module level "
+                "(string annotations, as with `from __future__ import annotations`, are "
+                "looked up in the handler's module)"
+            ) from None
         ann = hints.get(first.name, None)
     if ann is None or ann is Any or ann is Msg:
         return None
@@ -442,6 +500,7 @@ class Bus:
         self._node = node
         self._owns_node = owns_node
         self._services: list[Service] = []
+        self._subs: dict[int, SubscriptionCore] = {}  # made here, ended by aclose()
         self._closed = False
         self.error_for_closed: type[ConnectionClosed] = ConnectionClosed
 
@@ -512,6 +571,7 @@ class Bus:
             pending_bytes=pending_bytes,
             overflow=overflow,
         )
+        self._subs[core.sid] = core
         return Subscription(self, core)
 
     async def request(
@@ -535,6 +595,13 @@ class Bus:
         self._check_open()  # a ClientBus also checks its link to the hub
         node = self._node
         validate_subject(subject)
+        if timeout is not None:
+            try:
+                usual = 0 <= timeout < _INF and type(timeout) is not bool
+            except TypeError:
+                usual = False
+            if not usual:  # NaN, infinity, negative, not a number: checked once, here
+                timeout = _timeout_or_none(timeout)
         if headers is not None:
             _check_headers(headers)
         payload = data if type(data) is bytes else encode_payload(data)
@@ -591,10 +658,20 @@ class Bus:
         concurrency: int = 64,
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> Service:
-        """Answer requests on ``subject`` with ``handler`` (see :class:`Service`)."""
+        """Answer requests on ``subject`` with ``handler`` (see :class:`Service`).
+
+        Raises ``TypeError`` for a handler that cannot take the request (see
+        :class:`Service`) and ``ValueError`` for ``concurrency`` below 1,
+        before subscribing.
+        """
         self._check_open()
+        arg_type = _request_type(handler)
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(
+                f"concurrency must be an int of at least 1 (requests handled at once), not {concurrency!r}"
+            )
         sub = await self.subscribe(subject, queue=queue, max_pending=max_pending)
-        svc = Service(self, sub, handler, concurrency)
+        svc = Service(self, sub, handler, concurrency, arg_type)
         self._services.append(svc)
         self._node.task_group.start_soon(svc._run, name=f"ipcbus-serve-{subject}")
         return svc
@@ -602,16 +679,17 @@ class Bus:
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until every directly linked peer has processed what was sent."""
         self._check_open()
-        await self._node.flush(timeout)
+        await self._node.flush(_timeout_or_none(timeout))
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Stop services (finishing requests they already took), flush, then close."""
         if self.closed:
             return
-        with anyio.move_on_after(timeout):
+        limit = _timeout_or_none(timeout)
+        with anyio.move_on_after(_INF if limit is None else limit):
             for svc in list(self._services):
                 await svc.drain()
-            await self._node.flush(timeout)
+            await self._node.flush(limit)
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -621,6 +699,11 @@ class Bus:
         self._closed = True
         for svc in self._services:
             await svc.subscription.unsubscribe()
+        # A bus on a node it does not own (Bus(node)) ends what it subscribed:
+        # readers drain what is pending, then get BusClosed.
+        for core in list(self._subs.values()):
+            self._node.unsubscribe(core)
+        self._subs.clear()
         if self._owns_node:
             await self._node.aclose()
 

@@ -111,6 +111,7 @@ class SubscriptionCore:
 
     __slots__ = (
         "_closed",
+        "_others",
         "_pending_bytes",
         "_waiter",
         "delivered",
@@ -148,6 +149,9 @@ class SubscriptionCore:
         self.pending: collections.deque[fr.Msg] = collections.deque()
         self._pending_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
+        # Readers waiting besides the one in _waiter (several tasks reading one
+        # subscription): each message wakes them all, each looks again.
+        self._others: list[asyncio.Future[None]] | None = None
         self.dropped = 0  # not yet reported to the reader
         self.dropped_total = 0
         self.delivered = 0
@@ -174,8 +178,15 @@ class SubscriptionCore:
             self.dropped_total += 1
             self.node.dropped += 1
             if self.overflow == "drop_old":
-                old = self.pending.popleft()
+                old = pending.popleft()
                 self._pending_bytes -= len(old.payload)
+                # Room for this one by count and by bytes: older ones go as needed.
+                while pending and self._pending_bytes + n > self.pending_bytes_limit:
+                    old = pending.popleft()
+                    self._pending_bytes -= len(old.payload)
+                    self.dropped += 1
+                    self.dropped_total += 1
+                    self.node.dropped += 1
             else:
                 self._wake()
                 return
@@ -185,6 +196,8 @@ class SubscriptionCore:
         w = self._waiter  # inline of _wake(): this runs once per message
         if w is not None and not w.done():
             w.set_result(None)
+        if self._others is not None:
+            self._wake_others()
 
     def note_remote_drop(self, count: int) -> None:
         """A hub dropped ``count`` messages for this node that may have been ours."""
@@ -196,6 +209,14 @@ class SubscriptionCore:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
+        if self._others is not None:
+            self._wake_others()
+
+    def _wake_others(self) -> None:
+        others, self._others = self._others, None
+        for f in others or ():
+            if not f.done():
+                f.set_result(None)
 
     async def get(self) -> fr.Msg | None:
         """Next message; ``None`` once closed and drained.  Raises SlowConsumer once per loss."""
@@ -209,11 +230,21 @@ class SubscriptionCore:
                 return m
             if self._closed:
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            w = self._waiter
+            if w is None or w.done():
+                self._waiter = fut
+            elif self._others is None:
+                self._others = [fut]
+            else:
+                self._others.append(fut)
             try:
-                await self._waiter
+                await fut
             finally:
-                self._waiter = None
+                if self._waiter is fut:
+                    self._waiter = None
+                elif self._others is not None and fut in self._others:
+                    self._others.remove(fut)
 
     def close(self) -> None:
         """Stop accepting messages; the reader drains what is pending, then ends."""
@@ -1502,7 +1533,7 @@ class Node:
             for ls in routes:
                 ls.inflight.pop(reply, None)
 
-    async def flush(self, timeout: float = 10.0) -> None:
+    async def flush(self, timeout: float | None = 10.0) -> None:
         """Wait until every link's peer has processed everything sent so far.
 
         Links that break meanwhile are skipped (see :meth:`ping` to be told);
@@ -1516,7 +1547,7 @@ class Node:
             if isinstance(r, TimeoutError):
                 raise r
 
-    async def ping(self, ls: LinkState, timeout: float = 10.0) -> None:
+    async def ping(self, ls: LinkState, timeout: float | None = 10.0) -> None:
         """Wait until the peer of one link has processed everything sent on it so far.
 
         Unlike :meth:`flush`, which skips links that break, this raises

@@ -87,6 +87,15 @@ def _check(subject: object, *, publish: bool) -> str:
             f"whitespace in subject ({char!r} at index {index}); "
             "tokens may contain any character except whitespace",
         )
+    if not subject.isascii():
+        try:
+            subject.encode()
+        except UnicodeEncodeError as exc:
+            raise BadSubject(
+                subject,
+                f"character at index {exc.start} cannot be encoded as UTF-8 ({exc.reason}, "
+                "a lone surrogate?); subjects travel as UTF-8 text",
+            ) from None
     tokens = subject.split(".")
     if "" in tokens:
         i = tokens.index("")

@@ -873,3 +873,193 @@ async def test_error_reply_over_max_frame_is_cut_down() -> None:
         assert info.value.type_name == "ValueError"
         assert info.value.message.startswith("xxx")
         assert (await client.request("echo", b"alive", timeout=5)).data == b"alive"
+
+
+# -- review: bad arguments to serve(), several readers, limits, timeouts -------------
+
+
+async def test_serve_refuses_bad_handlers_and_leaves_nothing_subscribed() -> None:
+    """A serve() that raises subscribes nothing: later requests get NoResponders."""
+
+    async def ok(m: Msg) -> bytes:
+        return b"ok"
+
+    def two(a: Msg, b: int) -> bytes:
+        return b""
+
+    def kw_only(*, m: Msg) -> bytes:
+        return b""
+
+    def local_type() -> Callable[..., Any]:
+        class Local(msgspec.Struct):
+            x: int
+
+        def handler(p: Local) -> int:  # a string annotation naming a local class
+            return p.x
+
+        return handler
+
+    async with Node() as node:
+        bus = Bus(node)
+        bad: list[tuple[Any, dict[str, Any], type[Exception], str]] = [
+            (lambda: 1, {}, TypeError, "exactly one positional argument"),
+            (two, {}, TypeError, "it also needs b"),
+            (kw_only, {}, TypeError, "exactly one positional argument"),
+            (42, {}, TypeError, "must be a function"),
+            (local_type(), {}, TypeError, "cannot resolve the annotation 'Local'"),
+            (ok, {"concurrency": 0}, ValueError, "at least 1"),
+            (ok, {"concurrency": -1}, ValueError, "at least 1"),
+            (ok, {"concurrency": 1.5}, ValueError, "at least 1"),
+        ]
+        for handler, kw, exc, match in bad:
+            with pytest.raises(exc, match=match):
+                await bus.serve("svc", handler, **kw)
+            assert not node.has_interest("svc"), (handler, kw)
+            assert bus.stats()["subscriptions"] == []
+            with pytest.raises(NoResponders):
+                await bus.request("svc", b"x", timeout=1)
+        await bus.serve("svc", lambda m, extra=1: b"fine")  # extra parameters with defaults are fine
+        assert (await bus.request("svc", timeout=5)).data == b"fine"
+
+
+async def test_two_readers_of_one_subscription_both_end_at_unsubscribe() -> None:
+    async with Node() as node:
+        bus = Bus(node)
+        sub = await bus.subscribe("a")
+        got: list[bytes] = []
+
+        async def reader() -> str:
+            async for m in sub:
+                got.append(m.data)
+            return "ended"
+
+        async def timed_reader() -> str:
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    got.append((await sub.next(timeout=30)).data)
+            return "timed out"
+
+        readers = [asyncio.create_task(reader()), asyncio.create_task(reader())]
+        await asyncio.sleep(0)
+        for i in range(20):
+            await bus.publish("a", b"%d" % i)
+            if i % 3 == 0:
+                await asyncio.sleep(0)
+        late = asyncio.create_task(timed_reader())
+        await asyncio.sleep(0)
+        await sub.unsubscribe()
+        with anyio.fail_after(5):
+            assert await asyncio.gather(*readers) == ["ended", "ended"]
+            with pytest.raises(BusClosed):
+                await late
+        assert sorted(got, key=int) == [b"%d" % i for i in range(20)]  # each once
+
+
+async def test_drop_old_keeps_within_the_byte_limit() -> None:
+    async with Node() as node:
+        bus = Bus(node)
+        sub = await bus.subscribe("s", pending_bytes=1000, overflow="drop_old")
+        for _ in range(100):
+            await bus.publish("s", b"\0" * 10)
+        for i in range(5):
+            await bus.publish("s", bytes([i]) * 400)
+        assert sub.pending == 2  # the newest two of 400 B: 800 B of 1000
+        with pytest.raises(SlowConsumer) as info:
+            await sub.next()
+        assert info.value.dropped == 103 and sub.dropped == 103
+        assert [(await sub.next()).data for _ in range(2)] == [b"\3" * 400, b"\4" * 400]
+
+
+@pytest.mark.parametrize(
+    ("timeout", "exc", "match"),
+    [(float("nan"), ValueError, "not NaN"), ("1", TypeError, "not '1'"), (True, TypeError, "not True")],
+)
+async def test_bad_timeouts_are_refused_before_anything_is_sent(
+    timeout: Any, exc: type[Exception], match: str
+) -> None:
+    async with pair() as (client, server):
+        sub = await server.subscribe("q")
+        await settle(client, server)
+        with pytest.raises(exc, match=match):
+            await client.request("q", b"x", timeout=timeout)
+        with pytest.raises(exc, match=match):
+            await sub.next(timeout=timeout)
+        with pytest.raises(exc, match=match):
+            await client.flush(timeout=timeout)
+        await settle(client, server)
+        assert sub.pending == 0  # the request never left
+        assert client.node.deadlines._queues == {}  # and no deadline was queued for it
+
+
+async def test_infinite_and_negative_timeouts() -> None:
+    async with pair() as (client, server):
+        await server.serve("echo", lambda m: m.data)
+        await settle(client, server)
+        assert (await client.request("echo", b"x", timeout=float("inf"))).data == b"x"
+        quiet = await server.subscribe("quiet")
+        await settle(client, server)
+        with pytest.raises(RequestTimeout):
+            await client.request("quiet", b"x", timeout=-1)
+        assert (await quiet.next(timeout=-1.0)).data == b"x"  # pending: taken at once
+        with pytest.raises(TimeoutError):
+            await quiet.next(timeout=-1.0)
+
+
+async def test_text_that_cannot_be_utf8_is_refused_before_anything_is_sent() -> None:
+    async with pair() as (client, server):
+        local = await client.subscribe(">")
+        remote = await server.subscribe(">")
+        await settle(client, server)
+        with pytest.raises(BadSubject, match="cannot be encoded as UTF-8"):
+            await client.publish("a\ud800", b"x")
+        with pytest.raises(BadSubject, match="cannot be encoded as UTF-8"):
+            await client.publish("a", b"x", reply="r\udfff")
+        with pytest.raises(BadSubject, match="cannot be encoded as UTF-8"):
+            await client.subscribe("b.\ud800")
+        for headers in ({"k": "\ud800"}, {"\udc80": "v"}):
+            with pytest.raises(EncodeError, match="cannot be encoded as UTF-8"):
+                await client.publish("a", b"x", headers=headers)
+            with pytest.raises(EncodeError, match="cannot be encoded as UTF-8"):
+                await client.request("a", b"x", headers=headers, timeout=1)
+        await client.publish("a.é", b"fine", headers={"ключ": "значение"})
+        await settle(client, server)
+        assert local.pending == 1 and remote.pending == 1  # only the good one, on both sides
+
+
+async def test_a_bus_on_a_shared_node_ends_its_subscriptions_on_close() -> None:
+    async with Node() as node:
+        bus, other = Bus(node), Bus(node)
+        sub = await bus.subscribe("a")
+        kept = await other.subscribe("a")
+        await other.publish("a", b"before")
+        await bus.aclose()
+        assert node.has_interest("a")  # the other bus's subscription
+        await other.publish("a", b"after")
+        assert (await sub.next(timeout=1)).data == b"before"  # what was pending is read
+        with pytest.raises(BusClosed):
+            await sub.next(timeout=1)
+        assert [(await kept.next(timeout=1)).data for _ in range(2)] == [b"before", b"after"]
+        await kept.unsubscribe()
+        assert not node.has_interest("a")
+
+
+async def test_concurrent_drains_of_a_service_all_return() -> None:
+    release = asyncio.Event()
+
+    async def work() -> bytes:
+        await release.wait()
+        return b"ok"
+
+    async with Node() as node:
+        bus = Bus(node)
+        svc = await bus.serve("slow", lambda m: work())  # a plain def returning an awaitable
+        req = asyncio.create_task(bus.request("slow", b"", timeout=10))
+        while not svc._active:
+            await asyncio.sleep(0.001)
+        drains = [asyncio.create_task(svc.drain()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert not any(d.done() for d in drains)
+        release.set()
+        with anyio.fail_after(5):
+            assert (await req).data == b"ok"
+            await asyncio.gather(*drains)
