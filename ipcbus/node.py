@@ -1352,6 +1352,14 @@ class Node:
             bound += sum(4 * (len(k) + len(v)) + 10 for k, v in headers.items())
         if bound > self.max_frame:
             size = len(_encode(m))
+            route = self._routes.get(subject)
+            if route is None:
+                route = self._compute_route(subject)
+            if route[2]:
+                # A queue group's member across a link gets the frame with the
+                # group's name in it: measure that one too (rare: near the limit).
+                longest = max((q for q, _ in route[2]), key=lambda q: len(q.encode()))
+                size = max(size, len(_encode(fr.Msg(subject, reply, headers, payload, (longest,)))))
             if size > self.max_frame:
                 raise FrameTooLarge(size, self.max_frame, "message")
         self.bytes_out += len(payload)

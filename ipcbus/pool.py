@@ -140,10 +140,13 @@ class WorkerPool:
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until every worker that has not been given up on is ready again.
 
-        Use after a crash to wait for the restart.  Raises ``TimeoutError``.
+        Use after a crash to wait for the restart.  Raises ``TimeoutError``,
+        and :class:`~ipcbus.errors.BusClosed` once the pool is closing.
         """
         async with asyncio.timeout(timeout):
             while any(w.state not in ("ready", "failed") for w in self._workers):
+                if self._closing:
+                    raise BusClosed(f"worker pool {self.name!r} is closed")
                 await self._changed.wait()
 
     @property
@@ -170,6 +173,10 @@ class WorkerPool:
         }
 
     async def __aenter__(self) -> WorkerPool:
+        if self._node is not None:
+            raise RuntimeError(
+                f"worker pool {self.name!r} was started already; a WorkerPool runs once: make a new one"
+            )
         self._node = Node(name=self.name, max_frame=self.max_frame, spin_us=self.spin_us)
         await self._node.start()
         self._bus = Bus(self._node)
@@ -434,6 +441,8 @@ class WorkerPool:
                     log.error("%s", msg)
                     return
                 delay = min(delay * 2, self.max_backoff)
+                w.state = "restarting"  # not given up on: wait_ready() waits for it
+                self._notify()
 
     async def _shutdown(self) -> None:
         """Drain in-flight requests, close every link, wait for the children."""
@@ -448,7 +457,11 @@ class WorkerPool:
                 pending = [f for f in node.inbox.futures.values() if not f.done()]
                 if pending:
                     await asyncio.wait(pending, timeout=_STOP_TIMEOUT)
-                for f in pending:  # still running: the pool closes, no worker crashed
+                if self._bus is not None:
+                    self._bus._closed = True  # from now on, new requests raise BusClosed
+                # Still running (those made during the wait too): the pool
+                # closes, no worker crashed.
+                for f in list(node.inbox.futures.values()):
                     if not f.done():
                         f.set_exception(
                             BusClosed(
@@ -473,6 +486,8 @@ class WorkerPool:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     await proc.wait()
+                w.state = "stopped"
+            self._notify()
             if node is not None:
                 await node.aclose()
 

@@ -31,9 +31,9 @@ import msgspec
 from . import frames as fr
 from .busdir import bus_root
 from .client import Bus
-from .errors import IpcBusError
+from .errors import ConnectionClosed, IpcBusError
 from .gc import pool_dir_name, remove_pool_dir
-from .node import Node
+from .node import LinkState, Node
 from .transports.base import Link
 from .transports.pipe import PipeLink
 
@@ -97,15 +97,18 @@ async def run_worker(
                 setup = load_target(target)
                 result = setup(bus)
                 if inspect.isawaitable(result):
-                    await result
+                    await _unless_closed(result, ls)
             except Exception as exc:
                 msg = f"{type(exc).__name__}: {exc}"
-                link.send_nowait(fr.encode_frame(fr.Notice("setup_failed", msg[:3000])))
+                with contextlib.suppress(ConnectionClosed):  # the parent may be gone too
+                    link.send_nowait(fr.encode_frame(fr.Notice("setup_failed", msg[:3000])))
                 await link.aclose()
                 await node.aclose()
                 return 1
-            # Make sure the interest set up by `setup` reaches the parent before "ready".
-            link.send_nowait(fr.encode_frame(fr.Notice("ready")))
+            if not ls.closed.is_set():
+                # Make sure the interest set up by `setup` reaches the parent before "ready".
+                with contextlib.suppress(ConnectionClosed):
+                    link.send_nowait(fr.encode_frame(fr.Notice("ready")))
             await ls.closed.wait()
             await node.aclose()
         said_goodbye = any(n.code == "shutdown" for n in ls.notices)
@@ -115,6 +118,27 @@ async def run_worker(
     finally:
         if parent is not None:
             os.close(parent)
+
+
+async def _unless_closed(setup: Awaitable[Any], ls: LinkState) -> None:
+    """Await the setup function, unless the link to the parent ends first (the
+    parent died or closed the pool): then it is cancelled, and the worker exits
+    instead of running on as an orphan for as long as its setup takes."""
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def parent_gone() -> None:
+                await ls.closed.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(parent_gone)
+            await setup
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # the setup function's own failure, reported as is
+        first = group.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 def _pool_records(parent_pid: int) -> Path | None:

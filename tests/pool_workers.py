@@ -76,3 +76,21 @@ async def setup_hang_on_restart(bus: ipcbus.Bus) -> None:
 
 
 not_callable = 42
+
+
+async def setup_says_pid_then_hangs(bus: ipcbus.Bus) -> None:
+    """Prints this worker's pid on stdout (the parent's), then never finishes setup."""
+    print(os.getpid(), flush=True)
+    await asyncio.Event().wait()
+
+
+async def setup_fails_second_start(bus: ipcbus.Bus) -> None:
+    """Start 1 works, start 2 (the first restart) fails, later starts work again.
+    ``IPCBUS_TEST_MARKER`` names a file that counts the starts."""
+    with open(os.environ["IPCBUS_TEST_MARKER"], "a+") as f:
+        f.write("x")
+        f.seek(0)
+        starts = len(f.read())
+    if starts == 2:
+        raise RuntimeError("second start fails on purpose")
+    await setup(bus)

@@ -222,6 +222,85 @@ async def test_worker_hanging_on_restart_is_killed_and_reported(
 
 
 @pytest.mark.single_loop
+async def test_wait_ready_waits_through_a_failed_restart(tmp_path: Path) -> None:
+    """Between restart attempts a worker is "restarting", not "failed": wait_ready()
+    waits for the attempt that works (it returned at once, and requests got NoResponders)."""
+    pool = failing_restarts("setup_fails_second_start", tmp_path, 5)
+    pool.restart_backoff = 0.3
+    async with pool:
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: pool.stats()["workers"][0]["state"] == "restarting")
+        assert pool.errors == []
+        await pool.wait_ready(30)
+        (w,) = pool.stats()["workers"]
+        assert w["state"] == "ready" and w["starts"] == 3
+        assert (await pool.bus.request("echo", b"back", timeout=10)).data == b"back"
+    assert [w["state"] for w in pool.stats()["workers"]] == ["stopped"]
+    assert pool.pids == []
+    with pytest.raises(BusClosed):
+        await pool.wait_ready(1)
+
+
+async def test_a_pool_runs_once() -> None:
+    pool = WorkerPool("pool_workers:setup", workers=1, env=worker_env())
+    async with pool:
+        pass
+    with pytest.raises(RuntimeError, match="runs once"):
+        async with pool:
+            pass
+
+
+@pytest.mark.single_loop
+async def test_a_request_made_while_the_pool_drains_fails_with_bus_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool_module, "_STOP_TIMEOUT", 0.5)
+    pool = WorkerPool("pool_workers:setup", workers=1, env=worker_env())
+    await pool.__aenter__()
+    try:
+        started = await pool.bus.subscribe("started")
+        await pool.bus.flush()
+        first = asyncio.ensure_future(pool.bus.request("slow.sleep", 30.0, timeout=None))
+        await started.next(timeout=10)
+        closing = asyncio.ensure_future(pool.__aexit__(None, None, None))
+        await wait_until(lambda: pool._closing)  # inside the drain's wait
+        late = asyncio.ensure_future(pool.bus.request("slow.sleep", 30.0, timeout=None))
+        with anyio.fail_after(20):
+            await closing
+    finally:
+        if not pool._closing:
+            await pool.__aexit__(None, None, None)
+    for req in (first, late):
+        with pytest.raises(BusClosed, match="pool closed"):
+            await req
+    (w,) = pool.stats()["workers"]
+    assert w["crashes"] == 0 and w["state"] == "stopped"
+    with pytest.raises(BusClosed):
+        await pool.bus.request("echo", b"x", timeout=1)
+
+
+@pytest.mark.single_loop
+async def test_a_request_just_under_max_frame_is_too_large_not_a_crash() -> None:
+    """A request to a queue group carries the group's name: near max_frame that
+    makes it too large, which must be FrameTooLarge (it was WorkerCrashed)."""
+    mf = 1 << 20
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env(), max_frame=mf) as pool:
+        (pid,) = pool.pids
+        fits = sizes = 0
+        for n in range(mf - 48, mf - 24):
+            try:
+                rep = await pool.bus.request("echo", b"y" * n, timeout=10)
+            except ipcbus.FrameTooLarge:
+                sizes += 1
+            else:
+                assert len(rep.data) == n
+                fits += 1
+        assert fits and sizes  # the limit lies inside the range tried
+        assert pool.pids == [pid] and pool.stats()["workers"][0]["crashes"] == 0
+
+
+@pytest.mark.single_loop
 async def test_abandoned_requests_do_not_stay_in_flight() -> None:
     """A timed-out or cancelled request no longer counts: balancing and shutdown ignore it."""
     async with WorkerPool("pool_workers:setup", workers=1, env=worker_env()) as pool:
@@ -358,6 +437,53 @@ async def test_workers_exit_when_their_parent_dies(transport: str) -> None:
         # SysV queues outlive processes: each worker removed both of its own.
         assert queue_ids() <= queues
         # ... and their records: the last worker out removed the pool's folder.
+        assert pool_dirs() == []
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+HANGING_PARENT = textwrap.dedent(
+    """
+    import asyncio, sys
+    import ipcbus
+
+    async def main():
+        async with ipcbus.WorkerPool(
+            "pool_workers:setup_says_pid_then_hangs", workers=2, transport=sys.argv[1]
+        ):
+            pass
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.single_loop
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_workers_still_in_setup_exit_when_their_parent_dies(transport: str) -> None:
+    """A worker whose setup never returns is not orphaned by its parent's death."""
+    queues = queue_ids()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HANGING_PARENT,
+        transport,
+        stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        env=worker_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        with anyio.fail_after(20):
+            pids = [int(await proc.stdout.readline()) for _ in range(2)]  # both are in setup
+        proc.kill()
+        await proc.wait()
+        for pid in pids:
+            await wait_exited(pid)
+        assert queue_ids() <= queues
         assert pool_dirs() == []
     finally:
         if proc.returncode is None:
