@@ -87,10 +87,12 @@ async def setup_says_pid_then_hangs(bus: ipcbus.Bus) -> None:
 async def setup_fails_second_start(bus: ipcbus.Bus) -> None:
     """Start 1 works, start 2 (the first restart) fails, later starts work again.
     ``IPCBUS_TEST_MARKER`` names a file that counts the starts."""
-    with open(os.environ["IPCBUS_TEST_MARKER"], "a+") as f:
-        f.write("x")
-        f.seek(0)
-        starts = len(f.read())
+    fd = os.open(os.environ["IPCBUS_TEST_MARKER"], os.O_CREAT | os.O_APPEND | os.O_RDWR, 0o600)
+    try:
+        os.write(fd, b"x")
+        starts = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
     if starts == 2:
         raise RuntimeError("second start fails on purpose")
     await setup(bus)
