@@ -31,6 +31,7 @@ import os
 import pwd
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -197,17 +198,17 @@ def _check_root(root: Path, *, shared: bool) -> None:
         )
 
 
-def bus_root(*, group: int | None = None) -> Path:
+def bus_root(*, group: int | None = None, root: Path | None = None) -> Path:
     """The bus root directory, created (mode 0700) if missing and checked.
 
-    ``$IPCBUS_DIR``, else ``$XDG_RUNTIME_DIR/ipcbus``, else ``/tmp/ipcbus-<uid>``.
-    Refused with :class:`~ipcbus.errors.PermissionRefused` when it is a
+    ``root`` if given, else ``$IPCBUS_DIR``, else ``$XDG_RUNTIME_DIR/ipcbus``,
+    else ``/tmp/ipcbus-<uid>``.  Refused with :class:`~ipcbus.errors.PermissionRefused` when it is a
     symbolic link, not a directory, owned by another user, or readable or
     writable by group or others (search-only ``0711`` is accepted: group buses
     need it).  With ``group`` (joining a group bus), a root owned by another
     user is accepted if only its owner may write it.
     """
-    root = default_root()
+    root = default_root() if root is None else Path(root)
     try:
         root.mkdir(mode=_PRIVATE_MODE, parents=True)
     except FileExistsError:
@@ -330,6 +331,37 @@ def _read_pidfile(fd: int) -> tuple[int, int | None] | None:
     return pid, start
 
 
+# Descriptors a forked child must not keep: the hub's lock (a child holding it
+# keeps the bus locked after the hub dies, however it dies) and its door (the
+# next hub would see someone reading it).  Closed in the child right after
+# fork(); their owners there take them as gone, and remove nothing.
+_NOT_INHERITED: dict[int, Callable[[], None]] = {}
+
+
+def close_in_forked_children(fd: int, forget: Callable[[], None]) -> None:
+    """Have ``fd`` closed in any child this process forks; ``forget()`` is called
+    there first, so that its owner drops it without touching the parent's files."""
+    _NOT_INHERITED[fd] = forget
+
+
+def closing_for_good(fd: int) -> None:
+    """``fd`` is about to be closed here: stop watching it for forks."""
+    _NOT_INHERITED.pop(fd, None)
+
+
+def _after_fork_in_child() -> None:
+    owned = list(_NOT_INHERITED.items())
+    _NOT_INHERITED.clear()
+    for fd, forget in owned:
+        with contextlib.suppress(Exception):
+            forget()
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class HubLock:
     """Proof that this process serves a bus: an exclusive ``flock`` on its pid file.
 
@@ -344,6 +376,10 @@ class HubLock:
         self._fd = fd
         st = os.fstat(fd)
         self._ident = (st.st_dev, st.st_ino)
+        close_in_forked_children(fd, self._forked_off)
+
+    def _forked_off(self) -> None:
+        self._fd = -1  # in a forked child: the lock stays the parent's
 
     @property
     def held(self) -> bool:
@@ -355,6 +391,7 @@ class HubLock:
         fd, self._fd = self._fd, -1
         if fd < 0:
             return
+        closing_for_good(fd)
         try:
             # Unlink before unlocking: a hub that opens the path after this
             # gets a fresh file, and one that opened the old file re-checks
@@ -396,9 +433,8 @@ class BusDir:
     def __init__(self, name: str, *, root: Path | None = None, group: str | int | None = None) -> None:
         self.name = validate_bus_name(name)
         self.gid = resolve_group(group)
-        if root is None:
-            root = bus_root(group=self.gid)
-        self.root = Path(root)
+        # An explicit root gets the same checks as $IPCBUS_DIR.
+        self.root = bus_root(group=self.gid, root=root)
         self.path = self.root / self.name
         self.door = self.path / DOOR_NAME
         self.pidfile = self.path / PIDFILE_NAME

@@ -226,6 +226,13 @@ def hub(
             f"{transports!r}: choose one or more of {','.join(ALL_TRANSPORTS)}, comma-separated",
             param_hint="--transports",
         )
+    if daemon:
+        from .busdir import validate_bus_name
+
+        try:
+            validate_bus_name(name)  # a usage error, reported before detaching
+        except BadBusName as exc:
+            _fail(exc)
     ready_fd = _daemonize() if daemon else -1
 
     def tell(word: str, *, done: bool = True) -> None:
@@ -291,7 +298,9 @@ def pub(subject: str, data: str, raw: bool, bus_name: str, transport: str) -> No
 
 @main.command()
 @click.argument("subject")
-@click.option("--count", type=int, default=0, help="Exit after N messages (0: run until Ctrl-C).")
+@click.option(
+    "--count", type=click.IntRange(min=0), default=0, help="Exit after N messages (0: run until Ctrl-C)."
+)
 @click.option("--queue", default=None, help="Join this queue group.")
 @bus_option
 @transport_option
@@ -321,13 +330,21 @@ def sub(subject: str, count: int, queue: str | None, bus_name: str, transport: s
 @click.argument("subject")
 @click.argument("data", default="null")
 @click.option("--raw", is_flag=True, help="Send DATA as raw bytes instead of JSON.")
-@click.option("--timeout", type=float, default=2.0, show_default=True, help="Seconds to wait.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True, max=1e9),  # NaN is refused below
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait.",
+)
 @bus_option
 @transport_option
 def req(subject: str, data: str, raw: bool, timeout: float, bus_name: str, transport: str) -> None:
     """Send a request with DATA to SUBJECT and print the reply."""
     from .connect import connect
 
+    if timeout != timeout:  # NaN passes FloatRange
+        raise click.BadParameter("nan is not a number of seconds", param_hint="--timeout")
     _check_subject(subject)
     payload = _payload(data, raw)
 
@@ -343,7 +360,9 @@ def req(subject: str, data: str, raw: bool, timeout: float, bus_name: str, trans
 @click.argument("subject")
 @click.option("--data", default=None, help="Fixed JSON reply (default: echo the request).")
 @click.option("--queue", default=None, help="Join this queue group.")
-@click.option("--count", type=int, default=0, help="Exit after N requests (0: until Ctrl-C).")
+@click.option(
+    "--count", type=click.IntRange(min=0), default=0, help="Exit after N requests (0: until Ctrl-C)."
+)
 @bus_option
 @transport_option
 def reply(
@@ -437,8 +456,10 @@ def bench(quick: bool, args: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.option("--workers", type=int, default=2, show_default=True, help="Pool size.")
-@click.option("--requests", type=int, default=5000, show_default=True, help="Requests to send.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Pool size.")
+@click.option(
+    "--requests", type=click.IntRange(min=1), default=5000, show_default=True, help="Requests to send."
+)
 def demo(workers: int, requests: int) -> None:
     """Show pub/sub and request/reply on a pool and a hub, with throughput and latency."""
     from .demo import run_demo

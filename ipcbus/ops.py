@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .busdir import BusDir, bus_root
-from .errors import IpcBusError
+from .busdir import BusDir, bus_root, check_bus_path
+from .errors import BusNotFound, IpcBusError, PermissionRefused
 from .gc import collect, reclaim_pools, scan, sysv_table
 
 __all__ = ["gc_command", "list_bus", "render_ls"]
@@ -166,8 +166,14 @@ def gc_command(bus: str | None, all_buses: bool, dry_run: bool) -> int:
     total = 0
     for name in names:
         bd = BusDir(name)
-        if not bd.path.is_dir():
+        try:
+            # Never through a symbolic link, nor in a folder another user controls.
+            check_bus_path(bd.path, bus=name)
+        except BusNotFound:
             console.print(f"bus {name!r}: no directory at {bd.path}; nothing to collect")
+            continue
+        except PermissionRefused as exc:
+            console.print(f"bus {name!r}: skipped: {exc}")
             continue
         findings = collect(bd.path, dry_run=dry_run)
         for f in findings:

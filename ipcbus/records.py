@@ -54,8 +54,9 @@ _dec = msgspec.json.Decoder(ObjectRecord)
 _MAX_RECORD = 64 * 1024  # bytes read of a record file (ours are ~200)
 
 
-def pid_start_time(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of ``pid``, or None if it does not exist."""
+def _stat(pid: int) -> tuple[bytes, int] | None:
+    """(state letter, start time in clock ticks since boot) of ``pid`` from
+    ``/proc/<pid>/stat``, or None if it does not exist."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -64,19 +65,29 @@ def pid_start_time(pid: int) -> int | None:
     # The command name may contain spaces and parentheses: split after the last ')'.
     fields = data[data.rfind(b")") + 2 :].split()
     try:
-        return int(fields[19])
+        return fields[0], int(fields[19])
     except (IndexError, ValueError):
         return None
 
 
+def pid_start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of ``pid``, or None if it does not exist."""
+    st = _stat(pid)
+    return None if st is None else st[1]
+
+
 def process_alive(pid: int, start_time: int | None = None) -> bool:
-    """Whether ``pid`` exists (and, when given, still has the same start time)."""
+    """Whether ``pid`` runs (and, when given, still has the same start time).
+
+    A zombie (exited, not yet reaped by its parent) is dead: it holds no file,
+    lock or mapping any more, only its pid.
+    """
     if pid <= 0:
         return False
-    st = pid_start_time(pid)
-    if st is None:
+    st = _stat(pid)
+    if st is None or st[0] in (b"Z", b"X", b"x"):
         return False
-    return start_time is None or st == start_time
+    return start_time is None or st[1] == start_time
 
 
 def _path(busdir: Path, kind: str, ident: int | str) -> Path:

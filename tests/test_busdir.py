@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from ipcbus.busdir import (
     validate_bus_name,
 )
 from ipcbus.errors import BusBusy, BusNotFound, IpcBusError, PermissionRefused
-from ipcbus.records import pid_start_time
+from ipcbus.records import pid_start_time, process_alive
 from ipcbus.transports.sysv import FTOK_PROJ
 from ipcbus.transports.sysv import bus_key as sysv_bus_key
 
@@ -297,6 +298,39 @@ def test_pid_file_names_the_hubs_transports(bus: BusDir) -> None:
         assert bus.hub_pid() == me
         assert bus.hub_transports() == ("sysv", "shm")
     assert bus.hub_transports() is None
+
+
+def test_a_dead_hub_not_yet_reaped_does_not_block_the_next(bus: BusDir) -> None:
+    """A zombie (exited, its parent has not waited) holds no lock and no file: the
+    next hub recovers its pid file and door (it refused, naming a live process)."""
+    child = Child("hold-lock", bus.name, str(bus.root))
+    try:
+        assert child.first_line == "locked"
+        os.kill(child.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped
+        with open(f"/proc/{child.pid}/stat") as f:
+            assert f.read().rpartition(")")[2].split()[0] == "Z"
+        assert pid_start_time(child.pid) is not None  # the pid still exists
+        assert not process_alive(child.pid) and bus.hub_pid() is None
+        with bus.lock_hub():
+            assert bus.hub_pid() == os.getpid()
+    finally:
+        child.kill()  # reaps it
+
+
+def test_an_explicit_root_is_checked_like_the_default(tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    with pytest.raises(PermissionRefused, match="mode 0777"):
+        BusDir("b", root=loose)
+    link = tmp_path / "link"
+    link.symlink_to(loose)
+    with pytest.raises(PermissionRefused, match="symbolic link"):
+        BusDir("b", root=link)
+    fresh = tmp_path / "fresh" / "root"
+    assert BusDir("b", root=fresh).root == fresh  # created, 0700
+    assert _mode(fresh) == 0o700
 
 
 def test_hub_in_another_process_then_sigkilled(bus: BusDir, caplog: pytest.LogCaptureFixture) -> None:

@@ -157,6 +157,13 @@ def test_exit_codes_table_matches_docs() -> None:
         (["ls", "--bus", "a/b"], "invalid bus name"),
         (["pub", "x", "1", "--transport", "tcp"], "Invalid value"),
         (["nosuchcommand"], "No such command"),
+        (["hub", "..", "--daemon"], "invalid bus name"),  # checked before detaching
+        (["req", "x", "--timeout", "-1"], "not in the range"),
+        (["req", "x", "--timeout", "0"], "not in the range"),
+        (["req", "x", "--timeout", "nan"], "nan is not a number of seconds"),
+        (["sub", "x", "--count", "-1"], "not in the range"),
+        (["reply", "x", "--count", "-1"], "not in the range"),
+        (["demo", "--workers", "0"], "not in the range"),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], fragment: str) -> None:

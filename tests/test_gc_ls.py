@@ -24,7 +24,10 @@ import pytest
 import sysv_ipc
 
 import ipcbus
+from click.testing import CliRunner
+
 from ipcbus.busdir import BusDir
+from ipcbus.cli import main
 from ipcbus.gc import collect, scan, sysv_table
 from ipcbus.records import ObjectRecord, list_records, record_object
 
@@ -318,3 +321,22 @@ async def test_ls_against_a_hub_without_fifos(bus_name: str, transport: str) -> 
         assert "error" not in info, info
         assert info["hub"]["pid"] == os.getpid() and info["hub"]["transports"] == [transport]
         assert hub.stats()["refused"] == 0
+
+
+def test_gc_never_follows_a_bus_folder_that_is_a_symbolic_link(bus_name: str, tmp_path: Path) -> None:
+    """gc removes files: through a symlinked bus folder it would remove them elsewhere."""
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (victim / "hub.pid").write_text("999999\n1\n")  # names a dead pid
+    os.mkfifo(victim / "door", 0o600)
+    os.mkfifo(victim / "fifo-999999-0123456789abcdef.c2h", 0o600)
+    before = sorted(os.listdir(victim))
+    link = BusDir(bus_name).path
+    link.symlink_to(victim)
+    try:
+        res = CliRunner().invoke(main, ["gc", "--bus", bus_name])
+        assert res.exit_code == 0, res.output
+        assert "skipped" in res.output and "symbolic link" in res.output
+        assert sorted(os.listdir(victim)) == before
+    finally:
+        link.unlink()

@@ -589,6 +589,55 @@ async def test_stopped_client_does_not_stall_hub_services(bus_name: str) -> None
         assert (await slow.call("wait_count", name="load", n=8, timeout=30))["received"] == 8
 
 
+FORKING_HUB = """
+import asyncio, os, sys, time
+import ipcbus
+
+async def main():
+    async with ipcbus.Hub(sys.argv[1], transports=("fifo",)):
+        child = os.fork()
+        if child == 0:  # a child that goes on (a multiprocessing worker started with fork)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the test reads our parent's stdout
+            time.sleep(60)
+            os._exit(0)
+        print(child, flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_hub_s_forked_child_does_not_keep_the_bus(bus_name: str) -> None:
+    """The hub's lock and door are not inherited by a child it forks: after the
+    hub is SIGKILLed, the next hub starts although the child still runs (the
+    child's copy of the lock kept the bus "served" by a dead hub)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FORKING_HUB, bus_name, stdout=asyncio.subprocess.PIPE, cwd=REPO
+    )
+    child = 0
+    try:
+        assert proc.stdout is not None
+        with anyio.fail_after(20):
+            child = int(await proc.stdout.readline())
+        proc.kill()
+        await proc.wait()
+        assert os.path.exists(f"/proc/{child}")  # the child lives on
+        async with ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub:
+            async with ipcbus.connect(bus_name) as bus:
+                stats = (await bus.request("$SYS.stats", timeout=5)).decode(dict[str, Any])
+                assert stats["hub_pid"] == os.getpid()
+            assert hub.stats()["accepted"] == 1
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, 0)  # not our child: init reaps it
+
+
 @needs_sysv_shm
 async def test_closing_a_sysv_client_of_a_stopped_hub_keeps_its_loop_running(
     bus_name: str, monkeypatch: pytest.MonkeyPatch

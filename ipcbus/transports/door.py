@@ -44,7 +44,7 @@ from typing import Final, Protocol
 import anyio
 import msgspec
 
-from ..busdir import DOOR_NAME
+from ..busdir import DOOR_NAME, close_in_forked_children, closing_for_good
 from ..errors import BusBusy, BusNotFound, IpcBusError, PermissionRefused, ProtocolError
 from ..frames import HEADER, PROTOCOL_VERSION
 from .base import Link
@@ -247,6 +247,13 @@ class Door:
             raise
         self._fd = fd
         self._ident = (st.st_dev, st.st_ino)
+        close_in_forked_children(fd, self._forked_off)
+
+    def _forked_off(self) -> None:
+        # In a forked child: the door stays the parent's (closing it here
+        # would remove the parent's FIFO).
+        self._fd = -1
+        self._closed = True
 
     def _remove_stale(self) -> None:
         st = os.lstat(self.path)
@@ -273,6 +280,7 @@ class Door:
         self._closed = True
         fd, self._fd = self._fd, -1
         if fd >= 0:
+            closing_for_good(fd)
             if self._loop is not None:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(fd)
