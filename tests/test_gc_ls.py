@@ -22,10 +22,9 @@ from typing import Any
 import msgspec
 import pytest
 import sysv_ipc
-
-import ipcbus
 from click.testing import CliRunner
 
+import ipcbus
 from ipcbus.busdir import BusDir
 from ipcbus.cli import main
 from ipcbus.gc import collect, scan, sysv_table
