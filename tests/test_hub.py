@@ -598,7 +598,15 @@ async def main():
     async with ipcbus.Hub(sys.argv[1], transports=("fifo",)):
         child = os.fork()
         if child == 0:  # a child that goes on (a multiprocessing worker started with fork)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the test reads our parent's stdout
+            # The test reads our parent's stdout to its end: let go of every copy of it.
+            out = os.fstat(1)
+            for fd in map(int, os.listdir("/proc/self/fd")):
+                try:
+                    st = os.fstat(fd)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
             time.sleep(60)
             os._exit(0)
         print(child, flush=True)
@@ -622,6 +630,8 @@ async def test_a_killed_hub_s_forked_child_does_not_keep_the_bus(bus_name: str) 
             child = int(await proc.stdout.readline())
         proc.kill()
         await proc.wait()
+        with anyio.fail_after(10):
+            assert await proc.stdout.read() == b""  # nobody holds the pipe any more
         assert process_alive(child)  # the child lives on
         async with ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub:
             async with ipcbus.connect(bus_name) as bus:
