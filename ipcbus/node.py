@@ -346,6 +346,9 @@ class LinkState:
         self.name = name
         self.crash_error = crash_error
         self.peer: fr.Hello | None = None
+        # The largest frame sent on this link: ours, or less if the peer said so
+        # in its Hello (protocol.md: never send more than the peer announced).
+        self.send_max = node.max_frame
         self.ready = asyncio.Event()
         self.closed = asyncio.Event()
         self.remote_keys: set[Key] = set()
@@ -406,6 +409,9 @@ class Node:
         self.node_id = secrets.token_hex(6)
         self.name = name
         self.max_frame = max_frame
+        # The smallest frame limit of any link (see LinkState.send_max): a
+        # message above it takes the general path, which checks each link.
+        self._send_bound = max_frame
         self.outbound_limit = outbound_limit
         self.links: list[LinkState] = []
         self.upstream: LinkState | None = None
@@ -611,6 +617,9 @@ class Node:
                     f"{fr.PROTOCOL_VERSION}; upgrade the older side"
                 )
             ls.peer = hello
+            if hello.max_frame < ls.send_max:
+                ls.send_max = max(hello.max_frame, 0)
+                self._send_bound = min(self._send_bound, ls.send_max)
             if link.info.peer_pid is None:
                 link.info.peer_pid = hello.pid
             if link.info.peer_uid is None:
@@ -763,6 +772,8 @@ class Node:
         ls.closed.set()
         if ls in self.links:
             self.links.remove(ls)
+        if ls.send_max < self.max_frame:
+            self._send_bound = min([self.max_frame, *(o.send_max for o in self.links)])
         # Owners (a pool, a client) learn first, so that by the time a
         # requester sees its request fail, their state already reflects it.
         for cb in list(self.on_link_closed):
@@ -1125,6 +1136,20 @@ class Node:
             if len(ls.dropped_subjects) < 64:
                 ls.dropped_subjects[subject] = None
             return False
+        if len(frame) > ls.send_max:
+            # Passed on from another link (a message published here was checked
+            # in publish_nowait): the peer said it takes no frame this large.
+            ls.dropped += 1
+            self.dropped += 1
+            log.warning(
+                "message on %r (%d bytes) is over the %d-byte max_frame link %s announced; "
+                "not forwarded to it",
+                subject,
+                len(frame),
+                ls.send_max,
+                ls.name,
+            )
+            return False
         try:
             if ls.dropped_unreported:
                 self._send_drop_notice(ls)
@@ -1282,7 +1307,7 @@ class Node:
             route = self._compute_route(subject)
         subs, links, groups = route
         n = len(payload)
-        if groups or n + 4 * len(subject) + 64 > self.max_frame:
+        if groups or n + 4 * len(subject) + 64 > self._send_bound:
             return None
         self.bytes_out += n
         if subs:
@@ -1331,6 +1356,25 @@ class Node:
         self._heads[subject] = head
         return head
 
+    def _check_peers_take(self, size: int, route: _Route, subject: str, reply: str | None) -> None:
+        """Raise FrameTooLarge if a link this message would go out on takes no
+        frame of ``size`` bytes (its peer announced a smaller max_frame)."""
+        if self._send_bound >= size:
+            return
+        links: list[LinkState] = list(route[1])
+        for _, cands in route[2]:
+            links.extend(c for c in cands if isinstance(c, LinkState))
+        nid = self._inbox_node(subject)
+        if nid is not None and (target := self._inbox_links.get(nid)) is not None:
+            links.append(target)
+        for ls in links:
+            if size > ls.send_max:
+                raise FrameTooLarge(
+                    size,
+                    ls.send_max,
+                    f"message for link {ls.name} (a limit its peer announced)",
+                )
+
     def publish_nowait(
         self,
         subject: str,
@@ -1350,7 +1394,7 @@ class Node:
             bound += 4 * len(reply)
         if headers:
             bound += sum(4 * (len(k) + len(v)) + 10 for k, v in headers.items())
-        if bound > self.max_frame:
+        if bound > self._send_bound:
             size = len(_encode(m))
             route = self._routes.get(subject)
             if route is None:
@@ -1362,6 +1406,7 @@ class Node:
                 size = max(size, len(_encode(fr.Msg(subject, reply, headers, payload, (longest,)))))
             if size > self.max_frame:
                 raise FrameTooLarge(size, self.max_frame, "message")
+            self._check_peers_take(size, route, subject, reply)
         self.bytes_out += len(payload)
         return self._route(m, None, None)
 
@@ -1435,7 +1480,7 @@ class Node:
         if route is None or route[0] or route[1] or len(route[2]) != 1 or self._closed:
             return None
         n = len(payload)
-        if n + 4 * (len(subject) + len(reply)) + 64 > self.max_frame:
+        if n + 4 * (len(subject) + len(reply)) + 64 > self._send_bound:
             return None
         q, cands = route[2][0]
         pick = cands[0] if len(cands) == 1 else self._pick(cands)
@@ -1492,7 +1537,7 @@ class Node:
             return None
         ls = self._inbox_links.get(nid)
         n = len(payload)
-        if ls is None or n + 4 * len(reply) + 64 > self.max_frame:
+        if ls is None or n + 4 * len(reply) + 64 > self._send_bound:
             return None
         link = ls.link
         try:

@@ -1063,3 +1063,35 @@ async def test_concurrent_drains_of_a_service_all_return() -> None:
         with anyio.fail_after(5):
             assert (await req).data == b"ok"
             await asyncio.gather(*drains)
+
+
+async def test_a_peer_with_a_smaller_max_frame_is_sent_nothing_larger() -> None:
+    """The peer's Hello says what it takes: a message published here that is too
+    large for it raises FrameTooLarge before sending; one passed on from another
+    link is skipped for it (counted, logged); the peer's link stays up."""
+    async with (
+        Node(name="hub") as hub,
+        Node(name="small", max_frame=64 * 1024) as small,
+        Node(name="big") as big,
+    ):
+        for other in (small, big):
+            a, b = pipe_pair(max_frame=1 << 20)
+            ls = await hub.add_link(a, name=other.name, wait=False)
+            await other.add_link(b, name="hub")
+            await ls.ready.wait()
+        hub_bus, small_bus, big_bus = Bus(hub), Bus(small), Bus(big)
+        sub = await small_bus.subscribe("data")
+        await hub_bus.serve("blob", lambda m: b"z" * 100_000)
+        await settle(hub_bus, small_bus, big_bus)
+        with pytest.raises(RemoteError, match=r"FrameTooLarge.*a limit its peer announced"):
+            await small_bus.request("blob", timeout=5)  # the reply would not fit
+        with pytest.raises(FrameTooLarge, match="a limit its peer announced"):
+            await hub_bus.publish("data", b"y" * 100_000)  # published on the hub itself
+        await big_bus.publish("data", b"y" * 100_000)  # passed on by the hub: skipped
+        await big_bus.publish("data", b"fits")
+        await settle(hub_bus, small_bus, big_bus)
+        assert (await sub.next(timeout=5)).data == b"fits"
+        assert sub.pending == 0
+        assert [lk["dropped"] for lk in hub.stats()["links"] if lk["name"] == "small"] == [1]
+        assert not small_bus.closed and len(small.links) == 1
+        assert (await big_bus.request("blob", timeout=5)).data == b"z" * 100_000  # big takes it
