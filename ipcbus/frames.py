@@ -107,15 +107,17 @@ class Notice(msgspec.Struct, tag=7, array_like=True, frozen=True, omit_defaults=
     """An out-of-band notice between nodes.
 
     Codes: ``protocol_error`` (sent before closing a link), ``slow_consumer``
-    (``count`` messages on ``subjects`` were dropped for the receiver),
-    ``shutdown`` (the sender is going away), ``ready`` / ``setup_failed``
-    (a worker's setup function finished or raised).
+    (``count`` messages were dropped for the receiver, ``counts[i]`` of them
+    on ``subjects[i]``; at most 64 subjects are listed), ``shutdown`` (the
+    sender is going away), ``ready`` / ``setup_failed`` (a worker's setup
+    function finished or raised).
     """
 
     code: str
     message: str = ""
     subjects: tuple[str, ...] = ()
     count: int = 0
+    counts: tuple[int, ...] = ()
 
 
 Frame: TypeAlias = Hello | Sub | Unsub | Msg | Ping | Pong | Notice

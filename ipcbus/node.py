@@ -355,7 +355,7 @@ class LinkState:
         self.inflight: dict[str, None] = {}
         self.dropped = 0
         self.dropped_unreported = 0
-        self.dropped_subjects: dict[str, None] = {}
+        self.dropped_subjects: dict[str, int] = {}  # dropped, not yet reported, by subject
         self.slow_events = 0
         self.last_pick = 0
         self.close_reason = ""
@@ -1133,8 +1133,11 @@ class Node:
                 with contextlib.suppress(BusClosed):
                     self.task_group.start_soon(self._report_drops, ls)
             ls.dropped_unreported += 1
-            if len(ls.dropped_subjects) < 64:
-                ls.dropped_subjects[subject] = None
+            counts = ls.dropped_subjects
+            if subject in counts:
+                counts[subject] += 1
+            elif len(counts) < 64:
+                counts[subject] = 1
             return False
         if len(frame) > ls.send_max:
             # Passed on from another link (a message published here was checked
@@ -1175,6 +1178,7 @@ class Node:
                     f"{ls.dropped_unreported} message(s) dropped: link too slow",
                     tuple(ls.dropped_subjects),
                     ls.dropped_unreported,
+                    tuple(ls.dropped_subjects.values()),
                 )
             )
         )
@@ -1272,13 +1276,21 @@ class Node:
             assert isinstance(frame, fr.Notice)
             ls.notices.append(frame)
             if frame.code == "slow_consumer":
-                subs: dict[SubscriptionCore, None] = {}
-                for s in frame.subjects:
+                # Each subscription is told of the messages on its subjects; a
+                # peer that sent no per-subject counts leaves only the total.
+                # Messages on subjects past the 64 listed (or all of them, from
+                # a peer that sends no counts) count for every subscription
+                # the notice concerns: it may have lost them.
+                per = len(frame.counts) == len(frame.subjects)
+                rest = frame.count - sum(frame.counts) if per else frame.count
+                lost: dict[SubscriptionCore, int] = {}
+                for i, s in enumerate(frame.subjects):
+                    n = frame.counts[i] if per else 0
                     for sub in self._local.match(s):
-                        subs[sub] = None
-                for sub in subs:
-                    if sub is not self.inbox:
-                        sub.note_remote_drop(frame.count)
+                        lost[sub] = lost.get(sub, 0) + n
+                for sub, n in lost.items():
+                    if sub is not self.inbox and n + max(rest, 0) > 0:
+                        sub.note_remote_drop(n + max(rest, 0))
                 self.dropped += frame.count
             elif frame.code == "protocol_error":
                 log.warning("peer %s reports a protocol error: %s", ls.name, frame.message)

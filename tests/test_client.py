@@ -1095,3 +1095,57 @@ async def test_a_peer_with_a_smaller_max_frame_is_sent_nothing_larger() -> None:
         assert [lk["dropped"] for lk in hub.stats()["links"] if lk["name"] == "small"] == [1]
         assert not small_bus.closed and len(small.links) == 1
         assert (await big_bus.request("blob", timeout=5)).data == b"z" * 100_000  # big takes it
+
+
+async def test_drop_notices_count_each_subject_apart() -> None:
+    """A hub that drops messages for a slow link says how many on each subject."""
+    async with Node(name="hub", outbound_limit=64 * 1024) as hub, Node(name="pub") as pub:
+        a, b = pipe_pair()
+        ls = await hub.add_link(a, name="pub", wait=False)
+        await pub.add_link(b, name="hub")
+        await ls.ready.wait()
+        _a, raw, _ls = await stalled_peer(hub, fr.Sub("t.a"))
+        raw.send_nowait(fr.encode_frame(fr.Sub("t.b")))
+        with anyio.fail_after(5):
+            while not hub.has_interest("t.b"):
+                await asyncio.sleep(0)
+        await settle(Bus(pub))
+        sent = {"t.a": 900, "t.b": 100}
+        for i in range(1000):
+            await Bus(pub).publish("t.a" if i % 10 else "t.b", b"\0" * 1024)
+        await settle(Bus(pub))  # the hub has routed (or dropped) all of it
+        got = dict.fromkeys(sent, 0)
+        noticed = dict.fromkeys(sent, 0)
+        with anyio.fail_after(20):
+            while sum(got.values()) + sum(noticed.values()) < sum(sent.values()):
+                f = fr.decode_frame(await raw.recv())
+                if isinstance(f, fr.Msg):
+                    got[f.subject] += 1
+                elif isinstance(f, fr.Notice) and f.code == "slow_consumer":
+                    assert sum(f.counts) == f.count and len(f.counts) == len(f.subjects)
+                    for s, n in zip(f.subjects, f.counts, strict=True):
+                        noticed[s] += n
+        assert all(noticed.values()), (noticed, got)  # both subjects lost some
+        assert {s: got[s] + noticed[s] for s in sent} == sent
+        await raw.aclose()
+
+
+@pytest.mark.parametrize("with_counts", [True, False], ids=["counts", "total only"])
+async def test_a_subscription_is_told_the_drops_on_its_own_subjects(with_counts: bool) -> None:
+    async with Node(name="client") as node:
+        bus = Bus(node)
+        subs = {p: await bus.subscribe(p) for p in ("t.a", "t.b", "t.>", "other")}
+        a, raw = memory_pair()
+        ls = await node.add_link(a, name="raw", wait=False)
+        raw.send_nowait(fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION, "raw", os.getpid(), os.getuid())))
+        counts = (7, 3) if with_counts else ()
+        raw.send_nowait(fr.encode_frame(fr.Notice("slow_consumer", "10 dropped", ("t.a", "t.b"), 10, counts)))
+        await ls.ready.wait()
+        want = {"t.a": 7, "t.b": 3, "t.>": 10} if with_counts else {"t.a": 10, "t.b": 10, "t.>": 10}
+        for p, n in want.items():
+            with pytest.raises(SlowConsumer) as info:
+                await subs[p].next(timeout=5)  # once the notice is read
+            assert info.value.dropped == n and subs[p].dropped == n
+        with pytest.raises(TimeoutError):
+            await subs["other"].next(timeout=0.01)
+        await raw.aclose()
