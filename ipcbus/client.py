@@ -103,6 +103,14 @@ def _check_headers(headers: Any) -> None:
 _INF: Final = float("inf")
 
 
+async def _logged(work: Awaitable[None]) -> None:
+    """Await a close started in the background; log a failure (nobody awaits it)."""
+    try:
+        await work
+    except Exception:
+        log.exception("closing the bus in the background failed")
+
+
 def _timeout_or_none(timeout: Any) -> float | None:
     """A timeout argument checked: seconds as a float, ``None`` for none (also for infinity).
 
@@ -344,6 +352,8 @@ class Service:
             task = asyncio.get_running_loop().create_task(self._finish(m, result))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
+            self._bus._handler_tasks.add(task)
+            task.add_done_callback(self._bus._handler_tasks.discard)
             return
         # Replies are queued even above the link's high-water mark: they are
         # bounded by the requests in flight, and a callback cannot wait.
@@ -356,9 +366,13 @@ class Service:
             self._leave()
 
     async def _handle_async(self, m: Msg) -> None:
+        running = self._bus._handler_tasks
+        task = asyncio.current_task()
+        running.add(task)
         try:
             await self._complete(m, lambda: self.handler(self._arg(m)))
         finally:
+            running.discard(task)
             self._limiter.release()
             self._leave()
 
@@ -501,6 +515,10 @@ class Bus:
         self._owns_node = owns_node
         self._services: list[Service] = []
         self._subs: dict[int, SubscriptionCore] = {}  # made here, ended by aclose()
+        # Tasks running this bus's handlers: drain() or aclose() called from one
+        # of them cannot wait for it (see _from_own_handler).
+        self._handler_tasks: set[asyncio.Task[Any] | None] = set()
+        self._closing: asyncio.Task[None] | None = None
         self._closed = False
         self.error_for_closed: type[ConnectionClosed] = ConnectionClosed
 
@@ -682,19 +700,43 @@ class Bus:
         await self._node.flush(_timeout_or_none(timeout))
 
     async def drain(self, timeout: float = 10.0) -> None:
-        """Stop services (finishing requests they already took), flush, then close."""
+        """Stop services (finishing requests they already took), flush, then close.
+
+        Called from one of this bus's own handlers (a "shutdown" request), it
+        cannot wait for that handler to finish: it starts the drain in the
+        background and returns at once; the handler then finishes (its reply
+        is sent) and the drain completes after it.
+        """
         if self.closed:
             return
         limit = _timeout_or_none(timeout)
+        if self._from_own_handler(lambda: self.drain(timeout)):
+            return
         with anyio.move_on_after(_INF if limit is None else limit):
             for svc in list(self._services):
                 await svc.drain()
             await self._node.flush(limit)
         await self.aclose()
 
+    def _from_own_handler(self, then: Callable[[], Awaitable[None]]) -> bool:
+        """If called from a task running one of this bus's handlers, start ``then()``
+        in a task of its own (waiting for the caller from the caller would never
+        end) and return True."""
+        if asyncio.current_task() not in self._handler_tasks:
+            return False
+        if self._closing is None or self._closing.done():
+            self._closing = asyncio.get_running_loop().create_task(_logged(then()))
+        return True
+
     async def aclose(self) -> None:
-        """Close the bus (and its node, if this bus owns it).  Idempotent."""
+        """Close the bus (and its node, if this bus owns it).  Idempotent.
+
+        Called from one of this bus's own handlers, it closes in the background
+        and returns at once (as :meth:`drain`).
+        """
         if self._closed:
+            return
+        if self._from_own_handler(self.aclose):
             return
         self._closed = True
         for svc in self._services:

@@ -1149,3 +1149,27 @@ async def test_a_subscription_is_told_the_drops_on_its_own_subjects(with_counts:
         with pytest.raises(TimeoutError):
             await subs["other"].next(timeout=0.01)
         await raw.aclose()
+
+
+@pytest.mark.parametrize("how", ["aclose", "drain"])
+async def test_a_handler_may_close_its_own_bus(how: str) -> None:
+    """The "shutdown request" pattern: a handler closing (or draining) its own bus
+    cannot wait for itself; the close runs after it and its reply still goes out."""
+    async with pair() as (client, server):
+        done = asyncio.Event()
+
+        async def shutdown(m: Msg) -> bytes:
+            await (server.aclose() if how == "aclose" else server.drain(timeout=5))
+            done.set()
+            return b"bye"
+
+        await server.serve("shutdown", shutdown)
+        await settle(client, server)
+        with anyio.fail_after(10):
+            assert (await client.request("shutdown", timeout=5)).data == b"bye"
+            await done.wait()
+            while not server.node.closed:
+                await asyncio.sleep(0.001)
+        assert server.closed
+        with pytest.raises(BusClosed):
+            await server.publish("x", b"")
