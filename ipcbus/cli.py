@@ -423,7 +423,7 @@ def ls_cmd(bus_name: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2, default=str))
     else:
         render_ls(info)
-    if not info.get("hub") and not info.get("objects"):
+    if info.get("error") or (not info.get("hub") and not info.get("objects")):
         raise SystemExit(1)
 
 

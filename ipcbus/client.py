@@ -402,19 +402,21 @@ class Service:
 
     def _reply_now(self, m: Msg, result: Any) -> list[Link]:
         """Send the handler's result; return links to wait on (backpressure)."""
-        self.handled += 1
         if m.reply is None:
+            self.handled += 1
             return []
         try:
             payload = encode_payload(result)
         except EncodeError as exc:
             return self._error_now(m, exc)
         try:
-            return self._bus._node.publish_now(m.reply, payload)
+            full = self._bus._node.publish_now(m.reply, payload)
         except FrameTooLarge as exc:  # the reply is over max_frame: tell the requester
             return self._error_now(m, exc)
         except ConnectionClosed:
-            return []
+            full = []
+        self.handled += 1
+        return full
 
     def _error_now(self, m: Msg, exc: BaseException) -> list[Link]:
         """Send the handler's failure as a RemoteError reply; return links to wait on."""
@@ -652,6 +654,8 @@ class Bus:
             del futures[token]
             if reply in node._reply_routes:  # else nothing to forget (the reply came)
                 node.forget_reply(reply)
+            if not fut.done():  # cancelled before its reply: its deadline must not fail it later
+                fut.cancel()
         h = m.headers
         if h:
             status = h.get(STATUS_HEADER)

@@ -30,7 +30,7 @@ import anyio
 from . import frames as fr
 from .busdir import BusDir
 from .client import Bus
-from .errors import BusNotFound, ConnectionClosed, IpcBusError
+from .errors import BusClosed, BusNotFound, ConnectionClosed, IpcBusError
 from .hub import ALL_TRANSPORTS
 from .node import LinkState, Node
 from .spin import spin_window
@@ -181,9 +181,19 @@ class ClientBus(Bus):
             ) from None
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
-        """Wait until the link to the hub is up (after a reconnect)."""
+        """Wait until the link to the hub is up (after a reconnect).
+
+        Raises ``TimeoutError``, and :class:`~ipcbus.errors.BusClosed` at once
+        when the bus is closed (without ``reconnect``, a lost hub closes it).
+        """
         with anyio.fail_after(timeout):
-            await self._connected.wait()
+            while not self._connected.is_set():
+                if self.closed:
+                    lost = f": {self._lost}" if self._lost else ""
+                    raise BusClosed(f"bus {self.busdir.name!r} is closed{lost}")
+                # A lost link replaces the event; look again now and then.
+                with anyio.move_on_after(0.05):
+                    await self._connected.wait()
 
 
 async def _autostart(busdir: BusDir, group: str | int | None) -> None:

@@ -52,7 +52,8 @@ async def list_bus(name: str) -> dict[str, Any]:
 
     bd = BusDir(name)
     info: dict[str, Any] = {"bus": name, "directory": str(bd.path), "hub": None}
-    if bd.hub_pid() is not None:
+    live = bd.hub_pid()
+    if live is not None:
         served = bd.hub_transports() or ("fifo",)
         transport = next((t for t in ("fifo", "shm", "sysv") if t in served), "fifo")
         try:
@@ -60,7 +61,7 @@ async def list_bus(name: str) -> dict[str, Any]:
                 rep = await bus.request("$SYS.stats", timeout=5.0)
                 stats = rep.decode(dict[str, Any])
         except IpcBusError as exc:
-            info["error"] = f"hub did not answer: {exc}"
+            info["error"] = f"hub pid {live} is running but did not answer (stopped? overloaded?): {exc}"
         else:
             info["hub"] = {
                 "pid": stats["hub_pid"],
@@ -83,16 +84,17 @@ def render_ls(info: dict[str, Any]) -> None:
 
     console = Console()
     hub = info.get("hub")
-    if hub is None and not info.get("objects"):
+    if hub is None and info.get("error"):
+        console.print(f"bus {info['bus']!r}: {info['error']}")
+    elif hub is None and not info.get("objects"):
         console.print(
             f"bus {info['bus']!r}: no hub is running and no records in {info['directory']}; "
             f"start one with `ipcbus hub {info['bus']}`"
         )
         return
     if hub is None:
-        console.print(f"bus {info['bus']!r}: no hub running ({info['directory']})")
-        if info.get("error"):
-            console.print(info["error"])
+        if not info.get("error"):
+            console.print(f"bus {info['bus']!r}: no hub running ({info['directory']})")
     else:
         console.print(
             f"bus {info['bus']!r}: hub pid {hub['pid']}, up {hub['uptime']:.0f} s, "

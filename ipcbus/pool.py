@@ -289,13 +289,19 @@ class WorkerPool:
                 pass_fds=pass_fds,
                 env=self.env,
             )
-        except BaseException:
+        except BaseException as exc:
             if pipes is not None:
                 pipes.close()
             elif sysv_link is not None:
                 await sysv_link.aclose()
             else:
                 await shm_link.aclose()
+            if isinstance(exc, OSError):  # no such interpreter, not executable, no fork...
+                w.state = "failed"
+                w.last_error = f"cannot run {self.python!r}: {exc}"
+                raise WorkerStartError(
+                    f"worker {w.index} of pool {self.name!r} failed to start: {w.last_error}"
+                ) from exc
             raise
         w.proc = proc
         w.started_at = time.monotonic()
@@ -476,12 +482,15 @@ class WorkerPool:
                             # takes it that this process died (ipcbus.worker).
                             w.link.link.send_nowait(fr.encode_frame(fr.Notice("shutdown", "pool closing")))
                             await w.link.link.aclose()
+            # One limit for all of them, not one each: N stuck workers take 5 s, not 5N.
+            with anyio.move_on_after(_STOP_TIMEOUT):
+                for w in self._workers:
+                    if w.proc is not None:
+                        await w.exited.wait() if w.exited is not None else w.proc.wait()
             for w in self._workers:
                 proc = w.proc
                 if proc is None:
                     continue
-                with anyio.move_on_after(_STOP_TIMEOUT):
-                    await w.exited.wait() if w.exited is not None else proc.wait()
                 if proc.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()

@@ -160,8 +160,8 @@ async def test_typed_handler_with_string_annotations_and_builtin_types() -> None
 
 async def test_handler_returning_unencodable_gives_remote_error() -> None:
     async with pair() as (client, server):
-        await server.serve("bad", lambda m: object())
-        await server.serve("good", lambda m: {"ok": True})
+        bad = await server.serve("bad", lambda m: object())
+        good = await server.serve("good", lambda m: {"ok": True})
         await settle(client, server)
         with pytest.raises(RemoteError) as info:
             await client.request("bad", timeout=5)
@@ -170,6 +170,7 @@ async def test_handler_returning_unencodable_gives_remote_error() -> None:
         assert (await client.request("good", timeout=5)).decode() == {"ok": True}
         with pytest.raises(RemoteError):
             await client.request("bad", timeout=5)
+        assert (bad.handled, bad.errors, good.handled, good.errors) == (0, 2, 1, 0)  # one count each
 
 
 async def test_handler_returning_a_reply_over_max_frame_gives_remote_error() -> None:
@@ -619,6 +620,25 @@ async def test_request_times_out_while_its_link_is_above_high_water() -> None:
         assert a.pending_out > a.high_water
         assert not node.inbox.futures
         assert not ls.inflight  # the gave-up request is not counted as in flight
+        await raw.aclose()
+
+
+async def test_a_request_cancelled_while_its_link_is_full_leaves_no_deadline_behind() -> None:
+    """Its future is cancelled with it: the deadline does not fail it later (an
+    exception nobody would retrieve)."""
+    async with Node(name="req") as node:
+        bus = Bus(node)
+        a, raw, _ls = await stalled_peer(node, fr.Sub("svc", "g"))
+        await bus.publish("svc", b"\0" * 100_000)
+        req = asyncio.ensure_future(bus.request("svc", b"\0" * 100_000, timeout=30))
+        while a.pending_out <= a.high_water:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)  # it waits for room
+        req.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await req
+        queued = [e for q in node.deadlines._queues.values() for e in q]
+        assert queued and all(fut.cancelled() for _, fut, _ in queued)
         await raw.aclose()
 
 

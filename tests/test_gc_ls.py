@@ -31,9 +31,9 @@ from ipcbus.gc import collect, scan, sysv_table
 from ipcbus.records import ObjectRecord, list_records, record_object
 
 try:
-    from hub_client import REPO, peers
+    from hub_client import REPO, peers, start_hub
 except ImportError:  # pragma: no cover - tests/ imported as a package
-    from tests.hub_client import REPO, peers
+    from tests.hub_client import REPO, peers, start_hub
 
 NOBODY = 65534
 _names = itertools.count()
@@ -339,3 +339,20 @@ def test_gc_never_follows_a_bus_folder_that_is_a_symbolic_link(bus_name: str, tm
         assert sorted(os.listdir(victim)) == before
     finally:
         link.unlink()
+
+
+@pytest.mark.single_loop
+async def test_ls_against_a_stopped_hub_says_it_runs_but_does_not_answer(bus_name: str) -> None:
+    import signal
+
+    hp = await start_hub(bus_name)
+    try:
+        os.kill(hp.pid, signal.SIGSTOP)
+        code, out, err = await run("ls", "--bus", bus_name, timeout=30)
+        assert code == 1, (out, err)
+        assert f"hub pid {hp.pid} is running but did not answer" in out
+        assert "no hub" not in out
+    finally:
+        os.kill(hp.pid, signal.SIGCONT)
+        await hp.stop()
+        hp.err.close()

@@ -28,6 +28,7 @@ import ipcbus
 from ipcbus.busdir import BadBusName, BusDir
 from ipcbus.errors import (
     BusBusy,
+    BusClosed,
     BusNotFound,
     ConnectionClosed,
     NoResponders,
@@ -255,6 +256,23 @@ async def test_connect_bad_arguments(bus_name: str) -> None:
         await ipcbus.connect(bus_name, transport="tcp")
     with pytest.raises(ValueError, match="unknown transport 'tcp'"):
         ipcbus.Hub(bus_name, transports=("fifo", "tcp"))
+
+
+@pytest.mark.single_loop
+async def test_wait_connected_on_a_bus_that_lost_its_hub_raises_at_once(bus_name: str) -> None:
+    hub = ipcbus.Hub(bus_name, transports=FIFO_ONLY)
+    await hub.__aenter__()
+    try:
+        bus = await ipcbus.connect(bus_name)  # no reconnect: losing the hub closes it
+        await bus.wait_connected(timeout=1)
+    finally:
+        await hub.aclose()
+    with anyio.fail_after(5):
+        while not bus.closed:
+            await asyncio.sleep(0.001)
+        with pytest.raises(BusClosed, match="is closed: hub link closed"):
+            await bus.wait_connected(timeout=30)
+    await bus.aclose()
 
 
 @needs_sysv_shm

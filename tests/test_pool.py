@@ -354,6 +354,16 @@ def test_bad_pool_arguments() -> None:
         _ = WorkerPool("a:b").bus
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_interpreter_that_cannot_run_is_a_worker_start_error(transport: str, tmp_path: Path) -> None:
+    queues = queue_ids()
+    with pytest.raises(WorkerStartError, match=r"cannot run.*nonexistent"):
+        python = str(tmp_path / "nonexistent")
+        async with WorkerPool("pool_workers:setup", python=python, transport=transport):
+            pass
+    assert queue_ids() <= queues and pool_dirs() == []
+
+
 @pytest.mark.single_loop
 async def test_sync_setup_function_works() -> None:
     async with WorkerPool("pool_workers:setup_sync", workers=1, env=worker_env()) as pool:
