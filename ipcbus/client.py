@@ -352,8 +352,9 @@ class Service:
             task = asyncio.get_running_loop().create_task(self._finish(m, result))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
-            self._bus._handler_tasks.add(task)
-            task.add_done_callback(self._bus._handler_tasks.discard)
+            running = self._bus._handler_tasks
+            running[task] = self
+            task.add_done_callback(lambda t: running.pop(t, None))
             return
         # Replies are queued even above the link's high-water mark: they are
         # bounded by the requests in flight, and a callback cannot wait.
@@ -368,11 +369,11 @@ class Service:
     async def _handle_async(self, m: Msg) -> None:
         running = self._bus._handler_tasks
         task = asyncio.current_task()
-        running.add(task)
+        running[task] = self
         try:
             await self._complete(m, lambda: self.handler(self._arg(m)))
         finally:
-            running.discard(task)
+            running.pop(task, None)
             self._limiter.release()
             self._leave()
 
@@ -431,7 +432,8 @@ class Service:
         text = str(exc)[:4000]
         node = self._bus._node
         # The error text must fit in a frame too: on a bus with a small max_frame, cut it.
-        text = text[: max(0, (node.max_frame - 4 * len(m.reply) - 200) // 4)]
+        limit = min(node.max_frame, node._send_bound)  # the requester's link may take less
+        text = text[: max(0, (limit - 4 * len(m.reply) - 200) // 4)]
         headers = {ERROR_TYPE_HEADER: name, ERROR_MSG_HEADER: text}
         try:
             return node.publish_now(m.reply, b"", headers=headers)
@@ -442,8 +444,14 @@ class Service:
         return []
 
     async def drain(self) -> None:
-        """Stop taking requests and wait for the ones being handled."""
+        """Stop taking requests and wait for the ones being handled.
+
+        Called from one of this service's own handlers, it only stops taking
+        requests (waiting would wait for that very handler).
+        """
         await self.subscription.unsubscribe()
+        if self._bus._handler_tasks.get(asyncio.current_task()) is self:
+            return
         await self._done.wait()
         while self._active:
             if self._idle is None or self._idle.is_set():
@@ -519,7 +527,7 @@ class Bus:
         self._subs: dict[int, SubscriptionCore] = {}  # made here, ended by aclose()
         # Tasks running this bus's handlers: drain() or aclose() called from one
         # of them cannot wait for it (see _from_own_handler).
-        self._handler_tasks: set[asyncio.Task[Any] | None] = set()
+        self._handler_tasks: dict[asyncio.Task[Any] | None, Service] = {}
         self._closing: asyncio.Task[None] | None = None
         self._closed = False
         self.error_for_closed: type[ConnectionClosed] = ConnectionClosed

@@ -29,7 +29,7 @@ import anyio
 
 from . import frames as fr
 from .busdir import BusDir
-from .client import Bus
+from .client import Bus, _timeout_or_none
 from .errors import BusClosed, BusNotFound, ConnectionClosed, IpcBusError
 from .hub import ALL_TRANSPORTS
 from .node import LinkState, Node
@@ -170,10 +170,11 @@ class ClientBus(Bus):
         so a flush that returns is an acknowledgement.
         """
         self._check_open()
+        limit = _timeout_or_none(timeout)
         ls = self.hub_link
         assert ls is not None  # _check_open
         try:
-            await self._node.ping(ls, timeout)
+            await self._node.ping(ls, limit)
         except ConnectionClosed as exc:
             raise ConnectionClosed(
                 f"the link to the hub of bus {self.busdir.name!r} closed before the hub "
@@ -187,7 +188,7 @@ class ClientBus(Bus):
         when the bus is closed (without ``reconnect``, a lost hub closes it).
         """
         with anyio.fail_after(timeout):
-            while not self._connected.is_set():
+            while self.closed or not self._connected.is_set():
                 if self.closed:
                     lost = f": {self._lost}" if self._lost else ""
                     raise BusClosed(f"bus {self.busdir.name!r} is closed{lost}")

@@ -1086,7 +1086,7 @@ class Node:
             return None
         return subject[7:dot]
 
-    def _compute_route(self, subject: str) -> _Route:
+    def _compute_route(self, subject: str, cache: bool = True) -> _Route:
         """Match ``subject`` once; cache who gets it until interest changes."""
         subs: list[SubscriptionCore] = []
         plain: dict[LinkState, None] = {}
@@ -1102,9 +1102,10 @@ class Node:
             else:
                 groups.setdefault(q, []).append(ls)
         route = (tuple(subs), tuple(plain), tuple((q, tuple(c)) for q, c in groups.items()))
-        if len(self._routes) >= _FAST_CACHE:
-            self._routes.clear()
-        self._routes[subject] = route
+        if cache:
+            if len(self._routes) >= _FAST_CACHE:
+                self._routes.clear()
+            self._routes[subject] = route
         return route
 
     def _pick(self, cands: Sequence[SubscriptionCore | LinkState]) -> SubscriptionCore | LinkState:
@@ -1406,11 +1407,14 @@ class Node:
             bound += 4 * len(reply)
         if headers:
             bound += sum(4 * (len(k) + len(v)) + 10 for k, v in headers.items())
+        route = self._routes.get(subject)
+        if route is None:
+            # One-off reply subjects stay out of the route cache (as publish_plain).
+            route = self._compute_route(subject, cache=not subject.startswith("_INBOX."))
+        if route[2]:  # a queue group's member across a link gets the group's name too
+            bound += 4 * max(len(q) for q, _ in route[2]) + 8
         if bound > self._send_bound:
             size = len(_encode(m))
-            route = self._routes.get(subject)
-            if route is None:
-                route = self._compute_route(subject)
             if route[2]:
                 # A queue group's member across a link gets the frame with the
                 # group's name in it: measure that one too (rare: near the limit).
@@ -1492,9 +1496,9 @@ class Node:
         if route is None or route[0] or route[1] or len(route[2]) != 1 or self._closed:
             return None
         n = len(payload)
-        if n + 4 * (len(subject) + len(reply)) + 64 > self._send_bound:
-            return None
         q, cands = route[2][0]
+        if n + 4 * (len(subject) + len(reply) + len(q)) + 64 > self._send_bound:
+            return None
         pick = cands[0] if len(cands) == 1 else self._pick(cands)
         if not isinstance(pick, LinkState):  # a member in this process (as _route)
             self.bytes_out += n
@@ -1533,9 +1537,13 @@ class Node:
         ls = self.upstream
         if ls is None or ls.closed.is_set() or self._closed:
             return None
+        frame = _encode(_MsgFrame(subject, reply, headers, payload))
+        if len(frame) > ls.send_max:
+            what = f"request for link {ls.name} (a limit its peer announced)"
+            raise FrameTooLarge(len(frame), ls.send_max, what)
         if self._spinner is not None:
             self._spinner.kick()
-        ls.link.send_now(_encode(_MsgFrame(subject, reply, headers, payload)))
+        ls.link.send_now(frame)
         return self._request_sent(ls, len(payload), reply)
 
     def _reply_fast(self, reply: str, payload: bytes) -> list[Link] | None:

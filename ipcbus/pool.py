@@ -296,6 +296,8 @@ class WorkerPool:
                 await sysv_link.aclose()
             else:
                 await shm_link.aclose()
+            w.proc = None  # nothing started (an earlier process, if any, is reaped)
+            w.exited.set()
             if isinstance(exc, OSError):  # no such interpreter, not executable, no fork...
                 w.state = "failed"
                 w.last_error = f"cannot run {self.python!r}: {exc}"
@@ -447,6 +449,8 @@ class WorkerPool:
                     log.error("%s", msg)
                     return
                 delay = min(delay * 2, self.max_backoff)
+                if self._closing:
+                    return
                 w.state = "restarting"  # not given up on: wait_ready() waits for it
                 self._notify()
 
@@ -489,9 +493,7 @@ class WorkerPool:
                         await w.exited.wait() if w.exited is not None else w.proc.wait()
             for w in self._workers:
                 proc = w.proc
-                if proc is None:
-                    continue
-                if proc.returncode is None:
+                if proc is not None and proc.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     await proc.wait()

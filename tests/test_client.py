@@ -1115,6 +1115,26 @@ async def test_a_peer_with_a_smaller_max_frame_is_sent_nothing_larger() -> None:
         assert [lk["dropped"] for lk in hub.stats()["links"] if lk["name"] == "small"] == [1]
         assert not small_bus.closed and len(small.links) == 1
         assert (await big_bus.request("blob", timeout=5)).data == b"z" * 100_000  # big takes it
+        # A long error text is cut to what the requester's link takes.
+        await hub_bus.serve("fail", lambda m: (_ for _ in ()).throw(ValueError("e" * 4000)))
+        await settle(hub_bus, small_bus)
+        with pytest.raises(RemoteError, match="ValueError"):
+            await small_bus.request("fail", timeout=5)
+        # Requests the hub sends to the small node: a long queue-group name counts too.
+        q = "q" * 1000
+        await small_bus.serve("svc", lambda m: b"ok", queue=q)
+        await settle(hub_bus, small_bus)
+        with pytest.raises(FrameTooLarge, match="a limit its peer announced"):
+            await hub_bus.request("svc", b"x" * (65536 - 200), timeout=5)
+        assert (await hub_bus.request("svc", b"x" * 1000, timeout=5)).data == b"ok"
+        # ...and so do requests passed upstream for lack of a known responder.
+        small_link = next(ls for ls in hub.links if ls.name == "small")
+        hub.upstream = small_link
+        with pytest.raises(FrameTooLarge, match="a limit its peer announced"):
+            await hub_bus.request("nobody.here", b"x" * 100_000, timeout=5)
+        hub.upstream = None
+        assert not small_bus.closed and len(small.links) == 1
+        assert not [k for k in hub._routes if k.startswith("_INBOX.")]  # one-off subjects not cached
 
 
 async def test_drop_notices_count_each_subject_apart() -> None:
@@ -1193,3 +1213,20 @@ async def test_a_handler_may_close_its_own_bus(how: str) -> None:
         assert server.closed
         with pytest.raises(BusClosed):
             await server.publish("x", b"")
+
+
+async def test_a_service_drained_from_its_own_handler_stops_taking_requests() -> None:
+    async with Node() as node:
+        bus = Bus(node)
+        svc: ipcbus.Service | None = None
+
+        async def stop(m: Msg) -> bytes:
+            assert svc is not None
+            await svc.drain()  # would wait for this very handler
+            return b"stopping"
+
+        svc = await bus.serve("stop", stop)
+        with anyio.fail_after(5):
+            assert (await bus.request("stop", timeout=5)).data == b"stopping"
+        with pytest.raises(NoResponders):
+            await bus.request("stop", timeout=1)

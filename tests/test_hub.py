@@ -275,6 +275,19 @@ async def test_wait_connected_on_a_bus_that_lost_its_hub_raises_at_once(bus_name
     await bus.aclose()
 
 
+@pytest.mark.single_loop
+async def test_a_closed_client_bus_refuses_waits_and_bad_timeouts(bus_name: str) -> None:
+    async with ipcbus.Hub(bus_name, transports=FIFO_ONLY):
+        bus = await ipcbus.connect(bus_name)
+        with pytest.raises(TypeError, match="not '1'"):
+            await bus.flush(timeout="1")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="NaN"):
+            await bus.flush(timeout=float("nan"))
+        await bus.aclose()
+        with anyio.fail_after(5), pytest.raises(BusClosed):
+            await bus.wait_connected(timeout=30)
+
+
 @needs_sysv_shm
 @pytest.mark.single_loop
 async def test_connect_with_a_transport_the_hub_does_not_accept(bus_name: str) -> None:

@@ -365,6 +365,25 @@ async def test_an_interpreter_that_cannot_run_is_a_worker_start_error(transport:
 
 
 @pytest.mark.single_loop
+async def test_a_restart_whose_interpreter_is_gone_leaves_no_process_to_wait_for(tmp_path: Path) -> None:
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    python.chmod(0o700)
+    pool = WorkerPool(
+        "pool_workers:setup", workers=1, python=str(python), env=worker_env(), restart_backoff=0.01
+    )
+    async with pool:
+        (pid,) = pool.pids
+        python.unlink()  # the interpreter goes away
+        os.kill(pid, signal.SIGKILL)
+        w0 = pool._workers[0]
+        await wait_until(lambda: w0.crashes == 1 and "cannot run" in (w0.last_error or ""))
+        (w,) = pool.stats()["workers"]
+        assert w["pid"] is None  # nothing runs: closing has nothing to wait for
+    assert [w["state"] for w in pool.stats()["workers"]] == ["stopped"]
+
+
+@pytest.mark.single_loop
 async def test_sync_setup_function_works() -> None:
     async with WorkerPool("pool_workers:setup_sync", workers=1, env=worker_env()) as pool:
         assert len(pool.pids) == 1
