@@ -95,6 +95,7 @@ _MsgFrame = fr.Msg
 _bin_header = fr.bin_header
 _LARGE_PAYLOAD: Final = fr.LARGE_PAYLOAD
 _NO_LINKS: Final[list[Link]] = []  # returned, never changed: no link to wait on
+_NO_ROUTE: Final[tuple[tuple[()], tuple[()], tuple[()]]] = ((), (), ())
 
 Key = tuple[str, str | None]
 # Who gets a subject: plain local subscriptions, plain links, and for each
@@ -1409,8 +1410,11 @@ class Node:
             bound += sum(4 * (len(k) + len(v)) + 10 for k, v in headers.items())
         route = self._routes.get(subject)
         if route is None:
-            # One-off reply subjects stay out of the route cache (as publish_plain).
-            route = self._compute_route(subject, cache=not subject.startswith("_INBOX."))
+            if self._inbox_node(subject) is not None:
+                route = _NO_ROUTE  # a reply: routed by its node id alone (see _route)
+            else:
+                # One-off reply subjects stay out of the route cache (as publish_plain).
+                route = self._compute_route(subject, cache=not subject.startswith("_INBOX."))
         if route[2]:  # a queue group's member across a link gets the group's name too
             bound += 4 * max(len(q) for q, _ in route[2]) + 8
         if bound > self._send_bound:
