@@ -638,9 +638,12 @@ class MessageQueue:
         await self._wait_ops()
 
     async def _wait_ops(self) -> None:
-        for op in list(self._ops):
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(op.future)
+        # Until each op's thread is done and joined (_finish drops it from _ops):
+        # the future of a send whose caller was cancelled is done already.
+        delay = 0.001
+        while self._ops:
+            await asyncio.sleep(delay)  # the thread reports through call_soon_threadsafe
+            delay = min(delay * 2, 0.05)
 
     async def aclose(self) -> None:
         """Release this object: wake and join every helper thread.  Does not remove the queue.

@@ -694,7 +694,7 @@ async def test_closing_a_sysv_client_of_a_stopped_hub_keeps_its_loop_running(
         sink = await stack.enter_async_context(ipcbus.connect(bus_name, transport="sysv"))
         await sink.subscribe("fill", max_pending=10)
         await sink.flush()
-        pubs = [await ipcbus.connect(bus_name, transport="sysv") for _ in range(4)]
+        pubs = [await ipcbus.connect(bus_name, transport="sysv", name=f"pub{i}") for i in range(4)]
         for c in pubs[1:]:
             stack.push_async_callback(c.aclose)
         for c in pubs:
@@ -742,6 +742,14 @@ async def test_closing_a_sysv_client_of_a_stopped_hub_keeps_its_loop_running(
         with anyio.fail_after(20):
             while tx_threads[0].is_alive():
                 await asyncio.sleep(0.01)
+            # Its BYE (which found the bus queue full) followed the stuck message:
+            # the hub ends that link as closed by its peer, with no sequence error.
+            while True:
+                stats = (await sink.request("$SYS.stats", timeout=10)).decode(dict[str, Any])
+                if "pub0" not in {lk.get("peer_name") for lk in stats["links"]}:
+                    break
+                await asyncio.sleep(0.05)
+        assert "sequence gap" not in hp.stderr() and "protocol error" not in hp.stderr()
 
 
 # -- bad input ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 import sysv_ipc
 
@@ -162,6 +163,30 @@ async def test_aclose_releases_an_abandoned_receiver(queue: MessageQueue) -> Non
     assert queue.stat().messages == 0  # its zero-length wake-up was taken back
     with pytest.raises(ConnectionClosed):
         await queue.send(b"x")
+
+
+async def test_aclose_waits_for_a_cancelled_send_until_it_is_sent(queue: MessageQueue) -> None:
+    """A send cancelled while waiting for room still goes out (module docstring);
+    aclose() waits for its thread (it returned at once, leaving the thread)."""
+    big = b"x" * 1000
+    while queue.try_send(big, type=5):
+        pass
+    sending = asyncio.create_task(queue.send(b"last" * 300, type=6))  # more than is left
+    await asyncio.sleep(0.01)
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    closing = asyncio.create_task(queue.aclose())
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # the send still waits for room in its thread
+    other = MessageQueue.open(queue.key)  # a reader elsewhere makes room
+    try:
+        await other.receive(type=5)
+        with anyio.fail_after(10):
+            await closing
+        assert (await other.receive(type=6)).data == b"last" * 300  # sent once, not lost
+    finally:
+        await other.aclose()
 
 
 # -- stat, limits, errors ---------------------------------------------------------

@@ -940,3 +940,16 @@ async def child_hub(busdir: Path) -> int:
 if __name__ == "__main__":
     assert HUB_ADDRESS == 1
     sys.exit(asyncio.run(child_main(sys.argv[1:])))
+
+
+async def test_acceptor_refuses_windows_no_client_could_use(tmp_path: Path) -> None:
+    busdir = tmp_path / "bus"
+    busdir.mkdir(mode=0o700)
+    with pytest.raises(ValueError, match="32 bits"):
+        SysvAcceptor(busdir, window=2**32)
+    with pytest.raises(ValueError, match="at least 4 credit units"):
+        SysvAcceptor(busdir, window=1000, credit_unit=4096)
+    acc = SysvAcceptor(busdir, window=16384, credit_unit=4096)  # 4 units, but not 2 messages
+    with pytest.raises(ValueError, match=r"too small for messages.*2 \* msgmax \+ credit_unit"):
+        async with acc:
+            pass

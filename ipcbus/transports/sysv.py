@@ -490,6 +490,7 @@ class _TxThread:
         self.blocked = False
         self._notify_below = -1
         self._stop = False
+        self._last: bytes | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -508,10 +509,16 @@ class _TxThread:
             self._notify_below = below
             return True
 
-    def stop(self) -> None:
-        """Stop after the current ``msgsnd``; anything not yet sent is abandoned."""
+    def stop(self, last: bytes | None = None) -> None:
+        """Stop after the current ``msgsnd``; anything not yet sent is abandoned.
+
+        ``last``, if given, is sent (waiting for room) before the thread ends: a
+        BYE that found the queue full, so that it still goes out after the
+        message the thread is stuck on.
+        """
         with self._cond:
             self._stop = True
+            self._last = last
             self._items.clear()
             self.pending = 0
             self.active = False
@@ -529,6 +536,15 @@ class _TxThread:
             self._loop.call_soon_threadsafe(fn, *args)
 
     def _run(self) -> None:
+        try:
+            self._send_all()
+        finally:
+            last = self._last
+            if last is not None and self._stop:
+                with contextlib.suppress(sysv_ipc.Error, OSError):
+                    self._q.send(last, True, self._type)
+
+    def _send_all(self) -> None:
         q, t, cond, items = self._q, self._type, self._cond, self._items
         while True:
             with cond:
@@ -968,10 +984,17 @@ class SysvLink(Link):
             raise ProtocolError(
                 f"message claims sender address {sender}, this link's peer is {self._peer_address}"
             )
-        if seq != self._seq_in:
+        if seq != self._seq_in and kind != KIND_BYE:
             raise ProtocolError(
                 f"message sequence gap from address {sender}: expected #{self._seq_in}, "
                 f"got #{seq} (a message was lost, purged or injected)"
+            )
+        if seq != self._seq_in:
+            # A peer that closed gave up on messages its sender thread still
+            # held (its flush timed out): its BYE ends the link all the same.
+            log.info(
+                "%r: the peer closed with %d message(s) it never sent",
+                self, (seq - self._seq_in) & 0xFFFFFFFF,
             )
         self._seq_in = (seq + 1) & 0xFFFFFFFF
         if kind == KIND_FRAMES:
@@ -1184,13 +1207,16 @@ class SysvLink(Link):
         self._writers = []
         self._wake_reader()
 
-    def _stop_tx(self, unblock: Callable[[], None], wait: float = _JOIN_TIMEOUT) -> None:
-        """Stop the sender thread; if it is stuck in msgsnd, ``unblock`` frees it, then
-        join it for up to ``wait`` seconds (:meth:`_join_tx` waits without blocking)."""
+    def _stop_tx(
+        self, unblock: Callable[[], None], wait: float = _JOIN_TIMEOUT, last: bytes | None = None
+    ) -> None:
+        """Stop the sender thread (after it sends ``last``, see :meth:`_TxThread.stop`);
+        if it is stuck in msgsnd, ``unblock`` frees it, then join it for up to
+        ``wait`` seconds (:meth:`_join_tx` waits without blocking)."""
         tx = self._tx
         if tx is None:
             return
-        tx.stop()
+        tx.stop(last)
         if tx.blocked:
             unblock()
         if not tx.join(wait) and wait:
@@ -1589,11 +1615,19 @@ class _ClientLink(SysvLink):
             self._hub_watch = None
         welcomed = self._welcome.done() and not self._welcome.cancelled() \
             and self._welcome.exception() is None
+        late_bye = None
         if welcomed and not self._bye_sent and not self._peer_gone:
             # The link broke (protocol error) or the flush gave up: still tell the
             # hub we are gone, so it does not wait for our death to notice.
-            with contextlib.suppress(sysv_ipc.Error, OSError):
-                self._out_q.send(self._bye_message(), False, self._out_type)
+            bye = self._bye_message()
+            try:
+                self._out_q.send(bye, False, self._out_type)
+            except sysv_ipc.BusyError:
+                # The bus queue is full (its hub stopped?): the sender thread
+                # sends it once it has room, after the message it is stuck on.
+                late_bye = bye if self._tx is not None and self._tx.is_alive() else None
+            except (sysv_ipc.Error, OSError):
+                pass
         self._break(ConnectionClosed("this link is closed"))
         self._stopping = True
         self._turn.stop()  # a thread waiting for its turn sees _stopping and ends
@@ -1607,7 +1641,7 @@ class _ClientLink(SysvLink):
             self._rx_thread.join(_JOIN_TIMEOUT)
         # Not joined here: blocked in msgsnd on the queue of a live hub that is
         # stopped, the thread may take long.  aclose() waits for it (_join_tx).
-        self._stop_tx(self._unblock_bus_send, wait=0.0)
+        self._stop_tx(self._unblock_bus_send, wait=0.0, last=late_bye)
         self._fail_waiters()
 
 
@@ -1989,16 +2023,18 @@ class _HubLink(SysvLink):
         if self._rx_end is not None:
             return
         try:
+            data_kind = len(data) >= _HDR and data[1] in (KIND_FRAMES, KIND_FRAGMENT)  # BYE needs no credit
+            if data_kind and self._absorbed + len(data) - self._acked > self._credit_window:
+                # Checked before the message is used: none of its frames is delivered.
+                raise ProtocolError(
+                    f"client exceeded its credit window: {self._absorbed + len(data) - self._acked} "
+                    f"bytes unacknowledged, window {self._credit_window}"
+                )
             self._rx_data(data)
-            if data[1] in (KIND_FRAMES, KIND_FRAGMENT):  # BYE needs no credit
+            if data_kind:
                 self._absorbed += len(data)
                 if self._absorbed - self._acked >= self._ack_threshold:
                     self._watch_consumption = True
-                if self._absorbed - self._acked > self._credit_window:
-                    raise ProtocolError(
-                        f"client exceeded its credit window: {self._absorbed - self._acked} "
-                        f"bytes unacknowledged, window {self._credit_window}"
-                    )
         except ProtocolError as exc:
             self._fatal(exc)
 
@@ -2213,6 +2249,8 @@ class SysvAcceptor:
             raise ValueError(f"bus queue mode {mode:#o} must not grant access to other users")
         if credit_unit <= 0 or window < 4 * credit_unit:
             raise ValueError("window must be at least 4 credit units")
+        if window > 0xFFFFFFFF:
+            raise ValueError(f"window {window} does not fit the WELCOME message's 32 bits")
         self.busdir = Path(busdir)
         self.mode = mode
         self.gid = gid
@@ -2269,6 +2307,13 @@ class SysvAcceptor:
     async def __aenter__(self) -> SysvAcceptor:
         self._loop = asyncio.get_running_loop()
         self._msgmax = read_limits().msgmax
+        if self.window < 2 * self._msgmax + self.credit_unit:
+            # A client refuses such a WELCOME: two whole messages and a unit must fit.
+            raise ValueError(
+                f"window {self.window} is too small for messages of up to {self._msgmax} bytes "
+                f"(kernel.msgmax): it must be at least 2 * msgmax + credit_unit = "
+                f"{2 * self._msgmax + self.credit_unit}"
+            )
         self._ensure_key_file()
         self._key = bus_key(self.busdir)
         self._clean_stale_records()
