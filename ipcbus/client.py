@@ -8,6 +8,7 @@ are.  Nothing here knows about transports.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import typing
@@ -101,6 +102,11 @@ def _check_headers(headers: Any) -> None:
 
 
 _INF: Final = float("inf")
+
+# The service whose handler runs in this task, or in a task it started (tasks
+# inherit their creator's context): drain() or aclose() called from there
+# cannot wait for that handler (see Bus._from_own_handler).
+_SERVING: contextvars.ContextVar[Service | None] = contextvars.ContextVar("ipcbus_serving", default=None)
 
 
 async def _logged(work: Awaitable[None]) -> None:
@@ -352,28 +358,23 @@ class Service:
             task = asyncio.get_running_loop().create_task(self._finish(m, result))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
-            running = self._bus._handler_tasks
-            running[task] = self
-            task.add_done_callback(lambda t: running.pop(t, None))
             return
         # Replies are queued even above the link's high-water mark: they are
         # bounded by the requests in flight, and a callback cannot wait.
         self._reply_now(m, result)
 
     async def _finish(self, m: Msg, pending: Awaitable[Any]) -> None:
+        _SERVING.set(self)  # this task's own context: see Bus._from_own_handler
         try:
             await self._complete(m, lambda: pending)
         finally:
             self._leave()
 
     async def _handle_async(self, m: Msg) -> None:
-        running = self._bus._handler_tasks
-        task = asyncio.current_task()
-        running[task] = self
+        _SERVING.set(self)  # this task's own context (and its children's)
         try:
             await self._complete(m, lambda: self.handler(self._arg(m)))
         finally:
-            running.pop(task, None)
             self._limiter.release()
             self._leave()
 
@@ -450,7 +451,7 @@ class Service:
         requests (waiting would wait for that very handler).
         """
         await self.subscription.unsubscribe()
-        if self._bus._handler_tasks.get(asyncio.current_task()) is self:
+        if _SERVING.get() is self:
             return
         await self._done.wait()
         while self._active:
@@ -525,9 +526,6 @@ class Bus:
         self._owns_node = owns_node
         self._services: list[Service] = []
         self._subs: dict[int, SubscriptionCore] = {}  # made here, ended by aclose()
-        # Tasks running this bus's handlers: drain() or aclose() called from one
-        # of them cannot wait for it (see _from_own_handler).
-        self._handler_tasks: dict[asyncio.Task[Any] | None, Service] = {}
         self._closing: asyncio.Task[None] | None = None
         self._closed = False
         self.error_for_closed: type[ConnectionClosed] = ConnectionClosed
@@ -734,10 +732,14 @@ class Bus:
         """If called from a task running one of this bus's handlers, start ``then()``
         in a task of its own (waiting for the caller from the caller would never
         end) and return True."""
-        if asyncio.current_task() not in self._handler_tasks:
+        serving = _SERVING.get()
+        if serving is None or serving._bus is not self:
             return False
         if self._closing is None or self._closing.done():
-            self._closing = asyncio.get_running_loop().create_task(_logged(then()))
+            # A fresh context: the task is not part of the handler (see _SERVING).
+            self._closing = asyncio.get_running_loop().create_task(
+                _logged(then()), context=contextvars.Context()
+            )
         return True
 
     async def aclose(self) -> None:
@@ -748,9 +750,12 @@ class Bus:
         """
         if self._closed:
             return
-        if self._from_own_handler(self.aclose):
+        self._closed = True  # at once, also when the rest happens in the background
+        if self._from_own_handler(self._close_now):
             return
-        self._closed = True
+        await self._close_now()
+
+    async def _close_now(self) -> None:
         for svc in self._services:
             await svc.subscription.unsubscribe()
         # A bus on a node it does not own (Bus(node)) ends what it subscribed:

@@ -982,8 +982,8 @@ class Node:
                     return 1
                 return 0
         route = self._routes.get(subject)
-        if route is None:
-            route = self._compute_route(subject)
+        if route is None:  # one-off reply subjects stay out of the cache
+            route = self._compute_route(subject, cache=not subject.startswith("_INBOX."))
         subs, plain, groups = route
         if m.reply is None and not m.groups and not groups:
             # Plain messages: subscriptions and links, no queue groups involved.
@@ -1008,6 +1008,8 @@ class Node:
             # common case of request/reply and of a worker pool.
             q, cands = groups[0]
             if origin is None or (m.groups == (q,) and origin not in cands):
+                if len(cands) > 1 and self._send_bound < self.max_frame:
+                    cands = self._members_that_take(cands, m, raw if origin is not None else None, q)
                 pick = cands[0] if len(cands) == 1 else self._pick(cands)
                 if not isinstance(pick, LinkState):
                     pick.deliver(m)
@@ -1109,6 +1111,28 @@ class Node:
             self._routes[subject] = route
         return route
 
+    def _members_that_take(
+        self,
+        cands: tuple[SubscriptionCore | LinkState, ...],
+        m: fr.Msg,
+        raw: bytes | None,
+        q: str,
+    ) -> tuple[SubscriptionCore | LinkState, ...]:
+        """The members of a queue group whose link takes ``m`` (all of them if none
+        does: the pick then fails as it would have).  Only when a peer announced a
+        smaller max_frame than ours."""
+        if raw is not None:
+            size = len(raw)
+        else:
+            bound = len(m.payload) + 4 * (len(m.subject) + len(m.reply or "") + len(q)) + 64
+            if not m.headers and bound <= self._send_bound:
+                return cands  # fits every link: no need to measure
+            size = len(_encode(_MsgFrame(m.subject, m.reply, m.headers, m.payload, (q,))))
+        if size <= self._send_bound:
+            return cands
+        fits = tuple(c for c in cands if not isinstance(c, LinkState) or c.send_max >= size)
+        return fits or cands
+
     def _pick(self, cands: Sequence[SubscriptionCore | LinkState]) -> SubscriptionCore | LinkState:
         """Least busy member; among equals, the one picked longest ago (round robin)."""
         self._rr += 1
@@ -1146,6 +1170,24 @@ class Node:
             # in publish_nowait): the peer said it takes no frame this large.
             ls.dropped += 1
             self.dropped += 1
+            if subject.startswith("_INBOX."):
+                # A reply: its requester waits for it; tell it instead, in a
+                # frame that fits, rather than leave it to its timeout.
+                with contextlib.suppress(ConnectionClosed, FrameTooLarge):
+                    link.send_nowait(
+                        _encode(
+                            _MsgFrame(
+                                subject,
+                                None,
+                                {
+                                    ERROR_TYPE_HEADER: "FrameTooLarge",
+                                    ERROR_MSG_HEADER: f"the reply ({len(frame)} bytes) is over the "
+                                    f"{ls.send_max}-byte max_frame this node announced",
+                                },
+                                b"",
+                            )
+                        )
+                    )
             log.warning(
                 "message on %r (%d bytes) is over the %d-byte max_frame link %s announced; "
                 "not forwarded to it",
@@ -1377,7 +1419,9 @@ class Node:
             return
         links: list[LinkState] = list(route[1])
         for _, cands in route[2]:
-            links.extend(c for c in cands if isinstance(c, LinkState))
+            # A queue group needs one member that takes it (_route picks among those).
+            if not any(not isinstance(c, LinkState) or c.send_max >= size for c in cands):
+                links.extend(c for c in cands if isinstance(c, LinkState))
         nid = self._inbox_node(subject)
         if nid is not None and (target := self._inbox_links.get(nid)) is not None:
             links.append(target)

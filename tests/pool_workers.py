@@ -80,7 +80,7 @@ not_callable = 42
 
 async def setup_says_pid_then_hangs(bus: ipcbus.Bus) -> None:
     """Prints this worker's pid on stdout (the parent's), then never finishes setup."""
-    print(os.getpid(), flush=True)
+    os.write(1, f"{os.getpid()}\n".encode())  # one write: two workers share the pipe
     await asyncio.Event().wait()
 
 

@@ -1191,7 +1191,7 @@ async def test_a_subscription_is_told_the_drops_on_its_own_subjects(with_counts:
         await raw.aclose()
 
 
-@pytest.mark.parametrize("how", ["aclose", "drain"])
+@pytest.mark.parametrize("how", ["aclose", "drain", "drain in a task of its own"])
 async def test_a_handler_may_close_its_own_bus(how: str) -> None:
     """The "shutdown request" pattern: a handler closing (or draining) its own bus
     cannot wait for itself; the close runs after it and its reply still goes out."""
@@ -1199,7 +1199,13 @@ async def test_a_handler_may_close_its_own_bus(how: str) -> None:
         done = asyncio.Event()
 
         async def shutdown(m: Msg) -> bytes:
-            await (server.aclose() if how == "aclose" else server.drain(timeout=5))
+            if how == "aclose":
+                await server.aclose()
+                assert server.closed  # at once, though the rest runs after this handler
+            elif how == "drain":
+                await server.drain(timeout=5)
+            else:  # a task the handler started (asyncio.wait_for does so on 3.11)
+                await asyncio.wait_for(asyncio.ensure_future(server.drain(timeout=5)), 5)
             done.set()
             return b"bye"
 
@@ -1230,3 +1236,30 @@ async def test_a_service_drained_from_its_own_handler_stops_taking_requests() ->
             assert (await bus.request("stop", timeout=5)).data == b"stopping"
         with pytest.raises(NoResponders):
             await bus.request("stop", timeout=1)
+
+
+async def test_behind_a_hub_a_small_peer_gets_errors_and_its_group_share_fits() -> None:
+    """A reply too large for the requester's link comes back as RemoteError
+    (FrameTooLarge) instead of silence; a queue-group request too large for one
+    member goes to a member that takes it."""
+    async with (
+        Node(name="hub") as hub,
+        Node(name="small", max_frame=4096) as small,
+        Node(name="big") as big,
+    ):
+        for other in (small, big):
+            a, b = pipe_pair(max_frame=1 << 20)
+            ls = await hub.add_link(a, name=other.name, wait=False)
+            await other.add_link(b, name="hub")
+            await ls.ready.wait()
+        small_bus, big_bus = Bus(small), Bus(big)
+        await big_bus.serve("blob", lambda m: b"z" * 6000)
+        await small_bus.serve("work", lambda m: b"small", queue="w")
+        await big_bus.serve("work", lambda m: b"big", queue="w")
+        await settle(Bus(hub), small_bus, big_bus)
+        with anyio.fail_after(5), pytest.raises(RemoteError, match=r"FrameTooLarge.*4096-byte"):
+            await small_bus.request("blob", timeout=30)
+        got = [(await Bus(hub).request("work", b"x" * 5000, timeout=5)).data for _ in range(6)]
+        assert got == [b"big"] * 6  # never the member whose link would refuse it
+        small_ones = {(await Bus(hub).request("work", b"x", timeout=5)).data for _ in range(10)}
+        assert small_ones == {b"small", b"big"}  # small requests still go to both

@@ -540,6 +540,33 @@ async def test_corrupted_header_on_attach(offset: int, data: bytes, match: str) 
         await a.aclose()
 
 
+async def test_names_that_do_not_belong_to_the_segment_are_refused_and_left_alone() -> None:
+    """Swapped names, or names of another link, are refused before anything is
+    opened or unlinked (attach unlinked whatever it was given)."""
+    a, params = ShmLink.create(None, ring_size=64 * KiB)
+    other, other_params = ShmLink.create(None, ring_size=64 * KiB)
+    try:
+        swaps = [
+            {**params, "bell0": params["bell1"], "bell1": params["bell0"]},
+            {**params, "sem0": params["sem1"], "sem1": params["sem0"]},
+            {**params, "sem0": other_params["sem0"]},
+            {**params, "bell0": other_params["bell0"]},
+        ]
+        for bad in swaps:
+            await _attach_fails(bad, ProtocolError, "do not belong to this segment")
+        assert len(sem_files(other_params)) == 4 and not gone(other_params)  # untouched
+        bells = {os.path.basename(str(other_params[k])) for k in ("bell0", "bell1")}
+        assert bells <= set(os.listdir(os.path.dirname(str(other_params["bell0"]))))
+        b = await ShmLink.attach(params, peer_pid=os.getpid())  # the real params still work
+        await a.wait_attached()
+        await a.send(b"still fine")
+        assert await b.recv() == b"still fine"
+        await b.aclose()
+    finally:
+        await a.aclose()
+        await other.aclose()
+
+
 async def test_segment_of_another_uid_is_refused() -> None:
     a, params = ShmLink.create(None, ring_size=64 * KiB)
     try:

@@ -949,7 +949,12 @@ async def test_acceptor_refuses_windows_no_client_could_use(tmp_path: Path) -> N
         SysvAcceptor(busdir, window=2**32)
     with pytest.raises(ValueError, match="at least 4 credit units"):
         SysvAcceptor(busdir, window=1000, credit_unit=4096)
-    acc = SysvAcceptor(busdir, window=16384, credit_unit=4096)  # 4 units, but not 2 messages
-    with pytest.raises(ValueError, match=r"too small for messages.*2 \* msgmax \+ credit_unit"):
-        async with acc:
-            pass
+    # 4 units, but not two messages of msgmax (8 KiB here) and a unit: messages
+    # are cut to fit instead, and a client is welcomed.
+    async with SysvAcceptor(busdir, window=16384, credit_unit=4096) as acc:
+        client, hub = await connect_here(acc)
+        frame = os.urandom(50_000)  # fragmented into the smaller messages
+        await client.send(frame)
+        assert await hub.recv() == frame
+        await client.aclose()
+        await hub.aclose()

@@ -49,6 +49,7 @@ import errno
 import io
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -516,7 +517,7 @@ class ShmLink(Link):
         busdir = Path(busdir) if busdir is not None else None
         size = HEADER_SIZE + 2 * ring_size
         nonce = secrets.token_bytes(_NONCE_LEN)
-        token = secrets.token_hex(6)
+        token = nonce[:6].hex()  # ties the object names to this segment (see _parse_params)
         pid = os.getpid()
         names = tuple(f"/ipcbus.{pid}.{token}.{i}" for i in range(4))
         made = _Made(busdir)
@@ -638,6 +639,11 @@ class ShmLink(Link):
                 "gave up or died); connect again"
             )
         _check_segment_row(row, shmid, p.size, peer_pid, want_uid)
+        if p.sem_names[0].split(".")[1] != str(peer_pid):
+            raise ProtocolError(
+                f"shm link params: the semaphore names are not those of pid {peer_pid}, "
+                "which created the segment; pass the params the creator gave"
+            )
         try:
             shm = sysv_ipc.attach(shmid)
         except sysv_ipc.PermissionsError as exc:
@@ -1824,6 +1830,9 @@ class _Params:
         self.bells = bells
 
 
+_NAME: Final = re.compile(r"ipcbus\.([0-9]+)\.[0-9a-f]+\.0")
+
+
 def _parse_params(params: Mapping[str, int | str]) -> _Params:
     def get_int(key: str) -> int:
         v = params.get(key)
@@ -1865,6 +1874,19 @@ def _parse_params(params: Mapping[str, int | str]) -> _Params:
     for path in bells:
         if not os.path.isabs(path) or not path.endswith(".bell"):
             raise ProtocolError(f"shm link params: {path!r} is not an ipcbus bell path")
+    # Every name is the creator's pid and a token taken from the segment's nonce
+    # (checked against the segment before use), in its place: names swapped or
+    # taken from another link are refused before anything is opened or unlinked.
+    first = _NAME.fullmatch(names[0][1:])
+    pid = first.group(1) if first else ""
+    token = nonce[:6].hex()
+    want = [f"/ipcbus.{pid}.{token}.{i}" for i in range(4)]
+    want_bells = [f"shm-{pid}-{token}.c.bell", f"shm-{pid}-{token}.a.bell"]
+    if first is None or list(names) != want or [os.path.basename(b) for b in bells] != want_bells:
+        raise ProtocolError(
+            "shm link params: the semaphore and bell names do not belong to this segment "
+            f"(expected {want} and {want_bells}); pass the params the creator gave"
+        )
     return _Params(shmid, size, ring0, ring1, nonce, (names[0], names[1], names[2], names[3]), bells)
 
 

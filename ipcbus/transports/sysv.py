@@ -2249,6 +2249,8 @@ class SysvAcceptor:
             raise ValueError(f"bus queue mode {mode:#o} must not grant access to other users")
         if credit_unit <= 0 or window < 4 * credit_unit:
             raise ValueError("window must be at least 4 credit units")
+        if window < 2 * (_HDR + 64) + credit_unit:
+            raise ValueError(f"window {window} is too small to hold two messages and a credit unit")
         if window > 0xFFFFFFFF:
             raise ValueError(f"window {window} does not fit the WELCOME message's 32 bits")
         self.busdir = Path(busdir)
@@ -2307,13 +2309,6 @@ class SysvAcceptor:
     async def __aenter__(self) -> SysvAcceptor:
         self._loop = asyncio.get_running_loop()
         self._msgmax = read_limits().msgmax
-        if self.window < 2 * self._msgmax + self.credit_unit:
-            # A client refuses such a WELCOME: two whole messages and a unit must fit.
-            raise ValueError(
-                f"window {self.window} is too small for messages of up to {self._msgmax} bytes "
-                f"(kernel.msgmax): it must be at least 2 * msgmax + credit_unit = "
-                f"{2 * self._msgmax + self.credit_unit}"
-            )
         self._ensure_key_file()
         self._key = bus_key(self.busdir)
         self._clean_stale_records()
@@ -2621,7 +2616,10 @@ class SysvAcceptor:
             pid=pid,
             uid=real_uid,
             name=knock.name,
-            msg_size=min(self._msgmax, msg_size),
+            # Two whole messages and a unit must fit in the window (a client
+            # refuses a WELCOME where they do not): with a large kernel.msgmax,
+            # messages are cut smaller instead.
+            msg_size=max(_HDR + 64, min(self._msgmax, msg_size, (self.window - self.credit_unit) // 2)),
             max_frame=min(self.max_frame, client_max),
             window=self.window,
             credit_unit=self.credit_unit,
