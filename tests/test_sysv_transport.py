@@ -942,7 +942,7 @@ if __name__ == "__main__":
     sys.exit(asyncio.run(child_main(sys.argv[1:])))
 
 
-async def test_acceptor_refuses_windows_no_client_could_use(tmp_path: Path) -> None:
+async def test_acceptor_window_limits(tmp_path: Path) -> None:
     busdir = tmp_path / "bus"
     busdir.mkdir(mode=0o700)
     with pytest.raises(ValueError, match="32 bits"):
