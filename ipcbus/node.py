@@ -1019,6 +1019,21 @@ class Node:
                 if not self._forward(pick, raw, subject, origin is not None):
                     if origin is None:
                         self._unsendable(m, (pick,))
+                    elif m.reply is not None and len(raw) > pick.send_max:
+                        # Passed on, but too large for every member's link: the
+                        # requester is told now rather than at its timeout.
+                        self._route(
+                            fr.Msg(
+                                m.reply,
+                                headers={
+                                    ERROR_TYPE_HEADER: "FrameTooLarge",
+                                    ERROR_MSG_HEADER: f"the request ({len(raw)} bytes) is over the "
+                                    f"{pick.send_max}-byte max_frame of the responder's link",
+                                },
+                            ),
+                            None,
+                            None,
+                        )
                     return 0
                 if m.reply is not None:
                     self._track(pick, m.reply)

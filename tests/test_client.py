@@ -1263,3 +1263,8 @@ async def test_behind_a_hub_a_small_peer_gets_errors_and_its_group_share_fits() 
         assert got == [b"big"] * 6  # never the member whose link would refuse it
         small_ones = {(await Bus(hub).request("work", b"x", timeout=5)).data for _ in range(10)}
         assert small_ones == {b"small", b"big"}  # small requests still go to both
+        # A request passed on to a service only the small node serves: told at once.
+        await small_bus.serve("only.small", lambda m: b"never", queue="svc")
+        await settle(Bus(hub), small_bus, big_bus)
+        with anyio.fail_after(5), pytest.raises(RemoteError, match=r"FrameTooLarge.*4096-byte"):
+            await big_bus.request("only.small", b"x" * 5000, timeout=30)
