@@ -314,10 +314,10 @@ def remove_stale_fifos(path: Path) -> list[Path]:
     return removed
 
 
-def _read_pidfile(fd: int) -> tuple[int, int | None] | None:
-    try:
-        data = os.pread(fd, 128, 0)
-    except OSError:
+def _read_pidfile(fd: int | Path) -> tuple[int, int | None] | None:
+    """(pid, start time) from a pid file, given open or by path."""
+    data = _pidfile_bytes(fd)
+    if data is None:
         return None
     parts = data.split()[:2]
     try:
@@ -329,6 +329,20 @@ def _read_pidfile(fd: int) -> tuple[int, int | None] | None:
         with contextlib.suppress(ValueError):
             start = int(parts[1])
     return pid, start
+
+
+def _pidfile_bytes(file: int | Path) -> bytes | None:
+    """The start of a pid file (an open fd, or a path opened without following links)."""
+    try:
+        if isinstance(file, int):
+            return os.pread(file, 256, 0)
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, 256, 0)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
 
 
 # Descriptors a forked child must not keep: the hub's lock (a child holding it
@@ -515,14 +529,7 @@ class BusDir:
         process (its start time matches), so a reused pid is not mistaken for
         the hub.
         """
-        try:
-            fd = os.open(self.pidfile, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            rec = _read_pidfile(fd)
-        finally:
-            os.close(fd)
+        rec = _read_pidfile(self.pidfile)
         if rec is None:
             return None
         pid, start = rec
@@ -532,16 +539,8 @@ class BusDir:
         """The transports the bus's hub accepts, from the third line of its pid
         file; ``None`` if the file is missing or does not say.  Check
         :meth:`hub_pid` for whether that hub is alive."""
-        try:
-            fd = os.open(self.pidfile, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            lines = os.pread(fd, 256, 0).decode("ascii", "replace").splitlines()
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+        data = _pidfile_bytes(self.pidfile)
+        lines = [] if data is None else data.decode("ascii", "replace").splitlines()
         if len(lines) < 3 or not lines[2].strip():
             return None
         return tuple(t for t in lines[2].strip().split(",") if t)
@@ -655,14 +654,7 @@ class BusDir:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISFIFO(os.lstat(self.door).st_mode):
                 os.unlink(self.door)
-        try:
-            fd = os.open(self.pidfile, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            rec = _read_pidfile(fd)
-        finally:
-            os.close(fd)
+        rec = _read_pidfile(self.pidfile)
         if rec is not None and rec[0] == os.getpid():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.pidfile)

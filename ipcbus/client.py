@@ -222,8 +222,7 @@ class Subscription:
         none is lost or duplicated.  Raises :class:`~ipcbus.errors.BusClosed`
         once the subscription is closed and drained.
         """
-        if timeout is not None:
-            timeout = _timeout_or_none(timeout)
+        timeout = _timeout_or_none(timeout)
         if timeout is None:
             m = await self._core.get()
         else:
@@ -756,10 +755,9 @@ class Bus:
         await self._close_now()
 
     async def _close_now(self) -> None:
-        for svc in self._services:
-            await svc.subscription.unsubscribe()
-        # A bus on a node it does not own (Bus(node)) ends what it subscribed:
-        # readers drain what is pending, then get BusClosed.
+        # Every subscription made here, its services' too: readers drain what
+        # is pending, then get BusClosed (this matters for a bus on a node it
+        # does not own, Bus(node); an owned node ends them all anyway).
         for core in list(self._subs.values()):
             self._node.unsubscribe(core)
         self._subs.clear()

@@ -32,7 +32,7 @@ from .busdir import BusDir
 from .client import Bus, _timeout_or_none
 from .errors import BusClosed, BusNotFound, ConnectionClosed, IpcBusError
 from .hub import ALL_TRANSPORTS
-from .node import LinkState, Node
+from .node import LinkState, Node, first_of
 from .spin import spin_window
 from .transports.base import Link
 
@@ -138,7 +138,7 @@ class ClientBus(Bus):
         if ls is not self.hub_link or self.closed:
             return
         self._lost = f"hub link closed ({ls.close_reason})"
-        self._connected = asyncio.Event()
+        self._connected.clear()
         if self.reconnect:
             log.warning("bus %s: %s; reconnecting", self.busdir.name, self._lost)
             self._node.task_group.start_soon(self._reconnect_loop, name="ipcbus-reconnect")
@@ -188,13 +188,11 @@ class ClientBus(Bus):
         when the bus is closed (without ``reconnect``, a lost hub closes it).
         """
         with anyio.fail_after(timeout):
-            while self.closed or not self._connected.is_set():
-                if self.closed:
-                    lost = f": {self._lost}" if self._lost else ""
-                    raise BusClosed(f"bus {self.busdir.name!r} is closed{lost}")
-                # A lost link replaces the event; look again now and then.
-                with anyio.move_on_after(0.05):
-                    await self._connected.wait()
+            if not self.closed and not self._connected.is_set():
+                await first_of(self._connected, self._node.closing)
+        if self.closed:
+            lost = f": {self._lost}" if self._lost else ""
+            raise BusClosed(f"bus {self.busdir.name!r} is closed{lost}")
 
 
 async def _autostart(busdir: BusDir, group: str | int | None) -> None:

@@ -489,6 +489,7 @@ class Node:
         except Exception:  # a background task failed unexpectedly: the node is unusable
             log.exception("node %s: background task failed; closing the node", self.name)
             self._closed = True  # the links' tasks were cancelled and dropped their links
+            self._stop.set()  # see closing
             self._end_local()  # nobody waits forever on a subscription or a reply
         finally:
             started.set()
@@ -508,6 +509,11 @@ class Node:
     def closed(self) -> bool:
         """True once :meth:`aclose` started."""
         return self._closed
+
+    @property
+    def closing(self) -> asyncio.Event:
+        """Set once the node is closing (:meth:`aclose`, or a failed background task)."""
+        return self._stop
 
     @property
     def task_group(self) -> anyio.abc.TaskGroup:
@@ -1022,18 +1028,7 @@ class Node:
                     elif m.reply is not None and len(raw) > pick.send_max:
                         # Passed on, but too large for every member's link: the
                         # requester is told now rather than at its timeout.
-                        self._route(
-                            fr.Msg(
-                                m.reply,
-                                headers={
-                                    ERROR_TYPE_HEADER: "FrameTooLarge",
-                                    ERROR_MSG_HEADER: f"the request ({len(raw)} bytes) is over the "
-                                    f"{pick.send_max}-byte max_frame of the responder's link",
-                                },
-                            ),
-                            None,
-                            None,
-                        )
+                        self._too_large_reply(m.reply, "request", len(raw), pick.send_max)
                     return 0
                 if m.reply is not None:
                     self._track(pick, m.reply)
@@ -1145,7 +1140,7 @@ class Node:
             size = len(_encode(_MsgFrame(m.subject, m.reply, m.headers, m.payload, (q,))))
         if size <= self._send_bound:
             return cands
-        fits = tuple(c for c in cands if not isinstance(c, LinkState) or c.send_max >= size)
+        fits = tuple(c for c in cands if _takes(c, size))
         return fits or cands
 
     def _pick(self, cands: Sequence[SubscriptionCore | LinkState]) -> SubscriptionCore | LinkState:
@@ -1188,21 +1183,7 @@ class Node:
             if subject.startswith("_INBOX."):
                 # A reply: its requester waits for it; tell it instead, in a
                 # frame that fits, rather than leave it to its timeout.
-                with contextlib.suppress(ConnectionClosed, FrameTooLarge):
-                    link.send_nowait(
-                        _encode(
-                            _MsgFrame(
-                                subject,
-                                None,
-                                {
-                                    ERROR_TYPE_HEADER: "FrameTooLarge",
-                                    ERROR_MSG_HEADER: f"the reply ({len(frame)} bytes) is over the "
-                                    f"{ls.send_max}-byte max_frame this node announced",
-                                },
-                                b"",
-                            )
-                        )
-                    )
+                self._too_large_reply(subject, "reply", len(frame), ls.send_max)
             log.warning(
                 "message on %r (%d bytes) is over the %d-byte max_frame link %s announced; "
                 "not forwarded to it",
@@ -1308,6 +1289,14 @@ class Node:
         waiting.discard(origin)
         origin.inflight.pop(reply, None)
         return True
+
+    def _too_large_reply(self, reply: str, what: str, size: int, limit: int) -> None:
+        """Answer ``reply`` with a FrameTooLarge error: a request or reply of ``size``
+        bytes could not go on, over a link whose peer takes at most ``limit``."""
+        error = f"the {what} ({size} bytes) is over the {limit}-byte max_frame a link's peer announced"
+        headers = {ERROR_TYPE_HEADER: "FrameTooLarge", ERROR_MSG_HEADER: error}
+        with contextlib.suppress(ConnectionClosed, FrameTooLarge):
+            self._route(fr.Msg(reply, headers=headers), None, None)
 
     def _no_responders(self, m: fr.Msg) -> None:
         assert m.reply is not None
@@ -1427,7 +1416,7 @@ class Node:
         self._heads[subject] = head
         return head
 
-    def _check_peers_take(self, size: int, route: _Route, subject: str, reply: str | None) -> None:
+    def _check_peers_take(self, size: int, route: _Route, subject: str) -> None:
         """Raise FrameTooLarge if a link this message would go out on takes no
         frame of ``size`` bytes (its peer announced a smaller max_frame)."""
         if self._send_bound >= size:
@@ -1435,7 +1424,7 @@ class Node:
         links: list[LinkState] = list(route[1])
         for _, cands in route[2]:
             # A queue group needs one member that takes it (_route picks among those).
-            if not any(not isinstance(c, LinkState) or c.send_max >= size for c in cands):
+            if not any(_takes(c, size) for c in cands):
                 links.extend(c for c in cands if isinstance(c, LinkState))
         nid = self._inbox_node(subject)
         if nid is not None and (target := self._inbox_links.get(nid)) is not None:
@@ -1477,15 +1466,16 @@ class Node:
         if route[2]:  # a queue group's member across a link gets the group's name too
             bound += 4 * max(len(q) for q, _ in route[2]) + 8
         if bound > self._send_bound:
-            size = len(_encode(m))
             if route[2]:
                 # A queue group's member across a link gets the frame with the
-                # group's name in it: measure that one too (rare: near the limit).
+                # group's name in it: measure the largest of those (rare: near the limit).
                 longest = max((q for q, _ in route[2]), key=lambda q: len(q.encode()))
-                size = max(size, len(_encode(fr.Msg(subject, reply, headers, payload, (longest,)))))
+                size = len(_encode(fr.Msg(subject, reply, headers, payload, (longest,))))
+            else:
+                size = len(_encode(m))
             if size > self.max_frame:
                 raise FrameTooLarge(size, self.max_frame, "message")
-            self._check_peers_take(size, route, subject, reply)
+            self._check_peers_take(size, route, subject)
         self.bytes_out += len(payload)
         return self._route(m, None, None)
 
@@ -1754,6 +1744,11 @@ async def wait_writable(links: list[Link]) -> None:
     for link in links:
         with contextlib.suppress(ConnectionClosed):
             await link.wait_writable()
+
+
+def _takes(member: SubscriptionCore | LinkState, size: int) -> bool:
+    """Whether a queue-group member can be sent a frame of ``size`` bytes."""
+    return not isinstance(member, LinkState) or member.send_max >= size
 
 
 async def first_of(*events: asyncio.Event) -> None:

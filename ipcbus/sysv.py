@@ -388,6 +388,7 @@ class MessageQueue:
                 ) from None
         self._stash: collections.deque[Message] = collections.deque()
         self._ops: set[_Op] = set()
+        self._no_ops: asyncio.Future[None] | None = None  # set by _finish when _ops empties
         self._closed = False
 
     @classmethod
@@ -593,6 +594,8 @@ class MessageQueue:
 
     def _finish(self, op: _Op, result: Any, error: BaseException | None) -> None:
         self._ops.discard(op)
+        if not self._ops and self._no_ops is not None and not self._no_ops.done():
+            self._no_ops.set_result(None)
         if op.thread is not None:
             op.thread.join()
         if op.abandoned and error is None and result is not None:
@@ -640,10 +643,10 @@ class MessageQueue:
     async def _wait_ops(self) -> None:
         # Until each op's thread is done and joined (_finish drops it from _ops):
         # the future of a send whose caller was cancelled is done already.
-        delay = 0.001
         while self._ops:
-            await asyncio.sleep(delay)  # the thread reports through call_soon_threadsafe
-            delay = min(delay * 2, 0.05)
+            if self._no_ops is None or self._no_ops.done():
+                self._no_ops = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._no_ops)
 
     async def aclose(self) -> None:
         """Release this object: wake and join every helper thread.  Does not remove the queue.

@@ -97,7 +97,7 @@ async def run_worker(
                 setup = load_target(target)
                 result = setup(bus)
                 if inspect.isawaitable(result):
-                    await _unless_closed(result, ls)
+                    await _unless_closed(result, ls, node)
             except Exception as exc:
                 msg = f"{type(exc).__name__}: {exc}"
                 with contextlib.suppress(ConnectionClosed):  # the parent may be gone too
@@ -120,25 +120,20 @@ async def run_worker(
             os.close(parent)
 
 
-async def _unless_closed(setup: Awaitable[Any], ls: LinkState) -> None:
+async def _unless_closed(setup: Awaitable[Any], ls: LinkState, node: Node) -> None:
     """Await the setup function, unless the link to the parent ends first (the
     parent died or closed the pool): then it is cancelled, and the worker exits
     instead of running on as an orphan for as long as its setup takes."""
-    try:
-        async with anyio.create_task_group() as tg:
+    with anyio.CancelScope() as scope:
 
-            async def parent_gone() -> None:
-                await ls.closed.wait()
-                tg.cancel_scope.cancel()
+        async def parent_gone() -> None:
+            await ls.closed.wait()
+            scope.cancel()  # a no-op once setup is over
 
-            tg.start_soon(parent_gone)
-            await setup
-            tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:  # the setup function's own failure, reported as is
-        first = group.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
+        # In the node's task group, not one of our own: setup's failure is then
+        # raised here as it is, not wrapped in an exception group.
+        node.task_group.start_soon(parent_gone, name="ipcbus-worker-parent-watch")
+        await setup
 
 
 def _pool_records(parent_pid: int) -> Path | None:

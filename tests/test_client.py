@@ -631,9 +631,9 @@ async def test_a_request_cancelled_while_its_link_is_full_leaves_no_deadline_beh
         a, raw, _ls = await stalled_peer(node, fr.Sub("svc", "g"))
         await bus.publish("svc", b"\0" * 100_000)
         req = asyncio.ensure_future(bus.request("svc", b"\0" * 100_000, timeout=30))
-        while a.pending_out <= a.high_water:
+        while not node.deadlines._queues:  # armed just before it waits for room
             await asyncio.sleep(0)
-        await asyncio.sleep(0.01)  # it waits for room
+        assert a.pending_out > a.high_water and not req.done()
         req.cancel()
         with pytest.raises(asyncio.CancelledError):
             await req
@@ -1075,9 +1075,10 @@ async def test_concurrent_drains_of_a_service_all_return() -> None:
         svc = await bus.serve("slow", lambda m: work())  # a plain def returning an awaitable
         req = asyncio.create_task(bus.request("slow", b"", timeout=10))
         while not svc._active:
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0)
         drains = [asyncio.create_task(svc.drain()) for _ in range(3)]
-        await asyncio.sleep(0.01)
+        for _ in range(10):
+            await asyncio.sleep(0)  # loop turns: each drain reaches its wait
         assert not any(d.done() for d in drains)
         release.set()
         with anyio.fail_after(5):
@@ -1085,13 +1086,13 @@ async def test_concurrent_drains_of_a_service_all_return() -> None:
             await asyncio.gather(*drains)
 
 
-async def test_a_peer_with_a_smaller_max_frame_is_sent_nothing_larger() -> None:
-    """The peer's Hello says what it takes: a message published here that is too
-    large for it raises FrameTooLarge before sending; one passed on from another
-    link is skipped for it (counted, logged); the peer's link stays up."""
+@contextlib.asynccontextmanager
+async def hub_small_big(small_max: int) -> AsyncIterator[tuple[Node, Node, Node]]:
+    """Three nodes: "small" (max_frame ``small_max``) and "big" (the default),
+    each linked to "hub" (the default) by pipes that carry up to 1 MiB."""
     async with (
         Node(name="hub") as hub,
-        Node(name="small", max_frame=64 * 1024) as small,
+        Node(name="small", max_frame=small_max) as small,
         Node(name="big") as big,
     ):
         for other in (small, big):
@@ -1099,6 +1100,14 @@ async def test_a_peer_with_a_smaller_max_frame_is_sent_nothing_larger() -> None:
             ls = await hub.add_link(a, name=other.name, wait=False)
             await other.add_link(b, name="hub")
             await ls.ready.wait()
+        yield hub, small, big
+
+
+async def test_a_peer_with_a_smaller_max_frame_is_sent_nothing_larger() -> None:
+    """The peer's Hello says what it takes: a message published here that is too
+    large for it raises FrameTooLarge before sending; one passed on from another
+    link is skipped for it (counted, logged); the peer's link stays up."""
+    async with hub_small_big(64 * 1024) as (hub, small, big):
         hub_bus, small_bus, big_bus = Bus(hub), Bus(small), Bus(big)
         sub = await small_bus.subscribe("data")
         await hub_bus.serve("blob", lambda m: b"z" * 100_000)
@@ -1214,8 +1223,7 @@ async def test_a_handler_may_close_its_own_bus(how: str) -> None:
         with anyio.fail_after(10):
             assert (await client.request("shutdown", timeout=5)).data == b"bye"
             await done.wait()
-            while not server.node.closed:
-                await asyncio.sleep(0.001)
+            await server.node.closing.wait()
         assert server.closed
         with pytest.raises(BusClosed):
             await server.publish("x", b"")
@@ -1242,16 +1250,7 @@ async def test_behind_a_hub_a_small_peer_gets_errors_and_its_group_share_fits() 
     """A reply too large for the requester's link comes back as RemoteError
     (FrameTooLarge) instead of silence; a queue-group request too large for one
     member goes to a member that takes it."""
-    async with (
-        Node(name="hub") as hub,
-        Node(name="small", max_frame=4096) as small,
-        Node(name="big") as big,
-    ):
-        for other in (small, big):
-            a, b = pipe_pair(max_frame=1 << 20)
-            ls = await hub.add_link(a, name=other.name, wait=False)
-            await other.add_link(b, name="hub")
-            await ls.ready.wait()
+    async with hub_small_big(4096) as (hub, small, big):
         small_bus, big_bus = Bus(small), Bus(big)
         await big_bus.serve("blob", lambda m: b"z" * 6000)
         await small_bus.serve("work", lambda m: b"small", queue="w")

@@ -268,8 +268,7 @@ async def test_wait_connected_on_a_bus_that_lost_its_hub_raises_at_once(bus_name
     finally:
         await hub.aclose()
     with anyio.fail_after(5):
-        while not bus.closed:
-            await asyncio.sleep(0.001)
+        await bus.node.closing.wait()
         with pytest.raises(BusClosed, match="is closed: hub link closed"):
             await bus.wait_connected(timeout=30)
     await bus.aclose()

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -439,14 +439,17 @@ PARENT = textwrap.dedent(
 )
 
 
-@pytest.mark.single_loop
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_workers_exit_when_their_parent_dies(transport: str) -> None:
+async def killing_the_parent(
+    script: str, transport: str, read_pids: Callable[[asyncio.StreamReader], Awaitable[list[int]]]
+) -> None:
+    """Run ``script`` (a pool's parent) with ``transport``, read its workers' pids
+    with ``read_pids``, SIGKILL it and check that its workers exit by themselves
+    (end of stream on their link) leaving no queue, records folder or process."""
     queues = queue_ids()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        PARENT,
+        script,
         transport,
         stdout=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL,
@@ -455,13 +458,12 @@ async def test_workers_exit_when_their_parent_dies(transport: str) -> None:
     try:
         assert proc.stdout is not None
         with anyio.fail_after(20):
-            line = await proc.stdout.readline()
-        pids = json.loads(line)
+            pids = await read_pids(proc.stdout)
         assert len(pids) == 2
         proc.kill()  # SIGKILL: the parent gets no chance to stop its workers
         await proc.wait()
         for pid in pids:
-            await wait_exited(pid)  # end of stream on their link: they exit by themselves
+            await wait_exited(pid)
         assert all(gone(p) for p in pids)
         # SysV queues outlive processes: each worker removed both of its own.
         assert queue_ids() <= queues
@@ -472,6 +474,15 @@ async def test_workers_exit_when_their_parent_dies(transport: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+
+
+@pytest.mark.single_loop
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_workers_exit_when_their_parent_dies(transport: str) -> None:
+    async def pids_line(out: asyncio.StreamReader) -> list[int]:
+        return list(json.loads(await out.readline()))
+
+    await killing_the_parent(PARENT, transport, pids_line)
 
 
 HANGING_PARENT = textwrap.dedent(
@@ -494,31 +505,11 @@ HANGING_PARENT = textwrap.dedent(
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_workers_still_in_setup_exit_when_their_parent_dies(transport: str) -> None:
     """A worker whose setup never returns is not orphaned by its parent's death."""
-    queues = queue_ids()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        HANGING_PARENT,
-        transport,
-        stdout=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        env=worker_env(),
-    )
-    try:
-        assert proc.stdout is not None
-        with anyio.fail_after(20):
-            pids = [int(await proc.stdout.readline()) for _ in range(2)]  # both are in setup
-        proc.kill()
-        await proc.wait()
-        for pid in pids:
-            await wait_exited(pid)
-        assert queue_ids() <= queues
-        assert pool_dirs() == []
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+
+    async def pids_of_workers_in_setup(out: asyncio.StreamReader) -> list[int]:
+        return [int(await out.readline()) for _ in range(2)]  # each says it, then hangs
+
+    await killing_the_parent(HANGING_PARENT, transport, pids_of_workers_in_setup)
 
 
 @pytest.mark.single_loop

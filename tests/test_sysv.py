@@ -172,12 +172,14 @@ async def test_aclose_waits_for_a_cancelled_send_until_it_is_sent(queue: Message
     while queue.try_send(big, type=5):
         pass
     sending = asyncio.create_task(queue.send(b"last" * 300, type=6))  # more than is left
-    await asyncio.sleep(0.01)
+    while not queue._ops:  # its thread waits for room
+        await asyncio.sleep(0)
     sending.cancel()
     with pytest.raises(asyncio.CancelledError):
         await sending
     closing = asyncio.create_task(queue.aclose())
-    await asyncio.sleep(0.05)
+    for _ in range(10):
+        await asyncio.sleep(0)  # loop turns: aclose reaches its wait
     assert not closing.done()  # the send still waits for room in its thread
     other = MessageQueue.open(queue.key)  # a reader elsewhere makes room
     try:

@@ -949,6 +949,8 @@ async def test_acceptor_window_limits(tmp_path: Path) -> None:
         SysvAcceptor(busdir, window=2**32)
     with pytest.raises(ValueError, match="at least 4 credit units"):
         SysvAcceptor(busdir, window=1000, credit_unit=4096)
+    with pytest.raises(ValueError, match="too small to hold two messages"):
+        SysvAcceptor(busdir, window=64, credit_unit=1)
     # 4 units, but not two messages of msgmax (8 KiB here) and a unit: messages
     # are cut to fit instead, and a client is welcomed.
     async with SysvAcceptor(busdir, window=16384, credit_unit=4096) as acc:

@@ -55,12 +55,12 @@ import logging
 import os
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
+import anyio
 import sysv_ipc
 
 from ..busdir import KEYFILE_NAME
@@ -491,6 +491,8 @@ class _TxThread:
         self._notify_below = -1
         self._stop = False
         self._last: bytes | None = None
+        self.ended: asyncio.Future[None] = loop.create_future()
+        """Done (on the loop) once the thread's work is over and it is about to end."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -543,6 +545,11 @@ class _TxThread:
             if last is not None and self._stop:
                 with contextlib.suppress(sysv_ipc.Error, OSError):
                     self._q.send(last, True, self._type)
+            self._call(self._ended)
+
+    def _ended(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
 
     def _send_all(self) -> None:
         q, t, cond, items = self._q, self._type, self._cond, self._items
@@ -1231,12 +1238,9 @@ class SysvLink(Link):
         tx = self._tx
         if tx is None or not tx.is_alive():
             return
-        deadline = time.monotonic() + _JOIN_TIMEOUT
-        delay = 0.0005
-        while tx.is_alive() and time.monotonic() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        if tx.is_alive():
+        with anyio.move_on_after(_JOIN_TIMEOUT):
+            await asyncio.shield(tx.ended)
+        if not tx.ended.done() or not tx.join(_JOIN_TIMEOUT):  # once ended, it returns at once
             self._tx_left_behind()
 
     def _tx_left_behind(self) -> None:
