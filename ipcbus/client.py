@@ -347,7 +347,7 @@ class Service:
     def _handle_inline(self, f: fr.Msg) -> None:
         m = Msg(f.subject, f.payload, f.reply, f.headers, self._bus)
         try:
-            result = self.handler(self._arg(m))
+            result = self.handler(m if self._arg_type is None else self._arg(m))
         except Exception as exc:
             self._error_now(m, exc)
             return
@@ -410,8 +410,10 @@ class Service:
             payload = encode_payload(result)
         except EncodeError as exc:
             return self._error_now(m, exc)
+        node = self._bus._node
         try:
-            full = self._bus._node.publish_now(m.reply, payload)
+            # Most replies go straight to the link of the requester's node.
+            full = node.reply_now(m.reply, payload)
         except FrameTooLarge as exc:  # the reply is over max_frame: tell the requester
             return self._error_now(m, exc)
         except ConnectionClosed:
@@ -620,33 +622,23 @@ class Bus:
         self._check_open()  # a ClientBus also checks its link to the hub
         node = self._node
         validate_subject(subject)
-        if timeout is not None:
+        if type(timeout) is not float or not 0 <= timeout < _INF:
+            # NaN, infinity, negative, an int, not a number: checked once, here.
             try:
-                usual = 0 <= timeout < _INF and type(timeout) is not bool
+                usual = timeout is None or (0 <= timeout < _INF and type(timeout) is not bool)
             except TypeError:
                 usual = False
-            if not usual:  # NaN, infinity, negative, not a number: checked once, here
+            if not usual:
                 timeout = _timeout_or_none(timeout)
         if headers is not None:
             _check_headers(headers)
         payload = data if type(data) is bytes else encode_payload(data)
-        known = node.has_interest(subject)
-        if not known and node.upstream is None:
-            raise NoResponders(subject)
         token, reply = node.new_reply_subject()
         fut: asyncio.Future[fr.Msg] = (node.loop or asyncio.get_running_loop()).create_future()
         futures = node.inbox.futures
         futures[token] = fut
         try:
-            if known:
-                full = node.publish_now(subject, payload, reply=reply, headers=headers)
-            else:
-                # Nobody known here; the root of the tree knows for sure (a
-                # service that subscribed a moment ago reached it first).
-                up = node.request_upstream(subject, payload, reply, headers)
-                if up is None:
-                    raise NoResponders(subject)
-                full = up
+            full = node.send_request(subject, payload, reply, headers)
             # The node's deadlines fail the future on time: a fraction of the
             # cost of a cancel scope (or a loop timer) per request.  Armed
             # first: the timeout covers the wait for a full link too.

@@ -55,6 +55,7 @@ from .errors import (
     ConnectionClosed,
     EndOfStream,
     FrameTooLarge,
+    NoResponders,
     ProtocolError,
     RequestTimeout,
     SlowConsumer,
@@ -696,6 +697,7 @@ class Node:
         inbox_prefix = self._reply_prefix
         deliver_reply = self.inbox.deliver
         size = msgs = nbytes = 0
+        asked = False  # a request came: a responder polls for the next (Spinner.answered)
         try:
             for item in raws:
                 raw: bytes | None
@@ -749,6 +751,27 @@ class Node:
                                     r.inflight.pop(subject, None)
                             deliver_reply(frame)
                             continue
+                        if frame.reply is not None:
+                            asked = True
+                            if (
+                                fast is not None
+                                and len(fast[2]) == 1
+                                and not fast[0]
+                                and not fast[1]
+                                and (not reply_routes or subject not in reply_routes)
+                            ):
+                                q, cands = fast[2][0]
+                                if (
+                                    len(cands) == 1
+                                    and frame.groups == (q,)
+                                    and type(cands[0]) is SubscriptionCore
+                                ):
+                                    # Inline of _on_msg and _route for a request to a
+                                    # service here, picked for it by the sender (a
+                                    # pool's worker, a hub's client).
+                                    validate_subject(frame.reply)
+                                    cands[0].deliver(frame)
+                                    continue
                         self._on_msg(frame, raw, ls)
                     else:
                         self._on_control(frame, ls)
@@ -764,6 +787,10 @@ class Node:
                 # More is likely near, and while the loop polls the link takes it
                 # without its thread: see Spinner.linger and Link.keep_polling.
                 self._spinner.linger()
+            elif asked:
+                # A responder polls briefly for the next request of a run (a
+                # pipelining requester, a pool's parent): it then costs no wake-up.
+                self._spinner.answered()
         if self._dirty:
             # Forward what this batch produced now, rather than one loop
             # iteration later: batching per read, lower latency per hop.
@@ -1537,6 +1564,38 @@ class Node:
             if link.pending_out > link.high_water:
                 full.append(link)
         return full
+
+    def send_request(
+        self, subject: str, payload: bytes, reply: str, headers: dict[str, str] | None
+    ) -> list[Link]:
+        """Send a request made here, its replies to come on ``reply``.
+
+        Returns the links above high water (as :meth:`publish_now`).  With
+        nobody known here to answer, it goes to :attr:`upstream` (the root of
+        the tree knows for sure: a service that subscribed a moment ago
+        reached it first); with no upstream either, raises
+        :class:`~ipcbus.errors.NoResponders` before sending anything.
+        """
+        if self._spinner is not None:
+            self._spinner.kick()  # its answer comes soon
+        if headers is None:
+            fast = self._request_fast(subject, payload, reply)
+            if fast is not None:
+                return fast
+        if self.has_interest(subject):
+            return self.publish_now(subject, payload, reply=reply, headers=headers)
+        up = self.request_upstream(subject, payload, reply, headers)
+        if up is None:
+            raise NoResponders(subject)
+        return up
+
+    def reply_now(self, reply: str, payload: bytes) -> list[Link]:
+        """Send a reply (no headers) to ``reply``; return the links above high water.
+
+        :meth:`publish_now`, straight to the link of the requester's node when it can.
+        """
+        full = self._reply_fast(reply, payload)
+        return self.publish_now(reply, payload) if full is None else full
 
     def _request_fast(self, subject: str, payload: bytes, reply: str) -> list[Link] | None:
         """:meth:`publish_now` for a request to one service (queue group) across one link.

@@ -13,9 +13,10 @@ still running as usual) for up to ``spin_us`` microseconds, and yields the
 CPU (``sched_yield``) on every idle turn so that another runnable process on
 the same CPU goes first.  A reply that comes back meanwhile is picked up
 without a wake-up.  Polling stops as soon as no reply is due, or when the
-window passes with nothing new; then the loop sleeps as before.  A service
-that only answers never polls: idle responders cost nothing.  (SysV links
-are the exception: see :meth:`Spinner.linger`.)
+window passes with nothing new; then the loop sleeps as before.  A node that
+served a request polls for a quarter of the window (:meth:`Spinner.answered`):
+requests come in runs, and the next one then costs no wake-up either.  Idle
+responders cost nothing.  (SysV links linger longer: see :meth:`Spinner.linger`.)
 
 The same pattern appears elsewhere as spin-then-park: the Go scheduler,
 Aeron's idle strategies, Linux ``SO_BUSY_POLL``.  The cost is CPU on the
@@ -112,6 +113,8 @@ class Spinner:
 
     __slots__ = (
         "_active",
+        "_answer_window",
+        "_kicks",
         "_linger_until",
         "_loop",
         "_quiet_until",
@@ -135,7 +138,9 @@ class Spinner:
         self._window = int(window_us * 1000)
         self._until = 0
         self._linger_until = 0
-        self._seen = 0  # _until as of the last turn: a change means a kick in between
+        self._answer_window = self._window // 4
+        self._kicks = 0
+        self._seen = 0  # _kicks as of the last turn: a change means a kick in between
         self._quiet_until = 0
         self._strikes = 0
         self._active = False
@@ -152,10 +157,7 @@ class Spinner:
     def kick(self) -> None:
         """Activity: keep polling until ``window_us`` from now."""
         now = time.monotonic_ns()
-        self._until = now + self._window
-        if not self._active and now >= self._quiet_until:
-            self._active = True
-            self._loop.call_soon(self._spin)
+        self._poll(now, now + self._window)
 
     def linger(self) -> None:
         """Like :meth:`kick`, but poll for the window even if nothing is ``waiting``.
@@ -168,6 +170,34 @@ class Spinner:
         """
         self.kick()
         self._linger_until = self._until
+
+    def answered(self) -> None:
+        """A request was served here: poll for :attr:`answer_window_us`, waiting or not.
+
+        Requests come in runs (a pool's parent keeps many in flight, a client
+        sends the next one as soon as the reply is in): the next one then
+        costs no wake-up.  A quarter of the window, so that an isolated
+        request costs its responder little CPU (see docs/concepts.md).
+        """
+        now = time.monotonic_ns()
+        until = now + self._answer_window
+        self._poll(now, until)
+        if until > self._linger_until:
+            self._linger_until = until
+
+    @property
+    def answer_window_us(self) -> float:
+        """How long a responder polls after serving a request, in microseconds."""
+        return self._answer_window / 1000
+
+    def _poll(self, now: int, until: int) -> None:
+        """Poll until ``until`` at least (monotonic ns), unless backing off."""
+        self._kicks += 1
+        if until > self._until:
+            self._until = until
+        if not self._active and now >= self._quiet_until:
+            self._active = True
+            self._loop.call_soon(self._spin)
 
     def close(self) -> None:
         """Stop polling at the next loop turn."""
@@ -183,8 +213,8 @@ class Spinner:
         if self._waiting is not None and t >= self._linger_until and not self._waiting():
             self._active = False  # nothing is expected any more
             return
-        if until != self._seen:  # kicked since the last turn: busy, not waiting
-            self._seen = until
+        if self._kicks != self._seen:  # kicked since the last turn: busy, not waiting
+            self._seen = self._kicks
             self._loop.call_soon(self._spin)
             return
         os.sched_yield()

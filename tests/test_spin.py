@@ -148,6 +148,20 @@ async def test_linger_polls_for_the_window_although_nothing_is_due() -> None:
     await assert_stopped(spinner, spun, "closed")
 
 
+async def test_answered_polls_for_a_quarter_of_the_window_although_nothing_is_due() -> None:
+    spinner = Spinner(asyncio.get_running_loop(), 400_000, waiting=lambda: False)
+    assert spinner.answer_window_us == 100_000
+    spinner.answered()  # a request was served: poll for the next one of its run
+    _, spun = await cpu_during(asyncio.sleep(0.05))
+    assert spinner.active or spinner.gave_way
+    assert spun > 0.005 or spinner.gave_way, f"the loop used {spun * 1e3:.2f} ms of CPU in 50 ms: it slept"
+    # 100 ms after the request it stops by itself (the 400 ms window does not apply).
+    with anyio.fail_after(5):
+        while spinner.active:
+            await asyncio.sleep(0.01)
+    await assert_stopped(spinner, spun, "the answer window passed")
+
+
 _HOGGED = """
 import asyncio, os, subprocess, sys
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -298,3 +312,30 @@ async def test_a_subscriber_over_sysv_polls_after_a_message_and_its_link_takes_t
                 await asyncio.sleep(0)  # the link's next poll gives it back
         await hub.bus.publish("news", b"again")  # and the thread receives it
         assert (await subs[0].next(timeout=10)).data == b"again"
+
+
+@two_cpus
+async def test_a_responder_polls_after_a_request_but_not_after_a_plain_message(bus_name: str) -> None:
+    """Over pipe-like links (FIFOs) only serving a request makes a node poll;
+    a subscriber that got a message sleeps at once."""
+    async with (
+        ipcbus.Hub(bus_name, transports=("fifo",), spin_us=0) as hub,
+        ipcbus.connect(bus_name, spin_us=0) as requester,
+        ipcbus.connect(bus_name, spin_us=400_000) as responder,
+        ipcbus.connect(bus_name, spin_us=400_000) as listener,
+    ):
+        await responder.serve("echo", lambda m: m.data)
+        sub = await listener.subscribe("news")
+        await responder.flush()
+        await listener.flush()
+        await hub.bus.flush()
+        rspin, lspin = responder.node.spinner, listener.node.spinner
+        assert rspin is not None and lspin is not None
+        with anyio.fail_after(5):  # what connecting and subscribing set going has ended
+            while rspin.active or lspin.active:
+                await asyncio.sleep(0.01)
+        assert (await requester.request("echo", b"x", timeout=10)).data == b"x"
+        assert rspin.active or rspin.gave_way  # the next request of a run costs no wake-up
+        await hub.bus.publish("news", b"hello")
+        assert (await sub.next(timeout=10)).data == b"hello"
+        assert not lspin.active
