@@ -174,7 +174,8 @@ class FdStreamLink(Link):
             # Not the iteration's first urgent write: it joins the queue (as send_nowait).
             self._wq.append(HEADER.pack(n) + frame)
             self._queued(n)
-            self.flush_now()
+            if not self._eager_used:  # else flush_now() would do nothing
+                self.flush_now()
             return
         self._eager_used = True
         self._loop.call_soon(self._reset_eager)
