@@ -578,11 +578,14 @@ class Node:
             await link.aclose()
             raise BusClosed("node is closed")
         ls = LinkState(self, link, name, crash_error)
-        link.send_nowait(_encode(self.hello()))
         self.links.append(ls)
-        for key, total in self._totals.items():
-            if total > 0:
-                link.send_nowait(_encode(fr.Sub(key[0], key[1])))
+        try:
+            link.send_nowait(_encode(self.hello()))
+            for key, total in self._totals.items():
+                if total > 0:
+                    link.send_nowait(_encode(fr.Sub(key[0], key[1])))
+        except ConnectionClosed:
+            pass  # it broke already (the peer is gone): its task below ends it, as any other
         self.task_group.start_soon(self._run_link, ls, name=f"ipcbus-link-{name}")
         if wait:
             with anyio.move_on_after(_HELLO_TIMEOUT):

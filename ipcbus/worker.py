@@ -89,7 +89,23 @@ async def run_worker(
         parent = None
     try:
         async with Node(name=name, max_frame=max_frame, spin_us=spin_us) as node:
-            link = await _open_link(spec, parent_pid, max_frame)
+            try:
+                link = await _open_link(spec, parent_pid, max_frame)
+            except ConnectionClosed:
+                # The kernel objects are gone: the pool closed before this worker
+                # attached (a sibling failed to start) or its process died.  Nothing
+                # to report here; the parent reports its own failure.
+                return 1
+            except (IpcBusError, OSError) as exc:
+                # One line, not a traceback; the parent's WorkerStartError says
+                # which worker never attached.
+                print(
+                    f"ipcbus worker (pool {name!r}, pid {os.getpid()}): cannot open the link "
+                    f"to the pool's process {parent_pid}: {exc}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
             ls = await node.add_link(link, name="parent", wait=False)
             node.upstream = ls
             bus = Bus(node)

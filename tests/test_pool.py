@@ -523,6 +523,43 @@ async def test_setup_failure_is_reported_over_the_kernel_object_transports(trans
     assert pool_dirs() == []  # the failed start left no records folder behind
 
 
+_FAILING_POOL = """
+import asyncio, sys
+import ipcbus
+async def main():
+    try:
+        async with ipcbus.WorkerPool("pool_workers:setup_raises", workers=4, transport=sys.argv[1]):
+            pass
+    except ipcbus.WorkerStartError as exc:
+        print("start failed:", exc, file=sys.stderr)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.single_loop
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_failed_start_prints_one_error_not_the_siblings_tracebacks(transport: str) -> None:
+    """Workers still attaching when a sibling's failure closes the pool exit
+    quietly: the kernel objects they were to attach are gone on purpose."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _FAILING_POOL,
+        transport,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=worker_env(),
+    )
+    with anyio.fail_after(30):  # stderr ends once every worker has exited too
+        _, err = await proc.communicate()
+    text = err.decode()
+    assert proc.returncode == 0, text
+    assert "start failed:" in text and "setup exploded on purpose" in text, text
+    assert "Traceback" not in text, text
+    assert pool_dirs() == []
+
+
 # -- a pool killed while a worker starts: its objects are recorded and reclaimed --
 
 _KILLED_PARENT = """

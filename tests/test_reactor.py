@@ -826,6 +826,32 @@ async def test_add_link_returns_once_the_peers_interest_is_known() -> None:
         assert (await sub.next(timeout=5)).data == b"first message"
 
 
+class BrokenSendLink(GatedLink):
+    """A link whose peer vanished before the handshake: every send raises
+    ConnectionClosed at once (as a SysV link whose peer's queue was removed)."""
+
+    def send_nowait(self, frame: bytes) -> None:
+        raise ConnectionClosed("link broken: the peer's queue is gone")
+
+
+@pytest.mark.parametrize("wait", [False, True])
+async def test_a_link_broken_before_the_handshake_is_dropped_not_leaked(wait: bool) -> None:
+    async with Node(name="worker") as node:
+        await Bus(node).subscribe("jobs")  # so that interest goes out after the hello
+        a, b = memory_pair()
+        await b.aclose()  # the peer is gone
+        link = BrokenSendLink(a)
+        if wait:
+            with pytest.raises(ConnectionClosed, match="closed before the handshake"):
+                await node.add_link(link, name="parent")
+        else:
+            ls = await node.add_link(link, name="parent", wait=False)
+            with anyio.fail_after(5):
+                await ls.closed.wait()
+        assert node.links == []
+        assert link.closed
+
+
 async def test_deadlines_fail_only_unanswered_requests_and_disarm() -> None:
     # Request timeouts share one loop timer per timeout value (node.Deadlines).
     loop = asyncio.get_running_loop()
