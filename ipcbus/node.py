@@ -578,14 +578,17 @@ class Node:
             await link.aclose()
             raise BusClosed("node is closed")
         ls = LinkState(self, link, name, crash_error)
-        self.links.append(ls)
         try:
             link.send_nowait(_encode(self.hello()))
             for key, total in self._totals.items():
                 if total > 0:
                     link.send_nowait(_encode(fr.Sub(key[0], key[1])))
-        except ConnectionClosed:
-            pass  # it broke already (the peer is gone): its task below ends it, as any other
+        except ConnectionClosed as exc:  # it broke already: the peer is gone
+            await link.aclose()
+            raise ConnectionClosed(
+                f"link {name or link.info.transport!r} closed before the handshake: {exc}"
+            ) from None
+        self.links.append(ls)
         self.task_group.start_soon(self._run_link, ls, name=f"ipcbus-link-{name}")
         if wait:
             with anyio.move_on_after(_HELLO_TIMEOUT):

@@ -156,8 +156,15 @@ class Spinner:
 
     def kick(self) -> None:
         """Activity: keep polling until ``window_us`` from now."""
+        # _poll inlined: a requester kicks once per request.
         now = time.monotonic_ns()
-        self._poll(now, now + self._window)
+        self._kicks += 1
+        until = now + self._window
+        if until > self._until:
+            self._until = until
+        if not self._active and now >= self._quiet_until:
+            self._active = True
+            self._loop.call_soon(self._spin)
 
     def linger(self) -> None:
         """Like :meth:`kick`, but poll for the window even if nothing is ``waiting``.

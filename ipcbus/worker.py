@@ -91,10 +91,12 @@ async def run_worker(
         async with Node(name=name, max_frame=max_frame, spin_us=spin_us) as node:
             try:
                 link = await _open_link(spec, parent_pid, max_frame)
+                ls = await node.add_link(link, name="parent", wait=False)
             except ConnectionClosed:
-                # The kernel objects are gone: the pool closed before this worker
-                # attached (a sibling failed to start) or its process died.  Nothing
-                # to report here; the parent reports its own failure.
+                # The kernel objects are gone, or the link broke at once: the pool
+                # closed before this worker attached (a sibling failed to start) or
+                # its process died.  Nothing to report here; the parent reports
+                # its own failure.
                 return 1
             except (IpcBusError, OSError) as exc:
                 # One line, not a traceback; the parent's WorkerStartError says
@@ -106,7 +108,6 @@ async def run_worker(
                     flush=True,
                 )
                 return 1
-            ls = await node.add_link(link, name="parent", wait=False)
             node.upstream = ls
             bus = Bus(node)
             try:
