@@ -31,13 +31,14 @@ import os
 import pwd
 import re
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Final
 
 from .errors import BusBusy, BusNotFound, IpcBusError, PermissionRefused
-from .records import pid_start_time, process_alive
+from .records import NotRegularFile, open_regular, pid_start_time, process_alive
 
 __all__ = [
     "DOOR_NAME",
@@ -53,6 +54,7 @@ __all__ = [
     "client_fifo_names",
     "default_root",
     "flocked",
+    "read_pidfile",
     "remove_stale_fifos",
     "resolve_group",
     "stale_fifos",
@@ -314,7 +316,7 @@ def remove_stale_fifos(path: Path) -> list[Path]:
     return removed
 
 
-def _read_pidfile(fd: int | Path) -> tuple[int, int | None] | None:
+def read_pidfile(fd: int | Path) -> tuple[int, int | None] | None:
     """(pid, start time) from a pid file, given open or by path."""
     data = _pidfile_bytes(fd)
     if data is None:
@@ -336,7 +338,7 @@ def _pidfile_bytes(file: int | Path) -> bytes | None:
     try:
         if isinstance(file, int):
             return os.pread(file, 256, 0)
-        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_regular(file, os.O_RDONLY)  # a FIFO in its place must not block us
         try:
             return os.pread(fd, 256, 0)
         finally:
@@ -497,10 +499,11 @@ class BusDir:
         with contextlib.suppress(FileExistsError):
             os.mkdir(objects, dir_mode & 0o777)
             os.chmod(objects, dir_mode, follow_symlinks=False)
-        fd = os.open(self.keyfile, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise PermissionRefused(f"{self.keyfile} is not a regular file; remove it")
+            fd = open_regular(self.keyfile, os.O_WRONLY | os.O_CREAT)
+        except NotRegularFile:
+            raise PermissionRefused(f"{self.keyfile} is not a regular file; remove it") from None
+        try:
             if self.gid is not None:
                 os.fchmod(fd, 0o640)
         finally:
@@ -529,7 +532,7 @@ class BusDir:
         process (its start time matches), so a reused pid is not mistaken for
         the hub.
         """
-        rec = _read_pidfile(self.pidfile)
+        rec = read_pidfile(self.pidfile)
         if rec is None:
             return None
         pid, start = rec
@@ -561,7 +564,7 @@ class BusDir:
         dead clients are removed too.  Call :meth:`ensure` first.
         """
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        for _ in range(100):
+        for attempt in range(100):
             try:
                 fd = os.open(self.pidfile, flags, 0o600)
             except OSError as exc:
@@ -573,8 +576,13 @@ class BusDir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                rec = _read_pidfile(fd)
+                rec = read_pidfile(fd)
                 os.close(fd)
+                if attempt < 50 and (rec is None or not process_alive(*rec)):
+                    # Not a live hub: one starting up, or `ipcbus gc` removing a
+                    # dead hub's files under the lock (for microseconds).
+                    time.sleep(0.002)
+                    continue
                 who = f"hub pid {rec[0]}" if rec else "another hub (starting up)"
                 raise BusBusy(
                     f"bus {self.name!r} is already served by {who}; "
@@ -612,7 +620,7 @@ class BusDir:
 
     def _recover(self, fd: int) -> None:
         """We hold the lock: whatever a previous hub left is stale, once checked."""
-        rec = _read_pidfile(fd)
+        rec = read_pidfile(fd)
         if rec is not None:
             pid, start = rec
             if pid != os.getpid() and process_alive(pid, start):
@@ -654,7 +662,7 @@ class BusDir:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISFIFO(os.lstat(self.door).st_mode):
                 os.unlink(self.door)
-        rec = _read_pidfile(self.pidfile)
+        rec = read_pidfile(self.pidfile)
         if rec is not None and rec[0] == os.getpid():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.pidfile)

@@ -27,6 +27,8 @@ until the worker has attached (after which nothing can leak).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import re
@@ -35,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .busdir import flocked
-from .records import ObjectRecord, list_records, pid_start_time, process_alive
+from .busdir import read_pidfile
+from .records import ObjectRecord, list_records, open_regular, pid_start_time, process_alive
 from .sysv import proc_table
 
 __all__ = [
@@ -200,34 +202,56 @@ def collect(busdir: Path, *, dry_run: bool = False) -> list[Finding]:
 
 
 def _stale_hub_files(busdir: Path, dry_run: bool) -> list[Finding]:
-    """The pid file and door FIFO of a hub that is no longer alive."""
+    """The pid file and door FIFO of a hub that is no longer alive.
+
+    Decided and removed while holding the hub lock (the pid file's
+    ``flock``), as a starting hub does: a hub that starts meanwhile either
+    holds the lock (nothing is removed) or locks a fresh pid file after us.
+    """
     out: list[Finding] = []
     pidfile = busdir / "hub.pid"
-    door = busdir / "door"
     try:
-        text = pidfile.read_text().split()
-    except (FileNotFoundError, NotADirectoryError):
-        text = None
-    except OSError:
+        fd = open_regular(pidfile, os.O_RDWR)
+    except OSError:  # none (then no door is stale either), or not a file to touch
         return out
-    if text is not None:
+    try:
         try:
-            pid = int(text[0])
-            start = int(text[1]) if len(text) > 1 else None
-        except (ValueError, IndexError):
-            pid, start = 0, None
-        if pid and process_alive(pid, start):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return out  # a hub holds it (perhaps still starting: its pid not yet written)
+        st = os.fstat(fd)
+        try:
+            cur = os.lstat(pidfile)
+        except FileNotFoundError:
             return out
-        if flocked(pidfile):  # a hub holds it, still starting (its pid not yet written)
+        if (cur.st_dev, cur.st_ino) != (st.st_dev, st.st_ino):
+            return out  # replaced meanwhile: a hub starts
+        rec = read_pidfile(fd)
+        if rec is not None and process_alive(*rec):
             return out
         out.append(_remove_file(pidfile, "stale hub pid file", dry_run))
+        door = busdir / "door"
+        if _unread_fifo(door):
+            out.append(_remove_file(door, "stale door FIFO", dry_run))
+    finally:
+        os.close(fd)  # unlocks
+    return out
+
+
+def _unread_fifo(door: Path) -> bool:
+    """Whether ``door`` is a FIFO of ours that no process has open for reading."""
     try:
         st = door.lstat()
-    except FileNotFoundError:
-        return out
-    if stat.S_ISFIFO(st.st_mode) and st.st_uid == os.getuid() and text is not None:
-        out.append(_remove_file(door, "stale door FIFO", dry_run))
-    return out
+    except OSError:
+        return False
+    if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.getuid():
+        return False
+    try:
+        probe = os.open(door, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno == errno.ENXIO  # nobody reads it
+    os.close(probe)
+    return False
 
 
 def _remove_file(p: Path, what: str, dry_run: bool) -> Finding:

@@ -10,6 +10,7 @@ owner is dead — and never touch an object that is not ours.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import time
@@ -18,11 +19,42 @@ from typing import Any, Literal
 
 import msgspec
 
+
+class NotRegularFile(OSError):
+    """A path that must name a regular file names something else (a FIFO, a device)."""
+
+
+def open_regular(path: Path | str, flags: int, mode: int = 0o600) -> int:
+    """Open ``path``, which must be a regular file, without blocking or following links.
+
+    A FIFO put in the place of a pid, key or record file (by a member of a
+    group bus, say) would make a plain ``open`` wait for a writer or a
+    reader forever, freezing the event loop: ``O_NONBLOCK`` makes it return
+    (or fail with ``ENXIO``), and :class:`NotRegularFile` is raised for
+    anything that is not a regular file.  Other errors are the ``OSError``
+    of ``open`` (``ELOOP`` for a symbolic link).
+    """
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO opened for writing that nobody reads
+            raise NotRegularFile(errno.ENXIO, "not a regular file", str(path)) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
 __all__ = [
+    "NotRegularFile",
     "ObjectKind",
     "ObjectRecord",
     "forget_object",
     "list_records",
+    "open_regular",
     "pid_start_time",
     "process_alive",
     "record_object",
@@ -120,7 +152,9 @@ def record_object(
     )
     p = _path(busdir, kind, ident)
     tmp = p.with_name(p.name + f".{pid}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    # O_NONBLOCK: a FIFO planted under this name fails with ENXIO, never blocks.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(_enc.encode(rec))
     os.replace(tmp, p)
@@ -147,10 +181,10 @@ def list_records(busdir: Path) -> list[tuple[Path, ObjectRecord | None]]:
         return out
     for p in sorted(d.glob("*.json")):
         try:
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = open_regular(p, os.O_RDONLY)
             try:
                 st = os.fstat(fd)
-                data = os.read(fd, _MAX_RECORD) if stat.S_ISREG(st.st_mode) else b""
+                data = os.read(fd, _MAX_RECORD)
             finally:
                 os.close(fd)
             rec: ObjectRecord | None = _dec.decode(data)

@@ -272,6 +272,24 @@ def test_resolve_group() -> None:
 # -- hub lock, pid file, recovery --------------------------------------------
 
 
+def test_a_hub_waits_out_a_brief_lock_that_is_no_live_hubs(bus: BusDir) -> None:
+    """``ipcbus gc`` holds the hub lock while it removes a dead hub's files (for
+    microseconds): a hub starting then waits for it instead of failing BusBusy."""
+    import fcntl
+    import threading
+
+    fd = os.open(bus.pidfile, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    os.write(fd, b"999999999\n12345\n")  # a dead hub's pid file, locked by gc
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    releaser = threading.Timer(0.03, os.close, (fd,))
+    releaser.start()
+    try:
+        with bus.lock_hub() as lock:
+            assert lock.held and bus.hub_pid() == os.getpid()
+    finally:
+        releaser.join()
+
+
 def test_two_hubs_for_one_bus(bus: BusDir) -> None:
     lock = bus.lock_hub()
     try:

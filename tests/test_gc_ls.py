@@ -14,6 +14,8 @@ import itertools
 import json
 import os
 import secrets
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,6 +232,82 @@ def test_gc_leaves_the_pid_file_of_a_hub_still_starting(busdir: BusDir) -> None:
     assert not busdir.hub_locked()
     collect(busdir.path)
     assert not busdir.pidfile.exists()  # now it is a dead hub's: removed
+
+
+def test_gc_decides_on_a_dead_hubs_files_while_holding_the_hub_lock(
+    busdir: BusDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hub that starts between gc's look at the pid file and its removal
+    # would lose its pid file and door (and a third hub could start): gc
+    # decides and removes while it holds the lock a starting hub takes.
+    import ipcbus.gc
+
+    busdir.pidfile.write_text("999999999\n12345\n")
+    seen: list[bool] = []
+
+    def alive(pid: int, start: int | None = None) -> bool:
+        seen.append(busdir.hub_locked())
+        return False
+
+    monkeypatch.setattr(ipcbus.gc, "process_alive", alive)
+    assert [f.what for f in collect(busdir.path)] == ["stale hub pid file hub.pid"]
+    assert seen == [True]
+    assert not busdir.hub_locked()
+
+
+_FIFO_IN_PLACE = """
+import asyncio, json, os, sys
+from pathlib import Path
+import ipcbus
+from ipcbus.busdir import BusDir
+from ipcbus.gc import collect
+from ipcbus.records import list_records
+name, case = sys.argv[1], sys.argv[2]
+bd = BusDir(name).ensure()
+if case == "pidfile":
+    os.mkfifo(bd.pidfile, 0o600)
+    async def attempt():
+        await ipcbus.connect(name)
+    try:
+        asyncio.run(attempt())
+    except ipcbus.IpcBusError as exc:
+        print("connect:", type(exc).__name__)
+    print("gc:", [f.what for f in collect(bd.path)])
+    os.unlink(bd.pidfile)
+elif case == "record":
+    os.mkfifo(bd.path / "objects" / "planted.json", 0o600)
+    print("records:", [(p.name, r) for p, r in list_records(bd.path)])
+    os.unlink(bd.path / "objects" / "planted.json")
+else:
+    os.unlink(bd.keyfile)
+    os.mkfifo(bd.keyfile, 0o600)
+    try:
+        BusDir(name).ensure()
+    except ipcbus.IpcBusError as exc:
+        print("ensure:", type(exc).__name__, exc)
+    os.unlink(bd.keyfile)
+"""
+
+
+@pytest.mark.parametrize("case", ["pidfile", "record", "keyfile"])
+def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(bus_name: str, case: str) -> None:
+    """A FIFO put where a pid, record or key file belongs (any member of a group
+    bus can) would block a plain open() forever, and the event loop with it."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FIFO_IN_PLACE, bus_name, case],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert out.returncode == 0, out.stderr
+    expected = {
+        "pidfile": "connect: BusNotFound\ngc: []\n",
+        "record": "records: [('planted.json', None)]\n",
+        "keyfile": "is not a regular file; remove it",
+    }[case]
+    assert expected in out.stdout, out.stdout
+    shutil.rmtree(BusDir(bus_name).path)
 
 
 async def test_gc_leaves_a_live_hub_alone(bus_name: str) -> None:
