@@ -527,6 +527,9 @@ class Bus:
         self._owns_node = owns_node
         self._services: list[Service] = []
         self._subs: dict[int, SubscriptionCore] = {}  # made here, ended by aclose()
+        # Requests waiting here, failed by aclose() -- only on a node this bus does
+        # not own (closing an owned node fails every request waiting on it).
+        self._waiting: set[asyncio.Future[fr.Msg]] | None = None if owns_node else set()
         self._closing: asyncio.Task[None] | None = None
         self._closed = False
         self.error_for_closed: type[ConnectionClosed] = ConnectionClosed
@@ -637,6 +640,9 @@ class Bus:
         fut: asyncio.Future[fr.Msg] = (node.loop or asyncio.get_running_loop()).create_future()
         futures = node.inbox.futures
         futures[token] = fut
+        waiting = self._waiting
+        if waiting is not None:
+            waiting.add(fut)
         try:
             full = node.send_request(subject, payload, reply, headers)
             # The node's deadlines fail the future on time: a fraction of the
@@ -649,6 +655,8 @@ class Bus:
             m = await fut
         finally:
             del futures[token]
+            if waiting is not None:
+                waiting.discard(fut)
             if reply in node._reply_routes:  # else nothing to forget (the reply came)
                 node.forget_reply(reply)
             if not fut.done():  # cancelled before its reply: its deadline must not fail it later
@@ -753,6 +761,9 @@ class Bus:
         for core in list(self._subs.values()):
             self._node.unsubscribe(core)
         self._subs.clear()
+        for fut in list(self._waiting or ()):
+            if not fut.done():
+                fut.set_exception(BusClosed("bus closed while waiting for a reply"))
         if self._owns_node:
             await self._node.aclose()
 

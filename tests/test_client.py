@@ -1063,6 +1063,28 @@ async def test_a_bus_on_a_shared_node_ends_its_subscriptions_on_close() -> None:
         assert not node.has_interest("a")
 
 
+async def test_a_bus_on_a_shared_node_fails_its_waiting_requests_on_close() -> None:
+    async with Node() as node:
+        bus, other = Bus(node), Bus(node)
+        hold = asyncio.Event()
+
+        async def never(m: ipcbus.Msg) -> bytes:
+            await hold.wait()
+            return b"late"
+
+        await other.serve("never", never)
+        mine = asyncio.ensure_future(bus.request("never", timeout=30))
+        theirs = asyncio.ensure_future(other.request("never", timeout=30))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await bus.aclose()
+        with anyio.fail_after(5), pytest.raises(BusClosed, match="while waiting for a reply"):
+            await mine
+        assert not theirs.done()  # the other bus's request still waits
+        hold.set()
+        assert (await theirs).data == b"late"
+
+
 async def test_concurrent_drains_of_a_service_all_return() -> None:
     release = asyncio.Event()
 
