@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
+import signal
+import time
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 
-from ipcbus.errors import FrameTooLarge, ProtocolError
+from ipcbus.errors import EndOfStream, FrameTooLarge, ProtocolError
 from ipcbus.testing import check_link
 from ipcbus.transports.base import Link
 from ipcbus.transports.memory import memory_pair
@@ -77,4 +81,33 @@ async def test_a_small_maximum_is_enforced_for_small_frames_too() -> None:
         assert a.info.msgs_out == 1
     finally:
         await a.aclose()
+        await b.aclose()
+
+
+def _fork_a_sleeper() -> int:
+    """Fork a child that sleeps for 30 s (it outlives the link by far unless killed)."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    return pid
+
+
+def _kill_and_reap(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)  # at once: it was SIGKILLed
+
+
+async def test_a_forked_child_keeps_no_copy_of_a_links_fds() -> None:
+    """A child forked by a linked process (os.fork, multiprocessing's "fork")
+    closes its copies of the link's fds: when this side closes (or dies), the
+    peer sees end of stream at once, not when the child exits."""
+    a, b = pipe_pair()
+    pid = _fork_a_sleeper()
+    try:
+        await a.aclose()
+        with anyio.fail_after(5), pytest.raises(EndOfStream):
+            await b.recv()
+    finally:
+        _kill_and_reap(pid)
         await b.aclose()

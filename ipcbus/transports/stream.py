@@ -30,6 +30,7 @@ import errno
 import os
 from typing import Any
 
+from ..busdir import close_in_forked_children, closing_for_good
 from ..errors import ConnectionClosed, EndOfStream, FrameTooLarge, ProtocolError
 from ..frames import DEFAULT_MAX_FRAME, HEADER, FrameReader
 from .base import DEFAULT_HIGH_WATER, Link, LinkInfo
@@ -93,7 +94,18 @@ class FdStreamLink(Link):
         self._werror: ConnectionClosed | None = None
         self._wwaiters: list[asyncio.Future[None]] = []
         self._closed = False
+        # A child this process forks (os.fork, multiprocessing's "fork") must
+        # not keep the link's fds: the peer would never see end of stream
+        # when this process dies.
+        for fd in {rfd, wfd}:
+            close_in_forked_children(fd, self._forked_off)
         self._resume_reading()
+
+    def _forked_off(self) -> None:
+        # In a forked child, whose copy of the link is dead: forget the fds
+        # (closed right after), touch nothing of the parent's loop.
+        self._closed = True
+        self._rfd = self._wfd = -1
 
     # -- sending ---------------------------------------------------------
 
@@ -405,6 +417,7 @@ class FdStreamLink(Link):
         self._rfd = self._wfd = -1
         for fd in {rfd, wfd}:
             if fd >= 0:
+                closing_for_good(fd)
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._wq.clear()
