@@ -352,6 +352,22 @@ async def test_autostart_starts_one_daemon_and_sigterm_stops_it(bus_name: str) -
         await _stop_daemon(bus_name)
 
 
+async def test_a_bus_under_a_long_root_takes_fifo_clients(bus_name: str, tmp_path: Path) -> None:
+    # The knock names the client's FIFOs, which must fit in one atomic write to
+    # the door (PIPE_BUF, 4096 bytes): as names in the bus folder, not paths.
+    root = tmp_path
+    while len(str(root)) < 2100:
+        root = root / ("d" * 200)
+    root.mkdir(parents=True, mode=0o700)
+    async with (
+        ipcbus.Hub(bus_name, root=root, transports=("fifo",)),
+        ipcbus.connect(bus_name, root=root, transport="fifo") as bus,
+    ):
+        sub = await bus.subscribe("x")
+        await bus.publish("x", b"through a long root")
+        assert (await sub.next(timeout=5)).data == b"through a long root"
+
+
 @needs_sysv_shm
 @pytest.mark.single_loop
 async def test_autostart_serves_the_root_the_client_was_given(bus_name: str, tmp_path: Path) -> None:

@@ -245,7 +245,9 @@ class FifoAcceptor:
                 f"a fifo knock must name its FIFOs in params 'c2h' and 'h2c' (strings); got {kind}={raw!r}"
             )
         parent, name = os.path.split(raw)
-        if os.path.realpath(parent or ".") != self._real:
+        # A bare name is in the bus folder (it is opened relative to it); a
+        # path (older clients send one) must lead there.
+        if parent and os.path.realpath(parent) != self._real:
             raise PermissionRefused(
                 f"{kind} FIFO {raw!r} is outside the bus folder {self.busdir}; "
                 "client FIFOs must be made directly inside it"
@@ -507,7 +509,9 @@ async def connect_fifo(
                 pid=pid,
                 uid=os.geteuid(),
                 name=name,
-                params={"c2h": str(busdir / c2h), "h2c": str(busdir / h2c)},
+                # Names in the bus folder, not paths: a knock must fit in one
+                # atomic write (PIPE_BUF), however long the bus root's path is.
+                params={"c2h": c2h, "h2c": h2c},
             )
         )
         which = await _wait_readable(rfd, deadline, pidfd)
