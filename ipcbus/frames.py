@@ -25,6 +25,8 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "HEADER",
     "LARGE_PAYLOAD",
+    "MAX_MAX_FRAME",
+    "MIN_MAX_FRAME",
     "PROTOCOL_VERSION",
     "Frame",
     "FrameReader",
@@ -47,6 +49,14 @@ PROTOCOL_VERSION: Final = 1
 
 DEFAULT_MAX_FRAME: Final = 64 * 1024 * 1024
 """Default maximum size of one encoded frame, in bytes (64 MiB)."""
+
+MIN_MAX_FRAME: Final = 1024
+"""The smallest ``max_frame`` a node may have or announce, in bytes: a peer's
+Hello announcing less is a protocol error (every control frame must fit, and a
+tiny limit announced by one peer would hold the whole node to it)."""
+
+MAX_MAX_FRAME: Final = 0xFFFFFFFF
+"""The largest ``max_frame``: what the 4-byte length prefix can say."""
 
 HEADER: Final = struct.Struct(">I")
 """The length prefix used by stream transports: 4-byte big-endian unsigned."""

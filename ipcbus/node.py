@@ -408,6 +408,12 @@ class Node:
         spin_us: float | None = None,
     ) -> None:
         self.spin_us = spin_window(spin_us)
+        if isinstance(max_frame, bool) or not isinstance(max_frame, int):
+            raise TypeError(f"max_frame must be an int (bytes), not {max_frame!r}")
+        if not fr.MIN_MAX_FRAME <= max_frame <= fr.MAX_MAX_FRAME:
+            raise ValueError(
+                f"max_frame must be between {fr.MIN_MAX_FRAME} and {fr.MAX_MAX_FRAME} bytes, not {max_frame}"
+            )
         self.node_id = secrets.token_hex(6)
         self.name = name
         self.max_frame = max_frame
@@ -630,9 +636,14 @@ class Node:
                     f"peer speaks protocol version {hello.version}, this node speaks "
                     f"{fr.PROTOCOL_VERSION}; upgrade the older side"
                 )
+            if hello.max_frame < fr.MIN_MAX_FRAME:
+                raise ProtocolError(
+                    f"peer announced max_frame {hello.max_frame}, below the {fr.MIN_MAX_FRAME} "
+                    "bytes every node must take"
+                )
             ls.peer = hello
             if hello.max_frame < ls.send_max:
-                ls.send_max = max(hello.max_frame, 0)
+                ls.send_max = hello.max_frame
                 self._send_bound = min(self._send_bound, ls.send_max)
             if link.info.peer_pid is None:
                 link.info.peer_pid = hello.pid

@@ -355,6 +355,30 @@ async def test_handshake_with_a_wrong_version_raises_protocol_error() -> None:
         await raw.aclose()
 
 
+async def test_a_peer_announcing_a_tiny_max_frame_is_refused() -> None:
+    """A Hello announcing max_frame under 1024 would hold the whole node to it:
+    the link is refused with a protocol error; other links are untouched."""
+    async with Node(name="n") as node:
+        bus = Bus(node)
+        await bus.serve("echo", lambda m: m.data)
+        x, raw = memory_pair()
+        raw.send_nowait(fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION, "tiny", 1, 1, "tiny", 10)))
+        with anyio.fail_after(10), pytest.raises(ProtocolError, match="max_frame 10, below the 1024"):
+            await node.add_link(x, name="tiny")
+        assert node.links == [] and node._send_bound == node.max_frame
+        assert (await bus.request("echo", b"still here", timeout=5)).data == b"still here"
+        await raw.aclose()
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(100, ValueError), (0, ValueError), (1 << 32, ValueError), (True, TypeError), (2048.0, TypeError)],
+)
+def test_a_node_max_frame_out_of_range_is_refused(bad: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="max_frame must be"):
+        Node(max_frame=bad)  # type: ignore[arg-type]
+
+
 async def test_first_frame_must_be_a_hello() -> None:
     async with Node(name="n") as node:
         x, raw = memory_pair()
