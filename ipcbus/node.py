@@ -1108,6 +1108,7 @@ class Node:
             return count
         plain_frame: bytes | None = raw if (raw is not None and not groups_in) else None
         reply = m.reply
+        too_large: tuple[int, int] | None = None  # (size, limit) of a link that refused it
         for ls in targets:
             gs = link_groups.get(ls) if link_groups else None
             if gs:
@@ -1126,11 +1127,17 @@ class Node:
                 count += 1
                 if reply is not None:
                     self._track(ls, reply)
+            elif len(frame) > ls.send_max:
+                too_large = (len(frame), ls.send_max)
         if count == 0 and reply is not None:
-            if origin is not None:
-                self._no_responders(m)
-            else:
+            if origin is None:
                 self._unsendable(m, targets)
+            elif too_large is not None:
+                # Passed on, but too large for every link that wants it: the
+                # requester is told now rather than "no responders".
+                self._too_large_reply(reply, "request", *too_large)
+            else:
+                self._no_responders(m)
         return count
 
     def _inbox_node(self, subject: str) -> str | None:

@@ -1289,3 +1289,9 @@ async def test_behind_a_hub_a_small_peer_gets_errors_and_its_group_share_fits() 
         await settle(Bus(hub), small_bus, big_bus)
         with anyio.fail_after(5), pytest.raises(RemoteError, match=r"FrameTooLarge.*4096-byte"):
             await big_bus.request("only.small", b"x" * 5000, timeout=30)
+        # The same for a plain subscriber (no queue group): not "no responders".
+        await small_bus.serve("only.plain", lambda m: b"never")
+        await settle(Bus(hub), small_bus, big_bus)
+        with anyio.fail_after(5), pytest.raises(RemoteError, match=r"FrameTooLarge.*4096-byte"):
+            await big_bus.request("only.plain", b"x" * 5000, timeout=30)
+        assert (await big_bus.request("only.plain", b"x", timeout=5)).data == b"never"
