@@ -29,6 +29,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
+from typing import Final
 
 import anyio
 
@@ -41,17 +42,25 @@ LinkPairFactory = Callable[[], AbstractAsyncContextManager[tuple[Link, Link]]]
 """A zero-argument callable returning an async context manager of two connected links."""
 
 
+_HOST_LOCK: Final = "/tmp/ipcbus-tests.lock"
+
+
 @contextlib.contextmanager
 def host_lock() -> Iterator[None]:
-    """Hold this host's ipcbus test lock (an ``flock`` in the temp directory).
+    """Hold this host's ipcbus test lock (an ``flock`` on ``/tmp/ipcbus-tests.lock``).
 
     SysV objects and ``/dev/shm`` are host-wide: a test's leak check would
     take the queues of a benchmark (or of another test session) running at
     the same time for its own leaks, and remove them.  The test suite holds
     the lock around each test, the benchmarks around each measurement, so
-    they take turns instead.  Blocks until the lock is free.
+    they take turns instead.  Blocks until the lock is free.  The path is
+    fixed (not ``$TMPDIR``'s), so that sessions with different temp
+    directories still share it.
     """
-    fd = os.open(os.path.join(tempfile.gettempdir(), "ipcbus-tests.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(_HOST_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except PermissionError:  # another user's lock: theirs and ours cannot clash on one file
+        fd = os.open(os.path.join(tempfile.gettempdir(), "ipcbus-tests.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 try:
     import uvloop
@@ -35,6 +36,11 @@ _BUS_ROOT = tempfile.mkdtemp(prefix="ipcbus-test-")
 os.chmod(_BUS_ROOT, 0o700)
 os.environ["IPCBUS_DIR"] = _BUS_ROOT
 REPO = Path(__file__).resolve().parent.parent
+
+# Hypothesis's per-example deadline (200 ms) measures this shared 2-CPU
+# machine's load, not the code: off (performance is for `make bench`).
+settings.register_profile("ipcbus", deadline=None)
+settings.load_profile("ipcbus")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -291,21 +291,6 @@ async def test_daemon_hub_from_the_command_line(bus_name: str) -> None:
 # -- the demo ----------------------------------------------------------------------
 
 
-def _have_sysv_shm() -> bool:
-    import importlib
-
-    try:
-        for m in ("ipcbus.transports.sysv", "ipcbus.transports.shm"):
-            importlib.import_module(m)
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(
-    not _have_sysv_shm(),
-    reason="the demo's hub part uses the sysv and shm transports, which are not written yet",
-)
 @pytest.mark.single_loop
 async def test_demo_runs() -> None:
     code, out, err = await run("demo", "--requests", "500", timeout=90)

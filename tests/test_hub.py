@@ -55,24 +55,6 @@ except ImportError:  # pragma: no cover - tests/ imported as a package
 FIFO_ONLY = ("fifo",)
 
 
-def _have(*modules: str) -> bool:
-    import importlib
-
-    try:
-        for m in modules:
-            importlib.import_module(m)
-    except ImportError:
-        return False
-    return True
-
-
-HAVE_SYSV_SHM = _have("ipcbus.transports.sysv", "ipcbus.transports.shm")
-needs_sysv_shm = pytest.mark.skipif(
-    not HAVE_SYSV_SHM,
-    reason="ipcbus.transports.sysv / ipcbus.transports.shm are not written yet; "
-    "the default hub (and so autostart) serves fifo, sysv and shm",
-)
-
 _names = itertools.count()
 
 
@@ -287,7 +269,6 @@ async def test_a_closed_client_bus_refuses_waits_and_bad_timeouts(bus_name: str)
             await bus.wait_connected(timeout=30)
 
 
-@needs_sysv_shm
 @pytest.mark.single_loop
 async def test_connect_with_a_transport_the_hub_does_not_accept(bus_name: str) -> None:
     """Refused at once, naming what the hub accepts (its door would refuse the
@@ -321,7 +302,6 @@ async def _stop_daemon(name: str) -> None:
     await wait_gone(pid)
 
 
-@needs_sysv_shm
 @pytest.mark.single_loop
 async def test_autostart_starts_one_daemon_and_sigterm_stops_it(bus_name: str) -> None:
     bd = BusDir(bus_name)
@@ -368,7 +348,6 @@ async def test_a_bus_under_a_long_root_takes_fifo_clients(bus_name: str, tmp_pat
         assert (await sub.next(timeout=5)).data == b"through a long root"
 
 
-@needs_sysv_shm
 @pytest.mark.single_loop
 async def test_autostart_serves_the_root_the_client_was_given(bus_name: str, tmp_path: Path) -> None:
     # connect(root=...) looks for the bus there: the daemon it starts must
@@ -390,7 +369,6 @@ async def test_autostart_serves_the_root_the_client_was_given(bus_name: str, tmp
             await wait_gone(pid)
 
 
-@needs_sysv_shm
 @pytest.mark.single_loop
 async def test_ten_clients_racing_autostart_get_one_hub(bus_name: str) -> None:
     started: list[Peer] = []
@@ -693,7 +671,6 @@ async def test_a_killed_hub_s_forked_child_does_not_keep_the_bus(bus_name: str) 
                 os.kill(child, signal.SIGKILL)
 
 
-@needs_sysv_shm
 async def test_closing_a_sysv_client_of_a_stopped_hub_keeps_its_loop_running(
     bus_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -811,7 +788,6 @@ async def test_garbage_frames_close_only_that_link(bus_name: str) -> None:
 # -- the default hub: every transport ------------------------------------------------
 
 
-@needs_sysv_shm
 @pytest.mark.single_loop
 async def test_default_hub_serves_sysv_and_shm(bus_name: str) -> None:
     async with ipcbus.Hub(bus_name) as hub:

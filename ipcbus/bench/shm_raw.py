@@ -156,11 +156,15 @@ def _spawn(spec: dict[str, Any], pass_fds: Sequence[int] = ()) -> subprocess.Pop
 
 
 def _cpus(pinned: bool | str) -> tuple[int | None, int | None]:
-    """CPU for (server, client): pinned=True/'same' one CPU, 'split' two CPUs."""
+    """CPU for (server, client): pinned=True/'same' one CPU, 'split' two CPUs.
+
+    The CPUs this process may use (the driver's pinning, a cpuset), lowest first.
+    """
+    usable = sorted(os.sched_getaffinity(0))
     if pinned == "split":
-        return 0, 1
+        return usable[0], usable[1 % len(usable)]
     if pinned:
-        return 0, 0
+        return usable[0], usable[0]
     return None, None
 
 
