@@ -8,6 +8,7 @@ are.  Nothing here knows about transports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -26,6 +27,7 @@ from .errors import (
     ConnectionClosed,
     EncodeError,
     FrameTooLarge,
+    IpcBusError,
     NoResponders,
     RemoteError,
     WorkerCrashed,
@@ -130,6 +132,9 @@ def _timeout_or_none(timeout: Any) -> float | None:
     if timeout != timeout:
         raise ValueError("timeout must be a number of seconds or None, not NaN")
     return None if timeout == _INF else float(timeout)
+
+
+_DRAIN_FLUSH: Final = 5.0  # seconds a draining service waits for its peers to know
 
 
 class Msg:
@@ -297,6 +302,7 @@ class Service:
         self._done = anyio.Event()
         self._active = 0  # async handlers running
         self._idle: asyncio.Event | None = None  # created only while drain() waits
+        self._peers_know: asyncio.Event | None = None  # set once drain()'s withdrawal is flushed
         self._finishing: set[asyncio.Task[None]] = set()
         if not self._is_async:
             # A synchronous handler runs as its request is routed (in the read
@@ -451,6 +457,20 @@ class Service:
         Called from one of this service's own handlers, it only stops taking
         requests (waiting would wait for that very handler).
         """
+        node = self._bus._node
+        core = self.subscription._core
+        if self._peers_know is None and not core.closed and not node.closed:
+            # Peers stop choosing this member first; what they sent before
+            # they knew arrives before their answer to the flush, and is served.
+            self._peers_know = asyncio.Event()
+            node.withdraw(core)
+            try:
+                with contextlib.suppress(IpcBusError, TimeoutError):
+                    await node.flush(_DRAIN_FLUSH)
+            finally:
+                self._peers_know.set()
+        elif self._peers_know is not None:
+            await self._peers_know.wait()  # another drain() is flushing: after it
         await self.subscription.unsubscribe()
         if _SERVING.get() is self:
             return

@@ -91,6 +91,11 @@ _FAST_CACHE: Final = 4096
 _HELLO_TIMEOUT: Final = 10.0
 _READ_SHARE: Final = 256 * 1024  # bytes read from one link before yielding
 
+_ANY_GROUP: Final = ("*",)
+"""The ``groups`` of a request sent up the tree by a node that knows no responder:
+the receiver delivers it to one member of each queue group it knows (``*`` is
+never a queue name)."""
+
 _encode = fr.frame_encoder.encode  # encode_frame without the call around it: once per frame sent
 _MsgFrame = fr.Msg
 _bin_header = fr.bin_header
@@ -129,6 +134,7 @@ class SubscriptionCore:
         "queue",
         "sid",
         "subject",
+        "withdrawn",
     )
 
     def __init__(
@@ -162,6 +168,8 @@ class SubscriptionCore:
         # Set by a service with a synchronous handler: messages are handed to
         # it as they are routed instead of being queued for a reader task.
         self.inline: Callable[[fr.Msg], None] | None = None
+        # Set by Node.withdraw: no longer announced to links, still delivered to.
+        self.withdrawn = False
 
     def deliver(self, m: fr.Msg) -> None:
         """Queue one message for the reader, applying the overflow policy."""
@@ -933,6 +941,24 @@ class Node:
         self._interest_changed()
         if not self._local.remove(sub.subject, sub):
             return
+        if not sub.withdrawn:
+            self._unannounce(sub)
+
+    def withdraw(self, sub: SubscriptionCore) -> None:
+        """Stop announcing ``sub`` to the links, but go on delivering to it.
+
+        The first step of draining a queue-group member: once the peers have
+        processed the Unsub (:meth:`flush`), nothing more is on its way to it,
+        and it can be unsubscribed without a request that was already sent
+        to it finding no member (and coming back "no responders").
+        """
+        if sub.withdrawn or sub.closed or self._subs.get(sub.sid) is not sub:
+            return
+        sub.withdrawn = True
+        self._interest_changed()
+        self._unannounce(sub)
+
+    def _unannounce(self, sub: SubscriptionCore) -> None:
         self._inbox_interest(sub.subject, sub.queue, -1, None)
         key = (sub.subject, sub.queue)
         c = self._local_counts.get(key, 0) - 1
@@ -1007,7 +1033,32 @@ class Node:
             # A bad reply subject would only blow up later, in whoever answers
             # (a service's publish): refuse it here, as a protocol error on this link.
             validate_subject(m.reply)
+        if m.groups == _ANY_GROUP:
+            if self._pass_up(m, origin):
+                return
+            m, raw = self._for_every_group(m), None
         self._route(m, raw, origin)
+
+    def _for_every_group(self, m: fr.Msg) -> fr.Msg:
+        """A message whose sender left the queue groups to us (``groups ==
+        _ANY_GROUP``): ``m`` for one member of each group this node knows, as if
+        published here."""
+        route = self._routes.get(m.subject)
+        if route is None:
+            route = self._compute_route(m.subject, cache=not m.subject.startswith("_INBOX."))
+        return _MsgFrame(m.subject, m.reply, m.headers, m.payload, tuple(q for q, _ in route[2]))
+
+    def _pass_up(self, m: fr.Msg, origin: LinkState) -> bool:
+        """Send an any-group request on toward the root when nobody here or below
+        wants its subject (a tree of hubs); True if it went."""
+        up = self.upstream
+        if up is None or up is origin or up.closed.is_set() or self.has_interest(m.subject):
+            return False
+        if not self._forward(up, _encode(m), m.subject, True):
+            return False
+        if m.reply is not None:
+            self._track(up, m.reply)
+        return True
 
     def _route(self, m: fr.Msg, raw: bytes | None, origin: LinkState | None) -> int:
         """Deliver ``m`` locally and forward it; return how many destinations took it."""
@@ -1078,10 +1129,10 @@ class Node:
                     self._track(pick, m.reply)
                 return 1
         groups_in = m.groups
-        count = 0
-        for sub in subs:
-            sub.deliver(m)
-            count += 1
+        # Local members are handed the message after it went out on the links:
+        # a service answering inline would otherwise reply before the request
+        # is tracked on them (a reply that never comes back to clear it).
+        local: list[SubscriptionCore] = list(subs)
         link_groups: dict[LinkState, list[str]] | None = None
         for q, cands in groups:
             if origin is not None:
@@ -1097,15 +1148,17 @@ class Node:
                     link_groups = {}
                 link_groups.setdefault(pick, []).append(q)
             else:
-                pick.deliver(m)
-                count += 1
+                local.append(pick)
         targets: list[LinkState] = [ls for ls in plain if ls is not origin]
         if link_groups:
             targets.extend(ls for ls in link_groups if ls not in plain)
         if not targets:
-            if count == 0 and origin is not None and m.reply is not None:
+            for sub in local:
+                sub.deliver(m)
+            if not local and origin is not None and m.reply is not None:
                 self._no_responders(m)
-            return count
+            return len(local)
+        count = 0
         plain_frame: bytes | None = raw if (raw is not None and not groups_in) else None
         reply = m.reply
         too_large: tuple[int, int] | None = None  # (size, limit) of a link that refused it
@@ -1129,6 +1182,9 @@ class Node:
                     self._track(ls, reply)
             elif len(frame) > ls.send_max:
                 too_large = (len(frame), ls.send_max)
+        for sub in local:
+            sub.deliver(m)
+        count += len(local)
         if count == 0 and reply is not None:
             if origin is None:
                 self._unsendable(m, targets)
@@ -1673,7 +1729,8 @@ class Node:
         ls = self.upstream
         if ls is None or ls.closed.is_set() or self._closed:
             return None
-        frame = _encode(_MsgFrame(subject, reply, headers, payload))
+        # _ANY_GROUP: we know no member of any queue group; the root picks them.
+        frame = _encode(_MsgFrame(subject, reply, headers, payload, _ANY_GROUP))
         if len(frame) > ls.send_max:
             what = f"request for link {ls.name} (a limit its peer announced)"
             raise FrameTooLarge(len(frame), ls.send_max, what)

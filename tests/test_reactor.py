@@ -935,3 +935,67 @@ async def test_request_with_headers_over_a_link_that_just_broke_fails_at_once() 
         with anyio.fail_after(5), pytest.raises(ConnectionClosed, match="broke"):
             await Bus(a).request("svc", timeout=30, headers={"k": "v"})
         assert not a.inbox.futures
+
+
+@pytest.mark.parametrize("queue", [None, "svc"])
+async def test_a_request_sent_up_before_interest_arrived_reaches_a_queue_group(queue: str | None) -> None:
+    """A node that knows no responder sends its request to its upstream, leaving
+    the choice of queue-group members to it (``groups == ["*"]``)."""
+    async with Node(name="hub") as hub, Node(name="A") as a, Node(name="B") as b:
+        _, la = await connect(hub, a, "memory")
+        a.upstream = la
+        _, lb = await connect(hub, b, "memory")
+        b.upstream = lb
+        await Bus(hub).serve("svc", lambda m: b"hub", queue=queue)
+        await Bus(b).serve("svc", lambda m: b"b", queue=queue)
+        assert not a.has_interest("svc")  # the hub's Sub is still on its way
+        got = (await Bus(a).request("svc", b"x", timeout=5)).data
+        assert got in (b"hub", b"b")
+        await settle(hub, a, b)
+        if queue is not None:  # one member of the group answered, not both
+            assert hub.inbox.futures == {} and not hub._reply_routes
+
+
+async def test_a_request_an_inline_service_answered_is_not_tracked_on_a_listeners_link() -> None:
+    """A hub's plain-def service answers while the hub routes the request; the copy
+    for a listener on another link must not be tracked as awaiting a reply (it
+    would stay for good, count as that link's load, and fail at its close)."""
+    async with Node(name="hub") as hub, Node(name="A") as a, Node(name="M") as m:
+        await connect(hub, a, "memory")
+        hub_m, _ = await connect(hub, m, "memory")
+        await Bus(hub).serve("svc", lambda msg: b"ok", queue="g")
+        listener = await Bus(m).subscribe(">")
+        await settle(hub, a, m)
+        for _ in range(20):
+            assert (await Bus(a).request("svc", b"x", timeout=5)).data == b"ok"
+        await settle(hub, a, m)
+        assert hub._reply_routes == {} and hub_m.inflight == {}
+        assert listener.pending >= 20  # the listener did get the requests
+
+
+async def test_a_draining_member_serves_what_was_already_sent_to_it() -> None:
+    """Service.drain() first withdraws the member (peers stop choosing it), waits
+    until they know, then unsubscribes: requests already on their way to it are
+    answered, not turned into NoResponders by a node with no member left."""
+    async with Node(name="P") as p, Node(name="W1") as w1, Node(name="W2") as w2:
+        await connect(p, w1, "pipe")
+        await connect(p, w2, "pipe")
+
+        async def h1(m: Msg) -> bytes:
+            await asyncio.sleep(0.01)
+            return b"w1"
+
+        async def h2(m: Msg) -> bytes:
+            await asyncio.sleep(0.01)
+            return b"w2"
+
+        s1 = await Bus(w1).serve("svc", h1, queue="g")
+        await Bus(w2).serve("svc", h2, queue="g")
+        await settle(p, w1, w2)
+        reqs = [asyncio.ensure_future(Bus(p).request("svc", b"%d" % i, timeout=5)) for i in range(6)]
+        await asyncio.sleep(0)  # on their way, half of them to W1
+        await asyncio.gather(s1.drain(), s1.drain())  # two at once: both wait for the withdrawal
+        got = [r.data for r in await asyncio.gather(*reqs)]
+        assert sorted(got) == [b"w1"] * 3 + [b"w2"] * 3
+        await settle(p, w1, w2)
+        assert [(await Bus(p).request("svc", timeout=5)).data for _ in range(4)] == [b"w2"] * 4
