@@ -1332,6 +1332,20 @@ class Node:
         ls.dropped_unreported = 0
         ls.dropped_subjects.clear()
 
+    def _pass_drops_on(self, ls: LinkState, counts: dict[str, int], rest: int) -> None:
+        """Tell ``ls`` of drops further up the tree on subjects it wants: its
+        subscribers may have lost those messages too (a notice is per hop)."""
+        total = sum(counts.values()) + rest
+        if total <= 0 or ls.closed.is_set():
+            return
+        ls.dropped_unreported += total
+        mine = ls.dropped_subjects
+        for s, n in counts.items():
+            if s in mine or len(mine) < 64:
+                mine[s] = mine.get(s, 0) + n
+        with contextlib.suppress(ConnectionClosed):
+            self._send_drop_notice(ls)
+
     async def _report_drops(self, ls: LinkState) -> None:
         """Wait until a slow link is back under half its limit, then report its drops."""
         with contextlib.suppress(ConnectionClosed):
@@ -1437,15 +1451,22 @@ class Node:
                 # a peer that sends no counts) count for every subscription
                 # the notice concerns: it may have lost them.
                 per = len(frame.counts) == len(frame.subjects)
-                rest = frame.count - sum(frame.counts) if per else frame.count
+                rest = max(frame.count - sum(frame.counts) if per else frame.count, 0)
                 lost: dict[SubscriptionCore, int] = {}
+                onward: dict[LinkState, dict[str, int]] = {}  # links below that wanted them
                 for i, s in enumerate(frame.subjects):
                     n = frame.counts[i] if per else 0
                     for sub in self._local.match(s):
                         lost[sub] = lost.get(sub, 0) + n
+                    for other, _ in self._remote.match(s):
+                        if other is not ls:
+                            counts = onward.setdefault(other, {})
+                            counts[s] = counts.get(s, 0) + n
                 for sub, n in lost.items():
-                    if sub is not self.inbox and n + max(rest, 0) > 0:
-                        sub.note_remote_drop(n + max(rest, 0))
+                    if sub is not self.inbox and n + rest > 0:
+                        sub.note_remote_drop(n + rest)
+                for other, counts in onward.items():
+                    self._pass_drops_on(other, counts, rest)
                 self.dropped += frame.count
             elif frame.code == "protocol_error":
                 log.warning("peer %s reports a protocol error: %s", ls.name, frame.message)

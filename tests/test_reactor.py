@@ -999,3 +999,40 @@ async def test_a_draining_member_serves_what_was_already_sent_to_it() -> None:
         assert sorted(got) == [b"w1"] * 3 + [b"w2"] * 3
         await settle(p, w1, w2)
         assert [(await Bus(p).request("svc", timeout=5)).data for _ in range(4)] == [b"w2"] * 4
+
+
+async def test_a_drop_notice_reaches_a_subscriber_two_hops_below_the_slow_link() -> None:
+    """A - hub - P - W: the hub drops messages on its slow link to P; W's
+    subscriber (behind P) must hear of the loss too, not only P's own."""
+    async with (
+        Node(name="A") as a,
+        Node(name="hub", outbound_limit=64 * 1024) as hub,
+        Node(name="P") as p,
+        Node(name="W") as w,
+    ):
+        x, y = memory_pair()
+        await connect_links(a, hub, x, y)
+        x, y = memory_pair()
+        gated = GatedLink(y)
+        await connect_links(hub, p, x, gated)
+        x, y = memory_pair()
+        await connect_links(p, w, x, y)
+        sub = await Bus(w).subscribe("feed")
+        await settle(a, hub, p, w)
+        await settle(a, hub, p, w)
+        gated.gate.clear()  # P stops reading: the hub's link to it fills up
+        n = 200
+        for _ in range(n):
+            await Bus(a).publish("feed", b"\0" * 16384)
+        await a.flush()
+        gated.gate.set()
+        got = reported = 0
+        with contextlib.suppress(TimeoutError):
+            while got + reported < n:
+                try:
+                    await sub.next(timeout=2)
+                    got += 1
+                except SlowConsumer as exc:
+                    reported += exc.dropped
+        assert hub.dropped > 0
+        assert (got, reported) == (n - hub.dropped, hub.dropped)
