@@ -1054,7 +1054,7 @@ class Node:
         up = self.upstream
         if up is None or up is origin or up.closed.is_set() or self.has_interest(m.subject):
             return False
-        if not self._forward(up, _encode(m), m.subject, True):
+        if not self._forward(up, _encode(m), m.subject, True, m.reply is not None):
             return False
         if m.reply is not None:
             self._track(up, m.reply)
@@ -1117,7 +1117,7 @@ class Node:
                     return 1
                 if raw is None or origin is None:
                     raw = _encode(_MsgFrame(subject, m.reply, m.headers, m.payload, (q,)))
-                if not self._forward(pick, raw, subject, origin is not None):
+                if not self._forward(pick, raw, subject, origin is not None, m.reply is not None):
                     if origin is None:
                         self._unsendable(m, (pick,))
                     elif m.reply is not None and len(raw) > pick.send_max:
@@ -1176,7 +1176,7 @@ class Node:
                         fr.Msg(m.subject, m.reply, m.headers, m.payload) if groups_in else m
                     )
                 frame = plain_frame
-            if self._forward(ls, frame, subject, origin is not None):
+            if self._forward(ls, frame, subject, origin is not None, reply is not None):
                 count += 1
                 if reply is not None:
                     self._track(ls, reply)
@@ -1257,9 +1257,19 @@ class Node:
         best.last_pick = self._rr
         return best
 
-    def _forward(self, ls: LinkState, frame: bytes, subject: str, forwarded: bool) -> bool:
+    def _forward(
+        self, ls: LinkState, frame: bytes, subject: str, forwarded: bool, request: bool = False
+    ) -> bool:
         link = ls.link
-        if forwarded and link.pending_out > self.outbound_limit:
+        # Requests and replies are never dropped for a slow link: they are
+        # bounded by the requests in flight, and a requester's timeout covers a
+        # slow responder (a dropped request got NoResponders, or nothing at all).
+        if (
+            forwarded
+            and link.pending_out > self.outbound_limit
+            and not request
+            and not subject.startswith("_INBOX.")
+        ):
             # Slow link: drop for this link only, count, report when it catches up.
             ls.dropped += 1
             self.dropped += 1

@@ -1036,3 +1036,35 @@ async def test_a_drop_notice_reaches_a_subscriber_two_hops_below_the_slow_link()
                     reported += exc.dropped
         assert hub.dropped > 0
         assert (got, reported) == (n - hub.dropped, hub.dropped)
+
+
+@pytest.mark.parametrize("queue", [None, "g"])
+async def test_a_request_to_a_slow_link_waits_in_line_instead_of_being_dropped(queue: str | None) -> None:
+    """Plain messages for a link over outbound_limit are dropped; a request is not
+    (it was NoResponders at once, or silence until the timeout): it is answered
+    once the responder catches up."""
+    async with (
+        Node(name="A") as a,
+        Node(name="hub", outbound_limit=64 * 1024) as hub,
+        Node(name="B") as b,
+    ):
+        x, y = memory_pair()
+        await connect_links(a, hub, x, y)
+        x, y = memory_pair()
+        gated = GatedLink(y)
+        await connect_links(hub, b, x, gated)
+        await Bus(b).subscribe("feed")
+        await Bus(b).serve("svc", lambda m: b"late but there", queue=queue)
+        await settle(a, hub, b)
+        gated.gate.clear()  # B stops reading
+        for _ in range(200):
+            await Bus(a).publish("feed", b"\0" * 16384)
+        await a.flush()
+        assert hub.dropped > 0  # the link is over its limit: plain messages are dropped
+        req = asyncio.ensure_future(Bus(a).request("svc", b"x", timeout=30))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not req.done()
+        gated.gate.set()
+        with anyio.fail_after(10):
+            assert (await req).data == b"late but there"
