@@ -38,6 +38,7 @@ from .node import (
     ERROR_MSG_HEADER,
     ERROR_TYPE_HEADER,
     STATUS_HEADER,
+    Deadlines,
     Node,
     SubscriptionCore,
     wait_writable,
@@ -663,13 +664,14 @@ class Bus:
         waiting = self._waiting
         if waiting is not None:
             waiting.add(fut)
+        deadline: list[Any] | None = None
         try:
             full = node.send_request(subject, payload, reply, headers)
             # The node's deadlines fail the future on time: a fraction of the
             # cost of a cancel scope (or a loop timer) per request.  Armed
             # first: the timeout covers the wait for a full link too.
             if timeout is not None:
-                node.deadlines.add(timeout, fut, subject)
+                deadline = node.deadlines.add(timeout, fut, subject)
             if full:
                 await _writable_or_done(full, fut)
             m = await fut
@@ -681,6 +683,8 @@ class Bus:
                 node.forget_reply(reply)
             if not fut.done():  # cancelled before its reply: its deadline must not fail it later
                 fut.cancel()
+            if deadline is not None:
+                Deadlines.done(deadline)  # it lets go of the reply
         h = m.headers
         if h:
             status = h.get(STATUS_HEADER)

@@ -289,38 +289,52 @@ class Deadlines:
     A loop timer per request costs microseconds to arm and cancel (more than
     the rest of a request's routing).  Requests with the same timeout expire
     in the order they were made, so each timeout value keeps a FIFO of
-    ``(deadline, future, subject)`` and one timer for its head.  Answered
-    requests are dropped lazily from the head, and the FIFO is compacted if
-    answered entries pile up behind a slow one.
+    ``[deadline, future, subject]`` entries and one timer for its head.
+    Answered requests are dropped lazily from the head, and the FIFO is
+    compacted if answered entries pile up behind a slow one.  The requester
+    calls :meth:`done` with its entry when it has its answer: the entry then
+    lets go of the future (and of the reply it holds), so answered requests
+    queued behind a slow one keep no payload alive.
     """
 
     _SLACK: Final = 0.001  # loop timers may fire this much early
 
     def __init__(self) -> None:
-        self._queues: dict[float, collections.deque[tuple[float, asyncio.Future[Any], str]]] = {}
+        self._queues: dict[float, collections.deque[list[Any]]] = {}
         self._armed: dict[float, asyncio.TimerHandle] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def add(self, timeout: float, fut: asyncio.Future[Any], subject: str) -> None:
-        """Fail ``fut`` with :class:`RequestTimeout` unless it is done within ``timeout``."""
+    def add(self, timeout: float, fut: asyncio.Future[Any], subject: str) -> list[Any]:
+        """Fail ``fut`` with :class:`RequestTimeout` unless it is done within ``timeout``.
+
+        Returns the entry to pass to :meth:`done` once ``fut`` is done.
+        """
         q = self._queues.get(timeout)
         if q is None:  # a FIFO exists exactly while its timer is armed
             loop = self._loop = fut.get_loop()
-            deadline = loop.time() + timeout
-            self._queues[timeout] = collections.deque([(deadline, fut, subject)])
-            self._armed[timeout] = loop.call_at(deadline, self._fire, timeout)
-            return
+            at = loop.time() + timeout
+            entry: list[Any] = [at, fut, subject]
+            self._queues[timeout] = collections.deque([entry])
+            self._armed[timeout] = loop.call_at(at, self._fire, timeout)
+            return entry
         n = len(q)
         if not n & 31:  # now and then, not on every request: drop answered ones
-            while q and q[0][1].done():
+            while q and _settled(q[0]):
                 q.popleft()
             if n >= 4096 and not n & 4095:  # answered ones behind a slow one
-                live = [e for e in q if not e[1].done()]
+                live = [e for e in q if not _settled(e)]
                 if len(live) * 2 < n:
                     q.clear()
                     q.extend(live)
         assert self._loop is not None
-        q.append((self._loop.time() + timeout, fut, subject))
+        entry = [self._loop.time() + timeout, fut, subject]
+        q.append(entry)
+        return entry
+
+    @staticmethod
+    def done(entry: list[Any]) -> None:
+        """The request of ``entry`` (from :meth:`add`) is over: forget its future."""
+        entry[1] = None
 
     def _fire(self, timeout: float) -> None:
         q = self._queues[timeout]
@@ -328,7 +342,7 @@ class Deadlines:
         now = loop.time() + self._SLACK
         while q:
             deadline, fut, subject = q[0]
-            if fut.done():
+            if fut is None or fut.done():
                 q.popleft()
             elif deadline <= now:
                 q.popleft()
@@ -345,6 +359,11 @@ class Deadlines:
             h.cancel()
         self._armed.clear()
         self._queues.clear()
+
+
+def _settled(entry: list[Any]) -> bool:
+    fut = entry[1]
+    return fut is None or bool(fut.done())
 
 
 class LinkState:
@@ -1315,6 +1334,7 @@ class Node:
                 self._send_drop_notice(ls)
             link.send_nowait(frame)
         except ConnectionClosed:
+            self._unroute(ls)
             return False
         except FrameTooLarge:
             log.warning("message on %r too large for link %s; not forwarded", subject, ls.name)
@@ -1379,6 +1399,16 @@ class Node:
                 r.discard(ls)
                 if not r:
                     del self._reply_routes[old]
+
+    def _unroute(self, ls: LinkState) -> None:
+        """A write to ``ls`` failed: its peer is gone.  Route nothing more to it now.
+
+        Its task drops it on its next turn; until then a requester that retries
+        at once (on WorkerCrashed, say) without yielding to the loop would be
+        sent to it again and again -- it looks the least busy of all.
+        """
+        for key in list(ls.remote_keys):
+            self._remote_unsub(ls, key)
 
     def _unsendable(self, m: fr.Msg, links: Sequence[LinkState]) -> None:
         """A request made here could not be written to any link it was routed to.
@@ -1538,6 +1568,7 @@ class Node:
                     else:
                         link.send_nowait(frame)
                 except ConnectionClosed:
+                    self._unroute(ls)
                     continue
                 self.msgs_out += 1
             if link.pending_out > link.high_water:
@@ -1736,6 +1767,7 @@ class Node:
             return None  # the general path reports it
         except ConnectionClosed:
             # The responder's link broke under this very write (its reader is gone).
+            self._unroute(pick)
             self._unsendable(_MsgFrame(subject, reply, None, payload), (pick,))
             return _NO_LINKS
         return self._request_sent(pick, n, reply)

@@ -1068,3 +1068,73 @@ async def test_a_request_to_a_slow_link_waits_in_line_instead_of_being_dropped(q
         gated.gate.set()
         with anyio.fail_after(10):
             assert (await req).data == b"late but there"
+
+
+async def test_answered_requests_behind_a_slow_one_keep_no_reply_alive() -> None:
+    """The deadline FIFO holds every request made after an unanswered one; the
+    answered entries must let go of their futures (and the replies in them)."""
+    async with Node(name="n") as node:
+        bus = Bus(node)
+        release = asyncio.Event()
+
+        async def slow(m: Msg) -> bytes:
+            await release.wait()
+            return b"slow"
+
+        await bus.serve("slow", slow)
+        await bus.serve("echo", lambda m: m.data)
+        pending = asyncio.ensure_future(bus.request("slow", timeout=30))
+        await asyncio.sleep(0)  # it is sent (the in-process echoes below never yield)
+        for _ in range(100):
+            assert len((await bus.request("echo", b"x" * 65536, timeout=30)).data) == 65536
+        entries = list(node.deadlines._queues[30.0])
+        assert len(entries) == 101 and [e[2] for e in entries if e[1] is not None] == ["slow"]
+        release.set()
+        assert (await pending).data == b"slow"
+
+
+async def test_a_retry_without_yielding_is_not_sent_to_a_broken_link_again() -> None:
+    """A request written to a link whose reader is gone fails at once; that link
+    must leave the routes then, not on the loop's next turn (a requester that
+    retries without yielding would pick it forever: it looks the least busy)."""
+    async with Node(name="P") as p, Node(name="W1") as w1, Node(name="W2") as w2:
+        _, l1 = await connect(p, w1, "pipe")
+        await connect(p, w2, "pipe")
+        await Bus(w1).serve("svc", lambda m: b"w1", queue="g")
+        await Bus(w2).serve("svc", lambda m: b"w2", queue="g")
+        release = asyncio.Event()
+
+        async def hold(m: Msg) -> bytes:
+            await release.wait()
+            return b"held"
+
+        await Bus(w2).serve("hold", hold)
+        await settle(p, w1, w2)
+        held = [asyncio.ensure_future(Bus(p).request("hold", timeout=30)) for _ in range(3)]
+        await settle(p, w1, w2)  # W2 now has requests in flight: W1 looks the least busy
+        l1.link.abort()  # W1's end is gone: P's next write to it fails with EPIPE
+        crashed = 0
+        for _ in range(20):  # no await but the requests themselves
+            try:
+                assert (await Bus(p).request("svc", timeout=5)).data == b"w2"
+            except ConnectionClosed:
+                crashed += 1
+        assert crashed <= 1
+        release.set()
+        assert [(await h).data for h in held] == [b"held"] * 3
+
+
+def test_a_stored_link_error_raised_again_does_not_grow_its_traceback() -> None:
+    from ipcbus.transports.base import stored
+
+    err = ConnectionClosed("gone")
+    depths = []
+    for _ in range(3):
+        try:
+            raise stored(err)
+        except ConnectionClosed as exc:
+            depth, tb = 0, exc.__traceback__
+            while tb is not None:
+                depth, tb = depth + 1, tb.tb_next
+            depths.append(depth)
+    assert depths == [1, 1, 1]

@@ -29,12 +29,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import FrameTooLarge
 from ..frames import DEFAULT_MAX_FRAME, Msg
 
-__all__ = ["DEFAULT_HIGH_WATER", "Link", "LinkInfo"]
+__all__ = ["DEFAULT_HIGH_WATER", "Link", "LinkInfo", "stored"]
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def stored(exc: _E) -> _E:
+    """``exc``, a link's stored error, with its traceback cleared, to raise again.
+
+    Each raise of one exception object adds the raising frames to its
+    traceback, keeping them (and every payload they refer to) alive: a caller
+    that retries on a broken link in a loop would grow it without bound.
+    """
+    return exc.with_traceback(None)
 
 DEFAULT_HIGH_WATER = 4 * 1024 * 1024
 """Bytes buffered in user space above which :meth:`Link.send` waits."""

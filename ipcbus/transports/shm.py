@@ -76,7 +76,7 @@ from ..errors import (
 )
 from ..frames import DEFAULT_MAX_FRAME, LARGE_PAYLOAD, PROTOCOL_VERSION, Msg
 from ..heap import keep_heap
-from .base import Link, LinkInfo
+from .base import Link, LinkInfo, stored
 
 if TYPE_CHECKING:
     from .door import Knock
@@ -771,7 +771,7 @@ class ShmLink(Link):
                 raise ConnectionClosed("link is closed")
             if self._rx_end is not None:
                 if isinstance(self._rx_end, PermissionRefused | ProtocolError):
-                    raise self._rx_end
+                    raise stored(self._rx_end)
                 raise ConnectionClosed(f"the peer went away before attaching: {self._rx_end}")
             self._pump_rx(1)
             if not self._attached and self._rx_end is None:
@@ -803,7 +803,7 @@ class ShmLink(Link):
         if type(frame) is not bytes and type(frame) is not _Parts:
             frame = bytes(frame)  # type: ignore[arg-type]  # a snapshot: the caller may reuse its buffer
         if self._tx_error is not None:  # also set by closing
-            raise self._tx_error
+            raise stored(self._tx_error)
         n = len(frame)
         if n > self.max_frame:
             raise FrameTooLarge(n, self.max_frame)
@@ -891,7 +891,7 @@ class ShmLink(Link):
         limit = self.high_water // 2 if threshold is None else threshold
         while self._pending > limit:
             if self._tx_error is not None:
-                raise self._tx_error
+                raise stored(self._tx_error)
             if self._closed:
                 raise ConnectionClosed("link is closed")
             fut: asyncio.Future[None] = self._get_loop().create_future()
@@ -905,7 +905,7 @@ class ShmLink(Link):
             if self._closed:  # closing dropped the queue: it was not sent
                 raise ConnectionClosed("link is closed")
         if self._tx_error is not None:
-            raise self._tx_error
+            raise stored(self._tx_error)
 
     async def drain(self) -> None:
         """Wait until every queued frame has been copied into the ring."""
@@ -1212,7 +1212,7 @@ class ShmLink(Link):
             if self._closed:
                 raise ConnectionClosed("link is closed")
             if self._rx_end is not None:
-                raise self._rx_end
+                raise stored(self._rx_end)
             if self._rx_dirty:
                 self._pump_rx(_RX_BATCH)
             if not inbox and self._rx_end is None:

@@ -33,7 +33,7 @@ from typing import Any
 from ..busdir import close_in_forked_children, closing_for_good
 from ..errors import ConnectionClosed, EndOfStream, FrameTooLarge, ProtocolError
 from ..frames import DEFAULT_MAX_FRAME, HEADER, FrameReader
-from .base import DEFAULT_HIGH_WATER, Link, LinkInfo
+from .base import DEFAULT_HIGH_WATER, Link, LinkInfo, stored
 
 __all__ = ["FdStreamLink"]
 
@@ -122,7 +122,7 @@ class FdStreamLink(Link):
     def send_parts(self, head: bytes, body: bytes) -> None:
         """Queue one frame given as ``head + body``; ``writev`` sends both, unjoined."""
         if self._werror is not None or self._closed:
-            raise self._werror or ConnectionClosed("link is closed")
+            raise stored(self._werror) if self._werror else ConnectionClosed("link is closed")
         n = len(head) + len(body)
         if not 0 < n <= self.max_frame:
             if n:
@@ -158,7 +158,7 @@ class FdStreamLink(Link):
         limit = self.high_water // 2 if threshold is None else threshold
         while self._wq_bytes > limit:
             if self._werror is not None:
-                raise self._werror
+                raise stored(self._werror)
             if self._closed:
                 raise ConnectionClosed("link is closed")
             fut = self._loop.create_future()
@@ -169,7 +169,7 @@ class FdStreamLink(Link):
                 with contextlib.suppress(ValueError):
                     self._wwaiters.remove(fut)
         if self._werror is not None:
-            raise self._werror
+            raise stored(self._werror)
 
     def send_now(self, frame: bytes) -> None:
         """Queue one frame and write it at once if nothing is queued before it.
@@ -200,7 +200,7 @@ class FdStreamLink(Link):
             written = 0
         except OSError as exc:
             self._write_failed(exc)
-            raise self._werror or ConnectionClosed("link is closed") from None
+            raise stored(self._werror) if self._werror else ConnectionClosed("link is closed") from None
         if written < len(data):  # the pipe is full: the rest waits for writability
             rest = memoryview(data)[written:]
             self._wq.append(rest)
@@ -364,7 +364,7 @@ class FdStreamLink(Link):
             if self._closed:
                 raise ConnectionClosed("link is closed")
             if self._rerror is not None:
-                raise self._rerror
+                raise stored(self._rerror)
             if self._eof:
                 raise EndOfStream(f"{self.info.transport} link: peer closed")
             self._rwaiter = self._loop.create_future()
