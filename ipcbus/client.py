@@ -38,7 +38,6 @@ from .node import (
     ERROR_MSG_HEADER,
     ERROR_TYPE_HEADER,
     STATUS_HEADER,
-    Deadlines,
     Node,
     SubscriptionCore,
     wait_writable,
@@ -684,7 +683,7 @@ class Bus:
             if not fut.done():  # cancelled before its reply: its deadline must not fail it later
                 fut.cancel()
             if deadline is not None:
-                Deadlines.done(deadline)  # it lets go of the reply
+                deadline[1] = None  # Deadlines.done, inlined: the entry lets go of the reply
         h = m.headers
         if h:
             status = h.get(STATUS_HEADER)
