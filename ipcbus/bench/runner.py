@@ -14,6 +14,7 @@ noisy minute on the machine spreads over every row instead of sinking one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -428,7 +429,47 @@ def run_one(job: Job, *, timeout: float, env: dict[str, str]) -> tuple[Outcome, 
         return _run_locked(cmd, timeout=timeout, env=env)
 
 
+_SYSV_KINDS = ("msg", "shm", "sem")
+
+
+def _kernel_objects() -> set[tuple[str, str | int]]:
+    """This user's /dev/shm files and SysV objects, as (kind, name or id)."""
+    from ipcbus.sysv import proc_table
+
+    uid = os.getuid()
+    found: set[tuple[str, str | int]] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/dev/shm"):
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid == uid:
+                    found.add(("file", entry.name))
+    for kind in _SYSV_KINDS:
+        for ident, row in proc_table(kind).items():
+            if row.get("uid") == uid:
+                found.add((kind, ident))
+    return found
+
+
+def _remove_kernel_objects(objects: set[tuple[str, str | int]]) -> None:
+    """Remove what a killed measurement left (its \"finally\" blocks never ran)."""
+    import sysv_ipc
+
+    removers = {
+        "msg": sysv_ipc.remove_message_queue,
+        "shm": sysv_ipc.remove_shared_memory,
+        "sem": sysv_ipc.remove_semaphore,
+    }
+    for kind, name in objects:
+        with contextlib.suppress(OSError, sysv_ipc.Error):
+            if kind == "file":
+                os.unlink(os.path.join("/dev/shm", str(name)))
+            else:
+                removers[kind](int(name))
+
+
 def _run_locked(cmd: list[str], *, timeout: float, env: dict[str, str]) -> tuple[Outcome, str]:
+    # We hold the host lock: whatever appears meanwhile is this measurement's.
+    before = _kernel_objects()
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -442,7 +483,8 @@ def _run_locked(cmd: list[str], *, timeout: float, env: dict[str, str]) -> tuple
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         out, err = proc.communicate()
-        return Outcome("error", reason=f"timed out after {timeout:g} s"), err.decode()[-2000:]
+        _remove_kernel_objects(_kernel_objects() - before)
+        return Outcome("timeout", reason=f"timed out after {timeout:g} s"), err.decode()[-2000:]
     finally:
         if proc.poll() is None:
             _kill_group(proc)
@@ -511,6 +553,7 @@ def _run_jobs(
         console=console,
         transient=True,
     )
+    hung: dict[tuple[str, str], str] = {}  # rows with a measurement that timed out
     with progress:
         task = progress.add_task("benchmarks", total=len(jobs))
         for job in jobs:
@@ -520,7 +563,11 @@ def _run_jobs(
                 res.status, res.reason = "unavailable", unavailable[key]
                 progress.advance(task)
                 continue
-            if res.errors >= 2:
+            if res.errors >= 2 or key in hung:
+                # A row that hangs would cost the whole timeout for each of its
+                # cells and repeats: one hang is enough to skip the rest of it.
+                if key in hung and not res.runs:
+                    res.status, res.reason = "error", hung[key]
                 progress.advance(task)
                 continue
             progress.update(task, description=job.describe())
@@ -538,6 +585,8 @@ def _run_jobs(
                 if res.status != "ok":
                     res.status = "error"
                 res.reason = outcome.reason
+                if outcome.status == "timeout":
+                    hung[key] = f"skipped: a measurement of this row {outcome.reason}"
                 res.stderr = tail
                 console.log(Text(f"{job.describe()}: {outcome.reason}"[:300], style="red"))
                 if verbose and tail.strip():
@@ -872,9 +921,10 @@ def _select(only: str | None) -> list[BenchTable]:
 @click.option(
     "--timeout",
     type=click.FloatRange(1.0),
-    default=300.0,
+    default=120.0,
     show_default=True,
-    help="Seconds before one measurement is killed (with all its processes).",
+    help="Seconds before one measurement is killed (with all its processes); "
+    "a row with one such measurement skips the rest of its cells.",
 )
 @click.option("--list", "list_only", is_flag=True, help="List the planned rows and exit.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the stderr of failed measurements.")
@@ -953,6 +1003,12 @@ def cli(
         console.print(f"[dim]wrote {json_path}[/]")
     if interrupted:
         raise SystemExit(130)
+    failed = [r for r in results.values() if r.status == "error"]
+    if failed:
+        console.print(
+            f"[red]{len(failed)} cell(s) failed (see the log above; -v shows their stderr)[/]"
+        )
+        raise SystemExit(1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
