@@ -81,10 +81,20 @@ def pytest_asyncio_loop_factories(
 
 
 def sysv_objects() -> set[tuple[str, int]]:
-    """Every SysV object on the host as (kind, id), from /proc/sysvipc."""
+    """This user's SysV objects as (kind, id), from /proc/sysvipc.
+
+    Only ours: what another user's programs make during a test (a database's
+    shared memory) is neither our leak nor ours to remove.
+    """
     from ipcbus.sysv import proc_table
 
-    return {(kind, ident) for kind in ("msg", "shm", "sem") for ident in proc_table(kind)}
+    uid = os.getuid()
+    return {
+        (kind, ident)
+        for kind in ("msg", "shm", "sem")
+        for ident, row in proc_table(kind).items()
+        if row.get("uid") == uid
+    }
 
 
 def _remove_sysv(kind: str, ident: int) -> None:
@@ -100,10 +110,18 @@ def _remove_sysv(kind: str, ident: int) -> None:
 
 
 def dev_shm() -> set[str]:
+    """This user's /dev/shm files (as for sysv_objects: only ours)."""
+    uid = os.getuid()
+    found: set[str] = set()
     try:
-        return set(os.listdir("/dev/shm"))
+        entries = list(os.scandir("/dev/shm"))
     except OSError:
-        return set()
+        return found
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if entry.stat(follow_symlinks=False).st_uid == uid:
+                found.add(entry.name)
+    return found
 
 
 def fifos_under(root: str) -> set[str]:
