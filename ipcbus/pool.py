@@ -120,7 +120,7 @@ class WorkerPool:
         self._changed = asyncio.Event()
         self._workers = [_Worker(i) for i in range(workers)]
         self._node: Node | None = None
-        self._bus: Bus | None = None
+        self._bus: _PoolBus | None = None
         self._closing = False
         self._tg_cm: Any = None
         self._records: Path | None = None  # this process's pool records folder, once used
@@ -179,7 +179,7 @@ class WorkerPool:
             )
         self._node = Node(name=self.name, max_frame=self.max_frame, spin_us=self.spin_us)
         await self._node.start()
-        self._bus = Bus(self._node)
+        self._bus = _PoolBus(self._node)
         self._node.on_link_closed.append(self._on_link_closed)
         try:
             with anyio.fail_after(_START_TIMEOUT):
@@ -468,7 +468,7 @@ class WorkerPool:
                 if pending:
                     await asyncio.wait(pending, timeout=_STOP_TIMEOUT)
                 if self._bus is not None:
-                    self._bus._closed = True  # from now on, new requests raise BusClosed
+                    self._bus.refuse_new()  # from now on, new requests raise BusClosed
                 # Still running (those made during the wait too): the pool
                 # closes, no worker crashed.
                 for f in list(node.inbox.futures.values()):
@@ -501,6 +501,14 @@ class WorkerPool:
             self._notify()
             if node is not None:
                 await node.aclose()
+
+
+class _PoolBus(Bus):
+    """The pool's bus (:attr:`WorkerPool.bus`), on the node the pool owns."""
+
+    def refuse_new(self) -> None:
+        """The pool is closing: new requests, publishes and subscriptions raise BusClosed."""
+        self._closed = True
 
 
 def _child_env() -> dict[str, str]:
