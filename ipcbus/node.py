@@ -1096,7 +1096,7 @@ class Node:
             target = self._inbox_links.get(nid)
             if target is not None and target is not origin:
                 frame = raw if raw is not None else _encode(m)
-                if self._forward(target, frame, subject, origin is not None):
+                if self._forward(target, frame, subject, origin is not None, True):
                     if m.reply is not None:
                         self._track(target, m.reply)
                     return 1
@@ -1181,6 +1181,9 @@ class Node:
         plain_frame: bytes | None = raw if (raw is not None and not groups_in) else None
         reply = m.reply
         too_large: tuple[int, int] | None = None  # (size, limit) of a link that refused it
+        slow = False  # a link dropped it (over outbound_limit)
+        # A reply's own requester (its inbox's node), when wildcards route inboxes here.
+        requester = self._inbox_links.get(_inbox_node_id(subject)) if self._wild_inbox else None
         for ls in targets:
             gs = link_groups.get(ls) if link_groups else None
             if gs:
@@ -1195,12 +1198,15 @@ class Node:
                         fr.Msg(m.subject, m.reply, m.headers, m.payload) if groups_in else m
                     )
                 frame = plain_frame
-            if self._forward(ls, frame, subject, origin is not None, reply is not None):
+            keep = (reply is not None and bool(gs)) or ls is requester
+            if self._forward(ls, frame, subject, origin is not None, keep):
                 count += 1
                 if reply is not None:
                     self._track(ls, reply)
             elif len(frame) > ls.send_max:
                 too_large = (len(frame), ls.send_max)
+            elif ls.link.pending_out > self.outbound_limit:
+                slow = True
         for sub in local:
             sub.deliver(m)
         count += len(local)
@@ -1211,6 +1217,12 @@ class Node:
                 # Passed on, but too large for every link that wants it: the
                 # requester is told now rather than "no responders".
                 self._too_large_reply(reply, "request", *too_large)
+            elif slow:
+                # Its plain subscribers' links are all over their limit: it was
+                # dropped there (someone does serve it, so not "no responders").
+                self._closed_reply(
+                    m, "ConnectionClosed", "dropped: the links to its subscribers are too slow"
+                )
             else:
                 self._no_responders(m)
         return count
@@ -1277,18 +1289,14 @@ class Node:
         return best
 
     def _forward(
-        self, ls: LinkState, frame: bytes, subject: str, forwarded: bool, request: bool = False
+        self, ls: LinkState, frame: bytes, subject: str, forwarded: bool, keep: bool = False
     ) -> bool:
         link = ls.link
-        # Requests and replies are never dropped for a slow link: they are
+        # ``keep``: a request to the member picked to answer it, or a reply on
+        # the way to its requester, is never dropped for a slow link: those are
         # bounded by the requests in flight, and a requester's timeout covers a
-        # slow responder (a dropped request got NoResponders, or nothing at all).
-        if (
-            forwarded
-            and link.pending_out > self.outbound_limit
-            and not request
-            and not subject.startswith("_INBOX.")
-        ):
+        # slow responder.  Copies for plain listeners are dropped as any message.
+        if forwarded and link.pending_out > self.outbound_limit and not keep:
             # Slow link: drop for this link only, count, report when it catches up.
             ls.dropped += 1
             self.dropped += 1
@@ -1417,21 +1425,19 @@ class Node:
         has not dropped them yet): answer with a ``closed`` status at once, as
         for a request in flight over a link that closes, not after the timeout.
         """
+        crashed = any(ls.crash_error == "WorkerCrashed" for ls in links)
+        self._closed_reply(
+            m,
+            "WorkerCrashed" if crashed else "ConnectionClosed",
+            "the responder's link broke while the request was written",
+        )
+
+    def _closed_reply(self, m: fr.Msg, kind: str, why: str) -> None:
+        """Answer the request ``m`` with a ``closed`` status: ``kind`` raised, saying ``why``."""
         if m.reply is None or (m.headers and STATUS_HEADER in m.headers):
             return
-        crashed = any(ls.crash_error == "WorkerCrashed" for ls in links)
-        self._route(
-            fr.Msg(
-                m.reply,
-                headers={
-                    STATUS_HEADER: "closed",
-                    ERROR_TYPE_HEADER: "WorkerCrashed" if crashed else "ConnectionClosed",
-                    ERROR_MSG_HEADER: "the responder's link broke while the request was written",
-                },
-            ),
-            None,
-            None,
-        )
+        headers = {STATUS_HEADER: "closed", ERROR_TYPE_HEADER: kind, ERROR_MSG_HEADER: why}
+        self._route(fr.Msg(m.reply, headers=headers), None, None)
 
     def _others_may_answer(self, reply: str, m: fr.Msg, origin: LinkState) -> bool:
         """Whether to hold back ``m``, a no-responders status for ``reply`` from ``origin``.
@@ -1498,7 +1504,7 @@ class Node:
                     n = frame.counts[i] if per else 0
                     for sub in self._local.match(s):
                         lost[sub] = lost.get(sub, 0) + n
-                    for other, _ in self._remote.match(s):
+                    for other in {o for o, _ in self._remote.match(s)}:  # a link once, whatever its keys
                         if other is not ls:
                             counts = onward.setdefault(other, {})
                             counts[s] = counts.get(s, 0) + n
@@ -1925,6 +1931,14 @@ class Node:
             ],
             "links": [ls.stats() for ls in self.links],
         }
+
+
+def _inbox_node_id(subject: str) -> str:
+    """The node id of ``_INBOX.<node>.<token>``; ``""`` for any other subject."""
+    if not subject.startswith("_INBOX."):
+        return ""
+    dot = subject.find(".", 7)
+    return subject[7:dot] if dot > 0 else ""
 
 
 def _load(c: SubscriptionCore | LinkState) -> tuple[int, int]:

@@ -1001,9 +1001,11 @@ async def test_a_draining_member_serves_what_was_already_sent_to_it() -> None:
         assert [(await Bus(p).request("svc", timeout=5)).data for _ in range(4)] == [b"w2"] * 4
 
 
-async def test_a_drop_notice_reaches_a_subscriber_two_hops_below_the_slow_link() -> None:
+@pytest.mark.parametrize("also_queued", [False, True])
+async def test_a_drop_notice_reaches_a_subscriber_two_hops_below_the_slow_link(also_queued: bool) -> None:
     """A - hub - P - W: the hub drops messages on its slow link to P; W's
-    subscriber (behind P) must hear of the loss too, not only P's own."""
+    subscriber (behind P) must hear of the loss too, not only P's own, and once
+    (W also in a queue group on the subject: the count is not doubled)."""
     async with (
         Node(name="A") as a,
         Node(name="hub", outbound_limit=64 * 1024) as hub,
@@ -1018,6 +1020,8 @@ async def test_a_drop_notice_reaches_a_subscriber_two_hops_below_the_slow_link()
         x, y = memory_pair()
         await connect_links(p, w, x, y)
         sub = await Bus(w).subscribe("feed")
+        if also_queued:
+            await Bus(w).subscribe("feed", queue="g")
         await settle(a, hub, p, w)
         await settle(a, hub, p, w)
         gated.gate.clear()  # P stops reading: the hub's link to it fills up
@@ -1039,10 +1043,12 @@ async def test_a_drop_notice_reaches_a_subscriber_two_hops_below_the_slow_link()
 
 
 @pytest.mark.parametrize("queue", [None, "g"])
-async def test_a_request_to_a_slow_link_waits_in_line_instead_of_being_dropped(queue: str | None) -> None:
-    """Plain messages for a link over outbound_limit are dropped; a request is not
-    (it was NoResponders at once, or silence until the timeout): it is answered
-    once the responder catches up."""
+async def test_a_request_to_a_slow_link_waits_in_line_or_is_refused_clearly(queue: str | None) -> None:
+    """Plain messages for a link over outbound_limit are dropped.  A request to
+    the queue-group member picked to answer it is not: it is answered once the
+    responder catches up.  A request for plain subscribers only (a listener
+    cannot be told from a plain service) is dropped too, and its requester is
+    told so at once: ConnectionClosed, not NoResponders or silence."""
     async with (
         Node(name="A") as a,
         Node(name="hub", outbound_limit=64 * 1024) as hub,
@@ -1064,10 +1070,41 @@ async def test_a_request_to_a_slow_link_waits_in_line_instead_of_being_dropped(q
         req = asyncio.ensure_future(Bus(a).request("svc", b"x", timeout=30))
         for _ in range(20):
             await asyncio.sleep(0)
+        if queue is None:
+            with anyio.fail_after(5), pytest.raises(ConnectionClosed, match="too slow"):
+                await req
+            gated.gate.set()
+            return
         assert not req.done()
         gated.gate.set()
         with anyio.fail_after(10):
             assert (await req).data == b"late but there"
+
+
+async def test_copies_for_a_stalled_listener_are_dropped_not_queued_without_bound() -> None:
+    """A `>` listener behind a stalled link sees requests and replies pass: its
+    copies are dropped over outbound_limit like any message (the requests are
+    answered elsewhere, so nothing bounds them)."""
+    async with (
+        Node(name="A") as a,
+        Node(name="hub", outbound_limit=64 * 1024) as hub,
+        Node(name="S") as s,
+        Node(name="M") as m,
+    ):
+        for other in (a, s):
+            x, y = memory_pair()
+            await connect_links(hub, other, x, y)
+        x, y = memory_pair()
+        gated = GatedLink(y)
+        lm, _ = await connect_links(hub, m, x, gated)
+        await Bus(s).serve("svc", lambda msg: b"r" * 16384, queue="g")
+        await Bus(m).subscribe(">")
+        await settle(a, hub, s, m)
+        gated.gate.clear()
+        for _ in range(100):
+            assert len((await Bus(a).request("svc", b"q" * 16384, timeout=10)).data) == 16384
+        assert lm.link.pending_out < 4 * 64 * 1024 and lm.dropped > 0
+        gated.gate.set()
 
 
 async def test_answered_requests_behind_a_slow_one_keep_no_reply_alive() -> None:
