@@ -53,6 +53,7 @@ __all__ = [
     "check_bus_path",
     "client_fifo_names",
     "default_root",
+    "fifo_has_reader",
     "flocked",
     "read_pidfile",
     "remove_stale_fifos",
@@ -354,6 +355,19 @@ def _pidfile_bytes(file: int | Path) -> bytes | None:
 _NOT_INHERITED: dict[int, Callable[[], None]] = {}
 
 
+def fifo_has_reader(path: Path) -> bool:
+    """Whether some process has the FIFO ``path`` open for reading (a non-blocking
+    write-only open fails with ``ENXIO`` when none has).  Other errors are raised."""
+    try:
+        probe = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return False
+        raise
+    os.close(probe)
+    return True
+
+
 def close_in_forked_children(fd: int, forget: Callable[[], None]) -> None:
     """Have ``fd`` closed in any child this process forks; ``forget()`` is called
     there first, so that its owner drops it without touching the parent's files."""
@@ -640,17 +654,11 @@ class BusDir:
         if st is not None:
             if not stat.S_ISFIFO(st.st_mode):
                 raise PermissionRefused(f"{self.door} is not a FIFO; remove it")
-            try:
-                probe = os.open(self.door, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:
-                    raise
-                # ENXIO: nobody has the door open for reading -- a dead hub's door.
+            if not fifo_has_reader(self.door):  # a dead hub's door
                 log.warning("bus %r: removing the stale door FIFO of a dead hub", self.name)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.door)
             else:
-                os.close(probe)
                 raise BusBusy(
                     f"bus {self.name!r}: a process without the hub lock is reading its door "
                     f"{self.door}; stop it first"

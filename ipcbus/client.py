@@ -646,13 +646,7 @@ class Bus:
         node = self._node
         validate_subject(subject)
         if type(timeout) is not float or not 0 <= timeout < _INF:
-            # NaN, infinity, negative, an int, not a number: checked once, here.
-            try:
-                usual = timeout is None or (0 <= timeout < _INF and type(timeout) is not bool)
-            except TypeError:
-                usual = False
-            if not usual:
-                timeout = _timeout_or_none(timeout)
+            timeout = _timeout_or_none(timeout)  # None, an int, infinity, NaN, not a number
         if headers is not None:
             _check_headers(headers)
         payload = data if type(data) is bytes else encode_payload(data)
@@ -683,7 +677,7 @@ class Bus:
             if not fut.done():  # cancelled before its reply: its deadline must not fail it later
                 fut.cancel()
             if deadline is not None:
-                deadline[1] = None  # Deadlines.done, inlined: the entry lets go of the reply
+                deadline[1] = None  # the deadline entry lets go of the reply (see Deadlines)
         h = m.headers
         if h:
             status = h.get(STATUS_HEADER)

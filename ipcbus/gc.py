@@ -27,7 +27,6 @@ until the worker has attached (after which nothing can leak).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .busdir import read_pidfile
+from .busdir import fifo_has_reader, read_pidfile
 from .records import ObjectRecord, list_records, open_regular, pid_start_time, process_alive
 from .sysv import proc_table
 
@@ -247,11 +246,9 @@ def _unread_fifo(door: Path) -> bool:
     if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.getuid():
         return False
     try:
-        probe = os.open(door, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        return exc.errno == errno.ENXIO  # nobody reads it
-    os.close(probe)
-    return False
+        return not fifo_has_reader(door)
+    except OSError:
+        return False
 
 
 def _remove_file(p: Path, what: str, dry_run: bool) -> Finding:

@@ -292,9 +292,8 @@ class Deadlines:
     ``[deadline, future, subject]`` entries and one timer for its head.
     Answered requests are dropped lazily from the head, and the FIFO is
     compacted if answered entries pile up behind a slow one.  The requester
-    calls :meth:`done` with its entry when it has its answer: the entry then
-    lets go of the future (and of the reply it holds), so answered requests
-    queued behind a slow one keep no payload alive.
+    sets its entry's future to ``None`` (``entry[1] = None``) once it has its
+    answer: answered requests queued behind a slow one keep no reply alive.
     """
 
     _SLACK: Final = 0.001  # loop timers may fire this much early
@@ -307,7 +306,8 @@ class Deadlines:
     def add(self, timeout: float, fut: asyncio.Future[Any], subject: str) -> list[Any]:
         """Fail ``fut`` with :class:`RequestTimeout` unless it is done within ``timeout``.
 
-        Returns the entry to pass to :meth:`done` once ``fut`` is done.
+        Returns the entry, whose future (``entry[1]``) the caller sets to ``None``
+        once ``fut`` is done.
         """
         q = self._queues.get(timeout)
         if q is None:  # a FIFO exists exactly while its timer is armed
@@ -330,11 +330,6 @@ class Deadlines:
         entry = [self._loop.time() + timeout, fut, subject]
         q.append(entry)
         return entry
-
-    @staticmethod
-    def done(entry: list[Any]) -> None:
-        """The request of ``entry`` (from :meth:`add`) is over: forget its future."""
-        entry[1] = None
 
     def _fire(self, timeout: float) -> None:
         q = self._queues[timeout]
@@ -1183,7 +1178,9 @@ class Node:
         too_large: tuple[int, int] | None = None  # (size, limit) of a link that refused it
         slow = False  # a link dropped it (over outbound_limit)
         # A reply's own requester (its inbox's node), when wildcards route inboxes here.
-        requester = self._inbox_links.get(_inbox_node_id(subject)) if self._wild_inbox else None
+        requester = None
+        if self._wild_inbox and (nid := self._inbox_node(subject, wild_too=True)) is not None:
+            requester = self._inbox_links.get(nid)
         for ls in targets:
             gs = link_groups.get(ls) if link_groups else None
             if gs:
@@ -1227,10 +1224,11 @@ class Node:
                 self._no_responders(m)
         return count
 
-    def _inbox_node(self, subject: str) -> str | None:
+    def _inbox_node(self, subject: str, *, wild_too: bool = False) -> str | None:
         """The node id of an inbox subject (``_INBOX.<node>.<token>``) when inboxes
-        are routed by it alone, i.e. while no wildcard pattern could match one."""
-        if self._wild_inbox or not subject.startswith("_INBOX."):
+        are routed by it alone, i.e. while no wildcard pattern could match one
+        (``wild_too``: also while one could)."""
+        if (self._wild_inbox and not wild_too) or not subject.startswith("_INBOX."):
             return None
         dot = subject.find(".", 7)
         if dot < 0 or subject.find(".", dot + 1) >= 0:
@@ -1931,14 +1929,6 @@ class Node:
             ],
             "links": [ls.stats() for ls in self.links],
         }
-
-
-def _inbox_node_id(subject: str) -> str:
-    """The node id of ``_INBOX.<node>.<token>``; ``""`` for any other subject."""
-    if not subject.startswith("_INBOX."):
-        return ""
-    dot = subject.find(".", 7)
-    return subject[7:dot] if dot > 0 else ""
 
 
 def _load(c: SubscriptionCore | LinkState) -> tuple[int, int]:

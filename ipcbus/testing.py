@@ -27,7 +27,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Final
 
@@ -36,10 +36,60 @@ import anyio
 from .errors import ConnectionClosed, EndOfStream, FrameTooLarge
 from .transports.base import Link
 
-__all__ = ["LinkPairFactory", "check_link", "host_lock"]
+__all__ = [
+    "KernelObject",
+    "LinkPairFactory",
+    "check_link",
+    "host_lock",
+    "own_kernel_objects",
+    "remove_kernel_objects",
+]
 
 LinkPairFactory = Callable[[], AbstractAsyncContextManager[tuple[Link, Link]]]
 """A zero-argument callable returning an async context manager of two connected links."""
+
+
+KernelObject = tuple[str, "str | int"]
+"""A kernel object: ``("file", name)`` in /dev/shm, or ``("msg" | "shm" | "sem", id)``."""
+
+
+def own_kernel_objects() -> set[KernelObject]:
+    """This user's /dev/shm files and SysV objects (queues, segments, semaphore sets).
+
+    Only this user's: what another user's programs make (a database's shared
+    memory) is none of ours to report or remove.
+    """
+    from .sysv import proc_table
+
+    uid = os.getuid()
+    found: set[KernelObject] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/dev/shm"):
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid == uid:
+                    found.add(("file", entry.name))
+    for kind in ("msg", "shm", "sem"):
+        for ident, row in proc_table(kind).items():
+            if row.get("uid") == uid:
+                found.add((kind, ident))
+    return found
+
+
+def remove_kernel_objects(objects: Iterable[KernelObject]) -> None:
+    """Remove these objects (from :func:`own_kernel_objects`); ones already gone are skipped."""
+    import sysv_ipc
+
+    removers = {
+        "msg": sysv_ipc.remove_message_queue,
+        "shm": sysv_ipc.remove_shared_memory,
+        "sem": sysv_ipc.remove_semaphore,
+    }
+    for kind, name in objects:
+        with contextlib.suppress(OSError, sysv_ipc.Error):
+            if kind == "file":
+                os.unlink(os.path.join("/dev/shm", str(name)))
+            else:
+                removers[kind](int(name))
 
 
 _HOST_LOCK: Final = "/tmp/ipcbus-tests.lock"

@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from ipcbus.testing import own_kernel_objects, remove_kernel_objects
+
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
@@ -80,50 +82,6 @@ def pytest_asyncio_loop_factories(
 # -- leak checks -------------------------------------------------------------
 
 
-def sysv_objects() -> set[tuple[str, int]]:
-    """This user's SysV objects as (kind, id), from /proc/sysvipc.
-
-    Only ours: what another user's programs make during a test (a database's
-    shared memory) is neither our leak nor ours to remove.
-    """
-    from ipcbus.sysv import proc_table
-
-    uid = os.getuid()
-    return {
-        (kind, ident)
-        for kind in ("msg", "shm", "sem")
-        for ident, row in proc_table(kind).items()
-        if row.get("uid") == uid
-    }
-
-
-def _remove_sysv(kind: str, ident: int) -> None:
-    import sysv_ipc
-
-    with contextlib.suppress(Exception):
-        if kind == "msg":
-            sysv_ipc.remove_message_queue(ident)
-        elif kind == "shm":
-            sysv_ipc.remove_shared_memory(ident)
-        else:
-            sysv_ipc.remove_semaphore(ident)
-
-
-def dev_shm() -> set[str]:
-    """This user's /dev/shm files (as for sysv_objects: only ours)."""
-    uid = os.getuid()
-    found: set[str] = set()
-    try:
-        entries = list(os.scandir("/dev/shm"))
-    except OSError:
-        return found
-    for entry in entries:
-        with contextlib.suppress(OSError):
-            if entry.stat(follow_symlinks=False).st_uid == uid:
-                found.add(entry.name)
-    return found
-
-
 def fifos_under(root: str) -> set[str]:
     found: set[str] = set()
     for dirpath, _dirs, files in os.walk(root):
@@ -175,8 +133,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def _leak_checked() -> Iterator[None]:
-    before_sysv = sysv_objects()
-    before_shm = dev_shm()
+    before_objects = own_kernel_objects()
     before_fifos = fifos_under(_BUS_ROOT)
     before_kids = children()
     before_threads = threads()
@@ -193,17 +150,10 @@ def _leak_checked() -> Iterator[None]:
                 os.waitpid(pid, 0)
     if not _settle(lambda: not (threads() - before_threads)):
         problems.append(f"threads left running: {sorted(t.name for t in threads() - before_threads)}")
-    if not _settle(lambda: not (sysv_objects() - before_sysv), 2.0):
-        leaked = sysv_objects() - before_sysv
-        problems.append(f"SysV objects left behind: {sorted(leaked)}")
-        for kind, ident in leaked:
-            _remove_sysv(kind, ident)
-    if not _settle(lambda: not (dev_shm() - before_shm), 2.0):
-        leaked_shm = dev_shm() - before_shm
-        problems.append(f"/dev/shm files left behind: {sorted(leaked_shm)}")
-        for name in leaked_shm:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join("/dev/shm", name))
+    if not _settle(lambda: not (own_kernel_objects() - before_objects), 2.0):
+        leaked = own_kernel_objects() - before_objects
+        problems.append(f"SysV objects or /dev/shm files left behind: {sorted(leaked, key=str)}")
+        remove_kernel_objects(leaked)
     if not _settle(lambda: not (fifos_under(_BUS_ROOT) - before_fifos), 2.0):
         leaked_f = fifos_under(_BUS_ROOT) - before_fifos
         problems.append(f"FIFOs left behind: {sorted(leaked_f)}")

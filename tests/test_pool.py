@@ -19,6 +19,7 @@ import sys
 import textwrap
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -439,6 +440,13 @@ PARENT = textwrap.dedent(
 )
 
 
+async def start_parent(script: str, transport: str, **pipes: Any) -> asyncio.subprocess.Process:
+    """Run ``script`` (a pool's parent; ``transport`` is its argv[1]) in the tests' environment."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, transport, stdin=asyncio.subprocess.DEVNULL, env=worker_env(), **pipes
+    )
+
+
 async def killing_the_parent(
     script: str, transport: str, read_pids: Callable[[asyncio.StreamReader], Awaitable[list[int]]]
 ) -> None:
@@ -446,15 +454,7 @@ async def killing_the_parent(
     with ``read_pids``, SIGKILL it and check that its workers exit by themselves
     (end of stream on their link) leaving no queue, records folder or process."""
     queues = queue_ids()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        script,
-        transport,
-        stdout=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        env=worker_env(),
-    )
+    proc = await start_parent(script, transport, stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
         with anyio.fail_after(20):
@@ -541,15 +541,8 @@ asyncio.run(main())
 async def test_a_failed_start_prints_one_error_not_the_siblings_tracebacks(transport: str) -> None:
     """Workers still attaching when a sibling's failure closes the pool exit
     quietly: the kernel objects they were to attach are gone on purpose."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _FAILING_POOL,
-        transport,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=worker_env(),
+    proc = await start_parent(
+        _FAILING_POOL, transport, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     with anyio.fail_after(30):  # stderr ends once every worker has exited too
         _, err = await proc.communicate()

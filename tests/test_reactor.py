@@ -1001,6 +1001,22 @@ async def test_a_draining_member_serves_what_was_already_sent_to_it() -> None:
         assert [(await Bus(p).request("svc", timeout=5)).data for _ in range(4)] == [b"w2"] * 4
 
 
+async def stalled_link(x: Node, y: Node) -> tuple[GatedLink, LinkState]:
+    """Link ``x`` to ``y`` through a gate on ``y``'s side (y stops reading when shut)."""
+    a, b = memory_pair()
+    gated = GatedLink(b)
+    lx, _ = await connect_links(x, y, a, gated)
+    return gated, lx
+
+
+async def flood_while_stalled(publisher: Node, gated: GatedLink, n: int = 200) -> None:
+    """Shut ``gated`` and publish ``n`` 16 KiB messages on "feed" from ``publisher``."""
+    gated.gate.clear()
+    for _ in range(n):
+        await Bus(publisher).publish("feed", b"\0" * 16384)
+    await publisher.flush()
+
+
 @pytest.mark.parametrize("also_queued", [False, True])
 async def test_a_drop_notice_reaches_a_subscriber_two_hops_below_the_slow_link(also_queued: bool) -> None:
     """A - hub - P - W: the hub drops messages on its slow link to P; W's
@@ -1012,23 +1028,16 @@ async def test_a_drop_notice_reaches_a_subscriber_two_hops_below_the_slow_link(a
         Node(name="P") as p,
         Node(name="W") as w,
     ):
-        x, y = memory_pair()
-        await connect_links(a, hub, x, y)
-        x, y = memory_pair()
-        gated = GatedLink(y)
-        await connect_links(hub, p, x, gated)
-        x, y = memory_pair()
-        await connect_links(p, w, x, y)
+        await connect(a, hub, "memory")
+        gated, _ = await stalled_link(hub, p)
+        await connect(p, w, "memory")
         sub = await Bus(w).subscribe("feed")
         if also_queued:
             await Bus(w).subscribe("feed", queue="g")
         await settle(a, hub, p, w)
         await settle(a, hub, p, w)
-        gated.gate.clear()  # P stops reading: the hub's link to it fills up
         n = 200
-        for _ in range(n):
-            await Bus(a).publish("feed", b"\0" * 16384)
-        await a.flush()
+        await flood_while_stalled(a, gated, n)  # the hub's link to P fills up
         gated.gate.set()
         got = reported = 0
         with contextlib.suppress(TimeoutError):
@@ -1054,18 +1063,12 @@ async def test_a_request_to_a_slow_link_waits_in_line_or_is_refused_clearly(queu
         Node(name="hub", outbound_limit=64 * 1024) as hub,
         Node(name="B") as b,
     ):
-        x, y = memory_pair()
-        await connect_links(a, hub, x, y)
-        x, y = memory_pair()
-        gated = GatedLink(y)
-        await connect_links(hub, b, x, gated)
+        await connect(a, hub, "memory")
+        gated, _ = await stalled_link(hub, b)
         await Bus(b).subscribe("feed")
         await Bus(b).serve("svc", lambda m: b"late but there", queue=queue)
         await settle(a, hub, b)
-        gated.gate.clear()  # B stops reading
-        for _ in range(200):
-            await Bus(a).publish("feed", b"\0" * 16384)
-        await a.flush()
+        await flood_while_stalled(a, gated)  # B stops reading
         assert hub.dropped > 0  # the link is over its limit: plain messages are dropped
         req = asyncio.ensure_future(Bus(a).request("svc", b"x", timeout=30))
         for _ in range(20):
@@ -1092,11 +1095,8 @@ async def test_copies_for_a_stalled_listener_are_dropped_not_queued_without_boun
         Node(name="M") as m,
     ):
         for other in (a, s):
-            x, y = memory_pair()
-            await connect_links(hub, other, x, y)
-        x, y = memory_pair()
-        gated = GatedLink(y)
-        lm, _ = await connect_links(hub, m, x, gated)
+            await connect(hub, other, "memory")
+        gated, lm = await stalled_link(hub, m)
         await Bus(s).serve("svc", lambda msg: b"r" * 16384, queue="g")
         await Bus(m).subscribe(">")
         await settle(a, hub, s, m)

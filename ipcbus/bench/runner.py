@@ -14,7 +14,6 @@ noisy minute on the machine spreads over every row instead of sinking one.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import shutil
@@ -45,7 +44,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ipcbus.bench.workloads import DRIVERS, MODULE, Outcome, Params
-from ipcbus.testing import host_lock
+from ipcbus.testing import host_lock, own_kernel_objects, remove_kernel_objects
 
 __all__ = [
     "TABLES",
@@ -429,47 +428,9 @@ def run_one(job: Job, *, timeout: float, env: dict[str, str]) -> tuple[Outcome, 
         return _run_locked(cmd, timeout=timeout, env=env)
 
 
-_SYSV_KINDS = ("msg", "shm", "sem")
-
-
-def _kernel_objects() -> set[tuple[str, str | int]]:
-    """This user's /dev/shm files and SysV objects, as (kind, name or id)."""
-    from ipcbus.sysv import proc_table
-
-    uid = os.getuid()
-    found: set[tuple[str, str | int]] = set()
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/dev/shm"):
-            with contextlib.suppress(OSError):
-                if entry.stat(follow_symlinks=False).st_uid == uid:
-                    found.add(("file", entry.name))
-    for kind in _SYSV_KINDS:
-        for ident, row in proc_table(kind).items():
-            if row.get("uid") == uid:
-                found.add((kind, ident))
-    return found
-
-
-def _remove_kernel_objects(objects: set[tuple[str, str | int]]) -> None:
-    """Remove what a killed measurement left (its \"finally\" blocks never ran)."""
-    import sysv_ipc
-
-    removers = {
-        "msg": sysv_ipc.remove_message_queue,
-        "shm": sysv_ipc.remove_shared_memory,
-        "sem": sysv_ipc.remove_semaphore,
-    }
-    for kind, name in objects:
-        with contextlib.suppress(OSError, sysv_ipc.Error):
-            if kind == "file":
-                os.unlink(os.path.join("/dev/shm", str(name)))
-            else:
-                removers[kind](int(name))
-
-
 def _run_locked(cmd: list[str], *, timeout: float, env: dict[str, str]) -> tuple[Outcome, str]:
     # We hold the host lock: whatever appears meanwhile is this measurement's.
-    before = _kernel_objects()
+    before = own_kernel_objects()
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -483,7 +444,7 @@ def _run_locked(cmd: list[str], *, timeout: float, env: dict[str, str]) -> tuple
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         out, err = proc.communicate()
-        _remove_kernel_objects(_kernel_objects() - before)
+        remove_kernel_objects(own_kernel_objects() - before)  # its finally blocks never ran
         return Outcome("timeout", reason=f"timed out after {timeout:g} s"), err.decode()[-2000:]
     finally:
         if proc.poll() is None:
