@@ -6,7 +6,9 @@ Every test runs under the default asyncio loop and under uvloop (pytest-asyncio'
 After each test the ``no_leaks`` fixture checks that the test left no SysV
 message queue, shared-memory segment or semaphore set, no /dev/shm file, no
 FIFO under the bus directory, no thread and no child process behind.  A leak
-fails the test (and is cleaned up, so one leak does not cascade).
+fails the test (and is cleaned up, so one leak does not cascade).  The session
+adopts orphaned descendants (``PR_SET_CHILD_SUBREAPER``), so a detached
+process a test left running (a daemon, a grandchild) counts as a child too.
 """
 
 from __future__ import annotations
@@ -93,12 +95,44 @@ def fifos_under(root: str) -> set[str]:
     return found
 
 
+def _become_subreaper() -> None:
+    """Adopt orphaned descendants (PR_SET_CHILD_SUBREAPER) instead of leaving them to init.
+
+    A hub a test started with ``--daemon``, or a pool worker whose parent
+    process a test killed, is re-parented to this process when its parent
+    exits, so the leak check sees it (and kills it) if it is still running
+    after the test.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+_become_subreaper()
+
+
 def children() -> set[int]:
+    """Running child processes of this process (adopted orphans included); zombies are reaped."""
     pids: set[int] = set()
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
         with contextlib.suppress(OSError):
             pids.update(int(p) for p in (task / "children").read_text().split())
-    return pids
+    running: set[int] = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state in ("Z", "X"):
+            # Exited: an adopted orphan nobody else will wait for, or a child
+            # the test did not wait for.  Either way it runs no more.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        else:
+            running.add(pid)
+    return running
 
 
 _IGNORED_THREADS = ("AnyIO worker thread", "asyncio_", "ThreadPoolExecutor", "Dummy-")
