@@ -667,6 +667,11 @@ class Bus:
                 deadline = node.deadlines.add(timeout, fut, subject)
             if full:
                 await _writable_or_done(full, fut)
+            if fut.done():
+                # Answered within this call (a plain-def service in this
+                # process): still a checkpoint, so that a loop of such
+                # requests lets the loop's other tasks run.
+                await asyncio.sleep(0)
             m = await fut
         finally:
             del futures[token]
