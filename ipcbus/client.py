@@ -602,6 +602,11 @@ class Bus:
             full = node.publish_now(subject, payload, reply=reply, headers=headers)
         if full:
             await wait_writable(full)
+        elif node.local_pressure:
+            # A subscription in this process is more than half full: one loop
+            # turn, so its reader can catch up before messages are dropped.
+            node.local_pressure = False
+            await asyncio.sleep(0)
 
     async def subscribe(
         self,
@@ -667,6 +672,11 @@ class Bus:
                 deadline = node.deadlines.add(timeout, fut, subject)
             if full:
                 await _writable_or_done(full, fut)
+            if fut.done():
+                # Answered within this call (a plain-def service in this
+                # process): still a checkpoint, so that a loop of such
+                # requests lets the loop's other tasks run.
+                await asyncio.sleep(0)
             m = await fut
         finally:
             del futures[token]
@@ -748,8 +758,7 @@ class Bus:
         """If called from a task running one of this bus's handlers, start ``then()``
         in a task of its own (waiting for the caller from the caller would never
         end) and return True."""
-        serving = _SERVING.get()
-        if serving is None or serving._bus is not self:
+        if not self._in_own_handler():
             return False
         if self._closing is None or self._closing.done():
             # A fresh context: the task is not part of the handler (see _SERVING).
@@ -758,20 +767,36 @@ class Bus:
             )
         return True
 
+    def _in_own_handler(self) -> bool:
+        """Whether the running task runs one of this bus's handlers."""
+        serving = _SERVING.get()
+        return serving is not None and serving._bus is self
+
     async def aclose(self) -> None:
         """Close the bus (and its node, if this bus owns it).  Idempotent.
 
         Called from one of this bus's own handlers, it closes in the background
-        and returns at once (as :meth:`drain`).
+        and returns at once (as :meth:`drain`).  Otherwise it returns once the
+        bus is closed, also when another call is closing it, and a
+        cancellation of the caller waits until then (see :meth:`Node.aclose
+        <ipcbus.node.Node.aclose>`).
         """
-        if self._closed:
-            return
-        self._closed = True  # at once, also when the rest happens in the background
-        if self._from_own_handler(self._close_now):
-            return
-        await self._close_now()
+        if not self._closed:
+            self._closed = True  # at once, also when the rest happens in the background
+            if self._from_own_handler(self._close_now):
+                return
+            self._end_here()
+        elif self._in_own_handler():
+            return  # closing already, in the background
+        if self._owns_node:
+            await self._node.aclose()  # also waits for a close under way
 
     async def _close_now(self) -> None:
+        self._end_here()
+        if self._owns_node:
+            await self._node.aclose()
+
+    def _end_here(self) -> None:
         # Every subscription made here, its services' too: readers drain what
         # is pending, then get BusClosed (this matters for a bus on a node it
         # does not own, Bus(node); an owned node ends them all anyway).
@@ -781,8 +806,6 @@ class Bus:
         for fut in list(self._waiting or ()):
             if not fut.done():
                 fut.set_exception(BusClosed("bus closed while waiting for a reply"))
-        if self._owns_node:
-            await self._node.aclose()
 
     def stats(self) -> dict[str, Any]:
         """Counters: msgs/bytes in and out, pending, dropped, per subscription and per link."""

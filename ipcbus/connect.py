@@ -278,8 +278,7 @@ async def _connect(
     try:
         await client._attach()
     except BaseException:
-        with anyio.CancelScope(shield=True):
-            await node.aclose()
+        await node.aclose()  # to its end, even when this is a cancellation
         raise
     return client
 

@@ -33,6 +33,7 @@ from .node import (
     LinkState,
     Node,
     SubscriptionCore,
+    shielded,
 )
 from .transports.base import Link
 from .transports.door import Acceptor, Door, Knock, serve_door
@@ -122,8 +123,7 @@ class Hub:
         try:
             await self._start()
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._stack.aclose()
+            await shielded(self._stack.aclose())
             raise
         return self
 
@@ -282,8 +282,7 @@ class Hub:
             return
         self._closing = True
         try:
-            with anyio.CancelScope(shield=True):
-                await self._stack.aclose()
+            await shielded(self._stack.aclose())
         finally:
             self._closed.set()
             log.info("hub %s stopped", self.name)

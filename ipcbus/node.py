@@ -35,14 +35,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import itertools
 import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.abc
@@ -198,11 +199,14 @@ class SubscriptionCore:
                     self.dropped_total += 1
                     self.node.dropped += 1
             else:
+                self.node.local_pressure = True
                 self._wake()
                 return
-        self.pending.append(m)
+        pending.append(m)
         self._pending_bytes += n
         self.delivered += 1
+        if len(pending) * 2 > self.max_pending or self._pending_bytes * 2 > self.pending_bytes_limit:
+            self.node.local_pressure = True  # a publisher in this process yields (Bus.publish)
         w = self._waiter  # inline of _wake(): this runs once per message
         if w is not None and not w.done():
             w.set_result(None)
@@ -289,19 +293,30 @@ class Deadlines:
     A loop timer per request costs microseconds to arm and cancel (more than
     the rest of a request's routing).  Requests with the same timeout expire
     in the order they were made, so each timeout value keeps a FIFO of
-    ``[deadline, future, subject]`` entries and one timer for its head.
-    Answered requests are dropped lazily from the head, and the FIFO is
-    compacted if answered entries pile up behind a slow one.  The requester
-    sets its entry's future to ``None`` (``entry[1] = None``) once it has its
-    answer: answered requests queued behind a slow one keep no reply alive.
+    ``[deadline, future, subject, timeout]`` entries and one timer for its
+    head.  Answered requests are dropped lazily from the head, and the FIFO
+    is compacted if answered entries pile up behind a slow one.  The
+    requester sets its entry's future to ``None`` (``entry[1] = None``) once
+    it has its answer: answered requests queued behind a slow one keep no
+    reply alive.
+
+    Only the first :attr:`MAX_FIFOS` timeout values in use get a FIFO; the
+    others (a caller that passes down what is left of its own deadline
+    makes a new value every time) share one heap ordered by deadline, with
+    one timer for its earliest entry.
     """
 
+    MAX_FIFOS: Final = 8
     _SLACK: Final = 0.001  # loop timers may fire this much early
 
     def __init__(self) -> None:
         self._queues: dict[float, collections.deque[list[Any]]] = {}
         self._armed: dict[float, asyncio.TimerHandle] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._heap: list[tuple[float, int, list[Any]]] = []
+        self._heap_timer: asyncio.TimerHandle | None = None
+        self._heap_at = 0.0
+        self._seq = 0
 
     def add(self, timeout: float, fut: asyncio.Future[Any], subject: str) -> list[Any]:
         """Fail ``fut`` with :class:`RequestTimeout` unless it is done within ``timeout``.
@@ -313,7 +328,10 @@ class Deadlines:
         if q is None:  # a FIFO exists exactly while its timer is armed
             loop = self._loop = fut.get_loop()
             at = loop.time() + timeout
-            entry: list[Any] = [at, fut, subject]
+            entry: list[Any] = [at, fut, subject, timeout]
+            if len(self._queues) >= self.MAX_FIFOS:
+                self._push(entry)
+                return entry
             self._queues[timeout] = collections.deque([entry])
             self._armed[timeout] = loop.call_at(at, self._fire, timeout)
             return entry
@@ -327,26 +345,63 @@ class Deadlines:
                     q.clear()
                     q.extend(live)
         assert self._loop is not None
-        entry = [self._loop.time() + timeout, fut, subject]
+        entry = [self._loop.time() + timeout, fut, subject, timeout]
         q.append(entry)
         return entry
+
+    def _push(self, entry: list[Any]) -> None:
+        heap = self._heap
+        self._seq += 1
+        n = len(heap)
+        if n >= 4096 and not self._seq & 4095:  # answered ones waiting for their deadline
+            live = [item for item in heap if not _settled(item[2])]
+            if len(live) * 2 < n:
+                heap[:] = live
+                heapq.heapify(heap)
+        at = entry[0]
+        heapq.heappush(heap, (at, self._seq, entry))
+        if self._heap_timer is None or at < self._heap_at:
+            if self._heap_timer is not None:
+                self._heap_timer.cancel()
+            assert self._loop is not None
+            self._heap_at = at
+            self._heap_timer = self._loop.call_at(at, self._fire_heap)
 
     def _fire(self, timeout: float) -> None:
         q = self._queues[timeout]
         loop = asyncio.get_running_loop()
         now = loop.time() + self._SLACK
         while q:
-            deadline, fut, subject = q[0]
+            entry = q[0]
+            fut = entry[1]
             if fut is None or fut.done():
                 q.popleft()
-            elif deadline <= now:
+            elif entry[0] <= now:
                 q.popleft()
-                fut.set_exception(RequestTimeout(subject, timeout))
+                fut.set_exception(RequestTimeout(entry[2], timeout))
             else:
-                self._armed[timeout] = loop.call_at(deadline, self._fire, timeout)
+                self._armed[timeout] = loop.call_at(entry[0], self._fire, timeout)
                 return
         del self._armed[timeout]
         del self._queues[timeout]
+
+    def _fire_heap(self) -> None:
+        heap = self._heap
+        loop = asyncio.get_running_loop()
+        now = loop.time() + self._SLACK
+        self._heap_timer = None
+        while heap:
+            at, _, entry = heap[0]
+            fut = entry[1]
+            if fut is None or fut.done():
+                heapq.heappop(heap)
+            elif at <= now:
+                heapq.heappop(heap)
+                fut.set_exception(RequestTimeout(entry[2], entry[3]))
+            else:
+                self._heap_at = at
+                self._heap_timer = loop.call_at(at, self._fire_heap)
+                return
 
     def close(self) -> None:
         """Disarm every timer (the node is closing)."""
@@ -354,6 +409,10 @@ class Deadlines:
             h.cancel()
         self._armed.clear()
         self._queues.clear()
+        if self._heap_timer is not None:
+            self._heap_timer.cancel()
+            self._heap_timer = None
+        self._heap.clear()
 
 
 def _settled(entry: list[Any]) -> bool:
@@ -472,9 +531,14 @@ class Node:
         self._stop = asyncio.Event()
         self._closed = False
         self._aclosed = False  # aclose() ran (_closed is also set by a failed background task)
+        self._closer: asyncio.Future[None] | None = None  # the close aclose() started
         self.started = time.time()
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self.dropped = 0
+        self.local_pressure = False
+        """Set when a subscription in this process got more than half full (or
+        dropped): the next local publish yields to the loop once, so that its
+        reader can catch up (see docs/concepts.md, flow control)."""
         self.on_link_closed: list[Callable[[LinkState], None]] = []
         # While publish() routes a local message: the links it was queued on
         # (backpressure waits for those, not for every link of the node).
@@ -504,7 +568,12 @@ class Node:
         self._runner = self.loop.create_task(
             self._run(started), name=f"ipcbus-node-{self.name or self.node_id}"
         )
-        await started.wait()
+        try:
+            await started.wait()
+        except BaseException:  # cancelled while starting: the runner must not outlive it
+            self._aclosed = self._closed = True
+            self._stop.set()
+            raise
         self._add_local(self.inbox)
         return self
 
@@ -552,24 +621,34 @@ class Node:
         return self._tg
 
     async def aclose(self) -> None:
-        """Close every link and end every subscription.  Idempotent."""
-        if self._aclosed:
-            return
-        self._aclosed = self._closed = True
+        """Close every link and end every subscription.  Idempotent.
+
+        The close runs to its end even when the caller is cancelled meanwhile
+        (see :func:`shielded`); a call made while another is closing waits
+        for that close.
+        """
+        if self._closer is None:
+            self._aclosed = self._closed = True
+            self._closer = asyncio.ensure_future(self._close_links())
+        await shielded(self._closer)
+        # The runner ends on its own once _stop is set: waiting for it may be
+        # cancelled (a task of the node's own task group closing it must be).
+        if self._runner is not None:
+            await asyncio.wait([self._runner])
+
+    async def _close_links(self) -> None:
         if self._spinner is not None:
             self._spinner.close()
         for ls in list(self.links):
             with contextlib.suppress(Exception):
                 ls.link.send_nowait(_encode(fr.Notice("shutdown", "node closing")))
-        with anyio.CancelScope(shield=True):
+        try:
             for ls in list(self.links):
                 with contextlib.suppress(Exception):
                     await ls.link.aclose()
-        self._end_local()
-        self._stop.set()
-        if self._runner is not None:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([self._runner])
+        finally:
+            self._end_local()
+            self._stop.set()
 
     def _end_local(self) -> None:
         """End every subscription and fail every request waiting here (idempotent)."""
@@ -1956,6 +2035,34 @@ async def wait_writable(links: list[Link]) -> None:
 def _takes(member: SubscriptionCore | LinkState, size: int) -> bool:
     """Whether a queue-group member can be sent a frame of ``size`` bytes."""
     return not isinstance(member, LinkState) or member.send_max >= size
+
+
+_T = TypeVar("_T")
+
+
+async def shielded(aw: Awaitable[_T]) -> _T:
+    """Await ``aw`` to its end, in a task of its own, even if the caller is cancelled.
+
+    For clean-up that must not stop half-way (links closed, kernel objects
+    removed, waiting requests failed).  ``anyio.CancelScope(shield=True)``
+    only holds off anyio's cancellations; asyncio's own (``task.cancel()``,
+    ``asyncio.timeout``, a ``TaskGroup`` failing) pass through it.  Here a
+    cancellation of the caller is held back until ``aw`` has ended, then
+    raised.  ``aw`` must not wait for the caller itself.
+    """
+    task = asyncio.ensure_future(aw)
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            if task.done():  # the task itself was cancelled (the loop is shutting down)
+                raise
+            cancelled = exc
+            continue
+        if cancelled is not None:
+            raise cancelled
+        return result
 
 
 async def first_of(*events: asyncio.Event) -> None:

@@ -38,7 +38,7 @@ from .busdir import BusDir
 from .client import Bus
 from .errors import BusClosed, IpcBusError, WorkerStartError
 from .gc import pool_dir_name, reclaim_pools, remove_pool_dir
-from .node import LinkState, Node
+from .node import LinkState, Node, shielded
 from .spin import spin_window
 from .transports.base import Link
 from .transports.pipe import ChildPipes
@@ -122,6 +122,7 @@ class WorkerPool:
         self._node: Node | None = None
         self._bus: _PoolBus | None = None
         self._closing = False
+        self._stopping: asyncio.Future[None] | None = None  # the shutdown under way
         self._tg_cm: Any = None
         self._records: Path | None = None  # this process's pool records folder, once used
         self._reclaimed = False
@@ -207,7 +208,9 @@ class WorkerPool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._shutdown()
+        # Left because of a cancellation (a deadline, a failing sibling task):
+        # no waiting for requests in flight, they fail at once.
+        await self._shutdown(drain=not isinstance(exc, asyncio.CancelledError))
         assert self._node is not None
         await self._node.aclose()
         if self._records is not None:
@@ -454,53 +457,59 @@ class WorkerPool:
                 w.state = "restarting"  # not given up on: wait_ready() waits for it
                 self._notify()
 
-    async def _shutdown(self) -> None:
-        """Drain in-flight requests, close every link, wait for the children."""
-        if self._closing:
-            return
-        self._closing = True
+    async def _shutdown(self, drain: bool = True) -> None:
+        """Drain in-flight requests, close every link, wait for the children.
+
+        Runs to its end even when the caller is cancelled meanwhile (see
+        :func:`~ipcbus.node.shielded`); a second call waits for the first.
+        """
+        if self._stopping is None:
+            self._closing = True
+            self._stopping = asyncio.ensure_future(self._stop_workers(drain))
+        await shielded(self._stopping)
+
+    async def _stop_workers(self, drain: bool) -> None:
         node = self._node
-        with anyio.CancelScope(shield=True):
-            if node is not None:
-                # Let this process's requests to the workers finish (their futures
-                # are the events: answered, failed or timed out, each completes).
-                pending = [f for f in node.inbox.futures.values() if not f.done()]
-                if pending:
-                    await asyncio.wait(pending, timeout=_STOP_TIMEOUT)
-                if self._bus is not None:
-                    self._bus.refuse_new()  # from now on, new requests raise BusClosed
-                # Still running (those made during the wait too): the pool
-                # closes, no worker crashed.
-                for f in list(node.inbox.futures.values()):
-                    if not f.done():
-                        f.set_exception(
-                            BusClosed(
-                                f"the worker pool closed after waiting {_STOP_TIMEOUT:g} s "
-                                "for this request to be answered"
-                            )
-                        )
-                for w in self._workers:
-                    if w.link is not None:
-                        with contextlib.suppress(Exception):
-                            # Goodbye first: a worker whose link ends without one
-                            # takes it that this process died (ipcbus.worker).
-                            w.link.link.send_nowait(fr.encode_frame(fr.Notice("shutdown", "pool closing")))
-                            await w.link.link.aclose()
-            # One limit for all of them, not one each: N stuck workers take 5 s, not 5N.
-            with anyio.move_on_after(_STOP_TIMEOUT):
-                for w in self._workers:
-                    if w.proc is not None:
-                        await w.exited.wait() if w.exited is not None else w.proc.wait()
+        if node is not None:
+            # Let this process's requests to the workers finish (their futures
+            # are the events: answered, failed or timed out, each completes).
+            pending = [f for f in node.inbox.futures.values() if not f.done()]
+            if pending and drain:
+                await asyncio.wait(pending, timeout=_STOP_TIMEOUT)
+            if self._bus is not None:
+                self._bus.refuse_new()  # from now on, new requests raise BusClosed
+            # Still running (those made during the wait too): the pool
+            # closes, no worker crashed.
+            why = (
+                f"the worker pool closed after waiting {_STOP_TIMEOUT:g} s for this request to be answered"
+                if drain
+                else "the worker pool closed (its block was cancelled) before this request was answered"
+            )
+            for f in list(node.inbox.futures.values()):
+                if not f.done():
+                    f.set_exception(BusClosed(why))
             for w in self._workers:
-                proc = w.proc
-                if proc is not None and proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    await proc.wait()
-                w.state = "stopped"
-            self._notify()
-            if node is not None:
-                await node.aclose()
+                if w.link is not None:
+                    with contextlib.suppress(Exception):
+                        # Goodbye first: a worker whose link ends without one
+                        # takes it that this process died (ipcbus.worker).
+                        w.link.link.send_nowait(fr.encode_frame(fr.Notice("shutdown", "pool closing")))
+                        await w.link.link.aclose()
+        # One limit for all of them, not one each: N stuck workers take 5 s, not 5N.
+        with anyio.move_on_after(_STOP_TIMEOUT):
+            for w in self._workers:
+                if w.proc is not None:
+                    await w.exited.wait() if w.exited is not None else w.proc.wait()
+        for w in self._workers:
+            proc = w.proc
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+            w.state = "stopped"
+        self._notify()
+        if node is not None:
+            await node.aclose()
 
 
 class _PoolBus(Bus):

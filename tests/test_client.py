@@ -257,6 +257,33 @@ async def test_inline_service_on_the_requesters_own_node() -> None:
             await client.request("self.echo", b"hi", timeout=5)
 
 
+async def test_requests_answered_in_process_still_let_other_tasks_run() -> None:
+    """A plain-def service in the requester's own process answers within the
+    request's own call; a loop of such requests must still yield to the loop."""
+    async with Node() as node:
+        bus = Bus(node)
+        await bus.serve("echo", lambda m: m.data)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(ticker())
+        try:
+            await asyncio.sleep(0)
+            before = ticks
+            for _ in range(50):
+                assert (await bus.request("echo", b"x", timeout=5)).data == b"x"
+            assert ticks - before >= 49  # one turn of the ticker per request
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 # -- bad input ------------------------------------------------------------------------
 
 
@@ -638,7 +665,7 @@ async def test_a_request_cancelled_while_its_link_is_full_leaves_no_deadline_beh
         with pytest.raises(asyncio.CancelledError):
             await req
         queued = [e for q in node.deadlines._queues.values() for e in q]
-        assert queued and all(fut is None or fut.cancelled() for _, fut, _ in queued)
+        assert queued and all(e[1] is None or e[1].cancelled() for e in queued)
         await raw.aclose()
 
 

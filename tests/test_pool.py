@@ -320,6 +320,40 @@ async def test_abandoned_requests_do_not_stay_in_flight() -> None:
         assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
 
 
+@pytest.mark.single_loop
+async def test_a_pool_left_by_a_cancellation_does_not_wait_for_requests() -> None:
+    """Leaving the block because of a cancellation (a deadline) closes at once:
+    requests still in flight fail with BusClosed instead of being waited for
+    (up to 5 s, the drain of a normal exit)."""
+    outer: asyncio.Future[ipcbus.Msg] | None = None
+    with anyio.move_on_after(30) as scope:
+        async with WorkerPool("pool_workers:setup", workers=1, env=worker_env()) as pool:
+            started = await pool.bus.subscribe("started")
+            await pool.bus.flush()
+            outer = asyncio.ensure_future(pool.bus.request("slow.hang", b"", timeout=60))
+            await started.next(timeout=10)
+            scope.cancel()
+            await asyncio.sleep(60)  # cancelled at once
+    assert scope.cancelled_caught and outer is not None
+    with pytest.raises(BusClosed, match="cancelled"):
+        await outer
+
+
+async def test_a_cancelled_pool_close_still_stops_its_workers() -> None:
+    """A second cancellation while the pool closes (asyncio's, which anyio's
+    shields do not hold off) must not leave workers or links behind."""
+    pool = WorkerPool("pool_workers:setup", workers=2, env=worker_env())
+    await pool.__aenter__()
+    pids = pool.pids
+    closing = asyncio.ensure_future(pool.__aexit__(None, None, None))
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert all(gone(pid) for pid in pids)
+    assert pool._node is not None and pool._node.closed and not pool._node.links
+
+
 # -- start failures ---------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import pytest
 from ipcbus import frames as fr
 from ipcbus.client import Bus, Msg, Subscription
 from ipcbus.errors import (
+    BusClosed,
     ConnectionClosed,
     EndOfStream,
     FrameTooLarge,
@@ -1121,7 +1122,7 @@ async def test_answered_requests_behind_a_slow_one_keep_no_reply_alive() -> None
         await bus.serve("slow", slow)
         await bus.serve("echo", lambda m: m.data)
         pending = asyncio.ensure_future(bus.request("slow", timeout=30))
-        await asyncio.sleep(0)  # it is sent (the in-process echoes below never yield)
+        await asyncio.sleep(0)  # it is sent
         for _ in range(100):
             assert len((await bus.request("echo", b"x" * 65536, timeout=30)).data) == 65536
         entries = list(node.deadlines._queues[30.0])
@@ -1175,3 +1176,139 @@ def test_a_stored_link_error_raised_again_does_not_grow_its_traceback() -> None:
                 depth, tb = depth + 1, tb.tb_next
             depths.append(depth)
     assert depths == [1, 1, 1]
+
+
+# -- closing under cancellation ---------------------------------------------------------
+
+
+class HeldCloseLink(GatedLink):
+    """A link whose aclose() waits for ``release`` (a close that takes a while)."""
+
+    def __init__(self, inner: Link) -> None:
+        super().__init__(inner)
+        self.release = asyncio.Event()
+        self.closing = asyncio.Event()
+
+    async def aclose(self) -> None:
+        self.closing.set()
+        await self.release.wait()
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("how", ["task.cancel", "asyncio.timeout"])
+async def test_a_close_cancelled_half_way_still_ends_everything(how: str) -> None:
+    """asyncio's cancellation passes through anyio's shielded scopes: a close
+    interrupted by it must still close every link, end every subscription and
+    fail every waiting request, and a second aclose() must wait for it."""
+    async with Node(name="peer") as peer:
+        node = await Node(name="n").start()
+        a, b = memory_pair()
+        held = HeldCloseLink(a)
+        await connect_links(node, peer, held, b)
+        release = asyncio.Event()
+
+        async def hang(m: Msg) -> bytes:
+            await release.wait()
+            return b""
+
+        await Bus(peer).serve("hang", hang)
+        bus = Bus(node, owns_node=True)
+        sub = await bus.subscribe("x")
+        await settle(node, peer)
+        reader = asyncio.ensure_future(sub.next())
+        request = asyncio.ensure_future(bus.request("hang", timeout=None))
+        await asyncio.sleep(0)
+        if how == "task.cancel":
+            closing = asyncio.ensure_future(bus.aclose())
+            await held.closing.wait()
+            closing.cancel()
+            second = asyncio.ensure_future(bus.aclose())
+            await asyncio.sleep(0)
+            assert not second.done()  # it waits for the close under way
+            held.release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+            await second
+        else:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.01):
+                    await asyncio.gather(bus.aclose(), asyncio.sleep(0.02))
+            assert held.closing.is_set()
+            held.release.set()
+            await bus.aclose()
+        assert node._runner is not None and node._runner.done()
+        assert held.closed
+        with pytest.raises(BusClosed):
+            await request
+        with pytest.raises(BusClosed):
+            await reader
+        release.set()
+
+
+async def test_a_node_start_cancelled_leaves_no_task_behind() -> None:
+    node = Node(name="cancelled-start")
+    task = asyncio.ensure_future(node.start())
+    await asyncio.sleep(0)  # inside start(), waiting for the runner
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert node.closed
+    assert node._runner is not None
+    await asyncio.wait([node._runner], timeout=5)
+    assert node._runner.done()
+
+
+async def test_timeouts_that_differ_every_time_share_one_timer() -> None:
+    """A caller passing down what is left of its own deadline makes a new
+    timeout value per request: past Deadlines.MAX_FIFOS values they go to one
+    heap with one timer (one timer per value kept each until it expired)."""
+    async with Node(name="n") as node:
+        bus = Bus(node)
+        await bus.serve("echo", lambda m: m.data)
+        release = asyncio.Event()
+
+        async def hang(m: Msg) -> bytes:
+            await release.wait()
+            return b"late"
+
+        await bus.serve("hang", hang)
+        for i in range(500):
+            assert (await bus.request("echo", b"x", timeout=30 + i / 1000)).data == b"x"
+        d = node.deadlines
+        assert len(d._armed) == Deadlines.MAX_FIFOS and d._heap_timer is not None
+        # The heap's timeouts fire on time and in deadline order, each with its own value.
+        waits = [0.3, 0.1, 0.2]
+        tasks = [asyncio.ensure_future(bus.request("hang", timeout=t)) for t in waits]
+        done_order: list[float] = []
+        for t, task in zip(waits, tasks, strict=True):
+            task.add_done_callback(lambda _f, t=t: done_order.append(t))
+        for t, task in zip(waits, tasks, strict=True):
+            with pytest.raises(RequestTimeout) as info:
+                await task
+            assert info.value.timeout == t
+        assert done_order == sorted(waits)
+        release.set()
+
+
+async def test_a_publisher_yields_while_a_subscriber_in_its_process_fills_up() -> None:
+    """No backpressure from a subscription in the same process, but its reader
+    gets to run: a producer in a loop does not make it drop."""
+    async with Node(name="n") as node:
+        bus = Bus(node)
+        sub = await bus.subscribe("t", max_pending=100)
+        got = 0
+
+        async def consume() -> None:
+            nonlocal got
+            async for _ in sub:
+                got += 1
+
+        reader = asyncio.ensure_future(consume())
+        for i in range(5000):
+            await bus.publish("t", i)
+        await bus.flush()
+        await asyncio.sleep(0)
+        assert sub.dropped == 0 and got == 5000
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
