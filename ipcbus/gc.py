@@ -36,8 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from .busdir import fifo_has_reader, read_pidfile
-from .records import ObjectRecord, list_records, open_regular, pid_start_time, process_alive
+from .records import (
+    PENDING_PREFIX,
+    ObjectRecord,
+    list_records,
+    open_regular,
+    pid_start_time,
+    process_alive,
+    stale_temp_records,
+)
 from .sysv import proc_table
 
 __all__ = [
@@ -87,32 +97,44 @@ def _remove_sysv(kind: str, ident: int) -> None:
         sysv_ipc.remove_semaphore(ident)
 
 
-def _judge(rec: ObjectRecord, tables: dict[str, dict[int, dict[str, int]]]) -> tuple[str, str]:
-    """("remove"|"skip"|"keep"|"forget", reason) for one record."""
+def _judge(rec: ObjectRecord, tables: dict[str, dict[int, dict[str, int]]]) -> tuple[str, str, int]:
+    """("remove"|"skip"|"keep"|"forget", reason, the SysV id or -1) for one record."""
     uid = os.getuid()
     if rec.creator_uid != uid:
-        return "skip", f"recorded by uid {rec.creator_uid}, not ours ({uid})"
+        return "skip", f"recorded by uid {rec.creator_uid}, not ours ({uid})", -1
     if rec.creator_alive:
-        return "keep", f"creator pid {rec.creator_pid} is alive"
-    if rec.kind in _KIND_TABLE:
+        return "keep", f"creator pid {rec.creator_pid} is alive", -1
+    if rec.kind not in _KIND_TABLE:
+        return (*_judge_file(rec, uid), -1)
+    table = tables[_KIND_TABLE[rec.kind]]
+    if rec.ident.startswith(PENDING_PREFIX) and rec.key:
+        # Recorded before it was made (records.create_keyed): found by its key, if made at all.
+        ident = next((i for i, row in table.items() if row["key"] == rec.key), -1)
+        if ident < 0:
+            return "forget", "object was never made, or is gone", -1
+    else:
         try:
             ident = int(rec.ident)
         except ValueError:
-            return "skip", f"record names a non-numeric id {rec.ident!r}"
-        row = tables[_KIND_TABLE[rec.kind]].get(ident)
-        if row is None:
-            return "forget", "object no longer exists"
-        if row["uid"] != uid or row["cuid"] != uid:
-            return "skip", f"object {ident} belongs to uid {row['uid']} (creator {row['cuid']})"
-        if rec.key is not None and rec.key != 0 and row["key"] != rec.key:
-            return "skip", f"object {ident} has key {row['key']:#x}, record says {rec.key:#x}"
-        if row["ctime"] + _CTIME_SLACK < rec.created:
-            return "skip", f"object {ident} is older than the record: the id was reused"
-        if rec.kind == "shm" and row["nattch"] > 0:
-            alive = [p for p in (row["cpid"], row["lpid"]) if process_alive(p)]
-            if alive:
-                return "keep", f"segment {ident} still attached (nattch {row['nattch']})"
-        return "remove", f"creator pid {rec.creator_pid} is dead"
+            return "skip", f"record names a non-numeric id {rec.ident!r}", -1
+    row = table.get(ident)
+    if row is None:
+        return "forget", "object no longer exists", -1
+    if row["uid"] != uid or row["cuid"] != uid:
+        return "skip", f"object {ident} belongs to uid {row['uid']} (creator {row['cuid']})", -1
+    if rec.key is not None and rec.key != 0 and row["key"] != rec.key:
+        return "skip", f"object {ident} has key {row['key']:#x}, record says {rec.key:#x}", -1
+    if row["ctime"] + _CTIME_SLACK < rec.created:
+        return "skip", f"object {ident} is older than the record: the id was reused", -1
+    if rec.kind == "shm" and row["nattch"] > 0:
+        alive = [p for p in (row["cpid"], row["lpid"]) if process_alive(p)]
+        if alive:
+            return "keep", f"segment {ident} still attached (nattch {row['nattch']})", -1
+    return "remove", f"creator pid {rec.creator_pid} is dead", ident
+
+
+def _judge_file(rec: ObjectRecord, uid: int) -> tuple[str, str]:
+    """The verdict on a dead creator's POSIX semaphore or FIFO."""
     if rec.kind == "posix_sem":
         name = rec.ident.lstrip("/")
         if not name or "/" in name:
@@ -150,8 +172,12 @@ def scan(busdir: Path) -> list[tuple[Finding, ObjectRecord | None]]:
                 (Finding(path.name, "skip", "corrupted or forged record (left in place)", path), None)
             )
             continue
-        verdict, reason = _judge(rec, tables)
+        verdict, reason, ident = _judge(rec, tables)
+        if ident >= 0 and rec.ident != str(ident):  # a pending record, its object found by key
+            rec = msgspec.structs.replace(rec, ident=str(ident))
         out.append((Finding(f"{rec.kind} {rec.ident}", verdict, reason, path), rec))
+    for path in stale_temp_records(busdir):
+        out.append((Finding(path.name, "remove", "half-written record of a dead process", path), None))
     return out
 
 
@@ -160,6 +186,9 @@ def collect(busdir: Path, *, dry_run: bool = False) -> list[Finding]:
     busdir = Path(busdir)
     findings: list[Finding] = []
     for finding, rec in scan(busdir):
+        if rec is None and finding.action == "remove" and finding.path is not None:  # a .tmp record
+            findings.append(_remove_file(finding.path, "record", dry_run))
+            continue
         if finding.action in ("remove", "forget") and rec is not None:
             if dry_run:
                 findings.append(finding)

@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import secrets
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 
@@ -49,15 +52,18 @@ def open_regular(path: Path | str, flags: int, mode: int = 0o600) -> int:
     return fd
 
 __all__ = [
+    "PENDING_PREFIX",
     "NotRegularFile",
     "ObjectKind",
     "ObjectRecord",
+    "create_keyed",
     "forget_object",
     "list_records",
     "open_regular",
     "pid_start_time",
     "process_alive",
     "record_object",
+    "stale_temp_records",
 ]
 
 ObjectKind = Literal["msq", "shm", "sem", "fifo", "posix_sem"]
@@ -159,6 +165,75 @@ def record_object(
         f.write(_enc.encode(rec))
     os.replace(tmp, p)
     return p
+
+
+PENDING_PREFIX: Final = "key-"
+"""Starts the ``ident`` of a record written before its SysV object existed
+(:func:`create_keyed`): the object is found by the record's ``key``."""
+
+_T = TypeVar("_T")
+
+
+def create_keyed(
+    busdir: Path | None,
+    kind: ObjectKind,
+    create: Callable[[int], _T],
+    ident: Callable[[_T], int],
+    exists: type[BaseException] | tuple[type[BaseException], ...],
+    extra: dict[str, Any] | None = None,
+) -> _T:
+    """Create a SysV object under a fresh random key, recorded before it exists.
+
+    The kernel picks an object's id when it creates it, so a record written
+    afterwards misses the object if this process dies in between (SIGKILL
+    mid-``connect``): nothing would ever remove it.  Here a record naming
+    the key (ident ``key-<hex>``) is written first, then ``create(key)``
+    runs, then the record names the id.  ``ipcbus gc`` finds an object of a
+    dead creator by either.  ``exists`` is what ``create`` raises for a key
+    in use (another key is tried).  Without ``busdir``, nothing is recorded.
+    """
+    for _ in range(64):
+        key = secrets.randbits(31) or 1  # positive: /proc/sysvipc prints keys signed; 0 is IPC_PRIVATE
+        if busdir is None:
+            try:
+                return create(key)
+            except exists:
+                continue
+        pending = record_object(busdir, kind, f"{PENDING_PREFIX}{key:x}", key=key, extra=extra)
+        try:
+            obj = create(key)
+        except exists:
+            pending.unlink(missing_ok=True)
+            continue
+        except BaseException:
+            pending.unlink(missing_ok=True)
+            raise
+        # If this record cannot be written, the first one stays: gc finds the object by key.
+        record_object(busdir, kind, ident(obj), key=key, extra=extra)
+        pending.unlink(missing_ok=True)
+        return obj
+    raise OSError(errno.EEXIST, f"no free SysV key for a new {kind} after 64 tries")
+
+
+_TEMP_RE = re.compile(r".+\.json\.([1-9][0-9]{0,9})\.tmp\Z")
+
+
+def stale_temp_records(busdir: Path) -> list[Path]:
+    """Half-written record files (``<record>.<pid>.tmp``) of processes that are gone.
+
+    :func:`record_object` writes a temporary file and renames it into
+    place; a process killed in between leaves the temporary file.  Records
+    are written before the objects they name are made, so there is no
+    object to remove with it.
+    """
+    d = Path(busdir) / "objects"
+    out: list[Path] = []
+    with contextlib.suppress(OSError):
+        for p in d.iterdir():
+            m = _TEMP_RE.match(p.name)
+            if m is not None and not process_alive(int(m[1])):
+                out.append(p)
+    return sorted(out)
 
 
 def forget_object(busdir: Path, kind: ObjectKind, ident: int | str) -> None:

@@ -134,6 +134,70 @@ async def test_gc_removes_a_dead_creators_queue(busdir: BusDir) -> None:
         assert (code, out.strip()) == (0, f"{busdir.name}: nothing to collect\ngc: removed 0 object(s)")
 
 
+_KILLED_WHILE_MAKING = """
+import asyncio, os, posix_ipc, signal, sys
+from pathlib import Path
+import ipcbus.transports.shm as shm
+import ipcbus.transports.sysv as sysv
+
+busdir, point = Path(sys.argv[1]), sys.argv[2]
+
+
+def then_die(make):
+    def made_it(*args, **kwargs):
+        make(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)  # killed between making an object and its next step
+    return made_it
+
+
+if point == "segment":
+    shm._shm_create = then_die(shm._shm_create)
+elif point == "semaphore":
+    posix_ipc.Semaphore = then_die(posix_ipc.Semaphore)
+elif point == "bell":
+    os.mkfifo = then_die(os.mkfifo)
+elif point == "record":
+    os.replace = then_die(lambda *a: None)  # killed with the record's temporary file written
+elif point == "queue":
+    sysv.open_handle = then_die(sysv.open_handle)
+
+
+async def main():
+    if point == "queue":
+        sysv.SysvPairLink.create(busdir)
+    else:
+        shm.ShmLink.create(busdir, ring_size=shm.MIN_RING_SIZE)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.single_loop
+@pytest.mark.parametrize("point", ["segment", "semaphore", "bell", "record", "queue"])
+async def test_gc_removes_what_a_process_killed_while_making_it_left(busdir: BusDir, point: str) -> None:
+    """Every object is recorded before it is made (a segment or queue, whose id
+    the kernel picks, by its key): a creator killed right after making one
+    leaves nothing that gc cannot find."""
+    from ipcbus.testing import own_kernel_objects
+
+    before = own_kernel_objects()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _KILLED_WHILE_MAKING, str(busdir.path), point,
+        stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert proc.returncode == -9, err.decode()
+    left = own_kernel_objects() - before
+    objects = sorted(p.name for p in (busdir.path / "objects").iterdir())
+    assert bool(left) == (point != "record")
+    assert objects  # a record (or its temporary file) names what was made
+    findings = collect(busdir.path)
+    assert all(f.action in ("removed", "forgot") for f in findings), findings
+    assert own_kernel_objects() - before == set()
+    assert not list((busdir.path / "objects").iterdir())
+    assert not [p for p in busdir.path.iterdir() if p.name.endswith(".bell")]
+
+
 @pytest.mark.single_loop
 async def test_gc_reports_and_skips_what_is_not_ours(busdir: BusDir) -> None:
     qid, dead = await make_stale_queue(busdir)

@@ -271,9 +271,12 @@ def _sem_ident(name: str) -> str:
     return name.lstrip("/")
 
 
-def _shm_create(size: int, mode: int) -> int:
-    """``shmget(IPC_PRIVATE, size, IPC_CREAT | IPC_EXCL | mode)``; returns the id."""
-    shmid = int(_shmget(_IPC_PRIVATE, size, sysv_ipc.IPC_CREAT | sysv_ipc.IPC_EXCL | mode))
+def _shm_create(size: int, mode: int, key: int = _IPC_PRIVATE) -> int:
+    """``shmget(key, size, IPC_CREAT | IPC_EXCL | mode)``; returns the id.
+
+    Raises ``FileExistsError`` when ``key`` is taken.
+    """
+    shmid = int(_shmget(key, size, sysv_ipc.IPC_CREAT | sysv_ipc.IPC_EXCL | mode))
     if shmid < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"shmget of {size} bytes failed: {os.strerror(err)}")
@@ -522,16 +525,18 @@ class ShmLink(Link):
         names = tuple(f"/ipcbus.{pid}.{token}.{i}" for i in range(4))
         made = _Made(busdir)
         try:
-            shmid = made.shmid = _shm_create(size, mode)
-            made.record("shm", shmid, extra={"size": size, "sems": list(names)})
+            # Every object is recorded before it is made (records.create_keyed
+            # for the segment, whose id the kernel picks): killed anywhere in
+            # here, this process leaves nothing that `ipcbus gc` cannot find.
+            shmid = made.shmid = made.create_segment(size, mode, extra={"size": size, "sems": list(names)})
             shm = made.shm = sysv_ipc.attach(shmid)
             if gid is not None:
                 shm.gid = gid  # IPC_SET
             for name in names:
-                made.sems.append(posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode, 0))
-                made.sem_names.append(name)
                 path = _sem_path(name)
                 made.record("posix_sem", _sem_ident(name), extra={"name": name, "path": path})
+                made.sems.append(posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode, 0))
+                made.sem_names.append(name)
                 # sem_open applies the umask; set exactly the mode (and group) asked for.
                 if gid is not None:
                     os.chown(path, -1, gid)
@@ -542,9 +547,9 @@ class ShmLink(Link):
             bell_dir = made.bell_dir or str(busdir)
             bells = (f"{bell_dir}/shm-{pid}-{token}.c.bell", f"{bell_dir}/shm-{pid}-{token}.a.bell")
             for path in bells:
+                made.record("fifo", path)
                 os.mkfifo(path, 0o600)
                 made.fifos.append(path)
-                made.record("fifo", path)
                 if gid is not None:
                     os.chown(path, -1, gid)
                 os.chmod(path, mode)
@@ -1778,8 +1783,18 @@ class _Made:
 
     def record(self, kind: Any, ident: str | int, extra: dict[str, Any] | None = None) -> None:
         if self.busdir is not None:
+            self.recorded.append((kind, ident))  # first: undo() forgets a half-written record too
             records.record_object(self.busdir, kind, ident, extra=extra)
-            self.recorded.append((kind, ident))
+
+    def create_segment(self, size: int, mode: int, extra: dict[str, Any]) -> int:
+        """The segment, under a random key, recorded before it exists (on a bus)."""
+        if self.busdir is None:
+            return _shm_create(size, mode)
+        shmid = records.create_keyed(
+            self.busdir, "shm", lambda key: _shm_create(size, mode, key), int, FileExistsError, extra
+        )
+        self.recorded.append(("shm", shmid))
+        return shmid
 
     def undo(self) -> None:
         for fd in self.fds:

@@ -75,7 +75,7 @@ from ..errors import (
     ProtocolError,
 )
 from ..frames import DEFAULT_MAX_FRAME, HEADER, PROTOCOL_VERSION
-from ..records import forget_object, list_records, record_object
+from ..records import create_keyed, forget_object, list_records, record_object
 from ..sysv import (
     MSGTYPE_MAX,
     QueueExists,
@@ -1700,7 +1700,16 @@ async def connect_sysv(
             f"bus {busdir.name!r}: its SysV queue ({_describe(st)}) does not belong to the "
             f"hub's uid {hub_uid}; refusing to send frames to it"
         )
-    own_q, own_size = open_handle(None, sysv_ipc.IPC_CREX, 0o600, limits.msgmax)
+    address = _next_address()
+    # Recorded before it exists: a client killed in connect() leaves nothing gc cannot find.
+    own_q, own_size = create_keyed(
+        busdir,
+        "msq",
+        lambda key: open_handle(key, sysv_ipc.IPC_CREX, 0o600, limits.msgmax),
+        lambda made: made[0].id,
+        QueueExists,
+        extra={"role": "client", "address": address, "hub_pid": hub_pid, "name": name},
+    )
     link: _ClientLink | None = None
     try:
         if gid is not None:
@@ -1708,11 +1717,6 @@ async def connect_sysv(
         if mode != 0o600:
             own_q.mode = mode
         _try_raise_capacity(own_q, queue_bytes)
-        address = _next_address()
-        record_object(
-            busdir, "msq", own_q.id, key=own_q.key,
-            extra={"role": "client", "address": address, "hub_pid": hub_pid, "name": name},
-        )
         link = _ClientLink(
             loop=loop, busdir=busdir, bus_q=bus_q, own_q=own_q, address=address,
             hub_pid=hub_pid, hub_uid=hub_uid, msg_size=min(size, own_size),
@@ -1839,11 +1843,17 @@ class SysvPairLink(_ClientLink):
         size = limits.msgmax
         try:
             for role in ("down", "up"):
-                q, qsize = open_handle(None, sysv_ipc.IPC_CREX, 0o600, limits.msgmax)
+                # Recorded before it exists (records.create_keyed): nothing gc cannot find.
+                q, qsize = create_keyed(
+                    records,
+                    "msq",
+                    lambda key: open_handle(key, sysv_ipc.IPC_CREX, 0o600, limits.msgmax),
+                    lambda made: made[0].id,
+                    QueueExists,
+                    extra={"role": f"pair-{role}"},
+                )
                 made.append(q)
                 size = min(size, qsize)
-                if records is not None:
-                    record_object(records, "msq", q.id, key=q.key, extra={"role": f"pair-{role}"})
                 _try_raise_capacity(q, queue_bytes)
         except BaseException:
             _remove_queues(made, records)
