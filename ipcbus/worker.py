@@ -15,6 +15,7 @@ end of stream — and then exits, so a dead parent never leaves orphans.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import inspect
@@ -34,6 +35,7 @@ from .client import Bus
 from .errors import ConnectionClosed, IpcBusError
 from .gc import pool_dir_name, remove_pool_dir
 from .node import LinkState, Node
+from .records import process_alive
 from .transports.base import Link
 from .transports.pipe import PipeLink
 
@@ -109,6 +111,14 @@ async def run_worker(
                 )
                 return 1
             node.upstream = ls
+            terminated: list[asyncio.Task[None]] = []
+
+            def on_sigterm() -> None:
+                if not terminated and not node.closed:
+                    # Not in the node's task group: closing the node cancels that.
+                    terminated.append(asyncio.ensure_future(_terminate(node, link, parent_pid)))
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
             bus = Bus(node)
             try:
                 setup = load_target(target)
@@ -131,7 +141,7 @@ async def run_worker(
         said_goodbye = any(n.code == "shutdown" for n in ls.notices)
         if records is not None and parent is not None and not said_goodbye:
             await _left_behind(records, parent)
-        return 0
+        return 128 + signal.SIGTERM if terminated else 0
     finally:
         if parent is not None:
             os.close(parent)
@@ -151,6 +161,28 @@ async def _unless_closed(setup: Awaitable[Any], ls: LinkState, node: Node) -> No
         # raised here as it is, not wrapped in an exception group.
         node.task_group.start_soon(parent_gone, name="ipcbus-worker-parent-watch")
         await setup
+
+
+async def _terminate(node: Node, link: Link, parent_pid: int) -> None:
+    """SIGTERM: close the link and exit, leaving no kernel object behind.
+
+    Sent to the whole process group (a service manager stopping the program,
+    ``timeout``, ``kill -TERM -PGID``), it reaches the parent too, which may
+    die at once: wait briefly for that, and if it died, remove the SysV
+    queue it read as well (nobody else will).  Sent to this worker alone,
+    the parent sees the link close and removes its side itself.
+    """
+    with contextlib.suppress(OSError):  # no such process: it is gone already
+        parent = os.pidfd_open(parent_pid)  # our own: _left_behind may wait on the other
+        try:
+            with anyio.move_on_after(_PARENT_EXIT_WAIT):
+                await anyio.wait_readable(parent)
+        finally:
+            os.close(parent)
+    forget_peer = getattr(link, "forget_peer", None)  # a SysV pair link
+    if forget_peer is not None and not process_alive(parent_pid):
+        forget_peer()
+    await node.aclose()
 
 
 def _pool_records(parent_pid: int) -> Path | None:

@@ -482,19 +482,29 @@ async def start_parent(script: str, transport: str, **pipes: Any) -> asyncio.sub
 
 
 async def killing_the_parent(
-    script: str, transport: str, read_pids: Callable[[asyncio.StreamReader], Awaitable[list[int]]]
+    script: str,
+    transport: str,
+    read_pids: Callable[[asyncio.StreamReader], Awaitable[list[int]]],
+    group_sigterm: bool = False,
 ) -> None:
     """Run ``script`` (a pool's parent) with ``transport``, read its workers' pids
     with ``read_pids``, SIGKILL it and check that its workers exit by themselves
-    (end of stream on their link) leaving no queue, records folder or process."""
+    (end of stream on their link) leaving no queue, records folder or process.
+
+    With ``group_sigterm``, SIGTERM goes to the parent's whole process group
+    instead (as a service manager or ``timeout`` sends it): parent and
+    workers get it at once, and the parent dies of it."""
     queues = queue_ids()
-    proc = await start_parent(script, transport, stdout=asyncio.subprocess.PIPE)
+    proc = await start_parent(script, transport, stdout=asyncio.subprocess.PIPE, start_new_session=True)
     try:
         assert proc.stdout is not None
         with anyio.fail_after(20):
             pids = await read_pids(proc.stdout)
         assert len(pids) == 2
-        proc.kill()  # SIGKILL: the parent gets no chance to stop its workers
+        if group_sigterm:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.kill()  # SIGKILL: the parent gets no chance to stop its workers
         await proc.wait()
         for pid in pids:
             await wait_exited(pid)
@@ -517,6 +527,18 @@ async def test_workers_exit_when_their_parent_dies(transport: str) -> None:
         return list(json.loads(await out.readline()))
 
     await killing_the_parent(PARENT, transport, pids_line)
+
+
+@pytest.mark.single_loop
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_sigterm_to_the_parents_process_group_leaves_nothing_behind(transport: str) -> None:
+    """Workers handle SIGTERM: they close their link, and remove the SysV queue
+    their dead parent read (both processes dying at once left both queues)."""
+
+    async def pids_line(out: asyncio.StreamReader) -> list[int]:
+        return list(json.loads(await out.readline()))
+
+    await killing_the_parent(PARENT, transport, pids_line, group_sigterm=True)
 
 
 HANGING_PARENT = textwrap.dedent(
