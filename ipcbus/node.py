@@ -39,6 +39,7 @@ import heapq
 import itertools
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -741,6 +742,11 @@ class Node:
                 raise ProtocolError(
                     f"peer announced max_frame {hello.max_frame}, below the {fr.MIN_MAX_FRAME} "
                     "bytes every node must take"
+                )
+            if not _NODE_ID.match(hello.node_id):
+                raise ProtocolError(
+                    f"peer announced node id {hello.node_id[:80]!r}: a node id is 1 to 64 characters, "
+                    "none of them whitespace, '.', '*' or '>' (it is a token of the node's inbox subject)"
                 )
             ls.peer = hello
             if hello.max_frame < ls.send_max:
@@ -2038,6 +2044,7 @@ def _takes(member: SubscriptionCore | LinkState, size: int) -> bool:
 
 
 _T = TypeVar("_T")
+_NODE_ID = re.compile(r"[^\s.*>]{1,64}\Z")
 
 
 async def shielded(aw: Awaitable[_T]) -> _T:

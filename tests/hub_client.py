@@ -447,11 +447,13 @@ class HubProc:
             raise AssertionError(f"hub pid {self.pid} ignored signal {sig}: {self.stderr()}") from None
 
 
-async def start_hub(name: str, transports: str = "fifo") -> HubProc:
-    """Start a hub child and wait for its "serving" line."""
+async def start_hub(name: str, transports: str = "fifo", nofile: int | None = None) -> HubProc:
+    """Start a hub child and wait for its "serving" line (``nofile``: its fd limit)."""
     err = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the HubProc, closed by hub_proc()
+    limit = f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ipcbus", "hub", name, "--transports", transports,
+        sys.executable, "-c", (limit if nofile else "") + "from ipcbus.cli import main; main()",
+        "hub", name, "--transports", transports,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=REPO,
     )  # fmt: skip
     hp = HubProc(proc, err)
@@ -470,10 +472,10 @@ async def start_hub(name: str, transports: str = "fifo") -> HubProc:
 
 @contextlib.asynccontextmanager
 async def hub_proc(
-    name: str, transports: str = "fifo", stop_signal: int = signal.SIGTERM
+    name: str, transports: str = "fifo", stop_signal: int = signal.SIGTERM, nofile: int | None = None
 ) -> AsyncIterator[HubProc]:
     """A hub child for the block; stopped with ``stop_signal`` on exit if still running."""
-    hp = await start_hub(name, transports)
+    hp = await start_hub(name, transports, nofile)
     try:
         yield hp
     finally:

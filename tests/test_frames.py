@@ -370,6 +370,21 @@ async def test_a_peer_announcing_a_tiny_max_frame_is_refused() -> None:
         await raw.aclose()
 
 
+@pytest.mark.parametrize("node_id", ["", "a.b", ">", "*", "two words", "tab\tbed", "x" * 65])
+async def test_a_peer_announcing_a_node_id_that_is_no_subject_token_is_refused(node_id: str) -> None:
+    """The node id forms the peer's inbox subject (``_INBOX.<node_id>.*``)."""
+    async with Node(name="n") as node:
+        bus = Bus(node)
+        await bus.serve("echo", lambda m: m.data)
+        x, raw = memory_pair()
+        raw.send_nowait(fr.encode_frame(fr.Hello(fr.PROTOCOL_VERSION, node_id, 1, 1, "odd")))
+        with anyio.fail_after(10), pytest.raises(ProtocolError, match="node id"):
+            await node.add_link(x, name="odd")
+        assert node.links == []
+        assert (await bus.request("echo", b"still here", timeout=5)).data == b"still here"
+        await raw.aclose()
+
+
 @pytest.mark.parametrize(
     ("bad", "error"),
     [(100, ValueError), (0, ValueError), (1 << 32, ValueError), (True, TypeError), (2048.0, TypeError)],

@@ -828,3 +828,28 @@ async def test_refused_knocks_are_counted_and_the_hub_keeps_serving(bus_name: st
         async with ipcbus.connect(bus_name, transport="fifo") as bus:
             await bus.flush()
             assert hub.stats()["accepted"] == 1
+
+
+@pytest.mark.single_loop
+async def test_a_sysv_client_the_hub_has_no_fd_for_is_refused_at_once(bus_name: str) -> None:
+    """A hub out of file descriptors refuses a SysV client with a REFUSE saying
+    so (its queue needs no fd), not silence until the client's 10 s timeout;
+    the clients already in keep working."""
+    async with hub_proc(bus_name, "sysv", nofile=40), contextlib.AsyncExitStack() as stack:
+        clients: list[ipcbus.Bus] = []
+        refused: ConnectionClosed | None = None
+        with anyio.fail_after(60):
+            while refused is None:
+                assert len(clients) < 100, "the hub never ran out of file descriptors"
+                try:
+                    bus = await ipcbus.connect(bus_name, transport="sysv")
+                except ConnectionClosed as exc:
+                    refused = exc
+                else:
+                    clients.append(bus)
+                    stack.push_async_callback(bus.aclose)
+        assert "cannot take a client now" in str(refused) and "did not answer" not in str(refused)
+        assert len(clients) >= 2
+        await clients[0].serve("still.here", lambda m: b"yes")
+        await clients[0].flush()
+        assert (await clients[-1].request("still.here", timeout=10)).data == b"yes"

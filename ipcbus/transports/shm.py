@@ -287,19 +287,21 @@ def _shm_stat(shmid: int) -> dict[str, int] | None:
     """The row of ``/proc/sysvipc/shm`` for ``shmid`` (None if no such segment).
 
     Read before attaching, so that a foreign segment is refused without our
-    ``shmat`` touching it (its nattch, lpid, atime).
+    ``shmat`` touching it (its nattch, lpid, atime).  An ``OSError`` reading
+    the table (``EMFILE``: this process is out of file descriptors) is
+    raised, not taken for a missing segment.
     """
-    try:
-        with open("/proc/sysvipc/shm") as f:
-            names = f.readline().split()
-            for line in f:
-                parts = line.split()
-                if len(parts) == len(names) and parts[1] == str(shmid):
+    with open("/proc/sysvipc/shm") as f:
+        names = f.readline().split()
+        for line in f:
+            parts = line.split()
+            if len(parts) == len(names) and parts[1] == str(shmid):
+                try:
                     row = {k: int(v) for k, v in zip(names, parts, strict=True) if k != "perms"}
                     row["perms"] = int(parts[names.index("perms")], 8)
-                    return row
-    except (OSError, ValueError):
-        return None
+                except ValueError:
+                    return None
+                return row
     return None
 
 

@@ -145,6 +145,8 @@ T_NUDGE: Final = 3  # zero-length, sent by the client to itself (wake its thread
 REFUSE_PERMISSION: Final = 1
 REFUSE_PROTOCOL: Final = 2
 REFUSE_BUSY: Final = 3
+REFUSE_RESOURCES: Final = 4
+"""REFUSE code: the hub is out of a resource (file descriptors, memory) and cannot take the client now."""
 
 KEY_FILE: Final = KEYFILE_NAME
 """File in the bus directory whose ``ftok()`` gives the bus queue's key (``sysv.key``)."""
@@ -1502,6 +1504,8 @@ class _ClientLink(SysvLink):
                 exc = PermissionRefused(f"the hub refused this client: {reason}")
             elif total == REFUSE_BUSY:
                 exc = BusBusy(f"the hub refused this client: {reason}")
+            elif total == REFUSE_RESOURCES:
+                exc = ConnectionClosed(f"the hub refused this client: {reason}; see the hub's log")
             else:
                 exc = ProtocolError(f"the hub refused this client: {reason}")
             self._break(exc)
@@ -1574,7 +1578,7 @@ class _ClientLink(SysvLink):
             bus = self._busdir.name if self._busdir is not None else "?"
             raise ConnectionClosed(
                 f"the hub of bus {bus!r} did not answer this client's knock "
-                f"within {timeout:g} s"
+                f"within {timeout:g} s; it refused the knock (see its log) or is overloaded"
             ) from None
 
     # -- closing ---------------------------------------------------------
@@ -2607,6 +2611,10 @@ class SysvAcceptor:
             real_uid = _proc_uid(pid)
         except FileNotFoundError:
             raise ProtocolError(f"the knocking process {pid} no longer exists") from None
+        except OSError as exc:  # EMFILE, ENOMEM: tell the client, whose queue needs no fd
+            with contextlib.suppress(IpcBusError):
+                self._refuse_unable(open_handle(key, 0, 0o600, self._msgmax)[0], msqid, address, exc)
+            raise
         try:
             cq, _ = open_handle(key, 0, 0o600, self._msgmax)
         except QueueNotFound as exc:
@@ -2642,6 +2650,9 @@ class SysvAcceptor:
             link._watch = _PidWatch(loop, pid, lambda: self._mark(link._on_peer_exit))
         except ProcessLookupError:
             raise ProtocolError(f"the knocking process {pid} exited") from None
+        except OSError as exc:  # a pidfd: EMFILE
+            self._refuse_unable(cq, msqid, address, exc)
+            raise
         welcome = MSG_HEADER.pack(
             WIRE_VERSION, KIND_WELCOME, 0, 0, HUB_ADDRESS, link._next_seq(), 0
         ) + _WELCOME.pack(link._msg_size, self.window, self.credit_unit,
@@ -2707,19 +2718,25 @@ class SysvAcceptor:
             raise ProtocolError(f"knock from pid {pid}: max_frame {client_max} is not positive")
 
     @staticmethod
-    def _refuse(cq: sysv_ipc.MessageQueue, exc: IpcBusError, address: int) -> None:
+    def _refuse(cq: sysv_ipc.MessageQueue, exc: IpcBusError | OSError, address: int) -> None:
         """Best effort: tell the client why (REFUSE), so its connect fails at once."""
         if not MIN_CLIENT_ADDRESS <= address <= MSGTYPE_MAX:
             return  # its thread waits for types <= its address: no type reaches it
         code = (
             REFUSE_PERMISSION if isinstance(exc, PermissionRefused)
             else REFUSE_BUSY if isinstance(exc, BusBusy)
-            else REFUSE_PROTOCOL
+            else REFUSE_PROTOCOL if isinstance(exc, IpcBusError)
+            else REFUSE_RESOURCES
         )
         body = str(exc).encode()[:2048]
         msg = MSG_HEADER.pack(WIRE_VERSION, KIND_REFUSE, 0, 0, HUB_ADDRESS, 0, code) + body
         with contextlib.suppress(sysv_ipc.Error, OSError):
             cq.send(msg, False, address)
+
+    def _refuse_unable(self, cq: sysv_ipc.MessageQueue, msqid: int, address: int, exc: OSError) -> None:
+        """Refuse a client the hub cannot take for want of a resource (REFUSE_RESOURCES)."""
+        if cq.id == msqid:
+            self._refuse(cq, OSError(exc.errno, f"the hub cannot take a client now: {exc.strerror}"), address)
 
     def __repr__(self) -> str:
         qid = self._q.id if self._q is not None else None
