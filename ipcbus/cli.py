@@ -89,7 +89,8 @@ def _fail(exc: BaseException) -> NoReturn:
         if isinstance(exc, etype):
             code = c
             break
-    click.echo(f"ipcbus: {exc}", err=True)
+    text = exc.cli_message if isinstance(exc, BusNotFound) else str(exc)  # no autostart= here
+    click.echo(f"ipcbus: {text}", err=True)
     raise SystemExit(code) from None
 
 

@@ -84,7 +84,11 @@ class BadSubject(IpcBusError, ValueError):
     def __init__(self, subject: object, reason: str) -> None:
         self.subject = subject
         self.reason = reason
-        super().__init__(f"invalid subject {subject!r}: {reason}")
+        shown = repr(subject)
+        if len(shown) > 120:  # the whole subject stays in .subject
+            length = f" ({len(subject)} characters)" if isinstance(subject, str) else ""
+            shown = f"{shown[:100]}...{length}"
+        super().__init__(f"invalid subject {shown}: {reason}")
 
 
 class EncodeError(IpcBusError, TypeError):
@@ -140,10 +144,11 @@ class BusNotFound(IpcBusError, FileNotFoundError):
     def __init__(self, bus: str, directory: str) -> None:
         self.bus = bus
         self.directory = directory
-        super().__init__(
-            f"no hub is running for bus {bus!r} (looked in {directory}); "
-            f"start one with `ipcbus hub {bus}` or pass autostart=True"
+        self.cli_message = (
+            f"no hub is running for bus {bus!r} (looked in {directory}); start one with `ipcbus hub {bus}`"
         )
+        """The message without the advice that only applies to Python code (``autostart=True``)."""
+        super().__init__(f"{self.cli_message} or pass autostart=True")
 
 
 class BusBusy(IpcBusError):

@@ -63,7 +63,7 @@ from .errors import (
     SlowConsumer,
 )
 from .spin import Spinner, spin_window
-from .subjects import SubjectIndex, validate_pattern, validate_subject
+from .subjects import SubjectIndex, matches, validate_pattern, validate_subject
 from .transports.base import Link
 
 __all__ = [
@@ -436,7 +436,7 @@ class LinkState:
         self.ready = asyncio.Event()
         self.closed = asyncio.Event()
         self.remote_keys: set[Key] = set()
-        self.inflight: dict[str, None] = {}
+        self.inflight: dict[str, str] = {}  # reply subject -> the request's subject
         self.dropped = 0
         self.dropped_unreported = 0
         self.dropped_subjects: dict[str, int] = {}  # dropped, not yet reported, by subject
@@ -942,11 +942,17 @@ class Node:
             if not fut.done():
                 fut.set_exception(ConnectionClosed(f"link closed: {reason}"))
         # Requests in flight over this link will never be answered through it.
-        for reply in list(ls.inflight):
+        for reply, subject in list(ls.inflight.items()):
             routes = self._reply_routes.get(reply)
             if routes is None:
                 continue
             routes.discard(ls)
+            if routes and all(_only_listens(other, subject) for other in routes):
+                # Still due only from catch-all '>' listeners (`ipcbus sub '>'`,
+                # a monitor): they will not answer, the requester learns now.
+                for other in routes:
+                    other.inflight.pop(reply, None)
+                routes.clear()
             if not routes:
                 del self._reply_routes[reply]
                 self._route(
@@ -955,7 +961,8 @@ class Node:
                         headers={
                             STATUS_HEADER: "closed",
                             ERROR_TYPE_HEADER: ls.crash_error,
-                            ERROR_MSG_HEADER: f"the responder's link closed ({reason})",
+                            ERROR_MSG_HEADER: f"the responder's link {ls.name!r} "
+                            f"(pid {ls.link.info.peer_pid}) closed ({reason})",
                         },
                     ),
                     None,
@@ -1156,7 +1163,7 @@ class Node:
         if not self._forward(up, _encode(m), m.subject, True, m.reply is not None):
             return False
         if m.reply is not None:
-            self._track(up, m.reply)
+            self._track(up, m.reply, m.subject)
         return True
 
     def _route(self, m: fr.Msg, raw: bytes | None, origin: LinkState | None) -> int:
@@ -1178,7 +1185,7 @@ class Node:
                 frame = raw if raw is not None else _encode(m)
                 if self._forward(target, frame, subject, origin is not None, True):
                     if m.reply is not None:
-                        self._track(target, m.reply)
+                        self._track(target, m.reply, subject)
                     return 1
                 return 0
         route = self._routes.get(subject)
@@ -1225,7 +1232,7 @@ class Node:
                         self._too_large_reply(m.reply, "request", len(raw), pick.send_max)
                     return 0
                 if m.reply is not None:
-                    self._track(pick, m.reply)
+                    self._track(pick, m.reply, subject)
                 return 1
         groups_in = m.groups
         # Local members are handed the message after it went out on the links:
@@ -1284,7 +1291,7 @@ class Node:
             if self._forward(ls, frame, subject, origin is not None, keep):
                 count += 1
                 if reply is not None:
-                    self._track(ls, reply)
+                    self._track(ls, reply, subject)
             elif len(frame) > ls.send_max:
                 too_large = (len(frame), ls.send_max)
             elif ls.link.pending_out > self.outbound_limit:
@@ -1474,9 +1481,9 @@ class Node:
             if ls.dropped_unreported and not ls.closed.is_set():
                 self._send_drop_notice(ls)
 
-    def _track(self, ls: LinkState, reply: str) -> None:
+    def _track(self, ls: LinkState, reply: str, subject: str) -> None:
         self._tracked_at = time.monotonic_ns()
-        ls.inflight[reply] = None
+        ls.inflight[reply] = subject
         routes = self._reply_routes.get(reply)
         if routes is None:  # the common case: a fresh reply subject, one link
             self._reply_routes[reply] = {ls}
@@ -1859,14 +1866,14 @@ class Node:
             self._unroute(pick)
             self._unsendable(_MsgFrame(subject, reply, None, payload), (pick,))
             return _NO_LINKS
-        return self._request_sent(pick, n, reply)
+        return self._request_sent(pick, n, reply, subject)
 
-    def _request_sent(self, ls: LinkState, n: int, reply: str) -> list[Link]:
+    def _request_sent(self, ls: LinkState, n: int, reply: str, subject: str) -> list[Link]:
         """Count a request of ``n`` payload bytes written to ``ls``, track its reply;
         return ``[ls.link]`` if that link is now above high water."""
         self.msgs_out += 1
         self.bytes_out += n
-        self._track(ls, reply)
+        self._track(ls, reply, subject)
         link = ls.link
         return [link] if link.pending_out > link.high_water else []
 
@@ -1889,7 +1896,7 @@ class Node:
         if self._spinner is not None:
             self._spinner.kick()
         ls.link.send_now(frame)
-        return self._request_sent(ls, len(payload), reply)
+        return self._request_sent(ls, len(payload), reply, subject)
 
     def _reply_fast(self, reply: str, payload: bytes) -> list[Link] | None:
         """:meth:`publish_now` for a reply, straight to the link of the requester's node.
@@ -2038,12 +2045,27 @@ async def wait_writable(links: list[Link]) -> None:
             await link.wait_writable()
 
 
+def _only_listens(ls: LinkState, subject: str) -> bool:
+    """Whether ``ls`` wants ``subject`` only through a catch-all ``>`` subscription.
+
+    Such a subscriber (a monitor: ``ipcbus sub '>'``) gets every request but
+    answers none, so it does not keep a request whose responder's link
+    closed waiting for its timeout.  Any other pattern matching ``subject``
+    (``svc.>``, a queue group) may be a service's.
+    """
+    keys = ls.remote_keys
+    return _CATCH_ALL in keys and not any(
+        key != _CATCH_ALL and matches(key[0], subject) for key in keys
+    )
+
+
 def _takes(member: SubscriptionCore | LinkState, size: int) -> bool:
     """Whether a queue-group member can be sent a frame of ``size`` bytes."""
     return not isinstance(member, LinkState) or member.send_max >= size
 
 
 _T = TypeVar("_T")
+_CATCH_ALL: Final = (">", None)
 _NODE_ID = re.compile(r"[^\s.*>]{1,64}\Z")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,15 @@ from .errors import BusNotFound, IpcBusError, PermissionRefused
 from .gc import collect, reclaim_pools, scan, sysv_table
 
 __all__ = ["gc_command", "list_bus", "render_ls"]
+
+
+def _console() -> Any:
+    """A rich console; output that is not a terminal (a pipe, a file) is not cut to 80 columns."""
+    from rich.console import Console
+
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        return Console()
+    return Console(width=200)
 
 
 def _objects_from_records(busdir: Path) -> list[dict[str, Any]]:
@@ -79,10 +90,9 @@ async def list_bus(name: str) -> dict[str, Any]:
 
 def render_ls(info: dict[str, Any]) -> None:
     """Print ``list_bus`` output as tables (rich)."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     hub = info.get("hub")
     if hub is None and info.get("error"):
         console.print(f"bus {info['bus']!r}: {info['error']}")
@@ -152,9 +162,7 @@ def render_ls(info: dict[str, Any]) -> None:
 
 def gc_command(bus: str | None, all_buses: bool, dry_run: bool) -> int:
     """Run gc on one bus or all; print findings; return the exit code."""
-    from rich.console import Console
-
-    console = Console()
+    console = _console()
     if all_buses:
         root = bus_root()
         names = sorted(

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -404,13 +405,6 @@ class WorkerPool:
                     return
                 w.state = "crashed"
                 w.crashes += 1
-                log.warning(
-                    "pool %s: worker %d (pid %s) died: %s; restarting",
-                    self.name,
-                    w.index,
-                    w.proc.pid if w.proc else "?",
-                    ls.close_reason,
-                )
                 assert self._node is not None
                 self._node.task_group.start_soon(self._restart, w)
                 return
@@ -428,6 +422,14 @@ class WorkerPool:
                     with contextlib.suppress(ProcessLookupError):
                         w.proc.kill()
                     await w.exited.wait()
+            if w.proc is not None and w.state == "crashed":  # logged once it is reaped: how it ended
+                log.warning(
+                    "pool %s: worker %d (pid %s) %s; restarting",
+                    self.name,
+                    w.index,
+                    w.proc.pid,
+                    _how_it_ended(w.proc.returncode),
+                )
             await anyio.sleep(delay)  # backoff between restarts, not event ordering
             if self._closing:
                 return
@@ -510,6 +512,18 @@ class WorkerPool:
         self._notify()
         if node is not None:
             await node.aclose()
+
+
+def _how_it_ended(returncode: int | None) -> str:
+    """A worker's end in words, from its exit status."""
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
 
 
 class _PoolBus(Bus):

@@ -63,12 +63,15 @@ def busdir(bus_name: str) -> Iterator[BusDir]:
     yield BusDir(bus_name).ensure()
 
 
-async def run(*args: str, timeout: float = 20.0) -> tuple[int, str, str]:
-    """Run ``ipcbus ARGS`` (wide terminal for the tables): (exit code, stdout, stderr)."""
+async def run(*args: str, timeout: float = 20.0, columns: str | None = "250") -> tuple[int, str, str]:
+    """Run ``ipcbus ARGS`` (``columns``: $COLUMNS, wide for the tables): (exit code, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    if columns is not None:
+        env["COLUMNS"] = columns
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ipcbus", *args,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd=REPO, env={**os.environ, "COLUMNS": "250"},
+        stderr=asyncio.subprocess.PIPE, cwd=REPO, env=env,
     )  # fmt: skip
     async with asyncio.timeout(timeout):
         out, err = await proc.communicate()
@@ -448,7 +451,11 @@ async def test_ls_against_a_live_hub(bus_name: str) -> None:
         assert f"hub pid {os.getpid()}" in out
         assert "transports fifo" in out
         assert str(p.pid) in out and "work.>" in out and "crew" in out
-        assert hub.stats()["accepted"] >= 3  # p, and both ls runs
+        # Into a pipe with no COLUMNS set: the tables are not cut to 80 columns.
+        code, out, err = await run("ls", "--bus", bus_name, columns=None)
+        assert code == 0, err
+        assert "…" not in out and "transport" in out and "crew" in out
+        assert hub.stats()["accepted"] >= 4  # p, and the three ls runs
 
 
 @pytest.mark.single_loop

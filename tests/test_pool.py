@@ -130,7 +130,9 @@ async def test_pub_sub_reaches_every_worker_and_back() -> None:
 
 @pytest.mark.single_loop
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_sigkill_in_flight_gives_worker_crashed_then_restart(transport: str) -> None:
+async def test_sigkill_in_flight_gives_worker_crashed_then_restart(
+    transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async with WorkerPool(
         "pool_workers:setup", workers=2, transport=transport, env=worker_env(), restart_backoff=0.01
     ) as pool:
@@ -151,8 +153,10 @@ async def test_sigkill_in_flight_gives_worker_crashed_then_restart(transport: st
                 await req
         assert not isinstance(info.value, TimeoutError)
         assert "slow.hang" in str(info.value)
+        assert f"(pid {victim})" in str(info.value) and "'worker-" in str(info.value)  # which one
         # the pool restarts the worker
         await pool.wait_ready(timeout=15)  # the crash was recorded before req failed
+        assert f"(pid {victim}) was killed by SIGKILL; restarting" in caplog.text
         after = set(pool.pids)
         assert len(after) == 2 and victim not in after
         assert len(after & before) == 1

@@ -444,6 +444,39 @@ async def test_requests_in_flight_fail_at_once_when_the_link_closes(kind: str) -
         assert (await t.a.request("alive", timeout=5)).data == b"yes"
 
 
+@pytest.mark.parametrize(("pattern", "waits"), [(">", False), ("stuck", True), ("*", True)])
+async def test_a_catch_all_listener_does_not_hold_a_request_whose_responder_died(
+    pattern: str, waits: bool
+) -> None:
+    """A monitor subscribed to '>' gets every request too; when the responder's
+    link closes, the requester still learns at once (it would have waited for
+    its timeout, the monitor's link counting as one that may answer).  Any
+    other pattern may be a service's: then the request stays due."""
+    async with tree("memory", with_c=True) as t:
+        assert t.c is not None
+        monitor = await t.c.subscribe(pattern)
+        started = asyncio.Event()
+
+        async def stuck(m: Msg) -> bytes:
+            started.set()
+            await asyncio.Event().wait()
+            return b""
+
+        await t.b.serve("stuck", stuck)
+        await t.settle()
+        request = asyncio.ensure_future(t.a.request("stuck", b"", timeout=1 if waits else 30))
+        await started.wait()
+        assert (await monitor.next(timeout=5)).subject == "stuck"
+        await t.b_hub.link.aclose()  # the responder's side goes away
+        if waits:
+            with pytest.raises(RequestTimeout):
+                await request
+        else:
+            with pytest.raises(ConnectionClosed, match="closed"):
+                await request
+            assert not t.hub.node._reply_routes
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_direct_request_fails_when_its_link_closes(kind: str) -> None:
     """The requester's own node tracks its requests too (no hub in between)."""

@@ -119,6 +119,14 @@ def test_invalid_forms_raise_bad_subject(
         assert isinstance(info.value, IpcBusError)
 
 
+def test_a_long_bad_subject_is_cut_in_the_message_not_in_the_exception() -> None:
+    subject = "x " * 2500
+    with pytest.raises(BadSubject) as info:
+        validate_subject(subject)
+    assert info.value.subject == subject
+    assert len(str(info.value)) < 300 and "(5000 characters)" in str(info.value)
+
+
 def test_published_wildcard_error_says_what_to_do() -> None:
     with pytest.raises(BadSubject, match="wildcards are for subscriptions"):
         validate_subject("a.*")
