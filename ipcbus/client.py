@@ -304,6 +304,8 @@ class Service:
         self._idle: asyncio.Event | None = None  # created only while drain() waits
         self._peers_know: asyncio.Event | None = None  # set once drain()'s withdrawal is flushed
         self._finishing: set[asyncio.Task[None]] = set()
+        self._tg: anyio.abc.TaskGroup | None = None  # the async handlers' tasks
+        self._stopped = False  # its bus closed: handlers still running were cancelled
         if not self._is_async:
             # A synchronous handler runs as its request is routed (in the read
             # callback of the link it came on): no queue, no task switch.
@@ -331,6 +333,7 @@ class Service:
                     self._handle_inline(f)
             bus = self._bus
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 while True:
                     if core.pending and not core.dropped:  # no await while requests wait
                         f = core.pending.popleft()
@@ -387,6 +390,19 @@ class Service:
         """Await the handler's result and send it (or its failure), with backpressure."""
         try:
             result = await call()
+        except asyncio.CancelledError:
+            if self._stopped and m.reply is not None:  # tell the requester now, not at its timeout
+                with contextlib.suppress(IpcBusError):
+                    self._bus._node.publish_now(
+                        m.reply,
+                        b"",
+                        headers={
+                            STATUS_HEADER: "closed",
+                            ERROR_TYPE_HEADER: "ConnectionClosed",
+                            ERROR_MSG_HEADER: f"the service on {self.subject!r} closed before answering",
+                        },
+                    )
+            raise
         except Exception as exc:
             full = self._error_now(m, exc)
         else:
@@ -483,6 +499,15 @@ class Service:
     async def stop(self) -> None:
         """Stop serving (requests already received are still answered)."""
         await self.drain()
+
+    def _cancel(self) -> None:
+        """Its bus closed: cancel the handlers still running; their requesters
+        get a ``closed`` status (:class:`~ipcbus.errors.ConnectionClosed`) at once."""
+        self._stopped = True
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+        for task in list(self._finishing):
+            task.cancel()
 
 
 def _request_type(handler: Handler) -> Any:
@@ -803,6 +828,8 @@ class Bus:
         for core in list(self._subs.values()):
             self._node.unsubscribe(core)
         self._subs.clear()
+        for svc in self._services:  # handlers still running are cancelled
+            svc._cancel()
         for fut in list(self._waiting or ()):
             if not fut.done():
                 fut.set_exception(BusClosed("bus closed while waiting for a reply"))

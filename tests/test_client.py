@@ -1322,3 +1322,35 @@ async def test_behind_a_hub_a_small_peer_gets_errors_and_its_group_share_fits() 
         with anyio.fail_after(5), pytest.raises(RemoteError, match=r"FrameTooLarge.*4096-byte"):
             await big_bus.request("only.plain", b"x" * 5000, timeout=30)
         assert (await big_bus.request("only.plain", b"x", timeout=5)).data == b"never"
+
+
+async def test_closing_a_bus_on_a_shared_node_cancels_its_handlers_and_tells_their_requesters() -> None:
+    """Bus(node).aclose() ends the services made through it: a handler still
+    running is cancelled, and its requester gets ConnectionClosed at once
+    (it waited for its timeout, or forever, the node staying up)."""
+    async with pair() as (client, server_bus):
+        node = server_bus._node
+        svc_bus = Bus(node)
+        started = asyncio.Event()
+        cancelled = asyncio.Event()
+
+        async def hang(m: Msg) -> bytes:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                cancelled.set()
+            return b""
+
+        await svc_bus.serve("hang", hang)
+        await settle(client, server_bus)
+        request = asyncio.ensure_future(client.request("hang", timeout=None))
+        await started.wait()
+        await svc_bus.aclose()
+        with anyio.fail_after(10), pytest.raises(ConnectionClosed, match="closed before answering"):
+            await request
+        assert cancelled.is_set()
+        # The node and its other buses go on.
+        await server_bus.serve("echo", lambda m: m.data)
+        await settle(client, server_bus)
+        assert (await client.request("echo", b"x", timeout=5)).data == b"x"
