@@ -1224,12 +1224,12 @@ class Node:
                 if raw is None or origin is None:
                     raw = _encode(_MsgFrame(subject, m.reply, m.headers, m.payload, (q,)))
                 if not self._forward(pick, raw, subject, origin is not None, m.reply is not None):
-                    if origin is None:
-                        self._unsendable(m, (pick,))
-                    elif m.reply is not None and len(raw) > pick.send_max:
+                    if origin is not None and m.reply is not None and len(raw) > pick.send_max:
                         # Passed on, but too large for every member's link: the
                         # requester is told now rather than at its timeout.
                         self._too_large_reply(m.reply, "request", len(raw), pick.send_max)
+                    else:  # the member's link broke under the write (passed on or not)
+                        self._unsendable(m, (pick,))
                     return 0
                 if m.reply is not None:
                     self._track(pick, m.reply, subject)
@@ -1269,6 +1269,7 @@ class Node:
         reply = m.reply
         too_large: tuple[int, int] | None = None  # (size, limit) of a link that refused it
         slow = False  # a link dropped it (over outbound_limit)
+        broke: list[LinkState] = []  # links whose writes failed
         # A reply's own requester (its inbox's node), when wildcards route inboxes here.
         requester = None
         if self._wild_inbox and (nid := self._inbox_node(subject, wild_too=True)) is not None:
@@ -1296,12 +1297,14 @@ class Node:
                 too_large = (len(frame), ls.send_max)
             elif ls.link.pending_out > self.outbound_limit:
                 slow = True
+            else:
+                broke.append(ls)  # its peer is gone: the write failed
         for sub in local:
             sub.deliver(m)
         count += len(local)
         if count == 0 and reply is not None:
-            if origin is None:
-                self._unsendable(m, targets)
+            if origin is None or broke:
+                self._unsendable(m, broke or targets)
             elif too_large is not None:
                 # Passed on, but too large for every link that wants it: the
                 # requester is told now rather than "no responders".
@@ -1509,7 +1512,7 @@ class Node:
             self._remote_unsub(ls, key)
 
     def _unsendable(self, m: fr.Msg, links: Sequence[LinkState]) -> None:
-        """A request made here could not be written to any link it was routed to.
+        """A request made or passed on here could not be written to any link it was routed to.
 
         Those links broke under the write (their peers are gone, and the node
         has not dropped them yet): answer with a ``closed`` status at once, as

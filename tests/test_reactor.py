@@ -1345,3 +1345,38 @@ async def test_a_publisher_yields_while_a_subscriber_in_its_process_fills_up() -
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
+
+
+class BrokenWritesLink(GatedLink):
+    """A link whose writes fail (its reader is gone) while its reads go on:
+    the moment between a peer's death and the node noticing it."""
+
+    def __init__(self, inner: Link) -> None:
+        super().__init__(inner)
+        self.broken = False
+
+    def send_nowait(self, frame: bytes) -> None:
+        if self.broken:
+            raise ConnectionClosed("pipe link: the reader is gone (EPIPE)")
+        self.inner.send_nowait(frame)
+
+
+@pytest.mark.parametrize("queue", ["g", None])
+async def test_a_request_passed_on_to_a_link_that_broke_under_the_write_fails_at_once(
+    queue: str | None,
+) -> None:
+    """The hub picks the service's link, whose peer just died: the write fails.
+    The requester, another node, is told (ConnectionClosed) at once; it waited
+    for its whole timeout when the request was passed on rather than made here."""
+    async with Node(name="A") as a, Node(name="hub") as hub, Node(name="B") as b:
+        await connect(a, hub, "memory")
+        x, y = memory_pair()
+        broken = BrokenWritesLink(x)
+        await connect_links(hub, b, broken, y)
+        await Bus(b).serve("svc", lambda m: b"ok", queue=queue)
+        await settle(a, hub, b)
+        assert (await Bus(a).request("svc", timeout=10)).data == b"ok"
+        broken.broken = True
+        with anyio.fail_after(10), pytest.raises(ConnectionClosed, match="broke"):
+            await Bus(a).request("svc", timeout=30)
+        assert not hub._reply_routes
