@@ -111,3 +111,21 @@ async def test_a_forked_child_keeps_no_copy_of_a_links_fds() -> None:
     finally:
         _kill_and_reap(pid)
         await b.aclose()
+
+
+async def test_the_read_buffer_starts_small_and_grows_while_reads_fill_it() -> None:
+    """A hub holds one link per client, most of them quiet: each starts with a
+    64 KiB read buffer (not 1 MiB), which grows while reads come back full."""
+    a, b = pipe_pair()
+    try:
+        assert len(b._rbuf) == 64 * 1024
+        frames = [os.urandom(300_000) for _ in range(8)]
+        for f in frames:
+            a.send_nowait(f)
+        got = [await b.recv() for _ in frames]
+        assert got == frames
+        assert len(b._rbuf) > 64 * 1024
+        assert len(b._rbuf) <= 1 << 20
+    finally:
+        await a.aclose()
+        await b.aclose()

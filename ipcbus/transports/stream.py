@@ -39,7 +39,8 @@ __all__ = ["FdStreamLink"]
 
 _IOV_MAX = 1024
 _EAGER_BYTES = 64 * 1024  # queued bytes that are written at once, without waiting for the turn
-_READ_CHUNK = 1 << 20
+_READ_CHUNK = 1 << 20  # the most one read takes
+_FIRST_READ = 64 * 1024  # a new link's read buffer; it grows (x4) while reads fill it
 _CLOSE_FLUSH_TIMEOUT = 2.0
 
 
@@ -79,7 +80,8 @@ class FdStreamLink(Link):
             objects=dict(objects or {}),
         )
         self._framer = FrameReader(max_frame)
-        self._rbuf = bytearray(_READ_CHUNK)
+        # Small at first: a hub holds one per client, most of them quiet.
+        self._rbuf = bytearray(_FIRST_READ)
         self._rq: collections.deque[bytes] = collections.deque()
         self._rq_bytes = 0
         self._reading = False
@@ -315,8 +317,11 @@ class FdStreamLink(Link):
                 )
             self._wake_reader()
             return
+        buf = self._rbuf
+        if n == len(buf) and n < _READ_CHUNK:  # more may wait: read more at a time from now on
+            self._rbuf = bytearray(min(4 * n, _READ_CHUNK))
         try:
-            frames = self._framer.feed(memoryview(self._rbuf)[:n])
+            frames = self._framer.feed(memoryview(buf)[:n])
         except ProtocolError as exc:
             self._rerror = exc
             self._pause_reading()
