@@ -111,6 +111,9 @@ _INF: Final = float("inf")
 _SERVING: contextvars.ContextVar[Service | None] = contextvars.ContextVar("ipcbus_serving", default=None)
 
 
+_YIELD_MASK: Final = 1023  # Bus.publish yields at least every 1024 calls
+
+
 async def _logged(work: Awaitable[None]) -> None:
     """Await a close started in the background; log a failure (nobody awaits it)."""
     try:
@@ -627,9 +630,13 @@ class Bus:
             full = node.publish_now(subject, payload, reply=reply, headers=headers)
         if full:
             await wait_writable(full)
-        elif node.local_pressure:
-            # A subscription in this process is more than half full: one loop
-            # turn, so its reader can catch up before messages are dropped.
+            return
+        n = node.publishes = node.publishes + 1
+        if node.local_pressure or not n & _YIELD_MASK:
+            # A subscription in this process is more than half full (its reader
+            # catches up before messages are dropped), or this is the 1024th
+            # publish: one loop turn, so that a loop of publishes below every
+            # high-water mark still lets other tasks run and can be cancelled.
             node.local_pressure = False
             await asyncio.sleep(0)
 

@@ -536,6 +536,8 @@ class Node:
         self.started = time.time()
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self.dropped = 0
+        self.publishes = 0
+        """Publishes made through buses on this node (``Bus.publish`` yields every 1024th)."""
         self.local_pressure = False
         """Set when a subscription in this process got more than half full (or
         dropped): the next local publish yields to the loop once, so that its

@@ -1354,3 +1354,32 @@ async def test_closing_a_bus_on_a_shared_node_cancels_its_handlers_and_tells_the
         await server_bus.serve("echo", lambda m: m.data)
         await settle(client, server_bus)
         assert (await client.request("echo", b"x", timeout=5)).data == b"x"
+
+
+async def test_a_loop_of_publishes_below_every_limit_still_lets_other_tasks_run() -> None:
+    """Nobody subscribed, or links far below their high-water mark: no publish
+    has to wait, yet every 1024th yields, so the loop can be cancelled and
+    other tasks run."""
+    async with Node(name="n") as node:
+        bus = Bus(node)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        for i in range(10 * 1024):
+            await bus.publish("nobody.listens", i)
+        assert ticks - before >= 9
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                while True:
+                    await bus.publish("nobody.listens", b"")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
