@@ -27,6 +27,7 @@ from .busdir import BusDir, resolve_group
 from .client import Bus, encode_payload
 from .errors import IpcBusError, SlowConsumer
 from .node import (
+    DEFAULT_MAX_LINK_SUBS,
     DEFAULT_OUTBOUND_LIMIT,
     ERROR_MSG_HEADER,
     ERROR_TYPE_HEADER,
@@ -81,6 +82,8 @@ class Hub:
     transports are accepted.  ``outbound_limit`` bounds the bytes queued
     toward one slow client before its messages are dropped and reported.
     ``spin_us`` is the busy-poll window while replies are due (:mod:`ipcbus.spin`).
+    ``max_link_subs`` bounds the distinct subscriptions one client may make
+    (see :class:`~ipcbus.node.Node`).
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class Hub:
         max_frame: int = fr.DEFAULT_MAX_FRAME,
         outbound_limit: int = DEFAULT_OUTBOUND_LIMIT,
         spin_us: float | None = None,
+        max_link_subs: int = DEFAULT_MAX_LINK_SUBS,
     ) -> None:
         for t in transports:
             if t not in ALL_TRANSPORTS:
@@ -103,7 +107,11 @@ class Hub:
         self.transports = tuple(transports)
         self.max_frame = max_frame
         self.node = Node(
-            name=f"hub:{name}", max_frame=max_frame, outbound_limit=outbound_limit, spin_us=spin_us
+            name=f"hub:{name}",
+            max_frame=max_frame,
+            outbound_limit=outbound_limit,
+            spin_us=spin_us,
+            max_link_subs=max_link_subs,
         )
         self.bus = Bus(self.node)
         self.started = 0.0

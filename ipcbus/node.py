@@ -67,6 +67,7 @@ from .subjects import SubjectIndex, matches, validate_pattern, validate_subject
 from .transports.base import Link
 
 __all__ = [
+    "DEFAULT_MAX_LINK_SUBS",
     "DEFAULT_MAX_PENDING",
     "DEFAULT_OUTBOUND_LIMIT",
     "INBOX_PREFIX",
@@ -87,6 +88,8 @@ ERROR_MSG_HEADER: Final = "ipcbus-error-message"
 DEFAULT_MAX_PENDING: Final = 65536
 DEFAULT_PENDING_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_OUTBOUND_LIMIT: Final = 64 * 1024 * 1024
+DEFAULT_MAX_LINK_SUBS: Final = 100_000
+"""Default bound on the distinct subscriptions one peer below a node may announce (``max_link_subs``)."""
 _INFLIGHT_CAP: Final = 65536
 _DUE_NS: Final = 10_000_000  # a request passed on makes a reply "due" for this long (spinning)
 _FAST_CACHE: Final = 4096
@@ -478,7 +481,12 @@ class Node:
     before messages for that link are dropped (and reported); local
     publishers are never dropped, they wait instead.  ``spin_us`` is the
     busy-poll window while replies are due (see :mod:`ipcbus.spin`; ``None``: from
-    ``$IPCBUS_SPIN_US`` or the default, ``0``: off).
+    ``$IPCBUS_SPIN_US`` or the default, ``0``: off).  ``max_link_subs``
+    bounds the distinct subscriptions (subject and queue group) one peer
+    below this node may announce: past it the link is closed with a protocol
+    error (every subscription costs memory here and in every node interest
+    is passed on to).  The link to :attr:`upstream` is not bounded: it
+    carries the interest of the whole bus.
     """
 
     def __init__(
@@ -488,8 +496,12 @@ class Node:
         max_frame: int = fr.DEFAULT_MAX_FRAME,
         outbound_limit: int = DEFAULT_OUTBOUND_LIMIT,
         spin_us: float | None = None,
+        max_link_subs: int = DEFAULT_MAX_LINK_SUBS,
     ) -> None:
         self.spin_us = spin_window(spin_us)
+        if isinstance(max_link_subs, bool) or not isinstance(max_link_subs, int) or max_link_subs < 1:
+            raise ValueError(f"max_link_subs must be a positive int, not {max_link_subs!r}")
+        self.max_link_subs = max_link_subs
         if isinstance(max_frame, bool) or not isinstance(max_frame, int):
             raise TypeError(f"max_frame must be an int (bytes), not {max_frame!r}")
         if not fr.MIN_MAX_FRAME <= max_frame <= fr.MAX_MAX_FRAME:
@@ -1081,6 +1093,12 @@ class Node:
         if key in ls.remote_keys:
             return
         validate_pattern(key[0])
+        if len(ls.remote_keys) >= self.max_link_subs and ls is not self.upstream:
+            raise ProtocolError(
+                f"peer subscribed to more than {self.max_link_subs} distinct subjects on this link "
+                "(a subscription per request, never unsubscribed?); the limit is the node's "
+                "max_link_subs (Hub(max_link_subs=...))"
+            )
         ls.remote_keys.add(key)
         self._inbox_interest(key[0], key[1], 1, ls)
         self._remote.add(key[0], (ls, key[1]))

@@ -1380,3 +1380,35 @@ async def test_a_request_passed_on_to_a_link_that_broke_under_the_write_fails_at
         with anyio.fail_after(10), pytest.raises(ConnectionClosed, match="broke"):
             await Bus(a).request("svc", timeout=30)
         assert not hub._reply_routes
+
+
+async def test_a_peer_that_subscribes_past_max_link_subs_is_cut_off() -> None:
+    """One peer's subscriptions cost memory in every node its interest reaches:
+    past the node's max_link_subs its link is closed with a protocol error
+    naming the limit; other links, and the link to upstream, are not bounded."""
+    async with (
+        Node(name="hub", max_link_subs=10) as hub,
+        Node(name="B", max_link_subs=5) as b,
+        Node(name="C") as c,
+    ):
+        hub_b, b_hub = await connect(hub, b, "memory")
+        b.upstream = b_hub  # B's hub: its interest (C's 8 subscriptions) is not bounded by B
+        await connect(hub, c, "memory")
+        for i in range(8):
+            await Bus(c).subscribe(f"c.{i}")
+        await Bus(hub).serve("alive", lambda m: b"yes")
+        await settle(hub, b, c)
+        assert not b_hub.closed.is_set() and len(b_hub.remote_keys) > 5
+        for i in range(12):
+            await Bus(b).subscribe(f"b.{i}")
+        with anyio.fail_after(10):
+            await hub_b.closed.wait()
+        assert "max_link_subs" in hub_b.close_reason
+        assert any("max_link_subs" in n.message for n in b_hub.notices)
+        assert (await Bus(c).request("alive", timeout=5)).data == b"yes"
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_a_bad_max_link_subs_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="max_link_subs"):
+        Node(max_link_subs=bad)  # type: ignore[arg-type]
