@@ -111,6 +111,17 @@ _INF: Final = float("inf")
 _SERVING: contextvars.ContextVar[Service | None] = contextvars.ContextVar("ipcbus_serving", default=None)
 
 
+def serving_node() -> Node | None:
+    """The node whose service handler the running task runs, if any.
+
+    Closing that node from there would wait for the handler itself (the
+    node's task group holds it): a closer asked from a handler closes in the
+    background instead (:meth:`Bus.aclose`, :meth:`ipcbus.Hub.aclose`).
+    """
+    serving = _SERVING.get()
+    return None if serving is None else serving._bus._node
+
+
 _YIELD_MASK: Final = 1023  # Bus.publish yields at least every 1024 calls
 
 
@@ -307,7 +318,7 @@ class Service:
         self._idle: asyncio.Event | None = None  # created only while drain() waits
         self._peers_know: asyncio.Event | None = None  # set once drain()'s withdrawal is flushed
         self._finishing: set[asyncio.Task[None]] = set()
-        self._tg: anyio.abc.TaskGroup | None = None  # the async handlers' tasks
+        self._handling: set[asyncio.Task[None]] = set()  # async handlers running
         self._stopped = False  # its bus closed: handlers still running were cancelled
         if not self._is_async:
             # A synchronous handler runs as its request is routed (in the read
@@ -336,7 +347,6 @@ class Service:
                     self._handle_inline(f)
             bus = self._bus
             async with anyio.create_task_group() as tg:
-                self._tg = tg
                 while True:
                     if core.pending and not core.dropped:  # no await while requests wait
                         f = core.pending.popleft()
@@ -351,6 +361,10 @@ class Service:
                             log.warning("service %r: %s", self.subject, exc)
                             continue
                     await self._limiter.acquire()
+                    if self._stopped:  # its bus closed while this one waited for a turn
+                        self._limiter.release()
+                        self._closed_status(m.reply)
+                        continue
                     self._enter()
                     tg.start_soon(self._handle_async, m)
         finally:
@@ -383,9 +397,13 @@ class Service:
 
     async def _handle_async(self, m: Msg) -> None:
         _SERVING.set(self)  # this task's own context (and its children's)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handling.add(task)
         try:
             await self._complete(m, lambda: self.handler(self._arg(m)))
         finally:
+            self._handling.discard(task)
             self._limiter.release()
             self._leave()
 
@@ -394,17 +412,8 @@ class Service:
         try:
             result = await call()
         except asyncio.CancelledError:
-            if self._stopped and m.reply is not None:  # tell the requester now, not at its timeout
-                with contextlib.suppress(IpcBusError):
-                    self._bus._node.publish_now(
-                        m.reply,
-                        b"",
-                        headers={
-                            STATUS_HEADER: "closed",
-                            ERROR_TYPE_HEADER: "ConnectionClosed",
-                            ERROR_MSG_HEADER: f"the service on {self.subject!r} closed before answering",
-                        },
-                    )
+            if self._stopped:  # tell the requester now, not at its timeout
+                self._closed_status(m.reply)
             raise
         except Exception as exc:
             full = self._error_now(m, exc)
@@ -503,14 +512,35 @@ class Service:
         """Stop serving (requests already received are still answered)."""
         await self.drain()
 
-    def _cancel(self) -> None:
-        """Its bus closed: cancel the handlers still running; their requesters
-        get a ``closed`` status (:class:`~ipcbus.errors.ConnectionClosed`) at once."""
+    def _cancel(self, spare: asyncio.Task[Any] | None) -> None:
+        """Its bus closed: cancel the handlers still running (except ``spare``,
+        the one that closed the bus) and answer the requests still queued; their
+        requesters get a ``closed`` status (:class:`~ipcbus.errors.ConnectionClosed`)
+        at once.  The subscription has ended: no request comes any more."""
         self._stopped = True
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-        for task in list(self._finishing):
-            task.cancel()
+        core = self.subscription._core
+        while core.pending:
+            f = core.pending.popleft()
+            core._pending_bytes -= len(f.payload)
+            self._closed_status(f.reply)
+        for task in (*self._handling, *self._finishing):
+            if task is not spare:
+                task.cancel()
+
+    def _closed_status(self, reply: str | None) -> None:
+        """Answer ``reply`` with a ``closed`` status: this service will not answer it."""
+        if reply is None:
+            return
+        with contextlib.suppress(IpcBusError):
+            self._bus._node.publish_now(
+                reply,
+                b"",
+                headers={
+                    STATUS_HEADER: "closed",
+                    ERROR_TYPE_HEADER: "ConnectionClosed",
+                    ERROR_MSG_HEADER: f"the service on {self.subject!r} closed before answering",
+                },
+            )
 
 
 def _request_type(handler: Handler) -> Any:
@@ -579,6 +609,7 @@ class Bus:
         # not own (closing an owned node fails every request waiting on it).
         self._waiting: set[asyncio.Future[fr.Msg]] | None = None if owns_node else set()
         self._closing: asyncio.Task[None] | None = None
+        self._spare: asyncio.Task[Any] | None = None  # the handler that closed the bus, if one did
         self._closed = False
         self.error_for_closed: type[ConnectionClosed] = ConnectionClosed
 
@@ -792,6 +823,7 @@ class Bus:
         end) and return True."""
         if not self._in_own_handler():
             return False
+        self._spare = asyncio.current_task()  # closing must not cancel the handler that asked
         if self._closing is None or self._closing.done():
             # A fresh context: the task is not part of the handler (see _SERVING).
             self._closing = asyncio.get_running_loop().create_task(
@@ -836,7 +868,7 @@ class Bus:
             self._node.unsubscribe(core)
         self._subs.clear()
         for svc in self._services:  # handlers still running are cancelled
-            svc._cancel()
+            svc._cancel(self._spare)
         for fut in list(self._waiting or ()):
             if not fut.done():
                 fut.set_exception(BusClosed("bus closed while waiting for a reply"))

@@ -166,7 +166,10 @@ def scan(busdir: Path) -> list[tuple[Finding, ObjectRecord | None]]:
     """Judge every record of one bus directory without changing anything."""
     tables = {k: sysv_table(k) for k in ("msg", "shm", "sem")}
     out: list[tuple[Finding, ObjectRecord | None]] = []
-    for path, rec in list_records(busdir):
+    found = list_records(busdir)
+    # A creator killed between its two records leaves both: the object is removed once.
+    by_id = {(r.kind, r.ident) for _, r in found if r is not None and not r.ident.startswith(PENDING_PREFIX)}
+    for path, rec in found:
         if rec is None:
             out.append(
                 (Finding(path.name, "skip", "corrupted or forged record (left in place)", path), None)
@@ -174,7 +177,10 @@ def scan(busdir: Path) -> list[tuple[Finding, ObjectRecord | None]]:
             continue
         verdict, reason, ident = _judge(rec, tables)
         if ident >= 0 and rec.ident != str(ident):  # a pending record, its object found by key
-            rec = msgspec.structs.replace(rec, ident=str(ident))
+            if (rec.kind, str(ident)) in by_id:
+                verdict, reason = "forget", f"its object is recorded by id ({ident}) too"
+            else:
+                rec = msgspec.structs.replace(rec, ident=str(ident))
         out.append((Finding(f"{rec.kind} {rec.ident}", verdict, reason, path), rec))
     for path in stale_temp_records(busdir):
         out.append((Finding(path.name, "remove", "half-written record of a dead process", path), None))

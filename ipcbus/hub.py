@@ -11,7 +11,9 @@ The hub answers ``$SYS.stats`` (everything ``ipcbus ls`` shows),
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import time
@@ -24,7 +26,7 @@ import anyio
 
 from . import frames as fr
 from .busdir import BusDir, resolve_group
-from .client import Bus, encode_payload
+from .client import Bus, encode_payload, serving_node
 from .errors import IpcBusError, SlowConsumer
 from .node import (
     DEFAULT_MAX_LINK_SUBS,
@@ -121,6 +123,7 @@ class Hub:
         self._closed = anyio.Event()
         self._closing = False
         self._acceptors: dict[str, _Acceptor] = {}
+        self._background: asyncio.Task[None] | None = None  # a close asked from a handler
 
     @property
     def path(self) -> Path:
@@ -284,11 +287,26 @@ class Hub:
         await self._closed.wait()
 
     async def aclose(self) -> None:
-        """Stop accepting, tell clients, drain, remove the FIFOs and records.  Idempotent."""
+        """Stop accepting, tell clients, drain, remove the FIFOs and records.  Idempotent.
+
+        Called from a handler of a service on the hub's node (a "shutdown"
+        request to ``hub.bus``), it closes in the background and returns at
+        once: the close waits for that handler, which finishes first.
+        """
+        if serving_node() is self.node:
+            if not self._closing:
+                self._closing = True
+                self._background = asyncio.get_running_loop().create_task(
+                    self._close(), context=contextvars.Context()
+                )
+            return
         if self._closing:
             await self._closed.wait()
             return
         self._closing = True
+        await self._close()
+
+    async def _close(self) -> None:
         try:
             await shielded(self._stack.aclose())
         finally:

@@ -2104,17 +2104,21 @@ async def shielded(aw: Awaitable[_T]) -> _T:
     """
     task = asyncio.ensure_future(aw)
     cancelled: asyncio.CancelledError | None = None
-    while True:
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError as exc:
-            if task.done():  # the task itself was cancelled (the loop is shutting down)
-                raise
-            cancelled = exc
-            continue
-        if cancelled is not None:
-            raise cancelled
-        return result
+    # anyio re-delivers its cancellation on every loop turn to a task in a
+    # cancelled scope: its shield keeps those off (else this would spin).
+    with anyio.CancelScope(shield=True):
+        while True:
+            try:
+                result = await asyncio.shield(task)
+            except asyncio.CancelledError as exc:
+                if task.done():  # the task itself was cancelled (the loop is shutting down)
+                    raise
+                cancelled = exc
+                continue
+            break
+    if cancelled is not None:
+        raise cancelled
+    return result
 
 
 async def first_of(*events: asyncio.Event) -> None:

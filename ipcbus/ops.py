@@ -16,12 +16,13 @@ __all__ = ["gc_command", "list_bus", "render_ls"]
 
 
 def _console() -> Any:
-    """A rich console; output that is not a terminal (a pipe, a file) is not cut to 80 columns."""
+    """A rich console; output that is not a terminal (a pipe, a file) is not cut to
+    80 columns, and its lines are not wrapped (one finding, one line)."""
     from rich.console import Console
 
     if sys.stdout.isatty() or "COLUMNS" in os.environ:
         return Console()
-    return Console(width=200)
+    return Console(width=200, soft_wrap=True)
 
 
 def _objects_from_records(busdir: Path) -> list[dict[str, Any]]:

@@ -190,9 +190,6 @@ class WorkerPool:
                         tg.start_soon(self._start, w)
         except BaseException as exc:
             await self._shutdown()
-            await self._node.aclose()
-            if self._records is not None:
-                remove_pool_dir(self._records)  # as __aexit__: only if no record is left
             if isinstance(exc, TimeoutError):
                 raise WorkerStartError(f"workers did not finish setup within {_START_TIMEOUT:g} s") from None
             if isinstance(exc, BaseExceptionGroup):
@@ -212,10 +209,6 @@ class WorkerPool:
         # Left because of a cancellation (a deadline, a failing sibling task):
         # no waiting for requests in flight, they fail at once.
         await self._shutdown(drain=not isinstance(exc, asyncio.CancelledError))
-        assert self._node is not None
-        await self._node.aclose()
-        if self._records is not None:
-            remove_pool_dir(self._records)  # only if no record is left in it
 
     def _records_dir(self) -> Path | None:
         """Where the kernel objects made for a worker are recorded (see :mod:`ipcbus.gc`).
@@ -460,7 +453,8 @@ class WorkerPool:
                 self._notify()
 
     async def _shutdown(self, drain: bool = True) -> None:
-        """Drain in-flight requests, close every link, wait for the children.
+        """Drain in-flight requests, close every link, wait for the children,
+        close the node and remove the records folder (if no record is left).
 
         Runs to its end even when the caller is cancelled meanwhile (see
         :func:`~ipcbus.node.shielded`); a second call waits for the first.
@@ -512,6 +506,8 @@ class WorkerPool:
         self._notify()
         if node is not None:
             await node.aclose()
+        if self._records is not None:
+            remove_pool_dir(self._records)  # only if no record is left in it
 
 
 def _how_it_ended(returncode: int | None) -> str:

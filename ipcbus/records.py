@@ -181,35 +181,53 @@ def create_keyed(
     ident: Callable[[_T], int],
     exists: type[BaseException] | tuple[type[BaseException], ...],
     extra: dict[str, Any] | None = None,
+    *,
+    key: int | None = None,
+    remove: Callable[[_T], object] | None = None,
 ) -> _T:
-    """Create a SysV object under a fresh random key, recorded before it exists.
+    """Create a SysV object under a key, recorded before it exists.
 
     The kernel picks an object's id when it creates it, so a record written
     afterwards misses the object if this process dies in between (SIGKILL
     mid-``connect``): nothing would ever remove it.  Here a record naming
     the key (ident ``key-<hex>``) is written first, then ``create(key)``
     runs, then the record names the id.  ``ipcbus gc`` finds an object of a
-    dead creator by either.  ``exists`` is what ``create`` raises for a key
-    in use (another key is tried).  Without ``busdir``, nothing is recorded.
+    dead creator by either.  Without ``key``, a fresh random key is used and
+    ``exists`` (what ``create`` raises for a key in use) makes it try
+    another; with ``key``, ``exists`` is raised.  If the record naming the id
+    cannot be written, ``remove(obj)`` undoes the creation (else the object
+    would stay, recorded by key, until this process is gone).  Without
+    ``busdir``, nothing is recorded.
     """
-    for _ in range(64):
-        key = secrets.randbits(31) or 1  # positive: /proc/sysvipc prints keys signed; 0 is IPC_PRIVATE
+    for _ in range(1 if key is not None else 64):
+        # Positive: /proc/sysvipc prints keys signed; 0 is IPC_PRIVATE.
+        k = key if key is not None else secrets.randbits(31) or 1
         if busdir is None:
             try:
-                return create(key)
+                return create(k)
             except exists:
+                if key is not None:
+                    raise
                 continue
-        pending = record_object(busdir, kind, f"{PENDING_PREFIX}{key:x}", key=key, extra=extra)
+        pending = record_object(busdir, kind, f"{PENDING_PREFIX}{k & 0xFFFFFFFF:x}", key=k, extra=extra)
         try:
-            obj = create(key)
+            obj = create(k)
         except exists:
             pending.unlink(missing_ok=True)
+            if key is not None:
+                raise
             continue
         except BaseException:
             pending.unlink(missing_ok=True)
             raise
-        # If this record cannot be written, the first one stays: gc finds the object by key.
-        record_object(busdir, kind, ident(obj), key=key, extra=extra)
+        try:
+            record_object(busdir, kind, ident(obj), key=k, extra=extra)
+        except BaseException:
+            if remove is None:
+                raise  # the first record stays: gc finds the object by its key
+            remove(obj)
+            pending.unlink(missing_ok=True)
+            raise
         pending.unlink(missing_ok=True)
         return obj
     raise OSError(errno.EEXIST, f"no free SysV key for a new {kind} after 64 tries")
@@ -219,7 +237,7 @@ _TEMP_RE = re.compile(r".+\.json\.([1-9][0-9]{0,9})\.tmp\Z")
 
 
 def stale_temp_records(busdir: Path) -> list[Path]:
-    """Half-written record files (``<record>.<pid>.tmp``) of processes that are gone.
+    """Half-written record files (``<record>.<pid>.tmp``) of ours whose process is gone.
 
     :func:`record_object` writes a temporary file and renames it into
     place; a process killed in between leaves the temporary file.  Records
@@ -228,11 +246,15 @@ def stale_temp_records(busdir: Path) -> list[Path]:
     """
     d = Path(busdir) / "objects"
     out: list[Path] = []
+    uid = os.getuid()
     with contextlib.suppress(OSError):
         for p in d.iterdir():
             m = _TEMP_RE.match(p.name)
-            if m is not None and not process_alive(int(m[1])):
-                out.append(p)
+            if m is None or process_alive(int(m[1])):
+                continue
+            with contextlib.suppress(OSError):
+                if p.lstat().st_uid == uid:  # another member's files are its own to remove
+                    out.append(p)
     return sorted(out)
 
 

@@ -89,6 +89,12 @@ async def run_worker(
         parent = os.pidfd_open(parent_pid) if records is not None else None
     except OSError:  # gone already, or no pidfd: leave the folder to gc
         parent = None
+    # SIGTERM: see _terminate.  Taken from here on; one that comes while the
+    # link is being opened is acted on once it is open.
+    terminated: list[asyncio.Task[None]] = []
+    asked: list[bool] = []
+    on_sigterm: Callable[[], None] = lambda: asked.append(True)  # noqa: E731
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: on_sigterm())
     try:
         async with Node(name=name, max_frame=max_frame, spin_us=spin_us) as node:
             try:
@@ -111,14 +117,15 @@ async def run_worker(
                 )
                 return 1
             node.upstream = ls
-            terminated: list[asyncio.Task[None]] = []
 
-            def on_sigterm() -> None:
+            def terminate() -> None:
                 if not terminated and not node.closed:
                     # Not in the node's task group: closing the node cancels that.
                     terminated.append(asyncio.ensure_future(_terminate(node, link, parent_pid)))
 
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+            on_sigterm = terminate
+            if asked:
+                terminate()
             bus = Bus(node)
             try:
                 setup = load_target(target)

@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -1342,13 +1344,16 @@ async def test_closing_a_bus_on_a_shared_node_cancels_its_handlers_and_tells_the
                 cancelled.set()
             return b""
 
-        await svc_bus.serve("hang", hang)
+        await svc_bus.serve("hang", hang, concurrency=1)
         await settle(client, server_bus)
         request = asyncio.ensure_future(client.request("hang", timeout=None))
         await started.wait()
+        queued = [asyncio.ensure_future(client.request("hang", timeout=None)) for _ in range(2)]
+        await client.flush()  # both wait behind the first (concurrency=1)
         await svc_bus.aclose()
-        with anyio.fail_after(10), pytest.raises(ConnectionClosed, match="closed before answering"):
-            await request
+        for req in (request, *queued):  # the running one, and the ones queued behind it
+            with anyio.fail_after(10), pytest.raises(ConnectionClosed, match="closed before answering"):
+                await req
         assert cancelled.is_set()
         # The node and its other buses go on.
         await server_bus.serve("echo", lambda m: m.data)
@@ -1383,3 +1388,39 @@ async def test_a_loop_of_publishes_below_every_limit_still_lets_other_tasks_run(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_aclose_from_its_own_handler_lets_that_handler_answer() -> None:
+    """A 'shutdown' request to a bus on a shared node: the close runs in the
+    background and cancels the bus's other handlers, not the one that asked."""
+    async with pair() as (client, server_bus):
+        svc_bus = Bus(server_bus._node)
+
+        async def shutdown(m: Msg) -> bytes:
+            await svc_bus.aclose()
+            await asyncio.sleep(0.01)  # still running when the background close starts
+            return b"bye"
+
+        await svc_bus.serve("admin.shutdown", shutdown)
+        await settle(client, server_bus)
+        assert (await client.request("admin.shutdown", timeout=10)).data == b"bye"
+        assert svc_bus.closed
+
+
+async def test_a_close_held_against_an_anyio_cancellation_does_not_spin() -> None:
+    """anyio re-delivers its cancellation on every loop turn: shielded() must
+    keep it off while it waits, not catch and re-await (a busy loop)."""
+    from ipcbus.node import shielded
+
+    async def slow_cleanup() -> str:
+        await asyncio.sleep(0.3)
+        return "done"
+
+    cpu = time.process_time()
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        assert await shielded(slow_cleanup()) == "done"
+        await anyio.lowlevel.checkpoint()  # the scope's cancellation lands here
+        pytest.fail("the cancelled scope went on")
+    assert scope.cancelled_caught
+    assert time.process_time() - cpu < 0.15  # waiting, not spinning through 0.3 s

@@ -163,11 +163,26 @@ elif point == "record":
     os.replace = then_die(lambda *a: None)  # killed with the record's temporary file written
 elif point == "queue":
     sysv.open_handle = then_die(sysv.open_handle)
+elif point in ("id-record", "hub-queue"):
+    import ipcbus.records as records
+
+    write = records.record_object
+
+    def record_object(busdir, kind, ident, **kw):
+        path = write(busdir, kind, ident, **kw)
+        if kind == "msq" and not str(ident).startswith(records.PENDING_PREFIX):
+            os.kill(os.getpid(), signal.SIGKILL)  # both records written, the first not yet removed
+        return path
+
+    records.record_object = record_object
 
 
 async def main():
-    if point == "queue":
+    if point in ("queue", "id-record"):
         sysv.SysvPairLink.create(busdir)
+    elif point == "hub-queue":
+        acceptor = sysv.SysvAcceptor(busdir)
+        await acceptor.__aenter__()
     else:
         shm.ShmLink.create(busdir, ring_size=shm.MIN_RING_SIZE)
 
@@ -176,7 +191,9 @@ asyncio.run(main())
 
 
 @pytest.mark.single_loop
-@pytest.mark.parametrize("point", ["segment", "semaphore", "bell", "record", "queue"])
+@pytest.mark.parametrize(
+    "point", ["segment", "semaphore", "bell", "record", "queue", "id-record", "hub-queue"]
+)
 async def test_gc_removes_what_a_process_killed_while_making_it_left(busdir: BusDir, point: str) -> None:
     """Every object is recorded before it is made (a segment or queue, whose id
     the kernel picks, by its key): a creator killed right after making one
@@ -194,11 +211,58 @@ async def test_gc_removes_what_a_process_killed_while_making_it_left(busdir: Bus
     objects = sorted(p.name for p in (busdir.path / "objects").iterdir())
     assert bool(left) == (point != "record")
     assert objects  # a record (or its temporary file) names what was made
-    findings = collect(busdir.path)
+    findings = collect(busdir.path)  # once is enough, whatever was left
     assert all(f.action in ("removed", "forgot") for f in findings), findings
     assert own_kernel_objects() - before == set()
     assert not list((busdir.path / "objects").iterdir())
+    if point == "hub-queue":  # the bus is usable again: no queue of unknown origin in the way
+        async with ipcbus.Hub(busdir.name, transports=("sysv",)):
+            pass
     assert not [p for p in busdir.path.iterdir() if p.name.endswith(".bell")]
+
+
+def test_a_failed_id_record_undoes_the_object(busdir: BusDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """create_keyed: if the record naming the id cannot be written (a full disk),
+    the object is removed, not left recorded by key while its creator lives."""
+    from ipcbus import records
+    from ipcbus.sysv import open_handle
+
+    write = records.record_object
+
+    def record_object(bd: Path, kind: Any, ident: Any, **kw: Any) -> Path:
+        if not str(ident).startswith(records.PENDING_PREFIX):
+            raise OSError(28, "No space left on device")
+        return write(bd, kind, ident, **kw)
+
+    monkeypatch.setattr(records, "record_object", record_object)
+    before = set(sysv_table("msg"))
+    with pytest.raises(OSError, match="No space"):
+        records.create_keyed(
+            busdir.path,
+            "msq",
+            lambda k: open_handle(k, sysv_ipc.IPC_CREX, 0o600, 8192),
+            lambda made: made[0].id,
+            Exception,
+            remove=lambda made: made[0].remove(),
+        )
+    assert set(sysv_table("msg")) == before
+    assert not list((busdir.path / "objects").iterdir())
+
+
+def test_gc_leaves_another_users_half_written_records(busdir: BusDir) -> None:
+    objects = busdir.path / "objects"
+    objects.mkdir(exist_ok=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    theirs = objects / f"msq-1.json.{int(dead.stdout)}.tmp"
+    ours = objects / f"msq-2.json.{int(dead.stdout)}.tmp"
+    theirs.write_bytes(b"{")
+    ours.write_bytes(b"{")
+    os.chown(theirs, NOBODY, NOBODY)
+    findings = collect(busdir.path)
+    assert theirs.exists() and not ours.exists()
+    assert [f.what for f in findings] == [f"record {ours.name}"]
 
 
 @pytest.mark.single_loop

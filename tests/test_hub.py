@@ -853,3 +853,22 @@ async def test_a_sysv_client_the_hub_has_no_fd_for_is_refused_at_once(bus_name: 
         await clients[0].serve("still.here", lambda m: b"yes")
         await clients[0].flush()
         assert (await clients[-1].request("still.here", timeout=10)).data == b"yes"
+
+
+async def test_hub_aclose_from_a_handler_on_its_bus_closes_in_the_background(bus_name: str) -> None:
+    """A 'shutdown' service on hub.bus: closing the hub waits for the handler,
+    which would wait for the close; it runs in the background instead."""
+    hub = ipcbus.Hub(bus_name, transports=("fifo",))
+    async with hub:
+
+        async def shutdown(m: ipcbus.Msg) -> bytes:
+            await hub.aclose()
+            return b"bye"
+
+        await hub.bus.serve("admin.shutdown", shutdown)
+        async with ipcbus.connect(bus_name) as client:
+            await client.flush()
+            assert (await client.request("admin.shutdown", timeout=10)).data == b"bye"
+            with anyio.fail_after(10):
+                await hub.wait_closed()
+    assert not BusDir(bus_name).pidfile.exists()

@@ -325,13 +325,15 @@ async def test_abandoned_requests_do_not_stay_in_flight() -> None:
 
 
 @pytest.mark.single_loop
-async def test_a_pool_left_by_a_cancellation_does_not_wait_for_requests() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_pool_left_by_a_cancellation_does_not_wait_for_requests(transport: str) -> None:
     """Leaving the block because of a cancellation (a deadline) closes at once:
     requests still in flight fail with BusClosed instead of being waited for
-    (up to 5 s, the drain of a normal exit)."""
+    (up to 5 s, the drain of a normal exit), and the close still ends with
+    the pool's records folder removed."""
     outer: asyncio.Future[ipcbus.Msg] | None = None
     with anyio.move_on_after(30) as scope:
-        async with WorkerPool("pool_workers:setup", workers=1, env=worker_env()) as pool:
+        async with WorkerPool("pool_workers:setup", workers=1, env=worker_env(), transport=transport) as pool:
             started = await pool.bus.subscribe("started")
             await pool.bus.flush()
             outer = asyncio.ensure_future(pool.bus.request("slow.hang", b"", timeout=60))
@@ -341,6 +343,7 @@ async def test_a_pool_left_by_a_cancellation_does_not_wait_for_requests() -> Non
     assert scope.cancelled_caught and outer is not None
     with pytest.raises(BusClosed, match="cancelled"):
         await outer
+    assert pool_dirs() == []
 
 
 async def test_a_cancelled_pool_close_still_stops_its_workers() -> None:

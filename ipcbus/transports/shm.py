@@ -1792,8 +1792,14 @@ class _Made:
         """The segment, under a random key, recorded before it exists (on a bus)."""
         if self.busdir is None:
             return _shm_create(size, mode)
-        shmid = records.create_keyed(
-            self.busdir, "shm", lambda key: _shm_create(size, mode, key), int, FileExistsError, extra
+        shmid: int = records.create_keyed(
+            self.busdir,
+            "shm",
+            lambda key: _shm_create(size, mode, key),
+            int,
+            FileExistsError,
+            extra,
+            remove=lambda ident: sysv_ipc.remove_shared_memory(ident),
         )
         self.recorded.append(("shm", shmid))
         return shmid

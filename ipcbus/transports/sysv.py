@@ -75,7 +75,7 @@ from ..errors import (
     ProtocolError,
 )
 from ..frames import DEFAULT_MAX_FRAME, HEADER, PROTOCOL_VERSION
-from ..records import create_keyed, forget_object, list_records, record_object
+from ..records import PENDING_PREFIX, create_keyed, forget_object, list_records
 from ..sysv import (
     MSGTYPE_MAX,
     QueueExists,
@@ -1713,6 +1713,7 @@ async def connect_sysv(
         lambda made: made[0].id,
         QueueExists,
         extra={"role": "client", "address": address, "hub_pid": hub_pid, "name": name},
+        remove=lambda made: made[0].remove(),
     )
     link: _ClientLink | None = None
     try:
@@ -1855,6 +1856,7 @@ class SysvPairLink(_ClientLink):
                     lambda made: made[0].id,
                     QueueExists,
                     extra={"role": f"pair-{role}"},
+                    remove=lambda made: made[0].remove(),
                 )
                 made.append(q)
                 size = min(size, qsize)
@@ -2366,10 +2368,13 @@ class SysvAcceptor:
                         f"live hub (pid {rec.creator_pid}); stop that hub first"
                     )
                 continue
-            try:
-                ident = int(rec.ident)
-            except ValueError:
-                continue
+            if rec.ident.startswith(PENDING_PREFIX):  # recorded before it was made: by key
+                ident = next((i for i, r in table.items() if r["key"] == rec.key), -1)
+            else:
+                try:
+                    ident = int(rec.ident)
+                except ValueError:
+                    continue
             row = table.get(ident)
             if row is not None and row["key"] == rec.key and row["cuid"] == rec.creator_uid:
                 with contextlib.suppress(sysv_ipc.Error, OSError):
@@ -2383,8 +2388,19 @@ class SysvAcceptor:
     def _create_queue(self) -> None:
         key = self._key
         try:
+            # Recorded before it exists (records.create_keyed): a hub killed
+            # in between leaves nothing gc or the next hub cannot find.
             # 0600 at first whatever the final mode: never wider than intended.
-            q, _size = open_handle(key, sysv_ipc.IPC_CREX, 0o600, self._msgmax)
+            q, _size = create_keyed(
+                self.busdir,
+                "msq",
+                lambda k: open_handle(k, sysv_ipc.IPC_CREX, 0o600, self._msgmax),
+                lambda made: made[0].id,
+                QueueExists,
+                extra={"role": "bus", "mode": self.mode},
+                key=key,
+                remove=lambda made: made[0].remove(),
+            )
         except QueueExists:
             self._refuse_existing(key)
             raise  # pragma: no cover - _refuse_existing always raises
@@ -2394,12 +2410,10 @@ class SysvAcceptor:
             if self.mode != 0o600:
                 q.mode = self.mode
             _try_raise_capacity(q, self.queue_bytes)
-            record_object(
-                self.busdir, "msq", q.id, key=key, extra={"role": "bus", "mode": self.mode}
-            )
         except BaseException:
             with contextlib.suppress(sysv_ipc.Error, OSError):
                 q.remove()
+            forget_object(self.busdir, "msq", q.id)
             raise
         self._q = q
         t = threading.Thread(
