@@ -33,7 +33,7 @@ from . import frames as fr
 from .busdir import bus_root
 from .client import Bus
 from .errors import ConnectionClosed, IpcBusError
-from .gc import pool_dir_name, remove_pool_dir
+from .gc import collect, pool_dir_name, remove_pool_dir
 from .node import LinkState, Node
 from .records import process_alive
 from .transports.base import Link
@@ -213,6 +213,9 @@ async def _left_behind(records: Path, parent: int) -> None:
     with anyio.move_on_after(_PARENT_EXIT_WAIT):
         await anyio.wait_readable(parent)
         with contextlib.suppress(OSError):
+            # Records the parent had no time to forget (it died before it read
+            # a worker's ATTACHED) name objects that are gone: gc forgets them.
+            collect(records)
             remove_pool_dir(records)
 
 
