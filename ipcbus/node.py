@@ -48,6 +48,7 @@ from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 
 from . import frames as fr
@@ -2118,6 +2119,9 @@ async def shielded(aw: Awaitable[_T]) -> _T:
             break
     if cancelled is not None:
         raise cancelled
+    # An anyio scope cancelled meanwhile (a deadline passed) delivers its
+    # cancellation here, as at any checkpoint, instead of being lost.
+    await anyio.lowlevel.checkpoint_if_cancelled()
     return result
 
 

@@ -491,6 +491,15 @@ class WorkerPool:
                         # takes it that this process died (ipcbus.worker).
                         w.link.link.send_nowait(fr.encode_frame(fr.Notice("shutdown", "pool closing")))
                         await w.link.link.aclose()
+        for w in self._workers:
+            proc = w.proc
+            if w.state != "ready" and proc is not None and proc.returncode is None:
+                # Still starting (a restart under way): its interpreter may not
+                # run its loop yet, to read the goodbye (or it has no link to
+                # be told on), and would be waited for in vain.  SIGTERM: it
+                # closes its link if it has one by then (ipcbus.worker).
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
         # One limit for all of them, not one each: N stuck workers take 5 s, not 5N.
         with anyio.move_on_after(_STOP_TIMEOUT):
             for w in self._workers:

@@ -684,3 +684,31 @@ async def test_objects_of_a_pool_killed_before_its_worker_attached_are_reclaimed
     assert pool_dirs() == []
     assert not any(ident in sysv_table(tables[kind]) for kind, ident in sysv)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("sem.ipcbus.")]
+
+
+@pytest.mark.single_loop
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_closing_while_a_restarted_worker_starts_does_not_wait_for_it(
+    transport: str, tmp_path: Path
+) -> None:
+    """A worker being restarted has no link yet to be told the pool closes on:
+    it is sent SIGTERM instead of being waited for (5 s, then SIGKILL)."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(4)  # an interpreter slow to start\n")
+    pool = WorkerPool(
+        "pool_workers:setup", workers=1, transport=transport, env=worker_env(), restart_backoff=0.01
+    )
+    await pool.__aenter__()
+    try:
+        (pid,) = pool.pids
+        env = worker_env()
+        pool.env = {**env, "PYTHONPATH": os.pathsep.join([str(slow), env["PYTHONPATH"]])}
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: pool.stats()["workers"][0]["pid"] not in (pid, None))
+        restarted = pool.stats()["workers"][0]["pid"]
+        assert pool.stats()["workers"][0]["state"] != "ready"  # still starting
+    finally:
+        with anyio.fail_after(3):  # under the 4 s start and the 5 s wait for a worker with no link
+            await pool.__aexit__(None, None, None)
+    assert gone(restarted)
