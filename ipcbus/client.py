@@ -123,6 +123,8 @@ def serving_node() -> Node | None:
 
 
 _YIELD_MASK: Final = 1023  # Bus.publish yields at least every 1024 calls
+ASKER_WAIT: Final = 5.0
+"""Seconds a close asked for from a handler waits for that handler to finish."""
 
 
 async def _logged(work: Awaitable[None]) -> None:
@@ -318,7 +320,9 @@ class Service:
         self._idle: asyncio.Event | None = None  # created only while drain() waits
         self._peers_know: asyncio.Event | None = None  # set once drain()'s withdrawal is flushed
         self._finishing: set[asyncio.Task[None]] = set()
-        self._handling: set[asyncio.Task[None]] = set()  # async handlers running
+        # Async handlers running, each in a cancel scope of its own: cancelling
+        # one task of an anyio task group outright would cancel the whole group.
+        self._handling: dict[asyncio.Task[Any], anyio.CancelScope] = {}
         self._stopped = False  # its bus closed: handlers still running were cancelled
         if not self._is_async:
             # A synchronous handler runs as its request is routed (in the read
@@ -399,11 +403,12 @@ class Service:
         _SERVING.set(self)  # this task's own context (and its children's)
         task = asyncio.current_task()
         assert task is not None
-        self._handling.add(task)
         try:
-            await self._complete(m, lambda: self.handler(self._arg(m)))
+            with anyio.CancelScope() as scope:
+                self._handling[task] = scope
+                await self._complete(m, lambda: self.handler(self._arg(m)))
         finally:
-            self._handling.discard(task)
+            self._handling.pop(task, None)
             self._limiter.release()
             self._leave()
 
@@ -523,7 +528,10 @@ class Service:
             f = core.pending.popleft()
             core._pending_bytes -= len(f.payload)
             self._closed_status(f.reply)
-        for task in (*self._handling, *self._finishing):
+        for task, scope in list(self._handling.items()):
+            if task is not spare:
+                scope.cancel()
+        for task in list(self._finishing):  # plain tasks, in no task group
             if task is not spare:
                 task.cancel()
 
@@ -857,6 +865,11 @@ class Bus:
 
     async def _close_now(self) -> None:
         self._end_here()
+        spare = self._spare
+        if spare is not None and spare is not asyncio.current_task():
+            # Closed from a handler: it finishes first, and its reply goes out
+            # before the links close (bounded: it might wait for the close).
+            await asyncio.wait([spare], timeout=ASKER_WAIT)
         if self._owns_node:
             await self._node.aclose()
 

@@ -26,7 +26,7 @@ import anyio
 
 from . import frames as fr
 from .busdir import BusDir, resolve_group
-from .client import Bus, encode_payload, serving_node
+from .client import ASKER_WAIT, Bus, encode_payload, serving_node
 from .errors import IpcBusError, SlowConsumer
 from .node import (
     DEFAULT_MAX_LINK_SUBS,
@@ -297,7 +297,7 @@ class Hub:
             if not self._closing:
                 self._closing = True
                 self._background = asyncio.get_running_loop().create_task(
-                    self._close(), context=contextvars.Context()
+                    self._close(asyncio.current_task()), context=contextvars.Context()
                 )
             return
         if self._closing:
@@ -306,7 +306,9 @@ class Hub:
         self._closing = True
         await self._close()
 
-    async def _close(self) -> None:
+    async def _close(self, asker: asyncio.Task[Any] | None = None) -> None:
+        if asker is not None:  # the handler that asked finishes (and answers) first
+            await asyncio.wait([asker], timeout=ASKER_WAIT)
         try:
             await shielded(self._stack.aclose())
         finally:

@@ -1266,6 +1266,7 @@ async def test_a_handler_may_close_its_own_bus(how: str) -> None:
                 await server.drain(timeout=5)
             else:  # a task the handler started (asyncio.wait_for does so on 3.11)
                 await asyncio.wait_for(asyncio.ensure_future(server.drain(timeout=5)), 5)
+            await asyncio.sleep(0.01)  # still running when the background close starts
             done.set()
             return b"bye"
 
@@ -1392,18 +1393,26 @@ async def test_a_loop_of_publishes_below_every_limit_still_lets_other_tasks_run(
 
 async def test_aclose_from_its_own_handler_lets_that_handler_answer() -> None:
     """A 'shutdown' request to a bus on a shared node: the close runs in the
-    background and cancels the bus's other handlers, not the one that asked."""
+    background and cancels the bus's other handlers, not the one that asked
+    (even another handler of the same service: cancelling one task of the
+    service's task group outright cancelled them all)."""
     async with pair() as (client, server_bus):
         svc_bus = Bus(server_bus._node)
 
-        async def shutdown(m: Msg) -> bytes:
+        async def ctl(m: Msg) -> bytes:
+            if m.data == b"slow":
+                await asyncio.sleep(30)
             await svc_bus.aclose()
             await asyncio.sleep(0.01)  # still running when the background close starts
             return b"bye"
 
-        await svc_bus.serve("admin.shutdown", shutdown)
+        await svc_bus.serve("admin.ctl", ctl, concurrency=2)
         await settle(client, server_bus)
-        assert (await client.request("admin.shutdown", timeout=10)).data == b"bye"
+        slow = asyncio.ensure_future(client.request("admin.ctl", b"slow", timeout=10))
+        await client.flush()
+        assert (await client.request("admin.ctl", b"stop", timeout=10)).data == b"bye"
+        with pytest.raises(ConnectionClosed, match="closed before answering"):
+            await slow
         assert svc_bus.closed
 
 

@@ -863,6 +863,7 @@ async def test_hub_aclose_from_a_handler_on_its_bus_closes_in_the_background(bus
 
         async def shutdown(m: ipcbus.Msg) -> bytes:
             await hub.aclose()
+            await asyncio.sleep(0.01)  # still running when the background close starts
             return b"bye"
 
         await hub.bus.serve("admin.shutdown", shutdown)
