@@ -855,13 +855,10 @@ class Bus:
         """
         if not self._closed:
             self._closed = True  # at once, also when the rest happens in the background
-            if self._from_own_handler(self._close_now):
-                return
-            self._end_here()
-        elif self._in_own_handler():
-            return  # closing already, in the background
-        if self._owns_node:
-            await self._node.aclose()  # also waits for a close under way
+            if not self._from_own_handler(self._close_now):
+                await self._close_now()
+        elif self._owns_node and not self._in_own_handler():
+            await self._node.aclose()  # a close under way: wait for it
 
     async def _close_now(self) -> None:
         self._end_here()

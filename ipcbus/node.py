@@ -544,7 +544,6 @@ class Node:
         self._runner: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._closed = False
-        self._aclosed = False  # aclose() ran (_closed is also set by a failed background task)
         self._closer: asyncio.Future[None] | None = None  # the close aclose() started
         self.started = time.time()
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
@@ -587,7 +586,7 @@ class Node:
         try:
             await started.wait()
         except BaseException:  # cancelled while starting: the runner must not outlive it
-            self._aclosed = self._closed = True
+            self._closed = True
             self._stop.set()
             raise
         self._add_local(self.inbox)
@@ -644,7 +643,7 @@ class Node:
         for that close.
         """
         if self._closer is None:
-            self._aclosed = self._closed = True
+            self._closed = True
             self._closer = asyncio.ensure_future(self._close_links())
         await shielded(self._closer)
         # The runner ends on its own once _stop is set: waiting for it may be

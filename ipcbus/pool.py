@@ -122,8 +122,7 @@ class WorkerPool:
         self._workers = [_Worker(i) for i in range(workers)]
         self._node: Node | None = None
         self._bus: _PoolBus | None = None
-        self._closing = False
-        self._stopping: asyncio.Future[None] | None = None  # the shutdown under way
+        self._stopping: asyncio.Future[None] | None = None  # the shutdown, once it started
         self._tg_cm: Any = None
         self._records: Path | None = None  # this process's pool records folder, once used
         self._reclaimed = False
@@ -209,6 +208,11 @@ class WorkerPool:
         # Left because of a cancellation (a deadline, a failing sibling task):
         # no waiting for requests in flight, they fail at once.
         await self._shutdown(drain=not isinstance(exc, asyncio.CancelledError))
+
+    @property
+    def _closing(self) -> bool:
+        """Whether the pool's shutdown started."""
+        return self._stopping is not None
 
     def _records_dir(self) -> Path | None:
         """Where the kernel objects made for a worker are recorded (see :mod:`ipcbus.gc`).
@@ -460,7 +464,6 @@ class WorkerPool:
         :func:`~ipcbus.node.shielded`); a second call waits for the first.
         """
         if self._stopping is None:
-            self._closing = True
             self._stopping = asyncio.ensure_future(self._stop_workers(drain))
         await shielded(self._stopping)
 

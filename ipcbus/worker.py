@@ -89,12 +89,10 @@ async def run_worker(
         parent = os.pidfd_open(parent_pid) if records is not None else None
     except OSError:  # gone already, or no pidfd: leave the folder to gc
         parent = None
-    # SIGTERM: see _terminate.  Taken from here on; one that comes while the
+    # SIGTERM (see _terminate) is taken from here on; one that comes while the
     # link is being opened is acted on once it is open.
-    terminated: list[asyncio.Task[None]] = []
-    asked: list[bool] = []
-    on_sigterm: Callable[[], None] = lambda: asked.append(True)  # noqa: E731
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: on_sigterm())
+    terminated = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminated.set)
     try:
         async with Node(name=name, max_frame=max_frame, spin_us=spin_us) as node:
             try:
@@ -117,15 +115,9 @@ async def run_worker(
                 )
                 return 1
             node.upstream = ls
-
-            def terminate() -> None:
-                if not terminated and not node.closed:
-                    # Not in the node's task group: closing the node cancels that.
-                    terminated.append(asyncio.ensure_future(_terminate(node, link, parent_pid)))
-
-            on_sigterm = terminate
-            if asked:
-                terminate()
+            node.task_group.start_soon(
+                _terminate, terminated, node, link, parent_pid, name="ipcbus-worker-sigterm"
+            )
             bus = Bus(node)
             try:
                 setup = load_target(target)
@@ -148,7 +140,7 @@ async def run_worker(
         said_goodbye = any(n.code == "shutdown" for n in ls.notices)
         if records is not None and parent is not None and not said_goodbye:
             await _left_behind(records, parent)
-        return 128 + signal.SIGTERM if terminated else 0
+        return 128 + signal.SIGTERM if terminated.is_set() else 0
     finally:
         if parent is not None:
             os.close(parent)
@@ -170,8 +162,8 @@ async def _unless_closed(setup: Awaitable[Any], ls: LinkState, node: Node) -> No
         await setup
 
 
-async def _terminate(node: Node, link: Link, parent_pid: int) -> None:
-    """SIGTERM: close the link and exit, leaving no kernel object behind.
+async def _terminate(terminated: asyncio.Event, node: Node, link: Link, parent_pid: int) -> None:
+    """On SIGTERM (``terminated``): close the link and exit, leaving no kernel object behind.
 
     Sent to the whole process group (a service manager stopping the program,
     ``timeout``, ``kill -TERM -PGID``), it reaches the parent too, which may
@@ -179,6 +171,7 @@ async def _terminate(node: Node, link: Link, parent_pid: int) -> None:
     queue it read as well (nobody else will).  Sent to this worker alone,
     the parent sees the link close and removes its side itself.
     """
+    await terminated.wait()
     with contextlib.suppress(OSError):  # no such process: it is gone already
         parent = os.pidfd_open(parent_pid)  # our own: _left_behind may wait on the other
         try:

@@ -259,31 +259,37 @@ async def test_inline_service_on_the_requesters_own_node() -> None:
             await client.request("self.echo", b"hi", timeout=5)
 
 
+@contextlib.asynccontextmanager
+async def loop_turns() -> AsyncIterator[Callable[[], int]]:
+    """A task that counts the loop turns it gets; yields the count so far."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    try:
+        yield lambda: ticks
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def test_requests_answered_in_process_still_let_other_tasks_run() -> None:
     """A plain-def service in the requester's own process answers within the
     request's own call; a loop of such requests must still yield to the loop."""
-    async with Node() as node:
+    async with Node() as node, loop_turns() as turns:
         bus = Bus(node)
         await bus.serve("echo", lambda m: m.data)
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0)
-
-        task = asyncio.ensure_future(ticker())
-        try:
-            await asyncio.sleep(0)
-            before = ticks
-            for _ in range(50):
-                assert (await bus.request("echo", b"x", timeout=5)).data == b"x"
-            assert ticks - before >= 49  # one turn of the ticker per request
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        before = turns()
+        for _ in range(50):
+            assert (await bus.request("echo", b"x", timeout=5)).data == b"x"
+        assert turns() - before >= 49  # one turn of the ticker per request
 
 
 # -- bad input ------------------------------------------------------------------------
@@ -1366,29 +1372,16 @@ async def test_a_loop_of_publishes_below_every_limit_still_lets_other_tasks_run(
     """Nobody subscribed, or links far below their high-water mark: no publish
     has to wait, yet every 1024th yields, so the loop can be cancelled and
     other tasks run."""
-    async with Node(name="n") as node:
+    async with Node(name="n") as node, loop_turns() as turns:
         bus = Bus(node)
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0)
-
-        task = asyncio.ensure_future(ticker())
-        await asyncio.sleep(0)
-        before = ticks
+        before = turns()
         for i in range(10 * 1024):
             await bus.publish("nobody.listens", i)
-        assert ticks - before >= 9
+        assert turns() - before >= 9
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
                 while True:
                     await bus.publish("nobody.listens", b"")
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_aclose_from_its_own_handler_lets_that_handler_answer() -> None:

@@ -1705,15 +1705,8 @@ async def connect_sysv(
             f"hub's uid {hub_uid}; refusing to send frames to it"
         )
     address = _next_address()
-    # Recorded before it exists: a client killed in connect() leaves nothing gc cannot find.
-    own_q, own_size = create_keyed(
-        busdir,
-        "msq",
-        lambda key: open_handle(key, sysv_ipc.IPC_CREX, 0o600, limits.msgmax),
-        lambda made: made[0].id,
-        QueueExists,
-        extra={"role": "client", "address": address, "hub_pid": hub_pid, "name": name},
-        remove=lambda made: made[0].remove(),
+    own_q, own_size = _new_queue(
+        busdir, limits.msgmax, {"role": "client", "address": address, "hub_pid": hub_pid, "name": name}
     )
     link: _ClientLink | None = None
     try:
@@ -1848,16 +1841,7 @@ class SysvPairLink(_ClientLink):
         size = limits.msgmax
         try:
             for role in ("down", "up"):
-                # Recorded before it exists (records.create_keyed): nothing gc cannot find.
-                q, qsize = create_keyed(
-                    records,
-                    "msq",
-                    lambda key: open_handle(key, sysv_ipc.IPC_CREX, 0o600, limits.msgmax),
-                    lambda made: made[0].id,
-                    QueueExists,
-                    extra={"role": f"pair-{role}"},
-                    remove=lambda made: made[0].remove(),
-                )
+                q, qsize = _new_queue(records, limits.msgmax, {"role": f"pair-{role}"})
                 made.append(q)
                 size = min(size, qsize)
                 _try_raise_capacity(q, queue_bytes)
@@ -1967,6 +1951,25 @@ class SysvPairLink(_ClientLink):
         super()._teardown()
         if self._peer_exited or not self._started:
             self.forget_peer()  # nobody else will
+
+
+def _new_queue(
+    records: Path | None, msgmax: int, extra: dict[str, Any], key: int | None = None
+) -> tuple[sysv_ipc.MessageQueue, int]:
+    """Create a queue (mode 0600, ``IPC_EXCL``) recorded in ``records`` before it
+    exists (:func:`~ipcbus.records.create_keyed`): whoever is killed in between
+    leaves nothing ``ipcbus gc`` cannot find.  A random key unless ``key``
+    (then :class:`QueueExists` if taken).  Returns the handle and its message size."""
+    return create_keyed(
+        records,
+        "msq",
+        lambda k: open_handle(k, sysv_ipc.IPC_CREX, 0o600, msgmax),
+        lambda made: made[0].id,
+        QueueExists,
+        extra=extra,
+        key=key,
+        remove=lambda made: made[0].remove(),
+    )
 
 
 def _check_peer_pid(pid: object) -> None:
@@ -2388,19 +2391,8 @@ class SysvAcceptor:
     def _create_queue(self) -> None:
         key = self._key
         try:
-            # Recorded before it exists (records.create_keyed): a hub killed
-            # in between leaves nothing gc or the next hub cannot find.
             # 0600 at first whatever the final mode: never wider than intended.
-            q, _size = create_keyed(
-                self.busdir,
-                "msq",
-                lambda k: open_handle(k, sysv_ipc.IPC_CREX, 0o600, self._msgmax),
-                lambda made: made[0].id,
-                QueueExists,
-                extra={"role": "bus", "mode": self.mode},
-                key=key,
-                remove=lambda made: made[0].remove(),
-            )
+            q, _size = _new_queue(self.busdir, self._msgmax, {"role": "bus", "mode": self.mode}, key)
         except QueueExists:
             self._refuse_existing(key)
             raise  # pragma: no cover - _refuse_existing always raises
