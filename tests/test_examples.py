@@ -16,7 +16,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -112,15 +111,13 @@ def test_expected_output_parser() -> None:
 
 @pytest.mark.parametrize("path", runnable_examples(), ids=lambda p: p.name)
 def test_example_runs(path: Path) -> None:
-    t0 = time.monotonic()
-    res = run_python([str(path.relative_to(REPO))])
+    res = run_python([str(path.relative_to(REPO))])  # fails past TIMEOUT
     assert res.returncode == 0, f"{path.name} exited {res.returncode}:\n{res.stdout}\n{res.stderr}"
     assert "Traceback" not in res.stderr, res.stderr
     want = expected_output(path.read_text())
     if want:
         got = res.stdout.splitlines()
         assert _in_order(want, got), f"{path.name}: expected {want} in order, got {got}"
-    assert time.monotonic() - t0 < TIMEOUT
 
 
 def _in_order(want: list[str], got: list[str]) -> bool:

@@ -689,13 +689,14 @@ async def test_objects_of_a_pool_killed_before_its_worker_attached_are_reclaimed
 @pytest.mark.single_loop
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_closing_while_a_restarted_worker_starts_does_not_wait_for_it(
-    transport: str, tmp_path: Path
+    transport: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker being restarted has no link yet to be told the pool closes on:
-    it is sent SIGTERM instead of being waited for (5 s, then SIGKILL)."""
+    it is sent SIGTERM instead of being waited for (the stop timeout, then SIGKILL)."""
+    monkeypatch.setattr(pool_module, "_STOP_TIMEOUT", 60.0)  # waiting it out would fail the bound below
     slow = tmp_path / "slow"
     slow.mkdir()
-    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(4)  # an interpreter slow to start\n")
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(60)  # an interpreter slow to start\n")
     pool = WorkerPool(
         "pool_workers:setup", workers=1, transport=transport, env=worker_env(), restart_backoff=0.01
     )
@@ -709,6 +710,6 @@ async def test_closing_while_a_restarted_worker_starts_does_not_wait_for_it(
         restarted = pool.stats()["workers"][0]["pid"]
         assert pool.stats()["workers"][0]["state"] != "ready"  # still starting
     finally:
-        with anyio.fail_after(3):  # under the 4 s start and the 5 s wait for a worker with no link
+        with anyio.fail_after(30):  # far under the 60 s start and the 60 s wait for a worker with no link
             await pool.__aexit__(None, None, None)
     assert gone(restarted)
