@@ -25,6 +25,7 @@ from . import frames as fr
 from .errors import (
     BusClosed,
     ConnectionClosed,
+    DecodeError,
     EncodeError,
     FrameTooLarge,
     IpcBusError,
@@ -179,13 +180,13 @@ class Msg:
     def decode(self, type: Any = Any) -> Any:
         """Decode the payload (MessagePack) and validate it into ``type``.
 
-        Raises :class:`~ipcbus.errors.EncodeError` if the payload does not
-        decode or does not match ``type``.
+        Raises :class:`~ipcbus.errors.DecodeError` (a ``ValueError``) if the
+        payload does not decode or does not match ``type``.
         """
         try:
             return msgspec.msgpack.decode(self.data, type=type)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise EncodeError(f"payload on {self.subject!r} does not decode as {type}: {exc}") from None
+            raise DecodeError(f"payload on {self.subject!r} does not decode as {type}: {exc}") from None
 
     async def respond(self, data: Any = b"", *, headers: dict[str, str] | None = None) -> None:
         """Publish ``data`` to this message's reply subject."""

@@ -15,6 +15,7 @@ __all__ = [
     "BusClosed",
     "BusNotFound",
     "ConnectionClosed",
+    "DecodeError",
     "EncodeError",
     "EndOfStream",
     "FrameTooLarge",
@@ -92,7 +93,12 @@ class BadSubject(IpcBusError, ValueError):
 
 
 class EncodeError(IpcBusError, TypeError):
-    """A value could not be encoded by msgspec (or decoded into the requested type)."""
+    """A value could not be encoded by msgspec (a payload or headers to send)."""
+
+
+class DecodeError(IpcBusError, ValueError):
+    """A received payload does not decode (MessagePack), or does not validate
+    into the type asked for (:meth:`ipcbus.Msg.decode`)."""
 
 
 class RequestTimeout(IpcBusError, TimeoutError):

@@ -26,6 +26,7 @@ from ipcbus.errors import (
     BadSubject,
     BusClosed,
     ConnectionClosed,
+    DecodeError,
     EncodeError,
     EndOfStream,
     FrameTooLarge,
@@ -440,10 +441,11 @@ async def test_msg_decode_and_respond() -> None:
         assert rep.decode(Sum) == Sum(3, "respond")
         assert rep.headers == {"r": "1"}
         assert rep.decode() == {"total": 3, "by": "respond"}
-        with pytest.raises(EncodeError) as info:
+        with pytest.raises(DecodeError) as info:
             rep.decode(Point)
         assert "Point" in str(info.value)
-        with pytest.raises(EncodeError):
+        assert isinstance(info.value, ValueError) and not isinstance(info.value, EncodeError)
+        with pytest.raises(DecodeError, match="does not decode"):
             Msg("s", b"\xc1", None, None, None).decode()
 
         await client.publish("pt", Point(0, 0))
