@@ -18,8 +18,9 @@ touches anything owned by another user.  ``/proc/sysvipc`` supplies the
 ``IPC_STAT`` fields (owner, creator, ctime, depth) without attaching.
 
 A worker pool over shared memory records the objects it makes for a worker
-in a folder of its own under the bus root, ``_pool-<pid>-<start time>``,
-until the worker has attached (after which nothing can leak).
+in a folder of its process under the bus root, ``_pool-<pid>-<start time>``,
+until the worker has attached (after which nothing can leak); so does a
+direct shm link (``ShmLink.create(None)``) until its peer has attached.
 :func:`reclaim_pools` collects the folders of pools whose process is gone:
 ``ipcbus gc --all`` runs it, and so does every pool that makes shm links.
 """

@@ -471,6 +471,60 @@ async def test_peer_dies_before_attaching() -> None:
     assert gone(params)
 
 
+def process_folders() -> list[Path]:
+    """The per-process records folders (``_pool-<pid>-<start>``) under the bus root."""
+    root = Path(os.environ["IPCBUS_DIR"])
+    return sorted(p for p in root.iterdir() if p.name.startswith("_pool-"))
+
+
+def existing(paths: list[str]) -> list[str]:
+    return [p for p in paths if os.path.exists(p)]
+
+
+async def test_direct_link_of_a_creator_killed_before_attach_is_collected() -> None:
+    """A direct link (no bus) records its objects in its process's folder:
+    the creator killed before anyone attached leaves nothing gc cannot find."""
+    async with spawn("create", peer_pid=os.getpid()) as peer:
+        params = json.loads(await peer.line())
+        peer.kill()
+        await peer.proc.wait()
+    (folder,) = [d for d in process_folders() if d.name.startswith(f"_pool-{peer.proc.pid}-")]
+    recs = [rec for _, rec in records.list_records(folder) if rec is not None]
+    kinds = ["fifo", "fifo", "posix_sem", "posix_sem", "posix_sem", "posix_sem", "shm"]
+    assert sorted(rec.kind for rec in recs) == kinds
+    bells = [str(params["bell0"]), str(params["bell1"])]
+    assert not gone(params) and existing(bells) == bells
+    gc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ipcbus", "gc", "--all", stdout=asyncio.subprocess.PIPE
+    )
+    out = (await gc.communicate())[0].decode()
+    assert gc.returncode == 0 and "removed 7 object(s)" in out, out
+    assert gone(params) and existing(bells) == []
+    assert process_folders() == []
+
+
+async def test_direct_link_leaves_no_records_folder() -> None:
+    """Attached (or closed before anyone attached): its records, and the folder, go."""
+    async with spawn("create", peer_pid=os.getpid()) as peer:
+        params = json.loads(await peer.line())
+        assert len(process_folders()) == 1
+        link = await ShmLink.attach(params, peer_pid=peer.proc.pid)
+        try:
+            assert await peer.line() == "attached"
+            await link.send(b"ping")
+            assert await link.recv() == b"ping"
+            with anyio.fail_after(10):
+                while process_folders():  # the creator forgets them when it reads ATTACHED
+                    await asyncio.sleep(0.01)
+        finally:
+            await link.aclose()
+    link, params = ShmLink.create(None, ring_size=64 * KiB)
+    (folder,) = process_folders()
+    assert folder.name.startswith(f"_pool-{os.getpid()}-")
+    await link.aclose()
+    assert process_folders() == [] and gone(params)
+
+
 async def test_connect_through_the_door(tmp_path: Path) -> None:
     """A client process joins through the real door; records disappear once attached."""
     busdir = tmp_path / "bus"

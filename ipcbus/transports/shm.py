@@ -385,6 +385,7 @@ class ShmLink(Link):
         self._creator = creator
         self._busdir = busdir
         self._recorded = recorded
+        self._own_folder = False  # busdir is this process's records folder (a direct link)
         self._sems = sems
         self._sem_names = sem_names
         self._bell_r = bell_r  # our bell: the peer rings it, the loop watches it
@@ -504,7 +505,11 @@ class ShmLink(Link):
         it calls :meth:`attach`.  With ``busdir``, the bells are made there
         and every object is recorded there (for ``ipcbus ls`` / ``ipcbus gc``)
         until the peer has attached, at which point none of them can leak any
-        more; without, the bells go in a private temporary directory.
+        more.  Without, they are made and recorded in this process's records
+        folder under the bus root (``_pool-<pid>-<start>``, shared with its
+        worker pools; ``ipcbus gc --all`` collects it once the process is
+        gone), or, for a group link (``gid``) or when that folder cannot be
+        made, in a private temporary directory, unrecorded.
         ``mode`` is 0o600, or 0o660 with ``gid`` for a group bus.
         """
         _check_mode(mode)
@@ -519,7 +524,9 @@ class ShmLink(Link):
             )
         if not 1 <= max_frame <= _MAX_LEN:
             raise ValueError(f"max_frame must be between 1 and {_MAX_LEN} bytes, not {max_frame}")
-        busdir = Path(busdir) if busdir is not None else None
+        own_folder = busdir is None and gid is None
+        busdir = Path(busdir) if busdir is not None else _process_folder() if own_folder else None
+        own_folder = own_folder and busdir is not None
         size = HEADER_SIZE + 2 * ring_size
         nonce = secrets.token_bytes(_NONCE_LEN)
         token = nonce[:6].hex()  # ties the object names to this segment (see _parse_params)
@@ -577,6 +584,8 @@ class ShmLink(Link):
                 mv[_OFF_MAGIC : _OFF_MAGIC + 8] = MAGIC  # last: a half-made header has no magic
         except BaseException:
             made.undo()
+            if own_folder:
+                _drop_process_folder(busdir)
             raise
         sems = made.sems
         link = cls(
@@ -596,6 +605,7 @@ class ShmLink(Link):
             peer_pid=None,
             peer_uid=None,
         )
+        link._own_folder = own_folder
         params: dict[str, int | str] = {
             "layout": LAYOUT_VERSION,
             "shmid": shmid,
@@ -1759,6 +1769,8 @@ class ShmLink(Link):
                 records.forget_object(self._busdir, "posix_sem", _sem_ident(name))
             for path in self._bell_paths:
                 records.forget_object(self._busdir, "fifo", path)
+            if self._own_folder:
+                _drop_process_folder(self._busdir)
 
     def __del__(self) -> None:
         if getattr(self, "_mv", None) is not None and not getattr(self, "_closed", True):
@@ -1767,6 +1779,28 @@ class ShmLink(Link):
                 ResourceWarning,
                 stacklevel=1,
             )
+
+
+def _process_folder() -> Path | None:
+    """This process's records folder (see :mod:`ipcbus.gc`), made if missing;
+    ``None`` if it cannot be (the direct link then records nothing)."""
+    from ..busdir import BusDir
+    from ..gc import pool_dir_name
+
+    try:
+        return BusDir(pool_dir_name()).ensure().path
+    except (IpcBusError, OSError) as exc:
+        log.warning("shm link: cannot record its kernel objects (%s); if this process is "
+                    "killed before the peer attaches, they stay behind", exc)
+        return None
+
+
+def _drop_process_folder(folder: Path | None) -> None:
+    """Remove this process's records folder if no record is left in it."""
+    from ..gc import remove_pool_dir
+
+    if folder is not None:
+        remove_pool_dir(folder)
 
 
 class _Made:
