@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .busdir import BadBusName
 from .client import Bus, Msg, Service, Subscription
-from .connect import ClientBus, connect
+from .connect import ClientBus, Connecting, connect
 from .errors import (
     BadSubject,
     BusBusy,
@@ -52,6 +52,7 @@ __all__ = [
     "BusClosed",
     "BusNotFound",
     "ClientBus",
+    "Connecting",
     "ConnectionClosed",
     "DecodeError",
     "DoorFull",

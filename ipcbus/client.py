@@ -15,7 +15,7 @@ import logging
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any, Final, TypeVar, overload
+from typing import Any, Final, Self, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -177,16 +177,26 @@ class Msg:
     def decode(self) -> Any: ...
     @overload
     def decode(self, type: type[T]) -> T: ...
+    @overload
+    def decode(self, type: Any) -> Any: ...  # unions, Optional, Literal, ...
     def decode(self, type: Any = Any) -> Any:
         """Decode the payload (MessagePack) and validate it into ``type``.
 
+        ``type`` is anything msgspec validates into: a class, a
+        ``msgspec.Struct``, ``int | None``, a tagged union, ``Literal[...]``.
+        ``bytes`` (or ``bytearray``, ``memoryview``) gives the payload itself:
+        bytes are sent as they are, never encoded (see :meth:`Bus.publish`).
         Raises :class:`~ipcbus.errors.DecodeError` (a ``ValueError``) if the
         payload does not decode or does not match ``type``.
         """
+        if type in _RAW_TYPES:
+            return self.data if type is bytes else type(self.data)
         try:
             return msgspec.msgpack.decode(self.data, type=type)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise DecodeError(f"payload on {self.subject!r} does not decode as {type}: {exc}") from None
+            raise DecodeError(
+                f"payload on {self.subject!r} does not decode as {_type_name(type)}: {exc}"
+            ) from None
 
     async def respond(self, data: Any = b"", *, headers: dict[str, str] | None = None) -> None:
         """Publish ``data`` to this message's reply subject."""
@@ -248,8 +258,11 @@ class Subscription:
         if timeout is None:
             m = await self._core.get()
         else:
-            async with asyncio.timeout(timeout):
-                m = await self._core.get()
+            try:
+                async with asyncio.timeout(timeout):
+                    m = await self._core.get()
+            except TimeoutError:
+                raise TimeoutError(f"no message on {self.subject!r} within {timeout:g} s") from None
         if m is None:
             raise BusClosed(f"subscription to {self.subject!r} is closed")
         return self._wrap(m)
@@ -273,7 +286,7 @@ class Subscription:
         self._bus._node.unsubscribe(self._core)
         self._bus._subs.pop(self._core.sid, None)
 
-    async def __aenter__(self) -> Subscription:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -437,9 +450,12 @@ class Service:
             self._idle.set()
 
     def _arg(self, m: Msg) -> Any:
-        if self._arg_type is None:
+        tp = self._arg_type
+        if tp is None:
             return m
-        return msgspec.msgpack.decode(m.data, type=self._arg_type)
+        if tp in _RAW_TYPES:  # the payload itself: bytes are sent unencoded
+            return m.data if tp is bytes else tp(m.data)
+        return msgspec.msgpack.decode(m.data, type=tp)
 
     def _reply_now(self, m: Msg, result: Any) -> list[Link]:
         """Send the handler's result; return links to wait on (backpressure)."""
@@ -550,6 +566,15 @@ class Service:
                     ERROR_MSG_HEADER: f"the service on {self.subject!r} closed before answering",
                 },
             )
+
+
+_RAW_TYPES: Final = (bytes, bytearray, memoryview)
+"""Types whose value is the payload itself (bytes go out as they are, unencoded)."""
+
+
+def _type_name(tp: Any) -> str:
+    """``str`` for a class, the usual spelling (``int | None``) for anything else."""
+    return tp.__qualname__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
 
 
 def _request_type(handler: Handler) -> Any:
@@ -796,19 +821,26 @@ class Bus:
             raise ValueError(
                 f"concurrency must be an int of at least 1 (requests handled at once), not {concurrency!r}"
             )
+        tg = self._node.task_group  # raises for a node not started (before subscribing)
         sub = await self.subscribe(subject, queue=queue, max_pending=max_pending)
         svc = Service(self, sub, handler, concurrency, arg_type)
         self._services.append(svc)
-        self._node.task_group.start_soon(svc._run, name=f"ipcbus-serve-{subject}")
+        tg.start_soon(svc._run, name=f"ipcbus-serve-{subject}")
         return svc
 
-    async def flush(self, timeout: float = 10.0) -> None:
-        """Wait until every directly linked peer has processed what was sent."""
+    async def flush(self, timeout: float | None = 10.0) -> None:
+        """Wait until every directly linked peer has processed what was sent.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds (``None``: no limit).
+        """
         self._check_open()
         await self._node.flush(_timeout_or_none(timeout))
 
-    async def drain(self, timeout: float = 10.0) -> None:
+    async def drain(self, timeout: float | None = 10.0) -> None:
         """Stop services (finishing requests they already took), flush, then close.
+
+        ``timeout`` bounds the waiting for services and the flush (``None``: no
+        limit); past it, the bus closes anyway.
 
         Called from one of this bus's own handlers (a "shutdown" request), it
         cannot wait for that handler to finish: it starts the drain in the
@@ -888,7 +920,7 @@ class Bus:
         """Counters: msgs/bytes in and out, pending, dropped, per subscription and per link."""
         return self._node.stats()
 
-    async def __aenter__(self) -> Bus:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

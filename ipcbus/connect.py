@@ -20,7 +20,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Generator
+from collections.abc import Coroutine, Generator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -36,7 +36,7 @@ from .node import LinkState, Node, first_of
 from .spin import spin_window
 from .transports.base import Link
 
-__all__ = ["ClientBus", "connect", "open_link"]
+__all__ = ["ClientBus", "Connecting", "connect", "open_link"]
 
 log = logging.getLogger("ipcbus.connect")
 
@@ -162,7 +162,7 @@ class ClientBus(Bus):
             log.info("bus %s: reconnected", self.busdir.name)
             return
 
-    async def flush(self, timeout: float = 10.0) -> None:
+    async def flush(self, timeout: float | None = 10.0) -> None:
         """Wait until the hub has processed everything sent so far.
 
         Raises :class:`~ipcbus.errors.ConnectionClosed` when the link to the hub
@@ -181,13 +181,14 @@ class ClientBus(Bus):
                 f"confirmed what was sent: {exc}"
             ) from None
 
-    async def wait_connected(self, timeout: float = 10.0) -> None:
+    async def wait_connected(self, timeout: float | None = 10.0) -> None:
         """Wait until the link to the hub is up (after a reconnect).
 
-        Raises ``TimeoutError``, and :class:`~ipcbus.errors.BusClosed` at once
-        when the bus is closed (without ``reconnect``, a lost hub closes it).
+        Raises ``TimeoutError`` after ``timeout`` seconds (``None``: no
+        limit), and :class:`~ipcbus.errors.BusClosed` at once when the bus is
+        closed (without ``reconnect``, a lost hub closes it).
         """
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(_timeout_or_none(timeout)):
             if not self.closed and not self._connected.is_set():
                 await first_of(self._connected, self._node.closing)
         if self.closed:
@@ -283,18 +284,47 @@ async def _connect(
     return client
 
 
-class _Connecting:
-    """What :func:`connect` returns: await it, or use it as an async context manager."""
+class Connecting(Coroutine[Any, Any, ClientBus]):
+    """What :func:`connect` returns: a coroutine of the :class:`ClientBus`
+    that is also an async context manager.
+
+    ``bus = await connect(...)``, ``async with connect(...) as bus:``, or run
+    it as a task (``asyncio.create_task(connect(...))``, ``TaskGroup.create_task``).
+    Like any coroutine it runs once.
+    """
 
     def __init__(self, *args: Any) -> None:
         self._args = args
+        self._coro: Coroutine[Any, Any, ClientBus] | None = None
         self._bus: ClientBus | None = None
 
+    def _inner(self) -> Coroutine[Any, Any, ClientBus]:
+        # Made on first use: a connect() only entered with `async with` (or
+        # never used) leaves no "coroutine was never awaited" warning behind.
+        if self._coro is None:
+            self._coro = _connect(*self._args)
+        return self._coro
+
     def __await__(self) -> Generator[Any, None, ClientBus]:
-        return _connect(*self._args).__await__()
+        return self._inner().__await__()
+
+    def send(self, value: Any) -> Any:
+        """Coroutine protocol (what a task drives): resume the connect."""
+        return self._inner().send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        """Coroutine protocol: raise an exception (a cancellation) inside the connect."""
+        if val is None and tb is None:
+            return self._inner().throw(typ)
+        return self._inner().throw(typ, val, tb)
+
+    def close(self) -> None:
+        """Coroutine protocol: stop a connect under way (closes what it made)."""
+        if self._coro is not None:
+            self._coro.close()
 
     async def __aenter__(self) -> ClientBus:
-        self._bus = await _connect(*self._args)
+        self._bus = await self
         return self._bus
 
     async def __aexit__(
@@ -319,7 +349,7 @@ def connect(
     group: str | int | None = None,
     spin_us: float | None = None,
     **transport_options: Any,
-) -> _Connecting:
+) -> Connecting:
     """Connect to the hub of ``bus`` over ``transport`` (``"fifo"``, ``"sysv"`` or ``"shm"``).
 
     Await the result (``bus = await connect(...)``) or use it as an async
@@ -331,7 +361,7 @@ def connect(
     default, ``0``: off); a bad value raises ``ValueError`` here, at once.
     """
     window = spin_window(spin_us)
-    return _Connecting(
+    return Connecting(
         bus,
         transport,
         name,

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import anyio
 
@@ -130,7 +130,7 @@ class Hub:
         """The bus directory."""
         return self.busdir.path
 
-    async def __aenter__(self) -> Hub:
+    async def __aenter__(self) -> Self:
         try:
             await self._start()
         except BaseException:

@@ -44,7 +44,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import anyio
 import anyio.abc
@@ -607,8 +607,9 @@ class Node:
         finally:
             started.set()
 
-    async def __aenter__(self) -> Node:
-        return await self.start()
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
 
     async def __aexit__(
         self,
@@ -631,8 +632,12 @@ class Node:
     @property
     def task_group(self) -> anyio.abc.TaskGroup:
         """The task group owning the node's background tasks."""
+        if self._tg is None and not self._stop.is_set():
+            raise BusClosed(
+                f"node {self.name} is not started: use `async with node` or `await node.start()` first"
+            )
         if self._tg is None or self._stop.is_set():
-            raise BusClosed("node is not running")
+            raise BusClosed(f"node {self.name} is closed")
         return self._tg
 
     async def aclose(self) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import msgspec
@@ -138,17 +138,26 @@ class WorkerPool:
         ev, self._changed = self._changed, asyncio.Event()
         ev.set()
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:
+    async def wait_ready(self, timeout: float | None = 30.0) -> None:
         """Wait until every worker that has not been given up on is ready again.
 
-        Use after a crash to wait for the restart.  Raises ``TimeoutError``,
-        and :class:`~ipcbus.errors.BusClosed` once the pool is closing.
+        Use after a crash to wait for the restart.  Raises ``TimeoutError``
+        after ``timeout`` seconds (``None``: no limit), and
+        :class:`~ipcbus.errors.BusClosed` for a pool not started or closing.
         """
-        async with asyncio.timeout(timeout):
-            while any(w.state not in ("ready", "failed") for w in self._workers):
-                if self._closing:
-                    raise BusClosed(f"worker pool {self.name!r} is closed")
-                await self._changed.wait()
+        if self._node is None:
+            raise BusClosed(f"worker pool {self.name!r} is not started; use `async with WorkerPool(...)`")
+        try:
+            async with asyncio.timeout(timeout):
+                while any(w.state not in ("ready", "failed") for w in self._workers):
+                    if self._closing:
+                        raise BusClosed(f"worker pool {self.name!r} is closed")
+                    await self._changed.wait()
+        except TimeoutError:
+            waiting = [f"{w.index} ({w.state})" for w in self._workers if w.state not in ("ready", "failed")]
+            raise TimeoutError(
+                f"worker pool {self.name!r}: workers {', '.join(waiting)} not ready within {timeout:g} s"
+            ) from None
 
     @property
     def pids(self) -> list[int]:
@@ -173,7 +182,7 @@ class WorkerPool:
             "node": self._node.stats() if self._node else None,
         }
 
-    async def __aenter__(self) -> WorkerPool:
+    async def __aenter__(self) -> Self:
         if self._node is not None:
             raise RuntimeError(
                 f"worker pool {self.name!r} was started already; a WorkerPool runs once: make a new one"

@@ -50,7 +50,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Self
 
 import msgspec
 import sysv_ipc
@@ -674,7 +674,7 @@ class MessageQueue:
                 self._q.send(m.data, False, m.type)
         self._stash.clear()
 
-    async def __aenter__(self) -> MessageQueue:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

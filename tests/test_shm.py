@@ -695,6 +695,45 @@ async def test_second_attach_is_refused() -> None:
         await a.aclose()
 
 
+_HOLD_BELL = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_NONBLOCK)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+async def test_two_attachers_at_once_only_one_gets_in() -> None:
+    """The header's attached mark comes after the checks: two processes
+    attaching at the same moment both passed them (both got the frames).  A
+    second attacher that finds the first one's claim (its lock on the bell)
+    is refused; once the claim is gone, an attach succeeds."""
+    a, params = ShmLink.create(None, ring_size=64 * KiB)
+    try:
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _HOLD_BELL, str(params["bell1"]),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert await holder.stdout.readline() == b"held\n"
+            with pytest.raises(PermissionRefused, match="another process is attaching"):
+                await ShmLink.attach(params, peer_pid=os.getpid())
+        finally:
+            holder.kill()
+            await holder.wait()
+        b = await ShmLink.attach(params, peer_pid=os.getpid())
+        try:
+            await a.send(b"one")
+            assert await b.recv() == b"one"
+        finally:
+            await b.aclose()
+    finally:
+        await a.aclose()
+    assert gone(params)
+
+
 async def test_head_counter_outside_the_ring() -> None:
     async with pair(64 * KiB) as (a, b):
         await a.send(b"fine")

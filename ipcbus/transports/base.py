@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from ..errors import FrameTooLarge
 from ..frames import DEFAULT_MAX_FRAME, Msg
@@ -248,7 +248,7 @@ class Link(abc.ABC):
         Idempotent.  The peer sees end of stream after the frames already sent.
         """
 
-    async def __aenter__(self) -> Link:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

@@ -39,7 +39,7 @@ import stat
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Protocol
+from typing import Final, Protocol, Self
 
 import anyio
 import msgspec
@@ -207,7 +207,7 @@ class Door:
         """True once the door is closed."""
         return self._closed
 
-    async def __aenter__(self) -> Door:
+    async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
         self._open()
         return self

@@ -63,7 +63,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from ..busdir import FIFO_NAME_RE, check_bus_path, client_fifo_names, remove_stale_fifos
 from ..errors import BusNotFound, ConnectionClosed, PermissionRefused, ProtocolError
@@ -210,7 +210,7 @@ class FifoAcceptor:
         self._in_progress: set[tuple[int, int, int]] = set()  # FIFO pairs being handshaken
         self._real = ""
 
-    async def __aenter__(self) -> FifoAcceptor:
+    async def __aenter__(self) -> Self:
         self._open_dir()
         return self
 

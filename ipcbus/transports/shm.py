@@ -46,6 +46,7 @@ import collections
 import contextlib
 import ctypes
 import errno
+import fcntl
 import io
 import logging
 import os
@@ -60,7 +61,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import posix_ipc
 import sysv_ipc
@@ -707,6 +708,17 @@ class ShmLink(Link):
             # Our bell (the creator's bell1), then the creator's (bell0), write-only:
             # ENXIO there means nobody reads it any more, the creator is gone.
             fds.append(_open_bell(p.bells[1], os.O_RDONLY, want_uid))
+            # The claim: the header's "attached" mark is written only after
+            # the checks, so two processes attaching at once would both pass
+            # them.  An exclusive lock on our bell (held while its fd is open,
+            # which is for the link's life) lets exactly one through.
+            try:
+                fcntl.flock(fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PermissionRefused(
+                    f"another process is attaching to shared-memory segment {shmid} at the "
+                    "same time; a link has exactly two ends"
+                ) from None
             fds.append(_open_bell(p.bells[0], os.O_WRONLY, want_uid))
             if shm.number_attached < 2:
                 raise ConnectionClosed(
@@ -2073,7 +2085,7 @@ class ShmAcceptor:
         self.gid = gid
         self.max_frame = max_frame
 
-    async def __aenter__(self) -> ShmAcceptor:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

@@ -58,7 +58,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import anyio
 import sysv_ipc
@@ -2329,7 +2329,7 @@ class SysvAcceptor:
 
     # -- lifetime ---------------------------------------------------------
 
-    async def __aenter__(self) -> SysvAcceptor:
+    async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
         self._msgmax = read_limits().msgmax
         self._ensure_key_file()
