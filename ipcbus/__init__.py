@@ -6,19 +6,21 @@ anonymous pipes, FIFOs, System V message queues or shared-memory rings.
 
 from __future__ import annotations
 
-from .busdir import BadBusName
 from .client import Bus, Msg, Service, Subscription
 from .connect import ClientBus, Connecting, connect
 from .errors import (
+    BadBusName,
     BadSubject,
     BusBusy,
     BusClosed,
     BusNotFound,
     ConnectionClosed,
     DecodeError,
+    DoorFull,
     EncodeError,
     EndOfStream,
     FrameTooLarge,
+    HandshakeTimeout,
     IpcBusError,
     NoResponders,
     PermissionRefused,
@@ -32,11 +34,10 @@ from .errors import (
 from .frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 from .heap import keep_heap
 from .hub import Hub
-from .node import Node
+from .node import LinkState, Node
 from .pool import WorkerPool
 from .spin import DEFAULT_SPIN_US, SPIN_ENV, Spinner, spin_window
 from .transports.base import Link, LinkInfo
-from .transports.door import DoorFull, HandshakeTimeout
 
 __version__ = "0.1.0"
 
@@ -64,6 +65,7 @@ __all__ = [
     "IpcBusError",
     "Link",
     "LinkInfo",
+    "LinkState",
     "Msg",
     "NoResponders",
     "Node",

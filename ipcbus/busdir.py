@@ -37,7 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from .errors import BusBusy, BusNotFound, IpcBusError, PermissionRefused
+from .errors import BadBusName, BusBusy, BusNotFound, PermissionRefused
 from .records import NotRegularFile, open_regular, pid_start_time, process_alive
 
 __all__ = [
@@ -88,18 +88,6 @@ _PRIVATE_MODE: Final = 0o700
 # A group bus folder: setgid, so files made inside belong to the bus's group
 # whoever makes them; sticky, so a member can remove only their own files.
 _GROUP_MODE: Final = 0o3770
-
-
-class BadBusName(IpcBusError, ValueError):
-    """A bus name is not a valid folder name (``/``, ``..``, too long, odd characters)."""
-
-    def __init__(self, name: object, reason: str) -> None:
-        self.name = name
-        self.reason = reason
-        super().__init__(
-            f"invalid bus name {name!r}: {reason}; use 1 to {MAX_BUS_NAME} characters "
-            "from A-Z a-z 0-9 _ . - (not starting with '.' or '-', no '..')"
-        )
 
 
 def validate_bus_name(name: str) -> str:

@@ -25,12 +25,15 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import click
 import msgspec
 
 from .busdir import BadBusName
+
+if TYPE_CHECKING:
+    from .hub import HubTransport
 from .errors import (
     BadSubject,
     BusBusy,
@@ -220,7 +223,8 @@ def hub(
         raise click.UsageError(f"NAME {name!r} and --bus {bus_name!r} disagree; give one of them")
     name = name or bus_name or "default"
 
-    chosen = tuple(t for t in transports.split(",") if t)
+    # Checked just below (a typo is a usage error, not a traceback).
+    chosen = cast("tuple[HubTransport, ...]", tuple(t for t in transports.split(",") if t))
     bad = [t for t in chosen if t not in ALL_TRANSPORTS]
     if bad or not chosen:
         raise click.BadParameter(
@@ -282,7 +286,7 @@ def hub(
 @click.option("--raw", is_flag=True, help="Send DATA as raw bytes instead of JSON.")
 @bus_option
 @transport_option
-def pub(subject: str, data: str, raw: bool, bus_name: str, transport: str) -> None:
+def pub(subject: str, data: str, raw: bool, bus_name: str, transport: HubTransport) -> None:
     """Publish DATA (JSON, or bytes with --raw) on SUBJECT."""
     from .connect import connect
 
@@ -305,7 +309,7 @@ def pub(subject: str, data: str, raw: bool, bus_name: str, transport: str) -> No
 @click.option("--queue", default=None, help="Join this queue group.")
 @bus_option
 @transport_option
-def sub(subject: str, count: int, queue: str | None, bus_name: str, transport: str) -> None:
+def sub(subject: str, count: int, queue: str | None, bus_name: str, transport: HubTransport) -> None:
     """Print each message on SUBJECT (wildcards allowed) until Ctrl-C or --count."""
     from .connect import connect
 
@@ -340,7 +344,7 @@ def sub(subject: str, count: int, queue: str | None, bus_name: str, transport: s
 )
 @bus_option
 @transport_option
-def req(subject: str, data: str, raw: bool, timeout: float, bus_name: str, transport: str) -> None:
+def req(subject: str, data: str, raw: bool, timeout: float, bus_name: str, transport: HubTransport) -> None:
     """Send a request with DATA to SUBJECT and print the reply."""
     from .connect import connect
 
@@ -367,7 +371,7 @@ def req(subject: str, data: str, raw: bool, timeout: float, bus_name: str, trans
 @bus_option
 @transport_option
 def reply(
-    subject: str, data: str | None, queue: str | None, count: int, bus_name: str, transport: str
+    subject: str, data: str | None, queue: str | None, count: int, bus_name: str, transport: HubTransport
 ) -> None:
     """A toy responder: answer requests on SUBJECT (echo, or --data)."""
     from .connect import connect

@@ -40,6 +40,7 @@ from .node import (
     ERROR_TYPE_HEADER,
     STATUS_HEADER,
     Node,
+    Overflow,
     SubscriptionCore,
     wait_writable,
 )
@@ -251,8 +252,10 @@ class Subscription:
         """The next message; ``TimeoutError`` after ``timeout`` seconds.
 
         Cancel-safe: a cancelled or timed-out ``next()`` takes no message, so
-        none is lost or duplicated.  Raises :class:`~ipcbus.errors.BusClosed`
-        once the subscription is closed and drained.
+        none is lost or duplicated.  Raises :class:`~ipcbus.errors.SlowConsumer`
+        once after messages for this subscription were dropped (reading again
+        goes on with those kept), and :class:`~ipcbus.errors.BusClosed` once
+        the subscription is closed and drained.
         """
         timeout = _timeout_or_none(timeout)
         if timeout is None:
@@ -631,7 +634,10 @@ class Bus:
 
     Obtain one from :func:`ipcbus.connect`, from a :class:`~ipcbus.Hub`
     (``hub.bus``), from a :class:`~ipcbus.WorkerPool` (``pool.bus``), or in a
-    worker's ``setup(bus)``.
+    worker's ``setup(bus)``.  ``Bus(node)`` makes another handle on a
+    started :class:`~ipcbus.Node` (its own subscriptions and services, ended
+    by its :meth:`aclose`); with ``owns_node=True`` closing it closes the
+    node too.
     """
 
     def __init__(self, node: Node, *, owns_node: bool = False) -> None:
@@ -712,9 +718,19 @@ class Bus:
         queue: str | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         pending_bytes: int = DEFAULT_PENDING_BYTES,
-        overflow: str = "drop_new",
+        overflow: Overflow = "drop_new",
     ) -> Subscription:
-        """Subscribe to ``subject`` (``*`` and ``>`` wildcards), optionally in a queue group."""
+        """Subscribe to ``subject`` (``*`` and ``>`` wildcards), optionally in a queue group.
+
+        Members of one ``queue`` group share the messages: each goes to one
+        of them.  At most ``max_pending`` messages and ``pending_bytes``
+        payload bytes wait unread; past that, ``overflow`` drops the new
+        message (``"drop_new"``, keeping the oldest) or the oldest
+        (``"drop_old"``), counts it, and the next read raises
+        :class:`~ipcbus.errors.SlowConsumer`.  Raises
+        :class:`~ipcbus.errors.BadSubject` for an invalid subject or queue
+        name and ``ValueError`` for a bad limit or policy.
+        """
         self._check_open()
         core = self._node.subscribe(
             subject,

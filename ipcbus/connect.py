@@ -31,7 +31,7 @@ from . import frames as fr
 from .busdir import BusDir
 from .client import Bus, _timeout_or_none
 from .errors import BusClosed, BusNotFound, ConnectionClosed, IpcBusError
-from .hub import ALL_TRANSPORTS
+from .hub import ALL_TRANSPORTS, HubTransport
 from .node import LinkState, Node, first_of
 from .spin import spin_window
 from .transports.base import Link
@@ -340,7 +340,7 @@ class Connecting(Coroutine[Any, Any, ClientBus]):
 def connect(
     bus: str = "default",
     *,
-    transport: str = "fifo",
+    transport: HubTransport = "fifo",
     name: str = "",
     autostart: bool = False,
     reconnect: bool = False,

@@ -18,11 +18,14 @@ import statistics
 import sys
 import time
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 import ipcbus
+
+if TYPE_CHECKING:
+    from .hub import HubTransport
 
 __all__ = ["run_demo"]
 
@@ -149,7 +152,7 @@ async def run_demo(workers: int = 2, requests: int = 5000) -> None:
 
 
 async def _client(role: str, bus_name: str) -> None:
-    transport = {"sysv": "sysv", "shm": "shm"}.get(role, "fifo")
+    transport: HubTransport = "sysv" if role == "sysv" else "shm" if role == "shm" else "fifo"
     async with ipcbus.connect(bus_name, transport=transport, name=f"demo-{role}") as bus:
         stop = await bus.subscribe("demo.stop")
         if role == "responder":

@@ -10,15 +10,18 @@ text.
 from __future__ import annotations
 
 __all__ = [
+    "BadBusName",
     "BadSubject",
     "BusBusy",
     "BusClosed",
     "BusNotFound",
     "ConnectionClosed",
     "DecodeError",
+    "DoorFull",
     "EncodeError",
     "EndOfStream",
     "FrameTooLarge",
+    "HandshakeTimeout",
     "IpcBusError",
     "NoResponders",
     "PermissionRefused",
@@ -99,6 +102,28 @@ class EncodeError(IpcBusError, TypeError):
 class DecodeError(IpcBusError, ValueError):
     """A received payload does not decode (MessagePack), or does not validate
     into the type asked for (:meth:`ipcbus.Msg.decode`)."""
+
+
+class BadBusName(IpcBusError, ValueError):
+    """A bus name is not a valid folder name (``/``, ``..``, too long, odd characters)."""
+
+    def __init__(self, name: object, reason: str) -> None:
+        from .busdir import MAX_BUS_NAME
+
+        self.name = name
+        self.reason = reason
+        super().__init__(
+            f"invalid bus name {name!r}: {reason}; use 1 to {MAX_BUS_NAME} characters "
+            "from A-Z a-z 0-9 _ . - (not starting with '.' or '-', no '..')"
+        )
+
+
+class DoorFull(IpcBusError, BlockingIOError):
+    """The door FIFO is full: its hub is not reading knocks (overloaded or hung)."""
+
+
+class HandshakeTimeout(IpcBusError, TimeoutError):
+    """A rendezvous did not complete in time (the other side never opened its end)."""
 
 
 class RequestTimeout(IpcBusError, TimeoutError):

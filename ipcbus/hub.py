@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Literal, Protocol, Self
 
 import anyio
 
@@ -45,7 +45,10 @@ __all__ = ["ALL_TRANSPORTS", "Hub"]
 
 log = logging.getLogger("ipcbus.hub")
 
-ALL_TRANSPORTS = ("fifo", "sysv", "shm")
+HubTransport = Literal["fifo", "sysv", "shm"]
+"""How a client reaches a hub (``connect(transport=)``, ``Hub(transports=)``)."""
+
+ALL_TRANSPORTS: tuple[HubTransport, ...] = ("fifo", "sysv", "shm")
 
 
 
@@ -94,7 +97,7 @@ class Hub:
         *,
         group: str | int | None = None,
         root: Path | str | None = None,
-        transports: tuple[str, ...] = ALL_TRANSPORTS,
+        transports: tuple[HubTransport, ...] = ALL_TRANSPORTS,
         max_frame: int = fr.DEFAULT_MAX_FRAME,
         outbound_limit: int = DEFAULT_OUTBOUND_LIMIT,
         spin_us: float | None = None,

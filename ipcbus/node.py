@@ -44,7 +44,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Literal, Self, TypeVar
 
 import anyio
 import anyio.abc
@@ -86,6 +86,10 @@ INBOX_PREFIX: Final = "_INBOX."
 STATUS_HEADER: Final = "ipcbus-status"
 ERROR_TYPE_HEADER: Final = "ipcbus-error"
 ERROR_MSG_HEADER: Final = "ipcbus-error-message"
+Overflow = Literal["drop_new", "drop_old"]
+"""A subscription's policy when its pending buffer is full: drop the new
+message (keep the oldest) or the oldest (keep the newest)."""
+
 DEFAULT_MAX_PENDING: Final = 65536
 DEFAULT_PENDING_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_OUTBOUND_LIMIT: Final = 64 * 1024 * 1024
@@ -1127,7 +1131,7 @@ class Node:
         queue: str | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         pending_bytes: int = DEFAULT_PENDING_BYTES,
-        overflow: str = "drop_new",
+        overflow: Overflow = "drop_new",
     ) -> SubscriptionCore:
         """Register a local subscription and announce the interest on every link."""
         if self._closed:

@@ -6,11 +6,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .busdir import BusDir, bus_root, check_bus_path
 from .errors import BusNotFound, IpcBusError, PermissionRefused
 from .gc import collect, reclaim_pools, scan, sysv_table
+
+if TYPE_CHECKING:
+    from .hub import HubTransport
 
 __all__ = ["gc_command", "list_bus", "render_ls"]
 
@@ -67,7 +70,8 @@ async def list_bus(name: str) -> dict[str, Any]:
     live = bd.hub_pid()
     if live is not None:
         served = bd.hub_transports() or ("fifo",)
-        transport = next((t for t in ("fifo", "shm", "sysv") if t in served), "fifo")
+        preferred: tuple[HubTransport, ...] = ("fifo", "shm", "sysv")
+        transport: HubTransport = next((t for t in preferred if t in served), "fifo")
         try:
             async with connect(name, transport=transport, name="ipcbus-ls") as bus:
                 rep = await bus.request("$SYS.stats", timeout=5.0)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import anyio
 import msgspec
@@ -47,6 +47,9 @@ from .transports.pipe import ChildPipes
 __all__ = ["WorkerPool"]
 
 log = logging.getLogger("ipcbus.pool")
+
+PoolTransport = Literal["pipe", "shm", "sysv"]
+"""What links a pool's parent to its workers (``WorkerPool(transport=)``)."""
 
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 5.0
@@ -81,6 +84,13 @@ class WorkerPool:
     ``ring_size`` bytes per direction) or ``"sysv"`` (two System V message
     queues per worker, :class:`~ipcbus.transports.sysv.SysvPairLink`).  ``spin_us`` is the busy-poll window
     while replies are due, in the parent and every worker (:mod:`ipcbus.spin`).
+
+    A worker that dies is restarted after ``restart_backoff`` seconds,
+    doubling up to ``max_backoff`` while it keeps dying; one that fails
+    ``max_start_failures`` starts in a row is given up on (its error is in
+    ``pool.errors`` and ``stats()``).  Workers run ``python`` (default: this
+    interpreter) with ``env`` (default: this process's environment);
+    ``max_frame`` bounds one message, ``name`` names the pool in logs.
     """
 
     def __init__(
@@ -89,7 +99,7 @@ class WorkerPool:
         workers: int = 4,
         *,
         name: str = "pool",
-        transport: str = "pipe",
+        transport: PoolTransport = "pipe",
         ring_size: int = 8 * 1024 * 1024,
         max_frame: int = fr.DEFAULT_MAX_FRAME,
         max_start_failures: int = 3,

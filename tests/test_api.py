@@ -64,3 +64,16 @@ def test_host_lock_is_held_around_each_test() -> None:
     )
     held = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
     assert held.returncode != 0 and b"BlockingIOError" in held.stderr
+
+
+def test_typed_user_code_passes_mypy_strict() -> None:
+    """What the API's annotations give a strictly typed user (tests/typed_usage.py)."""
+    usage = Path(__file__).with_name("typed_usage.py")
+    res = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(usage)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(ipcbus.__file__).parent.parent,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr

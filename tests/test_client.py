@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import random
+import typing
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -1441,3 +1442,86 @@ async def test_a_close_held_against_an_anyio_cancellation_does_not_spin(
         pytest.fail("the cancelled scope went on")
     assert scope.cancelled_caught and finished.is_set()
     assert waits == 1, f"woken {waits} times: waiting, not re-awaiting each cancellation"
+
+
+class CmdA(msgspec.Struct, tag="a"):
+    """One member of a tagged union."""
+
+    n: int
+
+
+class CmdB(msgspec.Struct, tag="b"):
+    """The other member."""
+
+    s: str
+
+
+async def test_decode_into_unions_literals_and_raw_bytes() -> None:
+    async with pair() as (client, server):
+        sub = await server.subscribe("t.>")
+        await settle(client, server)
+        await client.publish("t.opt", None)
+        await client.publish("t.cmd", CmdB("x"))
+        await client.publish("t.lit", "b")
+        await client.publish("t.raw", b"\x00\xffraw")
+        got = [await sub.next(timeout=5) for _ in range(4)]
+        assert got[0].decode(int | None) is None
+        assert got[1].decode(CmdA | CmdB) == CmdB("x")
+        assert got[2].decode(typing.Literal["a", "b"]) == "b"
+        with pytest.raises(DecodeError, match=r"does not decode as Literal\['a'\]"):
+            got[2].decode(typing.Literal["a"])
+        with pytest.raises(DecodeError, match="does not decode as CmdA: "):
+            got[1].decode(CmdA)
+        # bytes are sent as they are: decode(bytes) gives them back, not a MessagePack bin
+        assert got[3].decode(bytes) == b"\x00\xffraw"
+        assert got[3].decode(bytearray) == bytearray(b"\x00\xffraw")
+        assert bytes(got[3].decode(memoryview)) == b"\x00\xffraw"
+
+
+async def test_handler_annotated_bytes_gets_the_payload() -> None:
+    async with pair() as (client, server):
+
+        def upper(data: bytes) -> bytes:
+            assert type(data) is bytes
+            return data.upper()
+
+        async def length(data: bytearray) -> int:
+            assert type(data) is bytearray
+            return len(data)
+
+        await server.serve("upper", upper)
+        await server.serve("len", length)
+        await settle(client, server)
+        assert (await client.request("upper", b"abc", timeout=5)).decode(bytes) == b"ABC"
+        assert (await client.request("len", b"abcd", timeout=5)).decode(int) == 4
+
+
+async def test_serve_on_a_node_not_started_raises_before_subscribing() -> None:
+    node = Node(name="idle")
+    bus = Bus(node)
+    with pytest.raises(BusClosed, match=r"not started: use `async with node` or `await node.start\(\)`"):
+        await bus.serve("svc", lambda m: b"")
+    assert not bus._subs and not bus._services  # nothing subscribed, nothing would answer
+    async with node:
+        await bus.serve("svc", lambda m: b"ok")
+        assert (await bus.request("svc", timeout=5)).data == b"ok"
+        await bus.aclose()
+
+
+async def test_next_timeout_names_the_subscription() -> None:
+    async with pair() as (client, _server):
+        sub = await client.subscribe("quiet.*")
+        with pytest.raises(TimeoutError, match=r"no message on 'quiet\.\*' within 0\.05 s"):
+            await sub.next(timeout=0.05)
+        await client.publish("quiet.now", b"late")
+        assert (await sub.next(timeout=5)).data == b"late"  # the timed-out read took nothing
+
+
+async def test_timeouts_may_be_none_and_async_with_keeps_the_type() -> None:
+    async with pair() as (client, server):
+        await client.flush(timeout=None)
+        async with client as same:
+            assert same is client
+            await same.flush(timeout=None)
+        await server.drain(timeout=None)
+        assert client.closed and server.closed

@@ -873,3 +873,25 @@ async def test_hub_aclose_from_a_handler_on_its_bus_closes_in_the_background(bus
             with anyio.fail_after(10):
                 await hub.wait_closed()
     assert not BusDir(bus_name).pidfile.exists()
+
+
+async def test_connect_runs_as_a_task(bus_name: str) -> None:
+    """connect() returns a coroutine (also an async context manager): tasks take it."""
+    async with ipcbus.Hub(bus_name):
+        c = ipcbus.connect(bus_name)
+        assert isinstance(c, ipcbus.Connecting) and asyncio.iscoroutine(c)
+        bus = await asyncio.create_task(c)
+        async with asyncio.TaskGroup() as tg:
+            t = tg.create_task(ipcbus.connect(bus_name, name="second"))
+        other = t.result()
+        try:
+            await other.serve("hi", lambda m: b"there")
+            await other.flush()
+            assert (await bus.request("hi", timeout=5)).data == b"there"
+        finally:
+            await bus.aclose()
+            await other.aclose()
+        cancelled = asyncio.create_task(ipcbus.connect(bus_name))
+        cancelled.cancel()  # before its first step: nothing made, nothing left
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled

@@ -713,3 +713,9 @@ async def test_closing_while_a_restarted_worker_starts_does_not_wait_for_it(
         with anyio.fail_after(30):  # far under the 60 s start and the 60 s wait for a worker with no link
             await pool.__aexit__(None, None, None)
     assert gone(restarted)
+
+
+async def test_wait_ready_on_a_pool_not_started_raises_at_once() -> None:
+    pool = WorkerPool("pool_workers:setup", workers=1, env=worker_env())
+    with pytest.raises(BusClosed, match=r"not started; use `async with WorkerPool"):
+        await pool.wait_ready(timeout=None)  # it waited out its 30 s timeout

@@ -45,7 +45,15 @@ import anyio
 import msgspec
 
 from ..busdir import DOOR_NAME, close_in_forked_children, closing_for_good
-from ..errors import BusBusy, BusNotFound, IpcBusError, PermissionRefused, ProtocolError
+from ..errors import (
+    BusBusy,
+    BusNotFound,
+    DoorFull,
+    HandshakeTimeout,
+    IpcBusError,
+    PermissionRefused,
+    ProtocolError,
+)
 from ..frames import HEADER, PROTOCOL_VERSION
 from .base import Link
 from .pipe import enlarge_pipe
@@ -88,14 +96,6 @@ class Knock(msgspec.Struct, frozen=True):
     """The client's name, shown by ``ipcbus ls``."""
     params: dict[str, int | str] = {}
     """Transport-specific parameters (FIFO paths, SysV ids, ``mtype``...)."""
-
-
-class DoorFull(IpcBusError, BlockingIOError):
-    """The door FIFO is full: its hub is not reading knocks (overloaded or hung)."""
-
-
-class HandshakeTimeout(IpcBusError, TimeoutError):
-    """A rendezvous did not complete in time (the other side never opened its end)."""
 
 
 class Acceptor(Protocol):
