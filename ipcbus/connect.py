@@ -22,7 +22,7 @@ import subprocess
 import sys
 from collections.abc import Coroutine, Generator
 from pathlib import Path
-from types import TracebackType
+from types import CoroutineType, TracebackType
 from typing import Any
 
 import anyio
@@ -293,20 +293,54 @@ class Connecting(Coroutine[Any, Any, ClientBus]):
     Like any coroutine it runs once.
     """
 
+    __name__ = __qualname__ = "connect"  # what a task's repr shows
+
     def __init__(self, *args: Any) -> None:
         self._args = args
-        self._coro: Coroutine[Any, Any, ClientBus] | None = None
+        self._coro: CoroutineType[Any, Any, ClientBus] | None = None
         self._bus: ClientBus | None = None
 
-    def _inner(self) -> Coroutine[Any, Any, ClientBus]:
+    def _inner(self) -> CoroutineType[Any, Any, ClientBus]:
         # Made on first use: a connect() only entered with `async with` (or
         # never used) leaves no "coroutine was never awaited" warning behind.
         if self._coro is None:
-            self._coro = _connect(*self._args)
+            coro = _connect(*self._args)
+            assert isinstance(coro, CoroutineType)  # an async def's: cr_* attributes
+            self._coro = coro
         return self._coro
 
     def __await__(self) -> Generator[Any, None, ClientBus]:
-        return self._inner().__await__()
+        coro = self._inner()
+        # A coroutine refuses a second awaiter while the first one waits on it
+        # (its __await__ wrapper skips that check: made here).
+        if coro.cr_running or coro.cr_await is not None:
+            raise RuntimeError("coroutine is being awaited already")
+        return coro.__await__()
+
+    @property
+    def cr_running(self) -> bool:
+        """Coroutine protocol (``inspect.getcoroutinestate``): running now."""
+        return self._coro is not None and self._coro.cr_running
+
+    @property
+    def cr_frame(self) -> Any:
+        """Coroutine protocol: the frame of the connect (``None`` once finished)."""
+        return self._inner().cr_frame
+
+    @property
+    def cr_await(self) -> Any:
+        """Coroutine protocol: what the connect waits on now."""
+        return None if self._coro is None else self._coro.cr_await
+
+    @property
+    def cr_suspended(self) -> bool:
+        """Coroutine protocol (Python 3.12+): suspended at an ``await``."""
+        return self._coro is not None and bool(getattr(self._coro, "cr_suspended", False))
+
+    @property
+    def cr_code(self) -> Any:
+        """Coroutine protocol: the code object of the connect."""
+        return self._inner().cr_code
 
     def send(self, value: Any) -> Any:
         """Coroutine protocol (what a task drives): resume the connect."""
@@ -319,9 +353,9 @@ class Connecting(Coroutine[Any, Any, ClientBus]):
         return self._inner().throw(typ, val, tb)
 
     def close(self) -> None:
-        """Coroutine protocol: stop a connect under way (closes what it made)."""
-        if self._coro is not None:
-            self._coro.close()
+        """Coroutine protocol: stop a connect under way (closes what it made);
+        a connect closed before it started never runs."""
+        self._inner().close()
 
     async def __aenter__(self) -> ClientBus:
         self._bus = await self

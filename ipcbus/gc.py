@@ -41,6 +41,7 @@ import msgspec
 
 from .busdir import fifo_has_reader, read_pidfile
 from .records import (
+    FOLDER_LOCK,
     PENDING_PREFIX,
     ObjectRecord,
     list_records,
@@ -316,29 +317,34 @@ def pool_dir_name(pid: int | None = None) -> str:
 
 def remove_pool_dir(path: Path) -> bool:
     """Remove a pool's records folder if no record is left in it; return whether it went."""
-    try:
-        if any((path / "objects").iterdir()):
+    with FOLDER_LOCK:  # no thread of this process records into it meanwhile
+        try:
+            if any((path / "objects").iterdir()):
+                return False
+        except FileNotFoundError:
+            pass
+        except OSError:
             return False
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return False
-    from .busdir import KEYFILE_NAME
+        from .busdir import KEYFILE_NAME
 
-    for leftover in ("objects", KEYFILE_NAME):
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        for leftover in ("objects", KEYFILE_NAME):
             target = path / leftover
-            if target.is_dir() and not target.is_symlink():
-                target.rmdir()
-            else:
-                target.unlink()
-    try:
-        path.rmdir()
-    except FileNotFoundError:
+            try:
+                if target.is_dir() and not target.is_symlink():
+                    target.rmdir()
+                else:
+                    target.unlink()
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                pass
+            except OSError:  # a record came (another process's gc?): leave it all
+                return False
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            return True
+        except OSError:  # something else was put there: leave it
+            return False
         return True
-    except OSError:  # something else was put there: leave it
-        return False
-    return True
 
 
 def reclaim_pools(root: Path, *, dry_run: bool = False) -> list[Finding]:

@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,7 @@ def open_regular(path: Path | str, flags: int, mode: int = 0o600) -> int:
     return fd
 
 __all__ = [
+    "FOLDER_LOCK",
     "PENDING_PREFIX",
     "NotRegularFile",
     "ObjectKind",
@@ -143,8 +145,24 @@ def record_object(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write down that this process created object ``kind``/``ident`` for the bus."""
-    d = Path(busdir) / "objects"
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with FOLDER_LOCK:
+        return _record(Path(busdir), kind, ident, key, extra)
+
+
+FOLDER_LOCK: Final = threading.RLock()
+"""Held while this process writes a record, or removes a records folder it
+emptied (:func:`ipcbus.gc.remove_pool_dir`): a folder that one thread finds
+empty is never removed under another thread's record."""
+
+
+def _record(
+    busdir: Path, kind: ObjectKind, ident: int | str, key: int | None, extra: dict[str, Any] | None
+) -> Path:
+    # The folder may have just been removed (its last record forgotten):
+    # made again, private (mkdir's parents=True would use the umask's mode).
+    busdir.mkdir(mode=0o700, exist_ok=True)
+    d = busdir / "objects"
+    d.mkdir(mode=0o700, exist_ok=True)
     pid = os.getpid()
     rec = ObjectRecord(
         kind=kind,

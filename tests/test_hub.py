@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import os
 import re
@@ -895,3 +896,29 @@ async def test_connect_runs_as_a_task(bus_name: str) -> None:
         cancelled.cancel()  # before its first step: nothing made, nothing left
         with pytest.raises(asyncio.CancelledError):
             await cancelled
+
+
+async def test_connecting_behaves_as_a_coroutine(bus_name: str) -> None:
+    """A second awaiter of a connect under way is refused (it took the connect
+    over and broke both); a connect closed before it ran never runs."""
+    async with ipcbus.Hub(bus_name) as hub:
+        c = ipcbus.connect(bus_name)
+        assert inspect.getcoroutinestate(c) == "CORO_CREATED"
+        task = asyncio.create_task(c)
+        await asyncio.sleep(0)
+        assert inspect.getcoroutinestate(c) == "CORO_SUSPENDED"
+        assert "coro=<connect()" in repr(task)
+        with pytest.raises(RuntimeError, match="being awaited already"):
+            async with c:
+                pytest.fail("entered")
+        bus = await task  # the first awaiter is unharmed
+        try:
+            assert inspect.getcoroutinestate(c) == "CORO_CLOSED"
+            await bus.flush()
+            assert len(hub.links) == 1
+        finally:
+            await bus.aclose()
+        closed = ipcbus.connect(bus_name)
+        closed.close()
+        with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
+            await closed

@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -523,6 +524,41 @@ async def test_direct_link_leaves_no_records_folder() -> None:
     assert folder.name.startswith(f"_pool-{os.getpid()}-")
     await link.aclose()
     assert process_folders() == [] and gone(params)
+
+
+def test_direct_links_in_two_threads_share_the_records_folder() -> None:
+    """Each thread's link adds records to, and drops, the one folder of the
+    process: a folder one thread emptied was removed under the other's record
+    (FileNotFoundError from create, ENOTEMPTY from aclose, the folder made
+    again with the umask's mode and then refused)."""
+    made: list[int] = []
+    errors: list[str] = []
+
+    async def churn() -> None:
+        for _ in range(60):
+            link = None
+            try:
+                link, _ = ShmLink.create(None, ring_size=64 * KiB)
+                busdir = link._busdir
+                assert busdir is not None, "made unrecorded"
+                made.append(os.stat(busdir).st_mode & 0o777)
+            except Exception as exc:
+                errors.append(f"create: {exc!r}")
+            if link is not None:
+                try:
+                    await link.aclose()
+                except Exception as exc:
+                    errors.append(f"aclose: {exc!r}")
+                    link.close_now()
+
+    threads = [threading.Thread(target=asyncio.run, args=(churn(),)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert made == [0o700] * 120
+    assert process_folders() == []
 
 
 async def test_connect_through_the_door(tmp_path: Path) -> None:

@@ -1800,7 +1800,8 @@ def _process_folder() -> Path | None:
     from ..gc import pool_dir_name
 
     try:
-        return BusDir(pool_dir_name()).ensure().path
+        with records.FOLDER_LOCK:  # not removed half-made by another thread's link
+            return BusDir(pool_dir_name()).ensure().path
     except (IpcBusError, OSError) as exc:
         log.warning("shm link: cannot record its kernel objects (%s); if this process is "
                     "killed before the peer attaches, they stay behind", exc)
