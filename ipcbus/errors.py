@@ -53,12 +53,12 @@ class FrameTooLarge(ProtocolError, ValueError):
     allocation.  ``size`` is the offending size, ``limit`` the maximum.
     """
 
-    def __init__(self, size: int, limit: int, what: str = "frame") -> None:
+    def __init__(self, size: int, limit: int, what: str = "frame", advice: str = "") -> None:
         self.size = size
         self.limit = limit
         super().__init__(
             f"{what} of {size} bytes exceeds the maximum frame size of {limit} bytes; "
-            "send smaller messages or raise max_frame on both sides"
+            + (advice or "send smaller messages or raise max_frame on both sides")
         )
 
 

@@ -458,6 +458,22 @@ class MessageQueue:
         if len(data) > self.max_message_size:
             raise FrameTooLarge(len(data), self.max_message_size, "SysV message")
 
+    def _check_fits(self, data: bytes | bytearray | memoryview) -> None:
+        """Refuse a message larger than the queue's capacity (``msg_qbytes``):
+        no amount of reading would ever make room for it."""
+        try:
+            capacity = int(self._q.max_size)
+        except sysv_ipc.Error:
+            return  # gone or not ours to stat: the send itself reports it
+        if len(data) > capacity:
+            raise FrameTooLarge(
+                len(data),
+                capacity,
+                f"message for SysV queue id {self.id}",
+                f"that is the queue's capacity (msg_qbytes): send smaller messages or raise "
+                f"it (MessageQueue.set_max_bytes, up to kernel.msgmnb = {read_limits().msgmnb})",
+            )
+
     def _check_open(self) -> None:
         if self._closed:
             raise ConnectionClosed("this MessageQueue object is closed")
@@ -470,6 +486,7 @@ class MessageQueue:
         try:
             self._q.send(data, False, type)
         except sysv_ipc.BusyError:
+            self._check_fits(data)  # else it would wait for room forever
             return False
         except (sysv_ipc.ExistentialError, OSError):
             # msgsnd on a removed id: EINVAL, raised by sysv_ipc as a plain OSError.
@@ -481,8 +498,9 @@ class MessageQueue:
     async def send(self, data: bytes | bytearray | memoryview, type: int = 1) -> None:
         """Send one message of type ``type`` (>= 1), waiting while the queue is full.
 
-        Raises :class:`~ipcbus.errors.FrameTooLarge` above ``msgmax`` and
-        :class:`~ipcbus.errors.ConnectionClosed` if the queue is removed.
+        Raises :class:`~ipcbus.errors.FrameTooLarge` above ``msgmax`` or the
+        queue's capacity and :class:`~ipcbus.errors.ConnectionClosed` if the
+        queue is removed.
         If cancelled while waiting for room, the message is still sent once
         there is room (see the module docstring).
         """
@@ -540,7 +558,8 @@ class MessageQueue:
         # race it with a second thread.
         op = next(
             (o for o in self._ops
-             if not o.is_send and o.abandoned and o.type == type and not o.woken),
+             if not o.is_send and o.abandoned and o.type == type and not o.woken
+             and not o.future.done()),  # done: it was handed a stashed message (_hand_over)
             None,
         )
         if op is not None:
@@ -578,11 +597,18 @@ class MessageQueue:
         result: Any = None
         error: BaseException | None = None
         try:
-            if op.is_send:
-                assert data is not None
-                self._q.send(data, True, op.type)
-            else:
-                result = Message(*self._q.receive(True, op.type))
+            while True:
+                try:
+                    if op.is_send:
+                        assert data is not None
+                        self._q.send(data, True, op.type)
+                    else:
+                        result = Message(*self._q.receive(True, op.type))
+                    break
+                except (sysv_ipc.ExistentialError, sysv_ipc.PermissionsError, sysv_ipc.BusyError):
+                    raise
+                except sysv_ipc.Error:
+                    continue  # EINTR ("signaled while waiting"): wait again
         except (sysv_ipc.ExistentialError, OSError):
             error = ConnectionClosed(f"SysV queue id {self.id} was removed while waiting")
         except sysv_ipc.PermissionsError:
@@ -598,10 +624,15 @@ class MessageQueue:
             self._no_ops.set_result(None)
         if op.thread is not None:
             op.thread.join()
-        if op.abandoned and error is None and result is not None:
+        if error is None and result is not None:
             msg: Message = result
             if op.woken and not msg.data and msg.type == self._wake_type(op.type):
-                pass  # our own wake-up message from aclose(): drop it
+                # Our own wake-up message from aclose(): dropped; a receive
+                # still awaited learns that this object closed.
+                result = None
+                error = ConnectionClosed(f"this MessageQueue (SysV queue id {self.id}) was closed")
+            elif not op.abandoned:
+                pass  # its receive is awaited: it gets the message, once
             elif self._closed:
                 # Nobody can receive it from this object any more: put it back in
                 # the queue (at the tail of its type) rather than lose it.
@@ -609,6 +640,7 @@ class MessageQueue:
                     self._q.send(msg.data, False, msg.type)
             else:
                 self._stash.append(msg)
+                self._hand_over(msg)
         if not op.future.done():
             if error is not None:
                 op.future.set_exception(error)
@@ -617,6 +649,25 @@ class MessageQueue:
         # An exception nobody awaits (abandoned op) must not be reported as lost.
         if op.abandoned and op.future.done() and not op.future.cancelled():
             op.future.exception()
+
+    def _hand_over(self, msg: Message) -> None:
+        """Give a stashed message to a receive awaited now that it matches.
+
+        That receive's own thread may wait in ``msgrcv`` for a message that
+        this one, taken by a cancelled receive of another type, already was:
+        it gets this one, and whatever its thread takes later is stashed.
+        """
+        for other in self._ops:
+            if (
+                not other.is_send
+                and not other.abandoned
+                and not other.future.done()
+                and _matches(other.type, msg.type)
+            ):
+                self._stash.remove(msg)
+                other.abandoned = True  # its thread's message, if any, goes to the stash
+                other.future.set_result(msg)
+                return
 
     @staticmethod
     def _wake_type(want: int) -> int:
@@ -651,11 +702,13 @@ class MessageQueue:
     async def aclose(self) -> None:
         """Release this object: wake and join every helper thread.  Does not remove the queue.
 
-        A receive still waiting in the kernel (its awaiting task was
-        cancelled) is woken with one zero-length message of the type it waits
-        for (type 1 for ``type <= 0``), which it recognises and drops.  Should
-        a real message win that race, it is put back at the tail of its type
-        and the zero-length wake-up stays in the queue.  In-flight sends are
+        A receive still waiting in the kernel is woken with one zero-length
+        message of the type it waits for (type 1 for ``type <= 0``), which it
+        recognises and drops; if a task still awaits that receive, it gets
+        :class:`~ipcbus.errors.ConnectionClosed`.  Should a real message win
+        that race, the awaiting task gets it, or, if its task was cancelled,
+        it is put back at the tail of its type; the zero-length wake-up then
+        stays in the queue.  In-flight sends are
         waited for: they complete when a reader makes room (or the queue is
         removed).  Idempotent.
         """
@@ -663,8 +716,9 @@ class MessageQueue:
             return
         self._closed = True
         for op in list(self._ops):
-            if not op.is_send and not op.future.done():
-                op.abandoned = True
+            # Every receive thread still in msgrcv (_finish drops finished ones),
+            # a future already done included (handed a stashed message).
+            if not op.is_send:
                 op.woken = True
                 with contextlib.suppress(sysv_ipc.Error, OSError):
                     self._q.send(b"", False, self._wake_type(op.type))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -165,6 +168,105 @@ async def test_aclose_releases_an_abandoned_receiver(queue: MessageQueue) -> Non
     assert queue.stat().messages == 0  # its zero-length wake-up was taken back
     with pytest.raises(ConnectionClosed):
         await queue.send(b"x")
+
+
+def _in_msgrcv() -> list[threading.Thread]:
+    """The queue receive threads that sleep in ``msgrcv`` now."""
+    blocked = []
+    for t in threading.enumerate():
+        if t.name.startswith("ipcbus-msgq-recv"):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/self/task/{t.native_id}/wchan").read_text() == "do_msgrcv":
+                    blocked.append(t)
+    return blocked
+
+
+async def receivers_blocked(n: int) -> list[threading.Thread]:
+    """Wait until ``n`` of the queue's receive threads sleep in ``msgrcv``."""
+    with anyio.fail_after(20):
+        while True:
+            blocked = _in_msgrcv()
+            if len(blocked) >= n:
+                return blocked
+            await asyncio.sleep(0.005)
+
+
+async def test_aclose_fails_a_receive_still_awaited(queue: MessageQueue) -> None:
+    """It returned aclose's own zero-length wake-up message as if received."""
+    waiting = asyncio.create_task(queue.receive(type=0))
+    await receivers_blocked(1)
+    await queue.aclose()
+    with pytest.raises(ConnectionClosed, match="was closed"):
+        await waiting
+    assert queue.stat().messages == 0
+
+
+async def test_aclose_gives_a_message_that_won_the_race_once(queue: MessageQueue) -> None:
+    """A real message taken by the thread of an awaited receive as aclose wakes
+    it goes to that receive, and is not also put back in the queue."""
+    other = MessageQueue.open(queue.key)
+    try:
+        waiting = asyncio.create_task(queue.receive(type=0))
+        await receivers_blocked(1)
+        assert other.try_send(b"REAL", type=5)  # straight to the sleeping receiver
+        await queue.aclose()
+        assert await waiting == Message(b"REAL", 5)
+        assert other.try_receive(0) == Message(b"", 1)  # only aclose's wake-up is left
+        assert other.try_receive(0) is None
+    finally:
+        await other.aclose()
+
+
+async def test_a_message_taken_by_a_cancelled_receive_reaches_a_later_one(queue: MessageQueue) -> None:
+    """A cancelled receive(-5)'s thread takes a type-3 message that a later
+    receive(0) waits for: it was stashed while receive(0) waited on forever."""
+    cancelled = asyncio.create_task(queue.receive(type=-5))
+    await receivers_blocked(1)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    later = asyncio.create_task(queue.receive(type=0))
+    await receivers_blocked(2)  # the cancelled one's thread is first in the kernel's line
+    other = MessageQueue.open(queue.key)
+    try:
+        assert other.try_send(b"three", type=3)
+        with anyio.fail_after(10):
+            assert await later == Message(b"three", 3)
+        assert other.try_send(b"four", type=4)  # taken by later's thread, kept for the next
+        with anyio.fail_after(10):
+            assert await queue.receive(type=0) == Message(b"four", 4)
+    finally:
+        await other.aclose()
+
+
+async def test_a_message_larger_than_the_queue_is_refused_at_once(queue: MessageQueue) -> None:
+    """Under msgmax but over the queue's capacity: it could never be sent
+    (send waited forever, try_send said "full" of an empty queue)."""
+    assert queue.set_max_bytes(1024) == 1024
+    with pytest.raises(FrameTooLarge, match=r"queue's capacity \(msg_qbytes\)") as info:
+        queue.try_send(b"x" * 2000, type=1)
+    assert (info.value.size, info.value.limit) == (2000, 1024)
+    with pytest.raises(FrameTooLarge, match=r"queue's capacity \(msg_qbytes\)"), anyio.fail_after(10):
+        await queue.send(b"x" * 2000, type=1)
+    assert queue.try_send(b"x" * 1000, type=1)  # what fits still goes
+
+
+async def test_a_signal_on_a_receive_thread_does_not_end_the_receive(queue: MessageQueue) -> None:
+    """EINTR in msgrcv (a signal with a Python handler hit the helper thread)
+    surfaced as a raw sysv_ipc.Error; the receive waits on instead."""
+    old = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        waiting = asyncio.create_task(queue.receive(type=1))
+        (thread,) = await receivers_blocked(1)
+        assert thread.ident is not None
+        signal.pthread_kill(thread.ident, signal.SIGUSR1)
+        await receivers_blocked(1)  # back in msgrcv
+        assert not waiting.done()
+        await queue.send(b"after the signal", type=1)
+        with anyio.fail_after(10):
+            assert await waiting == Message(b"after the signal", 1)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
 
 
 async def test_aclose_waits_for_a_cancelled_send_until_it_is_sent(queue: MessageQueue) -> None:
