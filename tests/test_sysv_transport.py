@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -635,6 +636,33 @@ async def test_broken_fragment_sequences(acceptor: SysvAcceptor, case: str, matc
     await hub.aclose()
 
 
+@pytest.mark.parametrize(
+    ("tail", "match"),
+    [(b"\x00\x00\x00\x01", "trailing bytes"), (b"\x00\x00\x00\x09abc", "truncated")],
+)
+async def test_a_refused_frames_message_delivers_none_of_its_frames(
+    acceptor: SysvAcceptor, tail: bytes, match: str
+) -> None:
+    """Its frames were delivered as they were parsed, before what followed
+    them got the message refused."""
+    client, hub = await connect_here(acceptor)
+    q = bus_handle(acceptor)
+    addr = client.info.objects["address"]
+    s = client._seq_out  # type: ignore[attr-defined]
+    first = b"from a refused message"
+    if match == "truncated":  # two frames announced, the second cut short
+        bad = header(KIND_FRAMES, addr, s, 2) + len(first).to_bytes(4, "big") + first + tail
+    else:
+        bad = frames_msg(addr, s, first) + tail
+    q.send(bad, False, 1)
+    with pytest.raises(ProtocolError, match=match):
+        async with asyncio.timeout(10):
+            got = await hub.recv()
+            pytest.fail(f"delivered {got!r}")
+    await client.aclose()
+    await hub.aclose()
+
+
 async def test_oversized_frame_refused_at_first_fragment(busdir: Path) -> None:
     async with SysvAcceptor(busdir, max_frame=100_000) as acc:
         client, hub = await connect_here(acc)
@@ -960,3 +988,84 @@ async def test_acceptor_window_limits(tmp_path: Path) -> None:
         assert await hub.recv() == frame
         await client.aclose()
         await hub.aclose()
+
+
+_BIG_MSGMAX = """
+import asyncio, os, sys
+import ipcbus
+from ipcbus.sysv import read_limits
+
+async def main():
+    limits = read_limits()
+    assert limits.msgmax > limits.msgmnb, limits
+    data = os.urandom(100_000)
+    async with ipcbus.Hub("bigmsgmax", transports=("sysv",)) as hub:
+        await hub.bus.serve("echo", lambda m: m.data)
+        async with ipcbus.connect("bigmsgmax", transport="sysv") as bus:
+            assert (await bus.request("echo", data, timeout=10)).data == data
+            await bus.publish("echo", data[:20_000])
+            await bus.flush()
+    env = dict(os.environ, PYTHONPATH=sys.argv[1])
+    async with ipcbus.WorkerPool("pool_workers:setup", workers=1, transport="sysv", env=env) as pool:
+        assert (await pool.bus.request("echo", data, timeout=10)).data == data
+    print("ok", limits.msgmax, limits.msgmnb)
+
+asyncio.run(main())
+"""
+
+
+def test_messages_fit_the_queue_where_msgmax_is_above_its_capacity() -> None:
+    """kernel.msgmax above a queue's msg_qbytes (legal: msgmax 65536, msgmnb
+    16384): messages were cut to msgmax and never entered the queue, so every
+    frame above its capacity waited forever.  Run in a private IPC namespace
+    (the host's limits stay as they are)."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.getuid() != 0:
+        pytest.skip("needs unshare(1) and root for a private IPC namespace with its own limits")
+    tests = str(THIS.parent)
+    script = f"sysctl -qw kernel.msgmax=65536 kernel.msgmnb=16384 && exec {sys.executable} -c \"$0\" \"$1\""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, str(REPO)]))
+    res = subprocess.run(
+        [unshare, "--ipc", "sh", "-c", script, _BIG_MSGMAX, os.pathsep.join([tests, str(REPO)])],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    if res.returncode != 0 and "unshare failed" in res.stderr:
+        pytest.skip(f"no private IPC namespace here: {res.stderr.strip()}")
+    assert res.returncode == 0 and "ok 65536 16384" in res.stdout, res.stdout + res.stderr
+
+
+async def test_more_than_64_links_in_one_process(acceptor: SysvAcceptor) -> None:
+    """Addresses were pid << 6 | n mod 64: the 65th link reused the first's, and
+    the hub refused it (BusBusy) while the first was open."""
+    pairs = [await connect_here(acceptor) for _ in range(70)]
+    try:
+        addresses = {c.info.objects["address"] for c, _ in pairs}
+        assert len(addresses) == 70
+        for c, h in (pairs[0], pairs[64], pairs[69]):
+            await roundtrip(c, h)
+    finally:
+        for c, h in pairs:
+            await c.aclose()
+            await h.aclose()
+
+
+async def test_a_process_out_of_addresses_is_told_so(
+    acceptor: SysvAcceptor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ipcbus.transports.sysv as sysv_transport
+
+    monkeypatch.setattr(sysv_transport, "ADDRESS_SLOTS", 3)
+    pairs = [await connect_here(acceptor) for _ in range(3)]
+    with pytest.raises(ConnectionClosed, match="already holds 3 SysV links to hubs"):
+        await connect_here(acceptor)
+    c, h = pairs.pop(0)
+    await c.aclose()  # gives its address back
+    await h.aclose()
+    pairs.append(await connect_here(acceptor))
+    try:
+        for c, h in pairs:
+            await roundtrip(c, h)
+    finally:
+        for c, h in pairs:
+            await c.aclose()
+            await h.aclose()

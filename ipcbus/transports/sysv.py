@@ -166,12 +166,31 @@ _CONNECT_TIMEOUT: Final = 10.0
 DEFAULT_QUEUE_BYTES: Final = 1 << 20
 """``msg_qbytes`` asked for every queue; kept at ``kernel.msgmnb`` where raising is not permitted."""
 
+ADDRESS_SLOTS: Final = 256
+"""SysV links to hubs one process may hold at once (each needs its own address)."""
+
 _addresses = itertools.count()
+_addresses_in_use: set[int] = set()
 
 
 def _next_address() -> int:
-    """A client address unique on this host while the process lives (pid-derived)."""
-    return MIN_CLIENT_ADDRESS + ((os.getpid() << 6) | (next(_addresses) & 63))
+    """A client address unique on this host while the process lives and the link
+    is open: ``256 + (pid << 8 | slot)``, the next slot not in use (pid_max is at
+    most 2^22, so this stays below 2^31).  Give it back with :func:`_release_address`."""
+    base = MIN_CLIENT_ADDRESS + (os.getpid() << 8)
+    for _ in range(ADDRESS_SLOTS):
+        address = base | (next(_addresses) % ADDRESS_SLOTS)
+        if address not in _addresses_in_use:
+            _addresses_in_use.add(address)
+            return address
+    raise ConnectionClosed(
+        f"this process already holds {ADDRESS_SLOTS} SysV links to hubs, each with an address "
+        "of its own: close one, or share one connection between tasks"
+    )
+
+
+def _release_address(address: int) -> None:
+    _addresses_in_use.discard(address)
 
 
 def bus_key(busdir: Path) -> int:
@@ -1027,7 +1046,10 @@ class SysvLink(Link):
         pos = _HDR
         end = len(data)
         mf = self.max_frame
-        rx = self._rx
+        # Parsed whole before any is delivered: a message refused for what
+        # follows (truncated, trailing bytes) delivers none of its frames.
+        frames: list[bytes] = []
+        rx = frames
         unpack = HEADER.unpack_from
         got = 0
         for _ in range(n):
@@ -1048,6 +1070,7 @@ class SysvLink(Link):
             got += ln
         if pos != end:
             raise ProtocolError(f"FRAMES message has {end - pos} trailing bytes after {n} frames")
+        self._rx.extend(frames)
         self._rx_held += got
         info = self.info
         info.msgs_in += n
@@ -1643,6 +1666,7 @@ class _ClientLink(SysvLink):
         # whatever the hub sent that we will never read.
         with contextlib.suppress(sysv_ipc.Error, OSError):
             self._own_q.remove()
+        _release_address(self._address)  # nothing is sent to it any more
         if self._busdir is not None:
             forget_object(self._busdir, "msq", self._own_id)
         if self._rx_thread.is_alive():
@@ -1705,19 +1729,25 @@ async def connect_sysv(
             f"hub's uid {hub_uid}; refusing to send frames to it"
         )
     address = _next_address()
-    own_q, own_size = _new_queue(
-        busdir, limits.msgmax, {"role": "client", "address": address, "hub_pid": hub_pid, "name": name}
-    )
+    try:
+        own_q, own_size = _new_queue(
+            busdir, limits.msgmax, {"role": "client", "address": address, "hub_pid": hub_pid, "name": name}
+        )
+    except BaseException:
+        _release_address(address)
+        raise
     link: _ClientLink | None = None
     try:
         if gid is not None:
             own_q.gid = gid
         if mode != 0o600:
             own_q.mode = mode
-        _try_raise_capacity(own_q, queue_bytes)
+        # Each message must fit in the queue it goes into (msg_qbytes), not only
+        # under kernel.msgmax: where msgmax is the larger, a bigger one never enters.
+        own_size = min(own_size, _try_raise_capacity(own_q, queue_bytes))
         link = _ClientLink(
             loop=loop, busdir=busdir, bus_q=bus_q, own_q=own_q, address=address,
-            hub_pid=hub_pid, hub_uid=hub_uid, msg_size=min(size, own_size),
+            hub_pid=hub_pid, hub_uid=hub_uid, msg_size=min(size, st.max_bytes),
             max_frame=max_frame, high_water=high_water,
         )
         link._start()
@@ -1731,7 +1761,7 @@ async def connect_sysv(
                 "key": own_q.key,
                 "msqid": own_q.id,
                 "address": address,
-                "msg_size": min(size, own_size),
+                "msg_size": own_size,  # what the hub may send us
                 "max_frame": max_frame,
             },
         )
@@ -1749,6 +1779,7 @@ async def connect_sysv(
             with contextlib.suppress(sysv_ipc.Error, OSError):
                 own_q.remove()
             forget_object(busdir, "msq", own_q.id)
+            _release_address(address)
         raise
     return link
 
@@ -1843,8 +1874,9 @@ class SysvPairLink(_ClientLink):
             for role in ("down", "up"):
                 q, qsize = _new_queue(records, limits.msgmax, {"role": f"pair-{role}"})
                 made.append(q)
-                size = min(size, qsize)
-                _try_raise_capacity(q, queue_bytes)
+                # A message must fit in the queue (msg_qbytes), not only under
+                # kernel.msgmax: where msgmax is the larger, a bigger one never enters.
+                size = min(size, qsize, _try_raise_capacity(q, queue_bytes))
         except BaseException:
             _remove_queues(made, records)
             raise
@@ -2293,6 +2325,7 @@ class SysvAcceptor:
         self._q: sysv_ipc.MessageQueue | None = None
         self._key = 0
         self._msgmax = 0
+        self._bus_capacity = 0  # the bus queue's msg_qbytes, once made
         self._threads: list[threading.Thread] = []
         self._links: dict[int, _HubLink] = {}
         self._gone: collections.deque[int] = collections.deque(maxlen=1024)
@@ -2401,7 +2434,7 @@ class SysvAcceptor:
                 q.gid = self.gid
             if self.mode != 0o600:
                 q.mode = self.mode
-            _try_raise_capacity(q, self.queue_bytes)
+            self._bus_capacity = _try_raise_capacity(q, self.queue_bytes)
         except BaseException:
             with contextlib.suppress(sysv_ipc.Error, OSError):
                 q.remove()
@@ -2647,7 +2680,12 @@ class SysvAcceptor:
             # Two whole messages and a unit must fit in the window (a client
             # refuses a WELCOME where they do not): with a large kernel.msgmax,
             # messages are cut smaller instead.
-            msg_size=max(_HDR + 64, min(self._msgmax, msg_size, (self.window - self.credit_unit) // 2)),
+            # And a message must fit in the bus queue (msg_qbytes), where
+            # kernel.msgmax is the larger (the knock's size fits the client's).
+            msg_size=max(
+                _HDR + 64,
+                min(self._msgmax, self._bus_capacity, msg_size, (self.window - self.credit_unit) // 2),
+            ),
             max_frame=min(self.max_frame, client_max),
             window=self.window,
             credit_unit=self.credit_unit,
