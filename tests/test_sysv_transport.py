@@ -1069,3 +1069,18 @@ async def test_a_process_out_of_addresses_is_told_so(
         for c, h in pairs:
             await c.aclose()
             await h.aclose()
+
+
+async def test_an_empty_data_message_from_another_process_is_a_protocol_error(
+    acceptor: SysvAcceptor,
+) -> None:
+    """Only the link's own end marker is an empty data message: one written by
+    anyone else ended the link as if the hub had exited (EndOfStream)."""
+    client, hub = await connect_here(acceptor)
+    own = sysv_ipc.MessageQueue(client.info.objects["key"])
+    own.send(b"", False, client.info.objects["address"])
+    with pytest.raises(ProtocolError, match="did not send itself"):
+        async with asyncio.timeout(10):
+            await client.recv()
+    await client.aclose()
+    await hub.aclose()

@@ -1436,6 +1436,13 @@ class _ClientLink(SysvLink):
                 continue  # the link ended: drain and drop
             if t == address:
                 if not data:
+                    if self._marker_end is None:
+                        # Data always has a header: an empty one is only our own
+                        # end marker, and we queued none.
+                        self._fatal(ProtocolError(
+                            "a zero-length data message this link did not send itself: "
+                            "another process writes to its queue"))
+                        continue
                     # Our own end marker, queued after everything the hub sent.
                     self._drop_partial(f"{self._peer_label} exited mid-frame")
                     self._end(self._marker_end or EndOfStream(
