@@ -672,13 +672,15 @@ async def test_a_killed_hub_s_forked_child_does_not_keep_the_bus(bus_name: str) 
                 os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("then", ["SIGCONT", "SIGKILL"])
 async def test_closing_a_sysv_client_of_a_stopped_hub_keeps_its_loop_running(
-    bus_name: str, monkeypatch: pytest.MonkeyPatch
+    bus_name: str, monkeypatch: pytest.MonkeyPatch, then: str
 ) -> None:
     """Clients flood the bus queue of a hub process that is stopped (SIGSTOP),
     until their sender threads block in msgsnd.  Closing one gives up the
     flush, and waits for its thread without freezing the event loop (a
-    blocking join held the loop for 5 s); the thread ends once the hub runs."""
+    blocking join held the loop for 5 s); the thread ends once the hub runs,
+    or once it is killed instead (it stayed blocked for good)."""
     import ipcbus.transports.sysv as sysv_mod
 
     monkeypatch.setattr(sysv_mod, "_FLUSH_TIMEOUT", 0.2)
@@ -731,6 +733,23 @@ async def test_closing_a_sysv_client_of_a_stopped_hub_keeps_its_loop_running(
         # aclose waited (0.2 s flush, then 2.5 s for the thread) with the loop turning.
         assert max(gaps) < 1.0, f"the event loop stood still for {max(gaps):.1f} s"
         assert tx_threads[0].is_alive()  # still blocked: the hub has not run since
+        if then == "SIGKILL":
+            # Every client closed, so that no open link sees the hub die (and
+            # drains its queue); each one leaves its blocked sender thread.
+            async with anyio.create_task_group() as tg:
+                for c in [sink, *pubs[1:]]:
+                    tg.start_soon(c.aclose)
+            assert all(t.is_alive() for t in tx_threads)
+            os.kill(hp.pid, signal.SIGKILL)
+            with anyio.fail_after(20):
+                while any(t.is_alive() for t in tx_threads):
+                    await asyncio.sleep(0.01)
+            gc = await asyncio.create_subprocess_exec(  # what the dead hub left: its queue, its door
+                sys.executable, "-m", "ipcbus", "gc", "--bus", bus_name, stdout=asyncio.subprocess.PIPE
+            )
+            out = (await gc.communicate())[0].decode()
+            assert gc.returncode == 0 and "removed" in out, out
+            return
         os.kill(hp.pid, signal.SIGCONT)
         with anyio.fail_after(20):
             while tx_threads[0].is_alive():

@@ -1626,6 +1626,29 @@ class _ClientLink(SysvLink):
             self._teardown()
             await self._join_tx()
 
+    def _tx_left_behind(self) -> None:
+        super()._tx_left_behind()
+        tx, q, hub_pid = self._tx, self._out_q, self._hub_pid
+        if tx is None:
+            return
+
+        def free_when_the_hub_dies() -> None:
+            # The thread waits for a stopped hub to read; a hub that dies
+            # instead never will.  Its queue then holds only garbage: drained,
+            # the blocked msgsnd gets room and the thread ends.  (A new hub
+            # makes a new queue: this handle's id then fails, and the thread
+            # has ended with EIDRM already.)
+            while tx.is_alive():
+                if not _pid_alive(hub_pid):
+                    with contextlib.suppress(sysv_ipc.Error, OSError):
+                        while True:
+                            q.receive(False, 0)
+                tx.join(0.2)
+
+        threading.Thread(
+            target=free_when_the_hub_dies, name=f"ipcbus-sysv-tx-watch-{hub_pid}", daemon=True
+        ).start()
+
     def _unblock_bus_send(self) -> None:
         """Free our sender thread stuck in msgsnd on a full bus queue whose hub died.
 
