@@ -25,7 +25,11 @@ explicit rather than hidden:
 
 * A *cancelled* :meth:`MessageQueue.receive` leaves its thread waiting in the
   kernel; the message it later takes is kept and returned by the next
-  ``receive()`` of the same object whose type matches (nothing is lost).
+  ``receive()`` of the same object whose type matches, or given at once to
+  one already waiting (nothing is lost).  So is a message that arrived just
+  as its receive was cancelled.  What is still kept when the object closes
+  goes back in the queue; should the queue be full then, a warning says
+  which message was lost.
 * A *cancelled* :meth:`MessageQueue.send` that was already waiting for room
   still delivers its message once there is room (a SysV message is sent
   whole or not at all; it can no longer be taken back).
@@ -45,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -56,6 +61,8 @@ import msgspec
 import sysv_ipc
 
 from .errors import ConnectionClosed, FrameTooLarge, IpcBusError, PermissionRefused
+
+log = logging.getLogger("ipcbus.sysv")
 
 __all__ = [
     "MSGTYPE_MAX",
@@ -387,6 +394,7 @@ class MessageQueue:
                     "only its owner (or root) may change its group"
                 ) from None
         self._stash: collections.deque[Message] = collections.deque()
+        self._wake_types: set[int] = set()  # types of the wake-ups aclose() sent
         self._ops: set[_Op] = set()
         self._no_ops: asyncio.Future[None] | None = None  # set by _finish when _ops empties
         self._closed = False
@@ -575,6 +583,13 @@ class MessageQueue:
             return msg
         except asyncio.CancelledError:
             op.abandoned = True
+            fut = op.future
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # Its message came as this task was cancelled (a wait_for
+                # timeout): kept, first, for the next receive that matches.
+                kept: Message = fut.result()
+                self._stash.appendleft(kept)
+                self._hand_over(kept)
             raise
 
     # -- helper threads ---------------------------------------------------
@@ -626,9 +641,14 @@ class MessageQueue:
             op.thread.join()
         if error is None and result is not None:
             msg: Message = result
-            if op.woken and not msg.data and msg.type == self._wake_type(op.type):
+            if op.woken and not msg.data and msg.type in self._wake_types:
                 # Our own wake-up message from aclose(): dropped; a receive
                 # still awaited learns that this object closed.
+                if msg.type != self._wake_type(op.type):
+                    # It took another receive's wake-up (a receive of any type
+                    # takes any): that one still needs it.
+                    with contextlib.suppress(sysv_ipc.Error, OSError):
+                        self._q.send(b"", False, msg.type)
                 result = None
                 error = ConnectionClosed(f"this MessageQueue (SysV queue id {self.id}) was closed")
             elif not op.abandoned:
@@ -636,8 +656,7 @@ class MessageQueue:
             elif self._closed:
                 # Nobody can receive it from this object any more: put it back in
                 # the queue (at the tail of its type) rather than lose it.
-                with contextlib.suppress(sysv_ipc.Error, OSError):
-                    self._q.send(msg.data, False, msg.type)
+                self._put_back(msg)
             else:
                 self._stash.append(msg)
                 self._hand_over(msg)
@@ -715,18 +734,34 @@ class MessageQueue:
         if self._closed:
             return
         self._closed = True
-        for op in list(self._ops):
-            # Every receive thread still in msgrcv (_finish drops finished ones),
-            # a future already done included (handed a stashed message).
-            if not op.is_send:
-                op.woken = True
-                with contextlib.suppress(sysv_ipc.Error, OSError):
-                    self._q.send(b"", False, self._wake_type(op.type))
+        # Every receive thread still in msgrcv (_finish drops finished ones), a
+        # future already done included (handed a stashed message).  The
+        # receives of any type (0, -n) are woken first, with type 1: the kernel
+        # hands a message to the first waiter it matches, and a receive(0)
+        # woken after a receive(3) could take that one's wake-up instead.
+        receives = sorted((op for op in self._ops if not op.is_send), key=lambda op: op.type > 0)
+        for op in receives:
+            op.woken = True
+            self._wake_types.add(self._wake_type(op.type))
+            with contextlib.suppress(sysv_ipc.Error, OSError):
+                self._q.send(b"", False, self._wake_type(op.type))
         await self._wait_ops()
         for m in self._stash:
-            with contextlib.suppress(sysv_ipc.Error, OSError):
-                self._q.send(m.data, False, m.type)
+            self._put_back(m)
         self._stash.clear()
+
+    def _put_back(self, m: Message) -> None:
+        """Return a message this closed object took but nobody received to the
+        queue; if it cannot be (the queue is full or gone), say it is lost."""
+        try:
+            self._q.send(m.data, False, m.type)
+        except (sysv_ipc.Error, OSError) as exc:
+            reason = "the queue is full" if isinstance(exc, sysv_ipc.BusyError) else str(exc)
+            log.warning(
+                "SysV queue id %d: a message of type %d (%d bytes) that a cancelled receive "
+                "took could not be put back as this MessageQueue closed (%s): it is lost",
+                self.id, m.type, len(m.data), reason,
+            )
 
     async def __aenter__(self) -> Self:
         return self

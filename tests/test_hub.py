@@ -941,3 +941,18 @@ async def test_connecting_behaves_as_a_coroutine(bus_name: str) -> None:
         closed.close()
         with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
             await closed
+
+
+def test_a_connect_only_looked_at_leaves_no_warning() -> None:
+    """Reading cr_frame (inspect, a debugger) made the connect's coroutine:
+    dropped unrun, it warned "never awaited" (a connect never looked at does not)."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        c = ipcbus.connect("never-used")
+        assert inspect.getcoroutinestate(c) == "CORO_CREATED"
+        del c
+        gc.collect()
+    assert [str(w.message) for w in seen] == []

@@ -239,6 +239,56 @@ async def test_a_message_taken_by_a_cancelled_receive_reaches_a_later_one(queue:
         await other.aclose()
 
 
+async def test_aclose_wakes_receives_of_any_type_and_of_one_type(queue: MessageQueue) -> None:
+    """A receive(0) waiting before a receive(3) took the type-3 wake-up meant
+    for the other, which then waited for ever (and aclose with it)."""
+    for broad in (0, -5):
+        q = MessageQueue.open(queue.key)
+        first = asyncio.create_task(q.receive(type=broad))
+        await receivers_blocked(1)
+        second = asyncio.create_task(q.receive(type=3))
+        await receivers_blocked(2)
+        with anyio.fail_after(10):
+            await q.aclose()
+        for t in (first, second):
+            with pytest.raises(ConnectionClosed, match="was closed"):
+                await t
+        while queue.try_receive(0) is not None:  # wake-ups left over, if any
+            pass
+
+
+@pytest.mark.parametrize("handed_over", [False, True])
+async def test_a_receive_cancelled_as_its_message_came_loses_nothing(
+    queue: MessageQueue, handed_over: bool
+) -> None:
+    """Its message was in the receive's future when the task was cancelled
+    (an asyncio.wait_for timeout): neither returned nor kept, it was lost."""
+    if handed_over:  # the message reaches it through a cancelled receive(-5)'s thread
+        cancelled = asyncio.create_task(queue.receive(type=-5))
+        await receivers_blocked(1)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+    waiting = asyncio.create_task(queue.receive(type=0))
+    await receivers_blocked(2 if handed_over else 1)
+    op = next(o for o in queue._ops if o.type == 0)
+    other = MessageQueue.open(queue.key)
+    try:
+        assert other.try_send(b"precious", type=3)
+        with anyio.fail_after(10):
+            while not op.future.done():
+                await asyncio.sleep(0)
+        waiting.cancel()  # before the task resumes with it
+        try:
+            got = [await waiting]
+        except asyncio.CancelledError:
+            got = []
+        got += [m for m in iter(lambda: queue.try_receive(0), None)]
+        assert got == [Message(b"precious", 3)]
+    finally:
+        await other.aclose()
+
+
 async def test_a_message_larger_than_the_queue_is_refused_at_once(queue: MessageQueue) -> None:
     """Under msgmax but over the queue's capacity: it could never be sent
     (send waited forever, try_send said "full" of an empty queue)."""
