@@ -300,6 +300,7 @@ class Connecting(Coroutine[Any, Any, ClientBus]):
         self._args = args
         self._coro: CoroutineType[Any, Any, ClientBus] | None = None
         self._bus: ClientBus | None = None
+        self._driven = False  # awaited or sent to: its coroutine runs (or ran)
 
     def _inner(self) -> CoroutineType[Any, Any, ClientBus]:
         # Made on first use: a connect() only entered with `async with` (or
@@ -316,6 +317,7 @@ class Connecting(Coroutine[Any, Any, ClientBus]):
         # (its __await__ wrapper skips that check: made here).
         if coro.cr_running or coro.cr_await is not None:
             raise RuntimeError("coroutine is being awaited already")
+        self._driven = True  # `await connect()` drops this object before the first step
         return coro.__await__()
 
     @property
@@ -345,6 +347,7 @@ class Connecting(Coroutine[Any, Any, ClientBus]):
 
     def send(self, value: Any) -> Any:
         """Coroutine protocol (what a task drives): resume the connect."""
+        self._driven = True
         return self._inner().send(value)
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
@@ -362,7 +365,7 @@ class Connecting(Coroutine[Any, Any, ClientBus]):
         # Made only to be looked at (cr_frame, inspect) and never run: no
         # "never awaited" warning, as for a connect() never looked at.
         coro = self._coro
-        if coro is not None and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+        if coro is not None and not self._driven and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
             coro.close()
 
     async def __aenter__(self) -> ClientBus:
