@@ -64,6 +64,9 @@ from .errors import ConnectionClosed, FrameTooLarge, IpcBusError, PermissionRefu
 
 log = logging.getLogger("ipcbus.sysv")
 
+_REWAKE: Final = 1.0
+"""Seconds MessageQueue.aclose() waits before waking its receive threads again."""
+
 __all__ = [
     "MSGTYPE_MAX",
     "Message",
@@ -586,10 +589,14 @@ class MessageQueue:
             fut = op.future
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 # Its message came as this task was cancelled (a wait_for
-                # timeout): kept, first, for the next receive that matches.
+                # timeout): kept for the next receive that matches, or put
+                # back in the queue if this object closed meanwhile.
                 kept: Message = fut.result()
-                self._stash.appendleft(kept)
-                self._hand_over(kept)
+                if self._closed:
+                    self._put_back(kept)
+                else:
+                    self._stash.append(kept)  # after those taken before it
+                    self._hand_over(kept)
             raise
 
     # -- helper threads ---------------------------------------------------
@@ -727,13 +734,28 @@ class MessageQueue:
         :class:`~ipcbus.errors.ConnectionClosed`.  Should a real message win
         that race, the awaiting task gets it, or, if its task was cancelled,
         it is put back at the tail of its type; the zero-length wake-up then
-        stays in the queue.  In-flight sends are
-        waited for: they complete when a reader makes room (or the queue is
-        removed).  Idempotent.
+        stays in the queue.  Another reader of the same queue (another
+        object, another process) may take a wake-up meant for this one: one
+        is sent again each second while a receive thread still waits.
+        In-flight sends are waited for: they complete when a reader makes
+        room (or the queue is removed).  Idempotent; a call after one that
+        was cancelled half-way finishes it.
         """
-        if self._closed:
-            return
-        self._closed = True
+        if not self._closed:
+            self._closed = True
+            self._wake_receives()
+        while self._ops:
+            try:
+                async with asyncio.timeout(_REWAKE):
+                    await self._wait_ops()
+            except TimeoutError:
+                self._wake_receives()  # a reader of another object took a wake-up?
+        for m in self._stash:
+            self._put_back(m)
+        self._stash.clear()
+
+    def _wake_receives(self) -> None:
+        """Send a zero-length wake-up for every receive thread still in msgrcv."""
         # Every receive thread still in msgrcv (_finish drops finished ones), a
         # future already done included (handed a stashed message).  The
         # receives of any type (0, -n) are woken first, with type 1: the kernel
@@ -745,10 +767,6 @@ class MessageQueue:
             self._wake_types.add(self._wake_type(op.type))
             with contextlib.suppress(sysv_ipc.Error, OSError):
                 self._q.send(b"", False, self._wake_type(op.type))
-        await self._wait_ops()
-        for m in self._stash:
-            self._put_back(m)
-        self._stash.clear()
 
     def _put_back(self, m: Message) -> None:
         """Return a message this closed object took but nobody received to the

@@ -289,6 +289,108 @@ async def test_a_receive_cancelled_as_its_message_came_loses_nothing(
         await other.aclose()
 
 
+async def test_a_receive_cancelled_after_the_close_puts_its_message_back(queue: MessageQueue) -> None:
+    """Its message came, the object closed, then the task was cancelled: the
+    message went to the closed object's stash and was lost."""
+    q = MessageQueue.open(queue.key)
+    waiting = asyncio.create_task(q.receive(0))
+    await receivers_blocked(1)
+    op = next(iter(q._ops))
+    assert queue.try_send(b"precious", type=7)
+    with anyio.fail_after(10):
+        while not op.future.done():
+            await asyncio.sleep(0)
+    waiting.cancel()
+    await q.aclose()  # nothing left to wait for: done before the task resumes
+    try:
+        got = [await waiting]
+    except asyncio.CancelledError:
+        got = []
+    got += [m for m in iter(lambda: queue.try_receive(0), None)]
+    assert got == [Message(b"precious", 7)]
+
+
+async def test_a_close_cut_short_is_finished_by_the_next(queue: MessageQueue) -> None:
+    """aclose() cancelled while it waited for a send in flight: a second call
+    returned at once, and what the object kept was never put back."""
+    q = MessageQueue.open(queue.key)
+    cancelled = asyncio.create_task(q.receive(5))
+    await receivers_blocked(1)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert queue.try_send(b"precious", type=5)  # taken by that thread, kept
+    with anyio.fail_after(10):
+        while q._ops:
+            await asyncio.sleep(0.01)
+    assert queue.set_max_bytes(64) == 64
+    while queue.try_send(b"x" * 16, type=1):
+        pass
+    sending = asyncio.create_task(q.send(b"y" * 16, type=2))
+    with anyio.fail_after(10):
+        while not q._ops:  # it waits for room in a thread
+            await asyncio.sleep(0.01)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(q.aclose(), 0.2)
+    while queue.try_receive(1) is not None:  # room
+        pass
+    with anyio.fail_after(10):
+        await q.aclose()
+    await sending
+    left = [m for m in iter(lambda: queue.try_receive(0), None)]
+    assert left == [Message(b"y" * 16, 2), Message(b"precious", 5)]
+
+
+async def test_aclose_returns_when_another_reader_took_its_wake_up(queue: MessageQueue) -> None:
+    """A reader of the same queue (another object, another process) took the
+    zero-length wake-up meant for this object's receive: aclose waited for ever."""
+    a, b = MessageQueue.open(queue.key), MessageQueue.open(queue.key)
+    try:
+        first = asyncio.create_task(a.receive(0))  # first in the kernel's line
+        await receivers_blocked(1)
+        second = asyncio.create_task(b.receive(0))
+        await receivers_blocked(2)
+        with anyio.fail_after(10):
+            await b.aclose()  # its wake-up goes to a's receive; sent again
+        assert await first == Message(b"", 1)  # a spurious wake-up, as documented
+        with pytest.raises(ConnectionClosed, match="was closed"):
+            await second
+    finally:
+        await a.aclose()
+    while queue.try_receive(0) is not None:
+        pass
+
+
+async def test_a_message_kept_from_a_cancelled_receive_keeps_its_place(queue: MessageQueue) -> None:
+    """A message that came as its receive was cancelled went ahead of one kept before it."""
+    cancelled = asyncio.create_task(queue.receive(3))
+    await receivers_blocked(1)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    other = MessageQueue.open(queue.key)
+    try:
+        assert other.try_send(b"m1-first", type=3)  # taken by that thread, kept
+        with anyio.fail_after(10):
+            while queue._ops:
+                await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(queue.receive(5))
+        await receivers_blocked(1)
+        op = next(iter(queue._ops))
+        assert other.try_send(b"m2-second", type=5)
+        with anyio.fail_after(10):
+            while not op.future.done():
+                await asyncio.sleep(0)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            assert await waiting == Message(b"m2-second", 5)
+            return  # it resumed with it before the cancellation: nothing to order
+        assert await queue.receive(0) == Message(b"m1-first", 3)
+        assert await queue.receive(0) == Message(b"m2-second", 5)
+    finally:
+        await other.aclose()
+
+
 async def test_a_message_larger_than_the_queue_is_refused_at_once(queue: MessageQueue) -> None:
     """Under msgmax but over the queue's capacity: it could never be sent
     (send waited forever, try_send said "full" of an empty queue)."""
