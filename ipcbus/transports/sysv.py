@@ -53,6 +53,7 @@ import functools
 import itertools
 import logging
 import os
+import select
 import struct
 import threading
 from collections.abc import Callable, Iterable
@@ -1631,6 +1632,17 @@ class _ClientLink(SysvLink):
         tx, q, hub_pid = self._tx, self._out_q, self._hub_pid
         if tx is None:
             return
+        try:
+            pidfd: int | None = os.pidfd_open(hub_pid)  # not fooled by a reused pid
+        except ProcessLookupError:
+            pidfd = -1  # gone already
+        except OSError:
+            pidfd = None  # out of fds: poll the pid instead
+
+        def hub_dead() -> bool:
+            if pidfd is None:
+                return not _pid_alive(hub_pid)
+            return pidfd < 0 or bool(select.select([pidfd], [], [], 0)[0])
 
         def free_when_the_hub_dies() -> None:
             # The thread waits for a stopped hub to read; a hub that dies
@@ -1638,12 +1650,16 @@ class _ClientLink(SysvLink):
             # the blocked msgsnd gets room and the thread ends.  (A new hub
             # makes a new queue: this handle's id then fails, and the thread
             # has ended with EIDRM already.)
-            while tx.is_alive():
-                if not _pid_alive(hub_pid):
-                    with contextlib.suppress(sysv_ipc.Error, OSError):
-                        while True:
-                            q.receive(False, 0)
-                tx.join(0.2)
+            try:
+                while tx.is_alive():
+                    if hub_dead():
+                        with contextlib.suppress(sysv_ipc.Error, OSError):
+                            while True:
+                                q.receive(False, 0)
+                    tx.join(0.2)
+            finally:
+                if pidfd is not None and pidfd >= 0:
+                    os.close(pidfd)
 
         threading.Thread(
             target=free_when_the_hub_dies, name=f"ipcbus-sysv-tx-watch-{hub_pid}", daemon=True
