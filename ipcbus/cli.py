@@ -30,11 +30,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 import click
 import msgspec
 
-from .busdir import BadBusName
-
-if TYPE_CHECKING:
-    from .hub import HubTransport
 from .errors import (
+    BadBusName,
     BadSubject,
     BusBusy,
     BusNotFound,
@@ -44,6 +41,9 @@ from .errors import (
     RemoteError,
     RequestTimeout,
 )
+
+if TYPE_CHECKING:
+    from .hub import HubTransport
 
 __all__ = ["EXIT_CODES", "main"]
 

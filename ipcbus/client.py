@@ -190,10 +190,8 @@ class Msg:
         Raises :class:`~ipcbus.errors.DecodeError` (a ``ValueError``) if the
         payload does not decode or does not match ``type``.
         """
-        if type in _RAW_TYPES:
-            return self.data if type is bytes else type(self.data)
         try:
-            return msgspec.msgpack.decode(self.data, type=type)
+            return _decode(self.data, type)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise DecodeError(
                 f"payload on {self.subject!r} does not decode as {_type_name(type)}: {exc}"
@@ -453,12 +451,7 @@ class Service:
             self._idle.set()
 
     def _arg(self, m: Msg) -> Any:
-        tp = self._arg_type
-        if tp is None:
-            return m
-        if tp in _RAW_TYPES:  # the payload itself: bytes are sent unencoded
-            return m.data if tp is bytes else tp(m.data)
-        return msgspec.msgpack.decode(m.data, type=tp)
+        return m if self._arg_type is None else _decode(m.data, self._arg_type)
 
     def _reply_now(self, m: Msg, result: Any) -> list[Link]:
         """Send the handler's result; return links to wait on (backpressure)."""
@@ -557,22 +550,24 @@ class Service:
 
     def _closed_status(self, reply: str | None) -> None:
         """Answer ``reply`` with a ``closed`` status: this service will not answer it."""
-        if reply is None:
-            return
-        with contextlib.suppress(IpcBusError):
-            self._bus._node.publish_now(
-                reply,
-                b"",
-                headers={
-                    STATUS_HEADER: "closed",
-                    ERROR_TYPE_HEADER: "ConnectionClosed",
-                    ERROR_MSG_HEADER: f"the service on {self.subject!r} closed before answering",
-                },
+        if reply is not None:
+            self._bus._node.closed_status(
+                reply, "ConnectionClosed", f"the service on {self.subject!r} closed before answering"
             )
 
 
 _RAW_TYPES: Final = (bytes, bytearray, memoryview)
 """Types whose value is the payload itself (bytes go out as they are, unencoded)."""
+
+
+def _decode(data: bytes, tp: Any) -> Any:
+    """``data`` validated into ``tp``; the bytes themselves for a raw type.
+
+    Raises msgspec's ``DecodeError``/``ValidationError``.
+    """
+    if tp in _RAW_TYPES:
+        return data if tp is bytes else tp(data)
+    return msgspec.msgpack.decode(data, type=tp)
 
 
 def _type_name(tp: Any) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import subprocess
@@ -291,82 +290,63 @@ class Connecting(Coroutine[Any, Any, ClientBus]):
 
     ``bus = await connect(...)``, ``async with connect(...) as bus:``, or run
     it as a task (``asyncio.create_task(connect(...))``, ``TaskGroup.create_task``).
-    Like any coroutine it runs once.
+    Like any coroutine it runs once, and one never awaited is reported
+    (``RuntimeWarning: coroutine ... was never awaited``).
     """
 
     __name__ = __qualname__ = "connect"  # what a task's repr shows
 
-    def __init__(self, *args: Any) -> None:
-        self._args = args
-        self._coro: CoroutineType[Any, Any, ClientBus] | None = None
+    def __init__(self, coro: CoroutineType[Any, Any, ClientBus]) -> None:
+        self._coro = coro
         self._bus: ClientBus | None = None
-        self._driven = False  # awaited or sent to: its coroutine runs (or ran)
-
-    def _inner(self) -> CoroutineType[Any, Any, ClientBus]:
-        # Made on first use: a connect() only entered with `async with` (or
-        # never used) leaves no "coroutine was never awaited" warning behind.
-        if self._coro is None:
-            coro = _connect(*self._args)
-            assert isinstance(coro, CoroutineType)  # an async def's: cr_* attributes
-            self._coro = coro
-        return self._coro
 
     def __await__(self) -> Generator[Any, None, ClientBus]:
-        coro = self._inner()
+        coro = self._coro
         # A coroutine refuses a second awaiter while the first one waits on it
         # (its __await__ wrapper skips that check: made here).
         if coro.cr_running or coro.cr_await is not None:
             raise RuntimeError("coroutine is being awaited already")
-        self._driven = True  # `await connect()` drops this object before the first step
         return coro.__await__()
 
     @property
     def cr_running(self) -> bool:
         """Coroutine protocol (``inspect.getcoroutinestate``): running now."""
-        return self._coro is not None and self._coro.cr_running
+        return self._coro.cr_running
 
     @property
     def cr_frame(self) -> Any:
         """Coroutine protocol: the frame of the connect (``None`` once finished)."""
-        return self._inner().cr_frame
+        return self._coro.cr_frame
 
     @property
     def cr_await(self) -> Any:
         """Coroutine protocol: what the connect waits on now."""
-        return None if self._coro is None else self._coro.cr_await
+        return self._coro.cr_await
 
     @property
     def cr_suspended(self) -> bool:
         """Coroutine protocol (Python 3.12+): suspended at an ``await``."""
-        return self._coro is not None and bool(getattr(self._coro, "cr_suspended", False))
+        return bool(getattr(self._coro, "cr_suspended", False))
 
     @property
     def cr_code(self) -> Any:
         """Coroutine protocol: the code object of the connect."""
-        return self._inner().cr_code
+        return self._coro.cr_code
 
     def send(self, value: Any) -> Any:
         """Coroutine protocol (what a task drives): resume the connect."""
-        self._driven = True
-        return self._inner().send(value)
+        return self._coro.send(value)
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         """Coroutine protocol: raise an exception (a cancellation) inside the connect."""
         if val is None and tb is None:
-            return self._inner().throw(typ)
-        return self._inner().throw(typ, val, tb)
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
 
     def close(self) -> None:
         """Coroutine protocol: stop a connect under way (closes what it made);
         a connect closed before it started never runs."""
-        self._inner().close()
-
-    def __del__(self) -> None:
-        # Made only to be looked at (cr_frame, inspect) and never run: no
-        # "never awaited" warning, as for a connect() never looked at.
-        coro = self._coro
-        if coro is not None and not self._driven and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
-            coro.close()
+        self._coro.close()
 
     async def __aenter__(self) -> ClientBus:
         self._bus = await self
@@ -406,15 +386,8 @@ def connect(
     default, ``0``: off); a bad value raises ``ValueError`` here, at once.
     """
     window = spin_window(spin_us)
-    return Connecting(
-        bus,
-        transport,
-        name,
-        autostart,
-        reconnect,
-        max_frame,
-        root,
-        group,
-        window,
-        transport_options,
+    coro = _connect(
+        bus, transport, name, autostart, reconnect, max_frame, root, group, window, transport_options
     )
+    assert isinstance(coro, CoroutineType)  # an async def's: the cr_* attributes Connecting shows
+    return Connecting(coro)

@@ -39,7 +39,7 @@ from typing import Any
 
 import msgspec
 
-from .busdir import fifo_has_reader, read_pidfile
+from .busdir import BusDir, fifo_has_reader, read_pidfile
 from .records import (
     FOLDER_LOCK,
     PENDING_PREFIX,
@@ -56,6 +56,7 @@ __all__ = [
     "Finding",
     "collect",
     "pool_dir_name",
+    "process_folder",
     "reclaim_pools",
     "remove_pool_dir",
     "scan",
@@ -313,6 +314,16 @@ def pool_dir_name(pid: int | None = None) -> str:
     if pid is None:
         pid = os.getpid()
     return f"_pool-{pid}-{pid_start_time(pid) or 0}"
+
+
+def process_folder() -> BusDir:
+    """This process's records folder (:func:`pool_dir_name`), made if missing.
+
+    Its worker pools and direct shm links record their objects there.
+    Raises what :meth:`~ipcbus.busdir.BusDir.ensure` raises.
+    """
+    with FOLDER_LOCK:  # not removed half-made by another thread emptying it
+        return BusDir(pool_dir_name()).ensure()
 
 
 def remove_pool_dir(path: Path) -> bool:

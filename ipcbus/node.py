@@ -978,18 +978,10 @@ class Node:
                 routes.clear()
             if not routes:
                 del self._reply_routes[reply]
-                self._route(
-                    fr.Msg(
-                        reply,
-                        headers={
-                            STATUS_HEADER: "closed",
-                            ERROR_TYPE_HEADER: ls.crash_error,
-                            ERROR_MSG_HEADER: f"the responder's link {ls.name!r} "
-                            f"(pid {ls.link.info.peer_pid}) closed ({reason})",
-                        },
-                    ),
-                    None,
-                    None,
+                self.closed_status(
+                    reply,
+                    ls.crash_error,
+                    f"the responder's link {ls.name!r} (pid {ls.link.info.peer_pid}) closed ({reason})",
                 )
         ls.inflight.clear()
         log.info(
@@ -1555,11 +1547,17 @@ class Node:
         )
 
     def _closed_reply(self, m: fr.Msg, kind: str, why: str) -> None:
-        """Answer the request ``m`` with a ``closed`` status: ``kind`` raised, saying ``why``."""
+        """Answer the request ``m`` with a ``closed`` status, unless it is a status itself."""
         if m.reply is None or (m.headers and STATUS_HEADER in m.headers):
             return
+        self.closed_status(m.reply, kind, why)
+
+    def closed_status(self, reply: str, kind: str, why: str) -> None:
+        """Tell the requester waiting on ``reply`` that nobody will answer: a
+        ``closed`` status, which its ``request()`` raises as ``kind``
+        (``ConnectionClosed`` or ``WorkerCrashed``) saying ``why``."""
         headers = {STATUS_HEADER: "closed", ERROR_TYPE_HEADER: kind, ERROR_MSG_HEADER: why}
-        self._route(fr.Msg(m.reply, headers=headers), None, None)
+        self._route(fr.Msg(reply, headers=headers), None, None)
 
     def _others_may_answer(self, reply: str, m: fr.Msg, origin: LinkState) -> bool:
         """Whether to hold back ``m``, a no-responders status for ``reply`` from ``origin``.

@@ -35,12 +35,10 @@ import anyio
 import msgspec
 
 from . import frames as fr
-from .busdir import BusDir
 from .client import Bus
 from .errors import BusClosed, IpcBusError, WorkerStartError
-from .gc import pool_dir_name, reclaim_pools, remove_pool_dir
+from .gc import process_folder, reclaim_pools, remove_pool_dir
 from .node import LinkState, Node, shielded
-from .records import FOLDER_LOCK
 from .spin import spin_window
 from .transports.base import Link
 from .transports.pipe import ChildPipes
@@ -244,8 +242,7 @@ class WorkerPool:
         died, once per pool.
         """
         try:
-            with FOLDER_LOCK:  # not removed half-made by a direct shm link's thread
-                bd = BusDir(pool_dir_name()).ensure()
+            bd = process_folder()
         except (IpcBusError, OSError) as exc:
             log.warning(
                 "worker pool %r: cannot record its kernel objects (%s); if this process "

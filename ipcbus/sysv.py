@@ -588,15 +588,8 @@ class MessageQueue:
             op.abandoned = True
             fut = op.future
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # Its message came as this task was cancelled (a wait_for
-                # timeout): kept for the next receive that matches, or put
-                # back in the queue if this object closed meanwhile.
-                kept: Message = fut.result()
-                if self._closed:
-                    self._put_back(kept)
-                else:
-                    self._stash.append(kept)  # after those taken before it
-                    self._hand_over(kept)
+                # Its message came as this task was cancelled (a wait_for timeout).
+                self._keep(fut.result())
             raise
 
     # -- helper threads ---------------------------------------------------
@@ -658,15 +651,8 @@ class MessageQueue:
                         self._q.send(b"", False, msg.type)
                 result = None
                 error = ConnectionClosed(f"this MessageQueue (SysV queue id {self.id}) was closed")
-            elif not op.abandoned:
-                pass  # its receive is awaited: it gets the message, once
-            elif self._closed:
-                # Nobody can receive it from this object any more: put it back in
-                # the queue (at the tail of its type) rather than lose it.
-                self._put_back(msg)
-            else:
-                self._stash.append(msg)
-                self._hand_over(msg)
+            elif op.abandoned:  # else its receive is awaited: it gets the message, once
+                self._keep(msg)
         if not op.future.done():
             if error is not None:
                 op.future.set_exception(error)
@@ -675,6 +661,16 @@ class MessageQueue:
         # An exception nobody awaits (abandoned op) must not be reported as lost.
         if op.abandoned and op.future.done() and not op.future.cancelled():
             op.future.exception()
+
+    def _keep(self, msg: Message) -> None:
+        """A message taken for a receive whose task was cancelled: kept (after
+        those kept before it) for the next receive that matches, or given to
+        one waiting now; put back in the queue if this object is closed."""
+        if self._closed:
+            self._put_back(msg)  # at the tail of its type, rather than lost
+        else:
+            self._stash.append(msg)
+            self._hand_over(msg)
 
     def _hand_over(self, msg: Message) -> None:
         """Give a stashed message to a receive awaited now that it matches.

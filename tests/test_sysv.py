@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -191,6 +192,35 @@ async def receivers_blocked(n: int) -> list[threading.Thread]:
             await asyncio.sleep(0.005)
 
 
+async def abandon_receive(q: MessageQueue, type: int) -> None:
+    """A receive of ``type`` cancelled once its thread waits in ``msgrcv``: the
+    thread stays, and ``q`` keeps what it takes."""
+    task = asyncio.create_task(q.receive(type=type))
+    await receivers_blocked(len(_in_msgrcv()) + 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def until_taken(op: Any) -> None:
+    """Until ``op``'s thread has handed its message over (its future is done).
+
+    Loop turns, not time: the receive that awaits it is then cancelled
+    between the hand-over and its own resumption.
+    """
+    with anyio.fail_after(10):
+        while not op.future.done():
+            await asyncio.sleep(0)
+
+
+async def result_or_nothing(task: asyncio.Task[Message]) -> list[Message]:
+    """What a receive cancelled at the last moment returned: its message, or nothing."""
+    try:
+        return [await task]
+    except asyncio.CancelledError:
+        return []
+
+
 async def test_aclose_fails_a_receive_still_awaited(queue: MessageQueue) -> None:
     """It returned aclose's own zero-length wake-up message as if received."""
     waiting = asyncio.create_task(queue.receive(type=0))
@@ -220,11 +250,7 @@ async def test_aclose_gives_a_message_that_won_the_race_once(queue: MessageQueue
 async def test_a_message_taken_by_a_cancelled_receive_reaches_a_later_one(queue: MessageQueue) -> None:
     """A cancelled receive(-5)'s thread takes a type-3 message that a later
     receive(0) waits for: it was stashed while receive(0) waited on forever."""
-    cancelled = asyncio.create_task(queue.receive(type=-5))
-    await receivers_blocked(1)
-    cancelled.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await cancelled
+    await abandon_receive(queue, -5)
     later = asyncio.create_task(queue.receive(type=0))
     await receivers_blocked(2)  # the cancelled one's thread is first in the kernel's line
     other = MessageQueue.open(queue.key)
@@ -264,25 +290,16 @@ async def test_a_receive_cancelled_as_its_message_came_loses_nothing(
     """Its message was in the receive's future when the task was cancelled
     (an asyncio.wait_for timeout): neither returned nor kept, it was lost."""
     if handed_over:  # the message reaches it through a cancelled receive(-5)'s thread
-        cancelled = asyncio.create_task(queue.receive(type=-5))
-        await receivers_blocked(1)
-        cancelled.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await cancelled
+        await abandon_receive(queue, -5)
     waiting = asyncio.create_task(queue.receive(type=0))
     await receivers_blocked(2 if handed_over else 1)
     op = next(o for o in queue._ops if o.type == 0)
     other = MessageQueue.open(queue.key)
     try:
         assert other.try_send(b"precious", type=3)
-        with anyio.fail_after(10):
-            while not op.future.done():
-                await asyncio.sleep(0)
+        await until_taken(op)
         waiting.cancel()  # before the task resumes with it
-        try:
-            got = [await waiting]
-        except asyncio.CancelledError:
-            got = []
+        got = await result_or_nothing(waiting)
         got += [m for m in iter(lambda: queue.try_receive(0), None)]
         assert got == [Message(b"precious", 3)]
     finally:
@@ -297,15 +314,10 @@ async def test_a_receive_cancelled_after_the_close_puts_its_message_back(queue: 
     await receivers_blocked(1)
     op = next(iter(q._ops))
     assert queue.try_send(b"precious", type=7)
-    with anyio.fail_after(10):
-        while not op.future.done():
-            await asyncio.sleep(0)
+    await until_taken(op)
     waiting.cancel()
     await q.aclose()  # nothing left to wait for: done before the task resumes
-    try:
-        got = [await waiting]
-    except asyncio.CancelledError:
-        got = []
+    got = await result_or_nothing(waiting)
     got += [m for m in iter(lambda: queue.try_receive(0), None)]
     assert got == [Message(b"precious", 7)]
 
@@ -314,22 +326,16 @@ async def test_a_close_cut_short_is_finished_by_the_next(queue: MessageQueue) ->
     """aclose() cancelled while it waited for a send in flight: a second call
     returned at once, and what the object kept was never put back."""
     q = MessageQueue.open(queue.key)
-    cancelled = asyncio.create_task(q.receive(5))
-    await receivers_blocked(1)
-    cancelled.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await cancelled
+    await abandon_receive(q, 5)
     assert queue.try_send(b"precious", type=5)  # taken by that thread, kept
     with anyio.fail_after(10):
-        while q._ops:
-            await asyncio.sleep(0.01)
+        await q._wait_ops()  # its thread took it
     assert queue.set_max_bytes(64) == 64
     while queue.try_send(b"x" * 16, type=1):
         pass
     sending = asyncio.create_task(q.send(b"y" * 16, type=2))
-    with anyio.fail_after(10):
-        while not q._ops:  # it waits for room in a thread
-            await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # its first step: no room, so it waits in a thread
+    assert q._ops
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(q.aclose(), 0.2)
     while queue.try_receive(1) is not None:  # room
@@ -363,28 +369,20 @@ async def test_aclose_returns_when_another_reader_took_its_wake_up(queue: Messag
 
 async def test_a_message_kept_from_a_cancelled_receive_keeps_its_place(queue: MessageQueue) -> None:
     """A message that came as its receive was cancelled went ahead of one kept before it."""
-    cancelled = asyncio.create_task(queue.receive(3))
-    await receivers_blocked(1)
-    cancelled.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await cancelled
+    await abandon_receive(queue, 3)
     other = MessageQueue.open(queue.key)
     try:
         assert other.try_send(b"m1-first", type=3)  # taken by that thread, kept
         with anyio.fail_after(10):
-            while queue._ops:
-                await asyncio.sleep(0.01)
+            await queue._wait_ops()  # its thread took it
         waiting = asyncio.create_task(queue.receive(5))
         await receivers_blocked(1)
         op = next(iter(queue._ops))
         assert other.try_send(b"m2-second", type=5)
-        with anyio.fail_after(10):
-            while not op.future.done():
-                await asyncio.sleep(0)
+        await until_taken(op)
         waiting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            assert await waiting == Message(b"m2-second", 5)
-            return  # it resumed with it before the cancellation: nothing to order
+        if await result_or_nothing(waiting):
+            return  # it resumed with its message before the cancellation: nothing to order
         assert await queue.receive(0) == Message(b"m1-first", 3)
         assert await queue.receive(0) == Message(b"m2-second", 5)
     finally:

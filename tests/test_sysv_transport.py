@@ -1034,19 +1034,28 @@ def test_messages_fit_the_queue_where_msgmax_is_above_its_capacity() -> None:
     assert res.returncode == 0 and "ok 65536 16384" in res.stdout, res.stdout + res.stderr
 
 
-async def test_more_than_64_links_in_one_process(acceptor: SysvAcceptor) -> None:
-    """Addresses were pid << 6 | n mod 64: the 65th link reused the first's, and
-    the hub refused it (BusBusy) while the first was open."""
-    pairs = [await connect_here(acceptor) for _ in range(70)]
+@contextlib.asynccontextmanager
+async def linked(acc: SysvAcceptor, n: int) -> AsyncIterator[list[tuple[Link, Link]]]:
+    """``n`` in-process clients of ``acc`` (client link, hub link), all closed at the end
+    (those appended meanwhile too)."""
+    pairs: list[tuple[Link, Link]] = []
     try:
-        addresses = {c.info.objects["address"] for c, _ in pairs}
-        assert len(addresses) == 70
-        for c, h in (pairs[0], pairs[64], pairs[69]):
-            await roundtrip(c, h)
+        for _ in range(n):
+            pairs.append(await connect_here(acc))
+        yield pairs
     finally:
         for c, h in pairs:
             await c.aclose()
             await h.aclose()
+
+
+async def test_more_than_64_links_in_one_process(acceptor: SysvAcceptor) -> None:
+    """Addresses were pid << 6 | n mod 64: the 65th link reused the first's, and
+    the hub refused it (BusBusy) while the first was open."""
+    async with linked(acceptor, 70) as pairs:
+        assert len({c.info.objects["address"] for c, _ in pairs}) == 70
+        for c, h in (pairs[0], pairs[64], pairs[69]):
+            await roundtrip(c, h)
 
 
 async def test_a_process_out_of_addresses_is_told_so(
@@ -1055,20 +1064,15 @@ async def test_a_process_out_of_addresses_is_told_so(
     import ipcbus.transports.sysv as sysv_transport
 
     monkeypatch.setattr(sysv_transport, "ADDRESS_SLOTS", 3)
-    pairs = [await connect_here(acceptor) for _ in range(3)]
-    with pytest.raises(ConnectionClosed, match="already holds 3 SysV links to hubs"):
-        await connect_here(acceptor)
-    c, h = pairs.pop(0)
-    await c.aclose()  # gives its address back
-    await h.aclose()
-    pairs.append(await connect_here(acceptor))
-    try:
+    async with linked(acceptor, 3) as pairs:
+        with pytest.raises(ConnectionClosed, match="already holds 3 SysV links to hubs"):
+            await connect_here(acceptor)
+        c, h = pairs.pop(0)
+        await c.aclose()  # gives its address back
+        await h.aclose()
+        pairs.append(await connect_here(acceptor))
         for c, h in pairs:
             await roundtrip(c, h)
-    finally:
-        for c, h in pairs:
-            await c.aclose()
-            await h.aclose()
 
 
 async def test_an_empty_data_message_from_another_process_is_a_protocol_error(

@@ -1796,12 +1796,10 @@ class ShmLink(Link):
 def _process_folder() -> Path | None:
     """This process's records folder (see :mod:`ipcbus.gc`), made if missing;
     ``None`` if it cannot be (the direct link then records nothing)."""
-    from ..busdir import BusDir
-    from ..gc import pool_dir_name
+    from ..gc import process_folder
 
     try:
-        with records.FOLDER_LOCK:  # not removed half-made by another thread's link
-            return BusDir(pool_dir_name()).ensure().path
+        return process_folder().path
     except (IpcBusError, OSError) as exc:
         log.warning("shm link: cannot record its kernel objects (%s); if this process is "
                     "killed before the peer attaches, they stay behind", exc)

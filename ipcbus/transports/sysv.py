@@ -1049,8 +1049,7 @@ class SysvLink(Link):
         mf = self.max_frame
         # Parsed whole before any is delivered: a message refused for what
         # follows (truncated, trailing bytes) delivers none of its frames.
-        frames: list[bytes] = []
-        rx = frames
+        rx: list[bytes] = []
         unpack = HEADER.unpack_from
         got = 0
         for _ in range(n):
@@ -1071,7 +1070,7 @@ class SysvLink(Link):
             got += ln
         if pos != end:
             raise ProtocolError(f"FRAMES message has {end - pos} trailing bytes after {n} frames")
-        self._rx.extend(frames)
+        self._rx.extend(rx)
         self._rx_held += got
         info = self.info
         info.msgs_in += n
@@ -1632,33 +1631,29 @@ class _ClientLink(SysvLink):
         tx, q, hub_pid = self._tx, self._out_q, self._hub_pid
         if tx is None:
             return
+        # The thread waits for a stopped hub to read; a hub that dies instead
+        # never will.  Its queue then holds only garbage: drained, the blocked
+        # msgsnd gets room and the thread ends.  (A new hub makes a new queue:
+        # this handle's id then fails, and the thread has ended with EIDRM.)
         try:
             pidfd: int | None = os.pidfd_open(hub_pid)  # not fooled by a reused pid
         except ProcessLookupError:
-            pidfd = -1  # gone already
+            _drain_garbage(q)  # dead already
+            return
         except OSError:
             pidfd = None  # out of fds: poll the pid instead
 
-        def hub_dead() -> bool:
-            if pidfd is None:
-                return not _pid_alive(hub_pid)
-            return pidfd < 0 or bool(select.select([pidfd], [], [], 0)[0])
-
         def free_when_the_hub_dies() -> None:
-            # The thread waits for a stopped hub to read; a hub that dies
-            # instead never will.  Its queue then holds only garbage: drained,
-            # the blocked msgsnd gets room and the thread ends.  (A new hub
-            # makes a new queue: this handle's id then fails, and the thread
-            # has ended with EIDRM already.)
             try:
                 while tx.is_alive():
-                    if hub_dead():
-                        with contextlib.suppress(sysv_ipc.Error, OSError):
-                            while True:
-                                q.receive(False, 0)
+                    if (
+                        not _pid_alive(hub_pid) if pidfd is None
+                        else select.select([pidfd], [], [], 0)[0]
+                    ):
+                        _drain_garbage(q)
                     tx.join(0.2)
             finally:
-                if pidfd is not None and pidfd >= 0:
+                if pidfd is not None:
                     os.close(pidfd)
 
         threading.Thread(
@@ -1675,9 +1670,7 @@ class _ClientLink(SysvLink):
         """
         if not self._peer_gone or (not self._peer_exited and _pid_alive(self._hub_pid)):
             return
-        with contextlib.suppress(sysv_ipc.Error, OSError):
-            while True:
-                self._out_q.receive(False, 0)
+        _drain_garbage(self._out_q)
 
     def _teardown(self) -> None:
         if self._torn_down:
@@ -2048,6 +2041,13 @@ def _new_queue(
         key=key,
         remove=lambda made: made[0].remove(),
     )
+
+
+def _drain_garbage(q: sysv_ipc.MessageQueue) -> None:
+    """Empty the queue of a dead hub (``IPC_NOWAIT``): a sender blocked on it gets room."""
+    with contextlib.suppress(sysv_ipc.Error, OSError):
+        while True:
+            q.receive(False, 0)
 
 
 def _check_peer_pid(pid: object) -> None:
