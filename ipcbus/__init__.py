@@ -37,6 +37,16 @@ from .hub import Hub
 from .node import LinkState, Node
 from .pool import WorkerPool
 from .spin import DEFAULT_SPIN_US, SPIN_ENV, Spinner, spin_window
+from .stats import (
+    HubStats,
+    HubSubscription,
+    LinkStats,
+    NodeCounters,
+    NodeStats,
+    PoolStats,
+    SubscriptionStats,
+    WorkerStats,
+)
 from .transports.base import Link, LinkInfo
 
 __version__ = "0.1.0"
@@ -62,14 +72,20 @@ __all__ = [
     "FrameTooLarge",
     "HandshakeTimeout",
     "Hub",
+    "HubStats",
+    "HubSubscription",
     "IpcBusError",
     "Link",
     "LinkInfo",
     "LinkState",
+    "LinkStats",
     "Msg",
     "NoResponders",
     "Node",
+    "NodeCounters",
+    "NodeStats",
     "PermissionRefused",
+    "PoolStats",
     "ProtocolError",
     "RemoteError",
     "RequestTimeout",
@@ -77,9 +93,11 @@ __all__ = [
     "SlowConsumer",
     "Spinner",
     "Subscription",
+    "SubscriptionStats",
     "WorkerCrashed",
     "WorkerPool",
     "WorkerStartError",
+    "WorkerStats",
     "__version__",
     "connect",
     "keep_heap",

@@ -44,6 +44,7 @@ from .node import (
     SubscriptionCore,
     wait_writable,
 )
+from .stats import NodeStats
 from .subjects import validate_subject
 from .transports.base import Link
 
@@ -927,7 +928,7 @@ class Bus:
             if not fut.done():
                 fut.set_exception(BusClosed("bus closed while waiting for a reply"))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> NodeStats:
         """Counters: msgs/bytes in and out, pending, dropped, per subscription and per link."""
         return self._node.stats()
 

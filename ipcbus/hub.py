@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Literal, Protocol, Self, cast
 
 import anyio
 
@@ -38,6 +38,7 @@ from .node import (
     SubscriptionCore,
     shielded,
 )
+from .stats import HubStats, HubSubscription, NodeCounters
 from .transports.base import Link
 from .transports.door import Acceptor, Door, Knock, serve_door
 
@@ -231,8 +232,8 @@ class Hub:
         self.accepted += 1
         log.info("hub %s: connected %s over %s", self.name, who, knock.transport)
 
-    def _subscriptions(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
+    def _subscriptions(self) -> list[HubSubscription]:
+        out: list[HubSubscription] = []
         for ls in self.node.links:
             for subject, queue in sorted(ls.remote_keys, key=lambda k: (k[0], k[1] or "")):
                 if subject.startswith("_INBOX."):
@@ -247,7 +248,7 @@ class Hub:
                 )
         return out
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> HubStats:
         """What ``ipcbus ls`` shows: hub, links, subscriptions, kernel objects."""
         from .records import list_records
 
@@ -274,7 +275,7 @@ class Hub:
             "transports": list(self.transports),
             "accepted": self.accepted,
             "refused": self.refused,
-            "node": {k: v for k, v in node.items() if k != "links"},
+            "node": cast(NodeCounters, {k: v for k, v in node.items() if k != "links"}),
             "links": node["links"],
             "subscriptions": self._subscriptions(),
             "objects": objects,

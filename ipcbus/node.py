@@ -44,7 +44,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeVar
+from typing import Any, Final, Literal, Self, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -64,6 +64,7 @@ from .errors import (
     SlowConsumer,
 )
 from .spin import Spinner, spin_window
+from .stats import LinkStats, NodeStats
 from .subjects import SubjectIndex, matches, validate_pattern, validate_subject
 from .transports.base import Link
 
@@ -460,7 +461,7 @@ class LinkState:
         """How loaded this link is, for least-busy queue-group selection."""
         return len(self.inflight) * 65536 + self.link.pending_out
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> LinkStats:
         """Counters and identity of this link."""
         d = self.link.info.as_dict()
         d.update(
@@ -476,7 +477,7 @@ class LinkState:
         if self.peer is not None:
             d["peer_pid"] = d.get("peer_pid") or self.peer.pid
             d["peer_uid"] = d.get("peer_uid") if d.get("peer_uid") is not None else self.peer.uid
-        return d
+        return cast(LinkStats, d)
 
 
 class Node:
@@ -2023,7 +2024,7 @@ class Node:
 
     # -- introspection -------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> NodeStats:
         """Counters for the node and each link."""
         subs = list(self._subs.values())
         return {

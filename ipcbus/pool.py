@@ -40,6 +40,7 @@ from .errors import BusClosed, IpcBusError, WorkerStartError
 from .gc import process_folder, reclaim_pools, remove_pool_dir
 from .node import LinkState, Node, shielded
 from .spin import spin_window
+from .stats import PoolStats
 from .transports.base import Link
 from .transports.pipe import ChildPipes
 
@@ -173,7 +174,7 @@ class WorkerPool:
         """Pids of the workers currently running."""
         return [w.proc.pid for w in self._workers if w.proc is not None and w.state == "ready"]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> PoolStats:
         """Per-worker state, restarts and crashes, plus the node's counters."""
         return {
             "workers": [

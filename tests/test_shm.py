@@ -876,6 +876,10 @@ def test_bad_create_arguments() -> None:
         ShmLink.create(None, ring_size=1000)
     with pytest.raises(ValueError, match="mode"):
         ShmLink.create(None, mode=0o666)
+    # A group link's bells must be where the group can open them: not in a
+    # private folder of the creator's.
+    with pytest.raises(ValueError, match=r"group link \(gid=4242\) needs busdir"):
+        ShmLink.create(None, mode=0o660, gid=4242)
 
 
 async def test_records_kept_until_attached(tmp_path: Path) -> None:

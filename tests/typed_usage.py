@@ -74,3 +74,23 @@ async def pool() -> None:
         await bus.serve("double", double)
         await bus.serve("raw", raw)
         await bus.drain(timeout=None)
+
+
+def counters(bus: ipcbus.Bus, pool: ipcbus.WorkerPool, hub: ipcbus.Hub) -> int:
+    """The stats() snapshots, typed key by key."""
+    st = bus.stats()
+    assert_type(st, ipcbus.NodeStats)
+    assert_type(st["msgs_in"], int)
+    for link in st["links"]:
+        assert_type(link, ipcbus.LinkStats)
+        assert_type(link["peer_pid"], int | None)
+    for sub in st["subscriptions"]:
+        assert_type(sub["queue"], str | None)
+    ps = pool.stats()
+    crashes = sum(w["crashes"] for w in ps["workers"])
+    node = ps["node"]
+    if node is not None:
+        crashes += node["dropped"]
+    hs = hub.stats()
+    assert_type(hs["node"], ipcbus.NodeCounters)
+    return crashes + hs["accepted"] + len(hs["subscriptions"])

@@ -509,11 +509,18 @@ class ShmLink(Link):
         more.  Without, they are made and recorded in this process's records
         folder under the bus root (``_pool-<pid>-<start>``, shared with its
         worker pools; ``ipcbus gc --all`` collects it once the process is
-        gone), or, for a group link (``gid``) or when that folder cannot be
-        made, in a private temporary directory, unrecorded.
-        ``mode`` is 0o600, or 0o660 with ``gid`` for a group bus.
+        gone), or, when that folder cannot be made, in a private temporary
+        directory, unrecorded.
+        ``mode`` is 0o600, or 0o660 with ``gid`` for a group bus.  A group
+        link needs ``busdir``, a folder the group can reach (its bells are
+        made there): ``gid`` without it raises ``ValueError``.
         """
         _check_mode(mode)
+        if gid is not None and busdir is None:
+            raise ValueError(
+                f"a group link (gid={gid}) needs busdir: a folder its group can reach, where its "
+                "bells are made and its objects recorded (a private link takes no gid)"
+            )
         if (
             not isinstance(ring_size, int)
             or ring_size % 4096
@@ -525,8 +532,8 @@ class ShmLink(Link):
             )
         if not 1 <= max_frame <= _MAX_LEN:
             raise ValueError(f"max_frame must be between 1 and {_MAX_LEN} bytes, not {max_frame}")
-        own_folder = busdir is None and gid is None
-        busdir = Path(busdir) if busdir is not None else _process_folder() if own_folder else None
+        own_folder = busdir is None
+        busdir = Path(busdir) if busdir is not None else _process_folder()
         own_folder = own_folder and busdir is not None
         size = HEADER_SIZE + 2 * ring_size
         nonce = secrets.token_bytes(_NONCE_LEN)
