@@ -1,4 +1,4 @@
-"""Worker-side setup for the worker-pool example: each worker serves `resize` and `echo`.
+"""Worker-side setup for the worker-pool example: each worker serves `resize`, `echo` and `pid`.
 
 Run by `examples/worker_pool.py` and `examples/sysv_pool.py`; a WorkerPool imports
 it as "examples.workers:setup" (or "workers:setup" when started from this directory).

@@ -60,7 +60,21 @@ EXIT_CODES: dict[type[BaseException], int] = {
     BusBusy: 8,
 }
 
-bus_option = click.option("--bus", "bus_name", default="default", show_default=True, help="Name of the bus.")
+def _bus_name(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Reject an invalid bus name as a usage error, while the command line is parsed."""
+    from .busdir import validate_bus_name
+
+    if value is not None:
+        try:
+            validate_bus_name(value)
+        except BadBusName as exc:
+            raise click.BadParameter(str(exc), param=param) from None
+    return value
+
+
+bus_option = click.option(
+    "--bus", "bus_name", default="default", show_default=True, callback=_bus_name, help="Name of the bus."
+)
 transport_option = click.option(
     "--transport",
     type=click.Choice(["fifo", "sysv", "shm"]),
@@ -191,8 +205,14 @@ def _daemonize() -> int:
 
 
 @main.command()
-@click.argument("name", default=None, required=False)
-@click.option("--bus", "bus_name", default=None, help="Name of the bus (same as NAME; default `default`).")
+@click.argument("name", default=None, required=False, callback=_bus_name)
+@click.option(
+    "--bus",
+    "bus_name",
+    default=None,
+    callback=_bus_name,
+    help="Name of the bus (same as NAME; default `default`).",
+)
 @click.option("--daemon", is_flag=True, help="Detach and run in the background.")
 @click.option("--group", default=None, help="Open the bus to this Unix group (0660 objects).")
 @click.option(
@@ -231,13 +251,6 @@ def hub(
             f"{transports!r}: choose one or more of {','.join(ALL_TRANSPORTS)}, comma-separated",
             param_hint="--transports",
         )
-    if daemon:
-        from .busdir import validate_bus_name
-
-        try:
-            validate_bus_name(name)  # a usage error, reported before detaching
-        except BadBusName as exc:
-            _fail(exc)
     ready_fd = _daemonize() if daemon else -1
 
     def tell(word: str, *, done: bool = True) -> None:
@@ -433,7 +446,7 @@ def ls_cmd(bus_name: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--bus", "bus_name", default=None, help="Collect this bus only.")
+@click.option("--bus", "bus_name", default=None, callback=_bus_name, help="Collect this bus only.")
 @click.option("--all", "all_buses", is_flag=True, help="Collect every bus in the bus root.")
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
 def gc(bus_name: str | None, all_buses: bool, dry_run: bool) -> None:

@@ -170,6 +170,8 @@ def test_usage_errors_exit_2(args: list[str], fragment: str) -> None:
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, (args, res.output, res.exception)
     assert fragment in res.output, res.output
+    # click's usage message, as docs/cli.md says of every usage error
+    assert "Usage: " in res.output and "Error: " in res.output, res.output
 
 
 def test_render_payload() -> None:
