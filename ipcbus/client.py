@@ -394,7 +394,11 @@ class Service:
         m = Msg(f.subject, f.payload, f.reply, f.headers, self._bus)
         try:
             result = self.handler(m if self._arg_type is None else self._arg(m))
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise  # the program is meant to stop
+        except BaseException as exc:  # an Exception, or a BaseException of its own (CancelledError)
+            # An answer, not a raise: this runs in the read callback of the
+            # link, with the rest of the batch (other requests) still to route.
             self._error_now(m, exc)
             return
         if type(result) is not bytes and inspect.isawaitable(result):
@@ -432,11 +436,20 @@ class Service:
         """Await the handler's result and send it (or its failure), with backpressure."""
         try:
             result = await call()
-        except asyncio.CancelledError:
-            if self._stopped:  # tell the requester now, not at its timeout
-                self._closed_status(m.reply)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():
+                # Not this task being cancelled: the handler's own (it awaited a
+                # future or task that someone cancelled).  Its requester gets
+                # the error, as for any exception.
+                full = self._error_now(m, exc)
+            else:
+                if self._stopped:  # tell the requester now, not at its timeout
+                    self._closed_status(m.reply)
+                raise
+        except (KeyboardInterrupt, SystemExit):
             raise
-        except Exception as exc:
+        except BaseException as exc:  # a BaseException of the handler's own
             full = self._error_now(m, exc)
         else:
             full = self._reply_now(m, result)

@@ -34,6 +34,26 @@ async def setup(bus: ipcbus.Bus) -> None:
     await bus.serve("slow.hang", hang, queue="slow")
     await bus.serve("slow.sleep", sleep, queue="slow")
 
+    # Handlers that raise what is not an Exception (plugin code does).
+    def base(m: ipcbus.Msg) -> bytes:
+        raise PluginAbort("a BaseException of the plugin's own")
+
+    def cancelled(m: ipcbus.Msg) -> bytes:
+        raise asyncio.CancelledError()
+
+    async def awaits_cancelled(m: ipcbus.Msg) -> bytes:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fut.cancel()  # someone else cancelled what the handler waits for
+        return await fut
+
+    await bus.serve("bad.base", base, queue="bad")
+    await bus.serve("bad.cancelled", cancelled, queue="bad")
+    await bus.serve("bad.awaits_cancelled", awaits_cancelled, queue="bad")
+
+
+class PluginAbort(BaseException):
+    """Not an Exception: what a plugin may raise to get out of a deep call."""
+
 
 async def setup_raises(bus: ipcbus.Bus) -> None:
     """Setup that fails with a clear error."""

@@ -26,7 +26,7 @@ import pytest
 
 import ipcbus
 import ipcbus.pool as pool_module
-from ipcbus import BusClosed, WorkerCrashed, WorkerPool, WorkerStartError
+from ipcbus import BusClosed, RemoteError, WorkerCrashed, WorkerPool, WorkerStartError
 from ipcbus.gc import sysv_table
 from ipcbus.records import list_records
 
@@ -126,6 +126,30 @@ async def test_pub_sub_reaches_every_worker_and_back() -> None:
                 tg.start_soon(lambda: pool.bus.request("slow.sleep", 0.01, timeout=10))
         pids = {(await started.next(timeout=10)).decode(int) for _ in range(2)}
         assert pids == set(pool.pids)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_handler_raising_a_base_exception_answers_and_loses_nothing(transport: str) -> None:
+    """A handler raising a BaseException of its own (a CancelledError, a plugin's
+    class) is answered with RemoteError, like any exception; the requests read
+    in the same batch are answered; the worker keeps serving.  (They were lost,
+    and on sysv the worker's link never read again.)"""
+    async with WorkerPool("pool_workers:setup", workers=1, transport=transport, env=worker_env()) as pool:
+        bad = ["bad.base", "bad.cancelled", "bad.awaits_cancelled"]
+        for _ in range(2):  # the second round: the link still reads
+            # One burst: the bad requests among good ones, read in one batch.
+            subjects = [s for b in bad for s in (b, "echo", "echo")]
+            results = await asyncio.gather(
+                *(pool.bus.request(s, b"x", timeout=10) for s in subjects), return_exceptions=True
+            )
+            for subject, res in zip(subjects, results, strict=True):
+                if subject == "echo":
+                    assert isinstance(res, ipcbus.Msg) and res.data == b"x", res
+                else:
+                    assert isinstance(res, RemoteError), (subject, res)
+            errors = [r for r in results if isinstance(r, RemoteError)]
+            assert [e.type_name for e in errors] == ["PluginAbort", "CancelledError", "CancelledError"]
+        assert [w["state"] for w in pool.stats()["workers"]] == ["ready"]
 
 
 @pytest.mark.single_loop

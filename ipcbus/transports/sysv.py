@@ -1491,8 +1491,12 @@ class _ClientLink(SysvLink):
         # The thread may have paused on bytes that were only in transit to us
         # (fragments now absorbed into a partial frame): let it go on if so.
         self._consumed()
-        self._deliver_or_wake()
-        self._turn.batch_done()
+        try:
+            self._deliver_or_wake()
+        finally:
+            # Even when on_frames raised (a handler that ends the program): the
+            # queue goes back to the receive thread, or nothing is read again.
+            self._turn.batch_done()
 
     def _on_polled(self, batch: list[tuple[bytes, int]], nbytes: int, removed: bool) -> None:
         self._rx_delivered += nbytes  # the thread waits meanwhile: this side writes it
