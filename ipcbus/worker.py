@@ -10,7 +10,10 @@ The child wraps its inherited pipe ends in a link to the parent's node,
 imports ``TARGET`` (``"module:function"``), runs ``await setup(bus)``, and
 sends a ``ready`` notice (or ``setup_failed`` with the error, then exits 1).
 It runs until the parent closes the link — or dies, which the child sees as
-end of stream — and then exits, so a dead parent never leaves orphans.
+end of stream — and then exits, so a dead parent never leaves orphans.  A
+worker that cannot exit that way (its setup or a handler blocks the event
+loop, or swallows the cancellation) is ended by a watchdog thread
+:data:`ORPHAN_GRACE` seconds after the parent died.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import contextlib
 import importlib
 import inspect
 import os
+import select
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -39,9 +44,14 @@ from .records import process_alive
 from .transports.base import Link
 from .transports.pipe import PipeLink
 
-__all__ = ["load_target", "main", "run_worker"]
+__all__ = ["ORPHAN_GRACE", "load_target", "main", "run_worker", "watch_parent"]
 
 _PARENT_EXIT_WAIT = 1.0  # seconds from the link's end to the parent's death being reported
+
+ORPHAN_GRACE = 5.0
+"""Seconds a worker may outlive its parent before its watchdog ends it (:func:`watch_parent`)."""
+
+_links: list[Link] = []  # this worker's link to its parent, once open (for the watchdog)
 
 
 def load_target(target: str) -> Callable[[Bus], Awaitable[Any]]:
@@ -115,6 +125,7 @@ async def run_worker(
                 )
                 return 1
             node.upstream = ls
+            _links.append(link)
             node.task_group.start_soon(
                 _terminate, terminated, node, link, parent_pid, name="ipcbus-worker-sigterm"
             )
@@ -212,6 +223,56 @@ async def _left_behind(records: Path, parent: int) -> None:
             remove_pool_dir(records)
 
 
+def watch_parent(parent_pid: int, spec: str, grace: float = ORPHAN_GRACE) -> threading.Thread | None:
+    """Start the watchdog that ends this worker ``grace`` seconds after its parent died.
+
+    A worker sees its parent's death as the end of its link and exits by
+    itself, unless plugin code keeps it from running that exit: a setup or
+    handler that blocks the event loop (``time.sleep``, a busy loop), or
+    catches the cancellation and goes on.  The watchdog is a daemon thread
+    waiting on a pidfd of the parent, so it runs whatever the event loop
+    does.  If the process is still there ``grace`` seconds after the parent
+    died, it removes its link's SysV queues and what the parent recorded for
+    its pools (as the last worker out does, :func:`_left_behind`), says so on stderr
+    and calls ``os._exit(1)``.  Returns the thread, or ``None`` when this
+    kernel has no pidfds.
+    """
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        pidfd = -1  # gone already: the grace starts now
+    except OSError:
+        return None
+    # Named after the parent's start time: found while it runs.
+    records = None if spec.startswith("pipe:") else _pool_records(parent_pid)
+
+    def watch() -> None:
+        if pidfd >= 0:
+            select.select([pidfd], [], [])  # readable once the parent has exited
+        threading.Event().wait(grace)
+        for link in _links:  # a SysV pair's queues outlive processes (shm's are unlinked on attach)
+            remove_queues = getattr(link, "remove_queues", None)
+            if remove_queues is not None:
+                with contextlib.suppress(Exception):
+                    remove_queues()
+        if records is not None:
+            with contextlib.suppress(Exception):
+                collect(records)
+                remove_pool_dir(records)
+        with contextlib.suppress(OSError):
+            os.write(
+                2,
+                f"ipcbus worker (pid {os.getpid()}): still running {grace:g} s after the pool's "
+                f"process {parent_pid} died (its setup or a handler blocks the event loop or "
+                "ignores cancellation); exiting\n".encode(),
+            )
+        os._exit(1)
+
+    t = threading.Thread(target=watch, name="ipcbus-worker-orphan-watch", daemon=True)
+    t.start()
+    return t
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the argv the pool passes and run the worker on uvloop when available."""
     args = sys.argv[1:] if argv is None else argv
@@ -220,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     spin_us = float(args[5]) if len(args) > 5 else None
     # The parent handles Ctrl-C and shuts workers down through their pipes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_parent(parent_pid, spec)
     sys.path.insert(0, "")
     backend_options: dict[str, Any] = {}
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import ipcbus
 
@@ -102,6 +103,14 @@ async def setup_says_pid_then_hangs(bus: ipcbus.Bus) -> None:
     """Prints this worker's pid on stdout (the parent's), then never finishes setup."""
     os.write(1, f"{os.getpid()}\n".encode())  # one write: two workers share the pipe
     await asyncio.Event().wait()
+
+
+def setup_says_pid_then_blocks(bus: ipcbus.Bus) -> None:
+    """Prints this worker's pid on stdout, then blocks its event loop for ever
+    (plugin code that never yields: the worker cannot see its link end)."""
+    os.write(1, f"{os.getpid()}\n".encode())
+    while True:
+        time.sleep(0.05)
 
 
 async def setup_fails_second_start(bus: ipcbus.Bus) -> None:

@@ -29,6 +29,7 @@ import ipcbus.pool as pool_module
 from ipcbus import BusClosed, RemoteError, WorkerCrashed, WorkerPool, WorkerStartError
 from ipcbus.gc import sysv_table
 from ipcbus.records import list_records
+from ipcbus.worker import ORPHAN_GRACE
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -597,6 +598,53 @@ async def test_workers_still_in_setup_exit_when_their_parent_dies(transport: str
         return [int(await out.readline()) for _ in range(2)]  # each says it, then hangs
 
     await killing_the_parent(HANGING_PARENT, transport, pids_of_workers_in_setup)
+
+
+BLOCKED_PARENT = textwrap.dedent(
+    """
+    import asyncio
+    import ipcbus
+
+    async def pool(transport):
+        async with ipcbus.WorkerPool(
+            "pool_workers:setup_says_pid_then_blocks", workers=1, transport=transport
+        ):
+            pass
+
+    async def main():
+        await asyncio.gather(*(pool(t) for t in ("pipe", "shm", "sysv")))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.single_loop
+async def test_workers_whose_loop_is_blocked_exit_after_their_parent_dies() -> None:
+    """A worker that cannot see its link end (plugin code blocks its event
+    loop) is ended by its watchdog ORPHAN_GRACE s after the parent's death,
+    and removes the kernel objects made for it: no orphan, no leak."""
+    queues = queue_ids()
+    pipe = asyncio.subprocess.PIPE
+    proc = await start_parent(BLOCKED_PARENT, "", stdout=pipe, stderr=pipe)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        with anyio.fail_after(20):
+            pids = [int(await proc.stdout.readline()) for _ in range(3)]  # each says it, then blocks
+        assert pool_dirs() != []  # the shm and sysv objects are recorded
+        proc.kill()
+        await proc.wait()
+        with anyio.fail_after(ORPHAN_GRACE + 10):
+            for pid in pids:
+                await wait_exited(pid)
+            err = (await proc.stderr.read()).decode()
+        assert err.count("died (its setup or a handler blocks the event loop or ignores cancellation)") == 3
+        assert queue_ids() <= queues
+        assert pool_dirs() == [], ([(p, sorted(p.rglob("*"))) for p in pool_dirs()], err)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 @pytest.mark.single_loop

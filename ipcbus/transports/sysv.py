@@ -2012,6 +2012,11 @@ class SysvPairLink(_ClientLink):
         """The peer process has exited: remove the queue it read, if it left it behind."""
         _remove_queues([self._out_q], self._busdir)
 
+    def remove_queues(self) -> None:
+        """Remove both queues now, without closing: for a process about to exit
+        that cannot close the link (see :func:`ipcbus.worker.watch_parent`)."""
+        _remove_queues([self._own_q, self._out_q], self._busdir)
+
     def _unblock_bus_send(self) -> None:
         """Free our sender thread stuck in msgsnd: the peer, alive, stopped reading
         past the flush timeout.  Remove the queue we send on (ours, as its only
