@@ -97,6 +97,7 @@ DEFAULT_OUTBOUND_LIMIT: Final = 64 * 1024 * 1024
 DEFAULT_MAX_LINK_SUBS: Final = 100_000
 """Default bound on the distinct subscriptions one peer below a node may announce (``max_link_subs``)."""
 _INFLIGHT_CAP: Final = 65536
+_MAX_PICK_GROUPS: Final = 4096  # queue groups whose last pick a link remembers
 _DUE_NS: Final = 10_000_000  # a request passed on makes a reply "due" for this long (spinning)
 _FAST_CACHE: Final = 4096
 _HELLO_TIMEOUT: Final = 10.0
@@ -450,7 +451,10 @@ class LinkState:
         self.dropped_unreported = 0
         self.dropped_subjects: dict[str, int] = {}  # dropped, not yet reported, by subject
         self.slow_events = 0
-        self.last_pick = 0
+        # Per queue group (a link may carry members of several): a pick count
+        # shared by the groups would make two services on the same members go
+        # in lockstep, one always to this member, the other to the next.
+        self.last_pick: dict[str, int] = {}
         self.close_reason = ""
         self.notices: collections.deque[fr.Notice] = collections.deque(maxlen=100)
         self.pongs: dict[int, asyncio.Future[None]] = {}
@@ -536,6 +540,9 @@ class Node:
         self._subs: dict[int, SubscriptionCore] = {}
         self._totals: dict[Key, int] = {}
         self._reply_routes: dict[str, set[LinkState]] = {}
+        # Requests that subscriptions of this process took and that also went
+        # upstream (send_request): a "no responders" from there is not the answer.
+        self._heard_here: set[str] = set()
         self._inbox_links: dict[str, LinkState] = {}
         self._dirty: dict[LinkState, None] = {}  # links that got forwarded frames this batch
         # Who gets each subject, cached until interest changes (see _compute_route).
@@ -897,6 +904,8 @@ class Node:
                                     continue
                                 for r in reply_routes.pop(subject):
                                     r.inflight.pop(subject, None)
+                                if self._heard_here:
+                                    self._heard_here.discard(subject)
                             deliver_reply(frame)
                             continue
                         if frame.reply is not None:
@@ -1197,6 +1206,8 @@ class Node:
                 return 0
             for ls in routes.pop(subject):
                 ls.inflight.pop(subject, None)
+            if self._heard_here:
+                self._heard_here.discard(subject)
         nid = None if m.groups else self._inbox_node(subject)
         if nid is not None:
             if nid == self.node_id:
@@ -1239,7 +1250,7 @@ class Node:
             if origin is None or (m.groups == (q,) and origin not in cands):
                 if len(cands) > 1 and self._send_bound < self.max_frame:
                     cands = self._members_that_take(cands, m, raw if origin is not None else None, q)
-                pick = cands[0] if len(cands) == 1 else self._pick(cands)
+                pick = cands[0] if len(cands) == 1 else self._pick(cands, q)
                 if not isinstance(pick, LinkState):
                     pick.deliver(m)
                     return 1
@@ -1270,7 +1281,7 @@ class Node:
                     cands = tuple(c for c in cands if c is not origin)
                     if not cands:
                         continue
-            pick = self._pick(cands)
+            pick = self._pick(cands, q)
             if isinstance(pick, LinkState):
                 if link_groups is None:
                     link_groups = {}
@@ -1396,11 +1407,18 @@ class Node:
         fits = tuple(c for c in cands if _takes(c, size))
         return fits or cands
 
-    def _pick(self, cands: Sequence[SubscriptionCore | LinkState]) -> SubscriptionCore | LinkState:
-        """Least busy member; among equals, the one picked longest ago (round robin)."""
+    def _pick(self, cands: Sequence[SubscriptionCore | LinkState], q: str) -> SubscriptionCore | LinkState:
+        """Least busy member of group ``q``; among equals, the one picked for
+        ``q`` longest ago (round robin)."""
         self._rr += 1
-        best = cands[0] if len(cands) == 1 else min(cands, key=_load)
-        best.last_pick = self._rr
+        best = cands[0] if len(cands) == 1 else min(cands, key=lambda c: _load(c, q))
+        if isinstance(best, LinkState):
+            picks = best.last_pick
+            if len(picks) >= _MAX_PICK_GROUPS and q not in picks:
+                picks.clear()  # groups come and go on a long-lived link: forget the old ones
+            picks[q] = self._rr
+        else:
+            best.last_pick = self._rr
         return best
 
     def _forward(
@@ -1572,9 +1590,13 @@ class Node:
         if m.headers.get(STATUS_HEADER) != "no-responders":
             return False
         waiting = self._reply_routes.get(reply)
-        if waiting is None or origin not in waiting or len(waiting) == 1:
+        if waiting is None or origin not in waiting:
             return False
-        waiting.discard(origin)
+        if len(waiting) == 1 and reply not in self._heard_here:
+            return False
+        # (Subscriptions here took the request too: they may answer; if none
+        # does, the requester times out, as with any subscriber that does not.)
+        waiting.discard(origin)  # an empty set stays until forget_reply()
         origin.inflight.pop(reply, None)
         return True
 
@@ -1851,12 +1873,26 @@ class Node:
             fast = self._request_fast(subject, payload, reply)
             if fast is not None:
                 return fast
-        if self.has_interest(subject):
-            return self.publish_now(subject, payload, reply=reply, headers=headers)
-        up = self.request_upstream(subject, payload, reply, headers)
-        if up is None:
-            raise NoResponders(subject)
-        return up
+        route = self._routes.get(subject)
+        if route is None:
+            route = self._compute_route(subject)
+        subs, plain, groups = route
+        if not (subs or plain or groups):
+            up = self.request_upstream(subject, payload, reply, headers)
+            if up is None:
+                raise NoResponders(subject)
+            return up
+        full = self.publish_now(subject, payload, reply=reply, headers=headers)
+        if subs and not plain and not groups and self.upstream is not None:
+            # Only subscriptions of this process wanted it (a logger, a `>`
+            # monitor): a service elsewhere that subscribed a moment ago is not
+            # known here yet, and the root knows for sure.  It picks the queue
+            # groups; none is here, so none gets the request twice.
+            up = self.request_upstream(subject, payload, reply, headers)
+            if up is not None:
+                self._heard_here.add(reply)
+                full = [*full, *up]
+        return full
 
     def reply_now(self, reply: str, payload: bytes) -> list[Link]:
         """Send a reply (no headers) to ``reply``; return the links above high water.
@@ -1880,7 +1916,7 @@ class Node:
         q, cands = route[2][0]
         if n + 4 * (len(subject) + len(reply) + len(q)) + 64 > self._send_bound:
             return None
-        pick = cands[0] if len(cands) == 1 else self._pick(cands)
+        pick = cands[0] if len(cands) == 1 else self._pick(cands, q)
         if not isinstance(pick, LinkState):  # a member in this process (as _route)
             self.bytes_out += n
             pick.deliver(_MsgFrame(subject, reply, None, payload))
@@ -1936,8 +1972,8 @@ class Node:
         this node forwarded a request for, a frame that may be too large).
         """
         nid = self._inbox_node(reply)
-        if nid is None or self._closed or reply in self._reply_routes:
-            return None
+        if nid is None or nid == self.node_id or self._closed or reply in self._reply_routes:
+            return None  # (our own inbox: delivered here, whoever else subscribed to it)
         ls = self._inbox_links.get(nid)
         n = len(payload)
         if ls is None or n + 4 * len(reply) + 64 > self._send_bound:
@@ -1988,6 +2024,8 @@ class Node:
         if routes:
             for ls in routes:
                 ls.inflight.pop(reply, None)
+        if self._heard_here:
+            self._heard_here.discard(reply)
 
     async def flush(self, timeout: float | None = 10.0) -> None:
         """Wait until every link's peer has processed everything sent so far.
@@ -2054,9 +2092,10 @@ class Node:
         }
 
 
-def _load(c: SubscriptionCore | LinkState) -> tuple[int, int]:
+def _load(c: SubscriptionCore | LinkState, q: str) -> tuple[int, int]:
+    """A member's load for a pick in group ``q``: busy first, then picked longest ago."""
     if isinstance(c, LinkState):
-        return (len(c.inflight) + c.link.pending_out // 65536, c.last_pick)
+        return (len(c.inflight) + c.link.pending_out // 65536, c.last_pick.get(q, 0))
     return (len(c.pending) // 16, c.last_pick)
 
 

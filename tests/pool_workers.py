@@ -18,6 +18,7 @@ async def setup(bus: ipcbus.Bus) -> None:
     """A good worker: ``echo`` and ``pid`` in queue groups, plus the slow services."""
     await bus.serve("echo", lambda m: m.data, queue="echo")
     await bus.serve("pid", lambda m: os.getpid(), queue="pid")
+    await bus.serve("pid.b", lambda m: os.getpid(), queue="pid.b")  # a second group on the same workers
     await bus.serve("spin", lambda m: bus.stats()["spin_us"], queue="spin")
 
     async def hang(m: ipcbus.Msg) -> bytes:

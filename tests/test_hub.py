@@ -224,6 +224,55 @@ async def test_request_right_after_a_service_subscribed_elsewhere_is_answered(bu
 # -- connect() without a hub, autostart --------------------------------------------
 
 
+@pytest.mark.parametrize("local", ["b.>", ">"])
+async def test_request_from_a_process_with_a_listener_reaches_a_service_it_does_not_know_yet(
+    bus_name: str, local: str
+) -> None:
+    """The requester's node has a subscription of its own that matches (a
+    logger, a `>` monitor) and has not yet heard of the service (its reading is
+    held, as a loop busy elsewhere holds it): the request goes to the hub too,
+    which knows the service.  It used to go to the local listener only, and
+    time out.  The hub's "no responders" is not the answer either while the
+    local listener may answer: with no service, it times out."""
+    async with (
+        ipcbus.Hub(bus_name, transports=FIFO_ONLY),
+        ipcbus.connect(bus_name, name="requester") as r,
+        ipcbus.connect(bus_name, name="service") as s,
+    ):
+        heard = await r.subscribe(local)
+        await r.flush()
+        (up,) = r.node.links
+        up.link._pause_reading()  # type: ignore[attr-defined]
+        try:
+            await s.serve("b.1", lambda m: b"pong", queue="grp")
+            await s.flush()  # the hub has the service
+            assert ("b.1", "grp") not in up.remote_keys  # the requester has not heard of it
+            req = asyncio.ensure_future(r.request("b.1", b"ping", timeout=10))
+            lost = asyncio.ensure_future(r.request("b.nobody", b"?", timeout=0.5))
+            await asyncio.sleep(0)  # both sent, routed with what the node knows
+        finally:
+            up.link._resume_reading()  # type: ignore[attr-defined]
+        assert (await req).data == b"pong"
+        with pytest.raises(ipcbus.RequestTimeout):
+            await lost
+        assert (await heard.next(timeout=5)).subject in ("b.1", "b.nobody")
+        assert r.node._heard_here == set()  # nothing kept
+
+
+async def test_a_client_subscribed_to_the_hubs_inbox_does_not_take_its_replies(bus_name: str) -> None:
+    """A reply to a request made in the hub's process, by a service in that
+    process, goes to the hub's own inbox: not to a client that subscribed to
+    the hub's inbox pattern (it went there, and the request timed out)."""
+    async with (
+        ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub,
+        ipcbus.connect(bus_name) as snoop,
+    ):
+        await hub.bus.serve("local.svc", lambda m: b"here")
+        await snoop.subscribe(f"_INBOX.{hub.node.node_id}.*")
+        await snoop.flush()
+        assert (await hub.bus.request("local.svc", timeout=5)).data == b"here"
+
+
 async def test_connect_without_hub_names_the_command(bus_name: str) -> None:
     with pytest.raises(BusNotFound) as ei:
         await ipcbus.connect(bus_name)

@@ -129,6 +129,19 @@ async def test_pub_sub_reaches_every_worker_and_back() -> None:
         assert pids == set(pool.pids)
 
 
+async def test_two_services_on_the_same_workers_each_spread_over_both() -> None:
+    """Round robin is per queue group: requests alternating between two
+    services that both workers serve reach both workers for each service (a
+    pick count shared by the groups sent one service always to one worker)."""
+    async with WorkerPool("pool_workers:setup", workers=2, env=worker_env()) as pool:
+        seen: dict[str, collections.Counter[int]] = {s: collections.Counter() for s in ("pid", "pid.b")}
+        for _ in range(20):
+            for subject, counts in seen.items():
+                counts[(await pool.bus.request(subject, timeout=10)).decode(int)] += 1
+        assert all(set(counts) == set(pool.pids) for counts in seen.values()), seen
+        assert all(counts.most_common(1)[0][1] == 10 for counts in seen.values()), seen  # 10 each
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_handler_raising_a_base_exception_answers_and_loses_nothing(transport: str) -> None:
     """A handler raising a BaseException of its own (a CancelledError, a plugin's
