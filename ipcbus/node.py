@@ -969,12 +969,28 @@ class Node:
         # requester sees its request fail, their state already reflects it.
         for cb in list(self.on_link_closed):
             cb(ls)
+        below = [nid for nid, other in self._inbox_links.items() if other is ls]  # its nodes
         for key in list(ls.remote_keys):
             self._remote_unsub(ls, key)
+        if below and self._reply_routes:
+            # Requests made below this link and still due: nobody waits for
+            # them any more.  Their responders' links must not stay counted
+            # busy (queue-group picks avoid them) when the late reply is
+            # dropped before it comes back this way.
+            gone = set(below)
+            for reply in [r for r in self._reply_routes if self._inbox_node(r, wild_too=True) in gone]:
+                self.forget_reply(reply)
         for fut in ls.pongs.values():
             if not fut.done():
                 fut.set_exception(ConnectionClosed(f"link closed: {reason}"))
         # Requests in flight over this link will never be answered through it.
+        pid = ls.link.info.peer_pid
+        who = ls.name if f"pid {pid}" in ls.name else f"{ls.name} (pid {pid})"
+        what = (
+            f"the link toward the responder, {who!r}, closed"  # our upstream, not the responder
+            if ls is self.upstream
+            else f"the responder's link {who!r} closed"
+        )
         for reply, subject in list(ls.inflight.items()):
             routes = self._reply_routes.get(reply)
             if routes is None:
@@ -988,11 +1004,7 @@ class Node:
                 routes.clear()
             if not routes:
                 del self._reply_routes[reply]
-                self.closed_status(
-                    reply,
-                    ls.crash_error,
-                    f"the responder's link {ls.name!r} (pid {ls.link.info.peer_pid}) closed ({reason})",
-                )
+                self.closed_status(reply, ls.crash_error, f"{what} ({reason})")
         ls.inflight.clear()
         log.info(
             "link %s closed (transport %s, peer pid %s): %s",
@@ -1242,6 +1254,10 @@ class Node:
         if not subs and not plain and not groups:
             if origin is not None and m.reply is not None:
                 self._no_responders(m)
+            elif origin is not None and m.groups:
+                # Handed to a queue-group member here that has just left: lost
+                # (at most once, as in NATS), and counted.
+                self.dropped += 1
             return 0
         if not subs and not plain and len(groups) == 1:
             # A request to a service (one queue group, nothing else): the

@@ -273,6 +273,54 @@ async def test_a_client_subscribed_to_the_hubs_inbox_does_not_take_its_replies(b
         assert (await hub.bus.request("local.svc", timeout=5)).data == b"here"
 
 
+async def test_requests_of_a_client_that_left_do_not_keep_a_responder_busy(bus_name: str) -> None:
+    """A requester that gave up and left: its request, still being handled,
+    is no longer counted in flight on the responder's link at the hub (the
+    late reply is dropped before it comes back, so nothing else would clear
+    it, and the least-busy pick would avoid that responder for ever)."""
+    release = asyncio.Event()
+
+    async def late(m: ipcbus.Msg) -> bytes:
+        await release.wait()
+        return b"late"
+
+    async with (
+        ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub,
+        ipcbus.connect(bus_name, name="svc") as svc,
+    ):
+        await svc.serve("late", late, queue="q")
+        await svc.flush()
+        watch = LinkWatch(hub)
+        async with ipcbus.connect(bus_name, name="requester") as req:
+            with pytest.raises(ipcbus.RequestTimeout):
+                await req.request("late", timeout=0.2)
+        await watch.wait(os.getpid())  # the hub dropped the requester's link
+        (svc_link,) = [ls for ls in hub.links if ls.stats()["peer_name"] == "svc"]
+        assert svc_link.inflight == {}
+        release.set()
+        await svc.flush()
+
+
+async def test_a_group_message_reaching_a_member_that_left_is_counted(bus_name: str) -> None:
+    """At most once: a queue group's message on its way to a member that
+    unsubscribed meanwhile is lost, and counted in that node's `dropped`."""
+    async with (
+        ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub,
+        ipcbus.connect(bus_name) as member,
+    ):
+        sub = await member.subscribe("jobs", queue="g")
+        await member.flush()
+        (up,) = member.node.links
+        up.link._pause_reading()  # type: ignore[attr-defined]
+        try:
+            await hub.bus.publish("jobs", b"1")  # to the member's link, where it waits
+            await sub.unsubscribe()
+        finally:
+            up.link._resume_reading()  # type: ignore[attr-defined]
+        await member.flush()
+        assert member.stats()["dropped"] == 1
+
+
 async def test_connect_without_hub_names_the_command(bus_name: str) -> None:
     with pytest.raises(BusNotFound) as ei:
         await ipcbus.connect(bus_name)
@@ -482,7 +530,8 @@ async def test_sigkilled_client_is_forgotten(bus_name: str) -> None:
         assert await k.proc.wait() == -signal.SIGKILL
         err = await q.answer("req", timeout=30)
         assert err["ev"] == "error" and err["type"] == "ConnectionClosed", err
-        assert "closed" in err["msg"]
+        assert "the responder's link" in err["msg"] and "closed" in err["msg"]
+        assert err["msg"].count(f"pid {k.pid}") == 1, err  # the link's name may carry it already
 
         reason = await watch.wait(k.pid)
         assert reason == "peer closed"
