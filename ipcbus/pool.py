@@ -53,6 +53,7 @@ PoolTransport = Literal["pipe", "shm", "sysv"]
 
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 5.0
+_STABLE_AFTER = 10.0  # seconds up after which a worker that dies is restarted at the first backoff again
 
 
 @dataclass
@@ -64,6 +65,8 @@ class _Worker:
     start_failures: int = 0
     crashes: int = 0
     started_at: float = 0.0
+    ready_at: float = 0.0
+    backoff: float = 0.0  # the wait before its last restart (doubles while it keeps dying)
     state: str = "starting"
     last_error: str = ""
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -86,7 +89,8 @@ class WorkerPool:
     while replies are due, in the parent and every worker (:mod:`ipcbus.spin`).
 
     A worker that dies is restarted after ``restart_backoff`` seconds,
-    doubling up to ``max_backoff`` while it keeps dying; one that fails
+    doubling up to ``max_backoff`` while it keeps dying (failing to start,
+    or dying within 10 s of its last restart); one that fails
     ``max_start_failures`` starts in a row is given up on (its error is in
     ``pool.errors`` and ``stats()``).  Workers run ``python`` (default: this
     interpreter) with ``env`` (default: this process's environment);
@@ -394,6 +398,7 @@ class WorkerPool:
                 f"worker {w.index} of pool {self.name!r} failed to start {self.target!r}: {reason}"
             )
         w.state = "ready"
+        w.ready_at = time.monotonic()
         w.start_failures = 0
         self._notify()
         log.info("pool %s: worker %d ready (pid %d)", self.name, w.index, proc.pid)
@@ -426,8 +431,12 @@ class WorkerPool:
                 return
 
     async def _restart(self, w: _Worker) -> None:
-        delay = self.restart_backoff
+        if w.backoff and time.monotonic() - w.ready_at < _STABLE_AFTER:
+            delay = min(w.backoff * 2, self.max_backoff)  # it died soon after its last restart
+        else:
+            delay = self.restart_backoff
         while not self._closing:
+            w.backoff = delay
             if w.proc is not None and w.proc.returncode is None:
                 # Usually the link closed because the worker died: let the child
                 # watcher reap it first (killing a dead, unreaped child would reap
@@ -435,16 +444,18 @@ class WorkerPool:
                 with anyio.move_on_after(1.0):
                     await w.exited.wait()
                 if not w.exited.is_set():
-                    with contextlib.suppress(ProcessLookupError):
-                        w.proc.kill()
+                    _signal(w.proc, signal.SIGKILL)
                     await w.exited.wait()
+            if self._closing:
+                return  # not restarted: the pool closes (its shutdown reports nothing more)
             if w.proc is not None and w.state == "crashed":  # logged once it is reaped: how it ended
                 log.warning(
-                    "pool %s: worker %d (pid %s) %s; restarting",
+                    "pool %s: worker %d (pid %s) %s; restarting in %g s",
                     self.name,
                     w.index,
                     w.proc.pid,
                     _how_it_ended(w.proc.returncode),
+                    delay,
                 )
             await anyio.sleep(delay)  # backoff between restarts, not event ordering
             if self._closing:
@@ -520,8 +531,7 @@ class WorkerPool:
                 # run its loop yet, to read the goodbye (or it has no link to
                 # be told on), and would be waited for in vain.  SIGTERM: it
                 # closes its link if it has one by then (ipcbus.worker).
-                with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
+                _signal(proc, signal.SIGTERM)
         # One limit for all of them, not one each: N stuck workers take 5 s, not 5N.
         with anyio.move_on_after(_STOP_TIMEOUT):
             for w in self._workers:
@@ -530,8 +540,7 @@ class WorkerPool:
         for w in self._workers:
             proc = w.proc
             if proc is not None and proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                _signal(proc, signal.SIGKILL)
                 await proc.wait()
             w.state = "stopped"
         self._notify()
@@ -539,6 +548,19 @@ class WorkerPool:
             await node.aclose()
         if self._records is not None:
             remove_pool_dir(self._records)  # only if no record is left in it
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
+    """Send ``sig`` to a worker not reaped yet, without reaping it.
+
+    ``proc.terminate()``/``kill()`` on asyncio's default loop go through
+    ``Popen.send_signal``, which first polls the child: one that has just died
+    is reaped there, behind the child watcher's back, which then reports exit
+    code 255 for it.  While the child is not reaped its pid cannot be reused.
+    """
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
 
 
 def _how_it_ended(returncode: int | None) -> str:

@@ -48,6 +48,10 @@ async def setup(bus: ipcbus.Bus) -> None:
         fut.cancel()  # someone else cancelled what the handler waits for
         return await fut
 
+    def exit_now(m: ipcbus.Msg) -> bytes:
+        os._exit(3)
+
+    await bus.serve("exit", exit_now, queue="exit")
     await bus.serve("bad.base", base, queue="bad")
     await bus.serve("bad.cancelled", cancelled, queue="bad")
     await bus.serve("bad.awaits_cancelled", awaits_cancelled, queue="bad")
@@ -104,6 +108,12 @@ async def setup_says_pid_then_hangs(bus: ipcbus.Bus) -> None:
     """Prints this worker's pid on stdout (the parent's), then never finishes setup."""
     os.write(1, f"{os.getpid()}\n".encode())  # one write: two workers share the pipe
     await asyncio.Event().wait()
+
+
+async def setup_dies_soon(bus: ipcbus.Bus) -> None:
+    """Starts fine, then dies 20 ms after becoming ready: a crash loop."""
+    await setup(bus)
+    asyncio.get_running_loop().call_later(0.02, os._exit, 5)
 
 
 def setup_says_pid_then_blocks(bus: ipcbus.Bus) -> None:

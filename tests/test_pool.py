@@ -14,6 +14,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -127,6 +128,35 @@ async def test_pub_sub_reaches_every_worker_and_back() -> None:
                 tg.start_soon(lambda: pool.bus.request("slow.sleep", 0.01, timeout=10))
         pids = {(await started.next(timeout=10)).decode(int) for _ in range(2)}
         assert pids == set(pool.pids)
+
+
+async def test_a_worker_that_keeps_dying_after_start_is_restarted_ever_later(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Dying soon after each (good) start is a crash loop too: the backoff
+    doubles up to max_backoff (it stayed at restart_backoff: 36 restarts in 10 s)."""
+    async with WorkerPool(
+        "pool_workers:setup_dies_soon", workers=1, env=worker_env(), restart_backoff=0.05, max_backoff=0.4
+    ) as pool:
+        await wait_until(lambda: "restarting in 0.4 s" in caplog.text, timeout=30)
+        delays = re.findall(r"restarting in ([0-9.]+) s", caplog.text)
+        assert delays[:4] == ["0.05", "0.1", "0.2", "0.4"], delays
+        assert pool.errors == []  # it starts every time: not given up on
+
+
+async def test_the_exit_code_of_a_worker_that_died_as_the_pool_closed_is_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker that exits (code 3) just before the pool closes: its code is 3.
+    Signalling it through Popen reaped it behind asyncio's child watcher,
+    which then reported 255 ('Unknown child process pid')."""
+    for _ in range(5):
+        async with WorkerPool("pool_workers:setup", workers=1, env=worker_env()) as pool:
+            with pytest.raises(WorkerCrashed):
+                await pool.bus.request("exit", timeout=10)
+            (w,) = pool._workers
+        assert w.proc is not None and w.proc.returncode == 3
+    assert "Unknown child process" not in caplog.text and "255" not in caplog.text
 
 
 async def test_two_services_on_the_same_workers_each_spread_over_both() -> None:
