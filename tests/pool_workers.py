@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 
 import ipcbus
@@ -51,6 +52,13 @@ async def setup(bus: ipcbus.Bus) -> None:
     def exit_now(m: ipcbus.Msg) -> bytes:
         os._exit(3)
 
+    def close_reader(m: ipcbus.Msg) -> str:
+        # A plugin closing file descriptors: the reading end of the link to
+        # the parent (pipe:R,W on the command line).  It still writes.
+        os.close(int(sys.argv[1].removeprefix("pipe:").split(",")[0]))
+        return "closed"
+
+    await bus.serve("close.reader", close_reader, queue="close")
     await bus.serve("exit", exit_now, queue="exit")
     await bus.serve("bad.base", base, queue="bad")
     await bus.serve("bad.cancelled", cancelled, queue="bad")

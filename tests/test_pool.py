@@ -159,6 +159,23 @@ async def test_the_exit_code_of_a_worker_that_died_as_the_pool_closed_is_its_own
     assert "Unknown child process" not in caplog.text and "255" not in caplog.text
 
 
+async def test_a_worker_that_stopped_reading_its_link_is_restarted() -> None:
+    """A worker still running but no longer reading (its plugin closed the
+    link's reading end): the write fails (WorkerCrashed), and the link is over,
+    so the pool restarts the worker.  It stayed 'ready', half its link dead,
+    and the pool routed around it for ever."""
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env(), restart_backoff=0.01) as pool:
+        (old,) = pool.pids
+        assert (await pool.bus.request("close.reader", timeout=10)).decode() == "closed"
+        with pytest.raises(WorkerCrashed):
+            await pool.bus.request("echo", b"x", timeout=10)
+        await wait_until(lambda: pool.stats()["workers"][0]["crashes"] == 1)
+        await pool.wait_ready(timeout=15)
+        assert pool.pids != [old]
+        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+    await wait_exited(old)
+
+
 async def test_two_services_on_the_same_workers_each_spread_over_both() -> None:
     """Round robin is per queue group: requests alternating between two
     services that both workers serve reach both workers for each service (a

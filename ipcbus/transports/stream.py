@@ -86,6 +86,7 @@ class FdStreamLink(Link):
         self._rq_bytes = 0
         self._reading = False
         self._eof = False
+        self._reads = 0  # successful reads (see _reader_gone)
         self._rerror: BaseException | None = None
         self._rwaiter: asyncio.Future[None] | None = None
         self._wq: collections.deque[bytes | memoryview] = collections.deque()
@@ -275,6 +276,29 @@ class FdStreamLink(Link):
                 self._loop.remove_writer(self._wfd)
             self._writer_added = False
         self._wake_writers(self._werror)
+        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+            self._loop.call_soon(self._reader_gone)
+
+    def _reader_gone(self) -> None:
+        """The peer no longer reads: a link that can only go one way is over.
+
+        A peer that died has closed its writing end too: what it wrote before
+        is read here to its end of stream, as always.  One still running that
+        closed only its reading end (a plugin closing file descriptors) would
+        otherwise keep the link open for ever, half of it dead: after what is
+        in the pipe now, ``recv()`` raises ``ConnectionClosed``.
+        """
+        while self._reading and not self._eof and self._rerror is None and not self._closed:
+            got = self._reads
+            self._on_readable()
+            if self._reads == got:  # nothing more there now (EAGAIN)
+                break
+        if not self._eof and self._rerror is None and not self._closed:
+            self._rerror = ConnectionClosed(
+                f"{self.info.transport} link: the peer stopped reading (EPIPE) but still runs"
+            )
+            self._pause_reading()
+            self._wake_reader()
 
     def _wake_writers(self, exc: BaseException | None) -> None:
         waiters, self._wwaiters = self._wwaiters, []
@@ -307,6 +331,7 @@ class FdStreamLink(Link):
             self._pause_reading()
             self._wake_reader()
             return
+        self._reads += 1
         if n == 0:
             self._eof = True
             self._pause_reading()
