@@ -533,12 +533,20 @@ class Service:
             await self._peers_know.wait()  # another drain() is flushing: after it
         await self.subscription.unsubscribe()
         if _SERVING.get() is self:
+            self._forget()
             return
         await self._done.wait()
         while self._active:
             if self._idle is None or self._idle.is_set():
                 self._idle = asyncio.Event()  # one event for every drain() waiting
             await self._idle.wait()
+        self._forget()
+
+    def _forget(self) -> None:
+        """Stopped: its bus lets go of it (a bus serving a subject per session
+        or job would otherwise keep every service it ever stopped)."""
+        with contextlib.suppress(ValueError):
+            self._bus._services.remove(self)
 
     async def stop(self) -> None:
         """Stop serving (requests already received are still answered)."""

@@ -451,6 +451,7 @@ class LinkState:
         self.dropped_unreported = 0
         self.dropped_subjects: dict[str, int] = {}  # dropped, not yet reported, by subject
         self.slow_events = 0
+        self.reporting = False  # a task waits to report its drops (_report_drops): one at most
         # Per queue group (a link may carry members of several): a pick count
         # shared by the groups would make two services on the same members go
         # in lockstep, one always to this member, the other to the next.
@@ -1459,8 +1460,12 @@ class Node:
                 )
                 # Report the loss once the link has room again, even if no further
                 # message for it ever comes (otherwise the subscriber would never know).
-                with contextlib.suppress(BusClosed):
-                    self.task_group.start_soon(self._report_drops, ls)
+                # One waiting task per link: a consumer that hovers at the limit
+                # starts an episode per message that gets through.
+                if not ls.reporting:
+                    with contextlib.suppress(BusClosed):
+                        self.task_group.start_soon(self._report_drops, ls)
+                        ls.reporting = True
             ls.dropped_unreported += 1
             counts = ls.dropped_subjects
             if subject in counts:
@@ -1535,10 +1540,13 @@ class Node:
 
     async def _report_drops(self, ls: LinkState) -> None:
         """Wait until a slow link is back under half its limit, then report its drops."""
-        with contextlib.suppress(ConnectionClosed):
-            await ls.link.wait_writable(self.outbound_limit // 2)
-            if ls.dropped_unreported and not ls.closed.is_set():
-                self._send_drop_notice(ls)
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                await ls.link.wait_writable(self.outbound_limit // 2)
+                if ls.dropped_unreported and not ls.closed.is_set():
+                    self._send_drop_notice(ls)
+        finally:
+            ls.reporting = False
 
     def _track(self, ls: LinkState, reply: str, subject: str) -> None:
         self._tracked_at = time.monotonic_ns()

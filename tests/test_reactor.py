@@ -1051,6 +1051,43 @@ async def flood_while_stalled(publisher: Node, gated: GatedLink, n: int = 200) -
     await publisher.flush()
 
 
+async def test_a_consumer_hovering_at_the_limit_has_one_drop_reporter() -> None:
+    """Each time a message gets through a slow link (its drop notice goes
+    with it) and the next is dropped, a new slow-consumer episode starts.  One
+    task at most waits to report a link's drops: there was one per episode,
+    each waiting until the link drained to half its limit, so a consumer that
+    stayed just slower than its publisher piled up tasks without bound."""
+
+    def reporters() -> int:
+        return sum("_report_drops" in t.get_name() for t in asyncio.all_tasks())
+
+    async with (
+        Node(name="A") as a,
+        Node(name="hub", outbound_limit=64 * 1024) as hub,
+        Node(name="P") as p,
+    ):
+        await connect(a, hub, "memory")
+        gated, to_p = await stalled_link(hub, p)
+        sub = await Bus(p).subscribe("feed")
+        await settle(a, hub, p)
+        await flood_while_stalled(a, gated, 20)
+        assert to_p.slow_events == 1 and reporters() == 1
+        for episode in range(2, 12):
+            hub._send_drop_notice(to_p)  # what a message that gets through does
+            await flood_while_stalled(a, gated, 2)  # and the next is dropped
+            assert to_p.slow_events == episode
+        assert reporters() == 1
+        gated.gate.set()  # P reads again: the link drains, the drops are reported
+        reported = 0
+        with contextlib.suppress(TimeoutError):
+            while True:
+                try:
+                    await sub.next(timeout=1)
+                except SlowConsumer as exc:
+                    reported += exc.dropped
+        assert reported == hub.dropped and reporters() == 0
+
+
 @pytest.mark.parametrize("also_queued", [False, True])
 async def test_a_drop_notice_reaches_a_subscriber_two_hops_below_the_slow_link(also_queued: bool) -> None:
     """A - hub - P - W: the hub drops messages on its slow link to P; W's
