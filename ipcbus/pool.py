@@ -213,7 +213,11 @@ class WorkerPool:
         except BaseException as exc:
             await self._shutdown()
             if isinstance(exc, TimeoutError):
-                raise WorkerStartError(f"workers did not finish setup within {_START_TIMEOUT:g} s") from None
+                late = [str(w.index) for w in self._workers if w.state != "ready"]
+                raise WorkerStartError(
+                    f"worker(s) {', '.join(late)} of pool {self.name!r} did not finish "
+                    f"{self.target!r} within {_START_TIMEOUT:g} s (a setup that never returns?)"
+                ) from None
             if isinstance(exc, BaseExceptionGroup):
                 first = exc.exceptions[0]
                 while isinstance(first, BaseExceptionGroup):

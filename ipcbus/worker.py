@@ -129,13 +129,21 @@ async def run_worker(
             node.task_group.start_soon(
                 _terminate, terminated, node, link, parent_pid, name="ipcbus-worker-sigterm"
             )
-            bus = Bus(node)
+            # The worker's bus owns its node: a plugin that closes it is done,
+            # and the worker exits (the pool restarts it, as for a crash),
+            # rather than running on serving nothing.
+            bus = Bus(node, owns_node=True)
             try:
                 setup = load_target(target)
                 result = setup(bus)
                 if inspect.isawaitable(result):
                     await _unless_closed(result, ls, node)
-            except Exception as exc:
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # an Exception, or a BaseException of the plugin's own
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                    raise  # this task is cancelled: not the plugin's failure
                 msg = f"{type(exc).__name__}: {exc}"
                 with contextlib.suppress(ConnectionClosed):  # the parent may be gone too
                     link.send_nowait(fr.encode_frame(fr.Notice("setup_failed", msg[:3000])))

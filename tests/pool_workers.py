@@ -58,7 +58,12 @@ async def setup(bus: ipcbus.Bus) -> None:
         os.close(int(sys.argv[1].removeprefix("pipe:").split(",")[0]))
         return "closed"
 
+    async def close_bus(m: ipcbus.Msg) -> str:
+        await bus.aclose()  # from its own handler: closes after this reply
+        return "closing"
+
     await bus.serve("close.reader", close_reader, queue="close")
+    await bus.serve("close.bus", close_bus, queue="close")
     await bus.serve("exit", exit_now, queue="exit")
     await bus.serve("bad.base", base, queue="bad")
     await bus.serve("bad.cancelled", cancelled, queue="bad")
@@ -73,6 +78,11 @@ async def setup_raises(bus: ipcbus.Bus) -> None:
     """Setup that fails with a clear error."""
     await bus.serve("echo", lambda m: m.data)
     raise RuntimeError("setup exploded on purpose")
+
+
+async def setup_raises_base(bus: ipcbus.Bus) -> None:
+    """Setup that fails with a BaseException of its own (not an Exception)."""
+    raise PluginAbort("setup gave up on purpose")
 
 
 def setup_sync(bus: ipcbus.Bus) -> None:

@@ -457,8 +457,9 @@ async def test_a_cancelled_pool_close_still_stops_its_workers() -> None:
         ("pool_workers:no_such_function", "no function 'no_such_function'"),
         ("pool_workers:not_callable", "not callable"),
         ("pool_workers:setup_crash", "exited with code 3"),
+        ("pool_workers:setup_raises_base", "PluginAbort: setup gave up on purpose"),
     ],
-    ids=["raises", "no-module", "no-function", "not-callable", "crash"],
+    ids=["raises", "no-module", "no-function", "not-callable", "crash", "base-exception"],
 )
 @pytest.mark.single_loop
 async def test_start_failure_is_a_worker_start_error(target: str, needle: str) -> None:
@@ -468,6 +469,30 @@ async def test_start_failure_is_a_worker_start_error(target: str, needle: str) -
                 raise AssertionError("the pool started")
     assert needle in str(info.value)
     assert target in str(info.value)
+
+
+@pytest.mark.single_loop
+async def test_a_setup_that_never_returns_is_named_in_the_start_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool_module, "_START_TIMEOUT", 0.5)
+    with pytest.raises(WorkerStartError) as info:
+        async with WorkerPool("pool_workers:setup_says_pid_then_hangs", workers=2, env=worker_env()):
+            raise AssertionError("the pool started")
+    assert "worker(s) 0, 1 of pool 'pool'" in str(info.value)
+    assert "'pool_workers:setup_says_pid_then_hangs' within 0.5 s" in str(info.value)
+
+
+async def test_a_worker_whose_plugin_closed_its_bus_is_restarted() -> None:
+    """Closing its own bus ends the worker (the bus owns its node), which the
+    pool restarts: it ran on as 'ready', serving nothing, for ever."""
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env(), restart_backoff=0.01) as pool:
+        (old,) = pool.pids
+        assert (await pool.bus.request("close.bus", timeout=10)).decode() == "closing"
+        await wait_exited(old)
+        await wait_until(lambda: pool.stats()["workers"][0]["crashes"] == 1)
+        await pool.wait_ready(timeout=15)
+        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
 
 
 def test_bad_pool_arguments() -> None:
