@@ -98,6 +98,8 @@ DEFAULT_MAX_LINK_SUBS: Final = 100_000
 """Default bound on the distinct subscriptions one peer below a node may announce (``max_link_subs``)."""
 _INFLIGHT_CAP: Final = 65536
 _MAX_PICK_GROUPS: Final = 4096  # queue groups whose last pick a link remembers
+_ABANDONED_TTL: Final = 60.0  # seconds a given-up request still counts in its responder's load
+_ABANDONED_CAP: Final = 1024  # given-up requests remembered per link
 _DUE_NS: Final = 10_000_000  # a request passed on makes a reply "due" for this long (spinning)
 _FAST_CACHE: Final = 4096
 _HELLO_TIMEOUT: Final = 10.0
@@ -452,6 +454,11 @@ class LinkState:
         self.dropped_subjects: dict[str, int] = {}  # dropped, not yet reported, by subject
         self.slow_events = 0
         self.reporting = False  # a task waits to report its drops (_report_drops): one at most
+        # Requests sent on this link whose requester here gave up (timeout,
+        # cancellation), by reply subject: when given up on.  Their responder
+        # may still be busy with them: they count in its load until their late
+        # reply comes, or for _ABANDONED_TTL at most.
+        self.abandoned: dict[str, float] = {}
         # Per queue group (a link may carry members of several): a pick count
         # shared by the groups would make two services on the same members go
         # in lockstep, one always to this member, the other to the next.
@@ -477,6 +484,7 @@ class LinkState:
             dropped=self.dropped,
             slow_consumer_events=self.slow_events,
             inflight_requests=len(self.inflight),
+            abandoned_requests=len(self.abandoned),
             interest=sorted(f"{s}" + (f" [{q}]" if q else "") for s, q in self.remote_keys),
         )
         if self.peer is not None:
@@ -907,6 +915,8 @@ class Node:
                                     r.inflight.pop(subject, None)
                                 if self._heard_here:
                                     self._heard_here.discard(subject)
+                            elif ls.abandoned:
+                                ls.abandoned.pop(subject, None)  # a late reply: its responder is done
                             deliver_reply(frame)
                             continue
                         if frame.reply is not None:
@@ -980,7 +990,7 @@ class Node:
             # dropped before it comes back this way.
             gone = set(below)
             for reply in [r for r in self._reply_routes if self._inbox_node(r, wild_too=True) in gone]:
-                self.forget_reply(reply)
+                self.forget_reply(reply, requester_gone=True)
         for fut in ls.pongs.values():
             if not fut.done():
                 fut.set_exception(ConnectionClosed(f"link closed: {reason}"))
@@ -1224,6 +1234,8 @@ class Node:
         nid = None if m.groups else self._inbox_node(subject)
         if nid is not None:
             if nid == self.node_id:
+                if origin is not None and origin.abandoned:
+                    origin.abandoned.pop(subject, None)  # a late reply: its responder is done
                 self.inbox.deliver(m)
                 return 1
             target = self._inbox_links.get(nid)
@@ -2037,17 +2049,27 @@ class Node:
         token = format(next(self._tokens), "x")
         return token, self._reply_prefix + token
 
-    def forget_reply(self, reply: str) -> None:
+    def forget_reply(self, reply: str, *, requester_gone: bool = False) -> None:
         """The requester is done with ``reply`` (answered, timed out, cancelled).
 
-        A reply that arrived already removed its tracking; one that never will
-        must not stay counted as in flight on the link it went out on (that
-        link would look busy forever, and a pool's shutdown would wait for it).
+        A reply that arrived already removed its tracking; one that has not
+        stops counting as in flight on the link it went out on (a pool's
+        shutdown waits for those).  Its responder may still be working on it
+        (a request that timed out because it is slow): until its late reply
+        comes back, for :data:`_ABANDONED_TTL` at most, it still counts in
+        that link's load, so that queue-group picks leave a stuck responder
+        alone.  Not when the requester is gone (``requester_gone``): its late
+        reply is dropped on the way and would never clear it.
         """
         routes = self._reply_routes.pop(reply, None)
         if routes:
+            now = time.monotonic()
             for ls in routes:
-                ls.inflight.pop(reply, None)
+                if ls.inflight.pop(reply, None) is not None and not requester_gone:
+                    given_up = ls.abandoned
+                    given_up[reply] = now
+                    if len(given_up) > _ABANDONED_CAP:
+                        del given_up[next(iter(given_up))]
         if self._heard_here:
             self._heard_here.discard(reply)
 
@@ -2119,7 +2141,13 @@ class Node:
 def _load(c: SubscriptionCore | LinkState, q: str) -> tuple[int, int]:
     """A member's load for a pick in group ``q``: busy first, then picked longest ago."""
     if isinstance(c, LinkState):
-        return (len(c.inflight) + c.link.pending_out // 65536, c.last_pick.get(q, 0))
+        given_up = c.abandoned
+        if given_up:
+            old = time.monotonic() - _ABANDONED_TTL
+            while given_up and next(iter(given_up.values())) < old:
+                del given_up[next(iter(given_up))]
+        busy = len(c.inflight) + len(given_up) + c.link.pending_out // 65536
+        return (busy, c.last_pick.get(q, 0))
     return (len(c.pending) // 16, c.last_pick)
 
 

@@ -49,6 +49,10 @@ class LinkStats(TypedDict):
     slow_consumer_events: int
     inflight_requests: int
     """Requests sent on this link whose reply has not come yet."""
+    abandoned_requests: int
+    """Requests sent on this link whose requester gave up (timeout, cancellation)
+    before the reply came: they still count in the link's load (queue-group
+    picks) until their late reply comes, for 60 s at most."""
     interest: list[str]
     """The subjects the peer wants (``"subject [queue]"`` for a queue group)."""
 

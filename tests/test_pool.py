@@ -176,6 +176,32 @@ async def test_a_worker_that_stopped_reading_its_link_is_restarted() -> None:
     await wait_exited(old)
 
 
+async def test_a_worker_busy_with_a_request_that_timed_out_is_left_alone() -> None:
+    """A request that timed out (its handler is slow) still keeps its worker
+    busy: new requests go to the idle worker until the late reply comes.  The
+    timeout made the busy worker look idle, and round robin sent every other
+    request to it, behind the slow one."""
+    async with WorkerPool("pool_workers:setup", workers=2, env=worker_env()) as pool:
+        started = await pool.bus.subscribe("started")
+        await pool.bus.flush()
+        with pytest.raises(ipcbus.RequestTimeout):
+            await pool.bus.request("slow.sleep", 1.5, timeout=0.3)
+        busy = (await started.next(timeout=10)).decode(int)
+        (idle,) = set(pool.pids) - {busy}
+        pids = [(await pool.bus.request("pid", timeout=10)).decode(int) for _ in range(6)]
+        assert pids == [idle] * 6
+
+        def given_up() -> int:
+            node = pool.stats()["node"]
+            assert node is not None
+            (link,) = [lk for lk in node["links"] if lk["peer_pid"] == busy]
+            assert link["inflight_requests"] == 0
+            return link["abandoned_requests"]
+
+        assert given_up() == 1
+        await wait_until(lambda: given_up() == 0)  # the late reply came: the worker is free
+
+
 async def test_two_services_on_the_same_workers_each_spread_over_both() -> None:
     """Round robin is per queue group: requests alternating between two
     services that both workers serve reach both workers for each service (a
