@@ -454,6 +454,7 @@ class LinkState:
         self.dropped_subjects: dict[str, int] = {}  # dropped, not yet reported, by subject
         self.slow_events = 0
         self.reporting = False  # a task waits to report its drops (_report_drops): one at most
+        self.held = False  # nothing is routed to it yet (a pool worker in setup: Node.release)
         # Requests sent on this link whose requester here gave up (timeout,
         # cancellation), by reply subject: when given up on.  Their responder
         # may still be busy with them: they count in its load until their late
@@ -714,18 +715,28 @@ class Node:
         )
 
     async def add_link(
-        self, link: Link, *, name: str = "", crash_error: str = "ConnectionClosed", wait: bool = True
+        self,
+        link: Link,
+        *,
+        name: str = "",
+        crash_error: str = "ConnectionClosed",
+        wait: bool = True,
+        held: bool = False,
     ) -> LinkState:
         """Attach a link: exchange Hello, share interest, start routing its frames.
 
         With ``wait`` (the default) returns once the peer's Hello arrived;
         raises :class:`ProtocolError` or :class:`ConnectionClosed` if it does
-        not (the link is then closed).
+        not (the link is then closed).  With ``held``, messages are routed to
+        the link only once :meth:`release` is called (its peer's interest is
+        recorded meanwhile, and replies to its own requests reach it): a pool
+        worker whose setup subscribes before it is done setting up.
         """
         if self._closed:
             await link.aclose()
             raise BusClosed("node is closed")
         ls = LinkState(self, link, name, crash_error)
+        ls.held = held
         try:
             link.send_nowait(_encode(self.hello()))
             for key, total in self._totals.items():
@@ -1403,6 +1414,8 @@ class Node:
             else:
                 groups.setdefault(sub.queue, []).append(sub)
         for ls, q in self._remote.match(subject):
+            if ls.held:
+                continue
             if q is None:
                 plain[ls] = None
             else:
@@ -2048,6 +2061,12 @@ class Node:
         """A fresh (token, reply subject) in this node's inbox."""
         token = format(next(self._tokens), "x")
         return token, self._reply_prefix + token
+
+    def release(self, ls: LinkState) -> None:
+        """Route messages to ``ls`` from now on (added with ``held=True``)."""
+        if ls.held:
+            ls.held = False
+            self._interest_changed()
 
     def forget_reply(self, reply: str, *, requester_gone: bool = False) -> None:
         """The requester is done with ``reply`` (answered, timed out, cancelled).

@@ -370,7 +370,7 @@ class WorkerPool:
 
         try:
             ls = await self._node.add_link(
-                link, name=f"worker-{w.index}", crash_error="WorkerCrashed", wait=False
+                link, name=f"worker-{w.index}", crash_error="WorkerCrashed", wait=False, held=True
             )
         except BusClosed:
             raise
@@ -404,6 +404,9 @@ class WorkerPool:
         w.state = "ready"
         w.ready_at = time.monotonic()
         w.start_failures = 0
+        # Its services subscribed as its setup ran; it takes requests only now
+        # that the setup is done.
+        self._node.release(ls)
         self._notify()
         log.info("pool %s: worker %d ready (pid %d)", self.name, w.index, proc.pid)
 

@@ -112,6 +112,16 @@ async def setup_crash_on_restart(bus: ipcbus.Bus) -> None:
     await setup(bus)
 
 
+async def setup_slow_after_serving(bus: ipcbus.Bus) -> None:
+    """Serves, says so (``setting.up``, its pid), then goes on setting up for 30 s
+    (a plugin that loads a model after registering its services)."""
+    await setup(bus)
+    if not _first_start():
+        await bus.flush()  # the parent's interest has arrived
+        await bus.publish("setting.up", os.getpid())
+        await asyncio.sleep(30)
+
+
 async def setup_hang_on_restart(bus: ipcbus.Bus) -> None:
     """Starts fine the first time; every later start hangs in setup (never ready)."""
     if not _first_start():

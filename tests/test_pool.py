@@ -202,6 +202,23 @@ async def test_a_worker_busy_with_a_request_that_timed_out_is_left_alone() -> No
         await wait_until(lambda: given_up() == 0)  # the late reply came: the worker is free
 
 
+async def test_a_worker_takes_requests_only_once_its_setup_returned(tmp_path: Path) -> None:
+    """A restarted worker whose setup serves first and sets up after: no
+    request reaches it before its setup returned (half of them did, to be
+    answered by a worker not set up yet)."""
+    env = worker_env(IPCBUS_TEST_MARKER=str(tmp_path / "started"))
+    async with WorkerPool("pool_workers:setup_slow_after_serving", workers=1, env=env) as pool:
+        (first,) = pool.pids
+        setting_up = await pool.bus.subscribe("setting.up")
+        await pool.bus.flush()
+        os.kill(first, signal.SIGKILL)
+        new = (await setting_up.next(timeout=15)).decode(int)  # serves, and is still in setup
+        assert pool.stats()["workers"][0]["state"] in ("restarting", "starting")
+        with pytest.raises(ipcbus.NoResponders):
+            await pool.bus.request("pid", timeout=10)
+        assert new not in pool.pids
+
+
 async def test_two_services_on_the_same_workers_each_spread_over_both() -> None:
     """Round robin is per queue group: requests alternating between two
     services that both workers serve reach both workers for each service (a
