@@ -454,7 +454,10 @@ class LinkState:
         self.dropped_subjects: dict[str, int] = {}  # dropped, not yet reported, by subject
         self.slow_events = 0
         self.reporting = False  # a task waits to report its drops (_report_drops): one at most
-        self.held = False  # nothing is routed to it yet (a pool worker in setup: Node.release)
+        # Nothing is routed to it yet (a pool worker in setup, Node.release):
+        # the interest it announces waits here, neither routed nor passed on.
+        self.held = False
+        self.held_keys: set[Key] = set()
         # Requests sent on this link whose requester here gave up (timeout,
         # cancellation), by reply subject: when given up on.  Their responder
         # may still be busy with them: they count in its load until their late
@@ -728,9 +731,10 @@ class Node:
         With ``wait`` (the default) returns once the peer's Hello arrived;
         raises :class:`ProtocolError` or :class:`ConnectionClosed` if it does
         not (the link is then closed).  With ``held``, messages are routed to
-        the link only once :meth:`release` is called (its peer's interest is
-        recorded meanwhile, and replies to its own requests reach it): a pool
-        worker whose setup subscribes before it is done setting up.
+        the link only once :meth:`release` is called: the interest its peer
+        announces meanwhile is kept aside, neither routed nor passed on to
+        other links (replies to its own requests reach it): a pool worker
+        whose setup subscribes before it is done setting up.
         """
         if self._closed:
             await link.aclose()
@@ -1146,6 +1150,9 @@ class Node:
             )
         ls.remote_keys.add(key)
         self._inbox_interest(key[0], key[1], 1, ls)
+        if ls.held and not key[0].startswith(INBOX_PREFIX):  # its own inbox: replies reach it
+            ls.held_keys.add(key)
+            return
         self._remote.add(key[0], (ls, key[1]))
         self._bump(key, 1, ls)
 
@@ -1155,6 +1162,9 @@ class Node:
             return
         ls.remote_keys.discard(key)
         self._inbox_interest(key[0], key[1], -1, ls)
+        if key in ls.held_keys:
+            ls.held_keys.discard(key)
+            return
         self._remote.remove(key[0], (ls, key[1]))
         self._bump(key, -1, ls)
 
@@ -1414,8 +1424,6 @@ class Node:
             else:
                 groups.setdefault(sub.queue, []).append(sub)
         for ls, q in self._remote.match(subject):
-            if ls.held:
-                continue
             if q is None:
                 plain[ls] = None
             else:
@@ -2063,10 +2071,16 @@ class Node:
         return token, self._reply_prefix + token
 
     def release(self, ls: LinkState) -> None:
-        """Route messages to ``ls`` from now on (added with ``held=True``)."""
-        if ls.held:
-            ls.held = False
-            self._interest_changed()
+        """Route messages to ``ls`` from now on (added with ``held=True``), and
+        pass on the interest it announced meanwhile."""
+        if not ls.held:
+            return
+        ls.held = False
+        self._interest_changed()
+        keys, ls.held_keys = ls.held_keys, set()
+        for key in keys:
+            self._remote.add(key[0], (ls, key[1]))
+            self._bump(key, 1, ls)
 
     def forget_reply(self, reply: str, *, requester_gone: bool = False) -> None:
         """The requester is done with ``reply`` (answered, timed out, cancelled).

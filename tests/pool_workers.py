@@ -112,13 +112,32 @@ async def setup_crash_on_restart(bus: ipcbus.Bus) -> None:
     await setup(bus)
 
 
+def _count_start() -> int:
+    """This start's number among the test's workers (``IPCBUS_TEST_MARKER`` names
+    a file that counts them)."""
+    fd = os.open(os.environ["IPCBUS_TEST_MARKER"], os.O_CREAT | os.O_APPEND | os.O_RDWR, 0o600)
+    try:
+        os.write(fd, b"x")
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
 async def setup_slow_after_serving(bus: ipcbus.Bus) -> None:
-    """Serves, says so (``setting.up``, its pid), then goes on setting up for 30 s
-    (a plugin that loads a model after registering its services)."""
+    """Serves; the starts after the first ``IPCBUS_TEST_FAST_STARTS`` (1) then say
+    so (``setting.up``, its pid), ask the parent's ``parent.ping`` service (its
+    answer on ``setup.asked``) and go on setting up for 30 s (a plugin that
+    loads a model after registering its services)."""
     await setup(bus)
-    if not _first_start():
+
+    async def via(m: ipcbus.Msg) -> int:  # its own group's service, through the parent
+        return (await bus.request("pid", timeout=5)).decode(int)
+
+    await bus.serve("pid.via", via, queue="via")
+    if _count_start() > int(os.environ.get("IPCBUS_TEST_FAST_STARTS", "1")):
         await bus.flush()  # the parent's interest has arrived
         await bus.publish("setting.up", os.getpid())
+        await bus.publish("setup.asked", (await bus.request("parent.ping", timeout=10)).data)
         await asyncio.sleep(30)
 
 
@@ -155,12 +174,6 @@ def setup_says_pid_then_blocks(bus: ipcbus.Bus) -> None:
 async def setup_fails_second_start(bus: ipcbus.Bus) -> None:
     """Start 1 works, start 2 (the first restart) fails, later starts work again.
     ``IPCBUS_TEST_MARKER`` names a file that counts the starts."""
-    fd = os.open(os.environ["IPCBUS_TEST_MARKER"], os.O_CREAT | os.O_APPEND | os.O_RDWR, 0o600)
-    try:
-        os.write(fd, b"x")
-        starts = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-    if starts == 2:
+    if _count_start() == 2:
         raise RuntimeError("second start fails on purpose")
     await setup(bus)
