@@ -340,6 +340,7 @@ class Service:
         # one task of an anyio task group outright would cancel the whole group.
         self._handling: dict[asyncio.Task[Any], anyio.CancelScope] = {}
         self._stopped = False  # its bus closed: handlers still running were cancelled
+        sub._core.serving = True
         if not self._is_async:
             # A synchronous handler runs as its request is routed (in the read
             # callback of the link it came on): no queue, no task switch.

@@ -146,6 +146,7 @@ class SubscriptionCore:
         "pending",
         "pending_bytes_limit",
         "queue",
+        "serving",
         "sid",
         "subject",
         "withdrawn",
@@ -182,6 +183,7 @@ class SubscriptionCore:
         # Set by a service with a synchronous handler: messages are handed to
         # it as they are routed instead of being queued for a reader task.
         self.inline: Callable[[fr.Msg], None] | None = None
+        self.serving = False  # a service's subscription (Bus.serve), not a listener
         # Set by Node.withdraw: no longer announced to links, still delivered to.
         self.withdrawn = False
 
@@ -1940,15 +1942,22 @@ class Node:
                 raise NoResponders(subject)
             return up
         full = self.publish_now(subject, payload, reply=reply, headers=headers)
-        if subs and not plain and not groups and self.upstream is not None:
-            # Only subscriptions of this process wanted it (a logger, a `>`
-            # monitor): a service elsewhere that subscribed a moment ago is not
-            # known here yet, and the root knows for sure.  It picks the queue
-            # groups; none is here, so none gets the request twice.
-            up = self.request_upstream(subject, payload, reply, headers)
-            if up is not None:
-                self._heard_here.add(reply)
-                full = [*full, *up]
+        if (
+            subs
+            and not plain
+            and not groups
+            and self.upstream is not None
+            and not any(s.serving for s in subs)
+        ):
+            # Only listeners of this process wanted it (a logger, a `>`
+            # monitor), no service: a service elsewhere that subscribed a
+            # moment ago is not known here yet, and the root knows for sure.
+            # It picks the queue groups; none is here, so none gets it twice.
+            with contextlib.suppress(FrameTooLarge):  # too large for it: the listeners had it
+                up = self.request_upstream(subject, payload, reply, headers)
+                if up is not None:
+                    self._heard_here.add(reply)
+                    full = [*full, *up]
         return full
 
     def reply_now(self, reply: str, payload: bytes) -> list[Link]:

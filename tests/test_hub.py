@@ -259,6 +259,22 @@ async def test_request_from_a_process_with_a_listener_reaches_a_service_it_does_
         assert r.node._heard_here == set()  # nothing kept
 
 
+async def test_a_request_to_a_service_in_the_same_process_stays_here(bus_name: str) -> None:
+    """Only listeners send a request to the root as well (above): a request
+    that a service of this process answers does not cost the hub two frames."""
+    async with (
+        ipcbus.Hub(bus_name, transports=FIFO_ONLY) as hub,
+        ipcbus.connect(bus_name) as c,
+    ):
+        await c.serve("x", lambda m: b"ok")  # a plain service (no queue group)
+        await c.flush()
+        before = hub.stats()["node"]["msgs_in"]
+        for _ in range(20):
+            assert (await c.request("x", timeout=5)).data == b"ok"
+        await c.flush()
+        assert hub.stats()["node"]["msgs_in"] == before
+
+
 async def test_a_client_subscribed_to_the_hubs_inbox_does_not_take_its_replies(bus_name: str) -> None:
     """A reply to a request made in the hub's process, by a service in that
     process, goes to the hub's own inbox: not to a client that subscribed to
