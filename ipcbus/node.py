@@ -479,6 +479,15 @@ class LinkState:
         """How loaded this link is, for least-busy queue-group selection."""
         return len(self.inflight) * 65536 + self.link.pending_out
 
+    def still_given_up(self) -> int:
+        """How many of :attr:`abandoned` still count: those given up on less than
+        :data:`_ABANDONED_TTL` ago (older ones are forgotten here)."""
+        given_up = self.abandoned
+        old = time.monotonic() - _ABANDONED_TTL
+        while given_up and next(iter(given_up.values())) < old:
+            del given_up[next(iter(given_up))]
+        return len(given_up)
+
     def stats(self) -> LinkStats:
         """Counters and identity of this link."""
         d = self.link.info.as_dict()
@@ -490,7 +499,7 @@ class LinkState:
             dropped=self.dropped,
             slow_consumer_events=self.slow_events,
             inflight_requests=len(self.inflight),
-            abandoned_requests=len(self.abandoned),
+            abandoned_requests=self.still_given_up(),
             interest=sorted(f"{s}" + (f" [{q}]" if q else "") for s, q in self.remote_keys),
         )
         if self.peer is not None:
@@ -1032,6 +1041,7 @@ class Node:
                 routes.clear()
             if not routes:
                 del self._reply_routes[reply]
+                self._heard_here.discard(reply)  # the status below ends the request
                 self.closed_status(reply, ls.crash_error, f"{what} ({reason})")
         ls.inflight.clear()
         log.info(
@@ -1254,11 +1264,11 @@ class Node:
                 ls.inflight.pop(subject, None)
             if self._heard_here:
                 self._heard_here.discard(subject)
+        elif origin is not None and origin.abandoned:
+            origin.abandoned.pop(subject, None)  # a late reply: its responder is done
         nid = None if m.groups else self._inbox_node(subject)
         if nid is not None:
             if nid == self.node_id:
-                if origin is not None and origin.abandoned:
-                    origin.abandoned.pop(subject, None)  # a late reply: its responder is done
                 self.inbox.deliver(m)
                 return 1
             target = self._inbox_links.get(nid)
@@ -1463,7 +1473,19 @@ class Node:
         """Least busy member of group ``q``; among equals, the one picked for
         ``q`` longest ago (round robin)."""
         self._rr += 1
-        best = cands[0] if len(cands) == 1 else min(cands, key=lambda c: _load(c, q))
+        best = cands[0]
+        if len(cands) > 1:
+            least: tuple[int, int] | None = None
+            for c in cands:
+                if isinstance(c, LinkState):
+                    busy = len(c.inflight) + c.link.pending_out // 65536
+                    if c.abandoned:
+                        busy += c.still_given_up()
+                    load = (busy, c.last_pick.get(q, 0))
+                else:
+                    load = (len(c.pending) // 16, c.last_pick)
+                if least is None or load < least:
+                    best, least = c, load
         if isinstance(best, LinkState):
             picks = best.last_pick
             if len(picks) >= _MAX_PICK_GROUPS and q not in picks:
@@ -1599,6 +1621,7 @@ class Node:
                 r.discard(ls)
                 if not r:
                     del self._reply_routes[old]
+                    self._heard_here.discard(old)
 
     def _unroute(self, ls: LinkState) -> None:
         """A write to ``ls`` failed: its peer is gone.  Route nothing more to it now.
@@ -2178,19 +2201,6 @@ class Node:
             ],
             "links": [ls.stats() for ls in self.links],
         }
-
-
-def _load(c: SubscriptionCore | LinkState, q: str) -> tuple[int, int]:
-    """A member's load for a pick in group ``q``: busy first, then picked longest ago."""
-    if isinstance(c, LinkState):
-        given_up = c.abandoned
-        if given_up:
-            old = time.monotonic() - _ABANDONED_TTL
-            while given_up and next(iter(given_up.values())) < old:
-                del given_up[next(iter(given_up))]
-        busy = len(c.inflight) + len(given_up) + c.link.pending_out // 65536
-        return (busy, c.last_pick.get(q, 0))
-    return (len(c.pending) // 16, c.last_pick)
 
 
 def _decode_large(view: memoryview) -> fr.Msg | None:

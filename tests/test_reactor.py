@@ -1051,6 +1051,50 @@ async def flood_while_stalled(publisher: Node, gated: GatedLink, n: int = 200) -
     await publisher.flush()
 
 
+async def test_a_request_ended_by_its_upstream_closing_leaves_nothing_behind() -> None:
+    """A request that went to the root as well (a listener here, a member
+    there) and ended with a closed status as the upstream link closed: the
+    node keeps no trace of it (Node._heard_here kept its reply subject)."""
+    async with Node(name="A") as a, Node(name="root") as root:
+        a_up, root_a = await connect(a, root, "memory")
+        a.upstream = a_up
+        await Bus(a).subscribe(">")  # a listener in the requesting process
+        await settle(a, root)
+        req = asyncio.ensure_future(Bus(a).request("svc", b"?", timeout=30))  # runs first:
+        member = root.subscribe("svc", queue="g")  # A has not heard of it when it sends
+        assert (await member.get()) is not None  # at the root; never answered
+        assert a._heard_here
+        await root_a.link.aclose()
+        with pytest.raises(ConnectionClosed):
+            await req
+        assert a._heard_here == set() and a._reply_routes == {}
+
+
+async def test_a_late_reply_frees_its_responder_also_with_a_wildcard_listener() -> None:
+    """A request given up on counts in its responder's load until its late
+    reply comes, also when a '>' subscription in the requesting node routes
+    inbox subjects by pattern (the general route did not clear it: the
+    responder stayed busy for 60 s)."""
+    release = asyncio.Event()
+
+    async def slow(m: Msg) -> bytes:
+        await release.wait()
+        return b"late"
+
+    async with Node(name="P") as p, Node(name="W") as w:
+        p_w, _ = await connect(p, w, "memory")
+        await Bus(w).serve("s", slow, queue="q")
+        monitor = await Bus(p).subscribe(">")
+        await settle(p, w)
+        with pytest.raises(RequestTimeout):
+            await Bus(p).request("s", timeout=0.1)
+        assert len(p_w.abandoned) == 1
+        release.set()
+        while not (await monitor.next(timeout=10)).subject.startswith("_INBOX."):
+            pass  # the request's copy; then the late reply
+        assert p_w.abandoned == {}
+
+
 async def test_a_consumer_hovering_at_the_limit_has_one_drop_reporter() -> None:
     """Each time a message gets through a slow link (its drop notice goes
     with it) and the next is dropped, a new slow-consumer episode starts.  One
