@@ -340,6 +340,7 @@ class Service:
         # one task of an anyio task group outright would cancel the whole group.
         self._handling: dict[asyncio.Task[Any], anyio.CancelScope] = {}
         self._stopped = False  # its bus closed: handlers still running were cancelled
+        self._forget_when_idle = False  # drained from its own handler: let go once none runs
         sub._core.serving = True
         if not self._is_async:
             # A synchronous handler runs as its request is routed (in the read
@@ -462,8 +463,11 @@ class Service:
 
     def _leave(self) -> None:
         self._active -= 1
-        if self._active == 0 and self._idle is not None:
-            self._idle.set()
+        if self._active == 0:
+            if self._idle is not None:
+                self._idle.set()
+            if self._forget_when_idle:
+                self._forget()
 
     def _arg(self, m: Msg) -> Any:
         return m if self._arg_type is None else _decode(m.data, self._arg_type)
@@ -534,7 +538,9 @@ class Service:
             await self._peers_know.wait()  # another drain() is flushing: after it
         await self.subscription.unsubscribe()
         if _SERVING.get() is self:
-            self._forget()
+            # Its bus must still cancel the handlers running if it closes
+            # meanwhile: let go of it once they are done (_leave).
+            self._forget_when_idle = True
             return
         await self._done.wait()
         while self._active:

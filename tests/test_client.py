@@ -114,6 +114,34 @@ async def test_a_stopped_service_is_let_go_of() -> None:
         assert server._services == []
 
 
+async def test_a_service_stopped_from_its_handler_still_ends_with_its_bus() -> None:
+    """Stopped from one of its own handlers, a service is let go of by its bus
+    only once its handlers are done: closing the bus meanwhile still cancels
+    the ones running, whose requesters learn at once (they ran on, and
+    answered after the bus had closed)."""
+    async with Node(name="n") as node:
+        bus, other = Bus(node), Bus(node)
+        started = asyncio.Event()
+
+        async def handler(m: Msg) -> bytes:
+            if m.data == b"stop":
+                await svc.stop()  # from its own handler: stops taking requests
+                return b"stopping"
+            started.set()
+            await asyncio.Event().wait()  # never done by itself
+            return b"slow done"
+
+        svc = await bus.serve("s", handler, concurrency=4)
+        slow = asyncio.ensure_future(other.request("s", b"slow", timeout=30))
+        await started.wait()
+        assert (await other.request("s", b"stop", timeout=5)).data == b"stopping"
+        assert bus._services == [svc]  # a handler still runs
+        await bus.aclose()
+        with pytest.raises(ConnectionClosed):
+            await slow
+        assert bus._services == []
+
+
 async def test_handler_that_raises_gives_remote_error_and_keeps_serving() -> None:
     async with pair() as (client, server):
 
