@@ -10,13 +10,15 @@ import time
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 
-from ipcbus.errors import EndOfStream, FrameTooLarge, ProtocolError
+from ipcbus.errors import ConnectionClosed, EndOfStream, FrameTooLarge, ProtocolError
+from ipcbus.frames import HEADER
 from ipcbus.testing import check_link
 from ipcbus.transports.base import Link
 from ipcbus.transports.memory import memory_pair
-from ipcbus.transports.pipe import pipe_pair
+from ipcbus.transports.pipe import PipeLink, enlarge_pipe, pipe_pair
 
 
 @contextlib.asynccontextmanager
@@ -129,3 +131,32 @@ async def test_the_read_buffer_starts_small_and_grows_while_reads_fill_it() -> N
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_a_write_to_a_dead_peer_while_reading_is_paused_loses_nothing_it_wrote() -> None:
+    """The peer wrote 1000 frames and died; our reading is paused (the
+    application lags: over high_water) when a write fails with EPIPE.  Every
+    frame is still received, then the end of stream: the link did not take
+    the failed write for a peer that stopped reading but still runs."""
+    to_us_r, to_us_w = os.pipe()
+    to_peer_r, to_peer_w = os.pipe()
+    enlarge_pipe(to_us_w, 1 << 20)
+    frame = b"x" * 500
+    os.write(to_us_w, (HEADER.pack(len(frame)) + frame) * 1000)
+    os.close(to_us_w)  # the peer died: both its ends closed
+    os.close(to_peer_r)
+    link = PipeLink(to_us_r, to_peer_w, high_water=2048)
+    try:
+        while link._reading:  # type: ignore[attr-defined]
+            await anyio.lowlevel.checkpoint()  # it reads until over high_water, and pauses
+        with contextlib.suppress(ConnectionClosed):
+            link.send_nowait(b"hello")  # EPIPE (now or at the flush)
+        await anyio.lowlevel.checkpoint()
+        got = 0
+        with pytest.raises(EndOfStream):
+            while True:
+                assert await link.recv() == frame
+                got += 1
+        assert got == 1000
+    finally:
+        await link.aclose()

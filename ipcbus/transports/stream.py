@@ -28,6 +28,7 @@ import collections
 import contextlib
 import errno
 import os
+import select
 from typing import Any
 
 from ..busdir import close_in_forked_children, closing_for_good
@@ -86,7 +87,6 @@ class FdStreamLink(Link):
         self._rq_bytes = 0
         self._reading = False
         self._eof = False
-        self._reads = 0  # successful reads (see _reader_gone)
         self._rerror: BaseException | None = None
         self._rwaiter: asyncio.Future[None] | None = None
         self._wq: collections.deque[bytes | memoryview] = collections.deque()
@@ -282,23 +282,24 @@ class FdStreamLink(Link):
     def _reader_gone(self) -> None:
         """The peer no longer reads: a link that can only go one way is over.
 
-        A peer that died has closed its writing end too: what it wrote before
-        is read here to its end of stream, as always.  One still running that
-        closed only its reading end (a plugin closing file descriptors) would
-        otherwise keep the link open for ever, half of it dead: after what is
-        in the pipe now, ``recv()`` raises ``ConnectionClosed``.
+        A peer that died has closed its writing end too (``POLLHUP`` here):
+        what it wrote before is read to its end of stream, as always, however
+        long the application takes to read it.  One still running that closed
+        only its reading end (a plugin closing file descriptors) would keep
+        the link open for ever, half of it dead: ``recv()`` raises
+        ``ConnectionClosed`` after the frames already received.
         """
-        while self._reading and not self._eof and self._rerror is None and not self._closed:
-            got = self._reads
-            self._on_readable()
-            if self._reads == got:  # nothing more there now (EAGAIN)
-                break
-        if not self._eof and self._rerror is None and not self._closed:
-            self._rerror = ConnectionClosed(
-                f"{self.info.transport} link: the peer stopped reading (EPIPE) but still runs"
-            )
-            self._pause_reading()
-            self._wake_reader()
+        if self._eof or self._rerror is not None or self._closed or self._rfd < 0:
+            return
+        poller = select.poll()
+        poller.register(self._rfd, select.POLLIN)
+        if any(ev & select.POLLHUP for _fd, ev in poller.poll(0)):
+            return  # the writer is gone too: its end of stream comes
+        self._rerror = ConnectionClosed(
+            f"{self.info.transport} link: the peer stopped reading (EPIPE) but still runs"
+        )
+        self._pause_reading()
+        self._wake_reader()
 
     def _wake_writers(self, exc: BaseException | None) -> None:
         waiters, self._wwaiters = self._wwaiters, []
@@ -331,7 +332,6 @@ class FdStreamLink(Link):
             self._pause_reading()
             self._wake_reader()
             return
-        self._reads += 1
         if n == 0:
             self._eof = True
             self._pause_reading()
