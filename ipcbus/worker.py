@@ -40,7 +40,7 @@ from .client import Bus
 from .errors import ConnectionClosed, IpcBusError
 from .gc import collect, pool_dir_name, remove_pool_dir
 from .node import LinkState, Node
-from .records import process_alive
+from .records import pid_start_time, process_alive
 from .transports.base import Link
 from .transports.pipe import PipeLink
 
@@ -94,7 +94,7 @@ async def run_worker(
     """Run one worker until its parent goes away; return the exit code."""
     # Over shm and SysV the parent records the kernel objects it makes for its
     # workers in a folder of its own; see _left_behind.
-    records = None if spec.startswith("pipe:") else _pool_records(parent_pid)
+    records = _pool_records(spec, parent_pid)
     try:
         parent = os.pidfd_open(parent_pid) if records is not None else None
     except OSError:  # gone already, or no pidfd: leave the folder to gc
@@ -204,8 +204,11 @@ async def _terminate(terminated: asyncio.Event, node: Node, link: Link, parent_p
     await node.aclose()
 
 
-def _pool_records(parent_pid: int) -> Path | None:
-    """The records folder of the parent's pools (see :mod:`ipcbus.gc`), while it runs."""
+def _pool_records(spec: str, parent_pid: int) -> Path | None:
+    """The records folder of the parent's pools (see :mod:`ipcbus.gc`), for a
+    worker linked by kernel objects (not pipes); found while the parent runs."""
+    if spec.startswith("pipe:"):
+        return None
     try:
         return bus_root() / pool_dir_name(parent_pid)
     except (IpcBusError, OSError):
@@ -224,11 +227,17 @@ async def _left_behind(records: Path, parent: int) -> None:
     """
     with anyio.move_on_after(_PARENT_EXIT_WAIT):
         await anyio.wait_readable(parent)
-        with contextlib.suppress(OSError):
-            # Records the parent had no time to forget (it died before it read
-            # a worker's ATTACHED) name objects that are gone: gc forgets them.
-            collect(records)
-            remove_pool_dir(records)
+        _collect_after_parent(records)
+
+
+def _collect_after_parent(records: Path) -> None:
+    """The pool's process is dead: remove what it recorded (gc: objects whose
+    creator is gone), and the folder if nothing is left in it."""
+    with contextlib.suppress(Exception):
+        # Records the parent had no time to forget (it died before it read
+        # a worker's ATTACHED) name objects that are gone: gc forgets them.
+        collect(records)
+        remove_pool_dir(records)
 
 
 def watch_parent(parent_pid: int, spec: str, grace: float = ORPHAN_GRACE) -> threading.Thread | None:
@@ -251,8 +260,14 @@ def watch_parent(parent_pid: int, spec: str, grace: float = ORPHAN_GRACE) -> thr
         pidfd = -1  # gone already: the grace starts now
     except OSError:
         return None
+    parent_start, own_start = pid_start_time(parent_pid), pid_start_time(os.getpid())
+    if pidfd >= 0 and parent_start is not None and own_start is not None and parent_start > own_start:
+        # Started after this process: not the pool's process, whose pid it
+        # reuses (the pool died while this worker was starting).
+        os.close(pidfd)
+        pidfd = -1
     # Named after the parent's start time: found while it runs.
-    records = None if spec.startswith("pipe:") else _pool_records(parent_pid)
+    records = _pool_records(spec, parent_pid)
 
     def watch() -> None:
         if pidfd >= 0:
@@ -264,9 +279,7 @@ def watch_parent(parent_pid: int, spec: str, grace: float = ORPHAN_GRACE) -> thr
                 with contextlib.suppress(Exception):
                     remove_queues()
         if records is not None:
-            with contextlib.suppress(Exception):
-                collect(records)
-                remove_pool_dir(records)
+            _collect_after_parent(records)
         with contextlib.suppress(OSError):
             os.write(
                 2,
