@@ -1022,7 +1022,7 @@ class Node:
                 fut.set_exception(ConnectionClosed(f"link closed: {reason}"))
         # Requests in flight over this link will never be answered through it.
         pid = ls.link.info.peer_pid
-        who = ls.name if f"pid {pid}" in ls.name else f"{ls.name} (pid {pid})"
+        who = ls.name if f"pid {pid})" in ls.name else f"{ls.name} (pid {pid})"
         what = (
             f"the link toward the responder, {who!r}, closed"  # our upstream, not the responder
             if ls is self.upstream

@@ -90,7 +90,7 @@ class WorkerPool:
 
     A worker that dies is restarted after ``restart_backoff`` seconds,
     doubling up to ``max_backoff`` while it keeps dying (failing to start,
-    or dying within 10 s of its last restart); one that fails
+    or dying within 10 s of becoming ready); one that fails
     ``max_start_failures`` starts in a row is given up on (its error is in
     ``pool.errors`` and ``stats()``).  Workers run ``python`` (default: this
     interpreter) with ``env`` (default: this process's environment);

@@ -34,8 +34,17 @@ async def setup(bus: ipcbus.Bus) -> None:
         await asyncio.sleep(seconds)  # a slow handler, finishing on its own
         return "slept"
 
+    gate = asyncio.Event()
+
+    async def gated(m: ipcbus.Msg) -> str:
+        await bus.publish("started", os.getpid())
+        await gate.wait()  # until the parent publishes "release"
+        return "released"
+
     await bus.serve("slow.hang", hang, queue="slow")
     await bus.serve("slow.sleep", sleep, queue="slow")
+    await bus.serve("slow.gated", gated, queue="slow")
+    await bus.serve("release", lambda m: gate.set())  # every worker: no queue group
 
     # Handlers that raise what is not an Exception (plugin code does).
     def base(m: ipcbus.Msg) -> bytes:
@@ -155,12 +164,6 @@ async def setup_says_pid_then_hangs(bus: ipcbus.Bus) -> None:
     """Prints this worker's pid on stdout (the parent's), then never finishes setup."""
     os.write(1, f"{os.getpid()}\n".encode())  # one write: two workers share the pipe
     await asyncio.Event().wait()
-
-
-async def setup_dies_soon(bus: ipcbus.Bus) -> None:
-    """Starts fine, then dies 20 ms after becoming ready: a crash loop."""
-    await setup(bus)
-    asyncio.get_running_loop().call_later(0.02, os._exit, 5)
 
 
 def setup_says_pid_then_blocks(bus: ipcbus.Bus) -> None:
