@@ -155,9 +155,12 @@ async def run_worker(
                 with contextlib.suppress(ConnectionClosed):
                     link.send_nowait(fr.encode_frame(fr.Notice("ready")))
             await ls.closed.wait()
+            # The plugin closed its bus (and with it the node and the link):
+            # the parent lives on and sees this worker go.
+            plugin_closed = node.closed and not terminated.is_set()
             await node.aclose()
         said_goodbye = any(n.code == "shutdown" for n in ls.notices)
-        if records is not None and parent is not None and not said_goodbye:
+        if records is not None and parent is not None and not said_goodbye and not plugin_closed:
             await _left_behind(records, parent)
         return 128 + signal.SIGTERM if terminated.is_set() else 0
     finally:

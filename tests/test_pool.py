@@ -541,10 +541,13 @@ async def test_a_setup_that_never_returns_is_named_in_the_start_error(
     assert "'pool_workers:setup_says_pid_then_hangs' within 0.5 s" in str(info.value)
 
 
-async def test_a_worker_whose_plugin_closed_its_bus_is_restarted() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_worker_whose_plugin_closed_its_bus_is_restarted(transport: str) -> None:
     """Closing its own bus ends the worker (the bus owns its node), which the
     pool restarts: it ran on as 'ready', serving nothing, for ever."""
-    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env(), restart_backoff=0.01) as pool:
+    async with WorkerPool(
+        "pool_workers:setup", workers=1, transport=transport, env=worker_env(), restart_backoff=0.01
+    ) as pool:
         (old,) = pool.pids
         assert (await pool.bus.request("close.bus", timeout=10)).decode() == "closing"
         await wait_exited(old)
