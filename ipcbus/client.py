@@ -391,6 +391,8 @@ class Service:
                     tg.start_soon(self._handle_async, m)
         finally:
             self._done.set()
+            if self._forget_when_idle and not self._active:
+                self._forget()
 
     def _handle_inline(self, f: fr.Msg) -> None:
         m = Msg(f.subject, f.payload, f.reply, f.headers, self._bus)
@@ -466,7 +468,7 @@ class Service:
         if self._active == 0:
             if self._idle is not None:
                 self._idle.set()
-            if self._forget_when_idle:
+            if self._forget_when_idle and self._done.is_set():
                 self._forget()
 
     def _arg(self, m: Msg) -> Any:
@@ -538,9 +540,12 @@ class Service:
             await self._peers_know.wait()  # another drain() is flushing: after it
         await self.subscription.unsubscribe()
         if _SERVING.get() is self:
-            # Its bus must still cancel the handlers running if it closes
-            # meanwhile: let go of it once they are done (_leave).
+            # Its bus must still cancel the handlers running (or still to
+            # run: requests already queued) if it closes meanwhile: let go of
+            # it once its subscription has ended and none runs (_run, _leave).
             self._forget_when_idle = True
+            if self._done.is_set() and not self._active:
+                self._forget()
             return
         await self._done.wait()
         while self._active:

@@ -1061,7 +1061,8 @@ class Node:
         for ls in self.links:
             if ls is origin:
                 continue
-            has = 1 if key in ls.remote_keys else 0
+            # (A key a held link announced is not in the totals yet.)
+            has = 1 if key in ls.remote_keys and key not in ls.held_keys else 0
             before, after = old_total - has, new_total - has
             try:
                 if before == 0 and after > 0:
@@ -1976,11 +1977,10 @@ class Node:
             # monitor), no service: a service elsewhere that subscribed a
             # moment ago is not known here yet, and the root knows for sure.
             # It picks the queue groups; none is here, so none gets it twice.
-            with contextlib.suppress(FrameTooLarge):  # too large for it: the listeners had it
-                up = self.request_upstream(subject, payload, reply, headers)
-                if up is not None:
-                    self._heard_here.add(reply)
-                    full = [*full, *up]
+            up = self.request_upstream(subject, payload, reply, headers)  # FrameTooLarge: raised
+            if up is not None:
+                self._heard_here.add(reply)
+                full = [*full, *up]
         return full
 
     def reply_now(self, reply: str, payload: bytes) -> list[Link]:

@@ -270,7 +270,7 @@ def watch_parent(parent_pid: int, spec: str, grace: float = ORPHAN_GRACE) -> thr
         os.close(pidfd)
         pidfd = -1
     # Named after the parent's start time: found while it runs.
-    records = _pool_records(spec, parent_pid)
+    records = _pool_records(spec, parent_pid) if pidfd >= 0 else None
 
     def watch() -> None:
         if pidfd >= 0:

@@ -111,6 +111,7 @@ async def test_a_stopped_service_is_let_go_of() -> None:
         svc2 = await server.serve("last", from_inside)
         await settle(client, server)
         assert (await client.request("last", timeout=5)).data == b"bye"
+        await svc2._done.wait()  # its subscription has ended (the handler returned first)
         assert server._services == []
 
 
@@ -139,6 +140,52 @@ async def test_a_service_stopped_from_its_handler_still_ends_with_its_bus() -> N
         await bus.aclose()
         with pytest.raises(ConnectionClosed):
             await slow
+        await svc._done.wait()  # its cancelled handler has ended
+        assert bus._services == []
+
+
+async def test_a_service_stopped_from_its_handler_answers_no_queued_request_after_its_bus_closed() -> None:
+    """One handler at a time: a request queued behind the one that stops the
+    service is still cancelled when the bus closes (the service was let go of
+    when the stopping handler returned, and the queued one ran on)."""
+    async with Node(name="n") as node:
+        bus, other = Bus(node), Bus(node)
+        started = asyncio.Event()
+
+        async def handler(m: Msg) -> bytes:
+            if m.data == b"stop":
+                await svc.stop()
+                return b"stopping"
+            started.set()
+            await asyncio.Event().wait()
+            return b"slow done"
+
+        svc = await bus.serve("s", handler, concurrency=1)
+        stopping = asyncio.ensure_future(other.request("s", b"stop", timeout=30))
+        slow = asyncio.ensure_future(other.request("s", b"slow", timeout=30))  # queued behind it
+        assert (await stopping).data == b"stopping"
+        await started.wait()
+        assert bus._services == [svc]
+        await bus.aclose()
+        with pytest.raises(ConnectionClosed):
+            await slow
+
+
+async def test_a_service_stopped_from_a_task_its_handler_started_is_let_go_of() -> None:
+    """Tasks a handler starts inherit its context: stop() from one of them,
+    after the handler returned, still lets the bus forget the service."""
+    async with Node(name="n") as node:
+        bus, other = Bus(node), Bus(node)
+        tasks: list[asyncio.Task[None]] = []
+
+        async def handler(m: Msg) -> bytes:
+            tasks.append(asyncio.get_running_loop().create_task(svc.stop()))
+            return b"ok"
+
+        svc = await bus.serve("s", handler)
+        assert (await other.request("s", timeout=5)).data == b"ok"
+        await tasks[0]  # returned at once: it runs in the handler's context
+        await svc._done.wait()  # the service has ended
         assert bus._services == []
 
 

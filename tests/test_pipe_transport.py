@@ -160,3 +160,27 @@ async def test_a_write_to_a_dead_peer_while_reading_is_paused_loses_nothing_it_w
         assert got == 1000
     finally:
         await link.aclose()
+
+
+async def test_a_peer_that_stopped_reading_but_runs_still_delivers_what_it_wrote() -> None:
+    """The peer wrote 10 frames, then closed only its reading end (it still
+    runs): our next write fails with EPIPE, and the 10 frames are received
+    before ConnectionClosed (they were dropped, the error set at once)."""
+    to_us_r, to_us_w = os.pipe()
+    to_peer_r, to_peer_w = os.pipe()
+    frame = b"y" * 100
+    os.write(to_us_w, (HEADER.pack(len(frame)) + frame) * 10)
+    os.close(to_peer_r)  # stopped reading; to_us_w stays open: it runs
+    link = PipeLink(to_us_r, to_peer_w)
+    try:
+        with contextlib.suppress(ConnectionClosed):
+            link.send_now(b"request")  # an urgent write: EPIPE before the loop read anything
+        got = 0
+        with pytest.raises(ConnectionClosed, match="stopped reading"):
+            while True:
+                assert await link.recv() == frame
+                got += 1
+        assert got == 10
+    finally:
+        await link.aclose()
+        os.close(to_us_w)

@@ -1051,6 +1051,39 @@ async def flood_while_stalled(publisher: Node, gated: GatedLink, n: int = 200) -
     await publisher.flush()
 
 
+async def test_a_held_link_hears_of_interest_added_while_it_was_held() -> None:
+    """A held link (a pool worker in setup) subscribed to "ev"; the parent
+    subscribes to "ev" too meanwhile: the worker is told, so what it publishes
+    on "ev" reaches the parent (its own key, not in the totals yet, was
+    counted as if the worker already knew)."""
+    async with Node(name="P") as p, Node(name="W") as w:
+        a, b = memory_pair()
+        p_w = await p.add_link(a, name="worker", wait=False, held=True)
+        w_p = await w.add_link(b, name="parent")
+        with anyio.fail_after(10):
+            await p_w.ready.wait()
+        await Bus(w).subscribe("ev")  # the worker's setup listens on "ev"
+        await settle(p, w)
+        got = await Bus(p).subscribe("ev")  # the parent's application too, meanwhile
+        await settle(p, w)
+        assert ("ev", None) in w_p.remote_keys
+        p.release(p_w)
+        await Bus(w).publish("ev", b"hello")
+        assert (await got.next(timeout=10)).data == b"hello"
+
+
+async def test_a_request_too_large_for_the_upstream_fails_at_once_with_a_listener_here() -> None:
+    """With only a listener here (a '>' monitor), a request too large for the
+    upstream link raises FrameTooLarge at once, as without the listener."""
+    async with Node(name="A") as a, Node(name="root", max_frame=4096) as root:
+        a_up, _ = await connect(a, root, "memory")
+        a.upstream = a_up
+        await Bus(a).subscribe(">")
+        await settle(a, root)
+        with pytest.raises(FrameTooLarge):
+            await Bus(a).request("svc", b"x" * 10_000, timeout=30)
+
+
 async def test_a_request_ended_by_its_upstream_closing_leaves_nothing_behind() -> None:
     """A request that went to the root as well (a listener here, a member
     there) and ended with a closed status as the upstream link closed: the

@@ -87,6 +87,7 @@ class FdStreamLink(Link):
         self._rq_bytes = 0
         self._reading = False
         self._eof = False
+        self._reads = 0  # successful reads (see _reader_gone)
         self._rerror: BaseException | None = None
         self._rwaiter: asyncio.Future[None] | None = None
         self._wq: collections.deque[bytes | memoryview] = collections.deque()
@@ -295,6 +296,15 @@ class FdStreamLink(Link):
         poller.register(self._rfd, select.POLLIN)
         if any(ev & select.POLLHUP for _fd, ev in poller.poll(0)):
             return  # the writer is gone too: its end of stream comes
+        # What it wrote before it stopped reading is delivered first (read
+        # now, even while reading is paused: at most a pipe's worth).
+        while not self._eof and self._rerror is None and not self._closed:
+            got = self._reads
+            self._on_readable()
+            if self._reads == got:  # nothing more there now (EAGAIN)
+                break
+        if self._eof or self._rerror is not None or self._closed:
+            return
         self._rerror = ConnectionClosed(
             f"{self.info.transport} link: the peer stopped reading (EPIPE) but still runs"
         )
@@ -332,6 +342,7 @@ class FdStreamLink(Link):
             self._pause_reading()
             self._wake_reader()
             return
+        self._reads += 1
         if n == 0:
             self._eof = True
             self._pause_reading()
