@@ -806,7 +806,13 @@ class Bus:
             waiting.add(fut)
         deadline: list[Any] | None = None
         try:
-            full = node.send_request(subject, payload, reply, headers)
+            try:
+                full = node.send_request(subject, payload, reply, headers)
+            except NoResponders:
+                # Raised before any await: a caller that retries at once would
+                # never let the loop run (its own timeout, a worker's restart).
+                await asyncio.sleep(0)
+                raise
             # The node's deadlines fail the future on time: a fraction of the
             # cost of a cancel scope (or a loop timer) per request.  Armed
             # first: the timeout covers the wait for a full link too.
@@ -828,6 +834,8 @@ class Bus:
                 node.forget_reply(reply)
             if not fut.done():  # cancelled before its reply: its deadline must not fail it later
                 fut.cancel()
+            elif not fut.cancelled():
+                fut.exception()  # failed (its deadline) as the caller was cancelled: seen, not logged
             if deadline is not None:
                 deadline[1] = None  # the deadline entry lets go of the reply (see Deadlines)
         h = m.headers

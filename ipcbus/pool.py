@@ -327,7 +327,7 @@ class WorkerPool:
             w.proc = None  # nothing started (an earlier process, if any, is reaped)
             w.exited.set()
             if isinstance(exc, OSError):  # no such interpreter, not executable, no fork...
-                w.state = "failed"
+                w.state = "stopped" if self._closing else "failed"
                 w.last_error = f"cannot run {self.python!r}: {exc}"
                 raise WorkerStartError(
                     f"worker {w.index} of pool {self.name!r} failed to start: {w.last_error}"
@@ -349,7 +349,7 @@ class WorkerPool:
             except BaseException as exc:
                 await shm_link.aclose()
                 await w.exited.wait()
-                w.state = "failed"
+                w.state = "stopped" if self._closing else "failed"
                 w.last_error = f"worker never attached its shared-memory link: {exc}"
                 raise WorkerStartError(
                     f"worker {w.index} of pool {self.name!r} failed to start "
@@ -396,7 +396,7 @@ class WorkerPool:
             if not failure:
                 await w.exited.wait()
             reason = failure[0] if failure else f"worker exited with code {proc.returncode}"
-            w.state = "failed"
+            w.state = "stopped" if self._closing else "failed"  # not given up on: the pool closed
             w.last_error = reason
             raise WorkerStartError(
                 f"worker {w.index} of pool {self.name!r} failed to start {self.target!r}: {reason}"
@@ -516,14 +516,23 @@ class WorkerPool:
                 self._bus.refuse_new()  # from now on, new requests raise BusClosed
             # Still running (those made during the wait too): the pool
             # closes, no worker crashed.
-            why = (
-                f"the worker pool closed after waiting {_STOP_TIMEOUT:g} s for this request to be answered"
-                if drain
-                else "the worker pool closed (its block was cancelled) before this request was answered"
-            )
+            waited = set(pending)
             for f in list(node.inbox.futures.values()):
-                if not f.done():
-                    f.set_exception(BusClosed(why))
+                if f.done():
+                    continue
+                if not drain:
+                    why = "the worker pool closed (its block was cancelled) before this request was answered"
+                elif f in waited:
+                    why = (
+                        f"the worker pool closed after waiting {_STOP_TIMEOUT:g} s "
+                        "for this request to be answered"
+                    )
+                else:
+                    why = (
+                        "the worker pool was closing when this request was made, "
+                        "and closed before it was answered"
+                    )
+                f.set_exception(BusClosed(why))
             for w in self._workers:
                 if w.link is not None:
                     with contextlib.suppress(Exception):

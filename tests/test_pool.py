@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import json
 import os
 import re
@@ -232,6 +233,51 @@ async def test_a_worker_takes_requests_only_once_its_setup_returned(tmp_path: Pa
         for _ in range(6):
             assert (await pool.bus.request("pid", timeout=10)).decode(int) == survivor
             assert (await pool.bus.request("pid.via", timeout=10)).decode(int) == survivor
+
+
+async def test_retrying_on_no_responders_lets_the_pool_restart_its_worker() -> None:
+    """A caller that retries at once on NoResponders while the only worker
+    restarts: each failed request is a checkpoint, so the restart happens and
+    a request is answered (NoResponders was raised before any await: the loop
+    never ran again, nor did the caller's own timeout)."""
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env(), restart_backoff=0.05) as pool:
+        (old,) = pool.pids
+        os.kill(old, signal.SIGKILL)
+        await wait_exited(old)
+        await wait_until(lambda: pool.stats()["workers"][0]["state"] != "ready")
+        answered = False
+        for _ in range(1_000_000):  # without a checkpoint: ~3 s of CPU, and still no restart
+            try:
+                answered = (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+                break
+            except ipcbus.NoResponders:
+                continue
+        assert answered
+
+
+async def test_a_request_timing_out_while_its_caller_is_cancelled_logs_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request waiting for a full link (backpressure) times out, and its
+    caller is cancelled before it resumes: asyncio logged 'Future exception
+    was never retrieved' (the RequestTimeout set by the deadline)."""
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env()) as pool:
+        node = pool.bus.node
+        big = b"x" * (8 << 20)  # over the link's high-water mark: request() waits for it
+        for _ in range(5):
+            before = set(node.inbox.futures)
+            caller = asyncio.ensure_future(pool.bus.request("echo", big, timeout=0.001))
+            await asyncio.sleep(0)  # sent; waits for the link
+            (fut,) = [node.inbox.futures[t] for t in set(node.inbox.futures) - before]
+            while not fut.done():  # its deadline fails it...
+                await asyncio.sleep(0)
+            caller.cancel()  # ...and its caller is cancelled before it resumes
+            with contextlib.suppress(asyncio.CancelledError, ipcbus.RequestTimeout):
+                await caller
+            del fut, caller
+        gc.collect()
+        await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text
 
 
 async def test_two_services_on_the_same_workers_each_spread_over_both() -> None:
