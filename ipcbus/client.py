@@ -826,6 +826,10 @@ class Bus:
                 # requests lets the loop's other tasks run.
                 await asyncio.sleep(0)
             m = await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # failed (its deadline) as the caller was cancelled: seen, not logged
+            raise
         finally:
             del futures[token]
             if waiting is not None:
@@ -834,8 +838,6 @@ class Bus:
                 node.forget_reply(reply)
             if not fut.done():  # cancelled before its reply: its deadline must not fail it later
                 fut.cancel()
-            elif not fut.cancelled():
-                fut.exception()  # failed (its deadline) as the caller was cancelled: seen, not logged
             if deadline is not None:
                 deadline[1] = None  # the deadline entry lets go of the reply (see Deadlines)
         h = m.headers
