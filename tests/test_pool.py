@@ -465,7 +465,7 @@ async def test_a_request_made_while_the_pool_drains_fails_with_bus_closed(
     finally:
         if not pool._closing:
             await pool.__aexit__(None, None, None)
-    with pytest.raises(BusClosed, match="pool closed after waiting 0.5 s"):
+    with pytest.raises(BusClosed, match=r"pool closed after waiting 0\.5 s"):
         await first
     with pytest.raises(BusClosed, match="pool was closing when this request was made"):
         await late
