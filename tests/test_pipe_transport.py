@@ -133,31 +133,43 @@ async def test_the_read_buffer_starts_small_and_grows_while_reads_fill_it() -> N
         await b.aclose()
 
 
+def link_to_a_peer_that_wrote(frame: bytes, n: int, **kw: int) -> tuple[PipeLink, int]:
+    """A link to a peer that wrote ``frame`` ``n`` times, then closed its reading
+    end: returns the link and the peer's writing end (still open: close it for a
+    peer that died)."""
+    to_us_r, to_us_w = os.pipe()
+    to_peer_r, to_peer_w = os.pipe()
+    enlarge_pipe(to_us_w, 1 << 20)
+    os.write(to_us_w, (HEADER.pack(len(frame)) + frame) * n)
+    os.close(to_peer_r)
+    return PipeLink(to_us_r, to_peer_w, **kw), to_us_w
+
+
+async def frames_until(link: PipeLink, frame: bytes, end: type[Exception], match: str | None = None) -> int:
+    """Receive copies of ``frame`` until ``end`` is raised; return how many came."""
+    got = 0
+    with pytest.raises(end, match=match):
+        while True:
+            assert await link.recv() == frame
+            got += 1
+    return got
+
+
 async def test_a_write_to_a_dead_peer_while_reading_is_paused_loses_nothing_it_wrote() -> None:
     """The peer wrote 1000 frames and died; our reading is paused (the
     application lags: over high_water) when a write fails with EPIPE.  Every
     frame is still received, then the end of stream: the link did not take
     the failed write for a peer that stopped reading but still runs."""
-    to_us_r, to_us_w = os.pipe()
-    to_peer_r, to_peer_w = os.pipe()
-    enlarge_pipe(to_us_w, 1 << 20)
     frame = b"x" * 500
-    os.write(to_us_w, (HEADER.pack(len(frame)) + frame) * 1000)
-    os.close(to_us_w)  # the peer died: both its ends closed
-    os.close(to_peer_r)
-    link = PipeLink(to_us_r, to_peer_w, high_water=2048)
+    link, peer_w = link_to_a_peer_that_wrote(frame, 1000, high_water=2048)
+    os.close(peer_w)  # the peer died: both its ends closed
     try:
         while link._reading:  # type: ignore[attr-defined]
             await anyio.lowlevel.checkpoint()  # it reads until over high_water, and pauses
         with contextlib.suppress(ConnectionClosed):
             link.send_nowait(b"hello")  # EPIPE (now or at the flush)
         await anyio.lowlevel.checkpoint()
-        got = 0
-        with pytest.raises(EndOfStream):
-            while True:
-                assert await link.recv() == frame
-                got += 1
-        assert got == 1000
+        assert await frames_until(link, frame, EndOfStream) == 1000
     finally:
         await link.aclose()
 
@@ -166,21 +178,12 @@ async def test_a_peer_that_stopped_reading_but_runs_still_delivers_what_it_wrote
     """The peer wrote 10 frames, then closed only its reading end (it still
     runs): our next write fails with EPIPE, and the 10 frames are received
     before ConnectionClosed (they were dropped, the error set at once)."""
-    to_us_r, to_us_w = os.pipe()
-    to_peer_r, to_peer_w = os.pipe()
     frame = b"y" * 100
-    os.write(to_us_w, (HEADER.pack(len(frame)) + frame) * 10)
-    os.close(to_peer_r)  # stopped reading; to_us_w stays open: it runs
-    link = PipeLink(to_us_r, to_peer_w)
+    link, peer_w = link_to_a_peer_that_wrote(frame, 10)
     try:
         with contextlib.suppress(ConnectionClosed):
             link.send_now(b"request")  # an urgent write: EPIPE before the loop read anything
-        got = 0
-        with pytest.raises(ConnectionClosed, match="stopped reading"):
-            while True:
-                assert await link.recv() == frame
-                got += 1
-        assert got == 10
+        assert await frames_until(link, frame, ConnectionClosed, "stopped reading") == 10
     finally:
         await link.aclose()
-        os.close(to_us_w)
+        os.close(peer_w)

@@ -1043,6 +1043,21 @@ async def stalled_link(x: Node, y: Node) -> tuple[GatedLink, LinkState]:
     return gated, lx
 
 
+@contextlib.asynccontextmanager
+async def behind_a_stalled_link(name: str) -> AsyncIterator[tuple[Node, Node, Node, GatedLink, LinkState]]:
+    """A - hub - X: publisher ``A``, a hub with a 64 KiB outbound_limit, and
+    node ``name`` behind a link the hub writes to but X reads only when its
+    gate is open.  Yields (A, hub, X, the gate, the hub's view of that link)."""
+    async with (
+        Node(name="A") as a,
+        Node(name="hub", outbound_limit=64 * 1024) as hub,
+        Node(name=name) as x,
+    ):
+        await connect(a, hub, "memory")
+        gated, to_x = await stalled_link(hub, x)
+        yield a, hub, x, gated, to_x
+
+
 async def flood_while_stalled(publisher: Node, gated: GatedLink, n: int = 200) -> None:
     """Shut ``gated`` and publish ``n`` 16 KiB messages on "feed" from ``publisher``."""
     gated.gate.clear()
@@ -1138,13 +1153,7 @@ async def test_a_consumer_hovering_at_the_limit_has_one_drop_reporter() -> None:
     def reporters() -> int:
         return sum("_report_drops" in t.get_name() for t in asyncio.all_tasks())
 
-    async with (
-        Node(name="A") as a,
-        Node(name="hub", outbound_limit=64 * 1024) as hub,
-        Node(name="P") as p,
-    ):
-        await connect(a, hub, "memory")
-        gated, to_p = await stalled_link(hub, p)
+    async with behind_a_stalled_link("P") as (a, hub, p, gated, to_p):
         sub = await Bus(p).subscribe("feed")
         await settle(a, hub, p)
         await flood_while_stalled(a, gated, 20)
@@ -1170,14 +1179,7 @@ async def test_a_drop_notice_reaches_a_subscriber_two_hops_below_the_slow_link(a
     """A - hub - P - W: the hub drops messages on its slow link to P; W's
     subscriber (behind P) must hear of the loss too, not only P's own, and once
     (W also in a queue group on the subject: the count is not doubled)."""
-    async with (
-        Node(name="A") as a,
-        Node(name="hub", outbound_limit=64 * 1024) as hub,
-        Node(name="P") as p,
-        Node(name="W") as w,
-    ):
-        await connect(a, hub, "memory")
-        gated, _ = await stalled_link(hub, p)
+    async with behind_a_stalled_link("P") as (a, hub, p, gated, _), Node(name="W") as w:
         await connect(p, w, "memory")
         sub = await Bus(w).subscribe("feed")
         if also_queued:
@@ -1206,13 +1208,7 @@ async def test_a_request_to_a_slow_link_waits_in_line_or_is_refused_clearly(queu
     responder catches up.  A request for plain subscribers only (a listener
     cannot be told from a plain service) is dropped too, and its requester is
     told so at once: ConnectionClosed, not NoResponders or silence."""
-    async with (
-        Node(name="A") as a,
-        Node(name="hub", outbound_limit=64 * 1024) as hub,
-        Node(name="B") as b,
-    ):
-        await connect(a, hub, "memory")
-        gated, _ = await stalled_link(hub, b)
+    async with behind_a_stalled_link("B") as (a, hub, b, gated, _):
         await Bus(b).subscribe("feed")
         await Bus(b).serve("svc", lambda m: b"late but there", queue=queue)
         await settle(a, hub, b)

@@ -213,6 +213,20 @@ async def until_taken(op: Any) -> None:
             await asyncio.sleep(0)
 
 
+async def cancelled_as_handed_over(
+    q: MessageQueue, type: int, sender: MessageQueue, data: bytes, send_type: int
+) -> asyncio.Task[Message]:
+    """A receive of ``type`` on ``q`` (its thread the only one in ``msgrcv``),
+    cancelled just as its thread hands over ``data``, sent by ``sender``."""
+    waiting = asyncio.create_task(q.receive(type))
+    await receivers_blocked(1)
+    op = next(iter(q._ops))
+    assert sender.try_send(data, type=send_type)
+    await until_taken(op)
+    waiting.cancel()
+    return waiting
+
+
 async def result_or_nothing(task: asyncio.Task[Message]) -> list[Message]:
     """What a receive cancelled at the last moment returned: its message, or nothing."""
     try:
@@ -310,12 +324,7 @@ async def test_a_receive_cancelled_after_the_close_puts_its_message_back(queue: 
     """Its message came, the object closed, then the task was cancelled: the
     message went to the closed object's stash and was lost."""
     q = MessageQueue.open(queue.key)
-    waiting = asyncio.create_task(q.receive(0))
-    await receivers_blocked(1)
-    op = next(iter(q._ops))
-    assert queue.try_send(b"precious", type=7)
-    await until_taken(op)
-    waiting.cancel()
+    waiting = await cancelled_as_handed_over(q, 0, queue, b"precious", 7)
     await q.aclose()  # nothing left to wait for: done before the task resumes
     got = await result_or_nothing(waiting)
     got += [m for m in iter(lambda: queue.try_receive(0), None)]
@@ -375,12 +384,7 @@ async def test_a_message_kept_from_a_cancelled_receive_keeps_its_place(queue: Me
         assert other.try_send(b"m1-first", type=3)  # taken by that thread, kept
         with anyio.fail_after(10):
             await queue._wait_ops()  # its thread took it
-        waiting = asyncio.create_task(queue.receive(5))
-        await receivers_blocked(1)
-        op = next(iter(queue._ops))
-        assert other.try_send(b"m2-second", type=5)
-        await until_taken(op)
-        waiting.cancel()
+        waiting = await cancelled_as_handed_over(queue, 5, other, b"m2-second", 5)
         if await result_or_nothing(waiting):
             return  # it resumed with its message before the cancellation: nothing to order
         assert await queue.receive(0) == Message(b"m1-first", 3)
