@@ -416,6 +416,22 @@ async def test_worker_hanging_on_restart_is_killed_and_reported(
 
 
 @pytest.mark.single_loop
+async def test_a_restart_the_close_cuts_short_ends_stopped_not_failed(tmp_path: Path) -> None:
+    """Closing the pool while a restarted worker still sets up: the worker ends
+    "stopped", and the pool reports no error (it is the close, not the plugin)."""
+    async with failing_restarts("setup_hang_on_restart", tmp_path, 2) as pool:
+        (old,) = pool.pids
+        os.kill(old, signal.SIGKILL)
+        w0 = pool._workers[0]
+        await wait_until(lambda: w0.proc is not None and w0.proc.pid != old)  # restarted
+        (w,) = pool.stats()["workers"]
+        assert w["state"] == "starting" and w["starts"] == 2  # (its setup hangs)
+    (w,) = pool.stats()["workers"]
+    assert w["state"] == "stopped", w
+    assert pool.errors == [] and pool.pids == []
+
+
+@pytest.mark.single_loop
 async def test_wait_ready_waits_through_a_failed_restart(tmp_path: Path) -> None:
     """Between restart attempts a worker is "restarting", not "failed": wait_ready()
     waits for the attempt that works (it returned at once, and requests got NoResponders)."""
