@@ -16,7 +16,7 @@ import asyncio
 import ipcbus
 
 
-async def main(bus_name: str, transport: str, count: int) -> None:
+async def main(bus_name: str, transport: ipcbus.HubTransport, count: int) -> None:
     async with ipcbus.connect(bus_name, transport=transport, name="requester") as bus:
         for i in range(5):
             await bus.publish(f"events.tick.{i}", {"tick": i})

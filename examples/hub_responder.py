@@ -17,7 +17,7 @@ import asyncio
 import ipcbus
 
 
-async def main(bus_name: str, transport: str, count: int) -> None:
+async def main(bus_name: str, transport: ipcbus.HubTransport, count: int) -> None:
     async with ipcbus.connect(bus_name, transport=transport, name="responder") as bus:
         done = asyncio.Event()
         served = 0

@@ -33,7 +33,8 @@ async def child(params: dict[str, int | str], parent_pid: int) -> None:
     async with link:
         try:
             while True:
-                frame = await link.recv()
+                frame = await link.recv()  # bytes (a Msg only for a node's links)
+                assert isinstance(frame, bytes)
                 await link.send(b"%d %d" % (len(frame), zlib.crc32(frame)))
         except EndOfStream:  # the parent closed the link: we are done
             pass
@@ -58,7 +59,9 @@ async def parent() -> None:
                 payload[:8] = i.to_bytes(8, "big")  # make every frame different
                 frame = bytes(payload)
                 await link.send(frame)
-                size, crc = map(int, (await link.recv()).split())
+                answer = await link.recv()
+                assert isinstance(answer, bytes)
+                size, crc = map(int, answer.split())
                 assert size == FRAME and crc == zlib.crc32(frame), f"frame {i} corrupted"
             secs = time.perf_counter() - t0
             print(f"{COUNT} frames checked by the child")  # 16 frames checked by the child

@@ -33,9 +33,9 @@ from .errors import (
 )
 from .frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 from .heap import keep_heap
-from .hub import Hub
-from .node import LinkState, Node
-from .pool import WorkerPool
+from .hub import Hub, HubTransport
+from .node import LinkState, Node, Overflow
+from .pool import PoolTransport, WorkerPool
 from .spin import DEFAULT_SPIN_US, SPIN_ENV, Spinner, spin_window
 from .stats import (
     HubStats,
@@ -45,6 +45,7 @@ from .stats import (
     NodeStats,
     PoolStats,
     SubscriptionStats,
+    WorkerState,
     WorkerStats,
 )
 from .transports.base import Link, LinkInfo
@@ -74,6 +75,7 @@ __all__ = [
     "Hub",
     "HubStats",
     "HubSubscription",
+    "HubTransport",
     "IpcBusError",
     "Link",
     "LinkInfo",
@@ -84,8 +86,10 @@ __all__ = [
     "Node",
     "NodeCounters",
     "NodeStats",
+    "Overflow",
     "PermissionRefused",
     "PoolStats",
+    "PoolTransport",
     "ProtocolError",
     "RemoteError",
     "RequestTimeout",
@@ -97,6 +101,7 @@ __all__ = [
     "WorkerCrashed",
     "WorkerPool",
     "WorkerStartError",
+    "WorkerState",
     "WorkerStats",
     "__version__",
     "connect",

@@ -98,12 +98,22 @@ def validate_bus_name(name: str) -> str:
         raise BadBusName(name, "it is empty")
     if len(name) > MAX_BUS_NAME:
         raise BadBusName(name, f"it is {len(name)} characters long (maximum {MAX_BUS_NAME})")
+    scheme, sep, rest = name.partition("://")
+    if sep and scheme in ("fifo", "sysv", "shm") and rest:
+        raise BadBusName(
+            name,
+            f"a bus is named, not addressed by a URL: use the name {rest!r} and "
+            f"transport={scheme!r} (connect({rest!r}, transport={scheme!r}))",
+        )
     if "/" in name or "\0" in name:
         raise BadBusName(name, "it contains '/' or a NUL byte")
     if ".." in name:
         raise BadBusName(name, "it contains '..'")
+    if name[0] in ".-":
+        raise BadBusName(name, f"it starts with {name[0]!r}")
     if not _NAME_RE.match(name):
-        raise BadBusName(name, "it contains a character outside A-Z a-z 0-9 _ . - or starts badly")
+        bad = next(c for c in name if not (c.isascii() and (c.isalnum() or c in "_.-")))
+        raise BadBusName(name, f"it contains {bad!r}")
     return name
 
 

@@ -36,6 +36,7 @@ from .errors import (
     BusBusy,
     BusNotFound,
     ConnectionClosed,
+    HandshakeTimeout,
     IpcBusError,
     NoResponders,
     RemoteError,
@@ -58,6 +59,7 @@ EXIT_CODES: dict[type[BaseException], int] = {
     RemoteError: 6,
     ConnectionClosed: 7,
     BusBusy: 8,
+    HandshakeTimeout: 9,
 }
 
 def _bus_name(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -15,13 +15,14 @@ import logging
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar, overload
 
 import anyio
 import anyio.abc
 import msgspec
 
 from . import frames as fr
+from .checks import check_count
 from .errors import (
     BusClosed,
     ConnectionClosed,
@@ -45,7 +46,10 @@ from .node import (
     wait_writable,
 )
 from .stats import NodeStats
-from .subjects import validate_subject
+from .subjects import validate_name, validate_subject
+
+if TYPE_CHECKING:  # for type checkers only: no runtime dependency
+    from typing_extensions import TypeForm
 from .transports.base import Link
 
 __all__ = ["Bus", "Msg", "Service", "Subscription", "encode_payload"]
@@ -180,7 +184,7 @@ class Msg:
     @overload
     def decode(self, type: type[T]) -> T: ...
     @overload
-    def decode(self, type: Any) -> Any: ...  # unions, Optional, Literal, ...
+    def decode(self, type: TypeForm[T]) -> T: ...  # unions, Optional, Literal, list[X], ...
     def decode(self, type: Any = Any) -> Any:
         """Decode the payload (MessagePack) and validate it into ``type``.
 
@@ -723,7 +727,7 @@ class Bus:
             full = node.publish_plain(subject, payload)
         else:
             if reply is not None:
-                validate_subject(reply)
+                validate_name(reply, "reply subject")
             if headers is not None:
                 _check_headers(headers)
         if full is None:
@@ -855,6 +859,26 @@ class Bus:
                 raise RemoteError(h[ERROR_TYPE_HEADER], h.get(ERROR_MSG_HEADER, ""), subject)
         return Msg(m.subject, m.payload, m.reply, m.headers, self)
 
+    @overload
+    async def serve(
+        self,
+        subject: str,
+        handler: Callable[[Msg], object],  # also async: a coroutine is an object
+        *,
+        queue: str | None = ...,
+        concurrency: int = ...,
+        max_pending: int = ...,
+    ) -> Service: ...
+    @overload
+    async def serve(
+        self,
+        subject: str,
+        handler: Callable[[T], object],
+        *,
+        queue: str | None = ...,
+        concurrency: int = ...,
+        max_pending: int = ...,
+    ) -> Service: ...
     async def serve(
         self,
         subject: str,
@@ -867,15 +891,12 @@ class Bus:
         """Answer requests on ``subject`` with ``handler`` (see :class:`Service`).
 
         Raises ``TypeError`` for a handler that cannot take the request (see
-        :class:`Service`) and ``ValueError`` for ``concurrency`` below 1,
-        before subscribing.
+        :class:`Service`) or a ``concurrency`` that is not an int, and
+        ``ValueError`` for ``concurrency`` below 1, before subscribing.
         """
         self._check_open()
         arg_type = _request_type(handler)
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(
-                f"concurrency must be an int of at least 1 (requests handled at once), not {concurrency!r}"
-            )
+        check_count("concurrency", concurrency, unit="requests handled at once")
         tg = self._node.task_group  # raises for a node not started (before subscribing)
         sub = await self.subscribe(subject, queue=queue, max_pending=max_pending)
         svc = Service(self, sub, handler, concurrency, arg_type)
@@ -908,10 +929,14 @@ class Bus:
         if self._from_own_handler(lambda: self.drain(timeout)):
             return
         with anyio.move_on_after(_INF if limit is None else limit):
-            for svc in list(self._services):
-                await svc.drain()
+            await self._drain_services()
             await self._node.flush(limit)
         await self.aclose()
+
+    async def _drain_services(self) -> None:
+        """Stop every service of this bus, waiting for the requests they took."""
+        for svc in list(self._services):
+            await svc.drain()
 
     def _from_own_handler(self, then: Callable[[], Awaitable[None]]) -> bool:
         """If called from a task running one of this bus's handlers, start ``then()``

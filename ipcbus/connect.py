@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from pathlib import Path
 from types import CoroutineType, TracebackType
-from typing import Any
+from typing import Any, Final
 
 import anyio
 
 from . import frames as fr
-from .busdir import BusDir
+from .busdir import BusDir, validate_bus_name
+from .checks import check_count
 from .client import Bus, _timeout_or_none
 from .errors import BusClosed, BusNotFound, ConnectionClosed, IpcBusError
 from .hub import ALL_TRANSPORTS, HubTransport
@@ -36,7 +38,7 @@ from .node import LinkState, Node, first_of
 from .spin import spin_window
 from .transports.base import Link
 
-__all__ = ["ClientBus", "Connecting", "connect", "open_link"]
+__all__ = ["ClientBus", "Connecting", "connect", "open_link", "options_of"]
 
 log = logging.getLogger("ipcbus.connect")
 
@@ -65,19 +67,46 @@ async def open_link(
             f"among its transports"
         )
     opts = dict(options or {})
+    connector = _connector(transport)
+    return await connector(busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts)
+
+
+def _connector(transport: str) -> Callable[..., Awaitable[Link]]:
+    """The function that opens a client link over ``transport``."""
     if transport == "fifo":
         from .transports.fifo import connect_fifo
 
-        return await connect_fifo(busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts)
+        return connect_fifo
     if transport == "sysv":
         from .transports.sysv import connect_sysv
 
-        return await connect_sysv(busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts)
+        return connect_sysv
     if transport == "shm":
         from .transports.shm import connect_shm
 
-        return await connect_shm(busdir.path, hub_pid=hub_pid, name=name, max_frame=max_frame, **opts)
+        return connect_shm
     raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
+
+
+# Parameters of the connectors that connect() sets itself.
+_SET_BY_CONNECT: Final = frozenset({"busdir", "hub_pid", "name", "max_frame", "send_knock"})
+
+
+def options_of(transport: str) -> list[str]:
+    """The options ``connect(..., transport=transport, **options)`` passes on to the transport."""
+    params = inspect.signature(_connector(transport)).parameters.values()
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _SET_BY_CONNECT]
+
+
+def _check_options(transport: str, options: dict[str, Any]) -> None:
+    """``TypeError`` for an option ``transport`` does not take, named with the ones it does."""
+    known = options_of(transport)
+    for key in options:
+        if key not in known:
+            raise TypeError(
+                f"connect() got an unexpected option {key!r} for transport {transport!r}; "
+                f"it takes {', '.join(known) or 'none'} (besides connect()'s own arguments)"
+            )
 
 
 class ClientBus(Bus):
@@ -106,6 +135,12 @@ class ClientBus(Bus):
         self._closer: asyncio.Task[None] | None = None  # closes the node once the hub is gone
 
     def _check_open(self) -> None:
+        if self._lost and self._node._closed and not self._closed:
+            # Closed by losing its hub, not by its owner: say so.
+            raise BusClosed(
+                f"bus {self.busdir.name!r} is closed: {self._lost}; connect again "
+                "(connect(..., reconnect=True) rides out a hub restart)"
+            )
         super()._check_open()
         # ``link.closed``: the transport may have broken (peer gone, queue removed)
         # before the node's link task has run to drop it; a publisher that never
@@ -137,7 +172,10 @@ class ClientBus(Bus):
     def _on_link_closed(self, ls: LinkState) -> None:
         if ls is not self.hub_link or self.closed:
             return
-        self._lost = f"hub link closed ({ls.close_reason})"
+        # A hub that stops cleanly says goodbye first; one killed does not.
+        said_goodbye = any(n.code == "shutdown" for n in ls.notices)
+        gone = "the hub shut down" if said_goodbye else "the hub went away without a goodbye (killed?)"
+        self._lost = f"{gone}: hub link closed ({ls.close_reason})"
         self._connected.clear()
         if self.reconnect:
             log.warning("bus %s: %s; reconnecting", self.busdir.name, self._lost)
@@ -383,9 +421,23 @@ def connect(
     ``autostart`` is set.  ``transport_options`` go to the transport (for
     example ``ring_size=`` for shm).  ``spin_us`` is the busy-poll window
     while replies are due (:mod:`ipcbus.spin`; ``None``: ``$IPCBUS_SPIN_US`` or the
-    default, ``0``: off); a bad value raises ``ValueError`` here, at once.
+    default, ``0``: off).
+
+    Raises at once, before anything is opened: :class:`~ipcbus.errors.BadBusName`
+    for a bad bus name (a URL such as ``"fifo://orders"`` included: name the
+    bus, pick the transport with ``transport=``), ``ValueError`` for an
+    unknown transport or a bad ``spin_us`` or ``max_frame``, ``TypeError``
+    for an option the transport does not take (the error lists those it does)
+    or a ``root`` that is not a path.
     """
     window = spin_window(spin_us)
+    validate_bus_name(bus)
+    if root is not None and not isinstance(root, str | os.PathLike):
+        raise TypeError(f"root must be a path (str or Path) or None, not {root!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
+    _check_options(transport, transport_options)
+    check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
     coro = _connect(
         bus, transport, name, autostart, reconnect, max_frame, root, group, window, transport_options
     )

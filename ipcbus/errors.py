@@ -83,16 +83,22 @@ class BusClosed(ConnectionClosed):
 
 
 class BadSubject(IpcBusError, ValueError):
-    """A subject or subscription pattern is not valid NATS subject syntax."""
+    """A subject, subscription pattern, queue group name or reply subject is
+    not valid NATS subject syntax.
 
-    def __init__(self, subject: object, reason: str) -> None:
+    ``subject`` is the value given (any object: a wrong type is refused too),
+    ``reason`` what is wrong with it, ``what`` which of these it was.
+    """
+
+    def __init__(self, subject: object, reason: str, what: str = "subject") -> None:
         self.subject = subject
         self.reason = reason
+        self.what = what
         shown = repr(subject)
         if len(shown) > 120:  # the whole subject stays in .subject
             length = f" ({len(subject)} characters)" if isinstance(subject, str) else ""
             shown = f"{shown[:100]}...{length}"
-        super().__init__(f"invalid subject {shown}: {reason}")
+        super().__init__(f"invalid {what} {shown}: {reason}")
 
 
 class EncodeError(IpcBusError, TypeError):
@@ -105,7 +111,11 @@ class DecodeError(IpcBusError, ValueError):
 
 
 class BadBusName(IpcBusError, ValueError):
-    """A bus name is not a valid folder name (``/``, ``..``, too long, odd characters)."""
+    """A bus name is not a valid folder name (``/``, ``..``, too long, odd characters).
+
+    ``name`` is the value given (any object: a wrong type is refused too),
+    ``reason`` what is wrong with it.
+    """
 
     def __init__(self, name: object, reason: str) -> None:
         from .busdir import MAX_BUS_NAME
@@ -155,7 +165,8 @@ class RemoteError(IpcBusError):
 
 
 class SlowConsumer(IpcBusError):
-    """Messages for a subscription were dropped because it did not keep up.
+    """Messages for a subscription were dropped because it did not keep up
+    (or, across a link, because one was over the max_frame its node took).
 
     ``dropped`` counts the messages lost since the last report.
     """
@@ -165,7 +176,8 @@ class SlowConsumer(IpcBusError):
         self.dropped = dropped
         super().__init__(
             f"slow consumer on {subject!r}: {dropped} message(s) dropped; "
-            "read faster or raise max_pending"
+            "read faster, or raise the subscription's max_pending (messages) or pending_bytes "
+            "(a message over a link's max_frame is dropped too, and logged where)"
         )
 
 

@@ -24,6 +24,8 @@ import ctypes.util
 import os
 from typing import Final
 
+from .checks import check_count
+
 __all__ = ["HEAP_PAD", "keep_heap"]
 
 HEAP_PAD: Final = 64 * 1024 * 1024
@@ -42,9 +44,12 @@ def keep_heap(pad: int | None = None) -> bool:
 
     ``pad`` defaults to ``$IPCBUS_HEAP_PAD`` or :data:`HEAP_PAD`; ``0`` leaves
     the allocator alone.  Applied once per process; returns True if the
-    allocator took the setting.
+    allocator took the setting.  Raises ``TypeError`` for a ``pad`` that is
+    not an int and ``ValueError`` for a negative one.
     """
     global _done
+    if pad is not None:
+        check_count("pad", pad, 0, "bytes")
     if _done:
         return True
     if pad is None:
@@ -55,7 +60,7 @@ def keep_heap(pad: int | None = None) -> bool:
             raise ValueError(
                 f"IPCBUS_HEAP_PAD must be a number of bytes, not {env!r}; unset it for the default"
             ) from None
-    if pad <= 0:
+    if pad <= 0:  # 0, or a negative $IPCBUS_HEAP_PAD: leave the allocator alone
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None)

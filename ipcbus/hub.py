@@ -42,7 +42,7 @@ from .stats import HubStats, HubSubscription, NodeCounters
 from .transports.base import Link
 from .transports.door import Acceptor, Door, Knock, serve_door
 
-__all__ = ["ALL_TRANSPORTS", "Hub"]
+__all__ = ["ALL_TRANSPORTS", "GC_INTERVAL", "Hub", "HubTransport"]
 
 log = logging.getLogger("ipcbus.hub")
 
@@ -50,6 +50,9 @@ HubTransport = Literal["fifo", "sysv", "shm"]
 """How a client reaches a hub (``connect(transport=)``, ``Hub(transports=)``)."""
 
 ALL_TRANSPORTS: tuple[HubTransport, ...] = ("fifo", "sysv", "shm")
+
+GC_INTERVAL = 60.0
+"""Seconds between two collections of what dead clients left (see ``ipcbus gc``) while a hub runs."""
 
 
 
@@ -104,6 +107,15 @@ class Hub:
         spin_us: float | None = None,
         max_link_subs: int = DEFAULT_MAX_LINK_SUBS,
     ) -> None:
+        if isinstance(transports, str) or not isinstance(transports, tuple | list):
+            raise TypeError(
+                f"transports must be a tuple of transport names, e.g. ('fifo',), not {transports!r}"
+            )
+        if not transports:
+            raise ValueError(
+                f"transports is empty: a hub needs at least one of {', '.join(ALL_TRANSPORTS)} "
+                "for clients to connect over"
+            )
         for t in transports:
             if t not in ALL_TRANSPORTS:
                 raise ValueError(f"unknown transport {t!r}; choose from {', '.join(ALL_TRANSPORTS)}")
@@ -147,12 +159,7 @@ class Hub:
         lock = self.busdir.lock_hub(self.transports)
         self._stack.callback(self.busdir.cleanup)
         self._stack.callback(lock.release)
-        with contextlib.suppress(Exception):
-            from .gc import collect
-
-            removed = collect(self.busdir.path, dry_run=False)
-            for item in removed:
-                log.info("hub %s: removed stale %s", self.name, item)
+        self._collect()
         mode = 0o660 if self.gid is not None else 0o600
         for t in self.transports:
             acc = _acceptor(t, self.busdir.path, mode, self.gid, self.max_frame)
@@ -166,6 +173,7 @@ class Hub:
         await self._stack.enter_async_context(door)
         self.started = time.time()
         self.node.task_group.start_soon(self._accept_loop, door, name="ipcbus-hub-door")
+        self.node.task_group.start_soon(self._collect_loop, name="ipcbus-hub-gc")
         for subject, answer in (
             ("$SYS.stats", self.stats),
             ("$SYS.links", lambda: self.node.stats()["links"]),
@@ -180,6 +188,22 @@ class Hub:
             os.getpid(),
             ",".join(self.transports),
         )
+
+    def _collect(self) -> None:
+        """Remove what dead processes left in the bus folder (``ipcbus gc``)."""
+        with contextlib.suppress(Exception):
+            from .gc import collect
+
+            for item in collect(self.busdir.path, dry_run=False):
+                log.info("hub %s: removed stale %s", self.name, item)
+
+    async def _collect_loop(self) -> None:
+        """Collect every :data:`GC_INTERVAL` seconds while serving: clients killed
+        while connecting leave kernel objects (an shm client's segment and
+        semaphores, a FIFO) that would otherwise pile up until the next start."""
+        while True:
+            await anyio.sleep(GC_INTERVAL)
+            self._collect()
 
     async def _serve_sys(self, core: SubscriptionCore, answer: Callable[[], Any]) -> None:
         """Answer the requests of one ``$SYS`` subscription, never waiting on a link.

@@ -38,6 +38,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import os
 import re
 import secrets
@@ -52,6 +53,7 @@ import anyio.lowlevel
 import msgspec
 
 from . import frames as fr
+from .checks import check_count
 from .errors import (
     BadSubject,
     BusClosed,
@@ -65,7 +67,7 @@ from .errors import (
 )
 from .spin import Spinner, spin_window
 from .stats import LinkStats, NodeStats
-from .subjects import SubjectIndex, matches, validate_pattern, validate_subject
+from .subjects import SubjectIndex, matches, validate_name, validate_pattern, validate_subject
 from .transports.base import Link
 
 __all__ = [
@@ -77,11 +79,14 @@ __all__ = [
     "Deadlines",
     "LinkState",
     "Node",
+    "Overflow",
     "SubscriptionCore",
     "wait_writable",
 ]
 
 log = logging.getLogger("ipcbus.node")
+
+_SLOW_LOG_EVERY = 5.0  # seconds between two slow-consumer warnings for one link
 
 INBOX_PREFIX: Final = "_INBOX."
 STATUS_HEADER: Final = "ipcbus-status"
@@ -455,6 +460,7 @@ class LinkState:
         self.dropped_unreported = 0
         self.dropped_subjects: dict[str, int] = {}  # dropped, not yet reported, by subject
         self.slow_events = 0
+        self.slow_logged = -math.inf  # when a slow episode was last logged (monotonic s)
         self.reporting = False  # a task waits to report its drops (_report_drops): one at most
         # Nothing is routed to it yet (a pool worker in setup, Node.release):
         # the interest it announces waits here, neither routed nor passed on.
@@ -533,22 +539,15 @@ class Node:
         max_link_subs: int = DEFAULT_MAX_LINK_SUBS,
     ) -> None:
         self.spin_us = spin_window(spin_us)
-        if isinstance(max_link_subs, bool) or not isinstance(max_link_subs, int) or max_link_subs < 1:
-            raise ValueError(f"max_link_subs must be a positive int, not {max_link_subs!r}")
-        self.max_link_subs = max_link_subs
-        if isinstance(max_frame, bool) or not isinstance(max_frame, int):
-            raise TypeError(f"max_frame must be an int (bytes), not {max_frame!r}")
-        if not fr.MIN_MAX_FRAME <= max_frame <= fr.MAX_MAX_FRAME:
-            raise ValueError(
-                f"max_frame must be between {fr.MIN_MAX_FRAME} and {fr.MAX_MAX_FRAME} bytes, not {max_frame}"
-            )
+        self.max_link_subs = check_count("max_link_subs", max_link_subs)
+        check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
         self.node_id = secrets.token_hex(6)
         self.name = name
         self.max_frame = max_frame
         # The smallest frame limit of any link (see LinkState.send_max): a
         # message above it takes the general path, which checks each link.
         self._send_bound = max_frame
-        self.outbound_limit = outbound_limit
+        self.outbound_limit = check_count("outbound_limit", outbound_limit, unit="bytes")
         self.links: list[LinkState] = []
         self.upstream: LinkState | None = None
         """The link toward the root of the tree (a client's hub, a worker's parent), if any.
@@ -670,10 +669,10 @@ class Node:
         """The task group owning the node's background tasks."""
         if self._tg is None and not self._stop.is_set():
             raise BusClosed(
-                f"node {self.name} is not started: use `async with node` or `await node.start()` first"
+                f"node {self.name!r} is not started: use `async with node` or `await node.start()` first"
             )
         if self._tg is None or self._stop.is_set():
-            raise BusClosed(f"node {self.name} is closed")
+            raise BusClosed(f"node {self.name!r} is closed")
         return self._tg
 
     async def aclose(self) -> None:
@@ -699,9 +698,14 @@ class Node:
             with contextlib.suppress(Exception):
                 ls.link.send_nowait(_encode(fr.Notice("shutdown", "node closing")))
         try:
-            for ls in list(self.links):
-                with contextlib.suppress(Exception):
-                    await ls.link.aclose()
+            # Requests still waiting fail as the bus closes, before a link's
+            # end (closing in the background) fails them as "responder gone".
+            self._fail_requests()
+            # All at once: each close may wait (up to its flush timeout) for a
+            # peer that stopped reading, and the others must not wait behind it.
+            async with anyio.create_task_group() as tg:
+                for ls in list(self.links):
+                    tg.start_soon(_close_quietly, ls.link)
         finally:
             self._end_local()
             self._stop.set()
@@ -710,10 +714,14 @@ class Node:
         """End every subscription and fail every request waiting here (idempotent)."""
         for sub in list(self._subs.values()):
             sub.close()
+        self._fail_requests()
+        self.deadlines.close()
+
+    def _fail_requests(self) -> None:
+        """Fail every request made here that is still waiting: the bus closes."""
         for fut in list(self.inbox.futures.values()):
             if not fut.done():
                 fut.set_exception(BusClosed("bus closed while waiting for a reply"))
-        self.deadlines.close()
 
     # -- links ---------------------------------------------------------------
 
@@ -1197,11 +1205,11 @@ class Node:
             raise BusClosed("bus is closed")
         validate_pattern(subject)
         if queue is not None:
-            validate_subject(queue)
+            validate_name(queue, "queue group name")
         if overflow not in ("drop_new", "drop_old"):
             raise ValueError(f"overflow must be 'drop_new' or 'drop_old', not {overflow!r}")
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
+        check_count("max_pending", max_pending, unit="messages")
+        check_count("pending_bytes", pending_bytes, unit="bytes")
         sub = SubscriptionCore(self, next(self._sids), subject, queue, max_pending, pending_bytes, overflow)
         self._add_local(sub)
         self._subs[sub.sid] = sub
@@ -1510,12 +1518,20 @@ class Node:
             self.dropped += 1
             if not ls.dropped_unreported:
                 ls.slow_events += 1
-                log.warning(
-                    "slow consumer: link %s (pid %s) has %d bytes queued; dropping its messages",
-                    ls.name,
-                    link.info.peer_pid,
-                    link.pending_out,
-                )
+                now = time.monotonic()
+                if now - ls.slow_logged >= _SLOW_LOG_EVERY:
+                    # One line per episode, at most one per link every few
+                    # seconds: a consumer hovering at the limit starts many.
+                    ls.slow_logged = now
+                    log.warning(
+                        "slow consumer: link %s (pid %s) has %d bytes queued; dropping its "
+                        "messages (%d slow episode(s), %d message(s) dropped for it so far)",
+                        ls.name,
+                        link.info.peer_pid,
+                        link.pending_out,
+                        ls.slow_events,
+                        ls.dropped,
+                    )
                 # Report the loss once the link has room again, even if no further
                 # message for it ever comes (otherwise the subscriber would never know).
                 # One waiting task per link: a consumer that hovers at the limit
@@ -1524,12 +1540,7 @@ class Node:
                     with contextlib.suppress(BusClosed):
                         self.task_group.start_soon(self._report_drops, ls)
                         ls.reporting = True
-            ls.dropped_unreported += 1
-            counts = ls.dropped_subjects
-            if subject in counts:
-                counts[subject] += 1
-            elif len(counts) < 64:
-                counts[subject] = 1
+            self._count_drop(ls, subject)
             return False
         if len(frame) > ls.send_max:
             # Passed on from another link (a message published here was checked
@@ -1540,6 +1551,11 @@ class Node:
                 # A reply: its requester waits for it; tell it instead, in a
                 # frame that fits, rather than leave it to its timeout.
                 self._too_large_reply(subject, "reply", len(frame), ls.send_max)
+            else:
+                # Its subscribers are told, as for any message dropped for them.
+                self._count_drop(ls, subject)
+                with contextlib.suppress(ConnectionClosed):
+                    self._send_drop_notice(ls)
             log.warning(
                 "message on %r (%d bytes) is over the %d-byte max_frame link %s announced; "
                 "not forwarded to it",
@@ -1566,13 +1582,23 @@ class Node:
             self._sent_to.append(ls)
         return True
 
+    @staticmethod
+    def _count_drop(ls: LinkState, subject: str) -> None:
+        """Count a message on ``subject`` dropped for ``ls``, to report in its next drop notice."""
+        ls.dropped_unreported += 1
+        counts = ls.dropped_subjects
+        if subject in counts:
+            counts[subject] += 1
+        elif len(counts) < 64:
+            counts[subject] = 1
+
     def _send_drop_notice(self, ls: LinkState) -> None:
         """Tell the peer how many messages were dropped for it (``slow_consumer`` notice)."""
         ls.link.send_nowait(
             _encode(
                 fr.Notice(
                     "slow_consumer",
-                    f"{ls.dropped_unreported} message(s) dropped: link too slow",
+                    f"{ls.dropped_unreported} message(s) dropped: link too slow, or over its max_frame",
                     tuple(ls.dropped_subjects),
                     ls.dropped_unreported,
                     tuple(ls.dropped_subjects.values()),
@@ -2241,6 +2267,12 @@ def _takes(member: SubscriptionCore | LinkState, size: int) -> bool:
 _T = TypeVar("_T")
 _CATCH_ALL: Final = (">", None)
 _NODE_ID = re.compile(r"[^\s.*>]{1,64}\Z")
+
+
+async def _close_quietly(link: Link) -> None:
+    """Close ``link``; a failure to close is not the closer's problem (it is gone either way)."""
+    with contextlib.suppress(Exception):
+        await link.aclose()
 
 
 async def shielded(aw: Awaitable[_T]) -> _T:

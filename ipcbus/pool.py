@@ -35,16 +35,18 @@ import anyio
 import msgspec
 
 from . import frames as fr
+from .checks import check_count, check_env, check_seconds
 from .client import Bus
 from .errors import BusClosed, IpcBusError, WorkerStartError
 from .gc import process_folder, reclaim_pools, remove_pool_dir
 from .node import LinkState, Node, shielded
 from .spin import spin_window
-from .stats import PoolStats
+from .stats import PoolStats, WorkerState
 from .transports.base import Link
 from .transports.pipe import ChildPipes
+from .worker import split_target
 
-__all__ = ["WorkerPool"]
+__all__ = ["PoolTransport", "WorkerPool"]
 
 log = logging.getLogger("ipcbus.pool")
 
@@ -53,6 +55,7 @@ PoolTransport = Literal["pipe", "shm", "sysv"]
 
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 5.0
+_LINK_AFTER_EXIT = 1.0  # how long a worker's link may outlive its process (see _reap)
 _STABLE_AFTER = 10.0  # seconds up after which a worker that dies is restarted at the first backoff again
 
 
@@ -67,7 +70,7 @@ class _Worker:
     started_at: float = 0.0
     ready_at: float = 0.0
     backoff: float = 0.0  # the wait before its last restart (doubles while it keeps dying)
-    state: str = "starting"
+    state: WorkerState = "starting"
     last_error: str = ""
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -113,23 +116,28 @@ class WorkerPool:
         env: dict[str, str] | None = None,
         spin_us: float | None = None,
     ) -> None:
-        if ":" not in target:
-            raise ValueError(f"target must be 'module:function', not {target!r}")
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers}")
+        split_target(target)
+        check_count("workers", workers)
         if transport not in ("pipe", "shm", "sysv"):
             raise ValueError(f"unknown pool transport {transport!r}; use 'pipe', 'shm' or 'sysv'")
+        if transport == "shm":
+            from .transports.shm import check_ring_size
+
+            check_ring_size(ring_size)
+        check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
         self.target = target
         self.size = workers
         self.name = name
         self.transport = transport
         self.ring_size = ring_size
         self.max_frame = max_frame
-        self.max_start_failures = max_start_failures
-        self.restart_backoff = restart_backoff
-        self.max_backoff = max_backoff
+        self.max_start_failures = check_count("max_start_failures", max_start_failures)
+        self.restart_backoff = check_seconds("restart_backoff", restart_backoff)
+        self.max_backoff = check_seconds("max_backoff", max_backoff)
+        if python is not None and not isinstance(python, str):
+            raise TypeError(f"python must be the path of an interpreter (a str), not {python!r}")
         self.python = python or sys.executable
-        self.env = env
+        self.env = check_env(env)
         self.spin_us = spin_window(spin_us)
         self.errors: list[str] = []
         self._changed = asyncio.Event()
@@ -424,6 +432,27 @@ class WorkerPool:
         if on_exit is not None:
             on_exit()
         w.exited.set()
+        ls = w.link
+        if ls is not None and w.proc is proc and not self._closing:
+            # Gone, and its link normally ends with it (end of stream).  If it
+            # does not, another process holds the link's other end (a copy of
+            # a pipe fd the worker passed on): close it, so that its requests
+            # fail now (WorkerCrashed) and it is restarted.
+            with anyio.move_on_after(_LINK_AFTER_EXIT):
+                await ls.closed.wait()
+            if not ls.closed.is_set():
+                log.warning(
+                    "pool %s: worker %d (pid %d) exited but its link stayed open "
+                    "(a process it started holds the other end); closing it",
+                    self.name,
+                    w.index,
+                    proc.pid,
+                )
+                abort = getattr(ls.link, "abort", None)
+                if abort is not None:
+                    abort()
+                else:
+                    await ls.link.aclose()
 
     def _on_link_closed(self, ls: LinkState) -> None:
         for w in self._workers:
@@ -556,6 +585,14 @@ class WorkerPool:
         for w in self._workers:
             proc = w.proc
             if proc is not None and proc.returncode is None:
+                log.warning(
+                    "pool %s: worker %d (pid %d) did not exit within %g s of the close "
+                    "(stopped, or stuck in its code); killing it",
+                    self.name,
+                    w.index,
+                    proc.pid,
+                    _STOP_TIMEOUT,
+                )
                 _signal(proc, signal.SIGKILL)
                 await proc.wait()
             w.state = "stopped"

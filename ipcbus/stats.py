@@ -8,7 +8,7 @@ an ``int`` to mypy and a misspelt key is an error before the program runs.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 __all__ = [
     "HubStats",
@@ -18,8 +18,14 @@ __all__ = [
     "NodeStats",
     "PoolStats",
     "SubscriptionStats",
+    "WorkerState",
     "WorkerStats",
 ]
+
+WorkerState = Literal["starting", "ready", "crashed", "restarting", "failed", "stopped"]
+"""Where a pool's worker is: starting (or restarting) its process and setup,
+ready (serving), crashed (gone, a restart to come), restarting (between
+failed restart attempts), failed (given up on) or stopped (the pool closed)."""
 
 
 class LinkStats(TypedDict):
@@ -103,8 +109,7 @@ class WorkerStats(TypedDict):
     index: int
     pid: int | None
     """The current process's pid (``None`` between a crash and its restart)."""
-    state: str
-    """``"starting"``, ``"ready"``, ``"crashed"``, ``"restarting"``, ``"failed"`` or ``"stopped"``."""
+    state: WorkerState
     starts: int
     crashes: int
     last_error: str

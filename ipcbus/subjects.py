@@ -39,6 +39,7 @@ __all__ = [
     "SUBJECT_CACHE_SIZE",
     "SubjectIndex",
     "matches",
+    "validate_name",
     "validate_pattern",
     "validate_subject",
 ]
@@ -61,21 +62,25 @@ T = TypeVar("T", bound=Hashable)
 _valid_subjects: dict[str, str] = {}
 
 
-def _type_error(subject: object) -> BadSubject:
-    return BadSubject(subject, f"subject must be a str, not {type(subject).__name__}")
+def _type_error(subject: object, what: str = "subject") -> BadSubject:
+    return BadSubject(subject, f"{what} must be a str, not {type(subject).__name__}", what)
 
 
-def _check(subject: object, *, publish: bool) -> str:
-    """Validate ``subject`` (uncached) and return it; raise :class:`BadSubject`."""
+def _check(subject: object, *, publish: bool, what: str = "subject") -> str:
+    """Validate ``subject`` (uncached) and return it; raise :class:`BadSubject`.
+
+    ``what`` names it in the error (``"queue group name"``): the same syntax.
+    """
     if not isinstance(subject, str):
-        raise _type_error(subject)
+        raise _type_error(subject, what)
     if not subject:
-        raise BadSubject(subject, "empty subject")
+        raise BadSubject(subject, f"empty {what}", what)
     length = len(subject)
     if length > MAX_SUBJECT_LENGTH:
         raise BadSubject(
             subject,
-            f"subject is {length} characters long; the maximum is {MAX_SUBJECT_LENGTH}",
+            f"{what} is {length} characters long; the maximum is {MAX_SUBJECT_LENGTH}",
+            what,
         )
     # str.split() with no argument splits on exactly the characters for which
     # str.isspace() is true, in C: one piece as long as the subject means none.
@@ -84,8 +89,9 @@ def _check(subject: object, *, publish: bool) -> str:
         index, char = next((i, c) for i, c in enumerate(subject) if c.isspace())
         raise BadSubject(
             subject,
-            f"whitespace in subject ({char!r} at index {index}); "
+            f"whitespace in {what} ({char!r} at index {index}); "
             "tokens may contain any character except whitespace",
+            what,
         )
     if not subject.isascii():
         try:
@@ -95,18 +101,19 @@ def _check(subject: object, *, publish: bool) -> str:
                 subject,
                 f"character at index {exc.start} cannot be encoded as UTF-8 ({exc.reason}, "
                 "a lone surrogate?); subjects travel as UTF-8 text",
+                what,
             ) from None
     tokens = subject.split(".")
     if "" in tokens:
         i = tokens.index("")
         if i == 0:
-            where = "the subject starts with a dot"
+            where = f"the {what} starts with a dot"
         elif i == len(tokens) - 1:
-            where = "the subject ends with a dot"
+            where = f"the {what} ends with a dot"
         else:
             where = f"two dots in a row at index {sum(len(t) + 1 for t in tokens[:i]) - 1}"
         raise BadSubject(
-            subject, f"empty token (consecutive dots or leading/trailing dot): {where}"
+            subject, f"empty token (consecutive dots or leading/trailing dot): {where}", what
         )
     if publish:
         for wildcard in ("*", ">"):
@@ -114,7 +121,10 @@ def _check(subject: object, *, publish: bool) -> str:
                 raise BadSubject(
                     subject,
                     f"wildcard {wildcard!r} not allowed in a published subject; "
-                    "publish to a concrete subject (wildcards are for subscriptions)",
+                    "publish to a concrete subject (wildcards are for subscriptions)"
+                    if what == "subject"
+                    else f"wildcard {wildcard!r} not allowed in a {what}",
+                    what,
                 )
     elif ">" in tokens[:-1]:
         raise BadSubject(
@@ -169,6 +179,16 @@ def _remember(subject: str) -> str:
         _valid_subjects.clear()
     _valid_subjects[checked] = checked
     return checked
+
+
+def validate_name(name: str, what: str) -> str:
+    """Check a name with subject syntax and no wildcard (a queue group, a reply
+    subject) and return it; the :class:`~ipcbus.errors.BadSubject` names ``what``."""
+    try:
+        return validate_subject(name)
+    except BadSubject:
+        _check(name, publish=True, what=what)  # raises, naming `what`
+        raise
 
 
 def validate_pattern(pattern: str) -> str:

@@ -29,7 +29,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import msgspec
@@ -44,9 +44,11 @@ from .records import pid_start_time, process_alive
 from .transports.base import Link
 from .transports.pipe import PipeLink
 
-__all__ = ["ORPHAN_GRACE", "load_target", "main", "run_worker", "watch_parent"]
+__all__ = ["ORPHAN_GRACE", "TERM_DRAIN", "load_target", "main", "run_worker", "split_target", "watch_parent"]
 
 _PARENT_EXIT_WAIT = 1.0  # seconds from the link's end to the parent's death being reported
+TERM_DRAIN: Final = 5.0
+"""Seconds a worker given SIGTERM lets its services answer the requests they took."""
 
 ORPHAN_GRACE = 5.0
 """Seconds a worker may outlive its parent before its watchdog ends it (:func:`watch_parent`)."""
@@ -54,11 +56,22 @@ ORPHAN_GRACE = 5.0
 _links: list[Link] = []  # this worker's link to its parent, once open (for the watchdog)
 
 
-def load_target(target: str) -> Callable[[Bus], Awaitable[Any]]:
-    """Import ``"module:function"`` and return the function."""
+def split_target(target: str) -> tuple[str, str]:
+    """``(module, function)`` from ``"module:function"``; ``TypeError`` or
+    ``ValueError`` naming what is wrong with it."""
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a str 'module:function', not {target!r}")
     module_name, _, func_name = target.partition(":")
     if not module_name or not func_name:
-        raise ValueError(f"target must be 'module:function', not {target!r}")
+        raise ValueError(
+            f"target must be 'module:function' (e.g. 'myapp.workers:setup'), not {target!r}"
+        )
+    return module_name, func_name
+
+
+def load_target(target: str) -> Callable[[Bus], Awaitable[Any]]:
+    """Import ``"module:function"`` and return the function."""
+    module_name, func_name = split_target(target)
     module = importlib.import_module(module_name)
     try:
         func = getattr(module, func_name)
@@ -74,6 +87,11 @@ async def _open_link(spec: str, parent_pid: int, max_frame: int) -> Link:
     kind, _, rest = spec.partition(":")
     if kind == "pipe":
         r, w = (int(x) for x in rest.split(","))
+        # Passed to this process inheritable; a process the plugin starts
+        # (os.system, Popen(close_fds=False)) must not keep them open: the
+        # parent would never see this worker's end of stream when it dies.
+        os.set_inheritable(r, False)
+        os.set_inheritable(w, False)
         return PipeLink(r, w, max_frame=max_frame, peer_pid=parent_pid)
     if kind == "shm":
         from .transports.shm import ShmLink
@@ -126,13 +144,13 @@ async def run_worker(
                 return 1
             node.upstream = ls
             _links.append(link)
-            node.task_group.start_soon(
-                _terminate, terminated, node, link, parent_pid, name="ipcbus-worker-sigterm"
-            )
             # The worker's bus owns its node: a plugin that closes it is done,
             # and the worker exits (the pool restarts it, as for a crash),
             # rather than running on serving nothing.
             bus = Bus(node, owns_node=True)
+            node.task_group.start_soon(
+                _terminate, terminated, bus, ls, parent_pid, name="ipcbus-worker-sigterm"
+            )
             try:
                 setup = load_target(target)
                 result = setup(bus)
@@ -160,7 +178,10 @@ async def run_worker(
             plugin_closed = node.closed and not terminated.is_set()
             await node.aclose()
         said_goodbye = any(n.code == "shutdown" for n in ls.notices)
-        if records is not None and parent is not None and not said_goodbye and not plugin_closed:
+        # (SIGTERM'd with its parent alive: this worker closed the link itself.)
+        stopped_alone = terminated.is_set() and process_alive(parent_pid)
+        left = not (said_goodbye or plugin_closed or stopped_alone)
+        if records is not None and parent is not None and left:
             await _left_behind(records, parent)
         return 128 + signal.SIGTERM if terminated.is_set() else 0
     finally:
@@ -184,23 +205,33 @@ async def _unless_closed(setup: Awaitable[Any], ls: LinkState, node: Node) -> No
         await setup
 
 
-async def _terminate(terminated: asyncio.Event, node: Node, link: Link, parent_pid: int) -> None:
-    """On SIGTERM (``terminated``): close the link and exit, leaving no kernel object behind.
+async def _terminate(terminated: asyncio.Event, bus: Bus, ls: LinkState, parent_pid: int) -> None:
+    """On SIGTERM (``terminated``): finish what was taken, close the link and
+    exit, leaving no kernel object behind.
 
-    Sent to the whole process group (a service manager stopping the program,
-    ``timeout``, ``kill -TERM -PGID``), it reaches the parent too, which may
-    die at once: wait briefly for that, and if it died, remove the SysV
-    queue it read as well (nobody else will).  Sent to this worker alone,
-    the parent sees the link close and removes its side itself.
+    The services first stop taking requests (the parent sends new ones to the
+    other workers) and answer those they have, for up to :data:`TERM_DRAIN`
+    seconds, the pool's own drain time: a service manager stopping the
+    program sends SIGTERM to all of its processes at once, and the parent,
+    draining, waits for those answers.  Sent to the whole process group, it
+    may also reach a parent that dies at once: if the link ended without a
+    goodbye, wait briefly for that, and if the parent died, remove the SysV
+    queue it read as well (nobody else will).  Sent to this worker alone, the
+    parent sees the link close and removes its side itself.
     """
     await terminated.wait()
-    with contextlib.suppress(OSError):  # no such process: it is gone already
-        parent = os.pidfd_open(parent_pid)  # our own: _left_behind may wait on the other
-        try:
-            with anyio.move_on_after(_PARENT_EXIT_WAIT):
-                await anyio.wait_readable(parent)
-        finally:
-            os.close(parent)
+    node, link = bus.node, ls.link
+    if not ls.closed.is_set():
+        with anyio.move_on_after(TERM_DRAIN), contextlib.suppress(IpcBusError):
+            await bus._drain_services()
+    if ls.closed.is_set() and not any(n.code == "shutdown" for n in ls.notices):
+        with contextlib.suppress(OSError):  # no such process: it is gone already
+            parent = os.pidfd_open(parent_pid)  # our own: _left_behind may wait on the other
+            try:
+                with anyio.move_on_after(_PARENT_EXIT_WAIT):
+                    await anyio.wait_readable(parent)
+            finally:
+                os.close(parent)
     forget_peer = getattr(link, "forget_peer", None)  # a SysV pair link
     if forget_peer is not None and not process_alive(parent_pid):
         forget_peer()
@@ -303,8 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     spec, target, name = args[0], args[1], args[2]
     max_frame, parent_pid = int(args[3]), int(args[4])
     spin_us = float(args[5]) if len(args) > 5 else None
-    # The parent handles Ctrl-C and shuts workers down through their pipes.
+    # The parent handles Ctrl-C (and a terminal's hang-up) and shuts workers
+    # down through their links; a worker whose parent died sees its link end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     watch_parent(parent_pid, spec)
     sys.path.insert(0, "")
     backend_options: dict[str, Any] = {}

@@ -180,3 +180,36 @@ async def setup_fails_second_start(bus: ipcbus.Bus) -> None:
     if _count_start() == 2:
         raise RuntimeError("second start fails on purpose")
     await setup(bus)
+
+
+def _start_helper(keep_fds: bool) -> None:
+    """Start a process that outlives this worker (a plugin's helper daemon);
+    its pid is appended to the file ``IPCBUS_TEST_MARKER`` names, for the test
+    to end it.  ``keep_fds``: the plugin passes it every fd it has open
+    (``Popen(pass_fds=...)``, or fds the plugin made inheritable)."""
+    import subprocess
+
+    if keep_fds:
+        for fd in range(3, 256):
+            try:
+                os.set_inheritable(fd, True)
+            except OSError:
+                pass
+    helper = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], close_fds=False, start_new_session=True
+    )
+    with open(os.environ["IPCBUS_TEST_MARKER"], "a") as f:
+        f.write(f"{helper.pid}\n")
+
+
+async def setup_with_helper(bus: ipcbus.Bus) -> None:
+    """``setup``, after starting a helper process with ``close_fds=False`` (as
+    ``os.system`` does)."""
+    _start_helper(keep_fds=False)
+    await setup(bus)
+
+
+async def setup_with_helper_keeping_fds(bus: ipcbus.Bus) -> None:
+    """``setup``, after starting a helper process that has a copy of every fd."""
+    _start_helper(keep_fds=True)
+    await setup(bus)

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from ipcbus.busdir import BusDir
 from ipcbus.cli import EXIT_CODES, main, render_payload
-from ipcbus.errors import BusBusy, BusNotFound, NoResponders, RemoteError, RequestTimeout
+from ipcbus.errors import BusBusy, BusNotFound, HandshakeTimeout, NoResponders, RemoteError, RequestTimeout
 
 try:
     from hub_client import REPO, peers, wait_gone
@@ -130,8 +130,9 @@ def test_exit_codes_table_matches_docs() -> None:
     assert EXIT_CODES[NoResponders] == 5
     assert EXIT_CODES[RemoteError] == 6
     assert EXIT_CODES[BusBusy] == 8
+    assert EXIT_CODES[HandshakeTimeout] == 9
     doc = (REPO / "docs" / "cli.md").read_text()
-    for code in (0, 1, 2, 3, 4, 5, 6, 7, 8):
+    for code in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9):
         assert f"| {code} " in doc, f"exit code {code} is not in docs/cli.md"
 
 

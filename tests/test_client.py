@@ -638,12 +638,52 @@ async def test_pending_bytes_limit() -> None:
 
 
 async def test_bad_subscription_options() -> None:
+    """Refused by subscribe(), naming the argument: a wrong type used to be
+    accepted and then closed the node on the first message from a link."""
     async with Node() as node:
         bus = Bus(node)
-        with pytest.raises(ValueError, match="max_pending"):
-            await bus.subscribe("s", max_pending=0)
-        with pytest.raises(ValueError, match="overflow"):
-            await bus.subscribe("s", overflow="block")
+        bad: list[tuple[dict[str, Any], type[Exception], str]] = [
+            ({"max_pending": 0}, ValueError, r"max_pending must be at least 1 \(messages\), not 0"),
+            ({"max_pending": "5"}, TypeError, "max_pending must be an int"),
+            ({"max_pending": 1.5}, TypeError, "max_pending must be an int"),
+            ({"max_pending": True}, TypeError, "max_pending must be an int"),
+            ({"pending_bytes": 0}, ValueError, r"pending_bytes must be at least 1 \(bytes\)"),
+            ({"pending_bytes": -1}, ValueError, "pending_bytes must be at least 1"),
+            ({"pending_bytes": "5"}, TypeError, "pending_bytes must be an int"),
+            ({"pending_bytes": None}, TypeError, "pending_bytes must be an int"),
+            ({"overflow": "block"}, ValueError, "overflow"),
+            (
+                {"queue": "q.*"},
+                BadSubject,
+                r"invalid queue group name 'q\.\*': wildcard '\*' not allowed in a queue group name",
+            ),
+            ({"queue": ""}, BadSubject, "empty queue group name"),
+            ({"queue": "a b"}, BadSubject, r"whitespace in queue group name"),
+            ({"queue": 5}, BadSubject, "queue group name must be a str"),
+        ]
+        for kw, exc, match in bad:
+            with pytest.raises(exc, match=match):
+                await bus.subscribe("s", **kw)
+        assert bus.stats()["subscriptions"] == [] and not node.has_interest("s")
+        wildcard_reply = r"invalid reply subject 'r\.>': wildcard '>' not allowed in a reply subject"
+        with pytest.raises(BadSubject, match=wildcard_reply):
+            await bus.publish("s", b"x", reply="r.>")
+
+
+async def test_bad_node_arguments_are_refused_where_given() -> None:
+    """A bad outbound_limit used to be taken, and broke the node (or dropped
+    every forwarded message) only once a peer linked."""
+    for kw, exc, match in [
+        ({"outbound_limit": "x"}, TypeError, r"outbound_limit must be an int \(bytes\), not 'x'"),
+        ({"outbound_limit": -1}, ValueError, "outbound_limit must be at least 1"),
+        ({"outbound_limit": 0}, ValueError, "outbound_limit must be at least 1"),
+        ({"max_link_subs": 0}, ValueError, "max_link_subs must be at least 1"),
+        ({"max_link_subs": 2.0}, TypeError, "max_link_subs must be an int"),
+        ({"max_frame": "64"}, TypeError, "max_frame must be an int"),
+        ({"max_frame": 10}, ValueError, "max_frame must be between 1024 and 4294967295"),
+    ]:
+        with pytest.raises(exc, match=match):
+            Node(**kw)
 
 
 # -- cancellation ------------------------------------------------------------------------------
@@ -1060,7 +1100,7 @@ async def test_serve_refuses_bad_handlers_and_leaves_nothing_subscribed() -> Non
             (local_type(), {}, TypeError, "cannot resolve the annotation 'Local'"),
             (ok, {"concurrency": 0}, ValueError, "at least 1"),
             (ok, {"concurrency": -1}, ValueError, "at least 1"),
-            (ok, {"concurrency": 1.5}, ValueError, "at least 1"),
+            (ok, {"concurrency": 1.5}, TypeError, "concurrency must be an int"),
         ]
         for handler, kw, exc, match in bad:
             with pytest.raises(exc, match=match):
@@ -1259,7 +1299,8 @@ async def hub_small_big(small_max: int) -> AsyncIterator[tuple[Node, Node, Node]
 async def test_a_peer_with_a_smaller_max_frame_is_sent_nothing_larger() -> None:
     """The peer's Hello says what it takes: a message published here that is too
     large for it raises FrameTooLarge before sending; one passed on from another
-    link is skipped for it (counted, logged); the peer's link stays up."""
+    link is skipped for it (counted, logged, and reported to its subscribers:
+    SlowConsumer); the peer's link stays up."""
     async with hub_small_big(64 * 1024) as (hub, small, big):
         hub_bus, small_bus, big_bus = Bus(hub), Bus(small), Bus(big)
         sub = await small_bus.subscribe("data")
@@ -1272,6 +1313,9 @@ async def test_a_peer_with_a_smaller_max_frame_is_sent_nothing_larger() -> None:
         await big_bus.publish("data", b"y" * 100_000)  # passed on by the hub: skipped
         await big_bus.publish("data", b"fits")
         await settle(hub_bus, small_bus, big_bus)
+        with pytest.raises(SlowConsumer) as lost:
+            await sub.next(timeout=5)
+        assert lost.value.dropped == 1
         assert (await sub.next(timeout=5)).data == b"fits"
         assert sub.pending == 0
         assert [lk["dropped"] for lk in hub.stats()["links"] if lk["name"] == "small"] == [1]

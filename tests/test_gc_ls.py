@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 import sysv_ipc
@@ -346,6 +347,32 @@ async def test_gc_removes_dead_clients_fifos_and_a_dead_hubs_files(busdir: BusDi
     assert not fifo.exists() and not busdir.pidfile.exists() and not busdir.door.exists()
 
 
+@pytest.mark.single_loop
+async def test_a_running_hub_collects_what_dead_clients_left(
+    bus_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients killed while connecting leave objects (here a dead client's
+    FIFO and a queue recorded by a dead process); a hub that runs for weeks
+    removes them as it goes, not only when it starts."""
+    import ipcbus.hub as hub_module
+
+    monkeypatch.setattr(hub_module, "GC_INTERVAL", 0.05)
+    async with ipcbus.Hub(bus_name, transports=("fifo",)) as hub:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+        await proc.wait()
+        fifo = hub.path / f"fifo-{proc.pid}-{secrets.token_hex(8)}.c2h"
+        os.mkfifo(fifo, 0o600)
+        qid, _dead = await make_stale_queue(hub.busdir)
+        with removing(qid):
+            with anyio.fail_after(10):
+                while fifo.exists() or queue_exists(qid):
+                    await asyncio.sleep(0.05)
+            assert list_records(hub.path) == []
+            async with ipcbus.connect(bus_name) as bus:  # the hub serves on
+                stats = (await bus.request("$SYS.stats", timeout=5)).decode(dict[str, Any])
+                assert stats["transports"] == ["fifo"]
+
+
 def test_gc_leaves_the_pid_file_of_a_hub_still_starting(busdir: BusDir) -> None:
     # A hub locks its pid file, then writes its pid: in between, the file is
     # empty but held.  gc must not take it for a dead hub's and remove it (the
@@ -565,6 +592,9 @@ async def test_ls_against_a_stopped_hub_says_it_runs_but_does_not_answer(bus_nam
         assert code == 1, (out, err)
         assert f"hub pid {hp.pid} is running but did not answer" in out
         assert "no hub" not in out
+        code, out, err = await run("pub", "x", "1", "--bus", bus_name, timeout=60)
+        assert code == 9, (out, err)  # HandshakeTimeout, as on every transport
+        assert "did not answer" in err and "is stopped" in err, err
     finally:
         os.kill(hp.pid, signal.SIGCONT)
         await hp.stop()

@@ -62,3 +62,15 @@ def test_keep_heap_is_applied_once_and_reads_the_environment(monkeypatch: pytest
     monkeypatch.delenv("IPCBUS_HEAP_PAD")
     took = ipcbus.keep_heap()
     assert ipcbus.keep_heap() is took  # a second call changes nothing
+
+
+def test_keep_heap_refuses_a_bad_pad(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipcbus import heap
+
+    monkeypatch.setattr(heap, "_done", False)
+    with pytest.raises(TypeError, match="pad must be an int"):
+        ipcbus.keep_heap("x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"pad must be at least 0 \(bytes\), not -1"):
+        ipcbus.keep_heap(-1)
+    assert heap._done is False  # nothing applied
+    assert ipcbus.keep_heap(0) is False  # 0: leave the allocator alone

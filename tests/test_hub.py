@@ -348,10 +348,42 @@ async def test_connect_without_hub_names_the_command(bus_name: str) -> None:
 
 
 async def test_connect_bad_arguments(bus_name: str) -> None:
-    with pytest.raises(ValueError, match="unknown transport 'tcp'"):
-        await ipcbus.connect(bus_name, transport="tcp")
-    with pytest.raises(ValueError, match="unknown transport 'tcp'"):
-        ipcbus.Hub(bus_name, transports=("fifo", "tcp"))
+    """Refused by connect() itself, before it looks for a hub (no hub runs
+    here: each used to be a BusNotFound, or a TypeError naming an internal
+    function once a hub was found)."""
+    bad: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"transport": "tcp"}, ValueError, "unknown transport 'tcp'"),
+        (
+            {"bogus_option": 1},
+            TypeError,
+            r"connect\(\) got an unexpected option 'bogus_option' for transport 'fifo'; "
+            "it takes timeout, high_water, mode",
+        ),
+        ({"transport": "shm", "timeout": 1}, TypeError, "it takes ring_size, attach_timeout"),
+        ({"max_frame": 10}, ValueError, "max_frame must be between 1024"),
+        ({"root": 5}, TypeError, "root must be a path"),
+    ]
+    for kw, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            ipcbus.connect(bus_name, **kw)
+    with pytest.raises(BusNotFound):  # the options each transport does take pass
+        await ipcbus.connect(bus_name, transport="sysv", queue_bytes=1 << 16, timeout=1)
+
+
+def test_hub_bad_arguments() -> None:
+    bad: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"transports": ("fifo", "tcp")}, ValueError, "unknown transport 'tcp'"),
+        (
+            {"transports": "fifo"}, TypeError,
+            r"transports must be a tuple of transport names, e\.g\. \('fifo',\)",
+        ),
+        ({"transports": ()}, ValueError, "transports is empty: a hub needs at least one of fifo, sysv, shm"),
+        ({"outbound_limit": "x"}, TypeError, "outbound_limit must be an int"),
+        ({"outbound_limit": -1}, ValueError, "outbound_limit must be at least 1"),
+    ]
+    for kw, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            ipcbus.Hub("bad-arguments", **kw)
 
 
 @pytest.mark.single_loop
@@ -365,9 +397,13 @@ async def test_wait_connected_on_a_bus_that_lost_its_hub_raises_at_once(bus_name
         await hub.aclose()
     with anyio.fail_after(5):
         await bus.node.closing.wait()
-        with pytest.raises(BusClosed, match="is closed: hub link closed"):
+        with pytest.raises(BusClosed, match="is closed: the hub shut down: hub link closed"):
             await bus.wait_connected(timeout=30)
+        with pytest.raises(BusClosed, match=r"is closed: the hub shut down.*reconnect=True"):
+            await bus.publish("x", b"")
     await bus.aclose()
+    with pytest.raises(BusClosed, match=r"^bus is closed$"):  # closed by its owner: nothing more to say
+        await bus.publish("x", b"")
 
 
 @pytest.mark.single_loop
@@ -585,6 +621,13 @@ async def test_hub_sigkill_clients_see_closed_and_reconnect(bus_name: str) -> No
                     await client.publish("r.x", 1)
                 with pytest.raises(ConnectionClosed):
                     await client.request("blocked", timeout=5)  # at once, not RequestTimeout
+                with anyio.fail_after(5):
+                    await client.node.closing.wait()
+                # Closed with the hub, which it says, and how the hub went.
+                lost = f"bus '{bus_name}' is closed: the hub went away without a goodbye"
+                for call in (client.publish("r.x", 1), client.request("r.x"), client.subscribe("r.y")):
+                    with pytest.raises(BusClosed, match=lost):
+                        await call
             finally:
                 await client.aclose()
             for p in (r, plain):

@@ -619,13 +619,84 @@ async def test_a_worker_whose_plugin_closed_its_bus_is_restarted(transport: str)
         assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
 
 
+async def a_request_under_way(pool: WorkerPool, seconds: float) -> asyncio.Future[ipcbus.Msg]:
+    """A "slow.sleep" request of ``seconds``, returned once a worker has started on it."""
+    started = await pool.bus.subscribe("started")
+    await pool.bus.flush()
+    req = asyncio.ensure_future(pool.bus.request("slow.sleep", seconds, timeout=90))
+    await started.next(timeout=10)
+    await started.unsubscribe()
+    return req
+
+
+@pytest.mark.parametrize("setup", ["setup_with_helper", "setup_with_helper_keeping_fds"])
+async def test_a_helper_process_of_the_plugin_does_not_hide_its_workers_death(
+    setup: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plugin that starts a process of its own: the worker's link pipes were
+    inherited by it, so the parent never saw the worker die (its requests timed
+    out, it stayed 'ready' and was never restarted).  The worker's pipe fds are
+    not inheritable now; a helper given them anyway (every fd made
+    inheritable) is outlived: the pool closes a link that outlives its
+    worker's process."""
+    marker = tmp_path / "helpers"
+    pool = WorkerPool(
+        f"pool_workers:{setup}",
+        workers=1,
+        env=worker_env(IPCBUS_TEST_MARKER=str(marker)),
+        restart_backoff=0.01,
+    )
+    try:
+        async with pool:
+            (pid,) = pool.pids
+            req = await a_request_under_way(pool, 60.0)
+            os.kill(pid, signal.SIGKILL)
+            with anyio.fail_after(20), pytest.raises(WorkerCrashed):
+                await req
+            await wait_until(lambda: pool.stats()["workers"][0]["crashes"] == 1)
+            await pool.wait_ready(timeout=15)
+            assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+        # Seen by its end of stream, or (the helper has the fds) by its exit.
+        assert ("its link stayed open" in caplog.text) is (setup == "setup_with_helper_keeping_fds")
+    finally:
+        for helper in marker.read_text().split() if marker.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(helper), signal.SIGKILL)
+
+
 def test_bad_pool_arguments() -> None:
-    with pytest.raises(ValueError, match="module:function"):
-        WorkerPool("no_colon")
-    with pytest.raises(ValueError, match="at least 1"):
-        WorkerPool("a:b", workers=0)
-    with pytest.raises(ValueError, match="transport"):
-        WorkerPool("a:b", transport="carrier-pigeon")
+    """Each refused by the constructor, naming the argument (a bad backoff
+    used to close the pool's node at the first crash; a bad env, target or
+    ring size failed only as workers started)."""
+    bad: list[tuple[Any, dict[str, Any], type[Exception], str]] = [
+        ("no_colon", {}, ValueError, "target must be 'module:function'"),
+        ("mod:", {}, ValueError, "target must be 'module:function'"),
+        (":f", {}, ValueError, "target must be 'module:function'"),
+        (5, {}, TypeError, "target must be a str 'module:function', not 5"),
+        ("a:b", {"workers": 0}, ValueError, "workers must be at least 1"),
+        ("a:b", {"workers": "4"}, TypeError, "workers must be an int, not '4'"),
+        ("a:b", {"workers": 2.5}, TypeError, "workers must be an int"),
+        ("a:b", {"transport": "carrier-pigeon"}, ValueError, "transport"),
+        (
+            "a:b", {"restart_backoff": -1}, ValueError,
+            "restart_backoff must be a finite number of seconds, 0 or more",
+        ),
+        ("a:b", {"restart_backoff": "x"}, TypeError, "restart_backoff must be a number of seconds"),
+        ("a:b", {"max_backoff": float("inf")}, ValueError, "max_backoff must be a finite number"),
+        ("a:b", {"max_start_failures": 0}, ValueError, "max_start_failures must be at least 1"),
+        ("a:b", {"max_frame": 1}, ValueError, "max_frame must be between 1024"),
+        (
+            "a:b", {"transport": "shm", "ring_size": 1000}, ValueError,
+            "ring_size 1000 must be a multiple of 4096",
+        ),
+        ("a:b", {"transport": "shm", "ring_size": "8M"}, TypeError, "ring_size must be an int"),
+        ("a:b", {"env": {"A": 1}}, TypeError, "env must map str to str; its entry 'A': 1 is not"),
+        ("a:b", {"env": [("A", "1")]}, TypeError, "env must be a dict of str to str"),
+        ("a:b", {"python": 3}, TypeError, "python must be the path of an interpreter"),
+    ]
+    for target, kw, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            WorkerPool(target, **kw)
     with pytest.raises(ipcbus.BusClosed, match="not started"):
         _ = WorkerPool("a:b").bus
 
@@ -698,6 +769,21 @@ async def test_closing_while_a_request_runs_too_long_fails_it_with_bus_closed(
         await started.next(timeout=10)
     with pytest.raises(BusClosed, match="pool closed"):
         await req
+
+
+@pytest.mark.single_loop
+async def test_a_worker_that_does_not_exit_at_close_is_killed_and_said_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopped (SIGSTOP) worker cannot exit: after the stop timeout (here
+    0.3 s) the close kills it, and the log says so (it was silent)."""
+    monkeypatch.setattr(pool_module, "_STOP_TIMEOUT", 0.3)
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env()) as pool:
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGSTOP)
+    assert f"worker 0 (pid {pid}) did not exit within 0.3 s of the close" in caplog.text
+    assert [w["state"] for w in pool.stats()["workers"]] == ["stopped"]
+    assert gone(pid)
 
 
 PARENT = textwrap.dedent(
@@ -780,6 +866,85 @@ async def test_a_sigterm_to_the_parents_process_group_leaves_nothing_behind(tran
         return list(json.loads(await out.readline()))
 
     await killing_the_parent(PARENT, transport, pids_line, group_sigterm=True)
+
+
+DRAINING_PARENT = textwrap.dedent(
+    """
+    import asyncio, json, signal, sys
+    import ipcbus
+
+    async def main():
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        async with ipcbus.WorkerPool("pool_workers:setup", workers=2, transport=sys.argv[1]) as pool:
+            started = await pool.bus.subscribe("started")
+            await pool.bus.flush()
+            reqs = [
+                asyncio.ensure_future(pool.bus.request("slow.sleep", 2.0, timeout=30))
+                for _ in range(4)
+            ]
+            for _ in reqs:
+                await started.next(timeout=20)
+            print(json.dumps(pool.pids), flush=True)
+            await stop.wait()  # SIGTERM: leave the block, and the pool drains
+        done = await asyncio.gather(*reqs, return_exceptions=True)
+        print(json.dumps([repr(r) if isinstance(r, BaseException) else "answered" for r in done]))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.single_loop
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_sigterm_to_the_whole_group_lets_the_pool_drain(transport: str) -> None:
+    """A service manager stops a program by sending SIGTERM to all of its
+    processes.  A parent that drains its pool on SIGTERM gets its requests
+    answered: the workers finish the requests they took (they closed their
+    link after 1 s, and half the requests failed with WorkerCrashed)."""
+    queues = queue_ids()
+    proc = await start_parent(
+        DRAINING_PARENT, transport, stdout=asyncio.subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None
+        with anyio.fail_after(30):
+            pids = json.loads(await proc.stdout.readline())
+            os.killpg(proc.pid, signal.SIGTERM)
+            results = json.loads(await proc.stdout.readline())
+            assert await proc.wait() == 0
+        assert results == ["answered"] * 4
+        for pid in pids:
+            await wait_exited(pid)
+        assert queue_ids() <= queues and pool_dirs() == []
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_worker_given_sigterm_answers_what_it_took_and_is_restarted(
+    transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM to one worker (an operator recycling it): it stops taking
+    requests, answers the one it has, exits with 143 and is restarted.  Over
+    shm and SysV it waited a second more for its parent's death and was
+    killed (the log said SIGKILL)."""
+    async with WorkerPool(
+        "pool_workers:setup", workers=1, transport=transport, env=worker_env(), restart_backoff=0.01
+    ) as pool:
+        (pid,) = pool.pids
+        req = await a_request_under_way(pool, 1.5)
+        os.kill(pid, signal.SIGTERM)
+        with anyio.fail_after(20):
+            assert (await req).decode() is not None  # answered, not WorkerCrashed
+        await wait_until(lambda: pool.stats()["workers"][0]["crashes"] == 1)
+        await pool.wait_ready(timeout=15)
+        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+    assert f"worker 0 (pid {pid}) exited with code 143" in caplog.text, caplog.text
+    assert "SIGKILL" not in caplog.text
 
 
 HANGING_PARENT = textwrap.dedent(

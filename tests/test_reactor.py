@@ -842,6 +842,50 @@ class HoldingLink(GatedLink):
             self.inner.send_nowait(f)
 
 
+class SlowClosingLink(GatedLink):
+    """Its close waits for ``let_close`` (a peer that stopped reading, whose
+    close waits out its flush timeout); each close begun joins ``begun``."""
+
+    def __init__(self, inner: Link, let_close: asyncio.Event, begun: list[SlowClosingLink]) -> None:
+        super().__init__(inner)
+        self.let_close = let_close
+        self.begun = begun
+
+    async def aclose(self) -> None:
+        self.begun.append(self)
+        await self.let_close.wait()
+        await self.inner.aclose()
+
+
+async def test_a_closing_node_closes_its_links_at_once_not_one_after_another() -> None:
+    """A hub with stopped clients took each one's flush timeout in turn (2 s
+    each: 20 s for 10), and its healthy clients heard of the close only
+    after all of those."""
+    let_close = asyncio.Event()
+    begun: list[SlowClosingLink] = []
+    node = Node(name="hub")
+    await node.start()
+    peers = []
+    try:
+        for i in range(3):
+            a, b = memory_pair()
+            peers.append(b)
+            await node.add_link(SlowClosingLink(a, let_close, begun), name=f"stopped-{i}", wait=False)
+        closing = asyncio.ensure_future(node.aclose())
+        for _ in range(5):  # a few loop turns: each close starts in a task of its own
+            await asyncio.sleep(0)
+        assert len(begun) == 3  # one after another, only the first has begun
+        assert not closing.done()
+        let_close.set()
+        with anyio.fail_after(10):
+            await closing
+    finally:
+        let_close.set()
+        await node.aclose()
+        for b in peers:
+            await b.aclose()
+
+
 async def test_add_link_returns_once_the_peers_interest_is_known() -> None:
     """A publish right after ``add_link()`` reaches the peer's existing subscribers."""
     async with Node(name="hub") as hub, Node(name="client") as client:
@@ -1143,12 +1187,16 @@ async def test_a_late_reply_frees_its_responder_also_with_a_wildcard_listener() 
         assert p_w.abandoned == {}
 
 
-async def test_a_consumer_hovering_at_the_limit_has_one_drop_reporter() -> None:
+async def test_a_consumer_hovering_at_the_limit_has_one_drop_reporter(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Each time a message gets through a slow link (its drop notice goes
     with it) and the next is dropped, a new slow-consumer episode starts.  One
     task at most waits to report a link's drops: there was one per episode,
     each waiting until the link drained to half its limit, so a consumer that
-    stayed just slower than its publisher piled up tasks without bound."""
+    stayed just slower than its publisher piled up tasks without bound.  And
+    one warning at most every few seconds (there was one per episode: 450
+    lines in 10 s)."""
 
     def reporters() -> int:
         return sum("_report_drops" in t.get_name() for t in asyncio.all_tasks())
@@ -1163,6 +1211,8 @@ async def test_a_consumer_hovering_at_the_limit_has_one_drop_reporter() -> None:
             await flood_while_stalled(a, gated, 2)  # and the next is dropped
             assert to_p.slow_events == episode
         assert reporters() == 1
+        warned = [r.getMessage() for r in caplog.records if "slow consumer: link" in r.getMessage()]
+        assert len(warned) == 1, warned
         gated.gate.set()  # P reads again: the link drains, the drops are reported
         reported = 0
         with contextlib.suppress(TimeoutError):
@@ -1522,7 +1572,37 @@ async def test_a_peer_that_subscribes_past_max_link_subs_is_cut_off() -> None:
         assert (await Bus(c).request("alive", timeout=5)).data == b"yes"
 
 
-@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
-def test_a_bad_max_link_subs_is_refused(bad: object) -> None:
-    with pytest.raises(ValueError, match="max_link_subs"):
+@pytest.mark.parametrize(
+    ("bad", "error"), [(0, ValueError), (-1, ValueError), (True, TypeError), (1.5, TypeError)]
+)
+def test_a_bad_max_link_subs_is_refused(bad: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="max_link_subs"):
         Node(max_link_subs=bad)  # type: ignore[arg-type]
+
+
+async def test_a_message_over_a_subscribers_max_frame_is_reported_to_it() -> None:
+    """A hub does not pass a message over the max_frame a subscriber's node
+    announced; that subscriber is told (SlowConsumer on its next read), as for
+    any message dropped for it. It lost them without a word."""
+    async with (
+        Node(name="pub") as pub,
+        Node(name="hub") as hub,
+        Node(name="small", max_frame=64 * 1024) as small,
+        Node(name="big") as big,
+    ):
+        await connect(pub, hub, "memory")
+        await connect(small, hub, "memory")
+        await connect(big, hub, "memory")
+        to_small = await Bus(small).subscribe("ev.>")
+        to_big = await Bus(big).subscribe("ev.>")
+        await settle(pub, hub, small, big)
+        publisher = Bus(pub)
+        await publisher.publish("ev.large", b"x" * 200_000)
+        await publisher.publish("ev.large", b"y" * 200_000)
+        await publisher.publish("ev.small", b"after")
+        with pytest.raises(SlowConsumer) as info:
+            await to_small.next(timeout=10)
+        assert info.value.dropped == 2
+        assert (await to_small.next(timeout=10)).data == b"after"
+        assert [len((await to_big.next(timeout=10)).data) for _ in range(3)] == [200_000, 200_000, 5]
+        assert hub.stats()["dropped"] == 2

@@ -30,6 +30,7 @@ from ipcbus.errors import (
     ConnectionClosed,
     EndOfStream,
     FrameTooLarge,
+    HandshakeTimeout,
     PermissionRefused,
     ProtocolError,
 )
@@ -800,7 +801,7 @@ async def test_bad_knocks_are_refused(
 
         tasks.append(asyncio.ensure_future(accept()))
 
-    with pytest.raises((ConnectionClosed, ProtocolError, PermissionRefused)):
+    with pytest.raises((HandshakeTimeout, ProtocolError, PermissionRefused)):
         await connect_sysv(acceptor.busdir, hub_pid=os.getpid(), send_knock=knock, timeout=0.5)
     assert len(errors) == 1 and isinstance(errors[0], exc), errors
     assert errors[0].args and __import__("re").search(match, str(errors[0]))
@@ -877,7 +878,7 @@ async def test_connect_without_a_bus(busdir: Path) -> None:
 
 
 async def test_connect_times_out_when_nobody_answers(acceptor: SysvAcceptor) -> None:
-    with pytest.raises(ConnectionClosed, match="did not answer"):
+    with pytest.raises(HandshakeTimeout, match="did not answer"):
         await connect_sysv(acceptor.busdir, hub_pid=os.getpid(), send_knock=lambda k: None,
                            timeout=0.2)
     assert [r for _, r in list_records(acceptor.busdir) if r and r.extra.get("role") == "client"] \

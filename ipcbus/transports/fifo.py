@@ -519,7 +519,8 @@ async def connect_fifo(
         if which is None:
             raise HandshakeTimeout(
                 f"{hub} of bus {busdir.name!r} did not answer the knock within {timeout:g} s: "
-                "it refused it (see the hub's log, logger 'ipcbus.door') or is overloaded"
+                "it refused it (see the hub's log, logger 'ipcbus.door'), is overloaded, "
+                "or is stopped (`ipcbus ls` shows its state)"
             )
         if which == pidfd:
             raise ConnectionClosed(f"{hub} of bus {busdir.name!r} exited during the handshake")

@@ -90,6 +90,7 @@ __all__ = [
     "SHM_HIGH_WATER",
     "ShmAcceptor",
     "ShmLink",
+    "check_ring_size",
     "connect_shm",
 ]
 
@@ -319,6 +320,19 @@ def _bus_mode(busdir: Path | None) -> tuple[int, int | None]:
     return 0o600, None
 
 
+def check_ring_size(ring_size: int) -> int:
+    """``ring_size`` if it is a valid ring size (each direction's ring, in
+    bytes); else ``TypeError``/``ValueError`` saying what is."""
+    if isinstance(ring_size, bool) or not isinstance(ring_size, int):
+        raise TypeError(f"ring_size must be an int (bytes), not {ring_size!r}")
+    if ring_size % 4096 or not MIN_RING_SIZE <= ring_size <= MAX_RING_SIZE:
+        raise ValueError(
+            f"ring_size {ring_size!r} must be a multiple of 4096 between "
+            f"{MIN_RING_SIZE} and {MAX_RING_SIZE} bytes"
+        )
+    return ring_size
+
+
 def _check_mode(mode: int) -> int:
     if mode & ~0o660 or (mode & 0o600) != 0o600:
         raise ValueError(
@@ -521,15 +535,7 @@ class ShmLink(Link):
                 f"a group link (gid={gid}) needs busdir: a folder its group can reach, where its "
                 "bells are made and its objects recorded (a private link takes no gid)"
             )
-        if (
-            not isinstance(ring_size, int)
-            or ring_size % 4096
-            or not (MIN_RING_SIZE <= ring_size <= MAX_RING_SIZE)
-        ):
-            raise ValueError(
-                f"ring_size {ring_size!r} must be a multiple of 4096 between "
-                f"{MIN_RING_SIZE} and {MAX_RING_SIZE} bytes"
-            )
+        check_ring_size(ring_size)
         if not 1 <= max_frame <= _MAX_LEN:
             raise ValueError(f"max_frame must be between 1 and {_MAX_LEN} bytes, not {max_frame}")
         own_folder = busdir is None
@@ -2169,7 +2175,8 @@ async def connect_shm(
         except TimeoutError:
             raise HandshakeTimeout(
                 f"the hub (pid {hub_pid}) of {busdir} did not attach to the shm link within "
-                f"{attach_timeout:g} s; it refused the knock (see its log) or is overloaded"
+                f"{attach_timeout:g} s; it refused the knock (see its log), is overloaded, "
+                "or is stopped (`ipcbus ls` shows its state)"
             ) from None
     except BaseException:
         await link.aclose()

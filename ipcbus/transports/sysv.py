@@ -71,6 +71,7 @@ from ..errors import (
     ConnectionClosed,
     EndOfStream,
     FrameTooLarge,
+    HandshakeTimeout,
     IpcBusError,
     PermissionRefused,
     ProtocolError,
@@ -1610,9 +1611,10 @@ class _ClientLink(SysvLink):
                 await asyncio.shield(self._welcome)
         except TimeoutError:
             bus = self._busdir.name if self._busdir is not None else "?"
-            raise ConnectionClosed(
+            raise HandshakeTimeout(
                 f"the hub of bus {bus!r} did not answer this client's knock "
-                f"within {timeout:g} s; it refused the knock (see its log) or is overloaded"
+                f"within {timeout:g} s; it refused the knock (see its log), is overloaded, "
+                "or is stopped (`ipcbus ls` shows its state)"
             ) from None
 
     # -- closing ---------------------------------------------------------
@@ -1744,7 +1746,8 @@ async def connect_sysv(
     :class:`~ipcbus.errors.PermissionRefused` (the bus queue is not the
     hub's, or its mode denies us, or the hub refused us),
     :class:`~ipcbus.errors.ProtocolError` (the hub refused the knock) and
-    :class:`~ipcbus.errors.ConnectionClosed` (no answer in time).
+    :class:`~ipcbus.errors.HandshakeTimeout` (no answer in time: a refused
+    knock, an overloaded or a stopped hub), as the other transports do.
     """
     busdir = Path(busdir)
     loop = asyncio.get_running_loop()

@@ -260,8 +260,10 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "record) closes that link with `ProtocolError` and nothing else. Junk on the bus "
         "queue that names no live client, or has an unknown type, is discarded and counted.\n"
         "* **SIGTERM**: the hub stops accepting, sends every client a `shutdown` notice, "
-        "flushes what it queued (so everything it acknowledged is delivered), closes each "
-        "link, removes its door, pid file, FIFOs, records and queue, and exits 0.\n"
+        "flushes what it queued to every client at once, for up to 2 s (so everything it "
+        "acknowledged reaches every client that reads; a client that is stopped, or does not "
+        "read for those 2 s, loses what it had not read), closes each link, removes its door, "
+        "pid file, FIFOs, records and queue, and exits 0.\n"
     )
     return "\n".join(out).rstrip() + "\n"
 
