@@ -270,7 +270,7 @@ class Subscription:
             except TimeoutError:
                 raise TimeoutError(f"no message on {self.subject!r} within {timeout:g} s") from None
         if m is None:
-            raise BusClosed(f"subscription to {self.subject!r} is closed")
+            raise BusClosed(f"subscription to {self.subject!r} is closed{self._bus._why_closed()}")
         return self._wrap(m)
 
     def __aiter__(self) -> AsyncIterator[Msg]:
@@ -699,6 +699,10 @@ class Bus:
     def _check_open(self) -> None:
         if self._closed or self._node._closed:  # self.closed, on every request: without the properties
             raise BusClosed("bus is closed")
+
+    def _why_closed(self) -> str:
+        """Why the bus closed when its owner did not close it (``": ..."``), else ``""``."""
+        return ""
 
     async def publish(
         self,

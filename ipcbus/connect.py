@@ -135,12 +135,9 @@ class ClientBus(Bus):
         self._closer: asyncio.Task[None] | None = None  # closes the node once the hub is gone
 
     def _check_open(self) -> None:
-        if self._lost and self._node._closed and not self._closed:
-            # Closed by losing its hub, not by its owner: say so.
-            raise BusClosed(
-                f"bus {self.busdir.name!r} is closed: {self._lost}; connect again "
-                "(connect(..., reconnect=True) rides out a hub restart)"
-            )
+        why = self._why_closed()
+        if why:
+            raise BusClosed(f"bus {self.busdir.name!r} is closed{why}")
         super()._check_open()
         # ``link.closed``: the transport may have broken (peer gone, queue removed)
         # before the node's link task has run to drop it; a publisher that never
@@ -151,6 +148,12 @@ class ClientBus(Bus):
                 + (f": {self._lost}" if self._lost else "")
                 + ("; reconnecting" if self.reconnect else "")
             )
+
+    def _why_closed(self) -> str:
+        if self._lost and self._node._closed and not self._closed:
+            # Closed by losing its hub, not by its owner: say so.
+            return f": {self._lost}; connect again (connect(..., reconnect=True) rides out a hub restart)"
+        return ""
 
     async def _attach(self) -> None:
         link = await open_link(

@@ -611,6 +611,7 @@ async def test_hub_sigkill_clients_see_closed_and_reconnect(bus_name: str) -> No
             await r.call("serve", subject="blocked", mode="block")
             client = await ipcbus.connect(bus_name)
             try:
+                sub = await client.subscribe("r.z")
                 req = asyncio.create_task(client.request("blocked", timeout=60))
                 await r.expect("request", subject="blocked")
                 await h1.stop(signal.SIGKILL)
@@ -624,10 +625,12 @@ async def test_hub_sigkill_clients_see_closed_and_reconnect(bus_name: str) -> No
                 with anyio.fail_after(5):
                     await client.node.closing.wait()
                 # Closed with the hub, which it says, and how the hub went.
-                lost = f"bus '{bus_name}' is closed: the hub went away without a goodbye"
+                why = "is closed: the hub went away without a goodbye"
                 for call in (client.publish("r.x", 1), client.request("r.x"), client.subscribe("r.y")):
-                    with pytest.raises(BusClosed, match=lost):
+                    with pytest.raises(BusClosed, match=f"bus '{bus_name}' {why}"):
                         await call
+                with pytest.raises(BusClosed, match=f"subscription to 'r.z' {why}"):
+                    await sub.next(timeout=5)
             finally:
                 await client.aclose()
             for p in (r, plain):
