@@ -87,6 +87,7 @@ __all__ = [
 log = logging.getLogger("ipcbus.node")
 
 _SLOW_LOG_EVERY = 5.0  # seconds between two slow-consumer warnings for one link
+_KEEP_LIMIT = 2  # requests and replies are refused for a link past this many times outbound_limit
 
 INBOX_PREFIX: Final = "_INBOX."
 STATUS_HEADER: Final = "ipcbus-status"
@@ -1287,6 +1288,12 @@ class Node:
                     if m.reply is not None:
                         self._track(target, m.reply, subject)
                     return 1
+                status = m.headers is not None and STATUS_HEADER in m.headers
+                if origin is not None and not target.link.closed and not status:
+                    # Refused for a requester that does not read its replies: it
+                    # is told, in a small status that always goes through.
+                    why = self._full_why(target, "requester")
+                    self.closed_status(subject, "ConnectionClosed", why)
                 return 0
         route = self._routes.get(subject)
         if route is None:  # one-off reply subjects stay out of the cache
@@ -1332,6 +1339,8 @@ class Node:
                         # Passed on, but too large for every member's link: the
                         # requester is told now rather than at its timeout.
                         self._too_large_reply(m.reply, "request", len(raw), pick.send_max)
+                    elif not pick.link.closed and pick.link.pending_out > self.outbound_limit:
+                        self._closed_reply(m, "ConnectionClosed", self._full_why(pick, "responder"))
                     else:  # the member's link broke under the write (passed on or not)
                         self._unsendable(m, (pick,))
                     return 0
@@ -1509,29 +1518,30 @@ class Node:
     ) -> bool:
         link = ls.link
         # ``keep``: a request to the member picked to answer it, or a reply on
-        # the way to its requester, is never dropped for a slow link: those are
+        # the way to its requester, is not dropped for a slow link: those are
         # bounded by the requests in flight, and a requester's timeout covers a
         # slow responder.  Copies for plain listeners are dropped as any message.
-        if forwarded and link.pending_out > self.outbound_limit and not keep:
+        # Requests in flight are not bounded in number, though (a client's
+        # gather of large requests): past _KEEP_LIMIT times the limit, kept
+        # frames are refused too, and the caller answers the requester at once.
+        if keep:
+            pending = link.pending_out
+            if (
+                forwarded
+                and pending > self.outbound_limit
+                and pending + len(frame) > _KEEP_LIMIT * self.outbound_limit
+            ):
+                ls.dropped += 1
+                self.dropped += 1
+                self._log_full(ls, "refusing requests and replies for it")
+                return False
+        elif forwarded and link.pending_out > self.outbound_limit:
             # Slow link: drop for this link only, count, report when it catches up.
             ls.dropped += 1
             self.dropped += 1
             if not ls.dropped_unreported:
                 ls.slow_events += 1
-                now = time.monotonic()
-                if now - ls.slow_logged >= _SLOW_LOG_EVERY:
-                    # One line per episode, at most one per link every few
-                    # seconds: a consumer hovering at the limit starts many.
-                    ls.slow_logged = now
-                    log.warning(
-                        "slow consumer: link %s (pid %s) has %d bytes queued; dropping its "
-                        "messages (%d slow episode(s), %d message(s) dropped for it so far)",
-                        ls.name,
-                        link.info.peer_pid,
-                        link.pending_out,
-                        ls.slow_events,
-                        ls.dropped,
-                    )
+                self._log_full(ls, "dropping its messages")
                 # Report the loss once the link has room again, even if no further
                 # message for it ever comes (otherwise the subscriber would never know).
                 # One waiting task per link: a consumer that hovers at the limit
@@ -1581,6 +1591,24 @@ class Node:
         elif self._sent_to is not None:
             self._sent_to.append(ls)
         return True
+
+    @staticmethod
+    def _log_full(ls: LinkState, doing: str) -> None:
+        """Warn that ``ls`` is over its limit: one line per slow episode, at most
+        one per link every few seconds (a consumer hovering at the limit starts many)."""
+        now = time.monotonic()
+        if now - ls.slow_logged >= _SLOW_LOG_EVERY:
+            ls.slow_logged = now
+            log.warning(
+                "slow consumer: link %s (pid %s) has %d bytes queued; %s "
+                "(%d slow episode(s), %d message(s) dropped for it so far)",
+                ls.name,
+                ls.link.info.peer_pid,
+                ls.link.pending_out,
+                doing,
+                ls.slow_events,
+                ls.dropped,
+            )
 
     @staticmethod
     def _count_drop(ls: LinkState, subject: str) -> None:
@@ -1672,6 +1700,14 @@ class Node:
             m,
             "WorkerCrashed" if crashed else "ConnectionClosed",
             "the responder's link broke while the request was written",
+        )
+
+    def _full_why(self, ls: LinkState, whose: str) -> str:
+        """Why a request or reply was refused for ``ls``, over ``_KEEP_LIMIT`` times the limit."""
+        return (
+            f"dropped: the link toward the {whose} ({ls.name}) has {ls.link.pending_out} bytes "
+            f"queued, over {_KEEP_LIMIT}x the outbound_limit ({self.outbound_limit}) of the node "
+            "that passes it on; too much in flight to it (fewer or smaller requests at once)"
         )
 
     def _closed_reply(self, m: fr.Msg, kind: str, why: str) -> None:

@@ -1606,3 +1606,61 @@ async def test_a_message_over_a_subscribers_max_frame_is_reported_to_it() -> Non
         assert (await to_small.next(timeout=10)).data == b"after"
         assert [len((await to_big.next(timeout=10)).data) for _ in range(3)] == [200_000, 200_000, 5]
         assert hub.stats()["dropped"] == 2
+
+
+async def test_requests_toward_a_responder_that_does_not_read_are_bounded() -> None:
+    """Requests to the member picked, and replies, are kept past a link's
+    outbound_limit (bounded by the requests in flight), but not without end:
+    past twice the limit they are refused, and their requesters told at once.
+    A client's gather of large requests grew a hub by their whole size."""
+    async with behind_a_stalled_link("S") as (a, hub, s, gated, to_s):
+        await Bus(s).serve("svc", lambda m: b"ok", queue="g")
+        await settle(a, hub, s)
+        gated.gate.clear()  # S stops reading
+        limit = hub.outbound_limit
+        reqs = [asyncio.ensure_future(Bus(a).request("svc", b"x" * 16384, timeout=60)) for _ in range(40)]
+        await a.flush()  # the hub has routed them all, and its answers are back
+        refused = [r for r in reqs if r.done() and r.exception() is not None]
+        assert len(refused) >= 20, len(refused)  # 40 x 16 KiB toward a 64 KiB limit
+        for r in refused:
+            with pytest.raises(ConnectionClosed, match=r"over 2x the outbound_limit .* too much in flight"):
+                await r
+        assert limit < to_s.link.pending_out <= 2 * limit
+        gated.gate.set()  # S reads again: the requests the hub kept are answered
+        with anyio.fail_after(20):
+            answered = [await r for r in reqs if r not in refused]
+        assert [m.data for m in answered] == [b"ok"] * (40 - len(refused))
+        assert to_s.dropped == len(refused) and hub.stats()["dropped"] == len(refused)
+
+
+async def test_replies_toward_a_requester_that_does_not_read_are_bounded() -> None:
+    """The same bound for replies: past twice the limit of a requester's
+    link, a reply is refused, and the requester gets a small status saying why."""
+    async with behind_a_stalled_link("R") as (a, hub, r, gated, to_r):
+        served = 0
+        all_served = asyncio.Event()
+
+        def big(m: Msg) -> bytes:
+            nonlocal served
+            served += 1
+            if served == 40:
+                all_served.set()
+            return b"y" * 16384
+
+        await Bus(a).serve("big", big, queue="g")
+        await settle(a, hub, r)
+        gated.gate.clear()  # R stops reading its replies
+        reqs = [asyncio.ensure_future(Bus(r).request("big", timeout=60)) for _ in range(40)]
+        with anyio.fail_after(10):
+            await all_served.wait()
+        await a.flush()  # the hub has routed every reply
+        assert to_r.dropped >= 20 and to_r.link.pending_out <= 2 * hub.outbound_limit
+        gated.gate.set()
+        with anyio.fail_after(20):
+            done = await asyncio.gather(*reqs, return_exceptions=True)
+        refused = [d for d in done if isinstance(d, BaseException)]
+        assert len(refused) == to_r.dropped
+        for exc in refused:
+            assert isinstance(exc, ConnectionClosed), exc
+            assert "the link toward the requester (R)" in str(exc)
+        assert all(d.data == b"y" * 16384 for d in done if isinstance(d, Msg))
