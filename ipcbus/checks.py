@@ -10,9 +10,11 @@ for one out of range, as Python's own functions do.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_count", "check_env", "check_seconds"]
+__all__ = ["check_count", "check_env", "check_path", "check_seconds", "split_target"]
 
 
 def check_count(
@@ -22,6 +24,8 @@ def check_count(
     limit); else ``TypeError``/``ValueError`` naming ``name``.  ``unit``
     (``"bytes"``) is said in the message."""
     unit = f" ({unit})" if unit else ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1e6: a whole number written as a float
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int{unit}, not {value!r}")
     if maximum is not None and not minimum <= value <= maximum:
@@ -31,26 +35,51 @@ def check_count(
     return value
 
 
-def check_seconds(name: str, value: Any) -> float:
-    """``value`` as a float if it is a finite number of seconds, 0 or more;
-    else ``TypeError``/``ValueError`` naming ``name``."""
+def check_seconds(name: str, value: Any, *, infinite: bool = False) -> float:
+    """``value`` as a float if it is a number of seconds, 0 or more, and finite
+    unless ``infinite`` (no limit) is allowed; else ``TypeError``/``ValueError``
+    naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, not {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number of seconds, 0 or more, not {value!r}")
+    if math.isnan(value) or value < 0 or (math.isinf(value) and not infinite):
+        what = "0 or more" if infinite else "finite, 0 or more"
+        raise ValueError(f"{name} must be a number of seconds, {what}, not {value!r}")
     return float(value)
 
 
 def check_env(env: Any) -> dict[str, str] | None:
-    """``env`` if it is ``None`` or a dict of str to str (a child's environment);
-    else ``TypeError`` naming the first wrong entry."""
+    """``env`` as a dict if it is ``None`` or a mapping of str to str (a child's
+    environment: a dict, ``os.environ``); else ``TypeError`` naming the first
+    wrong entry."""
     if env is None:
         return None
-    if not isinstance(env, dict):
-        raise TypeError(f"env must be a dict of str to str (or None), not {type(env).__name__}")
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must be a mapping of str to str (or None), not {type(env).__name__}")
     for k, v in env.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(
                 f"env must map str to str; its entry {k!r}: {v!r} is not (convert values with str())"
             )
-    return env
+    return dict(env)
+
+
+def check_path(name: str, value: Any) -> str | None:
+    """``value`` as a str if it is ``None``, a str or a path object; else ``TypeError``."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        path = os.fspath(value)
+        if isinstance(path, str):
+            return path
+    raise TypeError(f"{name} must be a path (a str or Path), not {value!r}")
+
+
+def split_target(target: Any) -> tuple[str, str]:
+    """``(module, function)`` from ``"module:function"``; ``TypeError`` or
+    ``ValueError`` naming what is wrong with it."""
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a str 'module:function', not {target!r}")
+    module_name, _, func_name = target.partition(":")
+    if not module_name or not func_name:
+        raise ValueError(f"target must be 'module:function' (e.g. 'myapp.workers:setup'), not {target!r}")
+    return module_name, func_name

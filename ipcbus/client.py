@@ -938,9 +938,12 @@ class Bus:
         await self.aclose()
 
     async def _drain_services(self) -> None:
-        """Stop every service of this bus, waiting for the requests they took."""
-        for svc in list(self._services):
-            await svc.drain()
+        """Stop every service of this bus, waiting for the requests they took:
+        all at once (each stops taking requests at the start, not after the
+        services before it are done)."""
+        async with anyio.create_task_group() as tg:
+            for svc in list(self._services):
+                tg.start_soon(svc.drain)
 
     def _from_own_handler(self, then: Callable[[], Awaitable[None]]) -> bool:
         """If called from a task running one of this bus's handlers, start ``then()``

@@ -17,7 +17,7 @@ import contextvars
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, cast
@@ -101,16 +101,17 @@ class Hub:
         *,
         group: str | int | None = None,
         root: Path | str | None = None,
-        transports: tuple[HubTransport, ...] = ALL_TRANSPORTS,
+        transports: Iterable[HubTransport] = ALL_TRANSPORTS,
         max_frame: int = fr.DEFAULT_MAX_FRAME,
         outbound_limit: int = DEFAULT_OUTBOUND_LIMIT,
         spin_us: float | None = None,
         max_link_subs: int = DEFAULT_MAX_LINK_SUBS,
     ) -> None:
-        if isinstance(transports, str) or not isinstance(transports, tuple | list):
+        if isinstance(transports, str | bytes) or not isinstance(transports, Iterable):
             raise TypeError(
                 f"transports must be a tuple of transport names, e.g. ('fifo',), not {transports!r}"
             )
+        transports = tuple(transports)
         if not transports:
             raise ValueError(
                 f"transports is empty: a hub needs at least one of {', '.join(ALL_TRANSPORTS)} "
@@ -195,7 +196,8 @@ class Hub:
             from .gc import collect
 
             for item in collect(self.busdir.path, dry_run=False):
-                log.info("hub %s: removed stale %s", self.name, item)
+                if item.action in ("removed", "forgot"):  # not what it keeps (live objects)
+                    log.info("hub %s: removed stale %s", self.name, item)
 
     async def _collect_loop(self) -> None:
         """Collect every :data:`GC_INTERVAL` seconds while serving: clients killed

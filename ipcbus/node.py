@@ -541,7 +541,7 @@ class Node:
     ) -> None:
         self.spin_us = spin_window(spin_us)
         self.max_link_subs = check_count("max_link_subs", max_link_subs)
-        check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
+        max_frame = check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
         self.node_id = secrets.token_hex(6)
         self.name = name
         self.max_frame = max_frame
@@ -1209,8 +1209,8 @@ class Node:
             validate_name(queue, "queue group name")
         if overflow not in ("drop_new", "drop_old"):
             raise ValueError(f"overflow must be 'drop_new' or 'drop_old', not {overflow!r}")
-        check_count("max_pending", max_pending, unit="messages")
-        check_count("pending_bytes", pending_bytes, unit="bytes")
+        max_pending = check_count("max_pending", max_pending, unit="messages")
+        pending_bytes = check_count("pending_bytes", pending_bytes, 0, "bytes")
         sub = SubscriptionCore(self, next(self._sids), subject, queue, max_pending, pending_bytes, overflow)
         self._add_local(sub)
         self._subs[sub.sid] = sub
@@ -1561,7 +1561,7 @@ class Node:
                 # A reply: its requester waits for it; tell it instead, in a
                 # frame that fits, rather than leave it to its timeout.
                 self._too_large_reply(subject, "reply", len(frame), ls.send_max)
-            else:
+            elif not keep:  # (a request to the member picked: its requester is told)
                 # Its subscribers are told, as for any message dropped for them.
                 self._count_drop(ls, subject)
                 with contextlib.suppress(ConnectionClosed):

@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -35,7 +35,7 @@ import anyio
 import msgspec
 
 from . import frames as fr
-from .checks import check_count, check_env, check_seconds
+from .checks import check_count, check_env, check_path, check_seconds, split_target
 from .client import Bus
 from .errors import BusClosed, IpcBusError, WorkerStartError
 from .gc import process_folder, reclaim_pools, remove_pool_dir
@@ -44,7 +44,6 @@ from .spin import spin_window
 from .stats import PoolStats, WorkerState
 from .transports.base import Link
 from .transports.pipe import ChildPipes
-from .worker import split_target
 
 __all__ = ["PoolTransport", "WorkerPool"]
 
@@ -112,31 +111,29 @@ class WorkerPool:
         max_start_failures: int = 3,
         restart_backoff: float = 0.1,
         max_backoff: float = 5.0,
-        python: str | None = None,
-        env: dict[str, str] | None = None,
+        python: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
         spin_us: float | None = None,
     ) -> None:
         split_target(target)
-        check_count("workers", workers)
+        workers = check_count("workers", workers)
         if transport not in ("pipe", "shm", "sysv"):
             raise ValueError(f"unknown pool transport {transport!r}; use 'pipe', 'shm' or 'sysv'")
         if transport == "shm":
             from .transports.shm import check_ring_size
 
             check_ring_size(ring_size)
-        check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
+        max_frame = check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
         self.target = target
         self.size = workers
         self.name = name
         self.transport = transport
         self.ring_size = ring_size
         self.max_frame = max_frame
-        self.max_start_failures = check_count("max_start_failures", max_start_failures)
+        self.max_start_failures = check_count("max_start_failures", max_start_failures, 0)
         self.restart_backoff = check_seconds("restart_backoff", restart_backoff)
-        self.max_backoff = check_seconds("max_backoff", max_backoff)
-        if python is not None and not isinstance(python, str):
-            raise TypeError(f"python must be the path of an interpreter (a str), not {python!r}")
-        self.python = python or sys.executable
+        self.max_backoff = check_seconds("max_backoff", max_backoff, infinite=True)
+        self.python = check_path("python", python) or sys.executable
         self.env = check_env(env)
         self.spin_us = spin_window(spin_us)
         self.errors: list[str] = []

@@ -36,6 +36,7 @@ import msgspec
 
 from . import frames as fr
 from .busdir import bus_root
+from .checks import split_target
 from .client import Bus
 from .errors import ConnectionClosed, IpcBusError
 from .gc import collect, pool_dir_name, remove_pool_dir
@@ -44,7 +45,7 @@ from .records import pid_start_time, process_alive
 from .transports.base import Link
 from .transports.pipe import PipeLink
 
-__all__ = ["ORPHAN_GRACE", "TERM_DRAIN", "load_target", "main", "run_worker", "split_target", "watch_parent"]
+__all__ = ["ORPHAN_GRACE", "TERM_DRAIN", "load_target", "main", "run_worker", "watch_parent"]
 
 _PARENT_EXIT_WAIT = 1.0  # seconds from the link's end to the parent's death being reported
 TERM_DRAIN: Final = 5.0
@@ -54,19 +55,6 @@ ORPHAN_GRACE = 5.0
 """Seconds a worker may outlive its parent before its watchdog ends it (:func:`watch_parent`)."""
 
 _links: list[Link] = []  # this worker's link to its parent, once open (for the watchdog)
-
-
-def split_target(target: str) -> tuple[str, str]:
-    """``(module, function)`` from ``"module:function"``; ``TypeError`` or
-    ``ValueError`` naming what is wrong with it."""
-    if not isinstance(target, str):
-        raise TypeError(f"target must be a str 'module:function', not {target!r}")
-    module_name, _, func_name = target.partition(":")
-    if not module_name or not func_name:
-        raise ValueError(
-            f"target must be 'module:function' (e.g. 'myapp.workers:setup'), not {target!r}"
-        )
-    return module_name, func_name
 
 
 def load_target(target: str) -> Callable[[Bus], Awaitable[Any]]:

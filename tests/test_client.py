@@ -647,8 +647,7 @@ async def test_bad_subscription_options() -> None:
             ({"max_pending": "5"}, TypeError, "max_pending must be an int"),
             ({"max_pending": 1.5}, TypeError, "max_pending must be an int"),
             ({"max_pending": True}, TypeError, "max_pending must be an int"),
-            ({"pending_bytes": 0}, ValueError, r"pending_bytes must be at least 1 \(bytes\)"),
-            ({"pending_bytes": -1}, ValueError, "pending_bytes must be at least 1"),
+            ({"pending_bytes": -1}, ValueError, r"pending_bytes must be at least 0 \(bytes\)"),
             ({"pending_bytes": "5"}, TypeError, "pending_bytes must be an int"),
             ({"pending_bytes": None}, TypeError, "pending_bytes must be an int"),
             ({"overflow": "block"}, ValueError, "overflow"),
@@ -665,6 +664,10 @@ async def test_bad_subscription_options() -> None:
             with pytest.raises(exc, match=match):
                 await bus.subscribe("s", **kw)
         assert bus.stats()["subscriptions"] == [] and not node.has_interest("s")
+        one_at_a_time = await bus.subscribe("s", pending_bytes=0)  # a message into an empty queue
+        also_fine = await bus.subscribe("s", max_pending=1e6)  # type: ignore[arg-type]
+        assert [s["subject"] for s in bus.stats()["subscriptions"]] == ["s", "s"]
+        assert also_fine._core.max_pending == 1_000_000 and one_at_a_time._core.pending_bytes_limit == 0
         wildcard_reply = r"invalid reply subject 'r\.>': wildcard '>' not allowed in a reply subject"
         with pytest.raises(BadSubject, match=wildcard_reply):
             await bus.publish("s", b"x", reply="r.>")
@@ -678,7 +681,7 @@ async def test_bad_node_arguments_are_refused_where_given() -> None:
         ({"outbound_limit": -1}, ValueError, "outbound_limit must be at least 1"),
         ({"outbound_limit": 0}, ValueError, "outbound_limit must be at least 1"),
         ({"max_link_subs": 0}, ValueError, "max_link_subs must be at least 1"),
-        ({"max_link_subs": 2.0}, TypeError, "max_link_subs must be an int"),
+        ({"max_link_subs": 2.5}, TypeError, "max_link_subs must be an int"),
         ({"max_frame": "64"}, TypeError, "max_frame must be an int"),
         ({"max_frame": 10}, ValueError, "max_frame must be between 1024 and 4294967295"),
     ]:

@@ -384,6 +384,8 @@ def test_hub_bad_arguments() -> None:
     for kw, exc, match in bad:
         with pytest.raises(exc, match=match):
             ipcbus.Hub("bad-arguments", **kw)
+    hub = ipcbus.Hub("fine-arguments", transports={"fifo", "shm"}, outbound_limit=1e6)  # type: ignore[arg-type]
+    assert sorted(hub.transports) == ["fifo", "shm"] and hub.node.outbound_limit == 1_000_000
 
 
 @pytest.mark.single_loop

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import gc
 import json
+import math
 import os
 import re
 import signal
@@ -679,11 +680,12 @@ def test_bad_pool_arguments() -> None:
         ("a:b", {"transport": "carrier-pigeon"}, ValueError, "transport"),
         (
             "a:b", {"restart_backoff": -1}, ValueError,
-            "restart_backoff must be a finite number of seconds, 0 or more",
+            "restart_backoff must be a number of seconds, finite, 0 or more, not -1",
         ),
         ("a:b", {"restart_backoff": "x"}, TypeError, "restart_backoff must be a number of seconds"),
-        ("a:b", {"max_backoff": float("inf")}, ValueError, "max_backoff must be a finite number"),
-        ("a:b", {"max_start_failures": 0}, ValueError, "max_start_failures must be at least 1"),
+        ("a:b", {"restart_backoff": math.inf}, ValueError, "restart_backoff must be .* finite"),
+        ("a:b", {"max_backoff": math.nan}, ValueError, "max_backoff must be a number of seconds, 0 or more"),
+        ("a:b", {"max_start_failures": -1}, ValueError, "max_start_failures must be at least 0"),
         ("a:b", {"max_frame": 1}, ValueError, "max_frame must be between 1024"),
         (
             "a:b", {"transport": "shm", "ring_size": 1000}, ValueError,
@@ -691,12 +693,33 @@ def test_bad_pool_arguments() -> None:
         ),
         ("a:b", {"transport": "shm", "ring_size": "8M"}, TypeError, "ring_size must be an int"),
         ("a:b", {"env": {"A": 1}}, TypeError, "env must map str to str; its entry 'A': 1 is not"),
-        ("a:b", {"env": [("A", "1")]}, TypeError, "env must be a dict of str to str"),
-        ("a:b", {"python": 3}, TypeError, "python must be the path of an interpreter"),
+        ("a:b", {"env": [("A", "1")]}, TypeError, "env must be a mapping of str to str"),
+        ("a:b", {"python": 3}, TypeError, r"python must be a path \(a str or Path\), not 3"),
     ]
     for target, kw, exc, match in bad:
         with pytest.raises(exc, match=match):
             WorkerPool(target, **kw)
+    # ... while what worked before the checks still does.
+    fine: list[dict[str, Any]] = [
+        {"env": os.environ},  # any mapping of str to str
+        {"python": Path(sys.executable)},
+        {"max_backoff": math.inf},  # no cap on the backoff
+        {"max_start_failures": 0},
+        {"workers": 2.0},
+        {"transport": "shm", "ring_size": 1 << 20},
+    ]
+    for kw in fine:
+        pool = WorkerPool("a:b", **kw)
+        assert isinstance(pool.size, int) and pool.python == sys.executable
+        assert pool.env is None or pool.env == dict(os.environ)
+
+
+async def test_workers_start_with_warnings_as_errors() -> None:
+    """Importing ipcbus must not import ipcbus.worker: running it with
+    ``python -m`` then warned (RuntimeWarning, found in sys.modules) at every
+    worker start, and under PYTHONWARNINGS=error no worker started."""
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env(PYTHONWARNINGS="error")) as pool:
+        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
     with pytest.raises(ipcbus.BusClosed, match="not started"):
         _ = WorkerPool("a:b").bus
 

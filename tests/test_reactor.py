@@ -872,7 +872,9 @@ async def test_a_closing_node_closes_its_links_at_once_not_one_after_another() -
             peers.append(b)
             await node.add_link(SlowClosingLink(a, let_close, begun), name=f"stopped-{i}", wait=False)
         closing = asyncio.ensure_future(node.aclose())
-        for _ in range(5):  # a few loop turns: each close starts in a task of its own
+        for _ in range(100):  # loop turns: each close starts in a task of its own
+            if len(begun) == 3:
+                break
             await asyncio.sleep(0)
         assert len(begun) == 3  # one after another, only the first has begun
         assert not closing.done()
