@@ -900,7 +900,7 @@ class Bus:
         """
         self._check_open()
         arg_type = _request_type(handler)
-        check_count("concurrency", concurrency, unit="requests handled at once")
+        concurrency = check_count("concurrency", concurrency, unit="requests handled at once")
         tg = self._node.task_group  # raises for a node not started (before subscribing)
         sub = await self.subscribe(subject, queue=queue, max_pending=max_pending)
         svc = Service(self, sub, handler, concurrency, arg_type)

@@ -440,7 +440,7 @@ def connect(
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
     _check_options(transport, transport_options)
-    check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
+    max_frame = check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
     coro = _connect(
         bus, transport, name, autostart, reconnect, max_frame, root, group, window, transport_options
     )

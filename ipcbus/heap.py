@@ -49,7 +49,7 @@ def keep_heap(pad: int | None = None) -> bool:
     """
     global _done
     if pad is not None:
-        check_count("pad", pad, 0, "bytes")
+        pad = check_count("pad", pad, 0, "bytes")
     if _done:
         return True
     if pad is None:

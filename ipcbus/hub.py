@@ -124,7 +124,6 @@ class Hub:
         self.gid = resolve_group(group)
         self.busdir = BusDir(name, root=Path(root) if root is not None else None, group=self.gid)
         self.transports = tuple(transports)
-        self.max_frame = max_frame
         self.node = Node(
             name=f"hub:{name}",
             max_frame=max_frame,
@@ -132,6 +131,7 @@ class Hub:
             spin_us=spin_us,
             max_link_subs=max_link_subs,
         )
+        self.max_frame = self.node.max_frame  # checked (a whole float made an int)
         self.bus = Bus(self.node)
         self.started = 0.0
         self.accepted = 0

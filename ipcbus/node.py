@@ -87,7 +87,7 @@ __all__ = [
 log = logging.getLogger("ipcbus.node")
 
 _SLOW_LOG_EVERY = 5.0  # seconds between two slow-consumer warnings for one link
-_KEEP_LIMIT = 2  # requests and replies are refused for a link past this many times outbound_limit
+_KEEP_LIMIT = 8  # requests and replies are refused past this many times outbound_limit (see _keep_cap)
 
 INBOX_PREFIX: Final = "_INBOX."
 STATUS_HEADER: Final = "ipcbus-status"
@@ -549,6 +549,10 @@ class Node:
         # message above it takes the general path, which checks each link.
         self._send_bound = max_frame
         self.outbound_limit = check_count("outbound_limit", outbound_limit, unit="bytes")
+        # How much a link may queue of the requests and replies kept past
+        # outbound_limit (Node._forward): room for two of the largest frames
+        # beyond the limit at least, however small the limit is.
+        self._keep_cap = max(_KEEP_LIMIT * self.outbound_limit, self.outbound_limit + 2 * max_frame)
         self.links: list[LinkState] = []
         self.upstream: LinkState | None = None
         """The link toward the root of the tree (a client's hub, a worker's parent), if any.
@@ -1382,6 +1386,8 @@ class Node:
         reply = m.reply
         too_large: tuple[int, int] | None = None  # (size, limit) of a link that refused it
         slow = False  # a link dropped it (over outbound_limit)
+        full: LinkState | None = None  # a member's link refused it: too much in flight there
+        members_took = any(sub.queue is not None for sub in local)  # a member here answers
         broke: list[LinkState] = []  # links whose writes failed
         # A reply's own requester (its inbox's node), when wildcards route inboxes here.
         requester = None
@@ -1404,10 +1410,13 @@ class Node:
             keep = (reply is not None and bool(gs)) or ls is requester
             if self._forward(ls, frame, subject, origin is not None, keep):
                 count += 1
+                members_took = members_took or bool(gs)
                 if reply is not None:
                     self._track(ls, reply, subject)
             elif len(frame) > ls.send_max:
                 too_large = (len(frame), ls.send_max)
+            elif keep and gs and not ls.link.closed and ls.link.pending_out > self.outbound_limit:
+                full = ls
             elif ls.link.pending_out > self.outbound_limit:
                 slow = True
             else:
@@ -1415,6 +1424,11 @@ class Node:
         for sub in local:
             sub.deliver(m)
         count += len(local)
+        if full is not None and not members_took and origin is not None:
+            # The member picked refused it, and no other member took it: the
+            # requester is told now, whoever else (a listener) heard it.
+            self._closed_reply(m, "ConnectionClosed", self._full_why(full, "responder"))
+            return count
         if count == 0 and reply is not None:
             if origin is None or broke:
                 self._unsendable(m, broke or targets)
@@ -1526,11 +1540,7 @@ class Node:
         # frames are refused too, and the caller answers the requester at once.
         if keep:
             pending = link.pending_out
-            if (
-                forwarded
-                and pending > self.outbound_limit
-                and pending + len(frame) > _KEEP_LIMIT * self.outbound_limit
-            ):
+            if forwarded and pending > self.outbound_limit and pending + len(frame) > self._keep_cap:
                 ls.dropped += 1
                 self.dropped += 1
                 self._log_full(ls, "refusing requests and replies for it")
@@ -1703,11 +1713,12 @@ class Node:
         )
 
     def _full_why(self, ls: LinkState, whose: str) -> str:
-        """Why a request or reply was refused for ``ls``, over ``_KEEP_LIMIT`` times the limit."""
+        """Why a request or reply was refused for ``ls``: its queue is near ``_keep_cap``."""
         return (
             f"dropped: the link toward the {whose} ({ls.name}) has {ls.link.pending_out} bytes "
-            f"queued, over {_KEEP_LIMIT}x the outbound_limit ({self.outbound_limit}) of the node "
-            "that passes it on; too much in flight to it (fewer or smaller requests at once)"
+            f"queued, and the node that passes it on keeps at most {self._keep_cap} bytes of "
+            "requests and replies for one link; too much in flight to it (fewer or smaller "
+            "requests at once), or it stopped reading"
         )
 
     def _closed_reply(self, m: fr.Msg, kind: str, why: str) -> None:

@@ -122,7 +122,7 @@ class WorkerPool:
         if transport == "shm":
             from .transports.shm import check_ring_size
 
-            check_ring_size(ring_size)
+            ring_size = check_ring_size(ring_size)
         max_frame = check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
         self.target = target
         self.size = workers

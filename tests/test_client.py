@@ -1112,6 +1112,9 @@ async def test_serve_refuses_bad_handlers_and_leaves_nothing_subscribed() -> Non
             assert bus.stats()["subscriptions"] == []
             with pytest.raises(NoResponders):
                 await bus.request("svc", b"x", timeout=1)
+        svc = await bus.serve("svc4", lambda m: b"four", concurrency=4.0)  # type: ignore[call-overload]
+        assert (await bus.request("svc4", timeout=5)).data == b"four"
+        await svc.stop()
         await bus.serve("svc", lambda m, extra=1: b"fine")  # extra parameters with defaults are fine
         assert (await bus.request("svc", timeout=5)).data == b"fine"
 

@@ -707,10 +707,12 @@ def test_bad_pool_arguments() -> None:
         {"max_start_failures": 0},
         {"workers": 2.0},
         {"transport": "shm", "ring_size": 1 << 20},
+        {"transport": "shm", "ring_size": 8.0 * 1024 * 1024},
     ]
     for kw in fine:
         pool = WorkerPool("a:b", **kw)
-        assert isinstance(pool.size, int) and pool.python == sys.executable
+        assert isinstance(pool.size, int) and isinstance(pool.ring_size, int)
+        assert pool.python == sys.executable
         assert pool.env is None or pool.env == dict(os.environ)
 
 

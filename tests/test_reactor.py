@@ -1090,13 +1090,15 @@ async def stalled_link(x: Node, y: Node) -> tuple[GatedLink, LinkState]:
 
 
 @contextlib.asynccontextmanager
-async def behind_a_stalled_link(name: str) -> AsyncIterator[tuple[Node, Node, Node, GatedLink, LinkState]]:
+async def behind_a_stalled_link(
+    name: str, hub_max_frame: int = fr.DEFAULT_MAX_FRAME
+) -> AsyncIterator[tuple[Node, Node, Node, GatedLink, LinkState]]:
     """A - hub - X: publisher ``A``, a hub with a 64 KiB outbound_limit, and
     node ``name`` behind a link the hub writes to but X reads only when its
     gate is open.  Yields (A, hub, X, the gate, the hub's view of that link)."""
     async with (
         Node(name="A") as a,
-        Node(name="hub", outbound_limit=64 * 1024) as hub,
+        Node(name="hub", outbound_limit=64 * 1024, max_frame=hub_max_frame) as hub,
         Node(name=name) as x,
     ):
         await connect(a, hub, "memory")
@@ -1610,53 +1612,60 @@ async def test_a_message_over_a_subscribers_max_frame_is_reported_to_it() -> Non
         assert hub.stats()["dropped"] == 2
 
 
-async def test_requests_toward_a_responder_that_does_not_read_are_bounded() -> None:
+@pytest.mark.parametrize("listener", [False, True])
+async def test_requests_toward_a_responder_that_does_not_read_are_bounded(listener: bool) -> None:
     """Requests to the member picked, and replies, are kept past a link's
     outbound_limit (bounded by the requests in flight), but not without end:
-    past twice the limit they are refused, and their requesters told at once.
-    A client's gather of large requests grew a hub by their whole size."""
-    async with behind_a_stalled_link("S") as (a, hub, s, gated, to_s):
+    past 8 times the limit (here 512 KiB; with room for two frames past the
+    limit at least) they are refused, and their requesters told at once.
+    A client's gather of large requests grew a hub by their whole size.
+    ``listener``: a '>' subscription on the hub hears every request too; the
+    requesters of the refused ones are still told (they timed out)."""
+    async with behind_a_stalled_link("S", hub_max_frame=64 * 1024) as (a, hub, s, gated, to_s):
         await Bus(s).serve("svc", lambda m: b"ok", queue="g")
+        if listener:
+            await Bus(hub).subscribe(">", max_pending=1000)
         await settle(a, hub, s)
         gated.gate.clear()  # S stops reading
-        limit = hub.outbound_limit
-        reqs = [asyncio.ensure_future(Bus(a).request("svc", b"x" * 16384, timeout=60)) for _ in range(40)]
+        cap = 8 * hub.outbound_limit
+        reqs = [asyncio.ensure_future(Bus(a).request("svc", b"x" * 16384, timeout=60)) for _ in range(80)]
         await a.flush()  # the hub has routed them all, and its answers are back
         refused = [r for r in reqs if r.done() and r.exception() is not None]
-        assert len(refused) >= 20, len(refused)  # 40 x 16 KiB toward a 64 KiB limit
+        assert len(refused) >= 20, len(refused)  # 80 x 16 KiB: 1.25 MiB
         for r in refused:
-            with pytest.raises(ConnectionClosed, match=r"over 2x the outbound_limit .* too much in flight"):
+            with pytest.raises(ConnectionClosed, match=f"keeps at most {cap} bytes .* too much in flight"):
                 await r
-        assert limit < to_s.link.pending_out <= 2 * limit
+        assert hub.outbound_limit < to_s.link.pending_out <= cap
         gated.gate.set()  # S reads again: the requests the hub kept are answered
         with anyio.fail_after(20):
             answered = [await r for r in reqs if r not in refused]
-        assert [m.data for m in answered] == [b"ok"] * (40 - len(refused))
+        assert [m.data for m in answered] == [b"ok"] * (80 - len(refused))
         assert to_s.dropped == len(refused) and hub.stats()["dropped"] == len(refused)
 
 
 async def test_replies_toward_a_requester_that_does_not_read_are_bounded() -> None:
-    """The same bound for replies: past twice the limit of a requester's
+    """The same bound for replies: past 8 times the limit of a requester's
     link, a reply is refused, and the requester gets a small status saying why."""
-    async with behind_a_stalled_link("R") as (a, hub, r, gated, to_r):
+    async with behind_a_stalled_link("R", hub_max_frame=64 * 1024) as (a, hub, r, gated, to_r):
         served = 0
         all_served = asyncio.Event()
 
         def big(m: Msg) -> bytes:
             nonlocal served
             served += 1
-            if served == 40:
+            if served == 80:
                 all_served.set()
             return b"y" * 16384
 
         await Bus(a).serve("big", big, queue="g")
         await settle(a, hub, r)
         gated.gate.clear()  # R stops reading its replies
-        reqs = [asyncio.ensure_future(Bus(r).request("big", timeout=60)) for _ in range(40)]
+        reqs = [asyncio.ensure_future(Bus(r).request("big", timeout=60)) for _ in range(80)]
         with anyio.fail_after(10):
             await all_served.wait()
         await a.flush()  # the hub has routed every reply
-        assert to_r.dropped >= 20 and to_r.link.pending_out <= 2 * hub.outbound_limit
+        # (the statuses telling R of the refusals always go through: a few bytes each)
+        assert to_r.dropped >= 20 and to_r.link.pending_out <= 8 * hub.outbound_limit + 100 * to_r.dropped
         gated.gate.set()
         with anyio.fail_after(20):
             done = await asyncio.gather(*reqs, return_exceptions=True)

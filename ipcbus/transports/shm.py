@@ -320,9 +320,11 @@ def _bus_mode(busdir: Path | None) -> tuple[int, int | None]:
     return 0o600, None
 
 
-def check_ring_size(ring_size: int) -> int:
+def check_ring_size(ring_size: Any) -> int:
     """``ring_size`` if it is a valid ring size (each direction's ring, in
     bytes); else ``TypeError``/``ValueError`` saying what is."""
+    if isinstance(ring_size, float) and ring_size.is_integer():
+        ring_size = int(ring_size)  # 8e6: a whole number written as a float
     if isinstance(ring_size, bool) or not isinstance(ring_size, int):
         raise TypeError(f"ring_size must be an int (bytes), not {ring_size!r}")
     if ring_size % 4096 or not MIN_RING_SIZE <= ring_size <= MAX_RING_SIZE:
