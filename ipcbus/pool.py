@@ -55,6 +55,7 @@ PoolTransport = Literal["pipe", "shm", "sysv"]
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 5.0
 _LINK_AFTER_EXIT = 1.0  # how long a worker's link may outlive its process (see _reap)
+_EXIT_WAIT = 2.0  # how long a worker whose link ended may take to exit before it is killed
 _STABLE_AFTER = 10.0  # seconds up after which a worker that dies is restarted at the first backoff again
 
 
@@ -474,7 +475,7 @@ class WorkerPool:
                 # Usually the link closed because the worker died: let the child
                 # watcher reap it first (killing a dead, unreaped child would reap
                 # it behind asyncio's back).  Kill only one that is still running.
-                with anyio.move_on_after(1.0):
+                with anyio.move_on_after(_EXIT_WAIT):
                     await w.exited.wait()
                 if not w.exited.is_set():
                     _signal(w.proc, signal.SIGKILL)

@@ -48,6 +48,7 @@ from .transports.pipe import PipeLink
 __all__ = ["ORPHAN_GRACE", "TERM_DRAIN", "load_target", "main", "run_worker", "watch_parent"]
 
 _PARENT_EXIT_WAIT = 1.0  # seconds from the link's end to the parent's death being reported
+_TERM_EXIT_WAIT = 0.5  # the same, for a worker given SIGTERM (see run_worker)
 TERM_DRAIN: Final = 5.0
 """Seconds a worker given SIGTERM lets its services answer the requests they took."""
 
@@ -166,11 +167,11 @@ async def run_worker(
             plugin_closed = node.closed and not terminated.is_set()
             await node.aclose()
         said_goodbye = any(n.code == "shutdown" for n in ls.notices)
-        # (SIGTERM'd with its parent alive: this worker closed the link itself.)
-        stopped_alone = terminated.is_set() and process_alive(parent_pid)
-        left = not (said_goodbye or plugin_closed or stopped_alone)
-        if records is not None and parent is not None and left:
-            await _left_behind(records, parent)
+        if records is not None and parent is not None and not (said_goodbye or plugin_closed):
+            # SIGTERM'd: the parent may be dying of the same signal (a service
+            # manager's stop), or alive (this worker alone was stopped, and
+            # the pool is waiting for it to exit): wait less for its death.
+            await _left_behind(records, parent, _TERM_EXIT_WAIT if terminated.is_set() else _PARENT_EXIT_WAIT)
         return 128 + signal.SIGTERM if terminated.is_set() else 0
     finally:
         if parent is not None:
@@ -237,7 +238,7 @@ def _pool_records(spec: str, parent_pid: int) -> Path | None:
         return None
 
 
-async def _left_behind(records: Path, parent: int) -> None:
+async def _left_behind(records: Path, parent: int, wait: float) -> None:
     """The parent closed the link without saying goodbye: if it died, clean up after it.
 
     This worker has removed its kernel objects and their records by now.  A
@@ -245,9 +246,9 @@ async def _left_behind(records: Path, parent: int) -> None:
     one that was killed cannot, so the last worker out removes it (only if no
     record is left in it).  A parent that dies closes its end of the link
     before the kernel reports it dead (its pidfd becomes readable), so wait
-    for that, briefly.
+    for that, ``wait`` seconds at most.
     """
-    with anyio.move_on_after(_PARENT_EXIT_WAIT):
+    with anyio.move_on_after(wait):
         await anyio.wait_readable(parent)
         _collect_after_parent(records)
 
