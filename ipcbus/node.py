@@ -1387,7 +1387,7 @@ class Node:
         too_large: tuple[int, int] | None = None  # (size, limit) of a link that refused it
         slow = False  # a link dropped it (over outbound_limit)
         full: LinkState | None = None  # a member's link refused it: too much in flight there
-        members_took = any(sub.queue is not None for sub in local)  # a member here answers
+        members_took = False  # a member across a link took it
         broke: list[LinkState] = []  # links whose writes failed
         # A reply's own requester (its inbox's node), when wildcards route inboxes here.
         requester = None
@@ -1424,7 +1424,12 @@ class Node:
         for sub in local:
             sub.deliver(m)
         count += len(local)
-        if full is not None and not members_took and origin is not None:
+        if (
+            full is not None
+            and not members_took
+            and origin is not None
+            and not any(sub.queue is not None for sub in local)  # nor one here
+        ):
             # The member picked refused it, and no other member took it: the
             # requester is told now, whoever else (a listener) heard it.
             self._closed_reply(m, "ConnectionClosed", self._full_why(full, "responder"))
