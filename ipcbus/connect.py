@@ -30,7 +30,7 @@ import anyio
 
 from . import frames as fr
 from .busdir import BusDir, validate_bus_name
-from .checks import check_count
+from .checks import check_count, check_path
 from .client import Bus, _timeout_or_none
 from .errors import BusClosed, BusNotFound, ConnectionClosed, IpcBusError
 from .hub import ALL_TRANSPORTS, HubTransport
@@ -176,8 +176,7 @@ class ClientBus(Bus):
         if ls is not self.hub_link or self.closed:
             return
         # A hub that stops cleanly says goodbye first; one killed does not.
-        said_goodbye = any(n.code == "shutdown" for n in ls.notices)
-        gone = "the hub shut down" if said_goodbye else "the hub went away without a goodbye (killed?)"
+        gone = "the hub shut down" if ls.said_goodbye else "the hub went away without a goodbye (killed?)"
         self._lost = f"{gone}: hub link closed ({ls.close_reason})"
         self._connected.clear()
         if self.reconnect:
@@ -305,9 +304,8 @@ async def _connect(
     spin_us: float,
     options: dict[str, Any],
 ) -> ClientBus:
-    if transport not in TRANSPORTS:
-        raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
-    # With a group, the root may be the bus owner's (bus_root(group=...) accepts it).
+    # (connect() checked the arguments.)  With a group, the root may be the
+    # bus owner's (bus_root(group=...) accepts it).
     busdir = BusDir(bus, root=Path(root) if root is not None else None, group=group)
     if busdir.hub_pid() is None:
         if not autostart:
@@ -435,8 +433,7 @@ def connect(
     """
     window = spin_window(spin_us)
     validate_bus_name(bus)
-    if root is not None and not isinstance(root, str | os.PathLike):
-        raise TypeError(f"root must be a path (str or Path) or None, not {root!r}")
+    check_path("root", root)
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
     _check_options(transport, transport_options)

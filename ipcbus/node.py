@@ -483,8 +483,16 @@ class LinkState:
 
     @property
     def busy(self) -> int:
-        """How loaded this link is, for least-busy queue-group selection."""
-        return len(self.inflight) * 65536 + self.link.pending_out
+        """How loaded this link is, for least-busy queue-group selection: its
+        requests in flight and given up on (:meth:`still_given_up`), plus one
+        per 64 KiB queued toward it."""
+        busy = len(self.inflight) + self.link.pending_out // 65536
+        return busy + self.still_given_up() if self.abandoned else busy
+
+    @property
+    def said_goodbye(self) -> bool:
+        """Whether the peer said it was closing (a ``shutdown`` notice) before its link ended."""
+        return any(n.code == "shutdown" for n in self.notices)
 
     def still_given_up(self) -> int:
         """How many of :attr:`abandoned` still count: those given up on less than
@@ -1292,12 +1300,6 @@ class Node:
                     if m.reply is not None:
                         self._track(target, m.reply, subject)
                     return 1
-                status = m.headers is not None and STATUS_HEADER in m.headers
-                if origin is not None and not target.link.closed and not status:
-                    # Refused for a requester that does not read its replies: it
-                    # is told, in a small status that always goes through.
-                    why = self._full_why(target, "requester")
-                    self.closed_status(subject, "ConnectionClosed", why)
                 return 0
         route = self._routes.get(subject)
         if route is None:  # one-off reply subjects stay out of the cache
@@ -1515,7 +1517,7 @@ class Node:
             least: tuple[int, int] | None = None
             for c in cands:
                 if isinstance(c, LinkState):
-                    busy = len(c.inflight) + c.link.pending_out // 65536
+                    busy = len(c.inflight) + c.link.pending_out // 65536  # LinkState.busy, inlined
                     if c.abandoned:
                         busy += c.still_given_up()
                     load = (busy, c.last_pick.get(q, 0))
@@ -1541,14 +1543,18 @@ class Node:
         # bounded by the requests in flight, and a requester's timeout covers a
         # slow responder.  Copies for plain listeners are dropped as any message.
         # Requests in flight are not bounded in number, though (a client's
-        # gather of large requests): past _KEEP_LIMIT times the limit, kept
-        # frames are refused too, and the caller answers the requester at once.
+        # gather of large requests): past _keep_cap, kept frames are refused
+        # too, and the requester is told at once (of a request, by the caller).
         if keep:
             pending = link.pending_out
             if forwarded and pending > self.outbound_limit and pending + len(frame) > self._keep_cap:
                 ls.dropped += 1
                 self.dropped += 1
                 self._log_full(ls, "refusing requests and replies for it")
+                if subject.startswith(INBOX_PREFIX):
+                    # A reply, toward a requester that does not read them: a
+                    # small status, which always goes through, says so.
+                    self.closed_status(subject, "ConnectionClosed", self._full_why(ls, "requester"))
                 return False
         elif forwarded and link.pending_out > self.outbound_limit:
             # Slow link: drop for this link only, count, report when it catches up.

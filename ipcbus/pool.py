@@ -247,6 +247,12 @@ class WorkerPool:
         """Whether the pool's shutdown started."""
         return self._stopping is not None
 
+    @property
+    def _start_failed(self) -> WorkerState:
+        """The state of a worker whose start failed: given up on ("failed"), or
+        cut short by the pool closing ("stopped")."""
+        return "stopped" if self._closing else "failed"
+
     def _records_dir(self) -> Path | None:
         """Where the kernel objects made for a worker are recorded (see :mod:`ipcbus.gc`).
 
@@ -333,7 +339,7 @@ class WorkerPool:
             w.proc = None  # nothing started (an earlier process, if any, is reaped)
             w.exited.set()
             if isinstance(exc, OSError):  # no such interpreter, not executable, no fork...
-                w.state = "stopped" if self._closing else "failed"
+                w.state = self._start_failed
                 w.last_error = f"cannot run {self.python!r}: {exc}"
                 raise WorkerStartError(
                     f"worker {w.index} of pool {self.name!r} failed to start: {w.last_error}"
@@ -355,7 +361,7 @@ class WorkerPool:
             except BaseException as exc:
                 await shm_link.aclose()
                 await w.exited.wait()
-                w.state = "stopped" if self._closing else "failed"
+                w.state = self._start_failed
                 w.last_error = f"worker never attached its shared-memory link: {exc}"
                 raise WorkerStartError(
                     f"worker {w.index} of pool {self.name!r} failed to start "
@@ -402,7 +408,7 @@ class WorkerPool:
             if not failure:
                 await w.exited.wait()
             reason = failure[0] if failure else f"worker exited with code {proc.returncode}"
-            w.state = "stopped" if self._closing else "failed"  # not given up on: the pool closed
+            w.state = self._start_failed
             w.last_error = reason
             raise WorkerStartError(
                 f"worker {w.index} of pool {self.name!r} failed to start {self.target!r}: {reason}"

@@ -166,8 +166,7 @@ async def run_worker(
             # the parent lives on and sees this worker go.
             plugin_closed = node.closed and not terminated.is_set()
             await node.aclose()
-        said_goodbye = any(n.code == "shutdown" for n in ls.notices)
-        if records is not None and parent is not None and not (said_goodbye or plugin_closed):
+        if records is not None and parent is not None and not (ls.said_goodbye or plugin_closed):
             # SIGTERM'd: the parent may be dying of the same signal (a service
             # manager's stop), or alive (this worker alone was stopped, and
             # the pool is waiting for it to exit): wait less for its death.
@@ -213,7 +212,7 @@ async def _terminate(terminated: asyncio.Event, bus: Bus, ls: LinkState, parent_
     if not ls.closed.is_set():
         with anyio.move_on_after(TERM_DRAIN), contextlib.suppress(IpcBusError):
             await bus._drain_services()
-    if ls.closed.is_set() and not any(n.code == "shutdown" for n in ls.notices):
+    if ls.closed.is_set() and not ls.said_goodbye:
         with contextlib.suppress(OSError):  # no such process: it is gone already
             parent = os.pidfd_open(parent_pid)  # our own: _left_behind may wait on the other
             try:

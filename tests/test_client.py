@@ -1104,6 +1104,8 @@ async def test_serve_refuses_bad_handlers_and_leaves_nothing_subscribed() -> Non
             (ok, {"concurrency": 0}, ValueError, "at least 1"),
             (ok, {"concurrency": -1}, ValueError, "at least 1"),
             (ok, {"concurrency": 1.5}, TypeError, "concurrency must be an int"),
+            (ok, {"concurrency": True}, TypeError, "concurrency must be an int"),
+            (ok, {"concurrency": "2"}, TypeError, "concurrency must be an int"),
         ]
         for handler, kw, exc, match in bad:
             with pytest.raises(exc, match=match):
@@ -1300,6 +1302,21 @@ async def hub_small_big(small_max: int) -> AsyncIterator[tuple[Node, Node, Node]
             await other.add_link(b, name="hub")
             await ls.ready.wait()
         yield hub, small, big
+
+
+async def test_a_reply_too_large_for_its_requester_is_answered_once() -> None:
+    """A reply passed on from another node that is over the requester's
+    max_frame: the requester gets one FrameTooLarge error (it also got a
+    second, closed status saying "too much in flight")."""
+    async with hub_small_big(64 * 1024) as (hub, small, big):
+        await Bus(big).serve("blob", lambda m: b"z" * 100_000)
+        await settle(Bus(hub), Bus(small), Bus(big))
+        before = small.msgs_in
+        with pytest.raises(RemoteError, match=r"FrameTooLarge.*the reply \(\d+ bytes\)"):
+            await Bus(small).request("blob", timeout=5)
+        await settle(Bus(big), Bus(hub), Bus(small))
+        assert small.msgs_in - before == 1
+        assert hub.stats()["dropped"] == 1
 
 
 async def test_a_peer_with_a_smaller_max_frame_is_sent_nothing_larger() -> None:

@@ -313,6 +313,7 @@ async def test_requests_of_a_client_that_left_do_not_keep_a_responder_busy(bus_n
         await watch.wait(os.getpid())  # the hub dropped the requester's link
         (svc_link,) = [ls for ls in hub.links if ls.stats()["peer_name"] == "svc"]
         assert svc_link.inflight == {}
+        assert svc_link.stats()["abandoned_requests"] == 0  # not counted as given up on either
         release.set()
         await svc.flush()
 
@@ -361,11 +362,15 @@ async def test_connect_bad_arguments(bus_name: str) -> None:
         ),
         ({"transport": "shm", "timeout": 1}, TypeError, "it takes ring_size, attach_timeout"),
         ({"max_frame": 10}, ValueError, "max_frame must be between 1024"),
+        ({"max_frame": "64k"}, TypeError, "max_frame must be an int"),
+        ({"transport": "sysv", "ring_size": 1}, TypeError, "it takes mode, gid, high_water, queue_bytes"),
         ({"root": 5}, TypeError, "root must be a path"),
     ]
     for kw, exc, match in bad:
         with pytest.raises(exc, match=match):
             ipcbus.connect(bus_name, **kw)
+    with pytest.raises(BadBusName, match="use the name 'orders' and transport='shm'"):
+        ipcbus.connect("shm://orders")
     with pytest.raises(BusNotFound):  # the options each transport does take pass
         await ipcbus.connect(bus_name, transport="sysv", queue_bytes=1 << 16, timeout=1)
 
@@ -378,6 +383,8 @@ def test_hub_bad_arguments() -> None:
             r"transports must be a tuple of transport names, e\.g\. \('fifo',\)",
         ),
         ({"transports": ()}, ValueError, "transports is empty: a hub needs at least one of fifo, sysv, shm"),
+        ({"transports": 5}, TypeError, "transports must be a tuple of transport names"),
+        ({"transports": b"fifo"}, TypeError, "transports must be a tuple of transport names"),
         ({"outbound_limit": "x"}, TypeError, "outbound_limit must be an int"),
         ({"outbound_limit": -1}, ValueError, "outbound_limit must be at least 1"),
     ]

@@ -164,8 +164,9 @@ async def test_a_write_to_a_dead_peer_while_reading_is_paused_loses_nothing_it_w
     link, peer_w = link_to_a_peer_that_wrote(frame, 1000, high_water=2048)
     os.close(peer_w)  # the peer died: both its ends closed
     try:
-        while link._reading:  # type: ignore[attr-defined]
-            await anyio.lowlevel.checkpoint()  # it reads until over high_water, and pauses
+        with anyio.fail_after(10):
+            while link._reading:  # type: ignore[attr-defined]
+                await anyio.lowlevel.checkpoint()  # it reads until over high_water, and pauses
         with contextlib.suppress(ConnectionClosed):
             link.send_nowait(b"hello")  # EPIPE (now or at the flush)
         await anyio.lowlevel.checkpoint()

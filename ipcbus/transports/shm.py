@@ -67,6 +67,7 @@ import posix_ipc
 import sysv_ipc
 
 from .. import records
+from ..checks import check_count
 from ..errors import (
     ConnectionClosed,
     EndOfStream,
@@ -323,16 +324,10 @@ def _bus_mode(busdir: Path | None) -> tuple[int, int | None]:
 def check_ring_size(ring_size: Any) -> int:
     """``ring_size`` if it is a valid ring size (each direction's ring, in
     bytes); else ``TypeError``/``ValueError`` saying what is."""
-    if isinstance(ring_size, float) and ring_size.is_integer():
-        ring_size = int(ring_size)  # 8e6: a whole number written as a float
-    if isinstance(ring_size, bool) or not isinstance(ring_size, int):
-        raise TypeError(f"ring_size must be an int (bytes), not {ring_size!r}")
-    if ring_size % 4096 or not MIN_RING_SIZE <= ring_size <= MAX_RING_SIZE:
-        raise ValueError(
-            f"ring_size {ring_size!r} must be a multiple of 4096 between "
-            f"{MIN_RING_SIZE} and {MAX_RING_SIZE} bytes"
-        )
-    return ring_size
+    size = check_count("ring_size", ring_size, MIN_RING_SIZE, "bytes", MAX_RING_SIZE)
+    if size % 4096:
+        raise ValueError(f"ring_size {size!r} must be a multiple of 4096 (bytes)")
+    return size
 
 
 def _check_mode(mode: int) -> int:
