@@ -196,18 +196,7 @@ async def _check_too_large(make_pair: LinkPairFactory) -> None:
 async def _check_backpressure(make_pair: LinkPairFactory) -> None:
     async with make_pair() as (a, b):
         chunk = 64 * 1024
-        cap = 512 * 1024 * 1024  # refuse to buffer more than this without blocking
-        sent = 0
-        blocked = False
-        while sent * chunk < cap:
-            with anyio.move_on_after(0.5) as scope:
-                await a.send(_frame(sent, chunk))
-            if scope.cancelled_caught:
-                blocked = True
-                sent += 1  # a cancelled send queued its frame whole (cancel-safe)
-                break
-            sent += 1
-        assert blocked, f"backpressure: {sent * chunk} bytes sent to a stalled reader never blocked"
+        sent = await _fill(a, chunk)
         async with anyio.create_task_group() as tg:
 
             async def more() -> None:
@@ -218,6 +207,50 @@ async def _check_backpressure(make_pair: LinkPairFactory) -> None:
                 got = await b.recv()
                 assert got == _frame(i, chunk), f"backpressure: frame {i} corrupted or lost"
             assert await b.recv() == _frame(sent, 100), "backpressure: later frame lost"
+
+
+async def _fill(link: Link, chunk: int) -> int:
+    """Send ``chunk``-byte frames to a stalled reader until ``send`` blocks; return how many."""
+    sent = 0
+    while sent * chunk < 512 * 1024 * 1024:
+        with anyio.move_on_after(0.5) as scope:
+            await link.send(_frame(sent, chunk))
+        sent += 1  # a cancelled send queued its frame whole (cancel-safe)
+        if scope.cancelled_caught:
+            return sent
+    raise AssertionError(f"backpressure: {sent * chunk} bytes sent to a stalled reader never blocked")
+
+
+async def _check_many_writers(make_pair: LinkPairFactory) -> None:
+    # A storm of tasks waits for room on one full link (thousands of requests
+    # to a busy worker): none returns while the reader is stalled, those that
+    # gave up (cancelled) are simply gone, and the others all return, each once
+    # the queue is down to its own threshold, when the reader catches up.
+    async with make_pair() as (a, b):
+        chunk = 64 * 1024
+        sent = await _fill(a, chunk)
+        done: list[tuple[int, int]] = []  # (waiter, pending_out when it returned)
+
+        async def waiter(i: int, threshold: int | None) -> None:
+            await a.wait_writable(threshold)
+            done.append((i, a.pending_out))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(2000):
+                tg.start_soon(waiter, i, (0, None, chunk)[i % 3])
+                if i % 4 == 0:
+                    with anyio.move_on_after(0):  # gives up at once, while waiting
+                        await a.wait_writable(0)
+            await anyio.wait_all_tasks_blocked()
+            assert not done, f"many writers: {len(done)} waiters returned while the reader was stalled"
+            for i in range(sent):
+                got = await b.recv()
+                assert got == _frame(i, chunk), f"many writers: frame {i} corrupted or lost"
+        assert sorted(i for i, _ in done) == list(range(2000)), "many writers: a waiter never returned"
+        late = [(i, pending) for i, pending in done if i % 3 == 0 and pending]
+        assert not late, f"many writers: threshold 0 waiters returned with bytes queued: {late[:3]}"
+        await a.send(b"after")  # the link still works
+        assert await b.recv() == b"after", "many writers: link unusable after the storm"
 
 
 async def _check_peer_close(make_pair: LinkPairFactory) -> None:
@@ -359,6 +392,7 @@ CHECKS = {
     "sizes": _check_sizes,
     "too_large": _check_too_large,
     "backpressure": _check_backpressure,
+    "many_writers": _check_many_writers,
     "peer_close": _check_peer_close,
     "close_twice": _check_close_twice,
     "cancel_mid_send": _check_cancel_mid_send,

@@ -24,6 +24,7 @@ or a partial frame.
 from __future__ import annotations
 
 import abc
+import asyncio
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ from typing import Any, Self, TypeVar
 from ..errors import FrameTooLarge
 from ..frames import DEFAULT_MAX_FRAME, Msg
 
-__all__ = ["DEFAULT_HIGH_WATER", "Link", "LinkInfo", "stored"]
+__all__ = ["DEFAULT_HIGH_WATER", "Link", "LinkInfo", "WriteWaiters", "stored"]
 
 _E = TypeVar("_E", bound=BaseException)
 
@@ -47,6 +48,65 @@ def stored(exc: _E) -> _E:
     that retries on a broken link in a loop would grow it without bound.
     """
     return exc.with_traceback(None)
+
+class WriteWaiters:
+    """The tasks in a link's :meth:`Link.wait_writable`, kept by the level each waits for.
+
+    Waking them costs a step per distinct level plus one per task woken, and
+    a waiter is never looked for in a list: a storm of 20,000 requests
+    waiting on one full link must not make each write (or each waiter's
+    exit) scan all the others.  A cancelled waiter stays until its level is
+    reached; each level's list drops them when it doubles in length.
+    """
+
+    __slots__ = ("_levels",)
+
+    def __init__(self) -> None:
+        # level -> [length that triggers the next clean-up, its futures]
+        self._levels: dict[int, tuple[list[int], list[asyncio.Future[None]]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._levels)
+
+    def __len__(self) -> int:
+        """Waiters held, cancelled ones not yet dropped included."""
+        return sum(len(futs) for _, futs in self._levels.values())
+
+    def add(self, level: int, fut: asyncio.Future[None]) -> None:
+        """Hold ``fut`` until the queue is at or below ``level`` bytes (or :meth:`release`)."""
+        entry = self._levels.get(level)
+        if entry is None:
+            self._levels[level] = ([64], [fut])
+            return
+        mark, futs = entry
+        futs.append(fut)
+        if len(futs) >= mark[0]:
+            futs[:] = [f for f in futs if not f.done()]
+            mark[0] = max(64, 2 * len(futs))
+
+    def lowest(self) -> int | None:
+        """The lowest level waited for, or ``None`` when nobody waits."""
+        return min(self._levels) if self._levels else None
+
+    def wake(self, pending: int) -> None:
+        """Wake every waiter whose level ``pending`` (the bytes queued now) has reached."""
+        levels = self._levels
+        for level in [lv for lv in levels if pending <= lv]:
+            for fut in levels.pop(level)[1]:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def release(self, exc: BaseException | None = None) -> None:
+        """Wake every waiter: with ``exc`` raised in each, or to look at the link again."""
+        levels, self._levels = self._levels, {}
+        for _, futs in levels.values():
+            for fut in futs:
+                if not fut.done():
+                    if exc is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(exc)
+
 
 DEFAULT_HIGH_WATER = 4 * 1024 * 1024
 """Bytes buffered in user space above which :meth:`Link.send` waits."""

@@ -14,7 +14,7 @@ import contextlib
 
 from ..errors import ConnectionClosed, EndOfStream, ProtocolError
 from ..frames import DEFAULT_MAX_FRAME
-from .base import DEFAULT_HIGH_WATER, Link, LinkInfo
+from .base import DEFAULT_HIGH_WATER, Link, LinkInfo, WriteWaiters
 
 __all__ = ["MemoryLink", "memory_pair"]
 
@@ -50,7 +50,7 @@ class MemoryLink(Link):
         self._pending: collections.deque[bytes] = collections.deque()
         self._pending_bytes = 0
         self._closed = False
-        self._wwaiters: list[asyncio.Future[None]] = []
+        self._wwaiters = WriteWaiters()
         self._rwaiter: asyncio.Future[None] | None = None
         self.peer: MemoryLink | None = None
 
@@ -69,9 +69,7 @@ class MemoryLink(Link):
             moved = True
         if moved and self.peer is not None:
             self.peer._wake_reader()
-        for fut in self._wwaiters:
-            if not fut.done():
-                fut.set_result(None)
+        self._wwaiters.wake(self._pending_bytes)
 
     def send_nowait(self, frame: bytes) -> None:
         """Queue one whole frame."""
@@ -102,12 +100,8 @@ class MemoryLink(Link):
             if self._out.reader_closed:
                 raise ConnectionClosed("memory link: the peer is gone")
             fut = self._loop.create_future()
-            self._wwaiters.append(fut)
-            try:
-                await fut
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._wwaiters.remove(fut)
+            self._wwaiters.add(limit, fut)
+            await fut
         if self._out.reader_closed and not self._closed:
             raise ConnectionClosed("memory link: the peer is gone")
 
@@ -154,9 +148,7 @@ class MemoryLink(Link):
         self._in.reader_closed = True
         self._in.frames.clear()
         self._in.nbytes = 0
-        for fut in self._wwaiters:
-            if not fut.done():
-                fut.set_exception(ConnectionClosed("link is closed"))
+        self._wwaiters.release(ConnectionClosed("link is closed"))
         self._wake_reader()
         if self.peer is not None:
             self.peer._wake_reader()

@@ -78,7 +78,7 @@ from ..errors import (
 )
 from ..frames import DEFAULT_MAX_FRAME, LARGE_PAYLOAD, PROTOCOL_VERSION, Msg
 from ..heap import keep_heap
-from .base import Link, LinkInfo, stored
+from .base import Link, LinkInfo, WriteWaiters, stored
 
 if TYPE_CHECKING:
     from .door import Knock
@@ -465,7 +465,7 @@ class ShmLink(Link):
         self._tx_error: ConnectionClosed | None = None
         self._tx_broken = False  # the tx ring itself is untrustworthy (no EOF on close)
         self._tx_blocked = False  # waiting for the reader to free room
-        self._wwaiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._wwaiters = WriteWaiters()
         # receiving
         self._rx_pos = 0
         self._rx_tokens = 0
@@ -934,13 +934,8 @@ class ShmLink(Link):
             if self._closed:
                 raise ConnectionClosed("link is closed")
             fut: asyncio.Future[None] = self._get_loop().create_future()
-            entry = (limit, fut)
-            self._wwaiters.append(entry)
-            try:
-                await fut
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._wwaiters.remove(entry)
+            self._wwaiters.add(limit, fut)
+            await fut
             if self._closed:  # closing dropped the queue: it was not sent
                 raise ConnectionClosed("link is closed")
         if self._tx_error is not None:
@@ -1119,16 +1114,10 @@ class ShmLink(Link):
         self._wake_writers()
 
     def _wake_writers(self) -> None:
-        pending = self._pending
-        broken = self._tx_error is not None or self._closed
-        keep: list[tuple[int, asyncio.Future[None]]] = []
-        for limit, fut in self._wwaiters:
-            if broken or pending <= limit:
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                keep.append((limit, fut))
-        self._wwaiters = keep
+        if self._tx_error is not None or self._closed:
+            self._wwaiters.release()  # each looks at the link and raises
+        else:
+            self._wwaiters.wake(self._pending)
 
     # -- the bells -----------------------------------------------------------
 

@@ -34,7 +34,7 @@ from typing import Any
 from ..busdir import close_in_forked_children, closing_for_good
 from ..errors import ConnectionClosed, EndOfStream, FrameTooLarge, ProtocolError
 from ..frames import DEFAULT_MAX_FRAME, HEADER, FrameReader
-from .base import DEFAULT_HIGH_WATER, Link, LinkInfo, stored
+from .base import DEFAULT_HIGH_WATER, Link, LinkInfo, WriteWaiters, stored
 
 __all__ = ["FdStreamLink"]
 
@@ -96,7 +96,7 @@ class FdStreamLink(Link):
         self._eager_used = False
         self._writer_added = False
         self._werror: ConnectionClosed | None = None
-        self._wwaiters: list[asyncio.Future[None]] = []
+        self._wwaiters = WriteWaiters()
         self._closed = False
         # A child this process forks (os.fork, multiprocessing's "fork") must
         # not keep the link's fds: the peer would never see end of stream
@@ -166,12 +166,8 @@ class FdStreamLink(Link):
             if self._closed:
                 raise ConnectionClosed("link is closed")
             fut = self._loop.create_future()
-            self._wwaiters.append(fut)
-            try:
-                await fut
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._wwaiters.remove(fut)
+            self._wwaiters.add(limit, fut)
+            await fut
         if self._werror is not None:
             raise stored(self._werror)
 
@@ -262,7 +258,7 @@ class FdStreamLink(Link):
             self._loop.remove_writer(fd)
             self._writer_added = False
         if self._wwaiters:
-            self._wake_writers(None)  # each waiter re-checks its own threshold
+            self._wwaiters.wake(self._wq_bytes)
 
     def _write_failed(self, exc: OSError) -> None:
         if exc.errno in (errno.EPIPE, errno.ECONNRESET):
@@ -276,7 +272,7 @@ class FdStreamLink(Link):
             with contextlib.suppress(Exception):
                 self._loop.remove_writer(self._wfd)
             self._writer_added = False
-        self._wake_writers(self._werror)
+        self._wwaiters.release(self._werror)
         if exc.errno in (errno.EPIPE, errno.ECONNRESET):
             self._loop.call_soon(self._reader_gone)
 
@@ -310,15 +306,6 @@ class FdStreamLink(Link):
         )
         self._pause_reading()
         self._wake_reader()
-
-    def _wake_writers(self, exc: BaseException | None) -> None:
-        waiters, self._wwaiters = self._wwaiters, []
-        for fut in waiters:
-            if not fut.done():
-                if exc is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(exc)
 
     # -- receiving -------------------------------------------------------
 
@@ -464,7 +451,7 @@ class FdStreamLink(Link):
         self._wq.clear()
         self._wq_bytes = 0
         closed = ConnectionClosed("link is closed")
-        self._wake_writers(closed)
+        self._wwaiters.release(closed)
         self._wake_reader()
 
     async def aclose(self) -> None:

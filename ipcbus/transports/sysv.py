@@ -88,7 +88,7 @@ from ..sysv import (
     queue_stat,
     read_limits,
 )
-from .base import DEFAULT_HIGH_WATER, Link, LinkInfo
+from .base import DEFAULT_HIGH_WATER, Link, LinkInfo, WriteWaiters
 from .door import Knock
 
 __all__ = [
@@ -661,7 +661,7 @@ class SysvLink(Link):
         self._window = window  # None: no credit (the receiver throttles through the kernel)
         self._unacked = 0
         self._tx: _TxThread | None = None
-        self._writers: list[tuple[int, asyncio.Future[None]]] = []
+        self._writers = WriteWaiters()
         # inbound
         self._seq_in = 0
         self._partial: list[bytes] | None = None
@@ -930,22 +930,14 @@ class SysvLink(Link):
 
     def _check_writers(self) -> None:
         """Wake the writers whose level was reached; re-arm the sender thread for the rest."""
-        if not self._writers:
+        writers = self._writers
+        if not writers:
             return
-        pending = self.pending_out
-        keep: list[tuple[int, asyncio.Future[None]]] = []
-        for level, fut in self._writers:
-            if fut.done():
-                continue
-            if pending <= level:
-                fut.set_result(None)
-            else:
-                keep.append((level, fut))
-        self._writers = keep
+        writers.wake(self.pending_out)
+        lowest = writers.lowest()
         tx = self._tx
-        if keep and tx is not None and tx.active:
+        if lowest is not None and tx is not None and tx.active:
             loop_side = self._frames_bytes + self._msgs_bytes
-            lowest = min(level for level, _ in keep)
             if not tx.want_progress(max(0, lowest - loop_side)):
                 # Already there (raced with the thread): look again on the next tick.
                 self._loop.call_soon(self._check_writers)
@@ -962,7 +954,7 @@ class SysvLink(Link):
             if self.pending_out <= level:
                 return
             fut = self._loop.create_future()
-            self._writers.append((level, fut))
+            self._writers.add(level, fut)
             self._check_writers()
             await fut
 
@@ -991,10 +983,7 @@ class SysvLink(Link):
         self._msgs_bytes = 0
         if self._tx is not None:
             self._tx.stop()
-        for _, fut in self._writers:
-            if not fut.done():
-                fut.set_result(None)  # _wait_level raises ConnectionClosed
-        self._writers = []
+        self._writers.release()  # _wait_level raises ConnectionClosed
 
     # -- receiving -------------------------------------------------------
 
@@ -1234,10 +1223,7 @@ class SysvLink(Link):
             pass
 
     def _fail_waiters(self) -> None:
-        for _, fut in self._writers:
-            if not fut.done():
-                fut.set_result(None)
-        self._writers = []
+        self._writers.release()
         self._wake_reader()
 
     def _stop_tx(
