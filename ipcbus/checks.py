@@ -63,6 +63,21 @@ def check_env(env: Any) -> dict[str, str] | None:
     return dict(env)
 
 
+MAX_NAME = 256
+"""Longest process, pool or client name, in characters: names travel in every
+hello frame and in a client's knock (at most ``PIPE_BUF`` bytes in all)."""
+
+
+def check_name(name: str, value: Any, maximum: int = MAX_NAME) -> str:
+    """``value`` if it is a str of at most ``maximum`` characters (a name shown
+    by ``ipcbus ls`` and in logs); else ``TypeError``/``ValueError`` naming ``name``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {value!r}")
+    if len(value) > maximum:
+        raise ValueError(f"{name} must be at most {maximum} characters, not {len(value)}: {value[:40]!r}...")
+    return value
+
+
 def check_path(name: str, value: Any) -> str | None:
     """``value`` as a str if it is ``None``, a str or a path object; else ``TypeError``."""
     if value is None or isinstance(value, str):

@@ -30,7 +30,7 @@ import anyio
 
 from . import frames as fr
 from .busdir import BusDir, validate_bus_name
-from .checks import check_count, check_path
+from .checks import check_count, check_name, check_path
 from .client import Bus, _timeout_or_none
 from .errors import BusClosed, BusNotFound, ConnectionClosed, IpcBusError
 from .hub import ALL_TRANSPORTS, HubTransport
@@ -427,12 +427,14 @@ def connect(
     Raises at once, before anything is opened: :class:`~ipcbus.errors.BadBusName`
     for a bad bus name (a URL such as ``"fifo://orders"`` included: name the
     bus, pick the transport with ``transport=``), ``ValueError`` for an
-    unknown transport or a bad ``spin_us`` or ``max_frame``, ``TypeError``
-    for an option the transport does not take (the error lists those it does)
-    or a ``root`` that is not a path.
+    unknown transport or a bad ``spin_us`` or ``max_frame`` or a ``name``
+    over 256 characters, ``TypeError`` for an option the transport does not
+    take (the error lists those it does), a ``name`` that is not a str or a
+    ``root`` that is not a path.
     """
     window = spin_window(spin_us)
     validate_bus_name(bus)
+    check_name("name", name)
     check_path("root", root)
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")

@@ -53,7 +53,7 @@ import anyio.lowlevel
 import msgspec
 
 from . import frames as fr
-from .checks import check_count
+from .checks import check_count, check_name
 from .errors import (
     BadSubject,
     BusClosed,
@@ -551,7 +551,7 @@ class Node:
         self.max_link_subs = check_count("max_link_subs", max_link_subs)
         max_frame = check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
         self.node_id = secrets.token_hex(6)
-        self.name = name
+        self.name = check_name("name", name)
         self.max_frame = max_frame
         # The smallest frame limit of any link (see LinkState.send_max): a
         # message above it takes the general path, which checks each link.

@@ -35,7 +35,7 @@ import anyio
 import msgspec
 
 from . import frames as fr
-from .checks import check_count, check_env, check_path, check_seconds, split_target
+from .checks import MAX_NAME, check_count, check_env, check_name, check_path, check_seconds, split_target
 from .client import Bus
 from .errors import BusClosed, IpcBusError, WorkerStartError
 from .gc import process_folder, reclaim_pools, remove_pool_dir
@@ -97,7 +97,8 @@ class WorkerPool:
     ``max_start_failures`` starts in a row is given up on (its error is in
     ``pool.errors`` and ``stats()``).  Workers run ``python`` (default: this
     interpreter) with ``env`` (default: this process's environment);
-    ``max_frame`` bounds one message, ``name`` names the pool in logs.
+    ``max_frame`` bounds one message, ``name`` names the pool in logs and its
+    workers ``<name>-<index>`` (at most 256 characters).
     """
 
     def __init__(
@@ -127,7 +128,8 @@ class WorkerPool:
         max_frame = check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
         self.target = target
         self.size = workers
-        self.name = name
+        # Each worker's node is named after the pool: "<name>-<index>".
+        self.name = check_name("name", name, MAX_NAME - 1 - len(str(workers - 1)))
         self.transport = transport
         self.ring_size = ring_size
         self.max_frame = max_frame

@@ -684,9 +684,12 @@ async def test_bad_node_arguments_are_refused_where_given() -> None:
         ({"max_link_subs": 2.5}, TypeError, "max_link_subs must be an int"),
         ({"max_frame": "64"}, TypeError, "max_frame must be an int"),
         ({"max_frame": 10}, ValueError, "max_frame must be between 1024 and 4294967295"),
+        ({"name": b"n"}, TypeError, "name must be a str, not b'n'"),  # it travels in each hello
+        ({"name": "n" * 300}, ValueError, "name must be at most 256 characters, not 300"),
     ]:
         with pytest.raises(exc, match=match):
             Node(**kw)
+    assert Node(name="n" * 256).name == "n" * 256
 
 
 # -- cancellation ------------------------------------------------------------------------------

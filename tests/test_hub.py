@@ -365,6 +365,10 @@ async def test_connect_bad_arguments(bus_name: str) -> None:
         ({"max_frame": "64k"}, TypeError, "max_frame must be an int"),
         ({"transport": "sysv", "ring_size": 1}, TypeError, "it takes mode, gid, high_water, queue_bytes"),
         ({"root": 5}, TypeError, "root must be a path"),
+        # A name that is not a str used to be sent anyway: the hub skipped the
+        # malformed knock and the client waited 5 s for a HandshakeTimeout.
+        ({"name": 5}, TypeError, "name must be a str, not 5"),
+        ({"name": "n" * 257}, ValueError, "name must be at most 256 characters, not 257"),
     ]
     for kw, exc, match in bad:
         with pytest.raises(exc, match=match):

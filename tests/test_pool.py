@@ -666,6 +666,13 @@ async def test_a_helper_process_of_the_plugin_does_not_hide_its_workers_death(
                 os.kill(int(helper), signal.SIGKILL)
 
 
+class _BytesPath:
+    """A path object whose path is bytes (``os.fspath`` gives bytes)."""
+
+    def __fspath__(self) -> bytes:
+        return os.fsencode(sys.executable)
+
+
 def test_bad_pool_arguments() -> None:
     """Each refused by the constructor, naming the argument (a bad backoff
     used to close the pool's node at the first crash; a bad env, target or
@@ -691,9 +698,15 @@ def test_bad_pool_arguments() -> None:
         ("a:b", {"transport": "shm", "ring_size": 10_000}, ValueError, "ring_size 10000 must be a multiple"),
         ("a:b", {"transport": "shm", "ring_size": 1000}, ValueError, "ring_size must be between 4096 and"),
         ("a:b", {"transport": "shm", "ring_size": "8M"}, TypeError, "ring_size must be an int"),
+        ("a:b", {"transport": "shm", "ring_size": True}, TypeError, "ring_size must be an int"),
+        ("a:b", {"transport": "shm", "ring_size": 1 << 40}, ValueError, "ring_size must be between 4096 and"),
         ("a:b", {"env": {"A": 1}}, TypeError, "env must map str to str; its entry 'A': 1 is not"),
+        ("a:b", {"env": {1: "A"}}, TypeError, "env must map str to str; its entry 1: 'A' is not"),
         ("a:b", {"env": [("A", "1")]}, TypeError, "env must be a mapping of str to str"),
         ("a:b", {"python": 3}, TypeError, r"python must be a path \(a str or Path\), not 3"),
+        ("a:b", {"python": _BytesPath()}, TypeError, r"python must be a path \(a str or Path\)"),
+        ("a:b", {"name": 5}, TypeError, "name must be a str, not 5"),
+        ("a:b", {"name": "p" * 255}, ValueError, "name must be at most 254 characters"),  # "-0"..."-3"
     ]
     for target, kw, exc, match in bad:
         with pytest.raises(exc, match=match):
