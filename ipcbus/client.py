@@ -697,7 +697,13 @@ class Bus:
         return self._closed or self._node.closed
 
     def _check_open(self) -> None:
-        if self._closed or self._node._closed:  # self.closed, on every request: without the properties
+        node = self._node
+        if self._closed or node._closed or node.loop is None:  # on every call: no properties
+            if node.loop is None and not self._closed:
+                raise BusClosed(
+                    f"node {node.name!r} is not started: use `async with node` or "
+                    "`await node.start()` before using its bus"
+                )
             raise BusClosed("bus is closed")
 
     def _why_closed(self) -> str:

@@ -12,7 +12,7 @@ import contextlib
 import os
 import random
 import typing
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -1670,6 +1670,30 @@ async def test_serve_on_a_node_not_started_raises_before_subscribing() -> None:
         await bus.serve("svc", lambda m: b"ok")
         assert (await bus.request("svc", timeout=5)).data == b"ok"
         await bus.aclose()
+
+
+async def test_a_bus_on_a_node_not_started_refuses_every_call() -> None:
+    """publish and flush did nothing, subscribe subscribed and request waited
+    for its timeout: on a node nobody started, nothing could come of them."""
+    node = Node(name="idle")
+    bus = Bus(node)
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: bus.publish("a", b"x"),
+        lambda: bus.subscribe("a"),
+        lambda: bus.request("a", b"x", timeout=30),
+        lambda: bus.flush(),
+    ]
+    for call in calls:
+        with pytest.raises(BusClosed, match=r"node 'idle' is not started: use `async with node`"):
+            await call()
+    assert not bus._subs
+    async with node:  # the same bus works once its node runs
+        sub = await bus.subscribe("a")
+        await bus.publish("a", b"x")
+        assert (await sub.next(timeout=5)).data == b"x"
+        await bus.aclose()
+    with pytest.raises(BusClosed, match="bus is closed"):
+        await bus.publish("a", b"x")
 
 
 async def test_next_timeout_names_the_subscription() -> None:
