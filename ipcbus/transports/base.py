@@ -49,6 +49,7 @@ def stored(exc: _E) -> _E:
     """
     return exc.with_traceback(None)
 
+
 class WriteWaiters:
     """The tasks in a link's :meth:`Link.wait_writable`, kept by the level each waits for.
 
