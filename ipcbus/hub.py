@@ -161,13 +161,18 @@ class Hub:
         self._stack.callback(self.busdir.cleanup)
         self._stack.callback(lock.release)
         self._collect()
+        # And once more at the close, after the acceptors removed the hub's
+        # own objects and before the lock goes: what clients killed since the
+        # last collection left is not left for the next hub (or `ipcbus gc`).
+        self._stack.callback(self._collect)
         mode = 0o660 if self.gid is not None else 0o600
         for t in self.transports:
             acc = _acceptor(t, self.busdir.path, mode, self.gid, self.max_frame)
             await self._stack.enter_async_context(acc)
             self._acceptors[t] = acc
         # Exit order (LIFO): door, then the node (clients told, links closed),
-        # then the acceptors (kernel objects removed), then the directory and lock.
+        # then the acceptors (kernel objects removed), a last collection, then
+        # the directory and lock.
         await self.node.start()
         self._stack.push_async_callback(self.node.aclose)
         door = Door(self.busdir.path, mode=mode, gid=self.gid)

@@ -373,6 +373,22 @@ async def test_a_running_hub_collects_what_dead_clients_left(
                 assert stats["transports"] == ["fifo"]
 
 
+@pytest.mark.single_loop
+async def test_a_hub_collects_what_dead_clients_left_when_it_closes(bus_name: str) -> None:
+    """What clients killed since the last periodic collection left went with
+    the hub's close (the next hub, or `ipcbus gc`, found it)."""
+    async with ipcbus.Hub(bus_name, transports=("fifo",)) as hub:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+        await proc.wait()
+        fifo = hub.path / f"fifo-{proc.pid}-{secrets.token_hex(8)}.c2h"
+        os.mkfifo(fifo, 0o600)
+        qid, _dead = await make_stale_queue(hub.busdir)
+        with removing(qid):
+            await hub.aclose()  # well within hub.GC_INTERVAL (60 s) of its start
+            assert not queue_exists(qid) and not fifo.exists()
+            assert list_records(hub.path) == []
+
+
 def test_gc_leaves_the_pid_file_of_a_hub_still_starting(busdir: BusDir) -> None:
     # A hub locks its pid file, then writes its pid: in between, the file is
     # empty but held.  gc must not take it for a dead hub's and remove it (the
