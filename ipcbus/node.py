@@ -38,7 +38,6 @@ import contextlib
 import heapq
 import itertools
 import logging
-import math
 import os
 import re
 import secrets
@@ -86,7 +85,11 @@ __all__ = [
 
 log = logging.getLogger("ipcbus.node")
 
-_SLOW_LOG_EVERY = 5.0  # seconds between two slow-consumer warnings for one link
+_SLOW_LOG_EVERY = 5.0  # seconds between two warnings of one kind about one link (Node._warn)
+_HELD: Final = {  # what Node._warn_held says it held back, by kind
+    "slow": "slow-consumer episode(s)",
+    "too_large": "message(s) too large for it, not forwarded",
+}
 _KEEP_LIMIT = 8  # requests and replies are refused past this many times outbound_limit (see _keep_cap)
 
 INBOX_PREFIX: Final = "_INBOX."
@@ -461,7 +464,9 @@ class LinkState:
         self.dropped_unreported = 0
         self.dropped_subjects: dict[str, int] = {}  # dropped, not yet reported, by subject
         self.slow_events = 0
-        self.slow_logged = -math.inf  # when a slow episode was last logged (monotonic s)
+        # Warnings about this link by kind: [when last logged (monotonic s),
+        # how many held back since] (Node._warn).
+        self.warned: dict[str, list[float]] = {}
         self.reporting = False  # a task waits to report its drops (_report_drops): one at most
         # Nothing is routed to it yet (a pool worker in setup, Node.release):
         # the interest it announces waits here, neither routed nor passed on.
@@ -1587,7 +1592,9 @@ class Node:
                 self._count_drop(ls, subject)
                 with contextlib.suppress(ConnectionClosed):
                     self._send_drop_notice(ls)
-            log.warning(
+            self._warn(
+                ls,
+                "too_large",
                 "message on %r (%d bytes) is over the %d-byte max_frame link %s announced; "
                 "not forwarded to it",
                 subject,
@@ -1604,7 +1611,9 @@ class Node:
             self._unroute(ls)
             return False
         except FrameTooLarge:
-            log.warning("message on %r too large for link %s; not forwarded", subject, ls.name)
+            self._warn(
+                ls, "too_large", "message on %r too large for link %s; not forwarded", subject, ls.name
+            )
             return False
         self.msgs_out += 1
         if forwarded:
@@ -1613,23 +1622,51 @@ class Node:
             self._sent_to.append(ls)
         return True
 
-    @staticmethod
-    def _log_full(ls: LinkState, doing: str) -> None:
-        """Warn that ``ls`` is over its limit: one line per slow episode, at most
-        one per link every few seconds (a consumer hovering at the limit starts many)."""
+    def _log_full(self, ls: LinkState, doing: str) -> None:
+        """Warn that ``ls`` is over its limit (a consumer hovering at the limit
+        starts an episode per message that gets through: see :meth:`_warn`)."""
+        self._warn(
+            ls,
+            "slow",
+            "slow consumer: link %s (pid %s) has %d bytes queued; %s "
+            "(%d slow episode(s), %d message(s) dropped for it so far)",
+            ls.name,
+            ls.link.info.peer_pid,
+            ls.link.pending_out,
+            doing,
+            ls.slow_events,
+            ls.dropped,
+        )
+
+    def _warn(self, ls: LinkState, kind: str, msg: str, *args: object) -> None:
+        """Log a warning of ``kind`` about ``ls``: one line at most per link and
+        kind every :data:`_SLOW_LOG_EVERY` seconds.  Those held back meanwhile
+        are counted and told in one line at the end of that window, so that
+        nothing goes unsaid and a flood of them does not flood the log."""
         now = time.monotonic()
-        if now - ls.slow_logged >= _SLOW_LOG_EVERY:
-            ls.slow_logged = now
-            log.warning(
-                "slow consumer: link %s (pid %s) has %d bytes queued; %s "
-                "(%d slow episode(s), %d message(s) dropped for it so far)",
-                ls.name,
-                ls.link.info.peer_pid,
-                ls.link.pending_out,
-                doing,
-                ls.slow_events,
-                ls.dropped,
-            )
+        w = ls.warned.get(kind)
+        if w is None or now - w[0] >= _SLOW_LOG_EVERY:
+            ls.warned[kind] = [now, 0]
+            log.warning(msg, *args)
+            return
+        w[1] += 1
+        if w[1] == 1 and self.loop is not None:  # the first held back: say them all later
+            self.loop.call_later(w[0] + _SLOW_LOG_EVERY - now, self._warn_held, ls, kind)
+
+    @staticmethod
+    def _warn_held(ls: LinkState, kind: str) -> None:
+        w = ls.warned[kind]
+        log.warning(
+            "link %s: %d more %s in the last %g s (%d bytes queued toward it, %d message(s) "
+            "dropped for it so far)",
+            ls.name,
+            w[1],
+            _HELD[kind],
+            _SLOW_LOG_EVERY,
+            ls.link.pending_out,
+            ls.dropped,
+        )
+        w[0], w[1] = time.monotonic(), 0
 
     @staticmethod
     def _count_drop(ls: LinkState, subject: str) -> None:

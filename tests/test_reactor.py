@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import anyio
 import pytest
 
+import ipcbus.node as node_module
 from ipcbus import frames as fr
 from ipcbus.client import Bus, Msg, Subscription
 from ipcbus.errors import (
@@ -1610,6 +1612,45 @@ async def test_a_message_over_a_subscribers_max_frame_is_reported_to_it() -> Non
         assert (await to_small.next(timeout=10)).data == b"after"
         assert [len((await to_big.next(timeout=10)).data) for _ in range(3)] == [200_000, 200_000, 5]
         assert hub.stats()["dropped"] == 2
+
+
+async def test_warnings_about_one_link_are_one_line_per_window(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of messages over a subscriber's max_frame logged a warning each
+    (20,000 lines, 3 MB in 1.3 s).  Now one line at most per link and kind
+    every ``_SLOW_LOG_EVERY`` seconds, and the ones held back meanwhile are
+    told in one line at the end of the window (not left unsaid)."""
+    monkeypatch.setattr(node_module, "_SLOW_LOG_EVERY", 0.3)
+    caplog.set_level(logging.WARNING, logger="ipcbus.node")
+    async with (
+        Node(name="pub") as pub,
+        Node(name="hub") as hub,
+        Node(name="small", max_frame=64 * 1024) as small,
+    ):
+        await connect(pub, hub, "memory")
+        await connect(small, hub, "memory")
+        sub = await Bus(small).subscribe("ev.>")
+        await settle(pub, hub, small)
+        for _ in range(50):
+            await Bus(pub).publish("ev.large", b"x" * 100_000)
+        await Bus(pub).flush()
+
+        def lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "ipcbus.node"]
+
+        assert len(lines()) == 1 and "is over the 65536-byte max_frame link" in lines()[0]
+        with anyio.fail_after(10):
+            while len(lines()) < 2:
+                await asyncio.sleep(0.05)
+        assert "49 more message(s) too large for it, not forwarded in the last 0.3 s" in lines()[1]
+        with pytest.raises(SlowConsumer) as info:  # the subscriber was told of all 50
+            await sub.next(timeout=10)
+        assert info.value.dropped == 50
+        await asyncio.sleep(0.4)  # a later window: its first warning is logged at once
+        await Bus(pub).publish("ev.large", b"x" * 100_000)
+        await Bus(pub).flush()
+        assert len(lines()) == 3 and "is over the 65536-byte max_frame" in lines()[2]
 
 
 @pytest.mark.parametrize("listener", [False, True])
