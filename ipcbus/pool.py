@@ -568,13 +568,9 @@ class WorkerPool:
                         "and closed before it was answered"
                     )
                 f.set_exception(BusClosed(why))
-            for w in self._workers:
-                if w.link is not None:
-                    with contextlib.suppress(Exception):
-                        # Goodbye first: a worker whose link ends without one
-                        # takes it that this process died (ipcbus.worker).
-                        w.link.link.send_nowait(fr.encode_frame(fr.Notice("shutdown", "pool closing")))
-                        await w.link.link.aclose()
+            # All at once: each close flushes what is queued for up to 2 s, and
+            # N stopped workers must not take N times that.
+            await asyncio.gather(*(_say_goodbye(w.link.link) for w in self._workers if w.link is not None))
         for w in self._workers:
             proc = w.proc
             if w.state != "ready" and proc is not None and proc.returncode is None:
@@ -607,6 +603,15 @@ class WorkerPool:
             await node.aclose()
         if self._records is not None:
             remove_pool_dir(self._records)  # only if no record is left in it
+
+
+async def _say_goodbye(link: Link) -> None:
+    """Close a worker's link, goodbye first: a worker whose link ends without
+    one takes it that this process died (:mod:`ipcbus.worker`)."""
+    with contextlib.suppress(Exception):
+        link.send_nowait(fr.encode_frame(fr.Notice("shutdown", "pool closing")))
+    with contextlib.suppress(Exception):
+        await link.aclose()
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:

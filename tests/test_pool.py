@@ -820,6 +820,36 @@ async def test_a_worker_that_does_not_exit_at_close_is_killed_and_said_so(
     assert gone(pid)
 
 
+@pytest.mark.single_loop
+async def test_the_links_of_stopped_workers_close_all_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each link's close flushes what is queued for up to 2 s: with the links
+    of three stopped workers full, the pool's close took 2 s per worker, one
+    after another, beyond the 5 s its docs promise."""
+    monkeypatch.setattr(pool_module, "_STOP_TIMEOUT", 0.3)
+    closing: set[int] = set()  # the workers whose link is closing now
+    most = 0
+    async with WorkerPool("pool_workers:setup", workers=3, env=worker_env()) as pool:
+        for pid in pool.pids:
+            os.kill(pid, signal.SIGSTOP)
+        await pool.bus.publish("release", b"x" * (3 << 20))  # every worker's: queued on each link
+        for w in pool._workers:
+            assert w.link is not None and w.link.link.pending_out > 0
+            real = w.link.link.aclose
+
+            async def counted(real: Callable[[], Awaitable[None]] = real, i: int = w.index) -> None:
+                nonlocal most
+                closing.add(i)
+                most = max(most, len(closing))
+                try:
+                    await real()
+                finally:
+                    closing.discard(i)
+
+            w.link.link.aclose = counted  # type: ignore[method-assign]
+    assert most == 3, f"at most {most} of the 3 links closing at once"
+    assert [w["state"] for w in pool.stats()["workers"]] == ["stopped"] * 3
+
+
 PARENT = textwrap.dedent(
     """
     import asyncio, json, sys
