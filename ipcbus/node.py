@@ -225,6 +225,8 @@ class SubscriptionCore:
             else:
                 self.node.local_pressure = True
                 self._wake()
+                if self.serving:  # (a service's queue drops the new: drop_new)
+                    self._refuse(m)
                 return
         pending.append(m)
         self._pending_bytes += n
@@ -236,6 +238,21 @@ class SubscriptionCore:
             w.set_result(None)
         if self._others is not None:
             self._wake_others()
+
+    def _refuse(self, m: fr.Msg) -> None:
+        """Answer a request this service's full queue dropped at once (a
+        ``RemoteError`` of type ``SlowConsumer``), instead of leaving its
+        requester to its timeout."""
+        if m.reply is None or (m.headers and STATUS_HEADER in m.headers):
+            return
+        why = (
+            f"service {self.subject!r} dropped the request: {len(self.pending)} queued already "
+            f"(max_pending={self.max_pending}); retry later, or serve with more concurrency "
+            "or max_pending"
+        )
+        headers = {ERROR_TYPE_HEADER: "SlowConsumer", ERROR_MSG_HEADER: why}
+        with contextlib.suppress(ConnectionClosed, FrameTooLarge):
+            self.node._route(fr.Msg(m.reply, headers=headers), None, None)
 
     def note_remote_drop(self, count: int) -> None:
         """A hub dropped ``count`` messages for this node that may have been ours."""

@@ -222,6 +222,40 @@ async def test_handler_that_raises_gives_remote_error_and_keeps_serving() -> Non
         assert svc1.handled == 3 and svc2.handled == 3
 
 
+async def test_a_request_a_full_service_queue_drops_is_answered_at_once() -> None:
+    """Requests past a busy service's max_pending were dropped without a word
+    (a warning in the service's log): their requesters waited for their whole
+    timeout.  Now each gets RemoteError('SlowConsumer') at once, across a link
+    and on the service's own node, and the service serves on."""
+    gate = asyncio.Event()
+
+    async def busy(m: Msg) -> bytes:
+        await gate.wait()
+        return m.data
+
+    async with pair() as (client, server):
+        await server.serve("busy", busy, concurrency=1, max_pending=2)
+        await settle(client, server)
+        for requester in (client, server):
+            calls = [
+                asyncio.ensure_future(requester.request("busy", bytes([i]), timeout=60)) for i in range(8)
+            ]
+            with anyio.fail_after(10):  # well before the requests' timeout
+                while sum(c.done() for c in calls) < 5:  # the handler holds one, two are queued
+                    await asyncio.sleep(0.01)
+            refused = [c for c in calls if c.done()]
+            for c in refused:
+                exc = c.exception()
+                assert isinstance(exc, RemoteError) and exc.type_name == "SlowConsumer", exc
+                assert "service 'busy' dropped the request: 2 queued already (max_pending=2)" in exc.message
+            gate.set()
+            answered = await asyncio.gather(*(c for c in calls if c not in refused))
+            assert [r.data for r in answered] == [bytes([i]) for i in range(len(answered))]
+            gate.clear()
+        gate.set()
+        assert (await client.request("busy", b"after", timeout=5)).data == b"after"
+
+
 async def test_typed_handler_validates_and_keeps_serving() -> None:
     async with pair() as (client, server):
 
