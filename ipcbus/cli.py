@@ -464,11 +464,12 @@ def gc(bus_name: str | None, all_buses: bool, dry_run: bool) -> None:
     raise SystemExit(code)
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--quick", is_flag=True, help="Fewer repeats and smaller counts.")
-@click.argument("args", nargs=-1)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(quick: bool, args: tuple[str, ...]) -> None:
-    """Run the benchmarks (same as `make bench`)."""
+    """Run the benchmarks (same as `make bench`); ARGS go to `python -m ipcbus.bench`
+    (`ipcbus bench --only W2 --list`; see `python -m ipcbus.bench --help`)."""
     import runpy
 
     sys.argv = ["ipcbus.bench", *(["--quick"] if quick else []), *args]

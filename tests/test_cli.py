@@ -295,6 +295,15 @@ async def test_daemon_hub_from_the_command_line(bus_name: str) -> None:
 
 
 @pytest.mark.single_loop
+async def test_bench_passes_its_options_on() -> None:
+    """`ipcbus bench --only W2 --list` said "No such option '--only'" (exit 2):
+    only what followed `--` reached the benchmark runner."""
+    code, out, err = await run("bench", "--only", "W2x", "--impl", "uvloop unix", "--list", timeout=60)
+    assert code == 0, err
+    assert "W2x" in out and "uvloop unix" in out and "W1 " not in out
+    assert out.strip().splitlines()[-1] == "10 measurements"
+
+
 async def test_demo_runs() -> None:
     code, out, err = await run("demo", "--requests", "500", timeout=90)
     assert code == 0, err
