@@ -111,6 +111,7 @@ _ABANDONED_TTL: Final = 60.0  # seconds a given-up request still counts in its r
 _ABANDONED_CAP: Final = 1024  # given-up requests remembered per link
 _DUE_NS: Final = 10_000_000  # a request passed on makes a reply "due" for this long (spinning)
 _FAST_CACHE: Final = 4096
+_GIVEN_UP_BATCH: Final = 256  # reply subjects per gave_up notice
 _HELLO_TIMEOUT: Final = 10.0
 _READ_SHARE: Final = 256 * 1024  # bytes read from one link before yielding
 
@@ -601,6 +602,8 @@ class Node:
         # Requests that subscriptions of this process took and that also went
         # upstream (send_request): a "no responders" from there is not the answer.
         self._heard_here: set[str] = set()
+        # Requests given up on this loop turn, by the link each went out on (_send_given_up).
+        self._given_up: dict[LinkState, list[str]] = {}
         self._inbox_links: dict[str, LinkState] = {}
         self._dirty: dict[LinkState, None] = {}  # links that got forwarded frames this batch
         # Who gets each subject, cached until interest changes (see _compute_route).
@@ -1853,6 +1856,16 @@ class Node:
                 fut.set_result(None)
         elif t is fr.Notice:
             assert isinstance(frame, fr.Notice)
+            if frame.code == "gave_up":
+                # Requests made below ls that their requesters gave up on: a
+                # node that passed them on forgets them (and tells the links
+                # it passed them to).  Only the link toward a reply subject's
+                # node may give up on it.
+                for reply in frame.subjects:
+                    nid = self._inbox_node(reply)
+                    if nid is not None and self._inbox_links.get(nid) is ls and reply in self._reply_routes:
+                        self.forget_reply(reply)
+                return
             ls.notices.append(frame)
             if frame.code == "slow_consumer":
                 # Each subscription is told of the messages on its subjects; a
@@ -2268,13 +2281,36 @@ class Node:
         if routes:
             now = time.monotonic()
             for ls in routes:
-                if ls.inflight.pop(reply, None) is not None and not requester_gone:
+                if ls.inflight.pop(reply, None) is None:
+                    continue
+                if not requester_gone:
                     given_up = ls.abandoned
                     given_up[reply] = now
                     if len(given_up) > _ABANDONED_CAP:
                         del given_up[next(iter(given_up))]
+                # The peer may have passed it on (a hub) and track it too.
+                if not ls.closed.is_set():
+                    if not self._given_up:
+                        assert self.loop is not None
+                        self.loop.call_soon(self._send_given_up)
+                    self._given_up.setdefault(ls, []).append(reply)
         if self._heard_here:
             self._heard_here.discard(reply)
+
+    def _send_given_up(self) -> None:
+        """Tell each link of the requests sent on it that were given up on this
+        turn (``gave_up`` notices): a node that passed them on, a hub, would
+        otherwise keep each one until its link closes (up to 65,536 per link)."""
+        given_up, self._given_up = self._given_up, {}
+        for ls, replies in given_up.items():
+            if ls.closed.is_set():
+                continue
+            # As many as fit in the smallest frame a peer may announce (1 KiB).
+            per = max(1, min(_GIVEN_UP_BATCH, (ls.send_max - 64) // (max(map(len, replies)) + 4)))
+            for i in range(0, len(replies), per):
+                notice = fr.Notice("gave_up", subjects=tuple(replies[i : i + per]))
+                with contextlib.suppress(ConnectionClosed, FrameTooLarge):
+                    ls.link.send_nowait(_encode(notice))
 
     async def flush(self, timeout: float | None = 10.0) -> None:
         """Wait until every link's peer has processed everything sent so far.

@@ -1614,6 +1614,48 @@ async def test_a_message_over_a_subscribers_max_frame_is_reported_to_it() -> Non
         assert hub.stats()["dropped"] == 2
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_node_passing_requests_on_forgets_those_their_requester_gave_up(kind: str) -> None:
+    """A hub kept each request it passed on until its reply came or its
+    requester's link closed: requests to a listener that never answers (a
+    '>' monitor, a subscriber of a dead service's subject) piled up to 65,536
+    per link (a hub grew 35 -> 79 MB) and stayed for as long as the requester
+    stayed.  The requester's node now tells the hub (a gave_up notice) when
+    it stops waiting: timed out, cancelled."""
+    async with Node(name="A") as a, Node(name="H") as h, Node(name="B") as b:
+        await connect(a, h, kind)
+        h_b, b_h = await connect(h, b, kind)
+        listener = await Bus(b).subscribe("silent.>")  # hears every request, answers none
+        await settle(a, h, b)
+        requester = Bus(a)
+        timed_out = await asyncio.gather(
+            *(requester.request("silent.x", timeout=0.1) for _ in range(600)), return_exceptions=True
+        )
+        assert all(isinstance(r, RequestTimeout) for r in timed_out)
+        cancelled = [asyncio.ensure_future(requester.request("silent.y", timeout=30)) for _ in range(50)]
+        await settle(a, h)
+        assert len(h_b.inflight) == 50  # the hub passed those on and waits for their replies
+        for c in cancelled:
+            c.cancel()
+        await asyncio.gather(*cancelled, return_exceptions=True)
+        await settle(a, h, b)
+        assert h._reply_routes == {} and h_b.inflight == {}
+        assert a._reply_routes == {}
+        assert h_b.still_given_up() == 650  # still counted in the listener's load, for a while
+        assert listener.pending == 650
+        # Only the requester's side may give a request up: B cannot make the
+        # hub forget a request of A's (A's would then not hear of B's crash).
+        waiting = asyncio.ensure_future(requester.request("silent.z", timeout=30))
+        await settle(a, h)
+        (reply,) = h._reply_routes
+        b_h.link.send_nowait(fr.encode_frame(fr.Notice("gave_up", subjects=(reply,))))
+        await settle(b, h)
+        assert reply in h._reply_routes and reply in h_b.inflight
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+
+
 async def test_warnings_about_one_link_are_one_line_per_window(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
