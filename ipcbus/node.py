@@ -1063,6 +1063,15 @@ class Node:
             gone = set(below)
             for reply in [r for r in self._reply_routes if self._inbox_node(r, wild_too=True) in gone]:
                 self.forget_reply(reply, requester_gone=True)
+        if below:
+            # Nor do those they gave up on before (gave_up notices): counted
+            # in their responders' load until the late reply, which now never
+            # comes back this way.
+            gone = set(below)
+            for other in self.links:
+                if other.abandoned:
+                    for reply in [r for r in other.abandoned if self._inbox_node(r, wild_too=True) in gone]:
+                        del other.abandoned[reply]
         for fut in ls.pongs.values():
             if not fut.done():
                 fut.set_exception(ConnectionClosed(f"link closed: {reason}"))

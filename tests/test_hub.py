@@ -291,9 +291,10 @@ async def test_a_client_subscribed_to_the_hubs_inbox_does_not_take_its_replies(b
 
 async def test_requests_of_a_client_that_left_do_not_keep_a_responder_busy(bus_name: str) -> None:
     """A requester that gave up and left: its request, still being handled,
-    is no longer counted in flight on the responder's link at the hub (the
-    late reply is dropped before it comes back, so nothing else would clear
-    it, and the least-busy pick would avoid that responder for ever)."""
+    is no longer counted in flight on the responder's link at the hub, nor
+    as given up on (the requester said so before it left: a gave_up notice).
+    The late reply is dropped before it comes back, so nothing else would
+    clear it, and the least-busy pick would avoid that responder."""
     release = asyncio.Event()
 
     async def late(m: ipcbus.Msg) -> bytes:
