@@ -148,6 +148,7 @@ class SubscriptionCore:
         "delivered",
         "dropped",
         "dropped_total",
+        "gap_at",
         "inline",
         "last_pick",
         "max_pending",
@@ -186,6 +187,9 @@ class SubscriptionCore:
         # subscription): each message wakes them all, each looks again.
         self._others: list[asyncio.Future[None]] | None = None
         self.dropped = 0  # not yet reported to the reader
+        # Messages queued before the first of those drops: read first, then
+        # the SlowConsumer, so that the reader sees where the gap is.
+        self.gap_at = 0
         self.dropped_total = 0
         self.delivered = 0
         self.last_pick = 0
@@ -210,6 +214,10 @@ class SubscriptionCore:
         if len(pending) >= self.max_pending or (
             self._pending_bytes + n > self.pending_bytes_limit and pending
         ):
+            if self.overflow == "drop_old":
+                self.gap_at = 0  # the oldest go: the gap is ahead of all that is queued
+            elif not self.dropped:
+                self.gap_at = len(pending)  # the newest go: after all that is queued
             self.dropped += 1
             self.dropped_total += 1
             self.node.dropped += 1
@@ -257,6 +265,8 @@ class SubscriptionCore:
 
     def note_remote_drop(self, count: int) -> None:
         """A hub dropped ``count`` messages for this node that may have been ours."""
+        if not self.dropped:
+            self.gap_at = len(self.pending)  # they were sent after what is queued here
         self.dropped += count
         self.dropped_total += count
         self._wake()
@@ -275,14 +285,17 @@ class SubscriptionCore:
                 f.set_result(None)
 
     async def get(self) -> fr.Msg | None:
-        """Next message; ``None`` once closed and drained.  Raises SlowConsumer once per loss."""
+        """Next message; ``None`` once closed and drained.  Raises SlowConsumer once
+        per loss, where the loss is: after the messages queued before it."""
         while True:
-            if self.dropped:
+            if self.dropped and (self.gap_at <= 0 or not self.pending):
                 n, self.dropped = self.dropped, 0
                 raise SlowConsumer(self.subject, n)
             if self.pending:
                 m = self.pending.popleft()
                 self._pending_bytes -= len(m.payload)
+                if self.dropped:
+                    self.gap_at -= 1
                 return m
             if self._closed:
                 return None

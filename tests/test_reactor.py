@@ -1603,14 +1603,20 @@ async def test_a_message_over_a_subscribers_max_frame_is_reported_to_it() -> Non
         to_big = await Bus(big).subscribe("ev.>")
         await settle(pub, hub, small, big)
         publisher = Bus(pub)
+        await publisher.publish("ev.small", b"before")
         await publisher.publish("ev.large", b"x" * 200_000)
         await publisher.publish("ev.large", b"y" * 200_000)
         await publisher.publish("ev.small", b"after")
+        await publisher.flush()
+        await settle(pub, hub, small)
+        assert to_small.pending == 2  # before and after: the loss is reported between them
+        assert (await to_small.next(timeout=10)).data == b"before"
         with pytest.raises(SlowConsumer) as info:
             await to_small.next(timeout=10)
         assert info.value.dropped == 2
         assert (await to_small.next(timeout=10)).data == b"after"
-        assert [len((await to_big.next(timeout=10)).data) for _ in range(3)] == [200_000, 200_000, 5]
+        sizes = [len((await to_big.next(timeout=10)).data) for _ in range(4)]
+        assert sizes == [6, 200_000, 200_000, 5]
         assert hub.stats()["dropped"] == 2
 
 
