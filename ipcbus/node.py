@@ -745,18 +745,11 @@ class Node:
     async def _close_links(self) -> None:
         if self._spinner is not None:
             self._spinner.close()
-        for ls in list(self.links):
-            with contextlib.suppress(Exception):
-                ls.link.send_nowait(_encode(fr.Notice("shutdown", "node closing")))
         try:
             # Requests still waiting fail as the bus closes, before a link's
-            # end (closing in the background) fails them as "responder gone".
+            # end fails them as "responder gone".
             self._fail_requests()
-            # All at once: each close may wait (up to its flush timeout) for a
-            # peer that stopped reading, and the others must not wait behind it.
-            async with anyio.create_task_group() as tg:
-                for ls in list(self.links):
-                    tg.start_soon(_close_quietly, ls.link)
+            await say_goodbye([ls.link for ls in self.links], "node closing")
         finally:
             self._end_local()
             self._stop.set()
@@ -2439,10 +2432,22 @@ _CATCH_ALL: Final = (">", None)
 _NODE_ID = re.compile(r"[^\s.*>]{1,64}\Z")
 
 
-async def _close_quietly(link: Link) -> None:
-    """Close ``link``; a failure to close is not the closer's problem (it is gone either way)."""
-    with contextlib.suppress(Exception):
-        await link.aclose()
+async def say_goodbye(links: Sequence[Link], why: str) -> None:
+    """Tell each link's peer this side is closing (a ``shutdown`` notice), then
+    close them all at once: each close may wait (up to its flush timeout) for
+    a peer that stopped reading, and the others must not wait behind it.  A
+    failure to send or close is not the closer's problem (gone either way)."""
+    for link in links:
+        with contextlib.suppress(Exception):
+            link.send_nowait(_encode(fr.Notice("shutdown", why)))
+
+    async def close(link: Link) -> None:
+        with contextlib.suppress(Exception):
+            await link.aclose()
+
+    async with anyio.create_task_group() as tg:
+        for link in links:
+            tg.start_soon(close, link)
 
 
 async def shielded(aw: Awaitable[_T]) -> _T:

@@ -39,7 +39,7 @@ from .checks import MAX_NAME, check_count, check_env, check_name, check_path, ch
 from .client import Bus
 from .errors import BusClosed, IpcBusError, WorkerStartError
 from .gc import process_folder, reclaim_pools, remove_pool_dir
-from .node import LinkState, Node, shielded
+from .node import LinkState, Node, say_goodbye, shielded
 from .spin import spin_window
 from .stats import PoolStats, WorkerState
 from .transports.base import Link
@@ -568,9 +568,10 @@ class WorkerPool:
                         "and closed before it was answered"
                     )
                 f.set_exception(BusClosed(why))
-            # All at once: each close flushes what is queued for up to 2 s, and
-            # N stopped workers must not take N times that.
-            await asyncio.gather(*(_say_goodbye(w.link.link) for w in self._workers if w.link is not None))
+            # Goodbye first: a worker whose link ends without one takes it that
+            # this process died (ipcbus.worker).  All at once: N stopped
+            # workers must not take N times a link's flush timeout.
+            await say_goodbye([w.link.link for w in self._workers if w.link is not None], "pool closing")
         for w in self._workers:
             proc = w.proc
             if w.state != "ready" and proc is not None and proc.returncode is None:
@@ -603,15 +604,6 @@ class WorkerPool:
             await node.aclose()
         if self._records is not None:
             remove_pool_dir(self._records)  # only if no record is left in it
-
-
-async def _say_goodbye(link: Link) -> None:
-    """Close a worker's link, goodbye first: a worker whose link ends without
-    one takes it that this process died (:mod:`ipcbus.worker`)."""
-    with contextlib.suppress(Exception):
-        link.send_nowait(fr.encode_frame(fr.Notice("shutdown", "pool closing")))
-    with contextlib.suppress(Exception):
-        await link.aclose()
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:

@@ -347,6 +347,17 @@ async def test_gc_removes_dead_clients_fifos_and_a_dead_hubs_files(busdir: BusDi
     assert not fifo.exists() and not busdir.pidfile.exists() and not busdir.door.exists()
 
 
+async def leave_dead_clients_objects(hub: ipcbus.Hub) -> tuple[Path, int]:
+    """What clients killed while connecting leave in a running hub's folder:
+    a dead client's FIFO and a queue recorded by a dead process."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await proc.wait()
+    fifo = hub.path / f"fifo-{proc.pid}-{secrets.token_hex(8)}.c2h"
+    os.mkfifo(fifo, 0o600)
+    qid, _dead = await make_stale_queue(hub.busdir)
+    return fifo, qid
+
+
 @pytest.mark.single_loop
 async def test_a_running_hub_collects_what_dead_clients_left(
     bus_name: str, monkeypatch: pytest.MonkeyPatch
@@ -358,15 +369,20 @@ async def test_a_running_hub_collects_what_dead_clients_left(
 
     monkeypatch.setattr(hub_module, "GC_INTERVAL", 0.05)
     async with ipcbus.Hub(bus_name, transports=("fifo",)) as hub:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
-        await proc.wait()
-        fifo = hub.path / f"fifo-{proc.pid}-{secrets.token_hex(8)}.c2h"
-        os.mkfifo(fifo, 0o600)
-        qid, _dead = await make_stale_queue(hub.busdir)
+        collected = asyncio.Event()
+        real = hub._collect
+
+        def collect() -> None:
+            real()
+            collected.set()
+
+        monkeypatch.setattr(hub, "_collect", collect)
+        fifo, qid = await leave_dead_clients_objects(hub)
         with removing(qid):
+            collected.clear()
             with anyio.fail_after(10):
-                while fifo.exists() or queue_exists(qid):
-                    await asyncio.sleep(0.05)
+                await collected.wait()  # a collection that started after they were left
+            assert not fifo.exists() and not queue_exists(qid)
             assert list_records(hub.path) == []
             async with ipcbus.connect(bus_name) as bus:  # the hub serves on
                 stats = (await bus.request("$SYS.stats", timeout=5)).decode(dict[str, Any])
@@ -378,11 +394,7 @@ async def test_a_hub_collects_what_dead_clients_left_when_it_closes(bus_name: st
     """What clients killed since the last periodic collection left went with
     the hub's close (the next hub, or `ipcbus gc`, found it)."""
     async with ipcbus.Hub(bus_name, transports=("fifo",)) as hub:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
-        await proc.wait()
-        fifo = hub.path / f"fifo-{proc.pid}-{secrets.token_hex(8)}.c2h"
-        os.mkfifo(fifo, 0o600)
-        qid, _dead = await make_stale_queue(hub.busdir)
+        fifo, qid = await leave_dead_clients_objects(hub)
         with removing(qid):
             await hub.aclose()  # well within hub.GC_INTERVAL (60 s) of its start
             assert not queue_exists(qid) and not fifo.exists()

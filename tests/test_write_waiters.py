@@ -10,10 +10,9 @@ made a storm of 10,000 8 KiB requests through a pipe take 22 s and one of
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import cProfile
 import pstats
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -22,31 +21,23 @@ import pytest
 
 from ipcbus.errors import ConnectionClosed
 from ipcbus.testing import _fill
-from ipcbus.transports.base import Link, WriteWaiters
-from ipcbus.transports.memory import memory_pair
-from ipcbus.transports.pipe import pipe_pair
+from ipcbus.transports.base import WriteWaiters
 
 try:
+    from test_pipe_transport import _memory as memory
+    from test_pipe_transport import _pipes as pipes
     from test_pool_sysv import pair as sysv_pair
     from test_shm import pair as shm_pair
 except ImportError:  # pragma: no cover - tests/ imported as a package
+    from tests.test_pipe_transport import _memory as memory
+    from tests.test_pipe_transport import _pipes as pipes
     from tests.test_pool_sysv import pair as sysv_pair
     from tests.test_shm import pair as shm_pair
 
 
-@contextlib.asynccontextmanager
-async def _pair(make: Callable[[], tuple[Link, Link]]) -> AsyncIterator[tuple[Link, Link]]:
-    a, b = make()
-    try:
-        yield a, b
-    finally:
-        await a.aclose()
-        await b.aclose()
-
-
 PAIRS: dict[str, Callable[[], AbstractAsyncContextManager[tuple[Any, Any]]]] = {
-    "pipe": lambda: _pair(pipe_pair),
-    "memory": lambda: _pair(memory_pair),
+    "pipe": pipes,
+    "memory": memory,
     "shm": shm_pair,
     "sysv": sysv_pair,
 }
