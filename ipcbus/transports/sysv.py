@@ -56,6 +56,7 @@ import os
 import select
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -1241,8 +1242,9 @@ class SysvLink(Link):
         if not tx.join(wait) and wait:
             self._tx_left_behind()
 
-    async def _join_tx(self) -> None:
-        """Wait, on the loop and for up to ``_JOIN_TIMEOUT``, for a stopped sender thread to end.
+    async def _join_tx(self, until: float) -> None:
+        """Wait, on the loop and until ``time.monotonic()`` reaches ``until``, for
+        a stopped sender thread to end.
 
         It may be blocked in msgsnd on a queue whose live reader is stopped
         (SIGSTOP): a blocking join would freeze this event loop meanwhile.
@@ -1250,15 +1252,16 @@ class SysvLink(Link):
         tx = self._tx
         if tx is None or not tx.is_alive():
             return
-        with anyio.move_on_after(_JOIN_TIMEOUT):
+        with anyio.move_on_after(max(0.0, until - time.monotonic())):
             await asyncio.shield(tx.ended)
         if not tx.ended.done() or not tx.join(_JOIN_TIMEOUT):  # once ended, it returns at once
             self._tx_left_behind()
 
     def _tx_left_behind(self) -> None:
         log.warning(
-            "%r: the sender thread is still blocked in msgsnd on queue %d after %.0f s "
-            "(its reader is stopped); leaving it", self, self._out_q.id, _JOIN_TIMEOUT,
+            "%r: the sender thread is still blocked in msgsnd on queue %d (its reader "
+            "is stopped); leaving it: it ends once that queue has room or is removed",
+            self, self._out_q.id,
         )
 
     def __repr__(self) -> str:
@@ -1610,13 +1613,17 @@ class _ClientLink(SysvLink):
         if self._closed:
             return
         self._closed = True
+        # One budget for the flush and the sender thread: a close takes at most
+        # _FLUSH_TIMEOUT, as on the other transports (it took 2 s, then 5 s
+        # more for a thread stuck on the queue of a stopped hub).
+        until = time.monotonic() + _FLUSH_TIMEOUT
         try:
             if self._welcome.done() and not self._welcome.cancelled() and \
                     self._welcome.exception() is None:
                 await self._flush_and_bye()
         finally:
             self._teardown()
-            await self._join_tx()
+            await self._join_tx(until)
 
     def _tx_left_behind(self) -> None:
         super()._tx_left_behind()
