@@ -907,9 +907,9 @@ async def test_closing_a_sysv_client_of_a_stopped_hub_keeps_its_loop_running(
                 await closing.aclose()
                 took = time.monotonic() - t0
             tg.cancel_scope.cancel()
-        # aclose waited (1 s, for the flush then the thread) with the loop turning.
+        # aclose waited (1 s for the flush, 1 s more for the thread) with the loop turning.
         assert max(gaps) < 0.5, f"the event loop stood still for {max(gaps):.1f} s"
-        assert took < 3.5, f"aclose took {took:.1f} s, beyond its 1 s flush budget"
+        assert took < 4.0, f"aclose took {took:.1f} s, beyond its 1 s flush budget and 1 s grace"
         assert tx_threads[0].is_alive()  # still blocked: the hub has not run since
         if then == "SIGKILL":
             # Every client closed, so that no open link sees the hub die (and

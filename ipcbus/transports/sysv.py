@@ -165,6 +165,7 @@ _BATCH_MSGS: Final = 256  # at most this many messages per hand-off to the loop
 _BATCH_BYTES: Final = 1 << 20
 _FLUSH_TIMEOUT: Final = 2.0  # aclose(): how long queued frames may take to leave
 _JOIN_TIMEOUT: Final = 5.0
+_FREED_GRACE: Final = 1.0  # aclose(): how long a sender thread freed from msgsnd may take to end
 _CONNECT_TIMEOUT: Final = 10.0
 DEFAULT_QUEUE_BYTES: Final = 1 << 20
 """``msg_qbytes`` asked for every queue; kept at ``kernel.msgmnb`` where raising is not permitted."""
@@ -1252,7 +1253,9 @@ class SysvLink(Link):
         tx = self._tx
         if tx is None or not tx.is_alive():
             return
-        with anyio.move_on_after(max(0.0, until - time.monotonic())):
+        # At least _FREED_GRACE: a thread freed by removing its queue (EIDRM)
+        # needs a moment to end, even once the flush used up the budget.
+        with anyio.move_on_after(max(_FREED_GRACE, until - time.monotonic())):
             await asyncio.shield(tx.ended)
         if not tx.ended.done() or not tx.join(_JOIN_TIMEOUT):  # once ended, it returns at once
             self._tx_left_behind()
@@ -1614,8 +1617,9 @@ class _ClientLink(SysvLink):
             return
         self._closed = True
         # One budget for the flush and the sender thread: a close takes at most
-        # _FLUSH_TIMEOUT, as on the other transports (it took 2 s, then 5 s
-        # more for a thread stuck on the queue of a stopped hub).
+        # _FLUSH_TIMEOUT (then _FREED_GRACE), about what it takes on the other
+        # transports (it took 2 s, then 5 s more for a thread stuck on the
+        # queue of a stopped hub).
         until = time.monotonic() + _FLUSH_TIMEOUT
         try:
             if self._welcome.done() and not self._welcome.cancelled() and \
