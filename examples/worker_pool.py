@@ -11,7 +11,10 @@ never returns. The parent
 3. sends a ``hold`` request, SIGKILLs the worker that holds it, and gets
    ``WorkerCrashed`` at once (not a timeout);
 4. waits for the pool to restart that worker, and shows the new worker
-   taking requests.
+   taking requests;
+5. sends a ``stall`` request, whose handler blocks its worker's event loop
+   (``time.sleep``): the pool (``hang_timeout=1``) finds that worker hung,
+   kills it, and the request fails with ``WorkerCrashed`` saying so.
 
 Run it from the repository root::
 
@@ -48,6 +51,13 @@ async def setup(bus: ipcbus.Bus) -> None:
 
     await bus.serve("hold", hold, queue="hold")
 
+    async def stall(msg: ipcbus.Msg) -> None:
+        await bus.publish("holding", os.getpid())
+        await bus.flush()  # it leaves before the loop stops
+        time.sleep(600)  # noqa: ASYNC251  (a plugin bug: a blocking call holds the event loop)
+
+    await bus.serve("stall", stall, queue="stall")
+
 
 async def spread(pool: ipcbus.WorkerPool, n: int) -> Counter[int]:
     """Send ``n`` concurrent `pid` requests; count the answers per worker pid."""
@@ -67,7 +77,9 @@ async def wait_until_ready(pool: ipcbus.WorkerPool, timeout: float = 8.0) -> Non
 async def main() -> int:
     """Run the four steps; check each."""
     ok = True
-    async with ipcbus.WorkerPool("examples.worker_pool:setup", workers=WORKERS, env=worker_env()) as pool:
+    async with ipcbus.WorkerPool(
+        "examples.worker_pool:setup", workers=WORKERS, env=worker_env(), hang_timeout=1.0
+    ) as pool:
         bus = pool.bus
         before = set(pool.pids)
         print(f"pool up: workers {sorted(before)}")
@@ -105,9 +117,24 @@ async def main() -> int:
         counts = await spread(pool, 300)
         print(f"300 more requests: {dict(sorted(counts.items()))}")
         ok &= victim not in counts and restarted in counts
+
+        # 5. A handler blocks its worker's loop: hung, killed, restarted.
+        job = asyncio.create_task(bus.request("stall", timeout=30))
+        stuck = (await holding.next(timeout=5)).decode(int)
+        asked_at = time.monotonic()
+        try:
+            await job
+            print("the stalled request returned?!")
+            ok = False
+        except ipcbus.WorkerCrashed as exc:
+            print(f"worker {stuck} hung: WorkerCrashed after {time.monotonic() - asked_at:.1f} s: {exc}")
+            ok &= "hung" in str(exc)
+        await wait_until_ready(pool)
+        ok &= stuck not in pool.pids
+
         crashes = sum(w["crashes"] for w in pool.stats()["workers"])
         print(f"crashes seen by the pool: {crashes}")
-        ok &= crashes == 1
+        ok &= crashes == 2
 
     print("all steps as expected:", "yes" if ok else "NO")
     return 0 if ok else 1

@@ -513,6 +513,9 @@ class LinkState:
         # in lockstep, one always to this member, the other to the next.
         self.last_pick: dict[str, int] = {}
         self.close_reason = ""
+        # Set by an owner that ends the link itself (a pool killing a hung
+        # worker): the reason its requests in flight fail with.
+        self.ending = ""
         self.notices: collections.deque[fr.Notice] = collections.deque(maxlen=100)
         self.pongs: dict[int, asyncio.Future[None]] = {}
         self.on_notice: Callable[[fr.Notice], None] | None = None
@@ -929,7 +932,7 @@ class Node:
             link.decode_large = None
             link.keep_polling = link.start_polling = None
             with anyio.CancelScope(shield=True):
-                await self._drop_link(ls, reason)
+                await self._drop_link(ls, ls.ending or reason)
 
     def _handle_frames(self, ls: LinkState, raws: Sequence[bytes | fr.Msg]) -> int:
         """Decode and route a batch of frames read from ``ls``; return their size."""
@@ -2350,15 +2353,28 @@ class Node:
         """
         if ls.closed.is_set():
             raise ConnectionClosed(f"link {ls.name} is closed: {ls.close_reason}")
+        token, fut = self.send_ping(ls)
+        try:
+            with anyio.fail_after(timeout):
+                await fut  # _drop_link fails it with ConnectionClosed
+        finally:
+            ls.pongs.pop(token, None)
+
+    def send_ping(self, ls: LinkState) -> tuple[int, asyncio.Future[None]]:
+        """Send a ping on ``ls``; return its token and the future its pong resolves.
+
+        The caller waits as it likes and then removes the token from
+        ``ls.pongs`` (:meth:`ping` is the usual way).
+        """
         token = next(self._tokens)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         ls.pongs[token] = fut
         try:
             ls.link.send_nowait(_encode(fr.Ping(token)))
-            with anyio.fail_after(timeout):
-                await fut  # _drop_link fails it with ConnectionClosed
-        finally:
-            ls.pongs.pop(token, None)
+        except BaseException:
+            del ls.pongs[token]
+            raise
+        return token, fut
 
     # -- introspection -------------------------------------------------------
 

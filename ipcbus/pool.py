@@ -99,6 +99,13 @@ class WorkerPool:
     interpreter) with ``env`` (default: this process's environment);
     ``max_frame`` bounds one message, ``name`` names the pool in logs and its
     workers ``<name>-<index>`` (at most 256 characters).
+
+    ``hang_timeout`` (seconds, default ``None``: off) kills and restarts a
+    worker whose event loop does not answer a ping for that long (a handler
+    that blocks it, a deadlock, a stopped process); its requests in flight
+    fail with :class:`~ipcbus.errors.WorkerCrashed`.  Only the time this
+    process's own loop runs counts: a parent that stood still does not take
+    its workers for hung.
     """
 
     def __init__(
@@ -116,6 +123,7 @@ class WorkerPool:
         python: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         spin_us: float | None = None,
+        hang_timeout: float | None = None,
     ) -> None:
         split_target(target)
         workers = check_count("workers", workers)
@@ -139,6 +147,13 @@ class WorkerPool:
         self.python = check_path("python", python) or sys.executable
         self.env = check_env(env)
         self.spin_us = spin_window(spin_us)
+        if hang_timeout is not None:
+            hang_timeout = check_seconds("hang_timeout", hang_timeout)
+            if not hang_timeout > 0:
+                raise ValueError(
+                    "hang_timeout must be more than 0 seconds (None: no hang detection), not 0"
+                )
+        self.hang_timeout = hang_timeout
         self.errors: list[str] = []
         self._changed = asyncio.Event()
         self._workers = [_Worker(i) for i in range(workers)]
@@ -423,6 +438,44 @@ class WorkerPool:
         self._node.release(ls)
         self._notify()
         log.info("pool %s: worker %d ready (pid %d)", self.name, w.index, proc.pid)
+        if self.hang_timeout is not None:
+            self._node.task_group.start_soon(self._watch, w, ls, proc, name=f"ipcbus-pool-watch-{w.index}")
+
+    async def _watch(self, w: _Worker, ls: LinkState, proc: asyncio.subprocess.Process) -> None:
+        """Ping ``w`` now and then; kill it if its loop leaves a ping unanswered
+        for :attr:`hang_timeout` seconds of this process's running time."""
+        assert self._node is not None and self.hang_timeout is not None
+        node, limit = self._node, self.hang_timeout
+        every = min(limit / 2, 1.0)
+        step = min(limit / 4, 0.1)
+        while not ls.closed.is_set() and not self._closing:
+            token, pong = node.send_ping(ls)
+            waited = 0.0
+            try:
+                while not pong.done() and waited < limit:
+                    t = time.monotonic()
+                    await asyncio.wait([pong], timeout=step)
+                    # A step that took much longer means this loop stood still
+                    # (and could not read the pong): that time does not count.
+                    waited += min(time.monotonic() - t, 2 * step)
+            finally:
+                ls.pongs.pop(token, None)
+            if not pong.done():
+                break
+            if pong.exception() is not None:  # the link closed: the usual crash path
+                return
+            await anyio.sleep(every)  # the ping interval
+        if ls.closed.is_set() or self._closing or w.link is not ls:
+            return
+        why = f"its event loop did not answer a ping for {limit:g} s (hung)"
+        log.warning(
+            "pool %s: worker %d (pid %d): %s, a handler that blocks it or a stopped process; "
+            "killing it",
+            self.name, w.index, proc.pid, why,
+        )
+        w.last_error = why
+        ls.ending = f"worker {w.index} was killed: {why}"
+        _signal(proc, signal.SIGKILL)
 
     async def _start(self, w: _Worker) -> None:
         await self._spawn(w)

@@ -41,6 +41,13 @@ async def setup(bus: ipcbus.Bus) -> None:
         await gate.wait()  # until the parent publishes "release"
         return "released"
 
+    async def block(seconds: float) -> str:
+        await bus.publish("started", os.getpid())
+        await bus.flush()  # it leaves before the loop stops
+        time.sleep(seconds)  # noqa: ASYNC251  (blocks the loop: it answers no ping meanwhile)
+        return "blocked"
+
+    await bus.serve("slow.block", block, queue="slow")
     await bus.serve("slow.hang", hang, queue="slow")
     await bus.serve("slow.sleep", sleep, queue="slow")
     await bus.serve("slow.gated", gated, queue="slow")

@@ -20,6 +20,7 @@ import re
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -621,6 +622,74 @@ async def test_a_worker_whose_plugin_closed_its_bus_is_restarted(transport: str)
         assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_worker_whose_loop_hangs_is_killed_and_restarted(
+    transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hang_timeout: a handler that blocks its worker's event loop (time.sleep)
+    leaves the pool's pings unanswered; after hang_timeout the worker is
+    killed, its request fails with WorkerCrashed saying why (it waited for its
+    whole timeout before), and the restarted worker serves."""
+    async with WorkerPool(
+        "pool_workers:setup", workers=1, transport=transport, env=worker_env(),
+        restart_backoff=0.01, hang_timeout=1.0,
+    ) as pool:
+        (old,) = pool.pids
+        started = await pool.bus.subscribe("started")
+        await pool.bus.flush()
+        req = asyncio.ensure_future(pool.bus.request("slow.block", 120.0, timeout=150))
+        assert (await started.next(timeout=10)).decode() == old
+        hung = r"did not answer a ping for 1 s \(hung\)"
+        with anyio.fail_after(30), pytest.raises(WorkerCrashed, match=hung):
+            await req
+        await wait_exited(old)
+        await pool.wait_ready(timeout=15)
+        assert (await pool.bus.request("pid", timeout=10)).decode() != old
+        (w,) = pool.stats()["workers"]
+        assert w["crashes"] == 1 and "hung" in w["last_error"], w
+    assert f"worker 0 (pid {old}): its event loop did not answer a ping for 1 s (hung)" in caplog.text
+
+
+async def test_a_long_request_on_a_running_loop_is_not_a_hang() -> None:
+    """A handler that takes longer than hang_timeout but awaits (its loop
+    answers pings meanwhile) is left to finish; so is every idle worker."""
+    async with WorkerPool(
+        "pool_workers:setup", workers=2, env=worker_env(), hang_timeout=0.3
+    ) as pool:
+        pids = sorted(pool.pids)
+        req = await a_request_under_way(pool, 2.0)
+        with anyio.fail_after(20):
+            assert (await req).decode() == "slept"
+        assert sorted(pool.pids) == pids
+        assert [w["crashes"] for w in pool.stats()["workers"]] == [0, 0]
+
+
+async def test_a_parent_that_stood_still_does_not_take_its_workers_for_hung(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parent's own loop blocked for longer than hang_timeout while a
+    ping was due: that time does not count against the worker."""
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env(), hang_timeout=0.3) as pool:
+        (pid,) = pool.pids
+        node = pool._node
+        assert node is not None
+        send_ping, stalls = node.send_ping, []
+
+        def stand_still_then_send_ping(ls: Any) -> Any:
+            if len(stalls) < 3:
+                stalls.append(ls)
+                # Before the ping's write (its flush is scheduled after this):
+                # once the loop runs again, the pong is not there yet.
+                asyncio.get_running_loop().call_soon(time.sleep, 1.0)
+            return send_ping(ls)
+
+        monkeypatch.setattr(node, "send_ping", stand_still_then_send_ping)
+        await wait_until(lambda: len(stalls) == 3)
+        await asyncio.sleep(1.0)  # the watchdog pings on
+        assert (await pool.bus.request("pid", timeout=10)).decode() == pid
+        assert pool.stats()["workers"][0]["crashes"] == 0
+
+
 async def a_request_under_way(pool: WorkerPool, seconds: float) -> asyncio.Future[ipcbus.Msg]:
     """A "slow.sleep" request of ``seconds``, returned once a worker has started on it."""
     started = await pool.bus.subscribe("started")
@@ -707,6 +776,12 @@ def test_bad_pool_arguments() -> None:
         ("a:b", {"python": _BytesPath()}, TypeError, r"python must be a path \(a str or Path\)"),
         ("a:b", {"name": 5}, TypeError, "name must be a str, not 5"),
         ("a:b", {"name": "p" * 255}, ValueError, "name must be at most 254 characters"),  # "-0"..."-3"
+        ("a:b", {"hang_timeout": 0}, ValueError, r"hang_timeout must be more than 0 seconds \(None: no"),
+        ("a:b", {"hang_timeout": -1}, ValueError, "hang_timeout must be a number of seconds, finite"),
+        ("a:b", {"hang_timeout": math.inf}, ValueError, "hang_timeout must be .* finite"),
+        ("a:b", {"hang_timeout": math.nan}, ValueError, "hang_timeout must be a number of seconds"),
+        ("a:b", {"hang_timeout": "30"}, TypeError, "hang_timeout must be a number of seconds, not '30'"),
+        ("a:b", {"hang_timeout": True}, TypeError, "hang_timeout must be a number of seconds"),
     ]
     for target, kw, exc, match in bad:
         with pytest.raises(exc, match=match):
@@ -719,6 +794,8 @@ def test_bad_pool_arguments() -> None:
         ({"max_start_failures": 0}, "max_start_failures", 0),
         ({"workers": 2.0}, "size", 2),
         ({"transport": "shm", "ring_size": 8.0 * 1024 * 1024}, "ring_size", 8 << 20),
+        ({"hang_timeout": 2}, "hang_timeout", 2.0),
+        ({}, "hang_timeout", None),  # off unless asked for
     ]
     for kw, attr, value in fine:
         taken = getattr(WorkerPool("a:b", **kw), attr)
