@@ -100,6 +100,11 @@ class WorkerPool:
     ``max_frame`` bounds one message, ``name`` names the pool in logs and its
     workers ``<name>-<index>`` (at most 256 characters).
 
+    ``bus`` puts the workers on the node of a bus this process has already
+    (from :func:`~ipcbus.connect`, a :class:`~ipcbus.Hub`, another pool)
+    instead of a node of the pool's own: they then reach, and are reached
+    from, everything that bus reaches.  The pool's close leaves that bus open.
+
     ``hang_timeout`` (seconds, default ``None``: off) kills and restarts a
     worker whose event loop does not answer a ping for that long (a handler
     that blocks it, a deadlock, a stopped process); its requests in flight
@@ -124,6 +129,7 @@ class WorkerPool:
         env: Mapping[str, str] | None = None,
         spin_us: float | None = None,
         hang_timeout: float | None = None,
+        bus: Bus | None = None,
     ) -> None:
         split_target(target)
         workers = check_count("workers", workers)
@@ -134,6 +140,17 @@ class WorkerPool:
 
             ring_size = check_ring_size(ring_size)
         max_frame = check_count("max_frame", max_frame, fr.MIN_MAX_FRAME, "bytes", fr.MAX_MAX_FRAME)
+        if bus is not None:
+            if not isinstance(bus, Bus):
+                raise TypeError(
+                    f"bus must be an ipcbus.Bus (from connect(), a Hub, another pool), not {bus!r}"
+                )
+            if bus.node.max_frame != max_frame and max_frame != fr.DEFAULT_MAX_FRAME:
+                raise ValueError(
+                    f"max_frame={max_frame} differs from the max_frame of the bus given "
+                    f"({bus.node.max_frame}); the workers take the bus's: leave max_frame out"
+                )
+            max_frame = bus.node.max_frame
         self.target = target
         self.size = workers
         # Each worker's node is named after the pool: "<name>-<index>".
@@ -158,7 +175,8 @@ class WorkerPool:
         self._changed = asyncio.Event()
         self._workers = [_Worker(i) for i in range(workers)]
         self._node: Node | None = None
-        self._bus: _PoolBus | None = None
+        self._bus: Bus | None = None
+        self._shared = bus  # the bus whose node the workers join, if not one of our own
         self._stopping: asyncio.Future[None] | None = None  # the shutdown, once it started
         self._tg_cm: Any = None
         self._records: Path | None = None  # this process's pool records folder, once used
@@ -166,7 +184,8 @@ class WorkerPool:
 
     @property
     def bus(self) -> Bus:
-        """The parent's bus: publish, subscribe, request across the workers."""
+        """The parent's bus: publish, subscribe, request across the workers
+        (the bus given as ``bus=``, else one on the pool's own node)."""
         if self._bus is None:
             raise BusClosed("the pool is not started; use `async with WorkerPool(...)`")
         return self._bus
@@ -224,9 +243,15 @@ class WorkerPool:
             raise RuntimeError(
                 f"worker pool {self.name!r} was started already; a WorkerPool runs once: make a new one"
             )
-        self._node = Node(name=self.name, max_frame=self.max_frame, spin_us=self.spin_us)
-        await self._node.start()
-        self._bus = _PoolBus(self._node)
+        if self._shared is not None:
+            # BusClosed for a bus not started or closed (not for a client
+            # whose hub is away and that reconnects: its node goes on).
+            Bus._check_open(self._shared)
+            self._node, self._bus = self._shared.node, self._shared
+        else:
+            self._node = Node(name=self.name, max_frame=self.max_frame, spin_us=self.spin_us)
+            await self._node.start()
+            self._bus = _PoolBus(self._node)
         self._node.on_link_closed.append(self._on_link_closed)
         try:
             with anyio.fail_after(_START_TIMEOUT):
@@ -399,7 +424,7 @@ class WorkerPool:
 
         try:
             ls = await self._node.add_link(
-                link, name=f"worker-{w.index}", crash_error="WorkerCrashed", wait=False, held=True
+                link, name=f"{self.name}-{w.index}", crash_error="WorkerCrashed", wait=False, held=True
             )
         except BusClosed:
             raise
@@ -513,11 +538,26 @@ class WorkerPool:
                 else:
                     await ls.link.aclose()
 
+    def _requests_to_workers(self, node: Node) -> list[asyncio.Future[fr.Msg]]:
+        """The futures of this process's requests in flight to the workers
+        (all of them on a node of the pool's own)."""
+        futures = node.inbox.futures
+        if self._shared is None:
+            return list(futures.values())
+        prefix = node.inbox.subject[: node.inbox.prefix_len]
+        toward = {r for w in self._workers if w.link is not None for r in w.link.inflight}
+        return [f for t, f in futures.items() if prefix + t in toward]
+
     def _on_link_closed(self, ls: LinkState) -> None:
         for w in self._workers:
             if w.link is ls:
                 w.link = None
                 if self._closing or w.state != "ready":
+                    return
+                if self._node is not None and self._node.closed:
+                    # The bus given to the pool closed under it: its workers
+                    # see their links end and exit; nothing is restarted.
+                    w.state = "stopped"
                     return
                 w.state = "crashed"
                 w.crashes += 1
@@ -530,7 +570,7 @@ class WorkerPool:
             delay = min(w.backoff * 2, self.max_backoff)  # it died soon after its last restart
         else:
             delay = self.restart_backoff
-        while not self._closing:
+        while not self._closing and not (self._node is not None and self._node.closed):
             w.backoff = delay
             if w.proc is not None and w.proc.returncode is None:
                 # Usually the link closed because the worker died: let the child
@@ -597,15 +637,15 @@ class WorkerPool:
         if node is not None:
             # Let this process's requests to the workers finish (their futures
             # are the events: answered, failed or timed out, each completes).
-            pending = [f for f in node.inbox.futures.values() if not f.done()]
+            pending = [f for f in self._requests_to_workers(node) if not f.done()]
             if pending and drain:
                 await asyncio.wait(pending, timeout=_STOP_TIMEOUT)
-            if self._bus is not None:
+            if isinstance(self._bus, _PoolBus):
                 self._bus.refuse_new()  # from now on, new requests raise BusClosed
             # Still running (those made during the wait too): the pool
             # closes, no worker crashed.
             waited = set(pending)
-            for f in list(node.inbox.futures.values()):
+            for f in self._requests_to_workers(node):
                 if f.done():
                     continue
                 if not drain:
@@ -621,6 +661,11 @@ class WorkerPool:
                         "and closed before it was answered"
                     )
                 f.set_exception(BusClosed(why))
+            # Requests that other nodes sent them (through a bus given to
+            # the pool) fail as the links close: no worker crashed.
+            for w in self._workers:
+                if w.link is not None:
+                    w.link.crash_error, w.link.ending = "ConnectionClosed", "the worker pool closed"
             # Goodbye first: a worker whose link ends without one takes it that
             # this process died (ipcbus.worker).  All at once: N stopped
             # workers must not take N times a link's flush timeout.
@@ -654,7 +699,10 @@ class WorkerPool:
             w.state = "stopped"
         self._notify()
         if node is not None:
-            await node.aclose()
+            if self._shared is None:
+                await node.aclose()
+            else:  # the bus given stays open for its owner
+                node.on_link_closed.remove(self._on_link_closed)
         if self._records is not None:
             remove_pool_dir(self._records)  # only if no record is left in it
 

@@ -48,6 +48,12 @@ async def setup(bus: ipcbus.Bus) -> None:
         return "blocked"
 
     await bus.serve("slow.block", block, queue="slow")
+
+    async def relay(subject: str) -> bytes:
+        # A plugin asking a service it does not know where: up the tree.
+        return (await bus.request(subject, timeout=10)).data
+
+    await bus.serve("relay", relay, queue="relay")
     await bus.serve("slow.hang", hang, queue="slow")
     await bus.serve("slow.sleep", sleep, queue="slow")
     await bus.serve("slow.gated", gated, queue="slow")
@@ -220,3 +226,8 @@ async def setup_with_helper_keeping_fds(bus: ipcbus.Bus) -> None:
     """``setup``, after starting a helper process that has a copy of every fd."""
     _start_helper(keep_fds=True)
     await setup(bus)
+
+
+async def setup_b(bus: ipcbus.Bus) -> None:
+    """A second kind of plugin: ``b.name`` answers ``"b"`` and its worker's pid."""
+    await bus.serve("b.name", lambda m: ["b", os.getpid()], queue="b")

@@ -345,7 +345,7 @@ async def test_sigkill_in_flight_gives_worker_crashed_then_restart(
                 await req
         assert not isinstance(info.value, TimeoutError)
         assert "slow.hang" in str(info.value)
-        assert f"(pid {victim})" in str(info.value) and "'worker-" in str(info.value)  # which one
+        assert f"(pid {victim})" in str(info.value) and "'pool-" in str(info.value)  # which one
         # the pool restarts the worker
         await pool.wait_ready(timeout=15)  # the crash was recorded before req failed
         assert f"(pid {victim}) was killed by SIGKILL; restarting" in caplog.text

@@ -1,0 +1,117 @@
+"""WorkerPool(bus=...): the workers join the node of a bus this process already has.
+
+A plugin host that is also a client of a hub, or runs two kinds of plugins,
+has one node: its workers are reached from, and reach, everything on it.
+Real worker processes and a real hub (in this process, over FIFOs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+import pytest
+from test_hub import bus_name  # noqa: F401  (a fixture: a bus name no other test uses)
+from test_pool import TRANSPORTS, wait_exited, worker_env
+
+import ipcbus
+from ipcbus import BusClosed, ConnectionClosed, NoResponders, WorkerPool
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_workers_on_a_hub_clients_bus_serve_and_ask_the_whole_bus(
+    bus_name: str, transport: str  # noqa: F811
+) -> None:
+    async with (
+        ipcbus.Hub(bus_name, transports=("fifo",)),
+        ipcbus.connect(bus_name, transport="fifo", name="host") as host,
+        ipcbus.connect(bus_name, transport="fifo", name="other") as other,
+    ):
+        await other.serve("other.time", lambda m: "tick")
+        await other.flush()
+        async with WorkerPool(
+            "pool_workers:setup", workers=2, transport=transport, env=worker_env(), bus=host
+        ) as pool:
+            assert pool.bus is host
+            await host.flush()  # the hub has heard of the workers' services
+            # Another client reaches the workers, through the hub and the host's node...
+            pids = {(await other.request("pid", timeout=10)).decode() for _ in range(8)}
+            assert pids == set(pool.pids)
+            # ... and a worker reaches a service of another client, up the tree.
+            assert (await other.request("relay", "other.time", timeout=10)).decode() == "tick"
+            assert (await host.request("relay", "other.time", timeout=10)).decode() == "tick"
+            old = pool.pids
+        # The pool's close leaves the bus open, without the workers' services.
+        for pid in old:
+            await wait_exited(pid)
+        assert not host.closed
+        with pytest.raises(NoResponders):
+            await other.request("pid", timeout=5)
+        assert (await host.request("other.time", timeout=5)).decode() == "tick"
+
+
+async def test_two_kinds_of_plugins_on_one_node_ask_each_other() -> None:
+    """A second pool on the first pool's bus: a worker of one asks a worker of the other."""
+    async with (
+        WorkerPool("pool_workers:setup", workers=1, env=worker_env()) as a,
+        WorkerPool("pool_workers:setup_b", workers=1, env=worker_env(), name="b", bus=a.bus) as b,
+    ):
+        name, pid = (await a.bus.request("relay", "b.name", timeout=10)).decode()
+        assert (name, [pid]) == ("b", b.pids)
+        assert (await a.bus.request("echo", b"x", timeout=10)).data == b"x"
+
+
+async def test_closing_the_pool_fails_what_other_nodes_asked_its_workers(bus_name: str) -> None:  # noqa: F811
+    """A request another client sent a worker fails with ConnectionClosed
+    naming the pool's close (not WorkerCrashed: no worker crashed), at once."""
+    async with (
+        ipcbus.Hub(bus_name, transports=("fifo",)),
+        ipcbus.connect(bus_name, transport="fifo", name="host") as host,
+        ipcbus.connect(bus_name, transport="fifo", name="other") as other,
+    ):
+        pool = WorkerPool("pool_workers:setup", workers=1, env=worker_env(), bus=host)
+        async with pool:
+            await host.flush()
+            started = await other.subscribe("started")
+            await other.flush()
+            req = asyncio.ensure_future(other.request("slow.hang", timeout=60))
+            await started.next(timeout=10)
+        with anyio.fail_after(10), pytest.raises(ConnectionClosed, match="the worker pool closed") as info:
+            await req
+        assert not isinstance(info.value, ipcbus.WorkerCrashed)
+        assert not host.closed
+
+
+async def test_a_bus_closed_under_its_pool_stops_the_workers_for_good(bus_name: str) -> None:  # noqa: F811
+    """The owner of the bus closes it (and its node) while the pool runs: the
+    workers see their links end and exit, none is restarted, and the pool's
+    close does not wait for anything."""
+    async with ipcbus.Hub(bus_name, transports=("fifo",)):
+        host = await ipcbus.connect(bus_name, transport="fifo", name="host")
+        try:
+            async with WorkerPool("pool_workers:setup_b", workers=2, env=worker_env(), bus=host) as pool:
+                pids = pool.pids
+                await host.aclose()
+                for pid in pids:
+                    await wait_exited(pid)
+                await asyncio.sleep(0.5)  # a restart would have started by now (backoff 0.1 s)
+            assert [w["state"] for w in pool.stats()["workers"]] == ["stopped", "stopped"]
+            assert [(w["starts"], w["crashes"]) for w in pool.stats()["workers"]] == [(1, 0), (1, 0)]
+        finally:
+            await host.aclose()
+
+
+async def test_bad_buses_are_refused() -> None:
+    with pytest.raises(TypeError, match=r"bus must be an ipcbus\.Bus"):
+        WorkerPool("pool_workers:setup", bus="default")  # type: ignore[arg-type]
+    node = ipcbus.Node()
+    with pytest.raises(BusClosed, match="not started"):
+        async with WorkerPool("pool_workers:setup", workers=1, bus=ipcbus.Bus(node)):
+            pass
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env()) as a:
+        with pytest.raises(ValueError, match="max_frame=2048 differs from the max_frame of the bus"):
+            WorkerPool("pool_workers:setup", bus=a.bus, max_frame=2048)
+        assert WorkerPool("pool_workers:setup", bus=a.bus).max_frame == a.max_frame
+    with pytest.raises(BusClosed, match="closed"):  # a's bus closed with it
+        async with WorkerPool("pool_workers:setup", workers=1, bus=a.bus):
+            pass
