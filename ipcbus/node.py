@@ -1233,6 +1233,17 @@ class Node:
         self._remote.add(key[0], (ls, key[1]))
         self._bump(key, 1, ls)
 
+    def withdraw_link(self, ls: LinkState) -> None:
+        """Route no new messages or requests to ``ls`` (a link about to close).
+
+        Forgets the interest its side announced, except in inboxes: replies
+        to what was asked there still reach it.  Other nodes hear of the
+        change as of any unsubscription.
+        """
+        for key in list(ls.remote_keys):
+            if not key[0].startswith("_INBOX."):
+                self._remote_unsub(ls, key)
+
     def _remote_unsub(self, ls: LinkState, key: Key) -> None:
         self._interest_changed()
         if key not in ls.remote_keys:

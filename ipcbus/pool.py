@@ -635,6 +635,18 @@ class WorkerPool:
     async def _stop_workers(self, drain: bool) -> None:
         node = self._node
         if node is not None:
+            if self._shared is not None:
+                # New work goes elsewhere from now on: to another pool on the
+                # bus serving the same subjects (a reload), else NoResponders.
+                for w in self._workers:
+                    if w.link is not None:
+                        node.withdraw_link(w.link)
+                if drain:
+                    # Let the requests other nodes sent the workers finish too
+                    # (they have no future here to wait on: polled, at close only).
+                    with anyio.move_on_after(_STOP_TIMEOUT):
+                        while any(w.link is not None and w.link.inflight for w in self._workers):
+                            await asyncio.sleep(0.01)
             # Let this process's requests to the workers finish (their futures
             # are the events: answered, failed or timed out, each completes).
             pending = [f for f in self._requests_to_workers(node) if not f.done()]

@@ -15,6 +15,7 @@ from test_hub import bus_name  # noqa: F401  (a fixture: a bus name no other tes
 from test_pool import TRANSPORTS, wait_exited, worker_env
 
 import ipcbus
+import ipcbus.pool as pool_module
 from ipcbus import BusClosed, ConnectionClosed, NoResponders, WorkerPool
 
 
@@ -61,9 +62,69 @@ async def test_two_kinds_of_plugins_on_one_node_ask_each_other() -> None:
         assert (await a.bus.request("echo", b"x", timeout=10)).data == b"x"
 
 
-async def test_closing_the_pool_fails_what_other_nodes_asked_its_workers(bus_name: str) -> None:  # noqa: F811
-    """A request another client sent a worker fails with ConnectionClosed
-    naming the pool's close (not WorkerCrashed: no worker crashed), at once."""
+async def test_a_pool_on_a_hubs_own_bus(bus_name: str) -> None:  # noqa: F811
+    """The hub's node hosts the workers: its clients reach them, they reach its clients."""
+    async with (
+        ipcbus.Hub(bus_name, transports=("fifo",)) as hub,
+        ipcbus.connect(bus_name, transport="fifo", name="app") as app,
+        WorkerPool("pool_workers:setup", workers=1, env=worker_env(), bus=hub.bus) as pool,
+    ):
+        await app.serve("app.name", lambda m: "app")
+        await app.flush()
+        assert (await app.request("pid", timeout=10)).decode() == pool.pids[0]
+        assert (await app.request("relay", "app.name", timeout=10)).decode() == "app"
+        assert (await hub.bus.request("relay", "app.name", timeout=10)).decode() == "app"
+
+
+async def test_a_new_pool_on_the_bus_takes_over_from_the_old_without_a_failed_request(
+    bus_name: str,  # noqa: F811
+) -> None:
+    """Reloading plugins: start the new pool on the bus, close the old one.
+    Requests made meanwhile, from this process and from another client,
+    all succeed; the old pool stops taking new ones as its close begins
+    (they went to its workers, then failed as it closed)."""
+    async with (
+        ipcbus.Hub(bus_name, transports=("fifo",)),
+        ipcbus.connect(bus_name, transport="fifo", name="host") as host,
+        ipcbus.connect(bus_name, transport="fifo", name="other") as other,
+    ):
+        old = WorkerPool("pool_workers:setup", workers=1, env=worker_env(), name="v1", bus=host)
+        await old.__aenter__()
+        try:
+            await host.flush()
+            answered: list[int] = []
+
+            async def ask(bus: ipcbus.Bus) -> None:
+                while True:
+                    await bus.request("slow.sleep", 0.05, timeout=10)
+                    answered.append(1)
+
+            async with anyio.create_task_group() as tg:
+                for bus in (host, host, other, other):
+                    tg.start_soon(ask, bus)
+                async with WorkerPool(
+                    "pool_workers:setup", workers=1, env=worker_env(), name="v2", bus=host
+                ) as new:
+                    (old_pid,) = old.pids
+                    await old.__aexit__(None, None, None)
+                    await wait_exited(old_pid)
+                    n = len(answered)
+                    with anyio.fail_after(10):
+                        while len(answered) < n + 20:  # the new pool answers on
+                            await asyncio.sleep(0.05)
+                    assert (await other.request("pid", timeout=10)).decode() == new.pids[0]
+                    tg.cancel_scope.cancel()
+        finally:
+            await old.__aexit__(None, None, None)
+
+
+async def test_closing_the_pool_fails_what_other_nodes_asked_its_workers(
+    bus_name: str, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """A request another client sent a worker, still unanswered after the
+    close's drain, fails with ConnectionClosed naming the pool's close (not
+    WorkerCrashed: no worker crashed)."""
+    monkeypatch.setattr(pool_module, "_STOP_TIMEOUT", 0.5)
     async with (
         ipcbus.Hub(bus_name, transports=("fifo",)),
         ipcbus.connect(bus_name, transport="fifo", name="host") as host,
