@@ -474,7 +474,10 @@ class WorkerPool:
         every = min(limit / 2, 1.0)
         step = min(limit / 4, 0.1)
         while not ls.closed.is_set() and not self._closing:
-            token, pong = node.send_ping(ls)
+            try:
+                token, pong = node.send_ping(ls)
+            except IpcBusError:  # the link broke under the write: its close restarts the worker
+                return
             waited = 0.0
             try:
                 while not pong.done() and waited < limit:

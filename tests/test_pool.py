@@ -650,6 +650,28 @@ async def test_a_worker_whose_loop_hangs_is_killed_and_restarted(
     assert f"worker 0 (pid {old}): its event loop did not answer a ping for 1 s (hung)" in caplog.text
 
 
+async def test_a_ping_that_cannot_be_sent_ends_the_watch_not_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The link breaking under the watchdog's ping write (ConnectionClosed from
+    the transport, before the node has dropped the link) must not escape into
+    the node's task group: that closed the whole pool."""
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env(), hang_timeout=0.2) as pool:
+        node = pool._node
+        assert node is not None
+        failed: list[object] = []
+
+        def broken(ls: Any) -> Any:
+            failed.append(ls)
+            raise ipcbus.ConnectionClosed("link is closed")
+
+        monkeypatch.setattr(node, "send_ping", broken)
+        await wait_until(lambda: bool(failed))
+        await asyncio.sleep(0.3)  # the watch would have pinged again by now
+        assert len(failed) == 1 and not node.closed
+        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+
+
 async def test_a_long_request_on_a_running_loop_is_not_a_hang() -> None:
     """A handler that takes longer than hang_timeout but awaits (its loop
     answers pings meanwhile) is left to finish; so is every idle worker."""
