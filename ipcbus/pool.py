@@ -208,6 +208,10 @@ class WorkerPool:
                 while any(w.state not in ("ready", "failed") for w in self._workers):
                     if self._closing:
                         raise BusClosed(f"worker pool {self.name!r} is closed")
+                    if self._node.closed:
+                        raise BusClosed(
+                            f"the bus of worker pool {self.name!r} is closed: its workers are stopped"
+                        )
                     await self._changed.wait()
         except TimeoutError:
             waiting = [f"{w.index} ({w.state})" for w in self._workers if w.state not in ("ready", "failed")]
@@ -464,7 +468,8 @@ class WorkerPool:
         self._notify()
         log.info("pool %s: worker %d ready (pid %d)", self.name, w.index, proc.pid)
         if self.hang_timeout is not None:
-            self._node.task_group.start_soon(self._watch, w, ls, proc, name=f"ipcbus-pool-watch-{w.index}")
+            watch = f"ipcbus-watch-{self.name}-{w.index}"
+            self._node.task_group.start_soon(self._watch, w, ls, proc, name=watch)
 
     async def _watch(self, w: _Worker, ls: LinkState, proc: asyncio.subprocess.Process) -> None:
         """Ping ``w`` now and then; kill it if its loop leaves a ping unanswered
@@ -561,6 +566,7 @@ class WorkerPool:
                     # The bus given to the pool closed under it: its workers
                     # see their links end and exit; nothing is restarted.
                     w.state = "stopped"
+                    self._notify()
                     return
                 w.state = "crashed"
                 w.crashes += 1
@@ -644,16 +650,16 @@ class WorkerPool:
                 for w in self._workers:
                     if w.link is not None:
                         node.withdraw_link(w.link)
-                if drain:
-                    # Let the requests other nodes sent the workers finish too
-                    # (they have no future here to wait on: polled, at close only).
-                    with anyio.move_on_after(_STOP_TIMEOUT):
-                        while any(w.link is not None and w.link.inflight for w in self._workers):
-                            await asyncio.sleep(0.01)
-            # Let this process's requests to the workers finish (their futures
-            # are the events: answered, failed or timed out, each completes).
             pending = [f for f in self._requests_to_workers(node) if not f.done()]
-            if pending and drain:
+            if drain and self._shared is not None:
+                # Let every request the workers have finish, other nodes' too:
+                # those have no future here to wait on (polled, at close only).
+                with anyio.move_on_after(_STOP_TIMEOUT):
+                    while any(w.link is not None and w.link.inflight for w in self._workers):
+                        await asyncio.sleep(0.01)
+            elif pending and drain:
+                # Let this process's requests to the workers finish (their futures
+                # are the events: answered, failed or timed out, each completes).
                 await asyncio.wait(pending, timeout=_STOP_TIMEOUT)
             if isinstance(self._bus, _PoolBus):
                 self._bus.refuse_new()  # from now on, new requests raise BusClosed

@@ -124,7 +124,7 @@ async def test_closing_the_pool_fails_what_other_nodes_asked_its_workers(
     """A request another client sent a worker, still unanswered after the
     close's drain, fails with ConnectionClosed naming the pool's close (not
     WorkerCrashed: no worker crashed)."""
-    monkeypatch.setattr(pool_module, "_STOP_TIMEOUT", 0.5)
+    monkeypatch.setattr(pool_module, "_STOP_TIMEOUT", 1.5)
     async with (
         ipcbus.Hub(bus_name, transports=("fifo",)),
         ipcbus.connect(bus_name, transport="fifo", name="host") as host,
@@ -136,10 +136,18 @@ async def test_closing_the_pool_fails_what_other_nodes_asked_its_workers(
             started = await other.subscribe("started")
             await other.flush()
             req = asyncio.ensure_future(other.request("slow.hang", timeout=60))
+            mine = asyncio.ensure_future(host.request("slow.hang", timeout=60))
             await started.next(timeout=10)
+            await started.next(timeout=10)
+            t0 = anyio.current_time()
+        # One drain of _STOP_TIMEOUT for both (it waited once for the other
+        # client's request, then once more for this process's).
+        assert anyio.current_time() - t0 < 2.5
         with anyio.fail_after(10), pytest.raises(ConnectionClosed, match="the worker pool closed") as info:
             await req
         assert not isinstance(info.value, ipcbus.WorkerCrashed)
+        with pytest.raises(BusClosed, match=r"the worker pool closed after waiting 1\.5 s"):
+            await mine
         assert not host.closed
 
 
@@ -155,6 +163,8 @@ async def test_a_bus_closed_under_its_pool_stops_the_workers_for_good(bus_name: 
                 await host.aclose()
                 for pid in pids:
                     await wait_exited(pid)
+                with anyio.fail_after(5), pytest.raises(BusClosed, match="its workers are stopped"):
+                    await pool.wait_ready(timeout=30)  # (it waited for restarts that never come)
                 await asyncio.sleep(0.5)  # a restart would have started by now (backoff 0.1 s)
             assert [w["state"] for w in pool.stats()["workers"]] == ["stopped", "stopped"]
             assert [(w["starts"], w["crashes"]) for w in pool.stats()["workers"]] == [(1, 0), (1, 0)]
