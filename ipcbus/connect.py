@@ -142,10 +142,14 @@ class ClientBus(Bus):
         # ``link.closed``: the transport may have broken (peer gone, queue removed)
         # before the node's link task has run to drop it; a publisher that never
         # yields would otherwise keep "publishing" into the broken link.
-        if self.hub_link is None or self.hub_link.closed.is_set() or self.hub_link.link.closed:
+        ls = self.hub_link
+        if ls is None or ls.closed.is_set() or ls.link.closed:
+            # The transport may have ended before the node dropped the link
+            # (_on_link_closed, which says why): say what is known already.
+            lost = self._lost or (f"{_gone(ls)}: hub link closed" if ls is not None else "")
             raise ConnectionClosed(
                 f"not connected to the hub of bus {self.busdir.name!r}"
-                + (f": {self._lost}" if self._lost else "")
+                + (f": {lost}" if lost else "")
                 + ("; reconnecting" if self.reconnect else "")
             )
 
@@ -175,9 +179,7 @@ class ClientBus(Bus):
     def _on_link_closed(self, ls: LinkState) -> None:
         if ls is not self.hub_link or self.closed:
             return
-        # A hub that stops cleanly says goodbye first; one killed does not.
-        gone = "the hub shut down" if ls.said_goodbye else "the hub went away without a goodbye (killed?)"
-        self._lost = f"{gone}: hub link closed ({ls.close_reason})"
+        self._lost = f"{_gone(ls)}: hub link closed ({ls.close_reason})"
         self._connected.clear()
         if self.reconnect:
             log.warning("bus %s: %s; reconnecting", self.busdir.name, self._lost)
@@ -234,6 +236,11 @@ class ClientBus(Bus):
         if self.closed:
             lost = f": {self._lost}" if self._lost else ""
             raise BusClosed(f"bus {self.busdir.name!r} is closed{lost}")
+
+
+def _gone(ls: LinkState) -> str:
+    """How the hub of link ``ls`` went: a hub that stops cleanly says goodbye first; one killed does not."""
+    return "the hub shut down" if ls.said_goodbye else "the hub went away without a goodbye (killed?)"
 
 
 async def _autostart(busdir: BusDir, group: str | int | None) -> None:

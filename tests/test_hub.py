@@ -421,6 +421,37 @@ async def test_wait_connected_on_a_bus_that_lost_its_hub_raises_at_once(bus_name
         await bus.publish("x", b"")
 
 
+@pytest.mark.parametrize("transport", ["sysv", "shm"])
+async def test_a_publisher_busy_as_its_hub_stops_is_told_the_hub_shut_down(
+    bus_name: str, transport: str
+) -> None:
+    """A client publishing flat out when its hub gets SIGTERM: its error says
+    the hub shut down.  Over shm (always) and sysv (now and then) the
+    transport ended before the node dropped the link, and the error said
+    only "not connected to the hub of bus ..."."""
+    async with (
+        hub_proc(bus_name, transport) as hp,
+        ipcbus.connect(bus_name, transport=transport, name="pub") as pub,
+        ipcbus.connect(bus_name, transport=transport, name="sink") as sink,
+    ):
+        await sink.subscribe("x", max_pending=1 << 20)
+        await sink.flush()
+        await pub.flush()
+
+        async def flood() -> None:
+            while True:
+                for _ in range(100):
+                    await pub.publish("x", b"y" * 200)
+                await asyncio.sleep(0)  # (publish awaits only when the link is full)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hp.stop, signal.SIGTERM)
+            with anyio.fail_after(20), pytest.raises((ConnectionClosed, BusClosed)) as info:
+                await flood()
+            tg.cancel_scope.cancel()
+        assert "the hub shut down" in str(info.value), str(info.value)
+
+
 @pytest.mark.single_loop
 async def test_a_closed_client_bus_refuses_waits_and_bad_timeouts(bus_name: str) -> None:
     async with ipcbus.Hub(bus_name, transports=FIFO_ONLY):
