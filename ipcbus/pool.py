@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,9 @@ PoolTransport = Literal["pipe", "shm", "sysv"]
 """What links a pool's parent to its workers (``WorkerPool(transport=)``)."""
 
 _START_TIMEOUT = 30.0
+# The names of the pools running on each node: two of one name would give
+# their workers the same names (in links, logs and errors).
+_POOL_NAMES: weakref.WeakKeyDictionary[Node, set[str]] = weakref.WeakKeyDictionary()
 _STOP_TIMEOUT = 5.0
 _LINK_AFTER_EXIT = 1.0  # how long a worker's link may outlive its process (see _reap)
 _EXIT_WAIT = 2.0  # how long a worker whose link ended may take to exit before it is killed
@@ -74,6 +78,8 @@ class _Worker:
     last_error: str = ""
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    on_exit: Callable[[], None] | None = None  # for the current process, once it is reaped
+    killed_for: str = ""  # why the pool killed the current process (it hung)
 
 
 class WorkerPool:
@@ -251,11 +257,18 @@ class WorkerPool:
             # BusClosed for a bus not started or closed (not for a client
             # whose hub is away and that reconnects: its node goes on).
             Bus._check_open(self._shared)
+            names = _POOL_NAMES.setdefault(self._shared.node, set())
+            if self.name in names:
+                raise ValueError(
+                    f"a worker pool named {self.name!r} already runs on the node of this bus; "
+                    "give each pool on a bus its own name (WorkerPool(..., name=...))"
+                )
             self._node, self._bus = self._shared.node, self._shared
         else:
             self._node = Node(name=self.name, max_frame=self.max_frame, spin_us=self.spin_us)
             await self._node.start()
             self._bus = _PoolBus(self._node)
+        _POOL_NAMES.setdefault(self._node, set()).add(self.name)
         self._node.on_link_closed.append(self._on_link_closed)
         try:
             with anyio.fail_after(_START_TIMEOUT):
@@ -400,6 +413,7 @@ class WorkerPool:
             sysv_link.start(proc.pid)
         else:
             link = shm_link
+            w.on_exit = None
             self._node.task_group.start_soon(self._reap, w, proc)
             try:
                 with anyio.fail_after(_START_TIMEOUT):
@@ -415,8 +429,8 @@ class WorkerPool:
                 ) from None
         if pipes is not None or sysv_link is not None:
             # A SysV worker killed outright leaves the queue it read: the parent removes it.
-            on_exit = sysv_link.forget_peer if sysv_link is not None else None
-            self._node.task_group.start_soon(self._reap, w, proc, on_exit)
+            w.on_exit = sysv_link.forget_peer if sysv_link is not None else None
+            self._node.task_group.start_soon(self._reap, w, proc)
         failure: list[str] = []
 
         def on_notice(n: fr.Notice) -> None:
@@ -478,19 +492,26 @@ class WorkerPool:
         node, limit = self._node, self.hang_timeout
         every = min(limit / 2, 1.0)
         step = min(limit / 4, 0.1)
-        while not ls.closed.is_set() and not self._closing:
+        while not ls.closed.is_set():  # through a close's drain too: a hung worker would hold it
             try:
                 token, pong = node.send_ping(ls)
             except IpcBusError:  # the link broke under the write: its close restarts the worker
                 return
             waited = 0.0
+            seen = ls.link.info.msgs_in
             try:
                 while not pong.done() and waited < limit:
                     t = time.monotonic()
                     await asyncio.wait([pong], timeout=step)
-                    # A step that took much longer means this loop stood still
-                    # (and could not read the pong): that time does not count.
-                    waited += min(time.monotonic() - t, 2 * step)
+                    if ls.link.info.msgs_in != seen:
+                        # Frames still come from it: it runs, and its pong is
+                        # behind them (a worker streaming to a slow reader here).
+                        seen = ls.link.info.msgs_in
+                        waited = 0.0
+                    else:
+                        # A step that took much longer means this loop stood still
+                        # (and could not read the pong): that time does not count.
+                        waited += min(time.monotonic() - t, 2 * step)
             finally:
                 ls.pongs.pop(token, None)
             if not pong.done():
@@ -498,7 +519,7 @@ class WorkerPool:
             if pong.exception() is not None:  # the link closed: the usual crash path
                 return
             await anyio.sleep(every)  # the ping interval
-        if ls.closed.is_set() or self._closing or w.link is not ls:
+        if ls.closed.is_set() or w.link is not ls:
             return
         why = f"its event loop did not answer a ping for {limit:g} s (hung)"
         log.warning(
@@ -506,24 +527,17 @@ class WorkerPool:
             "killing it",
             self.name, w.index, proc.pid, why,
         )
-        w.last_error = why
+        w.last_error = w.killed_for = why
         ls.ending = f"worker {w.index} was killed: {why}"
         _signal(proc, signal.SIGKILL)
 
     async def _start(self, w: _Worker) -> None:
         await self._spawn(w)
 
-    async def _reap(
-        self,
-        w: _Worker,
-        proc: asyncio.subprocess.Process,
-        on_exit: Callable[[], None] | None = None,
-    ) -> None:
+    async def _reap(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
         with anyio.CancelScope(shield=self._closing):
             await proc.wait()
-        if on_exit is not None:
-            on_exit()
-        w.exited.set()
+        self._reaped(w, proc)
         ls = w.link
         if ls is not None and w.proc is proc and not self._closing:
             # Gone, and its link normally ends with it (end of stream).  If it
@@ -545,6 +559,14 @@ class WorkerPool:
                     abort()
                 else:
                     await ls.link.aclose()
+
+    @staticmethod
+    def _reaped(w: _Worker, proc: asyncio.subprocess.Process) -> None:
+        """``proc``, ``w``'s current process, has exited: clean up after it, once."""
+        if w.proc is proc and not w.exited.is_set():
+            if w.on_exit is not None:
+                w.on_exit()
+            w.exited.set()
 
     def _requests_to_workers(self, node: Node) -> list[asyncio.Future[fr.Msg]]:
         """The futures of this process's requests in flight to the workers
@@ -593,6 +615,8 @@ class WorkerPool:
             if self._closing:
                 return  # not restarted: the pool closes (its shutdown reports nothing more)
             if w.proc is not None and w.state == "crashed":  # logged once it is reaped: how it ended
+                w.last_error = w.killed_for or f"it {_how_it_ended(w.proc.returncode)}"
+                w.killed_for = ""
                 log.warning(
                     "pool %s: worker %d (pid %s) %s; restarting in %g s",
                     self.name,
@@ -661,8 +685,10 @@ class WorkerPool:
                 # Let this process's requests to the workers finish (their futures
                 # are the events: answered, failed or timed out, each completes).
                 await asyncio.wait(pending, timeout=_STOP_TIMEOUT)
-            if isinstance(self._bus, _PoolBus):
-                self._bus.refuse_new()  # from now on, new requests raise BusClosed
+            if self._shared is None and isinstance(self._bus, _PoolBus):
+                # From now on, new requests raise BusClosed (not on a bus given
+                # to the pool: that may be another pool's, which runs on).
+                self._bus.refuse_new()
             # Still running (those made during the wait too): the pool
             # closes, no worker crashed.
             waited = set(pending)
@@ -703,7 +729,11 @@ class WorkerPool:
         with anyio.move_on_after(_STOP_TIMEOUT):
             for w in self._workers:
                 if w.proc is not None:
-                    await w.exited.wait() if w.exited is not None else w.proc.wait()
+                    # Not only w.exited: its reaper ran in the node's task group,
+                    # gone if the node of a bus given to the pool closed.
+                    proc = w.proc
+                    await proc.wait()
+                    self._reaped(w, proc)
         for w in self._workers:
             proc = w.proc
             if proc is not None and proc.returncode is None:
@@ -724,6 +754,7 @@ class WorkerPool:
                 await node.aclose()
             else:  # the bus given stays open for its owner
                 node.on_link_closed.remove(self._on_link_closed)
+            _POOL_NAMES.get(node, set()).discard(self.name)
         if self._records is not None:
             remove_pool_dir(self._records)  # only if no record is left in it
 

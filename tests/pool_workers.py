@@ -231,3 +231,24 @@ async def setup_with_helper_keeping_fds(bus: ipcbus.Bus) -> None:
 async def setup_b(bus: ipcbus.Bus) -> None:
     """A second kind of plugin: ``b.name`` answers ``"b"`` and its worker's pid."""
     await bus.serve("b.name", lambda m: ["b", os.getpid()], queue="b")
+
+
+async def setup_streams(bus: ipcbus.Bus) -> None:
+    """``stream`` (seconds): publish 1 KiB on ``data.<pid>`` as fast as flow control lets it."""
+
+    async def run(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        payload = b"x" * 1024
+        while time.monotonic() < end:
+            await bus.publish(f"data.{os.getpid()}", payload)
+        await bus.publish("streamed", os.getpid())
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    def start(seconds: float) -> int:
+        task = asyncio.get_running_loop().create_task(run(seconds))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return os.getpid()
+
+    await bus.serve("stream", start)

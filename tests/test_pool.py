@@ -356,6 +356,7 @@ async def test_sigkill_in_flight_gives_worker_crashed_then_restart(
             await wait_until(lambda: len(queues & queue_ids()) == 2)  # the survivor's two
         (w,) = [w for w in pool.stats()["workers"] if w["crashes"]]
         assert w["crashes"] == 1 and w["starts"] == 2
+        assert w["last_error"] == "it was killed by SIGKILL"  # (it stayed "")
         # later requests succeed, on both workers
         seen: set[int] = set()
         async with anyio.create_task_group() as tg:
@@ -670,6 +671,48 @@ async def test_a_ping_that_cannot_be_sent_ends_the_watch_not_the_pool(
         await asyncio.sleep(0.3)  # the watch would have pinged again by now
         assert len(failed) == 1 and not node.closed
         assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_workers_streaming_to_a_slow_reader_are_not_hung(transport: str) -> None:
+    """Workers publish flat out to a parent that takes 200 us per message: their
+    pongs wait behind the data, longer than hang_timeout.  Frames still coming
+    from a worker show it runs (both were killed as hung)."""
+    async with WorkerPool(
+        "pool_workers:setup_streams", workers=2, transport=transport, env=worker_env(), hang_timeout=0.5
+    ) as pool:
+        got = 0
+
+        def slow(m: ipcbus.Msg) -> None:
+            nonlocal got
+            got += 1
+            end = time.perf_counter() + 200e-6
+            while time.perf_counter() < end:  # a handler that takes its time (holds the loop)
+                pass
+
+        await pool.bus.serve("data.>", slow)
+        done = await pool.bus.subscribe("streamed")
+        await pool.bus.flush()
+        await pool.bus.publish("stream", 2.0)  # (no queue group: both workers stream)
+        pids = {(await done.next(timeout=60)).decode() for _ in range(2)}
+        assert pids == set(pool.pids) and got > 0
+        assert [w["crashes"] for w in pool.stats()["workers"]] == [0, 0]
+
+
+async def test_a_worker_that_hangs_as_its_pool_closes_is_killed_for_it() -> None:
+    """The watch runs on through the close's drain: a hung worker is killed
+    after hang_timeout and its request fails saying so (the close waited 5 s
+    for the request, then 5 s for the worker to exit, and killed it)."""
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env(), hang_timeout=0.5) as pool:
+        started = await pool.bus.subscribe("started")
+        await pool.bus.flush()
+        req = asyncio.ensure_future(pool.bus.request("slow.block", 60.0, timeout=90))
+        await started.next(timeout=10)
+        t0 = anyio.current_time()
+    assert anyio.current_time() - t0 < 4.0
+    with pytest.raises(WorkerCrashed, match="hung"):
+        await req
+    assert "hung" in pool.stats()["workers"][0]["last_error"]
 
 
 async def test_a_long_request_on_a_running_loop_is_not_a_hang() -> None:

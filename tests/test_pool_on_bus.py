@@ -166,6 +166,10 @@ async def test_a_bus_closed_under_its_pool_stops_the_workers_for_good(bus_name: 
                 with anyio.fail_after(5), pytest.raises(BusClosed, match="its workers are stopped"):
                     await pool.wait_ready(timeout=30)  # (it waited for restarts that never come)
                 await asyncio.sleep(0.5)  # a restart would have started by now (backoff 0.1 s)
+                t0 = anyio.current_time()
+            # Its workers were reaped (their reapers ran in the closed node's
+            # task group, and the close waited 5 s for them).
+            assert anyio.current_time() - t0 < 2.5
             assert [w["state"] for w in pool.stats()["workers"]] == ["stopped", "stopped"]
             assert [(w["starts"], w["crashes"]) for w in pool.stats()["workers"]] == [(1, 0), (1, 0)]
         finally:
@@ -182,6 +186,13 @@ async def test_bad_buses_are_refused() -> None:
     async with WorkerPool("pool_workers:setup", workers=1, env=worker_env()) as a:
         with pytest.raises(ValueError, match="max_frame=2048 differs from the max_frame of the bus"):
             WorkerPool("pool_workers:setup", bus=a.bus, max_frame=2048)
+        with pytest.raises(ValueError, match="a worker pool named 'pool' already runs on the node of this"):
+            async with WorkerPool("pool_workers:setup", workers=1, bus=a.bus):  # both named "pool"
+                pass
+        async with WorkerPool("pool_workers:setup_b", workers=1, env=worker_env(), name="b", bus=a.bus):
+            pass
+        async with WorkerPool("pool_workers:setup_b", workers=1, env=worker_env(), name="b", bus=a.bus):
+            pass  # the name is free again once its pool closed, and a's bus is still open
         assert WorkerPool("pool_workers:setup", bus=a.bus).max_frame == a.max_frame
     with pytest.raises(BusClosed, match="closed"):  # a's bus closed with it
         async with WorkerPool("pool_workers:setup", workers=1, bus=a.bus):
