@@ -146,7 +146,11 @@ class ClientBus(Bus):
         if ls is None or ls.closed.is_set() or ls.link.closed:
             # The transport may have ended before the node dropped the link
             # (_on_link_closed, which says why): say what is known already.
-            lost = self._lost or (f"{_gone(ls)}: hub link closed" if ls is not None else "")
+            # No goodbye yet is no proof of a kill: it may still be on its way.
+            lost = self._lost or (
+                "the hub shut down: hub link closed" if ls is not None and ls.said_goodbye
+                else "the hub link closed" if ls is not None else ""
+            )
             raise ConnectionClosed(
                 f"not connected to the hub of bus {self.busdir.name!r}"
                 + (f": {lost}" if lost else "")
