@@ -823,10 +823,9 @@ class Bus:
             try:
                 full = node.send_request(subject, payload, reply, headers)
             except NoResponders:
-                # Raised before any await: a caller that retries at once would
-                # never let the loop run (its own timeout, a worker's restart).
-                await asyncio.sleep(0)
-                raise
+                full, waited = await self._no_responders(subject, payload, reply, headers, timeout)
+                if timeout is not None:
+                    timeout = max(0.0, timeout - waited)
             # The node's deadlines fail the future on time: a fraction of the
             # cost of a cancel scope (or a loop timer) per request.  Armed
             # first: the timeout covers the wait for a full link too.
@@ -868,6 +867,19 @@ class Bus:
             if ERROR_TYPE_HEADER in h:
                 raise RemoteError(h[ERROR_TYPE_HEADER], h.get(ERROR_MSG_HEADER, ""), subject)
         return Msg(m.subject, m.payload, m.reply, m.headers, self)
+
+    async def _no_responders(
+        self, subject: str, payload: bytes, reply: str, headers: dict[str, str] | None,
+        timeout: float | None,
+    ) -> tuple[list[Link], float]:
+        """Nobody serves ``subject`` for a request being made.  Raises
+        :class:`~ipcbus.errors.NoResponders`; a subclass may instead wait for a
+        responder, send the request and return what
+        :meth:`~ipcbus.node.Node.send_request` returned and the seconds it waited."""
+        # Raised before any await: a caller that retries at once would never
+        # let the loop run (its own timeout, a worker's restart).
+        await asyncio.sleep(0)
+        raise NoResponders(subject)
 
     @overload
     async def serve(

@@ -38,11 +38,12 @@ import msgspec
 from . import frames as fr
 from .checks import MAX_NAME, check_count, check_env, check_name, check_path, check_seconds, split_target
 from .client import Bus
-from .errors import BusClosed, IpcBusError, WorkerStartError
+from .errors import BusClosed, IpcBusError, NoResponders, RequestTimeout, WorkerStartError
 from .gc import process_folder, reclaim_pools, remove_pool_dir
 from .node import LinkState, Node, say_goodbye, shielded
 from .spin import spin_window
 from .stats import PoolStats, WorkerState
+from .subjects import matches
 from .transports.base import Link
 from .transports.pipe import ChildPipes
 
@@ -54,6 +55,7 @@ PoolTransport = Literal["pipe", "shm", "sysv"]
 """What links a pool's parent to its workers (``WorkerPool(transport=)``)."""
 
 _START_TIMEOUT = 30.0
+_COMING_BACK = ("crashed", "restarting", "starting")  # a worker the pool is restarting
 # The names of the pools running on each node: two of one name would give
 # their workers the same names (in links, logs and errors).
 _POOL_NAMES: weakref.WeakKeyDictionary[Node, set[str]] = weakref.WeakKeyDictionary()
@@ -80,6 +82,7 @@ class _Worker:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     on_exit: Callable[[], None] | None = None  # for the current process, once it is reaped
     killed_for: str = ""  # why the pool killed the current process (it hung)
+    served: tuple[str, ...] = ()  # the patterns it subscribed to when its link last ended
 
 
 class WorkerPool:
@@ -97,7 +100,9 @@ class WorkerPool:
     queues per worker, :class:`~ipcbus.transports.sysv.SysvPairLink`).  ``spin_us`` is the busy-poll window
     while replies are due, in the parent and every worker (:mod:`ipcbus.spin`).
 
-    A worker that dies is restarted after ``restart_backoff`` seconds,
+    A request on :attr:`bus` to a service whose workers are being restarted
+    waits for them, within its timeout.  A worker that dies is restarted
+    after ``restart_backoff`` seconds,
     doubling up to ``max_backoff`` while it keeps dying (failing to start,
     or dying within 10 s of becoming ready); one that fails
     ``max_start_failures`` starts in a row is given up on (its error is in
@@ -267,7 +272,7 @@ class WorkerPool:
         else:
             self._node = Node(name=self.name, max_frame=self.max_frame, spin_us=self.spin_us)
             await self._node.start()
-            self._bus = _PoolBus(self._node)
+            self._bus = _PoolBus(self._node, self)
         _POOL_NAMES.setdefault(self._node, set()).add(self.name)
         self._node.on_link_closed.append(self._on_link_closed)
         try:
@@ -568,6 +573,34 @@ class WorkerPool:
                 w.on_exit()
             w.exited.set()
 
+    async def _wait_back(self, subject: str, deadline: float | None, timeout: float | None) -> bool:
+        """A request on ``subject`` found no responder: if a worker that served
+        it is being restarted, wait (until ``deadline``, loop time) for it.
+        True once it is ready (try again); False when none is coming back.
+        Raises :class:`~ipcbus.errors.RequestTimeout` at the deadline."""
+        waiting = [
+            w for w in self._workers
+            if w.state in _COMING_BACK and any(matches(p, subject) for p in w.served)
+        ]
+        loop = asyncio.get_running_loop()
+        while waiting:
+            if self._closing:
+                raise BusClosed(
+                    f"worker pool {self.name!r} closed while this request on {subject!r} "
+                    "waited for its worker's restart"
+                )
+            if any(w.state == "ready" for w in waiting):
+                return True
+            if not any(w.state in _COMING_BACK for w in waiting):
+                return False  # given up on
+            changed = self._changed
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise RequestTimeout(subject, timeout if timeout is not None else 0.0)
+            with anyio.move_on_after(left):
+                await changed.wait()
+        return False
+
     def _requests_to_workers(self, node: Node) -> list[asyncio.Future[fr.Msg]]:
         """The futures of this process's requests in flight to the workers
         (all of them on a node of the pool's own)."""
@@ -582,6 +615,8 @@ class WorkerPool:
         for w in self._workers:
             if w.link is ls:
                 w.link = None
+                # (Still known here: owners hear of a link's end before its interest goes.)
+                w.served = tuple(k[0] for k in ls.remote_keys if not k[0].startswith("_INBOX."))
                 if self._closing or w.state != "ready":
                     return
                 if self._node is not None and self._node.closed:
@@ -666,6 +701,7 @@ class WorkerPool:
         await shielded(self._stopping)
 
     async def _stop_workers(self, drain: bool) -> None:
+        self._notify()  # requests waiting for a restart (_wait_back) learn of the close
         node = self._node
         if node is not None:
             if self._shared is not None:
@@ -786,6 +822,26 @@ def _how_it_ended(returncode: int | None) -> str:
 
 class _PoolBus(Bus):
     """The pool's bus (:attr:`WorkerPool.bus`), on the node the pool owns."""
+
+    def __init__(self, node: Node, pool: WorkerPool) -> None:
+        super().__init__(node)
+        self._pool = pool
+
+    async def _no_responders(
+        self, subject: str, payload: bytes, reply: str, headers: dict[str, str] | None,
+        timeout: float | None,
+    ) -> tuple[list[Link], float]:
+        """A request to a service whose workers are being restarted waits for
+        them (within ``timeout``) instead of raising NoResponders at once."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        deadline = None if timeout is None else t0 + timeout
+        while await self._pool._wait_back(subject, deadline, timeout):
+            try:
+                return self._node.send_request(subject, payload, reply, headers), loop.time() - t0
+            except NoResponders:
+                continue  # ready again, but not serving it (or gone again): look once more
+        return await super()._no_responders(subject, payload, reply, headers, timeout)
 
     def refuse_new(self) -> None:
         """The pool is closing: new requests, publishes and subscriptions raise BusClosed."""

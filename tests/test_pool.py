@@ -237,6 +237,32 @@ async def test_a_worker_takes_requests_only_once_its_setup_returned(tmp_path: Pa
             assert (await pool.bus.request("pid.via", timeout=10)).decode(int) == survivor
 
 
+async def test_a_request_while_the_only_worker_restarts_waits_for_it() -> None:
+    """NoResponders came at once while the only worker serving the subject was
+    being restarted; the request now waits for it, within its timeout (then
+    RequestTimeout).  A subject it never served gets NoResponders at once,
+    and a request still waiting as the pool closes gets BusClosed."""
+    async with WorkerPool("pool_workers:setup", workers=1, env=worker_env(), restart_backoff=1.5) as pool:
+        (old,) = pool.pids
+        os.kill(old, signal.SIGKILL)
+        await wait_exited(old)
+        await wait_until(lambda: pool.stats()["workers"][0]["state"] != "ready")
+        with anyio.fail_after(1), pytest.raises(ipcbus.NoResponders):
+            await pool.bus.request("nobody.serves.this", timeout=10)
+        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+        (new,) = pool.pids
+        assert new != old
+        os.kill(new, signal.SIGKILL)  # dead again soon after its restart: the next waits 3 s
+        await wait_exited(new)
+        await wait_until(lambda: pool.stats()["workers"][0]["state"] != "ready")
+        with pytest.raises(ipcbus.RequestTimeout, match=r"no reply on 'echo' within 0\.3 s"):
+            await pool.bus.request("echo", b"x", timeout=0.3)
+        waiting = asyncio.ensure_future(pool.bus.request("echo", b"x", timeout=30))
+        await asyncio.sleep(0.1)  # it waits for the restart (3 s away)
+    with anyio.fail_after(1), pytest.raises(BusClosed, match="waited for its worker's restart"):
+        await waiting
+
+
 async def test_retrying_on_no_responders_lets_the_pool_restart_its_worker() -> None:
     """A caller that retries at once on NoResponders while the only worker
     restarts: each failed request is a checkpoint, so the restart happens and
