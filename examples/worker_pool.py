@@ -65,6 +65,16 @@ async def spread(pool: ipcbus.WorkerPool, n: int) -> Counter[int]:
     return Counter(r.decode(int) for r in replies)
 
 
+async def fails_with_crash(job: asyncio.Task[ipcbus.Msg], what: str) -> ipcbus.WorkerCrashed | None:
+    """Await ``job``, a request whose worker dies under it: its WorkerCrashed (None if it returned)."""
+    try:
+        await job
+    except ipcbus.WorkerCrashed as exc:
+        return exc
+    print(f"the {what} request returned?!")
+    return None
+
+
 async def wait_until_ready(pool: ipcbus.WorkerPool, timeout: float = 8.0) -> None:
     """Wait until every worker of the pool is up again."""
     deadline = time.monotonic() + timeout
@@ -101,13 +111,10 @@ async def main() -> int:
         victim = (await holding.next(timeout=5)).decode(int)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
-        try:
-            await job
-            print("the held request returned?!")
-            ok = False
-        except ipcbus.WorkerCrashed as exc:
-            ms = (time.monotonic() - killed_at) * 1000
-            print(f"killed worker {victim}: WorkerCrashed after {ms:.1f} ms: {exc}")
+        crash = await fails_with_crash(job, "held")
+        ms = (time.monotonic() - killed_at) * 1000
+        print(f"killed worker {victim}: WorkerCrashed after {ms:.1f} ms: {crash}")
+        ok &= crash is not None
 
         # 4. The pool restarts it; the new worker takes requests.
         await wait_until_ready(pool)
@@ -122,13 +129,9 @@ async def main() -> int:
         job = asyncio.create_task(bus.request("stall", timeout=30))
         stuck = (await holding.next(timeout=5)).decode(int)
         asked_at = time.monotonic()
-        try:
-            await job
-            print("the stalled request returned?!")
-            ok = False
-        except ipcbus.WorkerCrashed as exc:
-            print(f"worker {stuck} hung: WorkerCrashed after {time.monotonic() - asked_at:.1f} s: {exc}")
-            ok &= "hung" in str(exc)
+        crash = await fails_with_crash(job, "stalled")
+        print(f"worker {stuck} hung: WorkerCrashed after {time.monotonic() - asked_at:.1f} s: {crash}")
+        ok &= "hung" in str(crash)
         await wait_until_ready(pool)
         ok &= stuck not in pool.pids
 

@@ -183,7 +183,9 @@ class ClientBus(Bus):
     def _on_link_closed(self, ls: LinkState) -> None:
         if ls is not self.hub_link or self.closed:
             return
-        self._lost = f"{_gone(ls)}: hub link closed ({ls.close_reason})"
+        # A hub that stops cleanly says goodbye first; one killed does not.
+        gone = "the hub shut down" if ls.said_goodbye else "the hub went away without a goodbye (killed?)"
+        self._lost = f"{gone}: hub link closed ({ls.close_reason})"
         self._connected.clear()
         if self.reconnect:
             log.warning("bus %s: %s; reconnecting", self.busdir.name, self._lost)
@@ -240,11 +242,6 @@ class ClientBus(Bus):
         if self.closed:
             lost = f": {self._lost}" if self._lost else ""
             raise BusClosed(f"bus {self.busdir.name!r} is closed{lost}")
-
-
-def _gone(ls: LinkState) -> str:
-    """How the hub of link ``ls`` went: a hub that stops cleanly says goodbye first; one killed does not."""
-    return "the hub shut down" if ls.said_goodbye else "the hub went away without a goodbye (killed?)"
 
 
 async def _autostart(busdir: BusDir, group: str | int | None) -> None:

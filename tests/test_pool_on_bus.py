@@ -92,12 +92,17 @@ async def test_a_new_pool_on_the_bus_takes_over_from_the_old_without_a_failed_re
         await old.__aenter__()
         try:
             await host.flush()
-            answered: list[int] = []
+            answered = 0
+            more = anyio.Event()  # set once `wanted` requests were answered
+            wanted = 0
 
             async def ask(bus: ipcbus.Bus) -> None:
+                nonlocal answered
                 while True:
                     await bus.request("slow.sleep", 0.05, timeout=10)
-                    answered.append(1)
+                    answered += 1
+                    if answered >= wanted > 0:
+                        more.set()
 
             async with anyio.create_task_group() as tg:
                 for bus in (host, host, other, other):
@@ -108,10 +113,9 @@ async def test_a_new_pool_on_the_bus_takes_over_from_the_old_without_a_failed_re
                     (old_pid,) = old.pids
                     await old.__aexit__(None, None, None)
                     await wait_exited(old_pid)
-                    n = len(answered)
+                    wanted = answered + 20
                     with anyio.fail_after(10):
-                        while len(answered) < n + 20:  # the new pool answers on
-                            await asyncio.sleep(0.05)
+                        await more.wait()  # the new pool answers on
                     assert (await other.request("pid", timeout=10)).decode() == new.pids[0]
                     tg.cancel_scope.cancel()
         finally:
