@@ -14,7 +14,10 @@ never returns. The parent
    taking requests;
 5. sends a ``stall`` request, whose handler blocks its worker's event loop
    (``time.sleep``): the pool (``hang_timeout=1``) finds that worker hung,
-   kills it, and the request fails with ``WorkerCrashed`` saying so.
+   kills it, and the request fails with ``WorkerCrashed`` saying so;
+6. replaces every worker by a fresh process (``pool.recycle()``, a rolling
+   reload) while requests keep coming, none failing; then grows the pool to
+   four workers and shrinks it back to three (``pool.resize()``).
 
 Run it from the repository root::
 
@@ -29,6 +32,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,8 +88,31 @@ async def wait_until_ready(pool: ipcbus.WorkerPool, timeout: float = 8.0) -> Non
         await asyncio.sleep(0.05)  # the pool has no "worker restarted" event: poll its state
 
 
+async def under_load(pool: ipcbus.WorkerPool, change: Awaitable[None]) -> tuple[int, int]:
+    """Keep 8 requesters asking `pid` while ``change`` runs: (answered, failed)."""
+    answered = failed = 0
+    done = asyncio.Event()
+
+    async def ask() -> None:
+        nonlocal answered, failed
+        while not done.is_set():
+            try:
+                await pool.bus.request("pid", timeout=5)
+                answered += 1
+            except ipcbus.IpcBusError:
+                failed += 1
+
+    askers = [asyncio.create_task(ask()) for _ in range(8)]
+    try:
+        await change
+    finally:
+        done.set()
+        await asyncio.gather(*askers)
+    return answered, failed
+
+
 async def main() -> int:
-    """Run the four steps; check each."""
+    """Run the six steps; check each."""
     ok = True
     async with ipcbus.WorkerPool(
         "examples.worker_pool:setup", workers=WORKERS, env=worker_env(), hang_timeout=1.0
@@ -138,6 +165,19 @@ async def main() -> int:
         crashes = sum(w["crashes"] for w in pool.stats()["workers"])
         print(f"crashes seen by the pool: {crashes}")
         ok &= crashes == 2
+
+        # 6. A rolling reload, then a resize, with requests coming throughout.
+        before = set(pool.pids)
+        answered, failed = await under_load(pool, pool.recycle())
+        print(f"recycled every worker: {sorted(before)} -> {sorted(pool.pids)}; "
+              f"{answered} requests meanwhile, {failed} failed")
+        ok &= not before & set(pool.pids) and failed == 0 and answered > 0
+        await pool.resize(4)
+        grown = len(pool.pids)
+        answered, failed = await under_load(pool, pool.resize(3))
+        total = answered + failed
+        print(f"resized to {grown} workers, then back to {len(pool.pids)}: {failed} of {total} failed")
+        ok &= grown == 4 and len(pool.pids) == 3 and failed == 0
 
     print("all steps as expected:", "yes" if ok else "NO")
     return 0 if ok else 1

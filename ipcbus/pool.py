@@ -63,9 +63,13 @@ _STOP_TIMEOUT = 5.0
 _LINK_AFTER_EXIT = 1.0  # how long a worker's link may outlive its process (see _reap)
 _EXIT_WAIT = 2.0  # how long a worker whose link ended may take to exit before it is killed
 _STABLE_AFTER = 10.0  # seconds up after which a worker that dies is restarted at the first backoff again
+_RETIRE_DRAIN = 30.0  # how long a worker being replaced or removed may take to answer what it took
+_CHECK_EVERY = 0.1  # seconds between checks of max_messages (max_rss: every _RSS_EVERY)
+_RSS_EVERY = 1.0
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: two processes of one slot are two workers
 class _Worker:
     index: int
     proc: asyncio.subprocess.Process | None = None
@@ -83,6 +87,11 @@ class _Worker:
     on_exit: Callable[[], None] | None = None  # for the current process, once it is reaped
     killed_for: str = ""  # why the pool killed the current process (it hung)
     served: tuple[str, ...] = ()  # the patterns it subscribed to when its link last ended
+    recycles: int = 0
+    msgs_at_ready: int = 0  # frames sent to it when it became ready (max_messages counts from there)
+    successor: _Worker | None = None  # a fresh process starting to take its place (recycle)
+    recycle_after: float = 0.0  # monotonic time before which it is not recycled again (a failed try)
+    rss_exempt: bool = False  # over max_rss as it started: recycling it would not help
 
 
 class WorkerPool:
@@ -122,6 +131,15 @@ class WorkerPool:
     fail with :class:`~ipcbus.errors.WorkerCrashed`.  Only the time this
     process's own loop runs counts: a parent that stood still does not take
     its workers for hung.
+
+    Workers can be replaced by fresh processes while the pool runs, one at a
+    time, each new one ready before the old one stops taking work, so that no
+    request fails for it (:meth:`recycle`; the old one answers what it took,
+    for up to 30 s, then exits).  ``max_messages`` does so for a worker that
+    was sent that many messages (requests and published messages; checked
+    every 0.1 s, so a busy worker may take a few more), ``max_rss`` for one
+    whose resident memory reached that many bytes (checked every second):
+    plugins that leak run on.  :meth:`resize` changes the number of workers.
     """
 
     def __init__(
@@ -141,6 +159,8 @@ class WorkerPool:
         spin_us: float | None = None,
         hang_timeout: float | None = None,
         bus: Bus | None = None,
+        max_messages: int | None = None,
+        max_rss: int | None = None,
     ) -> None:
         split_target(target)
         workers = check_count("workers", workers)
@@ -182,9 +202,14 @@ class WorkerPool:
                     "hang_timeout must be more than 0 seconds (None: no hang detection), not 0"
                 )
         self.hang_timeout = hang_timeout
+        self.max_messages = None if max_messages is None else check_count("max_messages", max_messages)
+        self.max_rss = None if max_rss is None else check_count("max_rss", max_rss, 1 << 20, "bytes")
         self.errors: list[str] = []
         self._changed = asyncio.Event()
         self._workers = [_Worker(i) for i in range(workers)]
+        # Processes not in a slot: replacements starting, workers retiring.
+        self._extra: list[_Worker] = []
+        self._replacing = asyncio.Lock()  # one recycle or resize at a time
         self._node: Node | None = None
         self._bus: Bus | None = None
         self._shared = bus  # the bus whose node the workers join, if not one of our own
@@ -245,6 +270,7 @@ class WorkerPool:
                     "state": w.state,
                     "starts": w.starts,
                     "crashes": w.crashes,
+                    "recycles": w.recycles,
                     "last_error": w.last_error,
                 }
                 for w in self._workers
@@ -289,11 +315,10 @@ class WorkerPool:
                     f"{self.target!r} within {_START_TIMEOUT:g} s (a setup that never returns?)"
                 ) from None
             if isinstance(exc, BaseExceptionGroup):
-                first = exc.exceptions[0]
-                while isinstance(first, BaseExceptionGroup):
-                    first = first.exceptions[0]
-                raise first from None
+                raise _first(exc) from None
             raise
+        if self.max_messages is not None or self.max_rss is not None:
+            self._node.task_group.start_soon(self._recycler, name=f"ipcbus-recycler-{self.name}")
         return self
 
     async def __aexit__(
@@ -346,8 +371,11 @@ class WorkerPool:
                 log.exception("worker pool %r: collecting dead pools' objects failed", self.name)
         return bd.path
 
-    async def _spawn(self, w: _Worker) -> None:
-        """Start worker ``w`` and wait until its setup finished (or failed)."""
+    async def _spawn(self, w: _Worker, replacing: _Worker | None = None) -> None:
+        """Start worker ``w`` and wait until its setup finished (or failed).
+
+        ``replacing``: the worker whose slot ``w`` takes once ready (a recycle);
+        it is withdrawn from routing at that moment (see :meth:`_replace`)."""
         assert self._node is not None
         w.ready = asyncio.Event()
         w.exited = asyncio.Event()
@@ -469,6 +497,10 @@ class WorkerPool:
             # It went away between "ready" and now; _on_link_closed saw it
             # still starting and left it to us.
             failure.append(f"the worker's link closed right after setup ({ls.close_reason})")
+        if replacing is not None and not failure and (
+            self._closing or w.index >= len(self._workers) or self._workers[w.index] is not replacing
+        ):
+            failure.append("the pool closed while it started")
         if failure or not w.ready.is_set():
             if not failure:
                 await w.exited.wait()
@@ -481,9 +513,27 @@ class WorkerPool:
         w.state = "ready"
         w.ready_at = time.monotonic()
         w.start_failures = 0
+        w.msgs_at_ready = ls.link.info.msgs_out
+        if self.max_rss is not None:
+            rss = _rss(proc.pid)
+            w.rss_exempt = rss is not None and rss >= self.max_rss
+            if w.rss_exempt:  # a fresh process would be over it too: recycling would only repeat
+                log.warning(
+                    "pool %s: worker %d uses %d MiB as its setup finished, over max_rss=%d bytes: "
+                    "it is not recycled for its memory (raise max_rss)",
+                    self.name, w.index, (rss or 0) >> 20, self.max_rss,
+                )
+        if replacing is not None:
+            self._workers[w.index] = w
+            w.crashes, w.last_error = replacing.crashes, replacing.last_error  # (it may have died meanwhile)
         # Its services subscribed as its setup ran; it takes requests only now
         # that the setup is done.
         self._node.release(ls)
+        if replacing is not None and replacing.link is not None:
+            # No await since the release: each message goes to one of the two.
+            # Released first, withdrawn second: the interest other nodes see
+            # never drops to none in between.
+            self._node.withdraw_link(replacing.link)
         self._notify()
         log.info("pool %s: worker %d ready (pid %d)", self.name, w.index, proc.pid)
         if self.hang_timeout is not None:
@@ -573,17 +623,236 @@ class WorkerPool:
                 w.on_exit()
             w.exited.set()
 
+    def _check_running(self) -> Node:
+        """The pool's node; :class:`~ipcbus.errors.BusClosed` for a pool not
+        started, closing or closed, or whose bus closed."""
+        if self._node is None:
+            raise BusClosed(f"worker pool {self.name!r} is not started; use `async with WorkerPool(...)`")
+        if self._closing:
+            raise BusClosed(f"worker pool {self.name!r} is closed")
+        if self._node.closed:
+            raise BusClosed(f"the bus of worker pool {self.name!r} is closed: its workers are stopped")
+        return self._node
+
+    async def recycle(self, workers: int | list[int] | None = None) -> None:
+        """Replace workers with fresh processes, one at a time, without failing a request.
+
+        ``workers``: an index or a list of them (default: every worker).  For
+        each, a new process starts and runs the setup again (importing the
+        target's module afresh: new plugin code takes effect); once it is
+        ready it takes the slot, and the old process gets no more work,
+        answers what it took (for up to 30 s) and exits.  A worker that is
+        not ready (being restarted after a crash) is skipped: it gets a fresh
+        process anyway.
+
+        Raises :class:`~ipcbus.errors.WorkerStartError` if a new process
+        fails to start (the old one keeps serving; later workers are not
+        recycled), :class:`~ipcbus.errors.BusClosed` for a pool not running,
+        ``TypeError``/``ValueError`` for indexes that are not those of the
+        pool's workers.
+        """
+        self._check_running()
+        size = len(self._workers)
+        if workers is None:
+            indexes = list(range(size))
+        else:
+            given = [workers] if isinstance(workers, int) and not isinstance(workers, bool) else workers
+            if not isinstance(given, list):
+                raise TypeError(f"workers must be an int or a list of ints (worker indexes), not {workers!r}")
+            indexes = [check_count("worker index", i, 0) for i in given]
+            wrong = [i for i in indexes if i >= size]
+            if wrong:
+                raise ValueError(
+                    f"no worker {wrong[0]} in pool {self.name!r}: its workers are 0 to {size - 1}"
+                )
+        async with self._replacing:
+            for i in indexes:
+                self._check_running()
+                if i < len(self._workers) and self._workers[i].state == "ready":
+                    await self._replace(self._workers[i], "recycled")
+
+    async def resize(self, workers: int) -> None:
+        """Grow or shrink the pool to ``workers`` workers.
+
+        New workers get the next indexes and start as at the pool's start; it
+        returns once they are ready.  If one fails to start, the new ones are
+        stopped again, the pool keeps its size and
+        :class:`~ipcbus.errors.WorkerStartError` is raised.  Shrinking removes
+        the workers with the highest indexes: they get no more work, answer
+        what they took (for up to 30 s) and exit; it returns once they did.
+
+        Raises ``TypeError``/``ValueError`` for a count that is not an int of
+        1 or more (or that would make worker names too long), and
+        :class:`~ipcbus.errors.BusClosed` for a pool not running.
+        """
+        n = check_count("workers", workers)
+        check_name("name", self.name, MAX_NAME - 1 - len(str(n - 1)))
+        self._check_running()
+        async with self._replacing:
+            self._check_running()
+            have = len(self._workers)
+            if n < have:
+                gone = self._workers[n:]
+                del self._workers[n:]
+                self.size = n
+                self._notify()
+                async with anyio.create_task_group() as tg:
+                    for w in gone:
+                        tg.start_soon(self._retire, w, "removed by resize()")
+            elif n > have:
+                new = [_Worker(i) for i in range(have, n)]
+                self._workers.extend(new)
+                self.size = n
+                self._notify()
+                try:
+                    with anyio.fail_after(_START_TIMEOUT):
+                        async with anyio.create_task_group() as tg:
+                            for w in new:
+                                tg.start_soon(self._spawn, w)
+                except BaseException as exc:
+                    del self._workers[have:]
+                    self.size = have
+                    with anyio.CancelScope(shield=True):
+                        async with anyio.create_task_group() as tg:
+                            for w in new:
+                                tg.start_soon(self._retire, w, "stopped: resize() failed")
+                    self._notify()
+                    if isinstance(exc, TimeoutError):
+                        raise WorkerStartError(
+                            f"resize() of pool {self.name!r}: new workers did not finish "
+                            f"{self.target!r} within {_START_TIMEOUT:g} s"
+                        ) from None
+                    raise _first(exc) if isinstance(exc, BaseExceptionGroup) else exc from None
+
+    async def _replace(self, w: _Worker, why: str) -> None:
+        """Start a fresh process for ``w``'s slot; once it is ready, retire ``w``.
+
+        Raises :class:`~ipcbus.errors.WorkerStartError` if it fails to start:
+        ``w`` keeps the slot (restarted as usual if it crashed meanwhile).
+        """
+        assert self._node is not None
+        nw = _Worker(w.index, starts=w.starts, crashes=w.crashes, recycles=w.recycles + 1)
+        w.successor = nw
+        self._extra.append(nw)
+        try:
+            with anyio.fail_after(_START_TIMEOUT):
+                await self._spawn(nw, replacing=w)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._end_process(nw, _EXIT_WAIT)
+            if w.state == "crashed" and self._keeps(w):
+                self._node.task_group.start_soon(self._restart, w)  # it died meanwhile
+            if self._closing and isinstance(exc, Exception):
+                raise BusClosed(
+                    f"worker pool {self.name!r} closed while worker {w.index} was recycled"
+                ) from None
+            if isinstance(exc, TimeoutError):
+                raise WorkerStartError(
+                    f"worker {w.index} of pool {self.name!r}: its replacement did not finish "
+                    f"{self.target!r} within {_START_TIMEOUT:g} s; the worker keeps running"
+                ) from None
+            raise
+        finally:
+            w.successor = None
+            self._extra.remove(nw)
+        log.info(
+            "pool %s: worker %d %s: pid %s replaced by pid %s",
+            self.name, w.index, why, w.proc.pid if w.proc else None, nw.proc.pid if nw.proc else None,
+        )
+        if w.state == "ready":
+            await self._retire(w, why)
+
+    async def _retire(self, w: _Worker, why: str) -> None:
+        """Take ``w`` (no longer in a slot) out of service: no new work; it
+        answers what it took (up to :data:`_RETIRE_DRAIN` s), is told goodbye
+        and exits (killed if it does not within :data:`_STOP_TIMEOUT` s)."""
+        assert self._node is not None
+        w.state = "retiring"
+        self._extra.append(w)
+        try:
+            ls = w.link
+            if ls is not None and not ls.closed.is_set():
+                self._node.withdraw_link(ls)
+                with anyio.move_on_after(_RETIRE_DRAIN):
+                    while ls.inflight and not ls.closed.is_set():
+                        await asyncio.sleep(0.01)  # as the pool's close drains: polled, off the hot path
+                ls.crash_error = "ConnectionClosed"
+                ls.ending = f"worker {w.index} of pool {self.name!r} was {why} before answering"
+                await say_goodbye([ls.link], f"worker {why}")
+            elif w.proc is not None:
+                _signal(w.proc, signal.SIGTERM)  # still starting: it has no link to be told on
+            await self._end_process(w, _STOP_TIMEOUT)
+        finally:
+            self._extra.remove(w)
+            w.state = "stopped"
+            self._notify()
+
+    async def _end_process(self, w: _Worker, grace: float) -> None:
+        """Wait up to ``grace`` seconds for ``w``'s process to exit, then kill it."""
+        proc = w.proc
+        if proc is None:
+            return
+        if w.link is not None and w.state != "retiring":  # a failed replacement: no goodbye said
+            await say_goodbye([w.link.link], "worker not needed")
+        with anyio.move_on_after(grace):
+            await proc.wait()
+        if proc.returncode is None:
+            _signal(proc, signal.SIGKILL)
+            await proc.wait()
+        self._reaped(w, proc)
+
+    async def _recycler(self) -> None:
+        """Recycle workers past ``max_messages`` or ``max_rss``, one at a time."""
+        rss_at = 0.0
+        while not self._closing and self._node is not None and not self._node.closed:
+            with anyio.move_on_after(_CHECK_EVERY):
+                await self._changed.wait()  # (woken early by a close)
+            now = time.monotonic()
+            check_rss = self.max_rss is not None and now - rss_at >= _RSS_EVERY
+            if check_rss:
+                rss_at = now
+            for w in list(self._workers):
+                why = self._due(w, check_rss)
+                if why is None or now < w.recycle_after or self._closing:
+                    continue
+                async with self._replacing:
+                    if w not in self._workers or w.state != "ready" or self._closing:
+                        continue
+                    try:
+                        await self._replace(w, why)
+                    except WorkerStartError as exc:
+                        w.recycle_after = time.monotonic() + self.max_backoff
+                        w.last_error = f"recycling it failed ({exc}); it keeps running"
+                        log.warning("pool %s: %s", self.name, exc)
+
+    def _due(self, w: _Worker, check_rss: bool) -> str | None:
+        """Why ``w`` is to be recycled now (``None``: it is not)."""
+        ls = w.link
+        if w.state != "ready" or ls is None or w.proc is None:
+            return None
+        if self.max_messages is not None:
+            sent = ls.link.info.msgs_out - w.msgs_at_ready
+            if sent >= self.max_messages:
+                return f"recycled after {sent} messages (max_messages={self.max_messages})"
+        if check_rss and self.max_rss is not None and not w.rss_exempt:
+            rss = _rss(w.proc.pid)
+            if rss is not None and rss >= self.max_rss:
+                return f"recycled at {rss >> 20} MiB resident (max_rss={self.max_rss})"
+        return None
+
     async def _wait_back(self, subject: str, deadline: float | None, timeout: float | None) -> bool:
         """A request on ``subject`` found no responder: if a worker that served
         it is being restarted, wait (until ``deadline``, loop time) for it.
         True once it is ready (try again); False when none is coming back.
         Raises :class:`~ipcbus.errors.RequestTimeout` at the deadline."""
-        waiting = [
-            w for w in self._workers
+        # By slot: a worker replaced meanwhile (recycle) is another object.
+        slots = [
+            w.index for w in self._workers
             if w.state in _COMING_BACK and any(matches(p, subject) for p in w.served)
         ]
         loop = asyncio.get_running_loop()
-        while waiting:
+        while slots:
+            waiting = [self._workers[i] for i in slots if i < len(self._workers)]
             if self._closing:
                 raise BusClosed(
                     f"worker pool {self.name!r} closed while this request on {subject!r} "
@@ -608,11 +877,16 @@ class WorkerPool:
         if self._shared is None:
             return list(futures.values())
         prefix = node.inbox.subject[: node.inbox.prefix_len]
-        toward = {r for w in self._workers if w.link is not None for r in w.link.inflight}
+        toward = {r for w in self._all() if w.link is not None for r in w.link.inflight}
         return [f for t, f in futures.items() if prefix + t in toward]
 
+    def _all(self) -> list[_Worker]:
+        """Every worker with a process: those in the slots, and those starting
+        to replace one or retiring."""
+        return [*self._workers, *self._extra]
+
     def _on_link_closed(self, ls: LinkState) -> None:
-        for w in self._workers:
+        for w in self._all():
             if w.link is ls:
                 w.link = None
                 # (Still known here: owners hear of a link's end before its interest goes.)
@@ -627,16 +901,26 @@ class WorkerPool:
                     return
                 w.state = "crashed"
                 w.crashes += 1
+                if w.successor is not None:
+                    # A fresh process is starting for its slot: no restart (see _replace).
+                    w.last_error = f"its link closed as it was being replaced: {ls.close_reason}"
+                    log.warning("pool %s: worker %d %s", self.name, w.index, w.last_error)
+                    return
                 assert self._node is not None
                 self._node.task_group.start_soon(self._restart, w)
                 return
+
+    def _keeps(self, w: _Worker) -> bool:
+        """Whether ``w`` is to be restarted: the pool and its node run, and ``w``
+        still has its slot (not removed by :meth:`resize`)."""
+        return not self._closing and not (self._node is not None and self._node.closed) and w in self._workers
 
     async def _restart(self, w: _Worker) -> None:
         if w.backoff and time.monotonic() - w.ready_at < _STABLE_AFTER:
             delay = min(w.backoff * 2, self.max_backoff)  # it died soon after its last restart
         else:
             delay = self.restart_backoff
-        while not self._closing and not (self._node is not None and self._node.closed):
+        while self._keeps(w):
             w.backoff = delay
             if w.proc is not None and w.proc.returncode is None:
                 # Usually the link closed because the worker died: let the child
@@ -647,8 +931,8 @@ class WorkerPool:
                 if not w.exited.is_set():
                     _signal(w.proc, signal.SIGKILL)
                     await w.exited.wait()
-            if self._closing:
-                return  # not restarted: the pool closes (its shutdown reports nothing more)
+            if not self._keeps(w):
+                return  # not restarted: the pool closes (its shutdown reports nothing more), or shrank
             if w.proc is not None and w.state == "crashed":  # logged once it is reaped: how it ended
                 w.last_error = w.killed_for or f"it {_how_it_ended(w.proc.returncode)}"
                 w.killed_for = ""
@@ -661,7 +945,7 @@ class WorkerPool:
                     delay,
                 )
             await anyio.sleep(delay)  # backoff between restarts, not event ordering
-            if self._closing:
+            if not self._keeps(w):
                 return
             try:
                 # As at the pool's start: a worker whose setup hangs counts as
@@ -670,6 +954,8 @@ class WorkerPool:
                     await self._spawn(w)
                 return
             except Exception as exc:  # kernel objects refused (ENOSPC...), a timeout: a failed start
+                if not self._keeps(w):
+                    return  # stopped by the pool's close or a resize
                 if isinstance(exc, TimeoutError):
                     exc = WorkerStartError(f"setup did not finish within {_START_TIMEOUT:g} s")
                 w.start_failures += 1
@@ -707,7 +993,7 @@ class WorkerPool:
             if self._shared is not None:
                 # New work goes elsewhere from now on: to another pool on the
                 # bus serving the same subjects (a reload), else NoResponders.
-                for w in self._workers:
+                for w in self._all():
                     if w.link is not None:
                         node.withdraw_link(w.link)
             pending = [f for f in self._requests_to_workers(node) if not f.done()]
@@ -715,7 +1001,7 @@ class WorkerPool:
                 # Let every request the workers have finish, other nodes' too:
                 # those have no future here to wait on (polled, at close only).
                 with anyio.move_on_after(_STOP_TIMEOUT):
-                    while any(w.link is not None and w.link.inflight for w in self._workers):
+                    while any(w.link is not None and w.link.inflight for w in self._all()):
                         await asyncio.sleep(0.01)
             elif pending and drain:
                 # Let this process's requests to the workers finish (their futures
@@ -746,14 +1032,14 @@ class WorkerPool:
                 f.set_exception(BusClosed(why))
             # Requests that other nodes sent them (through a bus given to
             # the pool) fail as the links close: no worker crashed.
-            for w in self._workers:
+            for w in self._all():
                 if w.link is not None:
                     w.link.crash_error, w.link.ending = "ConnectionClosed", "the worker pool closed"
             # Goodbye first: a worker whose link ends without one takes it that
             # this process died (ipcbus.worker).  All at once: N stopped
             # workers must not take N times a link's flush timeout.
-            await say_goodbye([w.link.link for w in self._workers if w.link is not None], "pool closing")
-        for w in self._workers:
+            await say_goodbye([w.link.link for w in self._all() if w.link is not None], "pool closing")
+        for w in self._all():
             proc = w.proc
             if w.state != "ready" and proc is not None and proc.returncode is None:
                 # Still starting (a restart under way): its interpreter may not
@@ -763,14 +1049,14 @@ class WorkerPool:
                 _signal(proc, signal.SIGTERM)
         # One limit for all of them, not one each: N stuck workers take 5 s, not 5N.
         with anyio.move_on_after(_STOP_TIMEOUT):
-            for w in self._workers:
+            for w in self._all():
                 if w.proc is not None:
                     # Not only w.exited: its reaper ran in the node's task group,
                     # gone if the node of a bus given to the pool closed.
                     proc = w.proc
                     await proc.wait()
                     self._reaped(w, proc)
-        for w in self._workers:
+        for w in self._all():
             proc = w.proc
             if proc is not None and proc.returncode is None:
                 log.warning(
@@ -806,6 +1092,23 @@ def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, sig)
+
+
+def _rss(pid: int) -> int | None:
+    """Resident memory of process ``pid`` in bytes (``None``: it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception of an exception group, nested groups opened."""
+    first = group.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 def _how_it_ended(returncode: int | None) -> str:

@@ -22,10 +22,12 @@ __all__ = [
     "WorkerStats",
 ]
 
-WorkerState = Literal["starting", "ready", "crashed", "restarting", "failed", "stopped"]
+WorkerState = Literal["starting", "ready", "crashed", "restarting", "failed", "stopped", "retiring"]
 """Where a pool's worker is: starting (or restarting) its process and setup,
 ready (serving), crashed (gone, a restart to come), restarting (between
-failed restart attempts), failed (given up on) or stopped (the pool closed)."""
+failed restart attempts), failed (given up on), stopped (the pool closed) or
+retiring (replaced by a fresh process, or removed by a resize: finishing what
+it took, then exiting)."""
 
 
 class LinkStats(TypedDict):
@@ -112,6 +114,9 @@ class WorkerStats(TypedDict):
     state: WorkerState
     starts: int
     crashes: int
+    recycles: int
+    """How many times its process was replaced by a fresh one (``WorkerPool.recycle()``,
+    ``max_messages``, ``max_rss``)."""
     last_error: str
     """Why it last crashed or failed to start (empty: never)."""
 

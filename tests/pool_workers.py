@@ -252,3 +252,26 @@ async def setup_streams(bus: ipcbus.Bus) -> None:
         return os.getpid()
 
     await bus.serve("stream", start)
+
+
+async def setup_leaky(bus: ipcbus.Bus) -> None:
+    """``setup``, plus ``leak`` (MiB): keep that much more memory resident for good
+    (a plugin that leaks); answers this worker's pid."""
+    kept: list[bytes] = []
+
+    def leak(mib: int) -> int:
+        kept.append(b"\x01" * (mib << 20))  # written, so resident (not calloc's lazy zero pages)
+        return os.getpid()
+
+    await bus.serve("leak", leak, queue="leak")
+    await setup(bus)
+
+
+async def setup_slow_later_starts(bus: ipcbus.Bus) -> None:
+    """``setup``; every start after the first publishes ``setting.up`` (its pid)
+    and takes ``IPCBUS_TEST_SETUP_SECONDS`` (1) more seconds before it serves."""
+    if _count_start() > 1:
+        await bus.flush()  # the parent's interest has arrived
+        await bus.publish("setting.up", os.getpid())
+        await asyncio.sleep(float(os.environ.get("IPCBUS_TEST_SETUP_SECONDS", "1")))
+    await setup(bus)
