@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # so that `examples.*` imports from any directory
 import ipcbus  # noqa: E402
 from examples.workers import worker_env  # noqa: E402
 
-BUS = f"plugins-{os.getpid()}"
+BUS = "plugin-host"  # a fixed name: its folder under the bus root is reused by every run
 
 
 async def spell_plugin(bus: ipcbus.Bus) -> None:

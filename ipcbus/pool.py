@@ -55,7 +55,9 @@ PoolTransport = Literal["pipe", "shm", "sysv"]
 """What links a pool's parent to its workers (``WorkerPool(transport=)``)."""
 
 _START_TIMEOUT = 30.0
-_COMING_BACK = ("crashed", "restarting", "starting")  # a worker the pool is restarting
+# A worker in a slot that the pool is restarting, or will restart once it has
+# exited ("retiring" in a slot: it was given SIGTERM, see on_notice in _spawn).
+_COMING_BACK = ("crashed", "restarting", "starting", "retiring")
 # The names of the pools running on each node: two of one name would give
 # their workers the same names (in links, logs and errors).
 _POOL_NAMES: weakref.WeakKeyDictionary[Node, set[str]] = weakref.WeakKeyDictionary()
@@ -472,6 +474,12 @@ class WorkerPool:
             elif n.code == "setup_failed":
                 failure.append(n.message)
                 w.ready.set()
+            elif n.code == "stopping" and w.state == "ready" and not self._closing:
+                # Given SIGTERM by someone else (an operator): it drains and exits,
+                # then is restarted; requests for what it serves wait for that.
+                w.state = "retiring"
+                w.served = _served(ls)
+                self._notify()
 
         try:
             ls = await self._node.add_link(
@@ -890,8 +898,9 @@ class WorkerPool:
             if w.link is ls:
                 w.link = None
                 # (Still known here: owners hear of a link's end before its interest goes.)
-                w.served = tuple(k[0] for k in ls.remote_keys if not k[0].startswith("_INBOX."))
-                if self._closing or w.state != "ready":
+                if w.state != "retiring":  # (given SIGTERM: kept from before its services withdrew)
+                    w.served = _served(ls)
+                if self._closing or w.state not in ("ready", "retiring") or w not in self._workers:
                     return
                 if self._node is not None and self._node.closed:
                     # The bus given to the pool closed under it: its workers
@@ -1092,6 +1101,11 @@ def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, sig)
+
+
+def _served(ls: LinkState) -> tuple[str, ...]:
+    """The patterns a worker's link subscribed to (its inbox aside)."""
+    return tuple(k[0] for k in ls.remote_keys if not k[0].startswith("_INBOX."))
 
 
 def _rss(pid: int) -> int | None:

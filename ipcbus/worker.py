@@ -210,6 +210,10 @@ async def _terminate(terminated: asyncio.Event, bus: Bus, ls: LinkState, parent_
     await terminated.wait()
     node, link = bus.node, ls.link
     if not ls.closed.is_set():
+        # Told before the services withdraw: the pool waits for this worker's
+        # restart rather than answering NoResponders meanwhile.
+        with contextlib.suppress(IpcBusError, OSError):
+            link.send_nowait(fr.encode_frame(fr.Notice("stopping", "SIGTERM")))
         with anyio.move_on_after(TERM_DRAIN), contextlib.suppress(IpcBusError):
             await bus._drain_services()
     if ls.closed.is_set() and not ls.said_goodbye:

@@ -1180,6 +1180,25 @@ async def test_a_worker_given_sigterm_answers_what_it_took_and_is_restarted(
     assert "SIGKILL" not in caplog.text
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_requests_wait_for_a_lone_worker_given_sigterm(transport: str) -> None:
+    """While a lone worker given SIGTERM drains (its services withdrawn) and
+    is restarted, a request for its services waits for the new worker
+    instead of failing with NoResponders."""
+    async with WorkerPool(
+        "pool_workers:setup", workers=1, transport=transport, env=worker_env(), restart_backoff=0.01
+    ) as pool:
+        (pid,) = pool.pids
+        req = await a_request_under_way(pool, 1.0)  # holds the drain for a second
+        os.kill(pid, signal.SIGTERM)
+        await wait_until(lambda: pool.stats()["workers"][0]["state"] != "ready")
+        await pool.bus.flush()  # its services' withdrawal, sent before the pong, has arrived
+        assert not pool.bus.node.has_interest("pid")
+        new = (await pool.bus.request("pid", timeout=20)).decode()
+        assert new != pid and pool.pids == [new]
+        assert (await req).decode() == "slept"
+
+
 HANGING_PARENT = textwrap.dedent(
     """
     import asyncio, sys
