@@ -704,9 +704,7 @@ class WorkerPool:
                 del self._workers[n:]
                 self.size = n
                 self._notify()
-                async with anyio.create_task_group() as tg:
-                    for w in gone:
-                        tg.start_soon(self._retire, w, "removed by resize()")
+                await self._retire(gone, "removed by resize()")
             elif n > have:
                 new = [_Worker(i) for i in range(have, n)]
                 self._workers.extend(new)
@@ -720,11 +718,8 @@ class WorkerPool:
                 except BaseException as exc:
                     del self._workers[have:]
                     self.size = have
-                    with anyio.CancelScope(shield=True):
-                        async with anyio.create_task_group() as tg:
-                            for w in new:
-                                tg.start_soon(self._retire, w, "stopped: resize() failed")
                     self._notify()
+                    await self._retire(new, "stopped: resize() failed")
                     if isinstance(exc, TimeoutError):
                         raise WorkerStartError(
                             f"resize() of pool {self.name!r}: new workers did not finish "
@@ -768,19 +763,41 @@ class WorkerPool:
             self.name, w.index, why, w.proc.pid if w.proc else None, nw.proc.pid if nw.proc else None,
         )
         if w.state == "ready":
-            await self._retire(w, why)
+            await self._retire([w], why)
 
-    async def _retire(self, w: _Worker, why: str) -> None:
-        """Take ``w`` (no longer in a slot) out of service: no new work; it
-        answers what it took (up to :data:`_RETIRE_DRAIN` s), is told goodbye
-        and exits (killed if it does not within :data:`_STOP_TIMEOUT` s)."""
-        assert self._node is not None
-        w.state = "retiring"
-        self._extra.append(w)
+    async def _retire(self, ws: list[_Worker], why: str) -> None:
+        """Take workers no longer in a slot out of service, and wait until they exited.
+
+        At once, they get no new work.  Then each answers what it took (up
+        to :data:`_RETIRE_DRAIN` s), is told goodbye and exits (killed if it
+        does not within :data:`_STOP_TIMEOUT` s).  That runs in the node's
+        task group: a caller cancelled meanwhile does not cut it short, and
+        the pool's close (which sees them in :attr:`_extra`) stops them too.
+        """
+        node = self._node
+        assert node is not None
+        for w in ws:
+            w.state = "retiring"
+            self._extra.append(w)
+            if w.link is not None:
+                node.withdraw_link(w.link)
+        done = anyio.Event()
+
+        async def retire_all() -> None:
+            try:
+                async with anyio.create_task_group() as tg:
+                    for w in ws:
+                        tg.start_soon(self._retire_one, w, why)
+            finally:
+                done.set()
+
+        node.task_group.start_soon(retire_all, name=f"ipcbus-retire-{self.name}")
+        await done.wait()
+
+    async def _retire_one(self, w: _Worker, why: str) -> None:
         try:
             ls = w.link
             if ls is not None and not ls.closed.is_set():
-                self._node.withdraw_link(ls)
                 with anyio.move_on_after(_RETIRE_DRAIN):
                     while ls.inflight and not ls.closed.is_set():
                         await asyncio.sleep(0.01)  # as the pool's close drains: polled, off the hot path

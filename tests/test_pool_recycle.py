@@ -126,6 +126,31 @@ async def test_a_request_the_old_worker_took_is_answered_by_it() -> None:
         await wait_exited(old)
 
 
+async def test_a_cancelled_recycle_still_retires_the_old_worker() -> None:
+    """Cancelled while the old worker drains: the new one serves, the old one
+    answers its request and exits all the same."""
+    async with WorkerPool("pool_workers:setup", 1, env=worker_env()) as pool:
+        (old,) = pool.pids
+        started = await pool.bus.subscribe("started")
+        async with anyio.create_task_group() as tg:
+            replies: list[str] = []
+
+            async def slow() -> None:
+                replies.append((await pool.bus.request("slow.sleep", 1.5, timeout=10)).decode())
+
+            tg.start_soon(slow)
+            await started.next(timeout=10)
+            with anyio.move_on_after(20) as scope:
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(pool.recycle)
+                    await wait_until(lambda: pool.pids not in ([], [old]))  # the new one took the slot
+                    inner.cancel_scope.cancel()  # as the old one drains
+            assert not scope.cancelled_caught
+        assert replies == ["slept"]
+        await wait_exited(old)
+        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+
+
 async def test_recycle_one_worker_by_index() -> None:
     async with WorkerPool("pool_workers:setup", 3, env=worker_env()) as pool:
         before = pool.pids
