@@ -94,6 +94,8 @@ class _Worker:
     successor: _Worker | None = None  # a fresh process starting to take its place (recycle)
     recycle_after: float = 0.0  # monotonic time before which it is not recycled again (a failed try)
     rss_exempt: bool = False  # over max_rss as it started: recycling it would not help
+    spawning: asyncio.Event | None = None  # set once the start under way (_spawn) is over
+    removed: bool = False  # out of its slot for good (replaced, or removed by a resize)
 
 
 class WorkerPool:
@@ -377,10 +379,22 @@ class WorkerPool:
         """Start worker ``w`` and wait until its setup finished (or failed).
 
         ``replacing``: the worker whose slot ``w`` takes once ready (a recycle);
-        it is withdrawn from routing at that moment (see :meth:`_replace`)."""
+        it is withdrawn from routing at that moment (see :meth:`_replace`).
+        A worker removed from the pool meanwhile (:meth:`resize`) is stopped
+        again and raises :class:`~ipcbus.errors.WorkerStartError`.
+        """
+        done = w.spawning = asyncio.Event()
+        try:
+            await self._start_process(w, replacing)
+        finally:
+            w.spawning = None
+            done.set()
+
+    async def _start_process(self, w: _Worker, replacing: _Worker | None) -> None:
         assert self._node is not None
         w.ready = asyncio.Event()
         w.exited = asyncio.Event()
+        w.proc = None  # (the previous one is reaped: a late _reaped() of it must not set the new event)
         w.state = "starting"
         w.starts += 1
         link: Link
@@ -490,6 +504,8 @@ class WorkerPool:
         ls.on_notice = on_notice
         w.link = ls
         async with anyio.create_task_group() as tg:
+            if w.removed:  # by a resize, as it started: not waited for
+                tg.cancel_scope.cancel()
 
             async def wait_ready() -> None:
                 await w.ready.wait()
@@ -509,6 +525,11 @@ class WorkerPool:
             self._closing or w.index >= len(self._workers) or self._workers[w.index] is not replacing
         ):
             failure.append("the pool closed while it started")
+        if w.removed:
+            # Removed from the pool as it started (while this waited, or
+            # before): not left running.  (_retire_one waits for this.)
+            await self._end_process(w, _EXIT_WAIT)
+            raise WorkerStartError(f"worker {w.index} of pool {self.name!r} was removed as it started")
         if failure or not w.ready.is_set():
             if not failure:
                 await w.exited.wait()
@@ -778,6 +799,7 @@ class WorkerPool:
         assert node is not None
         for w in ws:
             w.state = "retiring"
+            w.removed = True
             self._extra.append(w)
             if w.link is not None:
                 node.withdraw_link(w.link)
@@ -796,17 +818,23 @@ class WorkerPool:
 
     async def _retire_one(self, w: _Worker, why: str) -> None:
         try:
-            ls = w.link
-            if ls is not None and not ls.closed.is_set():
-                with anyio.move_on_after(_RETIRE_DRAIN):
-                    while ls.inflight and not ls.closed.is_set():
-                        await asyncio.sleep(0.01)  # as the pool's close drains: polled, off the hot path
-                ls.crash_error = "ConnectionClosed"
-                ls.ending = f"worker {w.index} of pool {self.name!r} was {why} before answering"
-                await say_goodbye([ls.link], f"worker {why}")
-            elif w.proc is not None:
-                _signal(w.proc, signal.SIGTERM)  # still starting: it has no link to be told on
-            await self._end_process(w, _STOP_TIMEOUT)
+            while True:
+                ls = w.link
+                if ls is not None and not ls.closed.is_set():
+                    with anyio.move_on_after(_RETIRE_DRAIN):
+                        while ls.inflight and not ls.closed.is_set():
+                            await asyncio.sleep(0.01)  # as the pool's close drains: polled, off the hot path
+                    ls.crash_error = "ConnectionClosed"
+                    ls.ending = f"worker {w.index} of pool {self.name!r} was {why} before answering"
+                    await say_goodbye([ls.link], f"worker {why}")
+                elif w.proc is not None:
+                    _signal(w.proc, signal.SIGTERM)  # still starting: it has no link to be told on
+                await self._end_process(w, _STOP_TIMEOUT)
+                if w.spawning is None:
+                    break
+                # A restart was under way (after a crash): the process it
+                # starts sees the worker removed and stops; then look again.
+                await w.spawning.wait()
         finally:
             self._extra.remove(w)
             w.state = "stopped"
@@ -817,7 +845,7 @@ class WorkerPool:
         proc = w.proc
         if proc is None:
             return
-        if w.link is not None and w.state != "retiring":  # a failed replacement: no goodbye said
+        if w.link is not None and not w.link.closed.is_set():
             await say_goodbye([w.link.link], "worker not needed")
         with anyio.move_on_after(grace):
             await proc.wait()
@@ -845,8 +873,13 @@ class WorkerPool:
                         continue
                     try:
                         await self._replace(w, why)
-                    except WorkerStartError as exc:
-                        w.recycle_after = time.monotonic() + self.max_backoff
+                    except Exception as exc:  # its replacement failed to start (or the pool closes)
+                        # Never out of this task: it runs in the node's task
+                        # group, whose failure would close the node (a bus given
+                        # to the pool, too).
+                        if self._closing or isinstance(exc, BusClosed):
+                            return
+                        w.recycle_after = time.monotonic() + min(max(self.max_backoff, 1.0), 60.0)
                         w.last_error = f"recycling it failed ({exc}); it keeps running"
                         log.warning("pool %s: %s", self.name, exc)
 

@@ -7,9 +7,11 @@ Real worker processes over every pool transport.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -266,6 +268,48 @@ async def test_resize_grows_and_shrinks_without_a_failed_request() -> None:
         assert [w["index"] for w in pool.stats()["workers"]] == [0]
         await pool.resize(2)  # index 1 again, a new process
         assert len(pool.pids) == 2 and pool.stats()["workers"][1]["state"] == "ready"
+
+
+async def test_shrinking_while_a_removed_worker_restarts_stops_its_new_process(tmp_path: Path) -> None:
+    """Worker 1 crashed and its restart is in its setup as resize(1) removes
+    it: that process stops too (no worker left serving outside the pool)."""
+    env = worker_env(IPCBUS_TEST_MARKER=str(tmp_path / "starts"))
+    async with WorkerPool("pool_workers:setup_slow_later_starts", 2, env=env) as pool:
+        first, second = pool.pids
+        setting_up = await pool.bus.subscribe("setting.up")
+        os.kill(second, 9)
+        restarting = (await setting_up.next(timeout=10)).decode(int)
+        await pool.resize(1)
+        await wait_exited(restarting)
+        assert pool.pids == [first] and running_children() == {first}
+        assert len(pool.stats()["workers"]) == 1
+        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+
+
+async def test_shrinking_as_a_removed_workers_restart_forks_stops_its_new_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same, with resize(1) done while the restart creates its process
+    (held there by the test, a window of a few ms otherwise)."""
+    real = asyncio.create_subprocess_exec
+    gate, forking = asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        forking.set()
+        await gate.wait()
+        return await real(*args, **kwargs)
+
+    async with WorkerPool("pool_workers:setup", 2, env=worker_env()) as pool:
+        first, second = pool.pids
+        monkeypatch.setattr(asyncio, "create_subprocess_exec", held)
+        os.kill(second, 9)
+        await forking.wait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.resize, 1)
+            await wait_until(lambda: len(pool.stats()["workers"]) == 1)
+            gate.set()
+        assert pool.pids == [first] and running_children() == {first}
+        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
 
 
 async def test_a_resize_whose_new_worker_fails_keeps_the_size(tmp_path: Path) -> None:
