@@ -222,6 +222,27 @@ async def test_max_messages_recycles_a_worker_that_was_sent_that_many() -> None:
         assert pool.stats()["workers"][0]["recycles"] >= 2
 
 
+async def test_closing_a_pool_on_a_given_bus_as_a_limit_recycles_leaves_the_bus_open(
+    bus_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    env = worker_env(IPCBUS_TEST_MARKER=str(tmp_path / "starts"), IPCBUS_TEST_SETUP_SECONDS="30")
+    async with (
+        ipcbus.Hub(bus_name, transports=("fifo",)),
+        ipcbus.connect(bus_name, transport="fifo", name="host") as host,
+    ):
+        pool = WorkerPool("pool_workers:setup_slow_later_starts", 1, env=env, bus=host, max_messages=5)
+        async with pool:
+            setting_up = await host.subscribe("setting.up")
+            for _ in range(6):
+                await host.request("echo", b"x", timeout=10)
+            new = (await setting_up.next(timeout=10)).decode(int)  # its replacement is starting
+        await wait_exited(new)
+        assert not host.closed
+        await host.serve("host.ok", lambda m: "ok")
+        assert (await host.request("host.ok", timeout=5)).decode() == "ok"
+    assert "background task failed" not in caplog.text
+
+
 async def test_max_rss_recycles_a_worker_whose_memory_grew(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "ipcbus.pool")
     async with WorkerPool("pool_workers:setup_leaky", 1, env=worker_env(), max_rss=200 << 20) as pool:
