@@ -519,6 +519,19 @@ class LinkState:
         self.notices: collections.deque[fr.Notice] = collections.deque(maxlen=100)
         self.pongs: dict[int, asyncio.Future[None]] = {}
         self.on_notice: Callable[[fr.Notice], None] | None = None
+        self.control_out = 0  # frames that carry no message (send_control)
+
+    def send_control(self, frame: bytes) -> None:
+        """Send a frame that carries no message (interest, ping, pong, notice):
+        counted apart, see :attr:`messages_out`."""
+        self.control_out += 1
+        self.link.send_nowait(frame)
+
+    @property
+    def messages_out(self) -> int:
+        """Messages written to this link (requests, replies, published
+        messages): its frames, less those :meth:`send_control` sent."""
+        return self.link.info.msgs_out - self.control_out
 
     @property
     def busy(self) -> int:
@@ -808,10 +821,10 @@ class Node:
         ls = LinkState(self, link, name, crash_error)
         ls.held = held
         try:
-            link.send_nowait(_encode(self.hello()))
+            ls.send_control(_encode(self.hello()))
             for key, total in self._totals.items():
                 if total > 0:
-                    link.send_nowait(_encode(fr.Sub(key[0], key[1])))
+                    ls.send_control(_encode(fr.Sub(key[0], key[1])))
         except ConnectionClosed as exc:  # it broke already: the peer is gone
             await link.aclose()
             raise ConnectionClosed(
@@ -1131,10 +1144,10 @@ class Node:
             try:
                 if before == 0 and after > 0:
                     sub = sub or _encode(fr.Sub(key[0], key[1]))
-                    ls.link.send_nowait(sub)
+                    ls.send_control(sub)
                 elif before > 0 and after == 0:
                     unsub = unsub or _encode(fr.Unsub(key[0], key[1]))
-                    ls.link.send_nowait(unsub)
+                    ls.send_control(unsub)
             except ConnectionClosed:
                 pass
 
@@ -1729,7 +1742,7 @@ class Node:
 
     def _send_drop_notice(self, ls: LinkState) -> None:
         """Tell the peer how many messages were dropped for it (``slow_consumer`` notice)."""
-        ls.link.send_nowait(
+        ls.send_control(
             _encode(
                 fr.Notice(
                     "slow_consumer",
@@ -1877,7 +1890,7 @@ class Node:
             self._remote_unsub(ls, (frame.subject, frame.queue))
         elif t is fr.Ping:
             assert isinstance(frame, fr.Ping)
-            ls.link.send_nowait(_encode(fr.Pong(frame.token)))
+            ls.send_control(_encode(fr.Pong(frame.token)))
         elif t is fr.Pong:
             assert isinstance(frame, fr.Pong)
             fut = ls.pongs.pop(frame.token, None)
@@ -2339,7 +2352,7 @@ class Node:
             for i in range(0, len(replies), per):
                 notice = fr.Notice("gave_up", subjects=tuple(replies[i : i + per]))
                 with contextlib.suppress(ConnectionClosed, FrameTooLarge):
-                    ls.link.send_nowait(_encode(notice))
+                    ls.send_control(_encode(notice))
 
     async def flush(self, timeout: float | None = 10.0) -> None:
         """Wait until every link's peer has processed everything sent so far.
@@ -2381,7 +2394,7 @@ class Node:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         ls.pongs[token] = fut
         try:
-            ls.link.send_nowait(_encode(fr.Ping(token)))
+            ls.send_control(_encode(fr.Ping(token)))
         except BaseException:
             del ls.pongs[token]
             raise

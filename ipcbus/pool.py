@@ -542,7 +542,7 @@ class WorkerPool:
         w.state = "ready"
         w.ready_at = time.monotonic()
         w.start_failures = 0
-        w.msgs_at_ready = ls.link.info.msgs_out
+        w.msgs_at_ready = ls.messages_out
         if self.max_rss is not None:
             rss = _rss(proc.pid)
             w.rss_exempt = rss is not None and rss >= self.max_rss
@@ -889,7 +889,7 @@ class WorkerPool:
         if w.state != "ready" or ls is None or w.proc is None:
             return None
         if self.max_messages is not None:
-            sent = ls.link.info.msgs_out - w.msgs_at_ready
+            sent = ls.messages_out - w.msgs_at_ready
             if sent >= self.max_messages:
                 return f"recycled after {sent} messages (max_messages={self.max_messages})"
         if check_rss and self.max_rss is not None and not w.rss_exempt:

@@ -222,6 +222,29 @@ async def test_max_messages_recycles_a_worker_that_was_sent_that_many() -> None:
         assert pool.stats()["workers"][0]["recycles"] >= 2
 
 
+async def test_max_messages_counts_messages_not_the_pools_pings() -> None:
+    """With hang_timeout, the parent pings each worker: frames, not messages."""
+    async with WorkerPool(
+        "pool_workers:setup", 1, env=worker_env(), max_messages=5, hang_timeout=0.1
+    ) as pool:
+        (pid,) = pool.pids
+
+        def frames_out() -> int:
+            node = pool.stats()["node"]
+            assert node is not None
+            return sum(link["msgs_out"] for link in node["links"])
+
+        for _ in range(4):
+            await pool.bus.request("echo", b"x", timeout=10)
+        sent = frames_out()
+        await wait_until(lambda: frames_out() >= sent + 20)  # 20 pings (and pongs came back)
+        assert running_children() == {pid}  # no replacement starting either
+        assert pool.stats()["workers"][0]["recycles"] == 0
+        await pool.bus.request("echo", b"x", timeout=10)  # the fifth message
+        await wait_until(lambda: pool.stats()["workers"][0]["recycles"] == 1)
+        await wait_exited(pid)
+
+
 async def test_closing_a_pool_on_a_given_bus_as_a_limit_recycles_leaves_the_bus_open(
     bus_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture  # noqa: F811
 ) -> None:
