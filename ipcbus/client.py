@@ -343,6 +343,7 @@ class Service:
         # Async handlers running, each in a cancel scope of its own: cancelling
         # one task of an anyio task group outright would cancel the whole group.
         self._handling: dict[asyncio.Task[Any], anyio.CancelScope] = {}
+        self._answering: set[asyncio.Task[Any]] = set()  # those of _handling with a requester
         self._stopped = False  # its bus closed: handlers still running were cancelled
         self._forget_when_idle = False  # drained from its own handler: let go once none runs
         sub._core.serving = True
@@ -434,9 +435,12 @@ class Service:
         try:
             with anyio.CancelScope() as scope:
                 self._handling[task] = scope
+                if m.reply is not None:
+                    self._answering.add(task)
                 await self._complete(m, lambda: self.handler(self._arg(m)))
         finally:
             self._handling.pop(task, None)
+            self._answering.discard(task)
             self._limiter.release()
             self._leave()
 
@@ -585,6 +589,18 @@ class Service:
         for task in list(self._finishing):  # plain tasks, in no task group
             if task is not spare:
                 task.cancel()
+
+    def _drop_requests(self) -> None:
+        """Nobody waits for this service's answers any more (a pool worker whose
+        parent closed the link, after waiting for what it had asked): cancel
+        the handlers answering requests and drop the requests still queued.
+        Handlers of published messages go on (see :meth:`drain`)."""
+        core = self.subscription._core
+        for f in [f for f in core.pending if f.reply is not None]:
+            core.pending.remove(f)
+            core._pending_bytes -= len(f.payload)
+        for task in list(self._answering):
+            self._handling[task].cancel()
 
     def _closed_status(self, reply: str | None) -> None:
         """Answer ``reply`` with a ``closed`` status: this service will not answer it."""

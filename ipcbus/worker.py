@@ -162,6 +162,15 @@ async def run_worker(
                 with contextlib.suppress(ConnectionClosed):
                     link.send_nowait(fr.encode_frame(fr.Notice("ready")))
             await ls.closed.wait()
+            if ls.said_goodbye and not node.closed and not terminated.is_set():
+                # The pool closes, or retires this worker (recycle, resize),
+                # after waiting for the requests it sent here: one still being
+                # answered was given up on there.  The handlers of published
+                # messages still running finish before the exit.
+                for svc in list(bus._services):
+                    svc._drop_requests()
+                with anyio.move_on_after(TERM_DRAIN), contextlib.suppress(IpcBusError):
+                    await bus._drain_services()
             # The plugin closed its bus (and with it the node and the link):
             # the parent lives on and sees this worker go.
             plugin_closed = node.closed and not terminated.is_set()

@@ -275,3 +275,22 @@ async def setup_slow_later_starts(bus: ipcbus.Bus) -> None:
         await bus.publish("setting.up", os.getpid())
         await asyncio.sleep(float(os.environ.get("IPCBUS_TEST_SETUP_SECONDS", "1")))
     await setup(bus)
+
+
+async def setup_notes(bus: ipcbus.Bus) -> None:
+    """``setup``, plus ``note`` (seconds), a published message (no reply): say
+    ``started`` (its pid), take that long, then append a line to the file
+    ``IPCBUS_TEST_MARKER`` names."""
+
+    async def note(seconds: float) -> None:
+        await bus.publish("started", os.getpid())
+        await bus.flush()
+        await asyncio.sleep(seconds)
+        fd = os.open(os.environ["IPCBUS_TEST_MARKER"], os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+        try:
+            os.write(fd, f"{os.getpid()} noted\n".encode())
+        finally:
+            os.close(fd)
+
+    await bus.serve("note", note)
+    await setup(bus)

@@ -19,6 +19,7 @@ from test_hub import bus_name  # noqa: F401  (a fixture: a bus name no other tes
 from test_pool import TRANSPORTS, wait_exited, wait_until, worker_env
 
 import ipcbus
+import ipcbus.pool as pool_module
 from ipcbus import BusClosed, WorkerCrashed, WorkerPool, WorkerStartError
 
 
@@ -151,6 +152,45 @@ async def test_a_cancelled_recycle_still_retires_the_old_worker() -> None:
         assert replies == ["slept"]
         await wait_exited(old)
         assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+
+
+@pytest.mark.parametrize("how", ["recycle", "close"])
+async def test_a_published_message_the_old_worker_is_handling_is_finished(tmp_path: Path, how: str) -> None:
+    """A handler of a published message (no reply to wait for) still running
+    as the worker is retired, or as the pool closes, finishes before the exit."""
+    marker = tmp_path / "notes"
+    env = worker_env(IPCBUS_TEST_MARKER=str(marker))
+    async with WorkerPool("pool_workers:setup_notes", 1, env=env) as pool:
+        (old,) = pool.pids
+        started = await pool.bus.subscribe("started")
+        await pool.bus.publish("note", 0.5)
+        assert (await started.next(timeout=10)).decode() == old
+        if how == "recycle":
+            await pool.recycle()
+    await wait_exited(old)
+    assert marker.read_text() == f"{old} noted\n"
+
+
+async def test_at_close_a_request_given_up_on_is_cancelled_and_a_message_handler_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pool waited (here 1 s) for the request, then failed it: its handler
+    is cancelled at the goodbye, and does not hold the worker's exit."""
+    monkeypatch.setattr(pool_module, "_STOP_TIMEOUT", 1.0)
+    marker = tmp_path / "notes"
+    env = worker_env(IPCBUS_TEST_MARKER=str(marker))
+    async with WorkerPool("pool_workers:setup_notes", 1, env=env) as pool:
+        (pid,) = pool.pids
+        started = await pool.bus.subscribe("started")
+        hang = asyncio.ensure_future(pool.bus.request("slow.hang", timeout=30))
+        await started.next(timeout=10)
+        await pool.bus.publish("note", 0.5)
+        await started.next(timeout=10)
+    with pytest.raises(BusClosed):
+        await hang
+    await wait_exited(pid)
+    assert "killing it" not in caplog.text
+    assert marker.read_text() == f"{pid} noted\n"
 
 
 async def test_recycle_one_worker_by_index() -> None:
