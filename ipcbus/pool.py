@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -663,16 +663,17 @@ class WorkerPool:
             raise BusClosed(f"the bus of worker pool {self.name!r} is closed: its workers are stopped")
         return self._node
 
-    async def recycle(self, workers: int | list[int] | None = None) -> None:
+    async def recycle(self, workers: int | Iterable[int] | None = None) -> None:
         """Replace workers with fresh processes, one at a time, without failing a request.
 
         ``workers``: an index or a list of them (default: every worker).  For
         each, a new process starts and runs the setup again (importing the
         target's module afresh: new plugin code takes effect); once it is
         ready it takes the slot, and the old process gets no more work,
-        answers what it took (for up to 30 s) and exits.  A worker that is
-        not ready (being restarted after a crash) is skipped: it gets a fresh
-        process anyway.
+        answers what it took (for up to 30 s) and exits.  A worker being
+        restarted after a crash is skipped (it gets a fresh process anyway);
+        one given up on (``failed``) is started again, so that once its
+        plugin code is fixed, ``recycle()`` brings it back.
 
         Raises :class:`~ipcbus.errors.WorkerStartError` if a new process
         fails to start (the old one keeps serving; later workers are not
@@ -685,9 +686,9 @@ class WorkerPool:
         if workers is None:
             indexes = list(range(size))
         else:
-            given = [workers] if isinstance(workers, int) and not isinstance(workers, bool) else workers
-            if not isinstance(given, list):
-                raise TypeError(f"workers must be an int or a list of ints (worker indexes), not {workers!r}")
+            given: Iterable[object] = [workers]  # one index (checked below, as each of a list)
+            if isinstance(workers, Iterable) and not isinstance(workers, str | bytes):
+                given = workers
             indexes = [check_count("worker index", i, 0) for i in given]
             wrong = [i for i in indexes if i >= size]
             if wrong:
@@ -697,8 +698,30 @@ class WorkerPool:
         async with self._replacing:
             for i in indexes:
                 self._check_running()
-                if i < len(self._workers) and self._workers[i].state == "ready":
-                    await self._replace(self._workers[i], "recycled")
+                w = self._workers[i] if i < len(self._workers) else None
+                if w is not None and w.state == "ready":
+                    await self._replace(w, "recycled")
+                elif w is not None and w.state == "failed":
+                    await self._revive(w)
+
+    async def _revive(self, w: _Worker) -> None:
+        """Start ``w``, given up on after failed restarts, once more (:meth:`recycle`)."""
+        w.start_failures = 0
+        try:
+            with anyio.fail_after(_START_TIMEOUT):
+                await self._spawn(w)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._end_process(w, _EXIT_WAIT)
+            w.state = self._start_failed
+            if isinstance(exc, TimeoutError):
+                raise WorkerStartError(
+                    f"worker {w.index} of pool {self.name!r}: its new start did not finish "
+                    f"{self.target!r} within {_START_TIMEOUT:g} s"
+                ) from None
+            raise
+        log.info("pool %s: worker %d, given up on before, started again (pid %d)",
+                 self.name, w.index, w.proc.pid if w.proc else -1)
 
     async def resize(self, workers: int) -> None:
         """Grow or shrink the pool to ``workers`` workers.
@@ -741,6 +764,10 @@ class WorkerPool:
                     self.size = have
                     self._notify()
                     await self._retire(new, "stopped: resize() failed")
+                    if self._closing:
+                        raise BusClosed(
+                            f"worker pool {self.name!r} closed while resize() started new workers"
+                        ) from None
                     if isinstance(exc, TimeoutError):
                         raise WorkerStartError(
                             f"resize() of pool {self.name!r}: new workers did not finish "
@@ -781,7 +808,8 @@ class WorkerPool:
             self._extra.remove(nw)
         log.info(
             "pool %s: worker %d %s: pid %s replaced by pid %s",
-            self.name, w.index, why, w.proc.pid if w.proc else None, nw.proc.pid if nw.proc else None,
+            self.name, w.index, why if w.state == "ready" else "(it ended meanwhile)",
+            w.proc.pid if w.proc else None, nw.proc.pid if nw.proc else None,
         )
         if w.state == "ready":
             await self._retire([w], why)
@@ -962,8 +990,8 @@ class WorkerPool:
                 w.crashes += 1
                 if w.successor is not None:
                     # A fresh process is starting for its slot: no restart (see _replace).
-                    w.last_error = f"its link closed as it was being replaced: {ls.close_reason}"
-                    log.warning("pool %s: worker %d %s", self.name, w.index, w.last_error)
+                    w.last_error = f"it ended as it was being replaced: {ls.close_reason}"
+                    log.warning("pool %s: worker %d: %s", self.name, w.index, w.last_error)
                     return
                 assert self._node is not None
                 self._node.task_group.start_soon(self._restart, w)

@@ -199,7 +199,7 @@ async def test_recycle_one_worker_by_index() -> None:
         await pool.recycle(1)
         after = pool.pids
         assert after[0] == before[0] and after[2] == before[2] and after[1] != before[1]
-        await pool.recycle([2, 0])
+        await pool.recycle((2, 0.0))  # any iterable; a whole float as resize() takes one
         assert [w["recycles"] for w in pool.stats()["workers"]] == [1, 1, 1]
         assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
 
@@ -216,6 +216,26 @@ async def test_a_replacement_that_fails_to_start_leaves_the_worker_serving(tmp_p
         await pool.recycle()  # the third start works
         assert pool.pids != [old]
         await wait_exited(old)
+
+
+async def test_recycle_starts_a_worker_given_up_on_again(tmp_path: Path) -> None:
+    """Its restarts crashed until the pool gave up; once the plugin is fixed,
+    recycle() brings it back (and says so while it is still broken)."""
+    marker = tmp_path / "started-once"  # pool_workers._first_start: a restart crashes while it exists
+    env = worker_env(IPCBUS_TEST_MARKER=str(marker))
+    async with WorkerPool(
+        "pool_workers:setup_crash_on_restart", 1, env=env, restart_backoff=0.01, max_start_failures=2
+    ) as pool:
+        (pid,) = pool.pids
+        os.kill(pid, 9)
+        await wait_until(lambda: pool.stats()["workers"][0]["state"] == "failed")
+        with pytest.raises(WorkerStartError, match="exited with code 4"):
+            await pool.recycle()
+        assert pool.stats()["workers"][0]["state"] == "failed" and pool.pids == []
+        marker.unlink()  # the fix
+        await pool.recycle()
+        assert pool.stats()["workers"][0]["state"] == "ready" and len(pool.pids) == 1
+        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
 
 
 async def test_a_worker_that_dies_while_its_replacement_starts_is_not_restarted_too(
@@ -436,10 +456,12 @@ async def test_bad_recycle_and_resize_calls() -> None:
         for bad, error, match in [
             (2, ValueError, "no worker 2 in pool 'pool': its workers are 0 to 1"),
             ([0, 7], ValueError, "no worker 7"),
+            ((7,), ValueError, "no worker 7"),
             (-1, ValueError, "worker index must be at least 0"),
-            ("0", TypeError, "workers must be an int or a list of ints"),
-            ([0.5], TypeError, "worker index must be an int"),
-            (True, TypeError, "workers must be an int or a list of ints"),
+            ("0", TypeError, "worker index must be an int, not '0'"),
+            ([0.5], TypeError, "worker index must be an int, not 0.5"),
+            (True, TypeError, "worker index must be an int, not True"),
+            (object(), TypeError, "worker index must be an int, not <object"),
         ]:
             with pytest.raises(error, match=match):
                 await pool.recycle(bad)  # type: ignore[arg-type]
@@ -459,9 +481,11 @@ async def test_bad_recycle_and_resize_calls() -> None:
         await pool.resize(1)
 
 
-async def test_closing_the_pool_while_a_replacement_starts(tmp_path: Path) -> None:
-    """The close stops the old worker and the one starting for its slot; the
-    recycle() waiting on it raises BusClosed."""
+@pytest.mark.parametrize("call", ["recycle", "resize"])
+async def test_closing_the_pool_while_a_replacement_starts(tmp_path: Path, call: str) -> None:
+    """The close stops the old worker and the one starting for its slot (or
+    the new one resize() starts); the recycle() or resize() waiting on it
+    raises BusClosed."""
     env = worker_env(IPCBUS_TEST_MARKER=str(tmp_path / "starts"), IPCBUS_TEST_SETUP_SECONDS="30")
     pool = WorkerPool("pool_workers:setup_slow_later_starts", 1, env=env)
     async with pool:
@@ -471,7 +495,7 @@ async def test_closing_the_pool_while_a_replacement_starts(tmp_path: Path) -> No
 
         async def recycle() -> None:
             try:
-                await pool.recycle()
+                await (pool.recycle() if call == "recycle" else pool.resize(2))
             except BaseException as exc:
                 recycling.append(exc)
 
