@@ -12,7 +12,11 @@ puts two kinds of plugins on that one node, each in a pool of its own
 Then a separate program (here a second client of the same hub) asks
 ``render``: hub -> host -> a render plugin -> host -> a spell plugin and back.
 A render plugin whose handler blocks its event loop is found hung
-(``hang_timeout``), killed and restarted. Run it from the repository root::
+(``hang_timeout``), killed and restarted. Last, the host changes its
+configuration and reloads the spell plugins with it (``recycle()``: one
+process after the other, each new one ready before the old one stops), while
+the other program keeps asking: no request fails. Run it from the
+repository root::
 
     python examples/plugin_host.py
 """
@@ -29,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so that `examples.*` imports from any directory
 
 import ipcbus  # noqa: E402
-from examples.workers import worker_env  # noqa: E402
+from examples.workers import requests_during, worker_env  # noqa: E402
 
 BUS = "plugin-host"  # a fixed name: its folder under the bus root is reused by every run
 
@@ -64,10 +68,13 @@ async def main() -> int:
         ipcbus.Hub(BUS, transports=("fifo",)),
         ipcbus.connect(BUS, transport="fifo", name="host") as host,
     ):
-        await host.serve("host.config", lambda key: ["the", "cat", "sat", "on", "mat"])
+        words = ["the", "cat", "sat", "on", "mat"]
+        await host.serve("host.config", lambda key: words)  # read by each plugin as it starts
         env = worker_env()
         async with (
-            ipcbus.WorkerPool("examples.plugin_host:spell_plugin", 2, name="spell", env=env, bus=host),
+            ipcbus.WorkerPool(
+                "examples.plugin_host:spell_plugin", 2, name="spell", env=env, bus=host
+            ) as spell,
             ipcbus.WorkerPool(
                 "examples.plugin_host:render_plugin", 2, name="render", env=env, bus=host,
                 hang_timeout=1.0,
@@ -93,6 +100,15 @@ async def main() -> int:
                 page = (await app.request("render", "on the mat", timeout=10)).decode(str)
                 print(f"app: {page}")
                 ok &= page.startswith("<p>on the mat</p>")
+
+                # A new configuration: reload the spell plugins while the app asks on.
+                words.append("teh")
+                asked, failed = await requests_during(app, "render", "the cat", spell.recycle())
+                print(f"host: spell plugins reloaded, {asked} requests meanwhile, {failed} failed")
+                ok &= asked > 0 and failed == 0
+                page = (await app.request("render", "teh mat", timeout=10)).decode(str)
+                print(f"app: {page}")
+                ok &= page.startswith("<p>teh mat</p>")
         print(f"host: plugins stopped; the host's bus is still open: {not host.closed}")
         ok &= not host.closed
     print("all steps as expected:", "yes" if ok else "NO")

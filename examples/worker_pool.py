@@ -32,7 +32,6 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT))  # so that `examples.workers` imports from any dir
 
 import ipcbus  # noqa: E402
 from examples import workers  # noqa: E402
-from examples.workers import Image, Resized, worker_env  # noqa: E402
+from examples.workers import Image, Resized, requests_during, worker_env  # noqa: E402
 
 WORKERS = 3
 
@@ -86,29 +85,6 @@ async def wait_until_ready(pool: ipcbus.WorkerPool, timeout: float = 8.0) -> Non
         if time.monotonic() > deadline:
             raise TimeoutError(f"pool did not recover within {timeout} s: {pool.stats()['workers']}")
         await asyncio.sleep(0.05)  # the pool has no "worker restarted" event: poll its state
-
-
-async def under_load(pool: ipcbus.WorkerPool, change: Awaitable[None]) -> tuple[int, int]:
-    """Keep 8 requesters asking `pid` while ``change`` runs: (answered, failed)."""
-    answered = failed = 0
-    done = asyncio.Event()
-
-    async def ask() -> None:
-        nonlocal answered, failed
-        while not done.is_set():
-            try:
-                await pool.bus.request("pid", timeout=5)
-                answered += 1
-            except ipcbus.IpcBusError:
-                failed += 1
-
-    askers = [asyncio.create_task(ask()) for _ in range(8)]
-    try:
-        await change
-    finally:
-        done.set()
-        await asyncio.gather(*askers)
-    return answered, failed
 
 
 async def main() -> int:
@@ -168,13 +144,13 @@ async def main() -> int:
 
         # 6. A rolling reload, then a resize, with requests coming throughout.
         before = set(pool.pids)
-        answered, failed = await under_load(pool, pool.recycle())
+        answered, failed = await requests_during(pool.bus, "pid", b"", pool.recycle(), askers=8)
         print(f"recycled every worker: {sorted(before)} -> {sorted(pool.pids)}; "
               f"{answered} requests meanwhile, {failed} failed")
         ok &= not before & set(pool.pids) and failed == 0 and answered > 0
         await pool.resize(4)
         grown = len(pool.pids)
-        answered, failed = await under_load(pool, pool.resize(3))
+        answered, failed = await requests_during(pool.bus, "pid", b"", pool.resize(3), askers=8)
         total = answered + failed
         print(f"resized to {grown} workers, then back to {len(pool.pids)}: {failed} of {total} failed")
         ok &= grown == 4 and len(pool.pids) == 3 and failed == 0

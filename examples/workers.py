@@ -2,11 +2,15 @@
 
 Run by `examples/worker_pool.py` and `examples/sysv_pool.py`; a WorkerPool imports
 it as "examples.workers:setup" (or "workers:setup" when started from this directory).
+Also the examples' shared helpers: `worker_env()`, and `requests_during()`, the
+load kept up while a pool recycles or resizes its workers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Awaitable
 from pathlib import Path
 
 import msgspec
@@ -46,3 +50,29 @@ def worker_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parent.parent)
     paths = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+async def requests_during(
+    bus: ipcbus.Bus, subject: str, data: object, change: Awaitable[None], askers: int = 4
+) -> tuple[int, int]:
+    """Keep ``askers`` requesters asking ``subject`` while ``change`` runs
+    (a recycle, a resize): return how many requests were answered and failed."""
+    answered = failed = 0
+    done = asyncio.Event()
+
+    async def ask() -> None:
+        nonlocal answered, failed
+        while not done.is_set():
+            try:
+                await bus.request(subject, data, timeout=10)
+                answered += 1
+            except ipcbus.IpcBusError:
+                failed += 1
+
+    tasks = [asyncio.create_task(ask()) for _ in range(askers)]
+    try:
+        await change
+    finally:
+        done.set()
+        await asyncio.gather(*tasks)
+    return answered, failed
