@@ -265,7 +265,8 @@ class WorkerPool:
         return [w.proc.pid for w in self._workers if w.proc is not None and w.state == "ready"]
 
     def stats(self) -> PoolStats:
-        """Per-worker state, restarts and crashes, plus the node's counters."""
+        """Per-worker state, restarts, crashes and recycles, the messages it was
+        sent and its resident memory, plus the node's counters."""
         return {
             "workers": [
                 {
@@ -275,6 +276,8 @@ class WorkerPool:
                     "starts": w.starts,
                     "crashes": w.crashes,
                     "recycles": w.recycles,
+                    "messages": w.link.messages_out - w.msgs_at_ready if w.link and w.state == "ready" else 0,
+                    "rss": _rss(w.proc.pid) if w.proc and w.proc.returncode is None else None,
                     "last_error": w.last_error,
                 }
                 for w in self._workers

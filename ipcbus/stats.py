@@ -117,6 +117,11 @@ class WorkerStats(TypedDict):
     recycles: int
     """How many times its process was replaced by a fresh one (``WorkerPool.recycle()``,
     ``max_messages``, ``max_rss``)."""
+    messages: int
+    """Messages sent to the current process since it became ready (what ``max_messages`` counts)."""
+    rss: int | None
+    """The current process's resident memory in bytes (what ``max_rss`` reads); ``None``
+    with no process running."""
     last_error: str
     """Why it last crashed or failed to start (empty: never)."""
 

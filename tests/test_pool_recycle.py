@@ -296,6 +296,7 @@ async def test_max_messages_counts_messages_not_the_pools_pings() -> None:
 
         for _ in range(4):
             await pool.bus.request("echo", b"x", timeout=10)
+        assert pool.stats()["workers"][0]["messages"] == 4
         sent = frames_out()
         await wait_until(lambda: frames_out() >= sent + 20)  # 20 pings (and pongs came back)
         assert running_children() == {pid}  # no replacement starting either
@@ -331,6 +332,8 @@ async def test_max_rss_recycles_a_worker_whose_memory_grew(caplog: pytest.LogCap
     async with WorkerPool("pool_workers:setup_leaky", 1, env=worker_env(), max_rss=200 << 20) as pool:
         (old,) = pool.pids
         assert (await pool.bus.request("leak", 100, timeout=10)).decode() == old  # under: stays
+        rss = pool.stats()["workers"][0]["rss"]
+        assert rss is not None and 100 << 20 < rss < 200 << 20
         assert (await pool.bus.request("leak", 150, timeout=10)).decode() == old  # over
         await wait_until(lambda: pool.pids not in ([], [old]))
         await wait_exited(old)
