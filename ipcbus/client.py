@@ -596,9 +596,11 @@ class Service:
         the handlers answering requests and drop the requests still queued.
         Handlers of published messages go on (see :meth:`drain`)."""
         core = self.subscription._core
-        for f in [f for f in core.pending if f.reply is not None]:
-            core.pending.remove(f)
-            core._pending_bytes -= len(f.payload)
+        if any(f.reply is not None for f in core.pending):
+            kept = [f for f in core.pending if f.reply is None]
+            core.pending.clear()
+            core.pending.extend(kept)
+            core._pending_bytes = sum(len(f.payload) for f in kept)
         for task in list(self._answering):
             self._handling[task].cancel()
 

@@ -90,7 +90,7 @@ class _Worker:
     killed_for: str = ""  # why the pool killed the current process (it hung)
     served: tuple[str, ...] = ()  # the patterns it subscribed to when its link last ended
     recycles: int = 0
-    msgs_at_ready: int = 0  # frames sent to it when it became ready (max_messages counts from there)
+    msgs_at_ready: int = 0  # messages sent to it when it became ready (max_messages counts from there)
     successor: _Worker | None = None  # a fresh process starting to take its place (recycle)
     recycle_after: float = 0.0  # monotonic time before which it is not recycled again (a failed try)
     rss_exempt: bool = False  # over max_rss as it started: recycling it would not help
