@@ -111,45 +111,31 @@ async def test_recycle_on_a_hubs_bus_fails_no_request_of_another_client(bus_name
         assert load.pids == {old, *pool.pids} and old not in pool.pids
 
 
-async def test_a_request_the_old_worker_took_is_answered_by_it() -> None:
+@pytest.mark.parametrize("cancelled", [False, True])
+async def test_a_request_the_old_worker_took_is_answered_by_it(cancelled: bool) -> None:
+    """Also when the recycle() is cancelled while the old worker drains: the
+    new one serves, and the old one answers and exits all the same."""
     async with WorkerPool("pool_workers:setup", 1, env=worker_env()) as pool:
         (old,) = pool.pids
         started = await pool.bus.subscribe("started")
+        replies: list[str] = []
         async with anyio.create_task_group() as tg:
-            replies: list[str] = []
-
-            async def slow() -> None:
-                replies.append((await pool.bus.request("slow.sleep", 1.0, timeout=10)).decode())
-
-            tg.start_soon(slow)
-            assert (await started.next(timeout=10)).decode() == old
-            await pool.recycle()  # returns once the old one answered and exited
-            assert replies == ["slept"]
-        assert pool.pids != [old]
-        await wait_exited(old)
-
-
-async def test_a_cancelled_recycle_still_retires_the_old_worker() -> None:
-    """Cancelled while the old worker drains: the new one serves, the old one
-    answers its request and exits all the same."""
-    async with WorkerPool("pool_workers:setup", 1, env=worker_env()) as pool:
-        (old,) = pool.pids
-        started = await pool.bus.subscribe("started")
-        async with anyio.create_task_group() as tg:
-            replies: list[str] = []
 
             async def slow() -> None:
                 replies.append((await pool.bus.request("slow.sleep", 1.5, timeout=10)).decode())
 
             tg.start_soon(slow)
-            await started.next(timeout=10)
-            with anyio.move_on_after(20) as scope:
+            assert (await started.next(timeout=10)).decode() == old
+            if cancelled:
                 async with anyio.create_task_group() as inner:
                     inner.start_soon(pool.recycle)
                     await wait_until(lambda: pool.pids not in ([], [old]))  # the new one took the slot
                     inner.cancel_scope.cancel()  # as the old one drains
-            assert not scope.cancelled_caught
+            else:
+                await pool.recycle()  # returns once the old one answered and exited
+                assert replies == ["slept"]
         assert replies == ["slept"]
+        assert pool.pids != [old]
         await wait_exited(old)
         assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
 
@@ -204,18 +190,28 @@ async def test_recycle_one_worker_by_index() -> None:
         assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
 
 
-async def test_a_replacement_that_fails_to_start_leaves_the_worker_serving(tmp_path: Path) -> None:
+@pytest.mark.parametrize("call", ["recycle", "resize"])
+async def test_a_new_process_that_fails_to_start_changes_nothing(tmp_path: Path, call: str) -> None:
+    """A replacement (recycle) or a new worker (resize) whose setup fails: the
+    worker serves on and the pool keeps its size; the next try works."""
     env = worker_env(IPCBUS_TEST_MARKER=str(tmp_path / "starts"))
     async with WorkerPool("pool_workers:setup_fails_second_start", 1, env=env) as pool:
         (old,) = pool.pids
+
+        async def change() -> None:
+            await (pool.recycle() if call == "recycle" else pool.resize(2))
+
         with pytest.raises(WorkerStartError, match="second start fails on purpose"):
-            await pool.recycle()
-        assert pool.pids == [old]
-        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+            await change()
+        assert pool.pids == [old] and pool.size == 1 and len(pool.stats()["workers"]) == 1
         assert pool.stats()["workers"][0]["recycles"] == 0
-        await pool.recycle()  # the third start works
-        assert pool.pids != [old]
-        await wait_exited(old)
+        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
+        await change()  # the third start works
+        if call == "recycle":
+            assert pool.pids != [old]
+            await wait_exited(old)
+        else:
+            assert len(pool.pids) == 2 and old in pool.pids
 
 
 async def test_recycle_starts_a_worker_given_up_on_again(tmp_path: Path) -> None:
@@ -417,18 +413,6 @@ async def test_shrinking_as_a_removed_workers_restart_forks_stops_its_new_proces
             gate.set()
         assert pool.pids == [first] and running_children() == {first}
         assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
-
-
-async def test_a_resize_whose_new_worker_fails_keeps_the_size(tmp_path: Path) -> None:
-    env = worker_env(IPCBUS_TEST_MARKER=str(tmp_path / "starts"))
-    async with WorkerPool("pool_workers:setup_fails_second_start", 1, env=env) as pool:
-        (pid,) = pool.pids
-        with pytest.raises(WorkerStartError, match="second start fails on purpose"):
-            await pool.resize(2)
-        assert pool.pids == [pid] and pool.size == 1 and len(pool.stats()["workers"]) == 1
-        assert (await pool.bus.request("echo", b"x", timeout=10)).data == b"x"
-        await pool.resize(2)  # the third start works
-        assert len(pool.pids) == 2
 
 
 @pytest.mark.parametrize(
