@@ -1301,6 +1301,11 @@ class Node:
         self._subs.pop(sub.sid, None)
         sub.close()
 
+    def announced(self, key: Key) -> int:
+        """How many announce interest in ``key`` (a pattern and queue group):
+        local subscriptions, and links whose side subscribed."""
+        return self._totals.get(key, 0)
+
     def has_interest(self, subject: str) -> bool:
         """Whether anyone (here or across a link) wants ``subject``."""
         route = self._routes.get(subject)
@@ -1836,6 +1841,24 @@ class Node:
         if m.reply is None or (m.headers and STATUS_HEADER in m.headers):
             return
         self.closed_status(m.reply, kind, why)
+
+    def hand_to(self, ls: LinkState, m: fr.Msg, queue: str | None) -> None:
+        """Send ``m``, a message held for ``ls`` (a pool's worker being restarted),
+        straight to it: as the member picked in ``queue``, its reply tracked as
+        for a request routed there.  A request that cannot be sent (the link
+        broke, the frame is too large for it) is answered with a ``closed`` status."""
+        frame = _MsgFrame(m.subject, m.reply, m.headers, m.payload, (queue,) if queue else ())
+        try:
+            ls.link.send_nowait(_encode(frame))
+        except (ConnectionClosed, FrameTooLarge) as exc:
+            if m.reply is not None:
+                why = f"held for link {ls.name}, which refused it: {exc}"
+                self.closed_status(m.reply, ls.crash_error, why)
+            return
+        self.msgs_out += 1
+        self.bytes_out += len(m.payload)
+        if m.reply is not None:
+            self._track(ls, m.reply, m.subject)
 
     def closed_status(self, reply: str, kind: str, why: str) -> None:
         """Tell the requester waiting on ``reply`` that nobody will answer: a

@@ -40,7 +40,7 @@ from .checks import MAX_NAME, check_count, check_env, check_name, check_path, ch
 from .client import Bus
 from .errors import BusClosed, IpcBusError, NoResponders, RequestTimeout, WorkerStartError
 from .gc import process_folder, reclaim_pools, remove_pool_dir
-from .node import LinkState, Node, say_goodbye, shielded
+from .node import LinkState, Node, SubscriptionCore, say_goodbye, shielded
 from .spin import spin_window
 from .stats import PoolStats, WorkerState
 from .subjects import matches
@@ -69,6 +69,7 @@ _RETIRE_DRAIN = 30.0  # how long a worker being replaced or removed may take to 
 _CHECK_EVERY = 0.1  # seconds between checks of max_messages (max_rss: every _RSS_EVERY)
 _RSS_EVERY = 1.0
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_HOLD_MAX = 10_000  # messages held per subscription of a worker being restarted
 
 
 @dataclass(eq=False)  # compared (and hashed) by identity: two processes of one slot are two workers
@@ -96,6 +97,9 @@ class _Worker:
     rss_exempt: bool = False  # over max_rss as it started: recycling it would not help
     spawning: asyncio.Event | None = None  # set once the start under way (_spawn) is over
     removed: bool = False  # out of its slot for good (replaced, or removed by a resize)
+    # Stand-ins for its subscriptions while it is restarted, on a bus given to
+    # the pool: what comes for them is held, and handed to it once it is back.
+    holding: list[SubscriptionCore] = field(default_factory=list)
 
 
 class WorkerPool:
@@ -114,7 +118,8 @@ class WorkerPool:
     while replies are due, in the parent and every worker (:mod:`ipcbus.spin`).
 
     A request on :attr:`bus` to a service whose workers are being restarted
-    waits for them, within its timeout.  A worker that dies is restarted
+    waits for them, within its timeout (on a bus given with ``bus=``,
+    requests from other processes too: the pool holds them meanwhile).  A worker that dies is restarted
     after ``restart_backoff`` seconds,
     doubling up to ``max_backoff`` while it keeps dying (failing to start,
     or dying within 10 s of becoming ready); one that fails
@@ -496,6 +501,7 @@ class WorkerPool:
                 # then is restarted; requests for what it serves wait for that.
                 w.state = "retiring"
                 w.served = _served(ls)
+                self._hold(w, ls)
                 self._notify()
 
         try:
@@ -566,6 +572,9 @@ class WorkerPool:
             # Released first, withdrawn second: the interest other nodes see
             # never drops to none in between.
             self._node.withdraw_link(replacing.link)
+        self._unhold(w, ls)  # what came for it while it was restarted
+        if replacing is not None:
+            self._unhold(replacing, ls)
         self._notify()
         log.info("pool %s: worker %d ready (pid %d)", self.name, w.index, proc.pid)
         if self.hang_timeout is not None:
@@ -832,6 +841,7 @@ class WorkerPool:
             w.state = "retiring"
             w.removed = True
             self._extra.append(w)
+            self._unhold(w, None, f"worker {w.index} of pool {self.name!r} was {why} as it restarted")
             if w.link is not None:
                 node.withdraw_link(w.link)
         done = anyio.Event()
@@ -991,6 +1001,7 @@ class WorkerPool:
                     return
                 w.state = "crashed"
                 w.crashes += 1
+                self._hold(w, ls)  # (its interest is still counted: owners hear first)
                 if w.successor is not None:
                     # A fresh process is starting for its slot: no restart (see _replace).
                     w.last_error = f"it ended as it was being replaced: {ls.close_reason}"
@@ -999,6 +1010,42 @@ class WorkerPool:
                 assert self._node is not None
                 self._node.task_group.start_soon(self._restart, w)
                 return
+
+    def _hold(self, w: _Worker, ls: LinkState) -> None:
+        """``w`` is gone from ``ls`` (crashed, or draining after SIGTERM) and is
+        to be restarted: on a bus given to the pool, subscribe a stand-in for
+        each subscription nobody else on the node has, so that other
+        processes' requests (and messages) wait for it rather than get
+        ``NoResponders`` meanwhile.  Called before the node forgets the
+        link's interest: the count never drops to none, nothing is announced.
+        (On the pool's own bus, requests wait for a restart in
+        :meth:`_wait_back`.)"""
+        node = self._node
+        if self._shared is None or node is None or node.closed or w.holding:
+            return
+        for key in ls.remote_keys:
+            if key[0].startswith("_INBOX.") or key in ls.held_keys or node.announced(key) != 1:
+                continue  # its inbox, interest not routed yet, or someone else serves it too
+            core = node.subscribe(key[0], queue=key[1], max_pending=_HOLD_MAX)
+            core.serving = True  # a request past _HOLD_MAX is refused at once (SlowConsumer)
+            w.holding.append(core)
+
+    def _unhold(self, w: _Worker, to: LinkState | None, why: str = "") -> None:
+        """Remove ``w``'s stand-ins; hand what they held to ``to`` (its new
+        link), else fail the requests among it (``ConnectionClosed``, ``why``)."""
+        cores, w.holding = w.holding, []
+        node = self._node
+        if node is None:
+            return
+        for core in cores:
+            if not node.closed:
+                node.unsubscribe(core)
+            while core.pending:
+                m = core.pending.popleft()
+                if to is not None:
+                    node.hand_to(to, m, core.queue)
+                elif m.reply is not None and not node.closed:
+                    node.closed_status(m.reply, "ConnectionClosed", why)
 
     def _keeps(self, w: _Worker) -> bool:
         """Whether ``w`` is to be restarted: the pool and its node run, and ``w``
@@ -1056,6 +1103,7 @@ class WorkerPool:
                     )
                     w.state = "failed"
                     self.errors.append(msg)
+                    self._unhold(w, None, msg)
                     self._notify()
                     log.error("%s", msg)
                     return
@@ -1078,6 +1126,8 @@ class WorkerPool:
 
     async def _stop_workers(self, drain: bool) -> None:
         self._notify()  # requests waiting for a restart (_wait_back) learn of the close
+        for w in self._all():
+            self._unhold(w, None, "the worker pool closed while this request waited for its worker's restart")
         node = self._node
         if node is not None:
             if self._shared is not None:

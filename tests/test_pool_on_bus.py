@@ -8,11 +8,15 @@ Real worker processes and a real hub (in this process, over FIFOs).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from pathlib import Path
 
 import anyio
 import pytest
 from test_hub import bus_name  # noqa: F401  (a fixture: a bus name no other test uses)
-from test_pool import TRANSPORTS, wait_exited, worker_env
+from test_pool import TRANSPORTS, wait_exited, wait_until, worker_env
+from test_pool_recycle import Load
 
 import ipcbus
 import ipcbus.pool as pool_module
@@ -201,3 +205,74 @@ async def test_bad_buses_are_refused() -> None:
     with pytest.raises(BusClosed, match="closed"):  # a's bus closed with it
         async with WorkerPool("pool_workers:setup", workers=1, bus=a.bus):
             pass
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+async def test_other_processes_requests_wait_for_a_restarted_plugin(
+    bus_name: str, how: str  # noqa: F811
+) -> None:
+    """A one-worker plugin pool on a hub client's bus: while its worker is
+    restarted, another client's requests wait for it instead of getting
+    NoResponders.  Killed, only the requests it had fail (WorkerCrashed,
+    passed on by the hub); given SIGTERM, none does (it answers them)."""
+    async with (
+        ipcbus.Hub(bus_name, transports=("fifo",)),
+        ipcbus.connect(bus_name, transport="fifo", name="host") as host,
+        ipcbus.connect(bus_name, transport="fifo", name="other") as other,
+        WorkerPool("pool_workers:setup", 1, env=worker_env(), bus=host, restart_backoff=0.05) as pool,
+    ):
+        await host.flush()
+        (old,) = pool.pids
+        load = Load(other)
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(load.ask)
+            await load.more(10)
+            os.kill(old, getattr(signal, how))
+            await wait_until(lambda: pool.pids not in ([], [old]))
+            await load.more(20)  # answered by the new worker
+            tg.cancel_scope.cancel()
+        assert not [e for e in load.failures if isinstance(e, NoResponders)], load.failures
+        if how == "SIGTERM":
+            assert load.failures == []
+        else:
+            assert all("closed" in str(e) for e in load.failures), load.failures
+        assert set(pool.pids) <= load.pids
+
+
+@pytest.mark.parametrize(
+    ("setup", "then"), [("setup_crash_on_restart", "given up"), ("setup_hang_on_restart", "close")]
+)
+async def test_requests_held_for_a_plugin_fail_when_it_is_given_up_on_or_the_pool_closes(
+    bus_name: str, tmp_path: Path, setup: str, then: str  # noqa: F811
+) -> None:
+    """Held for a worker whose restarts crash: failed (ConnectionClosed) as it
+    is given up on, then NoResponders; held for one whose restart hangs in
+    its setup: failed as the pool closes."""
+    async with (
+        ipcbus.Hub(bus_name, transports=("fifo",)),
+        ipcbus.connect(bus_name, transport="fifo", name="host") as host,
+        ipcbus.connect(bus_name, transport="fifo", name="other") as other,
+    ):
+        pool = WorkerPool(
+            f"pool_workers:{setup}", 1, env=worker_env(IPCBUS_TEST_MARKER=str(tmp_path / "started-once")),
+            bus=host, restart_backoff=0.5, max_start_failures=1,
+        )
+        async with pool:
+            await host.flush()
+            (pid,) = pool.pids
+            os.kill(pid, signal.SIGKILL)
+            await wait_until(lambda: pool.stats()["workers"][0]["state"] != "ready")
+            held = asyncio.ensure_future(other.request("echo", b"x", timeout=20))
+            if then == "close":
+                await wait_until(lambda: pool.stats()["workers"][0]["state"] == "starting")
+                await pool.__aexit__(None, None, None)
+            with anyio.fail_after(10), pytest.raises(ConnectionClosed) as caught:
+                await held
+            if then == "close":
+                assert "the worker pool closed" in str(caught.value)
+            else:
+                assert "giving up" in str(caught.value)
+                await wait_until(lambda: pool.stats()["workers"][0]["state"] == "failed")
+                with pytest.raises(NoResponders):
+                    await other.request("echo", b"x", timeout=5)
