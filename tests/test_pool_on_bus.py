@@ -223,15 +223,13 @@ async def test_other_processes_requests_wait_for_a_restarted_plugin(
     ):
         await host.flush()
         (old,) = pool.pids
-        load = Load(other)
-        async with anyio.create_task_group() as tg:
-            for _ in range(4):
-                tg.start_soon(load.ask)
-            await load.more(10)
+
+        async def stop_it() -> None:
             os.kill(old, getattr(signal, how))
             await wait_until(lambda: pool.pids not in ([], [old]))
-            await load.more(20)  # answered by the new worker
-            tg.cancel_scope.cancel()
+
+        load = Load(other)
+        await load.around(stop_it, after=20)  # the last 20 answered by the new worker
         assert not [e for e in load.failures if isinstance(e, NoResponders)], load.failures
         if how == "SIGTERM":
             assert load.failures == []

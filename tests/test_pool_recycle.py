@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,16 @@ class Load:
         target = self.answered + n
         await wait_until(lambda: self.answered >= target)
 
+    async def around(self, change: Callable[[], Awaitable[object]], after: int = 10) -> None:
+        """Ask with 4 requesters: 10 rounds, then ``change()``, then ``after`` more rounds."""
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(self.ask)
+            await self.more(10)
+            await change()
+            await self.more(after)
+            tg.cancel_scope.cancel()
+
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("workers", [1, 2])
@@ -69,14 +80,8 @@ async def test_recycle_replaces_every_worker_without_a_failed_request(transport:
     async with WorkerPool("pool_workers:setup", workers, transport=transport, env=worker_env()) as pool:
         old = pool.pids
         load = Load(pool.bus)
-        async with anyio.create_task_group() as tg:
-            for _ in range(4):
-                tg.start_soon(load.ask)
-            await load.more(10)
-            await pool.recycle()
-            new = pool.pids
-            await load.more(10)
-            tg.cancel_scope.cancel()
+        await load.around(pool.recycle)
+        new = pool.pids
         assert load.failures == []
         assert len(new) == workers and not set(new) & set(old)
         for pid in old:
@@ -100,13 +105,7 @@ async def test_recycle_on_a_hubs_bus_fails_no_request_of_another_client(bus_name
         await host.flush()
         (old,) = pool.pids
         load = Load(other)
-        async with anyio.create_task_group() as tg:
-            for _ in range(4):
-                tg.start_soon(load.ask)
-            await load.more(10)
-            await pool.recycle()
-            await load.more(10)
-            tg.cancel_scope.cancel()
+        await load.around(pool.recycle)
         assert load.failures == []
         assert load.pids == {old, *pool.pids} and old not in pool.pids
 
