@@ -520,6 +520,9 @@ class LinkState:
         self.pongs: dict[int, asyncio.Future[None]] = {}
         self.on_notice: Callable[[fr.Notice], None] | None = None
         self.control_out = 0  # frames that carry no message (send_control)
+        # Called with each key its side stops announcing (an unsubscription,
+        # the link's end), before the node forgets it (a pool holding for it).
+        self.on_unsub: Callable[[Key], None] | None = None
 
     def send_control(self, frame: bytes) -> None:
         """Send a frame that carries no message (interest, ping, pong, notice):
@@ -1261,6 +1264,8 @@ class Node:
         self._interest_changed()
         if key not in ls.remote_keys:
             return
+        if ls.on_unsub is not None:
+            ls.on_unsub(key)
         ls.remote_keys.discard(key)
         self._inbox_interest(key[0], key[1], -1, ls)
         if key in ls.held_keys:
@@ -1857,8 +1862,27 @@ class Node:
             return
         self.msgs_out += 1
         self.bytes_out += len(m.payload)
-        if m.reply is not None:
+        if m.reply is not None and ls is not self.upstream:
+            # (Passed up, it may come from there: its reply then never passes
+            # here, and the tracking would stay.)
             self._track(ls, m.reply, m.subject)
+
+    def route_to_group(self, m: fr.Msg, queue: str) -> bool:
+        """Send ``m`` to a member of queue group ``queue`` among those that want
+        its subject now, picked as for any message (:meth:`hand_to` across a
+        link); False if there is none."""
+        route = self._routes.get(m.subject)
+        if route is None:
+            route = self._compute_route(m.subject)
+        for q, cands in route[2]:
+            if q == queue:
+                pick = cands[0] if len(cands) == 1 else self._pick(cands, q)
+                if isinstance(pick, LinkState):
+                    self.hand_to(pick, m, q)
+                else:
+                    pick.deliver(m)
+                return True
+        return False
 
     def closed_status(self, reply: str, kind: str, why: str) -> None:
         """Tell the requester waiting on ``reply`` that nobody will answer: a

@@ -40,7 +40,7 @@ from .checks import MAX_NAME, check_count, check_env, check_name, check_path, ch
 from .client import Bus
 from .errors import BusClosed, IpcBusError, NoResponders, RequestTimeout, WorkerStartError
 from .gc import process_folder, reclaim_pools, remove_pool_dir
-from .node import LinkState, Node, SubscriptionCore, say_goodbye, shielded
+from .node import Key, LinkState, Node, SubscriptionCore, say_goodbye, shielded
 from .spin import spin_window
 from .stats import PoolStats, WorkerState
 from .subjects import matches
@@ -70,6 +70,7 @@ _CHECK_EVERY = 0.1  # seconds between checks of max_messages (max_rss: every _RS
 _RSS_EVERY = 1.0
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _HOLD_MAX = 10_000  # messages held per subscription of a worker being restarted
+_HOLD_CHECK = 0.05  # seconds between looks for another member taking over (_watch_holding)
 
 
 @dataclass(eq=False)  # compared (and hashed) by identity: two processes of one slot are two workers
@@ -501,7 +502,8 @@ class WorkerPool:
                 # then is restarted; requests for what it serves wait for that.
                 w.state = "retiring"
                 w.served = _served(ls)
-                self._hold(w, ls)
+                # What it withdraws as it drains is held for its successor.
+                ls.on_unsub = lambda key: self._hold(w, ls, key)
                 self._notify()
 
         try:
@@ -1001,7 +1003,8 @@ class WorkerPool:
                     return
                 w.state = "crashed"
                 w.crashes += 1
-                self._hold(w, ls)  # (its interest is still counted: owners hear first)
+                for key in list(ls.remote_keys):  # (still counted: owners hear first)
+                    self._hold(w, ls, key)
                 if w.successor is not None:
                     # A fresh process is starting for its slot: no restart (see _replace).
                     w.last_error = f"it ended as it was being replaced: {ls.close_reason}"
@@ -1011,41 +1014,71 @@ class WorkerPool:
                 self._node.task_group.start_soon(self._restart, w)
                 return
 
-    def _hold(self, w: _Worker, ls: LinkState) -> None:
-        """``w`` is gone from ``ls`` (crashed, or draining after SIGTERM) and is
-        to be restarted: on a bus given to the pool, subscribe a stand-in for
-        each subscription nobody else on the node has, so that other
-        processes' requests (and messages) wait for it rather than get
-        ``NoResponders`` meanwhile.  Called before the node forgets the
-        link's interest: the count never drops to none, nothing is announced.
-        (On the pool's own bus, requests wait for a restart in
-        :meth:`_wait_back`.)"""
+    def _hold(self, w: _Worker, ls: LinkState, key: Key) -> None:
+        """``w``, to be restarted, stops serving ``key`` on ``ls`` (its link
+        ended, or it drains after SIGTERM and withdrew it): on a bus given to
+        the pool, subscribe a stand-in for it, so that what other processes
+        send it waits for the new worker (requests would get
+        ``NoResponders``, messages would be lost).  Called before the node
+        forgets the interest: nothing changes upstream.
+
+        A queue group's subscription is stood in for only while nobody else
+        on the node has it (else the group's other members take the work; one
+        that appears later takes it over, see :meth:`_watch_holding`); a plain
+        one always (the worker's own copy of each message: other subscribers
+        get theirs).  (On the pool's own bus, requests wait in
+        :meth:`_wait_back` instead.)"""
         node = self._node
-        if self._shared is None or node is None or node.closed or w.holding:
+        if self._shared is None or node is None or node.closed or self._closing or w.removed:
             return
-        for key in ls.remote_keys:
-            if key[0].startswith("_INBOX.") or key in ls.held_keys or node.announced(key) != 1:
-                continue  # its inbox, interest not routed yet, or someone else serves it too
-            core = node.subscribe(key[0], queue=key[1], max_pending=_HOLD_MAX)
-            core.serving = True  # a request past _HOLD_MAX is refused at once (SlowConsumer)
-            w.holding.append(core)
+        if key[0].startswith("_INBOX.") or key in ls.held_keys:
+            return  # its inbox, or interest not routed yet
+        if any((c.subject, c.queue) == key for c in w.holding):
+            return
+        if key[1] is not None and node.announced(key) != 1:
+            return
+        core = node.subscribe(key[0], queue=key[1], max_pending=_HOLD_MAX)
+        core.serving = True  # a request past _HOLD_MAX is refused at once (SlowConsumer)
+        w.holding.append(core)
+        if len(w.holding) == 1:
+            node.task_group.start_soon(self._watch_holding, w, ls, name=f"ipcbus-hold-{self.name}-{w.index}")
+
+    async def _watch_holding(self, w: _Worker, ls: LinkState) -> None:
+        """While ``w``'s stand-ins hold: a queue group's member that appears
+        meanwhile (a sibling back from its restart, a new pool of a reload)
+        takes over what is held for the group, and what comes next."""
+        node = self._node
+        assert node is not None
+        while w.holding and not node.closed:
+            await asyncio.sleep(_HOLD_CHECK)  # polled, while a worker restarts only
+            for core in [c for c in w.holding if c.queue is not None]:
+                key = (core.subject, core.queue)
+                own = key in ls.remote_keys and key not in ls.held_keys  # (the old link, still draining)
+                if node.announced(key) - 1 - own > 0:
+                    w.holding.remove(core)
+                    self._release(core, None, "")
 
     def _unhold(self, w: _Worker, to: LinkState | None, why: str = "") -> None:
-        """Remove ``w``'s stand-ins; hand what they held to ``to`` (its new
-        link), else fail the requests among it (``ConnectionClosed``, ``why``)."""
+        """Remove ``w``'s stand-ins; hand what they held to ``to`` (its new link)."""
         cores, w.holding = w.holding, []
-        node = self._node
-        if node is None:
-            return
         for core in cores:
-            if not node.closed:
-                node.unsubscribe(core)
-            while core.pending:
-                m = core.pending.popleft()
-                if to is not None:
-                    node.hand_to(to, m, core.queue)
-                elif m.reply is not None and not node.closed:
-                    node.closed_status(m.reply, "ConnectionClosed", why)
+            self._release(core, to, why)
+
+    def _release(self, core: SubscriptionCore, to: LinkState | None, why: str) -> None:
+        """Remove stand-in ``core``; hand what it held to ``to``, else to another
+        member of its queue group, else fail the requests among it
+        (``ConnectionClosed``, ``why``).  A plain subscription's copies go
+        nowhere else (other subscribers had theirs)."""
+        node = self._node
+        if node is None or node.closed:
+            return
+        node.unsubscribe(core)
+        while core.pending:
+            m = core.pending.popleft()
+            if to is not None:
+                node.hand_to(to, m, core.queue)
+            elif core.queue is not None and not node.route_to_group(m, core.queue) and m.reply is not None:
+                node.closed_status(m.reply, "ConnectionClosed", why)
 
     def _keeps(self, w: _Worker) -> bool:
         """Whether ``w`` is to be restarted: the pool and its node run, and ``w``

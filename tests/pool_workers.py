@@ -280,7 +280,8 @@ async def setup_slow_later_starts(bus: ipcbus.Bus) -> None:
 async def setup_notes(bus: ipcbus.Bus) -> None:
     """``setup``, plus ``note`` (seconds), a published message (no reply): say
     ``started`` (its pid), take that long, then append a line to the file
-    ``IPCBUS_TEST_MARKER`` names."""
+    ``IPCBUS_TEST_MARKER`` names; and ``ev.*`` (a service) and ``obs.*`` (a
+    subscription it reads), each event appended there (``<pid> <subject>``)."""
 
     async def note(seconds: float) -> None:
         await bus.publish("started", os.getpid())
@@ -292,5 +293,23 @@ async def setup_notes(bus: ipcbus.Bus) -> None:
         finally:
             os.close(fd)
 
+    def event(m: ipcbus.Msg) -> None:  # a plain subscription: every event, once
+        fd = os.open(os.environ["IPCBUS_TEST_MARKER"], os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+        try:
+            os.write(fd, f"{os.getpid()} {m.subject}\n".encode())
+        finally:
+            os.close(fd)
+
     await bus.serve("note", note)
+    await bus.serve("ev.*", event)
+    sub = await bus.subscribe("obs.*")  # a plain subscription the plugin reads itself
+
+    async def observe() -> None:
+        async for m in sub:
+            event(m)
+
+    _KEEP.append(asyncio.get_running_loop().create_task(observe()))
     await setup(bus)
+
+
+_KEEP: list[asyncio.Task[None]] = []  # tasks a setup started (a reference keeps them alive)

@@ -274,3 +274,69 @@ async def test_requests_held_for_a_plugin_fail_when_it_is_given_up_on_or_the_poo
                 await wait_until(lambda: pool.stats()["workers"][0]["state"] == "failed")
                 with pytest.raises(NoResponders):
                     await other.request("echo", b"x", timeout=5)
+
+
+async def test_a_new_pool_takes_over_what_is_held_for_a_restarting_one(bus_name: str, tmp_path: Path) -> None:  # noqa: F811
+    """A reload while the old pool's worker is down (its restart hangs in
+    setup): requests held for it go to the new pool's worker once it serves
+    the same queue group, and so do later ones; none fails."""
+    env = worker_env(IPCBUS_TEST_MARKER=str(tmp_path / "started-once"))
+    async with (
+        ipcbus.Hub(bus_name, transports=("fifo",)),
+        ipcbus.connect(bus_name, transport="fifo", name="host") as host,
+        ipcbus.connect(bus_name, transport="fifo", name="other") as other,
+    ):
+        old = WorkerPool("pool_workers:setup_hang_on_restart", 1, env=env, bus=host, name="v1")
+        async with old:
+            await host.flush()
+            (pid,) = old.pids
+            os.kill(pid, signal.SIGKILL)
+            await wait_until(lambda: old.stats()["workers"][0]["state"] == "starting")
+            held = [asyncio.ensure_future(other.request("pid", timeout=20)) for _ in range(5)]
+            async with WorkerPool("pool_workers:setup", 1, env=worker_env(), bus=host, name="v2") as new:
+                with anyio.fail_after(10):
+                    answers = {(await r).decode() for r in held}
+                assert answers == set(new.pids)
+                for _ in range(10):
+                    assert (await other.request("pid", timeout=10)).decode() == new.pids[0]
+                await old.__aexit__(None, None, None)
+                assert (await other.request("pid", timeout=10)).decode() == new.pids[0]
+
+
+@pytest.mark.parametrize("kind", ["ev", "obs"])
+async def test_a_plugin_given_sigterm_gets_each_event_once(
+    bus_name: str, tmp_path: Path, kind: str  # noqa: F811
+) -> None:
+    """Events published while a worker given SIGTERM drains and is restarted:
+    each is handled once, by the old worker or the new one.  A service
+    (``ev``) withdraws as the drain begins: what comes after is held for the
+    new worker.  A subscription the plugin reads (``obs``) stays until the
+    worker exits: it gets what comes until then, the new one the rest."""
+    marker = tmp_path / "events"
+    async with (
+        ipcbus.Hub(bus_name, transports=("fifo",)),
+        ipcbus.connect(bus_name, transport="fifo", name="host") as host,
+        ipcbus.connect(bus_name, transport="fifo", name="other") as other,
+        WorkerPool(
+            "pool_workers:setup_notes", 1, env=worker_env(IPCBUS_TEST_MARKER=str(marker)), bus=host,
+            restart_backoff=0.05,
+        ) as pool,
+    ):
+        await host.flush()
+        (old,) = pool.pids
+        slow = asyncio.ensure_future(other.request("slow.sleep", 1.0, timeout=10))  # holds its drain
+        await asyncio.sleep(0.2)  # (it started on it: the worker answers "started" only to the parent)
+        os.kill(old, signal.SIGTERM)
+        for i in range(30):
+            await other.publish(f"{kind}.{i}", b"")
+            await asyncio.sleep(0.05)  # spread over the drain and the restart
+        await wait_until(lambda: pool.pids not in ([], [old]))
+        await other.publish(f"{kind}.last", b"")
+        await other.flush()
+        await host.flush()
+        await wait_until(lambda: marker.exists() and f"{kind}.last" in marker.read_text())
+        assert (await slow).decode() == "slept"
+        lines = marker.read_text().split("\n")
+        seen = [line.split()[1] for line in lines if line]
+        assert sorted(seen) == sorted([f"{kind}.{i}" for i in range(30)] + [f"{kind}.last"]), seen
+        assert {int(line.split()[0]) for line in lines if line} <= {old, *pool.pids}
