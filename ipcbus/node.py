@@ -157,6 +157,7 @@ class SubscriptionCore:
         "pending",
         "pending_bytes_limit",
         "queue",
+        "refusal",
         "serving",
         "sid",
         "subject",
@@ -198,6 +199,9 @@ class SubscriptionCore:
         # it as they are routed instead of being queued for a reader task.
         self.inline: Callable[[fr.Msg], None] | None = None
         self.serving = False  # a service's subscription (Bus.serve), not a listener
+        # What a request dropped by a full queue is told, if not a service's
+        # own words (a pool holding for a worker being restarted).
+        self.refusal: str | None = None
         # Set by Node.withdraw: no longer announced to links, still delivered to.
         self.withdrawn = False
 
@@ -254,7 +258,7 @@ class SubscriptionCore:
         requester to its timeout."""
         if m.reply is None or (m.headers and STATUS_HEADER in m.headers):
             return
-        why = (
+        why = self.refusal or (
             f"service {self.subject!r} dropped the request: {len(self.pending)} queued already "
             f"(max_pending={self.max_pending}); retry later, or serve with more concurrency "
             "or max_pending"

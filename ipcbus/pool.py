@@ -1039,6 +1039,10 @@ class WorkerPool:
             return
         core = node.subscribe(key[0], queue=key[1], max_pending=_HOLD_MAX)
         core.serving = True  # a request past _HOLD_MAX is refused at once (SlowConsumer)
+        core.refusal = (
+            f"{_HOLD_MAX} messages are held already for worker {w.index} of pool {self.name!r}, "
+            f"which serves {key[0]!r} and is being restarted; retry once it is back"
+        )
         w.holding.append(core)
         if len(w.holding) == 1:
             node.task_group.start_soon(self._watch_holding, w, ls, name=f"ipcbus-hold-{self.name}-{w.index}")

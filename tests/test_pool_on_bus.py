@@ -340,3 +340,31 @@ async def test_a_plugin_given_sigterm_gets_each_event_once(
         seen = [line.split()[1] for line in lines if line]
         assert sorted(seen) == sorted([f"{kind}.{i}" for i in range(30)] + [f"{kind}.last"]), seen
         assert {int(line.split()[0]) for line in lines if line} <= {old, *pool.pids}
+
+
+async def test_a_request_past_what_is_held_is_refused_at_once(
+    bus_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    monkeypatch.setattr(pool_module, "_HOLD_MAX", 3)
+    env = worker_env(IPCBUS_TEST_MARKER=str(tmp_path / "started-once"))
+    async with (
+        ipcbus.Hub(bus_name, transports=("fifo",)),
+        ipcbus.connect(bus_name, transport="fifo", name="host") as host,
+        ipcbus.connect(bus_name, transport="fifo", name="other") as other,
+        WorkerPool("pool_workers:setup_hang_on_restart", 1, env=env, bus=host, name="spell") as pool,
+    ):
+        await host.flush()
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: pool.stats()["workers"][0]["state"] == "starting")
+        held = [asyncio.ensure_future(other.request("echo", b"x", timeout=20)) for _ in range(3)]
+        await other.flush()
+        with anyio.fail_after(5), pytest.raises(ipcbus.RemoteError) as refused:
+            await other.request("echo", b"x", timeout=20)
+        assert refused.value.type_name == "SlowConsumer"
+        assert "3 messages are held already for worker 0 of pool 'spell'" in str(refused.value)
+        assert "retry once it is back" in str(refused.value)
+        assert not any(r.done() for r in held)
+    for r in held:
+        with pytest.raises(ConnectionClosed, match="the worker pool closed"):
+            await r
