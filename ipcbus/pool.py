@@ -1060,7 +1060,11 @@ class WorkerPool:
                 own = key in ls.remote_keys and key not in ls.held_keys  # (the old link, still draining)
                 if node.announced(key) - 1 - own > 0:
                     w.holding.remove(core)
-                    self._release(core, None, "")
+                    why = (
+                        f"worker {w.index} of pool {self.name!r} is being restarted, and the "
+                        f"member of queue group {core.queue!r} that took over its work left"
+                    )
+                    self._release(core, None, why)
 
     def _unhold(self, w: _Worker, to: LinkState | None, why: str = "") -> None:
         """Remove ``w``'s stand-ins; hand what they held to ``to`` (its new link)."""
