@@ -531,8 +531,8 @@ class LinkState:
     def send_control(self, frame: bytes) -> None:
         """Send a frame that carries no message (interest, ping, pong, notice):
         counted apart, see :attr:`messages_out`."""
-        self.control_out += 1
         self.link.send_nowait(frame)
+        self.control_out += 1  # (once sent: the link counted it among its frames)
 
     @property
     def messages_out(self) -> int:

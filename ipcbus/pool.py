@@ -193,7 +193,6 @@ class WorkerPool:
                 )
             max_frame = bus.node.max_frame
         self.target = target
-        self.size = workers
         # Each worker's node is named after the pool: "<name>-<index>".
         self.name = check_name("name", name, MAX_NAME - 1 - len(str(workers - 1)))
         self.transport = transport
@@ -247,23 +246,21 @@ class WorkerPool:
         after ``timeout`` seconds (``None``: no limit), and
         :class:`~ipcbus.errors.BusClosed` for a pool not started or closing.
         """
-        if self._node is None:
-            raise BusClosed(f"worker pool {self.name!r} is not started; use `async with WorkerPool(...)`")
         try:
             async with asyncio.timeout(timeout):
                 while any(w.state not in ("ready", "failed") for w in self._workers):
-                    if self._closing:
-                        raise BusClosed(f"worker pool {self.name!r} is closed")
-                    if self._node.closed:
-                        raise BusClosed(
-                            f"the bus of worker pool {self.name!r} is closed: its workers are stopped"
-                        )
+                    self._check_running()
                     await self._changed.wait()
         except TimeoutError:
             waiting = [f"{w.index} ({w.state})" for w in self._workers if w.state not in ("ready", "failed")]
             raise TimeoutError(
                 f"worker pool {self.name!r}: workers {', '.join(waiting)} not ready within {timeout:g} s"
             ) from None
+
+    @property
+    def size(self) -> int:
+        """The number of workers it runs (``workers=``, then :meth:`resize`)."""
+        return len(self._workers)
 
     @property
     def pids(self) -> list[int]:
@@ -398,6 +395,18 @@ class WorkerPool:
         finally:
             w.spawning = None
             done.set()
+
+    async def _start_within(self, w: _Worker, replacing: _Worker | None = None) -> None:
+        """:meth:`_spawn`, within the start limit (:data:`_START_TIMEOUT`): a setup
+        that takes longer is a failed start (:class:`~ipcbus.errors.WorkerStartError`)."""
+        try:
+            with anyio.fail_after(_START_TIMEOUT):
+                await self._spawn(w, replacing)
+        except TimeoutError:
+            raise WorkerStartError(
+                f"worker {w.index} of pool {self.name!r} failed to start {self.target!r}: "
+                f"setup did not finish within {_START_TIMEOUT:g} s"
+            ) from None
 
     async def _start_process(self, w: _Worker, replacing: _Worker | None) -> None:
         assert self._node is not None
@@ -722,17 +731,11 @@ class WorkerPool:
         """Start ``w``, given up on after failed restarts, once more (:meth:`recycle`)."""
         w.start_failures = 0
         try:
-            with anyio.fail_after(_START_TIMEOUT):
-                await self._spawn(w)
-        except BaseException as exc:
+            await self._start_within(w)
+        except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._end_process(w, _EXIT_WAIT)
             w.state = self._start_failed
-            if isinstance(exc, TimeoutError):
-                raise WorkerStartError(
-                    f"worker {w.index} of pool {self.name!r}: its new start did not finish "
-                    f"{self.target!r} within {_START_TIMEOUT:g} s"
-                ) from None
             raise
         log.info("pool %s: worker %d, given up on before, started again (pid %d)",
                  self.name, w.index, w.proc.pid if w.proc else -1)
@@ -760,13 +763,11 @@ class WorkerPool:
             if n < have:
                 gone = self._workers[n:]
                 del self._workers[n:]
-                self.size = n
                 self._notify()
                 await self._retire(gone, "removed by resize()")
             elif n > have:
                 new = [_Worker(i) for i in range(have, n)]
                 self._workers.extend(new)
-                self.size = n
                 self._notify()
                 try:
                     with anyio.fail_after(_START_TIMEOUT):
@@ -775,7 +776,6 @@ class WorkerPool:
                                 tg.start_soon(self._spawn, w)
                 except BaseException as exc:
                     del self._workers[have:]
-                    self.size = have
                     self._notify()
                     await self._retire(new, "stopped: resize() failed")
                     if self._closing:
@@ -800,8 +800,7 @@ class WorkerPool:
         w.successor = nw
         self._extra.append(nw)
         try:
-            with anyio.fail_after(_START_TIMEOUT):
-                await self._spawn(nw, replacing=w)
+            await self._start_within(nw, replacing=w)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._end_process(nw, _EXIT_WAIT)
@@ -810,11 +809,6 @@ class WorkerPool:
             if self._closing and isinstance(exc, Exception):
                 raise BusClosed(
                     f"worker pool {self.name!r} closed while worker {w.index} was recycled"
-                ) from None
-            if isinstance(exc, TimeoutError):
-                raise WorkerStartError(
-                    f"worker {w.index} of pool {self.name!r}: its replacement did not finish "
-                    f"{self.target!r} within {_START_TIMEOUT:g} s; the worker keeps running"
                 ) from None
             raise
         finally:
@@ -1100,15 +1094,9 @@ class WorkerPool:
             delay = self.restart_backoff
         while self._keeps(w):
             w.backoff = delay
-            if w.proc is not None and w.proc.returncode is None:
-                # Usually the link closed because the worker died: let the child
-                # watcher reap it first (killing a dead, unreaped child would reap
-                # it behind asyncio's back).  Kill only one that is still running.
-                with anyio.move_on_after(_EXIT_WAIT):
-                    await w.exited.wait()
-                if not w.exited.is_set():
-                    _signal(w.proc, signal.SIGKILL)
-                    await w.exited.wait()
+            # Usually the link closed because the worker died; one still running
+            # (its link ended, a failed start) is killed if it does not exit.
+            await self._end_process(w, _EXIT_WAIT)
             if not self._keeps(w):
                 return  # not restarted: the pool closes (its shutdown reports nothing more), or shrank
             if w.proc is not None and w.state == "crashed":  # logged once it is reaped: how it ended
@@ -1128,14 +1116,11 @@ class WorkerPool:
             try:
                 # As at the pool's start: a worker whose setup hangs counts as
                 # a failed start (the loop's top kills it before the next try).
-                with anyio.fail_after(_START_TIMEOUT):
-                    await self._spawn(w)
+                await self._start_within(w)
                 return
             except Exception as exc:  # kernel objects refused (ENOSPC...), a timeout: a failed start
                 if not self._keeps(w):
                     return  # stopped by the pool's close or a resize
-                if isinstance(exc, TimeoutError):
-                    exc = WorkerStartError(f"setup did not finish within {_START_TIMEOUT:g} s")
                 w.start_failures += 1
                 if w.start_failures >= self.max_start_failures:
                     msg = (

@@ -322,10 +322,11 @@ async def test_a_plugin_given_sigterm_gets_each_event_once(
             restart_backoff=0.05,
         ) as pool,
     ):
+        started = await host.subscribe("started")  # (the pool's bus: its workers hear of it)
         await host.flush()
         (old,) = pool.pids
         slow = asyncio.ensure_future(other.request("slow.sleep", 1.0, timeout=10))  # holds its drain
-        await asyncio.sleep(0.2)  # (it started on it: the worker answers "started" only to the parent)
+        assert (await started.next(timeout=10)).decode() == old
         os.kill(old, signal.SIGTERM)
         for i in range(30):
             await other.publish(f"{kind}.{i}", b"")
@@ -368,3 +369,4 @@ async def test_a_request_past_what_is_held_is_refused_at_once(
     for r in held:
         with pytest.raises(ConnectionClosed, match="the worker pool closed"):
             await r
+

@@ -493,3 +493,12 @@ async def test_closing_the_pool_while_a_replacement_starts(tmp_path: Path, call:
         assert len(recycling) == 1 and isinstance(recycling[0], BusClosed), recycling
     await wait_exited(old)
     await wait_exited(new)
+
+
+async def test_a_resize_that_would_make_worker_names_too_long_is_refused() -> None:
+    """Names are ``<pool>-<index>``, at most 256 characters: a pool named with
+    254 fits workers 0 to 9, not 10."""
+    async with WorkerPool("pool_workers:setup", 1, env=worker_env(), name="p" * 254) as pool:
+        with pytest.raises(ValueError, match="name must be at most 253 characters, not 254"):
+            await pool.resize(11)
+        assert pool.size == 1
