@@ -706,7 +706,7 @@ async def test_workers_streaming_to_a_slow_reader_are_not_hung(transport: str) -
     pongs wait behind the data, longer than hang_timeout.  Frames still coming
     from a worker show it runs (both were killed as hung)."""
     async with WorkerPool(
-        "pool_workers:setup_streams", workers=2, transport=transport, env=worker_env(), hang_timeout=0.5
+        "pool_workers:setup_streams", workers=2, transport=transport, env=worker_env(), hang_timeout=1.0
     ) as pool:
         got = 0
 
