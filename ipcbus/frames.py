@@ -238,6 +238,7 @@ class FrameReader:
         else:
             mv = memoryview(data)
         out: list[bytes] = []
+        append = out.append
         pos = 0
         end = len(mv)
         unpack = HEADER.unpack_from
@@ -261,7 +262,7 @@ class FrameReader:
                 stop = pos + 4 + n
                 if stop > end:
                     break
-                out.append(mv[pos + 4 : stop].tobytes())
+                append(mv[pos + 4 : stop].tobytes())
                 pos = stop
             if pos == end:
                 rest = None

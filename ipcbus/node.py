@@ -66,7 +66,14 @@ from .errors import (
 )
 from .spin import Spinner, spin_window
 from .stats import LinkStats, NodeStats
-from .subjects import SubjectIndex, matches, validate_name, validate_pattern, validate_subject
+from .subjects import (
+    MAX_SUBJECT_LENGTH,
+    SubjectIndex,
+    matches,
+    validate_name,
+    validate_pattern,
+    validate_subject,
+)
 from .transports.base import Link
 
 __all__ = [
@@ -124,6 +131,9 @@ _encode = fr.frame_encoder.encode  # encode_frame without the call around it: on
 _MsgFrame = fr.Msg
 _bin_header = fr.bin_header
 _LARGE_PAYLOAD: Final = fr.LARGE_PAYLOAD
+# What a message frame holds beside its payload, at most: three subjects
+# (subject, reply, queue group) of up to 4 bytes a character, and the rest.
+_ROOM: Final = 4 * 3 * MAX_SUBJECT_LENGTH + 64
 _NO_LINKS: Final[list[Link]] = []  # returned, never changed: no link to wait on
 _NO_ROUTE: Final[tuple[tuple[()], tuple[()], tuple[()]]] = ((), (), ())
 
@@ -135,6 +145,11 @@ _Route = tuple[
     tuple["LinkState", ...],
     tuple[tuple[str, tuple["SubscriptionCore | LinkState", ...]], ...],
 ]
+
+
+def _frames_size(raws: Sequence[bytes | fr.Msg]) -> int:
+    """The size of a batch of frames read (a Msg decoded in place: its payload's)."""
+    return sum(len(r.payload) if isinstance(r, _MsgFrame) else len(r) for r in raws)
 
 
 class SubscriptionCore:
@@ -333,15 +348,15 @@ class SubscriptionCore:
 class _Inbox(SubscriptionCore):
     """The node's single inbox subscription: replies resolve request futures."""
 
-    __slots__ = ("futures", "prefix_len")
+    __slots__ = ("futures",)
 
     def __init__(self, node: Node, subject: str) -> None:
         super().__init__(node, 0, subject, None, 1, 1, "drop_new")
+        # By reply subject (``_INBOX.<node>.<token>``): unknown ones, dotted too, miss.
         self.futures: dict[str, asyncio.Future[fr.Msg]] = {}
-        self.prefix_len = len(subject) - 1  # strip the trailing '*'
 
     def deliver(self, m: fr.Msg) -> None:
-        fut = self.futures.get(m.subject[self.prefix_len :])
+        fut = self.futures.get(m.subject)
         if fut is not None and not fut.done():  # first reply wins
             fut.set_result(m)
 
@@ -352,12 +367,13 @@ class Deadlines:
     A loop timer per request costs microseconds to arm and cancel (more than
     the rest of a request's routing).  Requests with the same timeout expire
     in the order they were made, so each timeout value keeps a FIFO of
-    ``[deadline, future, subject, timeout]`` entries and one timer for its
-    head.  Answered requests are dropped lazily from the head, and the FIFO
-    is compacted if answered entries pile up behind a slow one.  The
-    requester sets its entry's future to ``None`` (``entry[1] = None``) once
-    it has its answer: answered requests queued behind a slow one keep no
-    reply alive.
+    ``(deadline, reply subject, subject)`` entries and one timer for its
+    head.  A request is due while its reply subject is in ``futures`` (the
+    inbox's) with a future not yet done; the requester takes it out when it
+    is over, and has nothing else to undo.  Entries of requests that are over
+    leave the head lazily, and the FIFO is compacted if they pile up behind a
+    slow one.  An entry holds no future: a request answered behind a slow one
+    keeps no reply alive.
 
     Only the first :attr:`MAX_FIFOS` timeout values in use get a FIFO; the
     others (a caller that passes down what is left of its own deadline
@@ -368,78 +384,84 @@ class Deadlines:
     MAX_FIFOS: Final = 8
     _SLACK: Final = 0.001  # loop timers may fire this much early
 
-    def __init__(self) -> None:
-        self._queues: dict[float, collections.deque[list[Any]]] = {}
+    def __init__(self, futures: dict[str, asyncio.Future[Any]]) -> None:
+        self._futures = futures
+        self._queues: dict[float, collections.deque[tuple[float, str, str]]] = {}
         self._armed: dict[float, asyncio.TimerHandle] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._heap: list[tuple[float, int, list[Any]]] = []
+        self._time: Callable[[], float] = time.monotonic  # the loop's clock, once known
+        self._heap: list[tuple[float, int, str, str, float]] = []
         self._heap_timer: asyncio.TimerHandle | None = None
         self._heap_at = 0.0
         self._seq = 0
 
-    def add(self, timeout: float, fut: asyncio.Future[Any], subject: str) -> list[Any]:
-        """Fail ``fut`` with :class:`RequestTimeout` unless it is done within ``timeout``.
-
-        Returns the entry, whose future (``entry[1]``) the caller sets to ``None``
-        once ``fut`` is done.
-        """
+    def add(self, timeout: float, reply: str, subject: str) -> None:
+        """Fail the future of ``reply`` with :class:`RequestTimeout` unless it is done
+        (or gone from ``futures``) within ``timeout`` seconds."""
         q = self._queues.get(timeout)
         if q is None:  # a FIFO exists exactly while its timer is armed
-            loop = self._loop = fut.get_loop()
+            loop = asyncio.get_running_loop()
+            self._time = loop.time
             at = loop.time() + timeout
-            entry: list[Any] = [at, fut, subject, timeout]
             if len(self._queues) >= self.MAX_FIFOS:
-                self._push(entry)
-                return entry
-            self._queues[timeout] = collections.deque([entry])
+                self._push(at, reply, subject, timeout)
+                return
+            self._queues[timeout] = collections.deque([(at, reply, subject)])
             self._armed[timeout] = loop.call_at(at, self._fire, timeout)
-            return entry
-        n = len(q)
-        if not n & 31:  # now and then, not on every request: drop answered ones
-            while q and _settled(q[0]):
-                q.popleft()
-            if n >= 4096 and not n & 4095:  # answered ones behind a slow one
-                live = [e for e in q if not _settled(e)]
-                if len(live) * 2 < n:
-                    q.clear()
-                    q.extend(live)
-        assert self._loop is not None
-        entry = [self._loop.time() + timeout, fut, subject, timeout]
-        q.append(entry)
-        return entry
+            return
+        if not len(q) & 31:  # now and then, not on every request
+            self._trim(q)
+        q.append((self._time() + timeout, reply, subject))
 
-    def _push(self, entry: list[Any]) -> None:
+    def _trim(self, q: collections.deque[tuple[float, str, str]]) -> None:
+        """Drop the entries of requests that are over from the head of ``q`` (and
+        from behind a slow one)."""
+        futures = self._futures
+        n = len(q)
+        # Over (gone from futures), or answered and its requester not back yet:
+        # every request passes here once.
+        while q and ((fut := futures.get(q[0][1])) is None or fut.done()):
+            q.popleft()
+        if n >= 4096 and not n & 4095:  # over ones behind a slow one
+            live = [e for e in q if self._due(e[1])]
+            if len(live) * 2 < n:
+                q.clear()
+                q.extend(live)
+
+    def _due(self, reply: str) -> bool:
+        fut = self._futures.get(reply)
+        return fut is not None and not fut.done()
+
+    def _push(self, at: float, reply: str, subject: str, timeout: float) -> None:
         heap = self._heap
         self._seq += 1
         n = len(heap)
-        if n >= 4096 and not self._seq & 4095:  # answered ones waiting for their deadline
-            live = [item for item in heap if not _settled(item[2])]
+        if n >= 4096 and not self._seq & 4095:  # over ones waiting for their deadline
+            live = [item for item in heap if self._due(item[2])]
             if len(live) * 2 < n:
                 heap[:] = live
                 heapq.heapify(heap)
-        at = entry[0]
-        heapq.heappush(heap, (at, self._seq, entry))
+        heapq.heappush(heap, (at, self._seq, reply, subject, timeout))
         if self._heap_timer is None or at < self._heap_at:
             if self._heap_timer is not None:
                 self._heap_timer.cancel()
-            assert self._loop is not None
             self._heap_at = at
-            self._heap_timer = self._loop.call_at(at, self._fire_heap)
+            self._heap_timer = asyncio.get_running_loop().call_at(at, self._fire_heap)
 
     def _fire(self, timeout: float) -> None:
         q = self._queues[timeout]
         loop = asyncio.get_running_loop()
         now = loop.time() + self._SLACK
+        futures = self._futures
         while q:
-            entry = q[0]
-            fut = entry[1]
+            at, reply, subject = q[0]
+            fut = futures.get(reply)
             if fut is None or fut.done():
                 q.popleft()
-            elif entry[0] <= now:
+            elif at <= now:
                 q.popleft()
-                fut.set_exception(RequestTimeout(entry[2], timeout))
+                fut.set_exception(RequestTimeout(subject, timeout))
             else:
-                self._armed[timeout] = loop.call_at(entry[0], self._fire, timeout)
+                self._armed[timeout] = loop.call_at(at, self._fire, timeout)
                 return
         del self._armed[timeout]
         del self._queues[timeout]
@@ -448,15 +470,16 @@ class Deadlines:
         heap = self._heap
         loop = asyncio.get_running_loop()
         now = loop.time() + self._SLACK
+        futures = self._futures
         self._heap_timer = None
         while heap:
-            at, _, entry = heap[0]
-            fut = entry[1]
+            at, _, reply, subject, timeout = heap[0]
+            fut = futures.get(reply)
             if fut is None or fut.done():
                 heapq.heappop(heap)
             elif at <= now:
                 heapq.heappop(heap)
-                fut.set_exception(RequestTimeout(entry[2], entry[3]))
+                fut.set_exception(RequestTimeout(subject, timeout))
             else:
                 self._heap_at = at
                 self._heap_timer = loop.call_at(at, self._fire_heap)
@@ -474,11 +497,6 @@ class Deadlines:
         self._heap.clear()
 
 
-def _settled(entry: list[Any]) -> bool:
-    fut = entry[1]
-    return fut is None or bool(fut.done())
-
-
 class LinkState:
     """A link as the node sees it: peer identity, interest, in-flight requests, counters."""
 
@@ -488,6 +506,9 @@ class LinkState:
         self.name = name
         self.crash_error = crash_error
         self.peer: fr.Hello | None = None
+        # The peer node's inbox (``_INBOX.<its node id>.``) once its Hello came:
+        # reply subjects of requests it makes check cheaply against it.
+        self.peer_inbox = "\0"  # (matches no subject)
         # The largest frame sent on this link: ours, or less if the peer said so
         # in its Hello (protocol.md: never send more than the peer announced).
         self.send_max = node.max_frame
@@ -648,6 +669,7 @@ class Node:
         self._wild_inbox = 0
         self._sids = itertools.count(1)
         self._tokens = itertools.count(1)
+        self._bus_ids = itertools.count(1)  # marks of buses on this node that do not own it
         self._rr = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -669,7 +691,7 @@ class Node:
         self._sent_to: list[LinkState] | None = None
         self.inbox = _Inbox(self, f"{INBOX_PREFIX}{self.node_id}.*")
         self._reply_prefix = self.inbox.subject[:-1]  # reply subjects: this + token
-        self.deadlines = Deadlines()
+        self.deadlines = Deadlines(self.inbox.futures)
         # The loop the node runs on, known once started (saves a lookup per request).
         self.loop: asyncio.AbstractEventLoop | None = None
         self._spinner: Spinner | None = None
@@ -890,6 +912,9 @@ class Node:
                     "none of them whitespace, '.', '*' or '>' (it is a token of the node's inbox subject)"
                 )
             ls.peer = hello
+            if "." not in hello.node_id:
+                with contextlib.suppress(BadSubject):
+                    ls.peer_inbox = validate_subject(f"{INBOX_PREFIX}{hello.node_id}.0")[:-1]
             if hello.max_frame < ls.send_max:
                 ls.send_max = hello.max_frame
                 self._send_bound = min(self._send_bound, ls.send_max)
@@ -932,7 +957,8 @@ class Node:
                 raws = [await recv()]
                 # Handle every frame already read in this wake-up, bounded by the share.
                 raws += take(share)
-                budget -= handle(ls, raws)
+                handle(ls, raws)
+                budget -= _frames_size(raws)
                 if budget <= 0:
                     budget = share
                     await asyncio.sleep(0)
@@ -954,56 +980,65 @@ class Node:
             with anyio.CancelScope(shield=True):
                 await self._drop_link(ls, ls.ending or reason)
 
-    def _handle_frames(self, ls: LinkState, raws: Sequence[bytes | fr.Msg]) -> int:
-        """Decode and route a batch of frames read from ``ls``; return their size."""
+    def _handle_frames(self, ls: LinkState, raws: Sequence[bytes | fr.Msg]) -> None:
+        """Decode and route a batch of frames read from ``ls``."""
         decode = fr.frame_decoder.decode  # errors mapped below, without a wrapper call
         routes = self._routes
         reply_routes = self._reply_routes
         inbox_prefix = self._reply_prefix
-        deliver_reply = self.inbox.deliver
-        size = msgs = nbytes = 0
+        futures = self.inbox.futures
+        peer_inbox = ls.peer_inbox
+        peer_inbox_len = len(peer_inbox)
+        nbytes = controls = 0
         asked = False  # a request came: a responder polls for the next (Spinner.answered)
+        raw: bytes | fr.Msg | None
+        frame: fr.Frame
         try:
-            for item in raws:
-                raw: bytes | None
-                frame: fr.Frame
-                if type(item) is bytes:
-                    raw = item
-                    size += len(raw)
+            for raw in raws:
+                if type(raw) is bytes:
                     try:
                         frame = decode(raw)
                     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
                         raise ProtocolError(f"malformed frame ({len(raw)} bytes): {exc}") from None
                 else:  # a Msg decoded in place by the transport (Link.decode_large)
-                    assert isinstance(item, _MsgFrame)
-                    frame = item
+                    assert isinstance(raw, _MsgFrame)
+                    frame = raw
                     raw = None
-                    size += len(item.payload)
                 try:
                     if type(frame) is _MsgFrame:
-                        msgs += 1
                         nbytes += len(frame.payload)
                         subject = frame.subject
-                        fast = routes.get(subject)
-                        if (
-                            fast is not None
-                            and not fast[2]
-                            and frame.reply is None
-                            and not frame.groups
-                            and (not reply_routes or subject not in reply_routes)
-                        ):
-                            # Inline of _route's plain-message path (the common case).
-                            for sub in fast[0]:
-                                sub.deliver(frame)
-                            for other in fast[1]:
-                                if other is not ls:
-                                    if raw is None:
-                                        raw = _encode(frame)
-                                    self._forward(other, raw, subject, True)
-                            continue
-                        if (
+                        reply = frame.reply
+                        if reply is not None:
+                            asked = True
+                            fast = routes.get(subject)
+                            if (
+                                fast is not None
+                                and len(fast[2]) == 1
+                                and not fast[0]
+                                and not fast[1]
+                                and (not reply_routes or subject not in reply_routes)
+                            ):
+                                q, cands = fast[2][0]
+                                sub = cands[0]
+                                if len(cands) == 1 and frame.groups == (q,) and type(sub) is SubscriptionCore:
+                                    # Inline of _on_msg and _route for a request to a
+                                    # service here, picked for it by the sender (a
+                                    # pool's worker, a hub's client).
+                                    if not (
+                                        reply.startswith(peer_inbox)
+                                        and reply[peer_inbox_len:].isalnum()
+                                        and len(reply) <= MAX_SUBJECT_LENGTH
+                                    ):  # not the usual reply subject of the peer's own requests
+                                        validate_subject(reply)
+                                    if sub.inline is not None and not sub.pending and not sub._closed:
+                                        sub.delivered += 1  # (sub.deliver, inlined)
+                                        sub.inline(frame)
+                                    else:
+                                        sub.deliver(frame)
+                                    continue
+                        elif (  # (before the route: inbox subjects have none cached)
                             subject.startswith(inbox_prefix)
-                            and frame.reply is None
                             and not self._wild_inbox
                             and not frame.groups
                         ):
@@ -1018,36 +1053,33 @@ class Node:
                                     self._heard_here.discard(subject)
                             elif ls.abandoned:
                                 ls.abandoned.pop(subject, None)  # a late reply: its responder is done
-                            deliver_reply(frame)
+                            fut = futures.get(subject)  # (self.inbox.deliver, inlined)
+                            if fut is not None and not fut.done():  # first reply wins
+                                fut.set_result(frame)
                             continue
-                        if frame.reply is not None:
-                            asked = True
-                            if (
-                                fast is not None
-                                and len(fast[2]) == 1
-                                and not fast[0]
-                                and not fast[1]
-                                and (not reply_routes or subject not in reply_routes)
-                            ):
-                                q, cands = fast[2][0]
-                                if (
-                                    len(cands) == 1
-                                    and frame.groups == (q,)
-                                    and type(cands[0]) is SubscriptionCore
-                                ):
-                                    # Inline of _on_msg and _route for a request to a
-                                    # service here, picked for it by the sender (a
-                                    # pool's worker, a hub's client).
-                                    validate_subject(frame.reply)
-                                    cands[0].deliver(frame)
-                                    continue
+                        elif (
+                            (fast := routes.get(subject)) is not None
+                            and not fast[2]
+                            and not frame.groups
+                            and (not reply_routes or subject not in reply_routes)
+                        ):
+                            # Inline of _route's plain-message path (the common case).
+                            for sub in fast[0]:
+                                sub.deliver(frame)
+                            for other in fast[1]:
+                                if other is not ls:
+                                    if raw is None:
+                                        raw = _encode(frame)
+                                    self._forward(other, raw, subject, True)
+                            continue
                         self._on_msg(frame, raw, ls)
                     else:
+                        controls += 1
                         self._on_control(frame, ls)
                 except BadSubject as exc:
                     raise ProtocolError(f"peer sent an invalid subject: {exc}") from None
         finally:  # counted once per batch, not per message
-            self.msgs_in += msgs
+            self.msgs_in += len(raws) - controls  # (all of them, also when one failed)
             self.bytes_in += nbytes
         if self._spinner is not None:
             if self._awaiting_replies():
@@ -1066,7 +1098,6 @@ class Node:
             dirty, self._dirty = self._dirty, {}
             for other in dirty:
                 other.link.flush_now()
-        return size
 
     async def _drop_link(self, ls: LinkState, reason: str) -> None:
         if ls.closed.is_set():
@@ -1802,15 +1833,19 @@ class Node:
             self._reply_routes[reply] = {ls}
         else:
             routes.add(ls)
-        if len(ls.inflight) > _INFLIGHT_CAP:  # requester gave up long ago
-            old = next(iter(ls.inflight))
-            del ls.inflight[old]
-            r = self._reply_routes.get(old)
-            if r is not None:
-                r.discard(ls)
-                if not r:
-                    del self._reply_routes[old]
-                    self._heard_here.discard(old)
+        if len(ls.inflight) > _INFLIGHT_CAP:
+            self._forget_oldest(ls)
+
+    def _forget_oldest(self, ls: LinkState) -> None:
+        """``ls`` has too many requests in flight: its oldest one's requester gave up long ago."""
+        old = next(iter(ls.inflight))
+        del ls.inflight[old]
+        r = self._reply_routes.get(old)
+        if r is not None:
+            r.discard(ls)
+            if not r:
+                del self._reply_routes[old]
+                self._heard_here.discard(old)
 
     def _unroute(self, ls: LinkState) -> None:
         """A write to ``ls`` failed: its peer is gone.  Route nothing more to it now.
@@ -2154,13 +2189,16 @@ class Node:
         to the kernel at once (at most one eager write per link and loop
         iteration, see ``Link.flush_now``) rather than with the next batch.
         """
-        if reply is not None and self._spinner is not None:
-            self._spinner.kick()  # a request: its answer comes soon
+        if headers is not None and reply is not None and self._spinner is not None:
+            self._spinner.kick()  # a request: its answer comes soon (_request_fast kicks too)
         if headers is None:
             # Most requests go to one service across one link, most replies
             # straight to the link of the requester's node: one step each.
             if reply is not None:
                 fast = self._request_fast(subject, payload, reply)
+                # Due (see _awaiting_replies): a request made with Bus.request
+                # says so by its future, one published with reply= by this.
+                self._tracked_at = time.monotonic_ns()
             else:
                 fast = self._reply_fast(subject, payload)
             if fast is not None:
@@ -2194,12 +2232,12 @@ class Node:
         reached it first); with no upstream either, raises
         :class:`~ipcbus.errors.NoResponders` before sending anything.
         """
-        if self._spinner is not None:
-            self._spinner.kick()  # its answer comes soon
         if headers is None:
-            fast = self._request_fast(subject, payload, reply)
+            fast = self._request_fast(subject, payload, reply)  # (kicks the spinner)
             if fast is not None:
                 return fast
+        elif self._spinner is not None:
+            self._spinner.kick()  # its answer comes soon
         route = self._routes.get(subject)
         if route is None:
             route = self._compute_route(subject)
@@ -2241,13 +2279,17 @@ class Node:
         ``None`` when the request needs the general path (other routes, a
         frame that may be too large).  Decided before picking a member: a pick
         counts for the round robin, so the general path must not pick again.
+        Kicks the spinner in any case: an answer comes soon.
         """
+        if self._spinner is not None:
+            self._spinner.kick()
         route = self._routes.get(subject)
         if route is None or route[0] or route[1] or len(route[2]) != 1 or self._closed:
             return None
         n = len(payload)
         q, cands = route[2][0]
-        if n + 4 * (len(subject) + len(reply) + len(q)) + 64 > self._send_bound:
+        bound = self._send_bound
+        if n > bound - _ROOM and n + 4 * (len(subject) + len(reply) + len(q)) + 64 > bound:
             return None
         pick = cands[0] if len(cands) == 1 else self._pick(cands, q)
         if not isinstance(pick, LinkState):  # a member in this process (as _route)
@@ -2266,7 +2308,18 @@ class Node:
             self._unroute(pick)
             self._unsendable(_MsgFrame(subject, reply, None, payload), (pick,))
             return _NO_LINKS
-        return self._request_sent(pick, n, reply, subject)
+        self.msgs_out += 1
+        self.bytes_out += n
+        reply_routes = self._reply_routes
+        if reply in reply_routes:  # a reply subject used again (publish with reply=)
+            self._track(pick, reply, subject)
+        else:  # _track inlined, for a fresh one (not stamped: see publish_now)
+            inflight = pick.inflight
+            inflight[reply] = subject
+            reply_routes[reply] = {pick}
+            if len(inflight) > _INFLIGHT_CAP:
+                self._forget_oldest(pick)
+        return [link] if link.pending_out > link.high_water else _NO_LINKS
 
     def _request_sent(self, ls: LinkState, n: int, reply: str, subject: str) -> list[Link]:
         """Count a request of ``n`` payload bytes written to ``ls``, track its reply;
@@ -2304,18 +2357,25 @@ class Node:
         ``None`` when it needs the general path (not a remote inbox, a reply
         this node forwarded a request for, a frame that may be too large).
         """
-        nid = self._inbox_node(reply)
-        if nid is None or nid == self.node_id or self._closed or reply in self._reply_routes:
-            return None  # (our own inbox: delivered here, whoever else subscribed to it)
+        # _inbox_node(reply), inlined: a reply per request served.
+        if self._wild_inbox or not reply.startswith(INBOX_PREFIX) or self._closed:
+            return None
+        dot = reply.find(".", 7)
+        if dot < 0 or reply.find(".", dot + 1) >= 0 or reply in self._reply_routes:
+            return None
+        nid = reply[7:dot]
         ls = self._inbox_links.get(nid)
         n = len(payload)
-        if ls is None or n + 4 * len(reply) + 64 > self._send_bound:
+        if ls is None or nid == self.node_id:
+            return None  # (our own inbox: delivered here, whoever else subscribed to it)
+        bound = self._send_bound
+        if n > bound - _ROOM and n + 4 * len(reply) + 64 > bound:
             return None
         link = ls.link
         try:
             if ls.dropped_unreported:
                 self._send_drop_notice(ls)
-            if n >= fr.LARGE_PAYLOAD:  # a large result: no frame of its own (frames.msg_head)
+            if n >= _LARGE_PAYLOAD:  # a large result: no frame of its own (frames.msg_head)
                 link.send_parts(fr.msg_head(reply, None, None, n), payload)
                 link.flush_now()
             else:

@@ -971,9 +971,8 @@ class WorkerPool:
         futures = node.inbox.futures
         if self._shared is None:
             return list(futures.values())
-        prefix = node.inbox.subject[: node.inbox.prefix_len]
         toward = {r for w in self._all() if w.link is not None for r in w.link.inflight}
-        return [f for t, f in futures.items() if prefix + t in toward]
+        return [f for r, f in futures.items() if r in toward]
 
     def _all(self) -> list[_Worker]:
         """Every worker with a process: those in the slots, and those starting

@@ -156,15 +156,12 @@ class Spinner:
 
     def kick(self) -> None:
         """Activity: keep polling until ``window_us`` from now."""
-        # _poll inlined: a requester kicks once per request.
-        now = time.monotonic_ns()
+        # A requester kicks once per request: while polling, a kick only counts,
+        # and the next turn (which reads the clock anyway) extends the window.
         self._kicks += 1
-        until = now + self._window
-        if until > self._until:
-            self._until = until
-        if not self._active and now >= self._quiet_until:
-            self._active = True
-            self._loop.call_soon(self._spin)
+        if not self._active:
+            now = time.monotonic_ns()
+            self._poll(now, now + self._window)
 
     def linger(self) -> None:
         """Like :meth:`kick`, but poll for the window even if nothing is ``waiting``.
@@ -175,7 +172,8 @@ class Spinner:
         next ones, which the link then takes without its thread
         (:attr:`ipcbus.transports.base.Link.keep_polling`).
         """
-        self.kick()
+        now = time.monotonic_ns()
+        self._poll(now, now + self._window)
         self._linger_until = self._until
 
     def answered(self) -> None:
@@ -199,7 +197,6 @@ class Spinner:
 
     def _poll(self, now: int, until: int) -> None:
         """Poll until ``until`` at least (monotonic ns), unless backing off."""
-        self._kicks += 1
         if until > self._until:
             self._until = until
         if not self._active and now >= self._quiet_until:
@@ -207,22 +204,25 @@ class Spinner:
             self._loop.call_soon(self._spin)
 
     def close(self) -> None:
-        """Stop polling at the next loop turn."""
+        """Stop polling (within two loop turns; later kicks poll no longer than that)."""
         self._until = self._linger_until = 0
+        self._window = self._answer_window = 0  # a kick seen on the next turn extends nothing
 
     def _spin(self) -> None:
-        until = self._until
         t = time.monotonic_ns()
-        if t >= until:
+        if self._kicks != self._seen:  # kicked since the last turn: busy, not waiting
+            self._seen = self._kicks
+            until = t + self._window  # the kicks' window (kick() leaves it to this turn)
+            if until > self._until:
+                self._until = until
+            self._loop.call_soon(self._spin)
+            return
+        if t >= self._until:
             self._active = False
             self._strikes = 0  # a whole window with the CPU to itself
             return
         if self._waiting is not None and t >= self._linger_until and not self._waiting():
             self._active = False  # nothing is expected any more
-            return
-        if self._kicks != self._seen:  # kicked since the last turn: busy, not waiting
-            self._seen = self._kicks
-            self._loop.call_soon(self._spin)
             return
         os.sched_yield()
         if time.monotonic_ns() - t > _SHARED_NS:

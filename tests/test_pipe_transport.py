@@ -66,6 +66,23 @@ async def test_a_burst_reaches_the_kernel_before_the_sender_yields() -> None:
         assert got[2000] == b"head" + b"y" * (100 * 1024)
 
 
+async def test_urgent_frames_of_one_turn_reach_the_kernel_by_the_kilobyte() -> None:
+    # Requests or replies made in one loop turn (a requester pipelining, a
+    # service answering a batch): the first is written at once, the rest
+    # whenever 1 KiB of them is queued, so the peer starts on them while the
+    # sender makes the rest.  Published frames (send_nowait) wait for 64 KiB.
+    async with _pipes() as (a, b):
+        frame = b"r" * 100
+        for i in range(40):  # 4,160 bytes with their length prefixes, no await
+            a.send_now(frame)
+            assert a.pending_out < 1024 + 104, f"{a.pending_out} bytes queued after {i + 1} frames"
+        for _ in range(40):
+            a.send_nowait(frame)
+        assert a.pending_out >= 40 * 104  # not urgent: they wait for the turn's flush
+        got = [await b.recv() for _ in range(80)]
+        assert got == [frame] * 80
+
+
 async def test_a_small_maximum_is_enforced_for_small_frames_too() -> None:
     # Frames up to 64 KiB take a shorter path; a link whose maximum is below
     # that must still refuse a frame over it, on either send call.

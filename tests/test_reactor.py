@@ -932,14 +932,17 @@ async def test_a_link_broken_before_the_handshake_is_dropped_not_leaked(wait: bo
 async def test_deadlines_fail_only_unanswered_requests_and_disarm() -> None:
     # Request timeouts share one loop timer per timeout value (node.Deadlines).
     loop = asyncio.get_running_loop()
-    dl = Deadlines()
+    futures: dict[str, asyncio.Future[None]] = {}
+    dl = Deadlines(futures)
     short = [loop.create_future() for _ in range(20)]
     long_ = [loop.create_future() for _ in range(20)]
     t0 = loop.time()
     for i, f in enumerate(short):
-        dl.add(0.05, f, f"s.{i}")
+        futures[f"r.s{i}"] = f
+        dl.add(0.05, f"r.s{i}", f"s.{i}")
     for i, f in enumerate(long_):
-        dl.add(0.15, f, f"l.{i}")
+        futures[f"r.l{i}"] = f
+        dl.add(0.15, f"r.l{i}", f"l.{i}")
     for f in short[::2] + long_[::2]:  # answered in time
         f.set_result(None)
     short[1].cancel()  # a cancelled request is left alone
@@ -956,15 +959,21 @@ async def test_deadlines_fail_only_unanswered_requests_and_disarm() -> None:
     assert not dl._armed and not dl._queues  # nothing left armed
 
 
-async def test_deadlines_compact_answered_requests_behind_a_slow_one() -> None:
+@pytest.mark.parametrize("over", ["answered", "gone"])
+async def test_deadlines_compact_answered_requests_behind_a_slow_one(over: str) -> None:
+    # Over: answered (its requester not back yet) or gone (taken out of futures).
     loop = asyncio.get_running_loop()
-    dl = Deadlines()
-    slow = loop.create_future()
-    dl.add(30.0, slow, "slow")
-    for _ in range(20000):
-        f = loop.create_future()
-        dl.add(30.0, f, "fast")
-        f.set_result(None)
+    futures: dict[str, asyncio.Future[None]] = {}
+    dl = Deadlines(futures)
+    slow = futures["slow"] = loop.create_future()
+    dl.add(30.0, "slow", "svc")
+    for i in range(20000):
+        f = futures[f"r{i}"] = loop.create_future()
+        dl.add(30.0, f"r{i}", "svc")
+        if over == "answered":
+            f.set_result(None)
+        else:
+            del futures[f"r{i}"]
     assert len(dl._queues[30.0]) < 8200  # answered entries did not pile up
     dl.close()
     assert not dl._armed and not slow.done()
@@ -975,11 +984,15 @@ async def test_deadlines_drop_requests_answered_in_order() -> None:
     # answered entries leave the head now and then (not on every add), so
     # the FIFO stays short however many requests pass.
     loop = asyncio.get_running_loop()
-    dl = Deadlines()
-    for _ in range(20000):
-        f = loop.create_future()
-        dl.add(30.0, f, "fast")
-        f.set_result(None)
+    futures: dict[str, asyncio.Future[None]] = {}
+    dl = Deadlines(futures)
+    for i in range(20000):
+        futures[f"r{i}"] = loop.create_future()
+        dl.add(30.0, f"r{i}", "fast")
+        if i % 2:
+            del futures[f"r{i}"]  # over: taken out by its requester
+        else:
+            futures[f"r{i}"].set_result(None)  # answered, its requester not back yet
     assert len(dl._queues[30.0]) <= 32
     dl.close()
     assert not dl._armed and not dl._queues
@@ -1325,7 +1338,7 @@ async def test_answered_requests_behind_a_slow_one_keep_no_reply_alive() -> None
         for _ in range(100):
             assert len((await bus.request("echo", b"x" * 65536, timeout=30)).data) == 65536
         entries = list(node.deadlines._queues[30.0])
-        assert len(entries) == 101 and [e[2] for e in entries if e[1] is not None] == ["slow"]
+        assert len(entries) == 101 and [e[2] for e in entries if e[1] in node.inbox.futures] == ["slow"]
         release.set()
         assert (await pending).data == b"slow"
 

@@ -126,6 +126,20 @@ async def test_a_kicked_loop_polls_until_closed() -> None:
     await assert_stopped(spinner, spun, "closed")
 
 
+async def test_kicks_after_close_do_not_poll_on() -> None:
+    """A kick only counts while polling (the next turn extends the window);
+    a closed spinner's window is gone, so kicks that come after (a request
+    in flight as the node closes) do not keep the loop polling."""
+    spinner = Spinner(asyncio.get_running_loop(), 200_000)  # 200 ms
+    spinner.kick()
+    await asyncio.sleep(0)
+    spinner.close()
+    spinner.kick()  # seen on the next turn
+    await assert_stopped(spinner, 0.05, "closed, then kicked")
+    spinner.kick()  # after it stopped
+    await assert_stopped(spinner, 0.05, "kicked once closed")
+
+
 async def test_the_window_closes_by_itself() -> None:
     spinner = Spinner(asyncio.get_running_loop(), 2_000)  # 2 ms
     spinner.kick()

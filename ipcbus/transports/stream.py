@@ -40,6 +40,7 @@ __all__ = ["FdStreamLink"]
 
 _IOV_MAX = 1024
 _EAGER_BYTES = 64 * 1024  # queued bytes that are written at once, without waiting for the turn
+_URGENT_BYTES = 1024  # the same, for urgent frames (send_now): someone waits on each
 _READ_CHUNK = 1 << 20  # the most one read takes
 _FIRST_READ = 64 * 1024  # a new link's read buffer; it grows (x4) while reads fill it
 _CLOSE_FLUSH_TIMEOUT = 2.0
@@ -140,8 +141,9 @@ class FdStreamLink(Link):
     def _queued(self, n: int) -> None:
         """Count a frame of ``n`` bytes just queued, and see that it leaves."""
         self._wq_bytes += n + 4
-        self.info.msgs_out += 1
-        self.info.bytes_out += n
+        info = self.info
+        info.msgs_out += 1
+        info.bytes_out += n
         if not self._writer_added:
             if self._wq_bytes >= _EAGER_BYTES:
                 # A burst: hand the kernel what is queued now, so the reader
@@ -182,12 +184,29 @@ class FdStreamLink(Link):
             self.send_nowait(frame)  # the general path: large, empty or refused
             self.flush_now()
             return
-        if self._wq or self._writer_added or self._eager_used:
-            # Not the iteration's first urgent write: it joins the queue (as send_nowait).
+        if self._eager_used:
+            # Not the iteration's first urgent write: it joins the queue (as
+            # send_nowait), and mostly a flush is on its way already (_queued, inlined).
+            self._wq.append(HEADER.pack(n) + frame)
+            self._wq_bytes += n + 4
+            info = self.info
+            info.msgs_out += 1
+            info.bytes_out += n
+            if self._writer_added:
+                return
+            if self._wq_bytes >= _URGENT_BYTES:
+                # Urgent frames piling up in this turn (a requester pipelining, a
+                # service answering a batch): the peer starts on these while
+                # this process makes the rest, both CPUs busy.
+                self._flush()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+            return
+        if self._wq or self._writer_added:  # the first, behind others: all go now
             self._wq.append(HEADER.pack(n) + frame)
             self._queued(n)
-            if not self._eager_used:  # else flush_now() would do nothing
-                self.flush_now()
+            self.flush_now()
             return
         self._eager_used = True
         self._loop.call_soon(self._reset_eager)
@@ -241,6 +260,9 @@ class FdStreamLink(Link):
                 self._write_failed(exc)
                 return
             self._wq_bytes -= n
+            if not self._wq_bytes:  # all of it went (the common case)
+                wq.clear()
+                break
             while n:
                 head = wq[0]
                 hl = len(head)
