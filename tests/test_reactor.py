@@ -784,6 +784,35 @@ async def test_bad_reply_subject_from_a_peer_closes_only_that_link(reply: str) -
         assert (await t.a.request("svc", timeout=5)).data == b"fine"
 
 
+@pytest.mark.parametrize("token", ["", "a b", "*", ">", "a.", "x" * 5000])
+async def test_bad_reply_subject_in_the_peers_own_inbox_closes_only_that_link(token: str) -> None:
+    """A request for a queue group picked by the sender (the responder's fast
+    path) whose reply subject starts like the peer's own inbox but is not a
+    valid subject: refused as any other invalid reply subject, before the
+    service sees it."""
+    served: list[str] = []
+
+    def handler(m: Msg) -> bytes:
+        served.append(m.reply or "")
+        return b"fine"
+
+    async with tree("memory") as t:
+        await t.hub.serve("svc", handler, queue="q")
+        await t.settle()
+        assert (await t.a.request("svc", timeout=5)).data == b"fine"  # its route is known
+        served.clear()
+        x, raw = memory_pair()
+        ls = await t.hub.node.add_link(x, name="evil", wait=False)
+        await _hello(raw)  # node id "raw": its inbox is _INBOX.raw.
+        await raw.send(fr.encode_frame(fr.Msg("svc", reply=f"_INBOX.raw.{token}", payload=b"x", groups=("q",))))
+        with anyio.fail_after(10):
+            await ls.closed.wait()
+        assert "protocol error" in ls.close_reason, ls.close_reason
+        assert served == []
+        await raw.aclose()
+        assert (await t.a.request("svc", timeout=5)).data == b"fine"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_stalled_link_does_not_block_publishing_to_others(kind: str) -> None:
     """Backpressure applies to the links a message goes out on, not to every link."""
