@@ -804,7 +804,8 @@ async def test_bad_reply_subject_in_the_peers_own_inbox_closes_only_that_link(to
         x, raw = memory_pair()
         ls = await t.hub.node.add_link(x, name="evil", wait=False)
         await _hello(raw)  # node id "raw": its inbox is _INBOX.raw.
-        await raw.send(fr.encode_frame(fr.Msg("svc", reply=f"_INBOX.raw.{token}", payload=b"x", groups=("q",))))
+        bad = fr.Msg("svc", reply=f"_INBOX.raw.{token}", payload=b"x", groups=("q",))
+        await raw.send(fr.encode_frame(bad))
         with anyio.fail_after(10):
             await ls.closed.wait()
         assert "protocol error" in ls.close_reason, ls.close_reason
