@@ -66,6 +66,11 @@ def encode_payload(data: Any) -> bytes:
         return data
     if isinstance(data, bytearray | memoryview):
         return bytes(data)
+    if isinstance(data, Msg):  # (a struct msgspec would encode, bus and all)
+        raise EncodeError(
+            "cannot encode a payload of type Msg: pass msg.data to send its payload on, "
+            "or msg.decode() to send its value"
+        )
     try:
         return _encoder.encode(data)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -173,7 +178,8 @@ class Msg(msgspec.Struct, eq=False):
     data: bytes
     reply: str | None
     headers: dict[str, str] | None
-    _bus: Bus | None
+    bus: Bus | None
+    """The bus it came on (:meth:`respond` publishes there); ``None`` when made outside one."""
 
     @overload
     def decode(self) -> Any: ...
@@ -202,9 +208,9 @@ class Msg(msgspec.Struct, eq=False):
         """Publish ``data`` to this message's reply subject."""
         if self.reply is None:
             raise ValueError(f"message on {self.subject!r} has no reply subject to respond to")
-        if self._bus is None:
+        if self.bus is None:
             raise BusClosed("message is not attached to a bus")
-        await self._bus.publish(self.reply, data, headers=headers)
+        await self.bus.publish(self.reply, data, headers=headers)
 
     def __repr__(self) -> str:
         return f"<Msg {self.subject!r} {len(self.data)} B reply={self.reply!r}>"

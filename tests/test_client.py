@@ -435,7 +435,15 @@ async def test_unencodable_payload_raises_encode_error_and_sends_nothing() -> No
             assert isinstance(info.value, TypeError)
         assert sent() == 0
         await client.publish("x", {"fine": [1, 2]})
-        assert (await sub.next(timeout=5)).decode() == {"fine": [1, 2]}
+        received = await sub.next(timeout=5)
+        assert received.decode() == {"fine": [1, 2]}
+        # A message itself (forwarding it whole by mistake), received or made by hand.
+        for msg in [received, Msg("x", b"payload", None, None, bus=None)]:
+            with pytest.raises(EncodeError, match=r"type Msg: pass msg\.data"):
+                await client.publish("x", msg)
+            with pytest.raises(EncodeError, match=r"type Msg: pass msg\.data"):
+                await client.request("svc", msg, timeout=5)
+        assert sent() == 1  # the fine one only
 
 
 async def test_bad_headers_raise_encode_error_and_send_nothing() -> None:
@@ -576,6 +584,12 @@ async def test_msg_decode_and_respond() -> None:
         assert isinstance(info.value, ValueError) and not isinstance(info.value, EncodeError)
         with pytest.raises(DecodeError, match="does not decode"):
             Msg("s", b"\xc1", None, None, None).decode()
+        # Made by keyword, as a handler's unit test does: no bus to respond on.
+        made = Msg(subject="s", data=msgspec.msgpack.encode(Point(1, 2)), reply="r", headers=None, bus=None)
+        assert made.decode(Point) == Point(1, 2) and made.bus is None
+        with pytest.raises(BusClosed, match="not attached to a bus"):
+            await made.respond(b"x")
+        assert rep.bus is client and made != Msg("s", made.data, "r", None, None)  # identity
 
         await client.publish("pt", Point(0, 0))
         m = await sub.next(timeout=5)
