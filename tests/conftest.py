@@ -14,8 +14,10 @@ process a test left running (a daemon, a grandchild) counts as a child too.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -39,6 +41,10 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
 _BUS_ROOT = tempfile.mkdtemp(prefix="ipcbus-test-")
 os.chmod(_BUS_ROOT, 0o700)
 os.environ["IPCBUS_DIR"] = _BUS_ROOT
+# Removed at the session's end (pytest_sessionfinish), and at exit when no
+# session ran (a usage error); not by a forked child leaving.
+_SUITE_PID = os.getpid()
+atexit.register(lambda: os.getpid() == _SUITE_PID and shutil.rmtree(_BUS_ROOT, ignore_errors=True))
 REPO = Path(__file__).resolve().parent.parent
 
 # Hypothesis's per-example deadline (200 ms) measures this shared 2-CPU
@@ -211,6 +217,4 @@ def python() -> str:
 
 
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
-    import shutil
-
     shutil.rmtree(_BUS_ROOT, ignore_errors=True)
