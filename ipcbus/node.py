@@ -670,6 +670,7 @@ class Node:
         self._sids = itertools.count(1)
         self._tokens = itertools.count(1)
         self._bus_ids = itertools.count(1)  # marks of buses on this node that do not own it
+        self._interest_ev: asyncio.Event | None = None  # made only when someone waits (interest_event)
         self._rr = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -1225,6 +1226,16 @@ class Node:
 
     def _interest_changed(self) -> None:
         self._routes.clear()
+        if self._interest_ev is not None:
+            self._interest_ev.set()
+            self._interest_ev = None
+
+    def interest_event(self) -> asyncio.Event:
+        """An event set at the next change of interest here: a subscription,
+        in this process or across a link, comes or goes."""
+        if self._interest_ev is None:
+            self._interest_ev = asyncio.Event()
+        return self._interest_ev
 
     def _add_local(self, sub: SubscriptionCore) -> None:
         self._interest_changed()

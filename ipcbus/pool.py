@@ -70,7 +70,6 @@ _CHECK_EVERY = 0.1  # seconds between checks of max_messages (max_rss: every _RS
 _RSS_EVERY = 1.0
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _HOLD_MAX = 10_000  # messages held per subscription of a worker being restarted
-_HOLD_CHECK = 0.05  # seconds between looks for another member taking over (_watch_holding)
 
 
 @dataclass(eq=False)  # compared (and hashed) by identity: two processes of one slot are two workers
@@ -1047,7 +1046,14 @@ class WorkerPool:
         node = self._node
         assert node is not None
         while w.holding and not node.closed:
-            await asyncio.sleep(_HOLD_CHECK)  # polled, while a worker restarts only
+            # Woken when interest changes (a member appears) or the pool does
+            # (the worker is back, given up on, removed; the pool closes).
+            waits = [asyncio.ensure_future(ev.wait()) for ev in (node.interest_event(), self._changed)]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in waits:
+                    t.cancel()
             for core in [c for c in w.holding if c.queue is not None]:
                 key = (core.subject, core.queue)
                 own = key in ls.remote_keys and key not in ls.held_keys  # (the old link, still draining)

@@ -959,6 +959,23 @@ async def test_a_link_broken_before_the_handshake_is_dropped_not_leaked(wait: bo
         assert link.closed
 
 
+async def test_interest_event_is_set_when_a_subscription_comes_or_goes_here_or_across_a_link() -> None:
+    async with Node(name="A") as a, Node(name="B") as b:
+        await connect(a, b, "pipe")
+        ev = a.interest_event()
+        assert a.interest_event() is ev and not ev.is_set()
+        sub = await Bus(a).subscribe("local")  # in this process
+        assert ev.is_set()
+        ev = a.interest_event()
+        await Bus(b).subscribe("remote", queue="g")  # across the link
+        with anyio.fail_after(5):
+            await ev.wait()
+        assert a.announced(("remote", "g")) == 1
+        ev = a.interest_event()
+        await sub.unsubscribe()
+        assert ev.is_set()
+
+
 async def test_deadlines_fail_only_unanswered_requests_and_disarm() -> None:
     # Request timeouts share one loop timer per timeout value (node.Deadlines).
     loop = asyncio.get_running_loop()
