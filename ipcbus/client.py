@@ -171,7 +171,8 @@ _DRAIN_FLUSH: Final = 5.0  # seconds a draining service waits for its peers to k
 class Msg(msgspec.Struct, eq=False):
     """A received message: ``subject``, ``data`` (bytes), ``reply``, ``headers``.
 
-    Made by the bus (``Msg(subject, data, reply, headers, bus)``), not by user code.
+    Made by the bus; ``Msg(subject, data, reply, headers, bus=None)`` makes
+    one for a handler's unit test (it has no bus to :meth:`respond` on).
     """
 
     subject: str
