@@ -15,7 +15,7 @@ import logging
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -40,6 +40,7 @@ from .node import (
     ERROR_MSG_HEADER,
     ERROR_TYPE_HEADER,
     STATUS_HEADER,
+    LinkState,
     Node,
     Overflow,
     SubscriptionCore,
@@ -847,12 +848,18 @@ class Bus:
         fut: asyncio.Future[fr.Msg] = (node.loop or asyncio.get_running_loop()).create_future()
         futures = node.inbox.futures
         futures[reply] = fut
+        sent: LinkState | Literal[True] | None = None
         try:
             try:
                 # Most requests go to one service across one link: one step.
-                full = node._request_fast(subject, payload, reply) if headers is None else None
-                if full is None:
+                sent = node._send_fast(subject, payload, reply, True) if headers is None else None
+                if sent is None:
                     full = node.send_request(subject, payload, reply, headers)
+                elif sent is True:
+                    full = None
+                else:
+                    link = sent.link
+                    full = [link] if link.pending_out > link.high_water else None
             except NoResponders:
                 full, waited = await self._no_responders(subject, payload, reply, headers, timeout)
                 if timeout is not None:
@@ -876,7 +883,10 @@ class Bus:
             raise
         finally:
             del futures[reply]
-            if reply in node._reply_routes:  # else nothing to forget (the reply came)
+            if type(sent) is LinkState:  # tracked on its link only (Node._send_fast)
+                if reply in sent.inflight:  # else nothing to forget (the reply came)
+                    node.forget_own(sent, reply)
+            elif reply in node._reply_routes:
                 node.forget_reply(reply)
             if not fut.done():  # cancelled before its reply: nothing may fail it later
                 fut.cancel()

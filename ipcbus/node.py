@@ -1052,7 +1052,8 @@ class Node:
                                     r.inflight.pop(subject, None)
                                 if self._heard_here:
                                     self._heard_here.discard(subject)
-                            elif ls.abandoned:
+                            elif ls.inflight.pop(subject, None) is None and ls.abandoned:
+                                # (Else the reply to a request of ours, tracked on this link only.)
                                 ls.abandoned.pop(subject, None)  # a late reply: its responder is done
                             fut = futures.get(subject)  # (self.inbox.deliver, inlined)
                             if fut is not None and not fut.done():  # first reply wins
@@ -1146,7 +1147,8 @@ class Node:
         )
         for reply, subject in list(ls.inflight.items()):
             routes = self._reply_routes.get(reply)
-            if routes is None:
+            if routes is None:  # a request of ours, tracked on this link only (_send_fast)
+                self.closed_status(reply, ls.crash_error, f"{what} ({reason})")
                 continue
             routes.discard(ls)
             if routes and all(_only_listens(other, subject) for other in routes):
@@ -1409,7 +1411,13 @@ class Node:
                 ls.inflight.pop(subject, None)
             if self._heard_here:
                 self._heard_here.discard(subject)
-        elif origin is not None and origin.abandoned:
+        elif (
+            origin is not None
+            and (origin.inflight or origin.abandoned)
+            # (Else a reply to a request of ours, tracked on its link only: _send_fast.)
+            and origin.inflight.pop(subject, None) is None
+            and origin.abandoned
+        ):
             origin.abandoned.pop(subject, None)  # a late reply: its responder is done
         nid = None if m.groups else self._inbox_node(subject)
         if nid is not None:
@@ -2287,10 +2295,35 @@ class Node:
     def _request_fast(self, subject: str, payload: bytes, reply: str) -> list[Link] | None:
         """:meth:`publish_now` for a request to one service (queue group) across one link.
 
-        ``None`` when the request needs the general path (other routes, a
-        frame that may be too large).  Decided before picking a member: a pick
-        counts for the round robin, so the general path must not pick again.
-        Kicks the spinner in any case: an answer comes soon.
+        ``None`` when the request needs the general path (see
+        :meth:`_send_fast`); else the links above high water.
+        """
+        ls = self._send_fast(subject, payload, reply, False)
+        if ls is None:
+            return None
+        if ls is True:
+            return _NO_LINKS
+        link = ls.link
+        return [link] if link.pending_out > link.high_water else _NO_LINKS
+
+    def _send_fast(
+        self, subject: str, payload: bytes, reply: str, own: bool
+    ) -> LinkState | Literal[True] | None:
+        """Send a request to one service (queue group) across one link, in one step.
+
+        Returns the link it went out on, ``True`` when it needs no more (a
+        member in this process took it, or the link broke under the write and
+        the request was answered with a ``closed`` status), or ``None`` when
+        the request needs the general path (other routes, a frame that may be
+        too large).  Decided before picking a member: a pick counts for the
+        round robin, so the general path must not pick again.  Kicks the
+        spinner in any case: an answer comes soon.
+
+        ``own``: a request of :meth:`Bus.request <ipcbus.client.Bus.request>`,
+        whose reply subject is fresh and whose caller ends it
+        (:meth:`forget_own`).  It is tracked on its link only
+        (``LinkState.inflight``, which its reply clears), not in the reply
+        routes a reply subject used again or a request passed on needs.
         """
         if self._spinner is not None:
             self._spinner.kick()
@@ -2306,31 +2339,28 @@ class Node:
         if not isinstance(pick, LinkState):  # a member in this process (as _route)
             self.bytes_out += n
             pick.deliver(_MsgFrame(subject, reply, None, payload))
-            return []
-        link = pick.link
+            return True
         try:
             if pick.dropped_unreported:
                 self._send_drop_notice(pick)
-            link.send_now(_encode(_MsgFrame(subject, reply, None, payload, (q,))))
+            pick.link.send_now(_encode(_MsgFrame(subject, reply, None, payload, (q,))))
         except FrameTooLarge:
             return None  # the general path reports it
         except ConnectionClosed:
             # The responder's link broke under this very write (its reader is gone).
             self._unroute(pick)
             self._unsendable(_MsgFrame(subject, reply, None, payload), (pick,))
-            return _NO_LINKS
+            return True
         self.msgs_out += 1
         self.bytes_out += n
-        reply_routes = self._reply_routes
-        if reply in reply_routes:  # a reply subject used again (publish with reply=)
-            self._track(pick, reply, subject)
-        else:  # _track inlined, for a fresh one (not stamped: see publish_now)
+        if own:
             inflight = pick.inflight
             inflight[reply] = subject
-            reply_routes[reply] = {pick}
             if len(inflight) > _INFLIGHT_CAP:
                 self._forget_oldest(pick)
-        return [link] if link.pending_out > link.high_water else _NO_LINKS
+        else:
+            self._track(pick, reply, subject)
+        return pick
 
     def _request_sent(self, ls: LinkState, n: int, reply: str, subject: str) -> list[Link]:
         """Count a request of ``n`` payload bytes written to ``ls``, track its reply;
@@ -2443,23 +2473,31 @@ class Node:
         """
         routes = self._reply_routes.pop(reply, None)
         if routes:
-            now = time.monotonic()
             for ls in routes:
-                if ls.inflight.pop(reply, None) is None:
-                    continue
-                if not requester_gone:
-                    given_up = ls.abandoned
-                    given_up[reply] = now
-                    if len(given_up) > _ABANDONED_CAP:
-                        del given_up[next(iter(given_up))]
-                # The peer may have passed it on (a hub) and track it too.
-                if not ls.closed.is_set():
-                    if not self._given_up:
-                        assert self.loop is not None
-                        self.loop.call_soon(self._send_given_up)
-                    self._given_up.setdefault(ls, []).append(reply)
+                self._give_up(ls, reply, requester_gone)
         if self._heard_here:
             self._heard_here.discard(reply)
+
+    def forget_own(self, ls: LinkState, reply: str) -> None:
+        """As :meth:`forget_reply`, for a request :meth:`_send_fast` sent on ``ls``
+        for :meth:`Bus.request <ipcbus.client.Bus.request>` (tracked there only)."""
+        self._give_up(ls, reply, False)
+
+    def _give_up(self, ls: LinkState, reply: str, requester_gone: bool) -> None:
+        """The request on ``reply`` that went out on ``ls`` is over without its reply."""
+        if ls.inflight.pop(reply, None) is None:
+            return
+        if not requester_gone:
+            given_up = ls.abandoned
+            given_up[reply] = time.monotonic()
+            if len(given_up) > _ABANDONED_CAP:
+                del given_up[next(iter(given_up))]
+        # The peer may have passed it on (a hub) and track it too.
+        if not ls.closed.is_set():
+            if not self._given_up:
+                assert self.loop is not None
+                self.loop.call_soon(self._send_given_up)
+            self._given_up.setdefault(ls, []).append(reply)
 
     def _send_given_up(self) -> None:
         """Tell each link of the requests sent on it that were given up on this

@@ -1824,3 +1824,46 @@ async def test_replies_toward_a_requester_that_does_not_read_are_bounded() -> No
             assert isinstance(exc, ConnectionClosed), exc
             assert "the link toward the requester (R)" in str(exc)
         assert all(d.data == b"y" * 16384 for d in done if isinstance(d, Msg))
+
+
+@pytest.mark.parametrize("monitor", [None, "_INBOX.>", "_INBOX.*.*"])
+async def test_answered_requests_leave_nothing_tracked_on_their_link(monitor: str | None) -> None:
+    """A request of Bus.request is tracked on the link it went out on only;
+    its reply clears that, also when a subscription here routes inbox
+    subjects by pattern (the general path), so nothing counts as given up."""
+    async with Node(name="P") as p, Node(name="W") as w:
+        p_w, _ = await connect(p, w, "memory")
+        await Bus(w).serve("s", lambda m: m.data, queue="q")
+        if monitor:
+            await Bus(p).subscribe(monitor, max_pending=1000)
+        await settle(p, w)
+        bus = Bus(p)
+        await bus.request("s", timeout=10)  # the route is known from now on: the one-step path
+        for _ in range(2):
+            replies = await asyncio.gather(*(bus.request("s", b"%d" % i, timeout=10) for i in range(40)))
+            assert [r.data for r in replies] == [b"%d" % i for i in range(40)]
+            assert p_w.inflight == {} and p_w.abandoned == {}
+            assert not p._reply_routes  # (the one-step path tracks nothing there)
+
+
+async def test_a_request_in_flight_fails_at_once_when_its_link_closes() -> None:
+    async with Node(name="P") as p, Node(name="W") as w:
+        p_w, w_p = await connect(p, w, "pipe")
+        stuck = asyncio.Event()
+
+        async def handler(m: Msg) -> bytes:
+            if m.data == b"stick":
+                await stuck.wait()
+            return b"ok"
+
+        await Bus(w).serve("s", handler, queue="q")
+        await settle(p, w)
+        assert (await Bus(p).request("s", timeout=10)).data == b"ok"  # the route is known now
+        task = asyncio.ensure_future(Bus(p).request("s", b"stick", timeout=30))
+        with anyio.fail_after(5):
+            while not p_w.inflight:
+                await asyncio.sleep(0.01)
+        await w_p.link.aclose()
+        with anyio.fail_after(5), pytest.raises(ConnectionClosed, match="closed"):
+            await task
+        assert p_w.inflight == {} and p_w.abandoned == {}
