@@ -868,7 +868,13 @@ class Bus:
             # cost of a cancel scope (or a loop timer) per request.  Armed
             # first: the timeout covers the wait for a full link too.
             if timeout is not None:
-                node.deadlines.add(timeout, reply, subject)
+                # (Deadlines.add, inlined for its common case: a timeout in use.)
+                dl = node.deadlines
+                q = dl._queues.get(timeout)
+                if q is not None and len(q) & 31:
+                    q.append((dl._time() + timeout, reply, subject))
+                else:
+                    dl.add(timeout, reply, subject)
             if full:
                 await _writable_or_done(full, fut)
             if fut.done():

@@ -41,6 +41,9 @@ __all__ = ["FdStreamLink"]
 _IOV_MAX = 1024
 _EAGER_BYTES = 64 * 1024  # queued bytes that are written at once, without waiting for the turn
 _URGENT_BYTES = 1024  # the same, for urgent frames (send_now): someone waits on each
+# Queued buffers this small on average are joined and written with one write():
+# each iovec of a writev costs the kernel more than copying a small one here.
+_JOIN_AVERAGE = 512
 _READ_CHUNK = 1 << 20  # the most one read takes
 _FIRST_READ = 64 * 1024  # a new link's read buffer; it grows (x4) while reads fill it
 _CLOSE_FLUSH_TIMEOUT = 2.0
@@ -249,9 +252,14 @@ class FdStreamLink(Link):
         while wq:
             if fd < 0:
                 return
-            bufs = list(wq) if len(wq) <= _IOV_MAX else [wq[i] for i in range(_IOV_MAX)]
+            k = len(wq)
             try:
-                n = os.writev(fd, bufs)
+                if k == 1:
+                    n = os.write(fd, wq[0])
+                elif k <= _IOV_MAX and self._wq_bytes <= _JOIN_AVERAGE * k:
+                    n = os.write(fd, b"".join(wq))
+                else:
+                    n = os.writev(fd, list(wq) if k <= _IOV_MAX else [wq[i] for i in range(_IOV_MAX)])
             except BlockingIOError:
                 break
             except InterruptedError:
