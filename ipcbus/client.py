@@ -701,6 +701,10 @@ class Bus:
     node too.
     """
 
+    # Whether _check_open() checks more than the flags request() looks at
+    # itself (a ClientBus: its link to the hub).
+    _checks_link: bool = False
+
     def __init__(self, node: Node, *, owns_node: bool = False) -> None:
         self._node = node
         self._owns_node = owns_node
@@ -835,8 +839,9 @@ class Bus:
         :class:`~ipcbus.errors.WorkerCrashed`) when the responder's link
         closed while the request was in flight.
         """
-        self._check_open()  # a ClientBus also checks its link to the hub
         node = self._node
+        if self._closed or node._closed or node.loop is None or self._checks_link:
+            self._check_open()  # (its common case inlined; a ClientBus also checks its link)
         if type(subject) is not str or subject not in _valid_subjects:
             validate_subject(subject)  # (once per subject: it is remembered)
         if type(timeout) is not float or not 0 <= timeout < _INF:
@@ -844,7 +849,7 @@ class Bus:
         if headers is not None:
             _check_headers(headers)
         payload = data if type(data) is bytes else encode_payload(data)
-        reply = self._reply_prefix + format(next(node._tokens), "x")  # (as node.new_reply_subject())
+        reply = self._reply_prefix + hex(next(node._tokens))[2:]  # (as node.new_reply_subject())
         fut: asyncio.Future[fr.Msg] = (node.loop or asyncio.get_running_loop()).create_future()
         futures = node.inbox.futures
         futures[reply] = fut

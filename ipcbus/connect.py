@@ -112,6 +112,8 @@ def _check_options(transport: str, options: dict[str, Any]) -> None:
 class ClientBus(Bus):
     """A :class:`~ipcbus.Bus` connected to a hub (what :func:`connect` returns)."""
 
+    _checks_link = True  # _check_open() looks at the link to the hub too
+
     def __init__(
         self,
         node: Node,

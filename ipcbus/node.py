@@ -2325,8 +2325,12 @@ class Node:
         (``LinkState.inflight``, which its reply clears), not in the reply
         routes a reply subject used again or a request passed on needs.
         """
-        if self._spinner is not None:
-            self._spinner.kick()
+        spinner = self._spinner
+        if spinner is not None:
+            if spinner._active:  # (Spinner.kick, inlined: while polling it only counts)
+                spinner._kicks += 1
+            else:
+                spinner.kick()
         route = self._routes.get(subject)
         if route is None or route[0] or route[1] or len(route[2]) != 1 or self._closed:
             return None

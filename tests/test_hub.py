@@ -1175,3 +1175,32 @@ def test_a_connect_never_awaited_is_reported_as_a_coroutine_is() -> None:
         del looked_at
         gc.collect()
     assert [str(w.message) for w in seen] == ["coroutine '_connect' was never awaited"]
+
+
+@pytest.mark.single_loop
+async def test_a_request_while_reconnecting_says_so_at_once(bus_name: str) -> None:
+    """A reconnecting client whose hub is gone: a request raises
+    ConnectionClosed saying it reconnects, at once (not NoResponders, not a
+    timeout), also for a subject it asked before (a known route)."""
+    async with hub_proc(bus_name) as hp:
+        client = await ipcbus.connect(bus_name, reconnect=True)
+        try:
+            await client.serve("here", lambda m: b"ok")
+            await client.flush()
+            assert (await client.request("here", timeout=10)).data == b"ok"
+            await hp.stop(signal.SIGKILL)
+            with anyio.fail_after(10):
+                while not (client.hub_link is None or client.hub_link.closed.is_set()):
+                    await asyncio.sleep(0.01)
+            for subject in ("here", "elsewhere"):
+                t0 = time.monotonic()
+                with pytest.raises(ConnectionClosed, match=r"not connected to the hub.*; reconnecting"):
+                    await client.request(subject, timeout=30)
+                assert time.monotonic() - t0 < 5
+            # A new hub (which recovers the dead one's door): asked again, answered again.
+            async with ipcbus.Hub(bus_name, transports=FIFO_ONLY):
+                await client.wait_connected(timeout=20)
+                assert (await client.request("here", timeout=10)).data == b"ok"
+                await client.aclose()
+        finally:
+            await client.aclose()

@@ -56,6 +56,10 @@ class FdStreamLink(Link):
     ``rfd`` and ``wfd`` (they may be the same fd) and closes them.
     """
 
+    pending_out: int = 0
+    """Bytes queued in this process, not yet written to the kernel (a plain
+    attribute here: a requester reads it on every request)."""
+
     def __init__(
         self,
         rfd: int,
@@ -95,7 +99,7 @@ class FdStreamLink(Link):
         self._rerror: BaseException | None = None
         self._rwaiter: asyncio.Future[None] | None = None
         self._wq: collections.deque[bytes | memoryview] = collections.deque()
-        self._wq_bytes = 0
+        self.pending_out = 0
         self._flush_scheduled = False
         self._eager_used = False
         self._writer_added = False
@@ -143,12 +147,12 @@ class FdStreamLink(Link):
 
     def _queued(self, n: int) -> None:
         """Count a frame of ``n`` bytes just queued, and see that it leaves."""
-        self._wq_bytes += n + 4
+        self.pending_out += n + 4
         info = self.info
         info.msgs_out += 1
         info.bytes_out += n
         if not self._writer_added:
-            if self._wq_bytes >= _EAGER_BYTES:
+            if self.pending_out >= _EAGER_BYTES:
                 # A burst: hand the kernel what is queued now, so the reader
                 # starts on it while this task keeps producing, instead of
                 # everything waiting for the high-water mark or the next turn.
@@ -157,15 +161,10 @@ class FdStreamLink(Link):
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
 
-    @property
-    def pending_out(self) -> int:
-        """Bytes queued in this process, not yet written to the kernel."""
-        return self._wq_bytes
-
     async def wait_writable(self, threshold: int | None = None) -> None:
         """Wait until the outbound queue is at or below ``threshold`` bytes."""
         limit = self.high_water // 2 if threshold is None else threshold
-        while self._wq_bytes > limit:
+        while self.pending_out > limit:
             if self._werror is not None:
                 raise stored(self._werror)
             if self._closed:
@@ -191,13 +190,13 @@ class FdStreamLink(Link):
             # Not the iteration's first urgent write: it joins the queue (as
             # send_nowait), and mostly a flush is on its way already (_queued, inlined).
             self._wq.append(HEADER.pack(n) + frame)
-            self._wq_bytes += n + 4
+            self.pending_out += n + 4
             info = self.info
             info.msgs_out += 1
             info.bytes_out += n
             if self._writer_added:
                 return
-            if self._wq_bytes >= _URGENT_BYTES:
+            if self.pending_out >= _URGENT_BYTES:
                 # Urgent frames piling up in this turn (a requester pipelining, a
                 # service answering a batch): the peer starts on these while
                 # this process makes the rest, both CPUs busy.
@@ -226,7 +225,7 @@ class FdStreamLink(Link):
         if written < len(data):  # the pipe is full: the rest waits for writability
             rest = memoryview(data)[written:]
             self._wq.append(rest)
-            self._wq_bytes += len(rest)
+            self.pending_out += len(rest)
             self._loop.add_writer(self._wfd, self._flush)
             self._writer_added = True
 
@@ -256,7 +255,7 @@ class FdStreamLink(Link):
             try:
                 if k == 1:
                     n = os.write(fd, wq[0])
-                elif k <= _IOV_MAX and self._wq_bytes <= _JOIN_AVERAGE * k:
+                elif k <= _IOV_MAX and self.pending_out <= _JOIN_AVERAGE * k:
                     n = os.write(fd, b"".join(wq))
                 else:
                     n = os.writev(fd, list(wq) if k <= _IOV_MAX else [wq[i] for i in range(_IOV_MAX)])
@@ -267,8 +266,8 @@ class FdStreamLink(Link):
             except OSError as exc:
                 self._write_failed(exc)
                 return
-            self._wq_bytes -= n
-            if not self._wq_bytes:  # all of it went (the common case)
+            self.pending_out -= n
+            if not self.pending_out:  # all of it went (the common case)
                 wq.clear()
                 break
             while n:
@@ -288,7 +287,7 @@ class FdStreamLink(Link):
             self._loop.remove_writer(fd)
             self._writer_added = False
         if self._wwaiters:
-            self._wwaiters.wake(self._wq_bytes)
+            self._wwaiters.wake(self.pending_out)
 
     def _write_failed(self, exc: OSError) -> None:
         if exc.errno in (errno.EPIPE, errno.ECONNRESET):
@@ -297,7 +296,7 @@ class FdStreamLink(Link):
             msg = f"{self.info.transport} link: write failed: {exc}"
         self._werror = ConnectionClosed(msg)
         self._wq.clear()
-        self._wq_bytes = 0
+        self.pending_out = 0
         if self._writer_added:
             with contextlib.suppress(Exception):
                 self._loop.remove_writer(self._wfd)
@@ -479,7 +478,7 @@ class FdStreamLink(Link):
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._wq.clear()
-        self._wq_bytes = 0
+        self.pending_out = 0
         closed = ConnectionClosed("link is closed")
         self._wwaiters.release(closed)
         self._wake_reader()
