@@ -894,10 +894,17 @@ class Bus:
             raise
         finally:
             del futures[reply]
-            if type(sent) is LinkState:  # tracked on its link only (Node._send_fast)
-                if reply in sent.inflight:  # else nothing to forget (the reply came)
+            # Tracked on the link it went out on only (Node._send_fast): a reply
+            # that came over it cleared that already.
+            if type(sent) is LinkState and reply in sent.inflight:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    # Answered over another link: its service passed the request
+                    # on (publish with reply=) to one behind another link.
+                    del sent.inflight[reply]
+                else:
                     node.forget_own(sent, reply)
-            elif reply in node._reply_routes:
+            # Passed on here too (as above), or sent by the general path.
+            if node._reply_routes and reply in node._reply_routes:
                 node.forget_reply(reply)
             if not fut.done():  # cancelled before its reply: nothing may fail it later
                 fut.cancel()

@@ -1867,3 +1867,43 @@ async def test_a_request_in_flight_fails_at_once_when_its_link_closes() -> None:
         with anyio.fail_after(5), pytest.raises(ConnectionClosed, match="closed"):
             await task
         assert p_w.inflight == {} and p_w.abandoned == {}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_request_passed_on_to_a_service_behind_another_link_leaves_no_tracking(kind: str) -> None:
+    """H asks a service on A, which passes each request on (publish with
+    reply=) to a service on B: the reply comes back over H's link to B, not
+    the link the request went out on.  Answered, nothing stays in flight or
+    counts as given up on either link; timed out, both links count it as
+    given up (their responders may still be working on it) and nothing stays
+    in flight (a pool's recycle waits for that), nor in the reply routes."""
+    async with Node(name="H") as h, Node(name="A") as a, Node(name="B") as b:
+        h_a, _ = await connect(h, a, kind)
+        h_b, _ = await connect(h, b, kind)
+        abus, bbus = Bus(a), Bus(b)
+
+        front = await abus.subscribe("front", queue="q")
+
+        async def pass_on() -> None:  # a subscriber, not a service: it does not answer itself
+            async for m in front:
+                await abus.publish("back" if m.data != b"silent" else "nobody", m.data, reply=m.reply)
+
+        await bbus.serve("back", lambda m: b"ok:" + m.data, queue="q2")
+        await bbus.subscribe("nobody", queue="q3")  # takes it, never answers
+        await settle(h, a, b)
+        bus = Bus(h)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pass_on)
+            for i in range(3):
+                assert (await bus.request("front", b"%d" % i, timeout=10)).data == b"ok:%d" % i
+            await settle(h, a, b)
+            for ls in (h_a, h_b):
+                assert (len(ls.inflight), ls.still_given_up(), ls.busy) == (0, 0, 0), ls.name
+            assert not h._reply_routes
+            with pytest.raises(RequestTimeout):
+                await bus.request("front", b"silent", timeout=0.2)
+            await settle(h, a, b)
+            for ls in (h_a, h_b):
+                assert (len(ls.inflight), ls.still_given_up()) == (0, 1), ls.name
+            assert not h._reply_routes
+            tg.cancel_scope.cancel()
