@@ -217,7 +217,9 @@ class ClientBus(Bus):
 
         Raises :class:`~ipcbus.errors.ConnectionClosed` when the link to the hub
         breaks before the hub confirmed it: what was sent may not have arrived,
-        so a flush that returns is an acknowledgement.
+        so a flush that returns is an acknowledgement.  A hub that is closing
+        confirms nothing more (it may no longer pass messages on): the flush
+        then raises as its link closes.
         """
         self._check_open()
         limit = _timeout_or_none(timeout)

@@ -1995,7 +1995,12 @@ class Node:
             self._remote_unsub(ls, (frame.subject, frame.queue))
         elif t is fr.Ping:
             assert isinstance(frame, fr.Ping)
-            ls.send_control(_encode(fr.Pong(frame.token)))
+            # A pong acknowledges everything the peer sent before its ping (a
+            # client's flush()).  A closing node may no longer pass on what it
+            # takes in (its other links may be closed already): it answers
+            # none, and the peer's flush fails as the link closes.
+            if not self._closed:
+                ls.send_control(_encode(fr.Pong(frame.token)))
         elif t is fr.Pong:
             assert isinstance(frame, fr.Pong)
             fut = ls.pongs.pop(frame.token, None)

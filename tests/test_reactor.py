@@ -36,6 +36,7 @@ from ipcbus.node import Deadlines, LinkState, Node
 from ipcbus.transports.base import Link
 from ipcbus.transports.memory import memory_pair
 from ipcbus.transports.pipe import pipe_pair
+from ipcbus.transports.stream import FdStreamLink
 
 KINDS = ["memory", "pipe"]
 
@@ -1907,3 +1908,38 @@ async def test_a_request_passed_on_to_a_service_behind_another_link_leaves_no_tr
                 assert (len(ls.inflight), ls.still_given_up()) == (0, 1), ls.name
             assert not h._reply_routes
             tg.cancel_scope.cancel()
+
+
+async def test_a_closing_node_acknowledges_nothing_more() -> None:
+    """A pong acknowledges what its peer sent before the ping (a client's
+    flush()).  A node that is closing may no longer pass on what it takes in
+    (its other links may be closed already), so a ping that reaches it then
+    gets no pong: the peer's flush fails as the link closes instead of
+    returning for messages that were lost (a hub stopped under load)."""
+    async with Node(name="P") as p:
+        h = Node(name="H")
+        await h.__aenter__()
+        a, b = pipe_pair()
+        h_p, p_h = await connect_links(h, p, a, b)
+        await Bus(p).subscribe("x", max_pending=100_000)
+        await settle(h, p)
+        assert isinstance(b, FdStreamLink)
+        b._pause_reading()  # P stops reading: H's close waits to drain its queue toward P
+        hbus = Bus(h)
+        for _ in range(48):  # 3 MiB: the pipe (1 MiB) fills, the rest stays queued in H
+            await hbus.publish("x", b"y" * 65536)
+        closing = asyncio.ensure_future(h.aclose())
+        with anyio.fail_after(5):
+            while not h.closing.is_set() and not h._closed:
+                await asyncio.sleep(0)
+        before_in, before_out = h_p.link.info.msgs_in, h_p.control_out
+        _, pong = p.send_ping(p_h)
+        with anyio.fail_after(5):
+            while h_p.link.info.msgs_in == before_in:  # H read the ping
+                await asyncio.sleep(0.01)
+        assert h_p.control_out == before_out  # and answered nothing
+        b._resume_reading()
+        with anyio.fail_after(10):
+            await closing
+            with pytest.raises(ConnectionClosed):
+                await pong

@@ -263,7 +263,10 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "flushes what it queued to every client at once, for up to 2 s (so everything it "
         "acknowledged reaches every client that reads; a client that is stopped, or does not "
         "read for those 2 s, loses what it had not read), closes each link, removes its door, "
-        "pid file, FIFOs, records and queue, and exits 0.\n"
+        "pid file, FIFOs, records and queue, and exits 0. From the moment it starts closing "
+        "it acknowledges nothing more: a client's `flush()` then gets no answer and raises "
+        "`ConnectionClosed` as the link closes (a flush answered while the hub drained had "
+        "acknowledged messages its other links, already closed, never carried).\n"
     )
     return "\n".join(out).rstrip() + "\n"
 
