@@ -501,10 +501,8 @@ class Service:
                 return self._error_now(m, exc)
         node = self._bus._node
         try:
-            # Most replies go straight to the link of the requester's node (node.reply_now).
-            full = node._reply_fast(reply, payload)
-            if full is None:
-                full = node.publish_now(reply, payload)
+            # Most replies go straight to the link of the requester's node.
+            full = node.reply_now(reply, payload)
         except FrameTooLarge as exc:  # the reply is over max_frame: tell the requester
             return self._error_now(m, exc)
         except ConnectionClosed:
@@ -858,8 +856,8 @@ class Bus:
             try:
                 # Most requests go to one service across one link: one step.
                 sent = node._send_fast(subject, payload, reply, True) if headers is None else None
-                if sent is None:
-                    full = node.send_request(subject, payload, reply, headers)
+                if sent is None:  # (the one-step path was tried: it declined)
+                    full = node.send_request(subject, payload, reply, headers, fast=False)
                 elif sent is True:
                     full = None
                 else:
@@ -873,13 +871,7 @@ class Bus:
             # cost of a cancel scope (or a loop timer) per request.  Armed
             # first: the timeout covers the wait for a full link too.
             if timeout is not None:
-                # (Deadlines.add, inlined for its common case: a timeout in use.)
-                dl = node.deadlines
-                q = dl._queues.get(timeout)
-                if q is not None and len(q) & 31:
-                    q.append((dl._time() + timeout, reply, subject))
-                else:
-                    dl.add(timeout, reply, subject)
+                node.deadlines.add(timeout, reply, subject)
             if full:
                 await _writable_or_done(full, fut)
             if fut.done():

@@ -1032,11 +1032,7 @@ class Node:
                                         and len(reply) <= MAX_SUBJECT_LENGTH
                                     ):  # not the usual reply subject of the peer's own requests
                                         validate_subject(reply)
-                                    if sub.inline is not None and not sub.pending and not sub._closed:
-                                        sub.delivered += 1  # (sub.deliver, inlined)
-                                        sub.inline(frame)
-                                    else:
-                                        sub.deliver(frame)
+                                    sub.deliver(frame)
                                     continue
                         elif (  # (before the route: inbox subjects have none cached)
                             subject.startswith(inbox_prefix)
@@ -2219,10 +2215,7 @@ class Node:
             # Most requests go to one service across one link, most replies
             # straight to the link of the requester's node: one step each.
             if reply is not None:
-                fast = self._request_fast(subject, payload, reply)
-                # Due (see _awaiting_replies): a request made with Bus.request
-                # says so by its future, one published with reply= by this.
-                self._tracked_at = time.monotonic_ns()
+                fast = self._request_fast(subject, payload, reply)  # (tracked: _track stamps it due)
             else:
                 fast = self._reply_fast(subject, payload)
             if fast is not None:
@@ -2246,7 +2239,13 @@ class Node:
         return full
 
     def send_request(
-        self, subject: str, payload: bytes, reply: str, headers: dict[str, str] | None
+        self,
+        subject: str,
+        payload: bytes,
+        reply: str,
+        headers: dict[str, str] | None,
+        *,
+        fast: bool = True,
     ) -> list[Link]:
         """Send a request made here, its replies to come on ``reply``.
 
@@ -2255,13 +2254,16 @@ class Node:
         the tree knows for sure: a service that subscribed a moment ago
         reached it first); with no upstream either, raises
         :class:`~ipcbus.errors.NoResponders` before sending anything.
+        ``fast=False``: the caller tried the one-step path (:meth:`_send_fast`,
+        which kicked the spinner) and it declined.
         """
-        if headers is None:
-            fast = self._request_fast(subject, payload, reply)  # (kicks the spinner)
-            if fast is not None:
-                return fast
-        elif self._spinner is not None:
-            self._spinner.kick()  # its answer comes soon
+        if headers is not None:
+            if self._spinner is not None:
+                self._spinner.kick()  # its answer comes soon
+        elif fast:
+            sent = self._request_fast(subject, payload, reply)  # (kicks the spinner)
+            if sent is not None:
+                return sent
         route = self._routes.get(subject)
         if route is None:
             route = self._compute_route(subject)
@@ -2407,13 +2409,9 @@ class Node:
         ``None`` when it needs the general path (not a remote inbox, a reply
         this node forwarded a request for, a frame that may be too large).
         """
-        # _inbox_node(reply), inlined: a reply per request served.
-        if self._wild_inbox or not reply.startswith(INBOX_PREFIX) or self._closed:
+        nid = self._inbox_node(reply)
+        if nid is None or self._closed or reply in self._reply_routes:
             return None
-        dot = reply.find(".", 7)
-        if dot < 0 or reply.find(".", dot + 1) >= 0 or reply in self._reply_routes:
-            return None
-        nid = reply[7:dot]
         ls = self._inbox_links.get(nid)
         n = len(payload)
         if ls is None or nid == self.node_id:

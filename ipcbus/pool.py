@@ -40,7 +40,7 @@ from .checks import MAX_NAME, check_count, check_env, check_name, check_path, ch
 from .client import Bus
 from .errors import BusClosed, IpcBusError, NoResponders, RequestTimeout, WorkerStartError
 from .gc import process_folder, reclaim_pools, remove_pool_dir
-from .node import Key, LinkState, Node, SubscriptionCore, say_goodbye, shielded
+from .node import Key, LinkState, Node, SubscriptionCore, first_of, say_goodbye, shielded
 from .spin import spin_window
 from .stats import PoolStats, WorkerState
 from .subjects import matches
@@ -1048,12 +1048,7 @@ class WorkerPool:
         while w.holding and not node.closed:
             # Woken when interest changes (a member appears) or the pool does
             # (the worker is back, given up on, removed; the pool closes).
-            waits = [asyncio.ensure_future(ev.wait()) for ev in (node.interest_event(), self._changed)]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in waits:
-                    t.cancel()
+            await first_of(node.interest_event(), self._changed)
             for core in [c for c in w.holding if c.queue is not None]:
                 key = (core.subject, core.queue)
                 own = key in ls.remote_keys and key not in ls.held_keys  # (the old link, still draining)

@@ -1850,10 +1850,11 @@ async def test_answered_requests_leave_nothing_tracked_on_their_link(monitor: st
 async def test_a_request_in_flight_fails_at_once_when_its_link_closes() -> None:
     async with Node(name="P") as p, Node(name="W") as w:
         p_w, w_p = await connect(p, w, "pipe")
-        stuck = asyncio.Event()
+        stuck, took = asyncio.Event(), asyncio.Event()
 
         async def handler(m: Msg) -> bytes:
             if m.data == b"stick":
+                took.set()
                 await stuck.wait()
             return b"ok"
 
@@ -1862,8 +1863,8 @@ async def test_a_request_in_flight_fails_at_once_when_its_link_closes() -> None:
         assert (await Bus(p).request("s", timeout=10)).data == b"ok"  # the route is known now
         task = asyncio.ensure_future(Bus(p).request("s", b"stick", timeout=30))
         with anyio.fail_after(5):
-            while not p_w.inflight:
-                await asyncio.sleep(0.01)
+            await took.wait()
+        assert p_w.inflight  # (tracked on the link it went out on)
         await w_p.link.aclose()
         with anyio.fail_after(5), pytest.raises(ConnectionClosed, match="closed"):
             await task
@@ -1929,9 +1930,8 @@ async def test_a_closing_node_acknowledges_nothing_more() -> None:
         for _ in range(48):  # 3 MiB: the pipe (1 MiB) fills, the rest stays queued in H
             await hbus.publish("x", b"y" * 65536)
         closing = asyncio.ensure_future(h.aclose())
-        with anyio.fail_after(5):
-            while not h.closing.is_set() and not h._closed:
-                await asyncio.sleep(0)
+        await asyncio.sleep(0)  # its first step: the node is closing from there on
+        assert h._closed
         before_in, before_out = h_p.link.info.msgs_in, h_p.control_out
         _, pong = p.send_ping(p_h)
         with anyio.fail_after(5):
